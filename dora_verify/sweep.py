@@ -1,0 +1,329 @@
+"""``dora-verify sweep``: error sweeps of the DoRA forms against the oracle.
+
+Experiments (each record holds the metrics of ``dora_verify.metrics.compare``):
+
+* ``paper_figure1``    the paper's Figure 1 protocol (base, lora ~ N(0,1) of [tokens, d_out], s = 0.5,
+                       constant g cast to the activation dtype, error of Δ), measured twice: against
+                       the paper's float64 reference of the *unrounded* inputs, and against the exact
+                       Δ of the rounded inputs (this toolkit's standard).
+* ``compose_g_sweep``  every compose form on a trained-like layer with a constant fp32 g = 1 + δ, δ
+                       from −0.1 to 0.1 through values far below bf16 resolution; y and Δ metrics.
+* ``compose_regimes``  every compose form on each regime's own g (fresh, trained, ×62 activations,
+                       all-positive, heavy-tailed, near-cancelling and zero rows).
+* ``norm_regimes``     every norm form on each regime: relative error of ν per row.
+* ``norm_rank``        the norm forms across ranks: does the error grow with r?
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import forms as F
+from .cases import REGIMES, g_offsets, make_case, scaling
+from .formats import parse_format
+from .metrics import Reference, compare, effective_scale_error, ratio
+from .oracles import certified_round, compose_truth, row_norm_truth
+
+SCHEMA_VERSION = "1.0"
+PAPER_SCALE = 0.5
+
+
+@dataclass
+class SweepConfig:
+    """Everything that determines a sweep's numbers (recorded verbatim in the report)."""
+
+    d_out: int = 8192
+    d_in: int = 2048
+    tokens: int = 2048  # activation rows of the paper-protocol headline (the paper used 2048)
+    grid_tokens: int = 128  # activation rows per point of the g sweep and the regime grid
+    rank: int = 16
+    alpha: "float | None" = None  # default 2 * rank (s = 2)
+    rslora: bool = False
+    dtype: str = "bf16"
+    seed: int = 0
+    device: str = "cpu"
+    ranks: tuple = (8, 32, 128, 384)
+    regimes: tuple = tuple(REGIMES)
+    adapter_ratio: float = 0.1
+
+    @property
+    def s(self) -> float:
+        return scaling(self.alpha if self.alpha is not None else 2.0 * self.rank, self.rank, self.rslora)
+
+    def validate(self) -> None:
+        for name in ("d_out", "d_in", "tokens", "grid_tokens", "rank"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if any(int(r) <= 0 for r in self.ranks):
+            raise ValueError(f"ranks must be positive, got {self.ranks}")
+        fmt = parse_format(self.dtype)
+        if fmt.bits == 64:
+            raise ValueError("dtype fp64 is the oracle's own precision: choose bf16, fp16 or fp32")
+        bad = [r for r in self.regimes if r not in REGIMES]
+        if bad:
+            raise ValueError(f"unknown regime(s) {bad}; choose from {', '.join(REGIMES)}")
+
+
+def _slim(m: dict, keys) -> dict:
+    return {k: m[k] for k in keys if k in m}
+
+
+Y_KEYS = ("max_abs", "rmse", "max_ulp", "p99_ulp", "mean_signed_ulp", "frac_correctly_rounded", "frac_faithful",
+          "floor_max_abs", "floor_ratio", "bits_lost", "cosine", "normwise_rel", "nonfinite_mismatch", "worst_index",
+          "oracle_bound_max")
+D_KEYS = ("max_abs", "normwise_rel", "max_ulp", "frac_correctly_rounded", "floor_ratio", "cosine", "worst_index")
+N_KEYS = ("max_rel", "normwise_rel", "max_abs", "nonfinite_mismatch", "worst_index")
+
+
+def _compose_records(base, lora, g, s, extra: dict) -> list:
+    truth = compose_truth(base, lora, g, s)
+    y_ref = Reference(truth.y_hi, truth.y_lo, truth.y_bound, truth.fmt, truth.y_round)
+    d_ref = Reference(truth.d_hi, truth.d_lo, truth.d_bound, truth.fmt, truth.d_round)
+    inner = base.to(torch.float64) + s * lora.to(torch.float64)  # exact (fp32-exact s, <= 48-bit products)
+    gm1 = g.to(torch.float64) - 1
+    # The correctly rounded output itself cannot carry a scale change below the format's resolution
+    # everywhere (inputs on rounding midpoints always round one way): measure each form beyond that floor.
+    beta_floor = effective_scale_error(truth.y_round.nearest, y_ref, inner)
+    recs = []
+    for form in F.COMPOSE_FORMS.values():
+        y, d = form.fn(base, lora, g, s)
+        beta = effective_scale_error(y, y_ref, inner)
+        rec = dict(extra, form=form.name, y=_slim(compare(y, y_ref), Y_KEYS), delta=_slim(compare(d, d_ref), D_KEYS),
+                   g_eff_bias=float(beta.mean()), g_eff_rms=float(beta.square().mean().sqrt()),
+                   g_correction_lost=correction_lost(beta - beta_floor, gm1),
+                   g_correction_lost_floor=correction_lost(beta_floor, gm1),
+                   oracle_tier2_elements=truth.tier2_elements, oracle_uncertified=truth.uncertified)
+        recs.append(rec)
+    return recs
+
+
+def correction_lost(beta: torch.Tensor, gm1: torch.Tensor):
+    """Least-squares slope of −β on (g − 1) across output features: the fraction of the magnitude update
+    the output lost (1 = all of it, 0 = none, < 0 = over-applied); None when g = 1 everywhere."""
+    den = float((gm1 * gm1).sum())
+    return None if den == 0 else float(-(beta * gm1).sum() / den)
+
+
+def paper_figure1(cfg: SweepConfig, gen_device) -> dict:
+    """The paper's stability protocol at g = 1, reproduced, then re-measured against the exact Δ."""
+    dt = parse_format(cfg.dtype).torch_dtype
+    gen = torch.Generator().manual_seed(cfg.seed)
+    lora64 = torch.randn(cfg.tokens, cfg.d_out, generator=gen, dtype=torch.float64).to(gen_device)
+    base64 = torch.randn(cfg.tokens, cfg.d_out, generator=gen, dtype=torch.float64).to(gen_device)
+    s = PAPER_SCALE
+    ref_unrounded = s * lora64  # (g - 1) base + g s lora at g = 1, in float64 of the unrounded inputs
+    lora, base = lora64.to(dt), base64.to(dt)
+    del lora64, base64
+    g = torch.ones(cfg.d_out, dtype=torch.float32, device=base.device)
+    truth = compose_truth(base, lora, g, s)
+    d_ref = Reference(truth.d_hi, truth.d_lo, truth.d_bound, truth.fmt, truth.d_round)
+    floor_unrounded = float((ref_unrounded.to(dt).double() - ref_unrounded).abs().max())
+    out = {"shape": [cfg.tokens, cfg.d_out], "s": s, "g": 1.0, "forms": {}}
+    for name in ("naive", "stable_gcast", "naive_fp32", "stable_fp32"):  # the forms that output Δ
+        _, d = F.COMPOSE_FORMS[name].fn(base, lora, g, s)
+        vs_paper = float((d.double() - ref_unrounded).abs().max())
+        exact = compare(d, d_ref)
+        out["forms"][name] = {"max_abs_vs_unrounded_fp64": vs_paper,
+                              "max_abs_vs_exact": exact["max_abs"], "max_ulp_vs_exact": exact["max_ulp"],
+                              "frac_correctly_rounded": exact["frac_correctly_rounded"]}
+    out["floor_unrounded"] = floor_unrounded
+    out["floor_exact"] = float(((truth.d_round.nearest - truth.d_hi) - truth.d_lo).abs().max())
+    nf, sf = out["forms"]["naive"], out["forms"]["stable_gcast"]
+    out["ratio_naive_over_stable_paper_protocol"] = ratio(nf["max_abs_vs_unrounded_fp64"], sf["max_abs_vs_unrounded_fp64"])
+    out["ratio_naive_over_stable_exact"] = ratio(nf["max_abs_vs_exact"], sf["max_abs_vs_exact"])
+    return out
+
+
+def compose_g_sweep(cfg: SweepConfig, device, tick) -> list:
+    case = make_case("trained", cfg.d_out, cfg.d_in, cfg.rank, cfg.grid_tokens, cfg.dtype, cfg.seed, cfg.s,
+                     cfg.adapter_ratio, device)
+    base, lora = case.compose_inputs()
+    recs = []
+    for delta in g_offsets():
+        g32 = torch.tensor(1.0 + delta, dtype=torch.float32)
+        g = g32.expand(cfg.d_out).contiguous().to(device)
+        recs += _compose_records(base, lora, g, case.s, {"g_minus_1": float(g32.double() - 1.0), "g_offset_nominal": delta})
+        tick(f"g-1={delta:+.1e}")
+    return recs
+
+
+def compose_regimes(cfg: SweepConfig, device, tick) -> list:
+    recs = []
+    for regime in cfg.regimes:
+        case = make_case(regime, cfg.d_out, cfg.d_in, cfg.rank, cfg.grid_tokens, cfg.dtype, cfg.seed, cfg.s,
+                         cfg.adapter_ratio, device)
+        base, lora = case.compose_inputs()
+        recs += _compose_records(base, lora, case.g, case.s, {"regime": regime})
+        tick(regime)
+    return recs
+
+
+def _norm_records(case, extra: dict) -> list:
+    truth = row_norm_truth(case.W, case.A, case.B, case.s)
+    fp32 = parse_format("fp32")
+    ref = Reference(truth.nu, torch.zeros_like(truth.nu), truth.bound, fp32,
+                    certified_round(truth.nu, torch.zeros_like(truth.nu), truth.bound, fp32))
+    recs = []
+    for form in F.NORM_FORMS.values():
+        nu = form.fn(case.W, case.A, case.B, case.s)
+        m = compare(nu, ref, rel_floor=1e-30)
+        rel = ((nu.double() - truth.nu).abs() / truth.nu.clamp_min(1e-30))
+        special = case.special_rows
+        rec = dict(extra, form=form.name, nu_dtype=str(nu.dtype).replace("torch.", ""), **_slim(m, N_KEYS),
+                   p99_rel=_p99(rel), special_rows_max_rel=float(rel[special].max()) if special else None,
+                   max_cond=float(truth.cond[torch.isfinite(truth.cond)].max()),
+                   oracle_tier2_rows=len(truth.tier2_rows), oracle_uncertified_rows=len(truth.uncertified_rows),
+                   oracle_max_rel_bound=float(truth.rel_bound.max()))
+        recs.append(rec)
+    return recs
+
+
+def _p99(t: torch.Tensor) -> float:
+    from .metrics import quantile
+
+    return quantile(t[torch.isfinite(t)], 0.99)
+
+
+def norm_regimes(cfg: SweepConfig, device, tick) -> list:
+    recs = []
+    for regime in cfg.regimes:
+        case = make_case(regime, cfg.d_out, cfg.d_in, cfg.rank, 1, cfg.dtype, cfg.seed, cfg.s, cfg.adapter_ratio, device)
+        recs += _norm_records(case, {"regime": regime, "rank": cfg.rank})
+        tick(regime)
+    return recs
+
+
+def norm_rank(cfg: SweepConfig, device, tick) -> list:
+    recs = []
+    for r in cfg.ranks:
+        s = scaling(2.0 * r, r, cfg.rslora)
+        case = make_case("trained", cfg.d_out, cfg.d_in, r, 1, cfg.dtype, cfg.seed, s, cfg.adapter_ratio, device)
+        recs += _norm_records(case, {"rank": r, "s": s})
+        tick(f"r={r}")
+    return recs
+
+
+def headline(paper: dict, g_recs: list) -> dict:
+    """The numbers the report leads with."""
+    h = {"paper_figure1": {k: paper[k] for k in ("ratio_naive_over_stable_paper_protocol", "ratio_naive_over_stable_exact",
+                                                 "floor_unrounded", "floor_exact")}}
+    h["paper_figure1"]["naive_max_abs_vs_unrounded"] = paper["forms"]["naive"]["max_abs_vs_unrounded_fp64"]
+    h["paper_figure1"]["stable_max_abs_vs_unrounded"] = paper["forms"]["stable_gcast"]["max_abs_vs_unrounded_fp64"]
+    # g rounding loss: points with 1e-4 <= |g - 1| < 2^-9: g rounds to exactly 1 in bf16, and the
+    # correction is large enough for the per-row regression to resolve it above rounding noise
+    below = [r for r in g_recs if 1e-4 <= abs(r["g_minus_1"]) < 2.0 ** -9]
+    by_form = {}
+    for r in below:
+        by_form.setdefault(r["form"], []).append(r)
+    loss = {}
+    for form, rs in by_form.items():
+        loss[form] = {
+            "delta_normwise_rel_max": max(x["delta"]["normwise_rel"] for x in rs),
+            "delta_normwise_rel_median": sorted(x["delta"]["normwise_rel"] for x in rs)[len(rs) // 2],
+            "y_frac_correctly_rounded_min": min(x["y"]["frac_correctly_rounded"] for x in rs),
+            "y_max_ulp_max": max(x["y"]["max_ulp"] for x in rs),
+            "y_mean_signed_ulp_maxabs": max(abs(x["y"]["mean_signed_ulp"]) for x in rs),
+            "g_correction_lost_min": min(x["g_correction_lost"] for x in rs),
+            "g_correction_lost_max": max(x["g_correction_lost"] for x in rs),
+        }
+    h["below_bf16_resolution"] = {"points": len(below) // max(1, len(by_form)), "by_form": loss}
+    at1 = {r["form"]: r for r in g_recs if r["g_minus_1"] == 0.0}
+    if at1:
+        h["g_equals_1"] = {f: {"y_max_ulp": r["y"]["max_ulp"], "y_frac_correctly_rounded": r["y"]["frac_correctly_rounded"],
+                               "delta_normwise_rel": r["delta"]["normwise_rel"]} for f, r in at1.items()}
+    return h
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cuda' without a GPU raises ValueError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA device is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+@dataclass
+class _Steps:
+    total: int
+    callback: object = None
+    done: int = 0
+    label: str = ""
+    t0: float = field(default_factory=time.time)
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        if self.callback:
+            self.callback(self.done, self.total, f"{self.label} {what}")
+
+
+def run_sweep(cfg: SweepConfig, progress=None) -> dict:
+    """Run every experiment; return the report dict (schema ``SCHEMA_VERSION``). ``progress`` is an
+    optional callable(done, total, message)."""
+    cfg.validate()
+    dev = resolve_device(cfg.device)
+    cfg.device = str(dev)
+    torch.manual_seed(cfg.seed)
+    n_g = len(g_offsets())
+    steps = _Steps(1 + n_g + 2 * len(cfg.regimes) + len(cfg.ranks), progress)
+    t0 = time.time()
+    timings = {}
+
+    def timed(name, fn, *args):
+        steps.label = name
+        t = time.time()
+        out = fn(*args)
+        timings[name] = round(time.time() - t, 2)
+        return out
+
+    paper = timed("paper_figure1", paper_figure1, cfg, dev)
+    steps("done")
+    g_recs = timed("compose_g_sweep", compose_g_sweep, cfg, dev, steps)
+    reg_recs = timed("compose_regimes", compose_regimes, cfg, dev, steps)
+    nreg = timed("norm_regimes", norm_regimes, cfg, dev, steps)
+    nrank = timed("norm_rank", norm_rank, cfg, dev, steps)
+    from .provenance import provenance
+
+    cfg_dict = asdict(cfg)
+    cfg_dict["s"] = cfg.s
+    cfg_dict["ranks"] = list(cfg.ranks)
+    cfg_dict["regimes"] = list(cfg.regimes)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "dora-verify",
+        "kind": "sweep",
+        "provenance": provenance(dev),
+        "config": cfg_dict,
+        "headline": headline(paper, g_recs),
+        "experiments": {
+            "paper_figure1": paper,
+            "compose_g_sweep": g_recs,
+            "compose_regimes": reg_recs,
+            "norm_regimes": nreg,
+            "norm_rank": nrank,
+        },
+        "forms": {"compose": {k: v.summary for k, v in F.COMPOSE_FORMS.items()},
+                  "norm": {k: v.summary for k, v in F.NORM_FORMS.items()}},
+        "regimes": dict(REGIMES),
+        "timings_s": dict(timings, total=round(time.time() - t0, 2)),
+    }
+
+
+def nan_to_none(obj):
+    """JSON has no NaN/Inf: map them to None / strings so reports stay strict JSON."""
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, dict):
+        return {k: nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_none(v) for v in obj]
+    return obj
