@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import subprocess
 import sys
@@ -21,7 +22,10 @@ def _version(name: str):
 
 
 def git_state(path: "Path | None" = None) -> dict:
-    """Commit and dirty flag of the checkout holding this package (None outside a git checkout)."""
+    """Commit and dirty flag of the checkout holding this package. Outside a git checkout (a copied
+    tree on a GPU host, an installed wheel) the commit comes from $DORA_VERIFY_COMMIT, else None."""
+    fallback = {"commit": os.environ.get("DORA_VERIFY_COMMIT") or None, "dirty": None,
+                "source": "DORA_VERIFY_COMMIT" if os.environ.get("DORA_VERIFY_COMMIT") else None}
     root = Path(path or Path(__file__).resolve().parent.parent)
 
     def git(*args):
@@ -30,11 +34,11 @@ def git_state(path: "Path | None" = None) -> dict:
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
-            return {"commit": None, "dirty": None}
+            return fallback
         dirty = git("status", "--porcelain", "--untracked-files=no")
         return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.TimeoutExpired):
-        return {"commit": None, "dirty": None}
+        return fallback
 
 
 def device_info(device: torch.device) -> dict:

@@ -44,6 +44,8 @@ def _fmt(v, digits=3):
             return "nan"
         if v == 0:
             return "0"
+        if 0.999 < abs(v) < 1:  # fractions near 1 (e.g. correctly rounded) must not print as "1"
+            return f"{v:.6f}"
         if abs(v) >= 1e4 or abs(v) < 1e-3:
             return f"{v:.{digits - 1}e}"
         return f"{v:.{digits}g}"
