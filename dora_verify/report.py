@@ -75,7 +75,7 @@ def sweep_markdown(rep: dict, plots: list) -> str:
     rows = [[f, v["max_abs_vs_unrounded_fp64"], v["max_abs_vs_exact"], v["max_ulp_vs_exact"], v["frac_correctly_rounded"]]
             for f, v in p["forms"].items()]
     rows.append(["quantisation floor", p["floor_unrounded"], p["floor_exact"], None, None])
-    L.append(_table(["form", "max |err| vs fp64 of unrounded inputs (paper)", "max |err| vs exact (rounded inputs)",
+    L.append(_table(["form", "max abs err vs fp64 of unrounded inputs (paper)", "max abs err vs exact (rounded inputs)",
                      "max ulp vs exact", "correctly rounded"], rows))
     L += ["", f"- naive / stable, paper's protocol: **{_fmt(p['ratio_naive_over_stable_paper_protocol'])}×** "
           "(the paper reports 3.0×: 0.0234 vs 0.0078).",
@@ -99,7 +99,7 @@ def sweep_markdown(rep: dict, plots: list) -> str:
                         [[f, v["y_max_ulp"], v["y_frac_correctly_rounded"], v["delta_normwise_rel"]] for f, v in h["g_equals_1"].items()]))
     L += ["", "## Compose forms by regime", "",
           "Each regime's own per-feature g. `y max ulp` ≤ 0.5 means every output was correctly rounded.", ""]
-    L.append(_table(["regime", "form", "y max ulp", "y correctly rounded", "y max |err|", "floor ratio", "correction lost", "worst [t, i]"],
+    L.append(_table(["regime", "form", "y max ulp", "y correctly rounded", "y max abs err", "floor ratio", "correction lost", "worst [t, i]"],
                     [[r["regime"], r["form"], r["y"]["max_ulp"], r["y"]["frac_correctly_rounded"], r["y"]["max_abs"],
                       r["y"].get("floor_ratio"), r["g_correction_lost"], str(r["y"].get("worst_index"))] for r in ex["compose_regimes"]]))
     L += ["", "## Row norm ν by regime", "",
