@@ -1,9 +1,19 @@
-"""dora_verify.kernels: the production DoRA kernels (factored norm, fused compose forward/backward,
-three-tier dispatch, DoRALinear, PEFT integration).
+"""dora_verify.kernels: the production DoRA kernels.
 
-This package ships as ``dora_verify.kernels`` (pyproject maps the top-level ``kernels/`` folder to it);
-no top-level module named ``kernels`` is installed. Its operators are under construction (issue
-"Priority 2 — The production kernels"); until they land it exports nothing, and the toolkit certifies
-the eager forms in ``dora_verify.forms``.
+* :func:`factored_row_norm` — ν = ‖W + s·BA‖_row in fp32 without the dense BA (``norm.py``);
+* :func:`dora_scale` — g and g − 1 in fp32 (``scale.py``);
+* :func:`compose` — fused Triton compose forward/backward with autograd and ``torch.library`` ops
+  (``compose.py``), routed by the three-tier :func:`select_tier` (``dispatch.py``);
+* :class:`DoRALinear` — a DoRA layer with PEFT's semantics (``layer.py``).
+
+Ships as ``dora_verify.kernels`` (pyproject maps the top-level ``kernels/`` folder to it); no top-level
+module named ``kernels`` is installed. Each module's docstring states its numerical contract.
 """
-__all__: list = []
+from .compose import compose
+from .dispatch import HAS_TRITON, Tier, select_tier
+from .layer import DoRALinear, lora_scaling
+from .norm import WeightSquareCache, factored_row_norm, weight_row_sq
+from .scale import dora_scale
+
+__all__ = ["DoRALinear", "HAS_TRITON", "Tier", "WeightSquareCache", "compose", "dora_scale", "factored_row_norm",
+           "lora_scaling", "select_tier", "weight_row_sq"]

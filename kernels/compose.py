@@ -1,0 +1,351 @@
+"""DoRA compose: y = g ⊙ (base + s·lora) + bias, or Δ = (g−1) ⊙ base + g ⊙ (s·lora), with its backward.
+
+One op, laid out like the Triton tutorials / Liger-Kernel ops: Triton kernels, their launchers, the eager
+torch fallback, the ``torch.library`` custom ops (so ``torch.compile`` traces them without graph breaks)
+and the autograd glue, together.
+
+Numerical contract (base, lora, dy in bf16/fp16/fp32; g, g−1 fp32; s fp32-representable; u = 2⁻²⁴):
+
+* Forward, y output. The fused kernel evaluates g·(base + s·lora) + bias in fp32 registers with
+  error-free transformations (s·lora and g·hi split exactly with FMA, base + s·lora and + bias with
+  TwoSum), so the fp32 value v before the single final rounding satisfies
+  ``|v − y| ≤ u|y| + 4u²·(|g|(|base| + |s·lora|) + |bias|)``; the output RN(v) is therefore faithful
+  (≤ 1 ulp of the output dtype from the exact y of the rounded inputs) unless cancellation exceeds
+  ~2¹⁵ in bf16, and is exact whenever y is representable (g = 1 and lora = 0, a fresh adapter).
+* Forward, Δ output (for callers that add Δ to an existing ``base + bias``): the same construction
+  gives ``|v − Δ| ≤ u|Δ| + 4u²·(|g−1||base| + |g·s·lora|)`` before the one final rounding; Δ is exactly 0
+  when g − 1 = 0 and lora = 0. (A plain fp32 evaluation would add u·(|(g−1)·base| + |g·s·lora|).)
+* The eager tier computes the same quantities in float64 (error ≤ 3·2⁻⁵³ of the terms) and rounds to
+  the output dtype through torch's cast: faithful under the same conditions. Tiers may differ by 1 ulp.
+* Backward (y output): d_base = RN(RN32(g·dy)) and d_lora = RN(RN32(RN32(g·s)·dy)) are faithful (two
+  fp32 roundings of ≤ 2u each, then one output rounding); identical bits in every tier.
+  d_g = Σ_T dy ⊙ inner is accumulated in float64 from exact products (dy · inner, ≤ 8+24 significant
+  bits) in a fixed two-stage order (per column block and row split, then over splits): bitwise
+  reproducible, no atomics. Its error is the storage rounding of the saved ``inner``
+  (≤ u_save·Σ|dy·inner|: u_save = 2⁻²⁴ when saved in fp32, the default) plus one fp32 rounding.
+  Δ output: d_base = RN(RN32((g−1)·dy)) (the caller's residual path carries the other dy); d_g as above
+  (∂Δ/∂g and ∂Δ/∂(g−1) are credited to g, exact when g−1 is computed from the same m as g).
+* Non-finite inputs propagate elementwise as in IEEE arithmetic (the kernel falls back to the plain
+  fp32 expression where it is not finite); nothing is raised inside the hot path.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .dispatch import HAS_TRITON, Tier, select_tier
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+_ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SAVE_NONE, SAVE_FP32, SAVE_ACTIVATION = 0, 1, 2
+FWD_BLOCK_T, FWD_BLOCK_N, FWD_WARPS = 16, 256, 8
+BWD_BLOCK_T, BWD_BLOCK_N, BWD_WARPS = 32, 128, 8
+BWD_TARGET_PROGRAMS = 1024  # fixed (shape-only) split rule: bitwise reproducible on any device
+RED_BLOCK = 512
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+if HAS_TRITON:
+
+    @triton.jit
+    def _two_sum(a, b):
+        s = a + b
+        bb = s - a
+        return s, (a - (s - bb)) + (b - bb)
+
+    @triton.jit
+    def _compose_fwd_kernel(base_ptr, lora_ptr, g_ptr, gm1_ptr, bias_ptr, out_ptr, inner_ptr, T, N, s,
+                            DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_INNER: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        mask = (rows < T)[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        lo = tl.load(lora_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + cols, mask=cmask, other=0.0)[None, :]
+        p = lo * s
+        ep = tl.fma(lo, s, -p)  # s·lora = p + ep exactly
+        if DELTA:
+            gm1 = tl.load(gm1_ptr + cols, mask=cmask, other=0.0)[None, :]
+            a = g * p
+            ea = tl.fma(g, p, -a)  # g·p = a + ea exactly
+            c = gm1 * b
+            ec = tl.fma(gm1, b, -c)  # (g-1)·base = c + ec exactly
+            d, e3 = _two_sum(a, c)
+            v = d + (e3 + ((ea + ec) + g * ep))
+            plain = c + g * p
+        else:
+            h, e1 = _two_sum(b, p)  # base + p = h + e1 exactly
+            t_lo = e1 + ep
+            q = g * h
+            eq = tl.fma(g, h, -q)  # g·h = q + eq exactly
+            tail = eq + g * t_lo
+            plain = g * (b + p)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                y1, e2 = _two_sum(q, bias)
+                v = y1 + (e2 + tail)
+                plain = plain + bias
+            else:
+                v = q + tail
+        v = tl.where((plain - plain) == 0.0, v, plain)  # non-finite: IEEE propagation of the plain form
+        tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+        if SAVE_INNER:
+            hh, ee = _two_sum(b, p)
+            tl.store(inner_ptr + offs, (hh + (ee + ep)).to(inner_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _compose_bwd_kernel(dy_ptr, inner_ptr, g_ptr, gm1_ptr, dbase_ptr, dlora_ptr, partial_ptr, T, N, s,
+                            rows_per_split, DELTA: tl.constexpr, WRITE_DBASE: tl.constexpr,
+                            WRITE_DLORA: tl.constexpr, WRITE_DG: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        g = tl.load(g_ptr + cols, mask=cmask, other=0.0)[None, :]
+        if DELTA:
+            gb = tl.load(gm1_ptr + cols, mask=cmask, other=0.0)[None, :]
+        else:
+            gb = g
+        gs = g * s
+        acc = tl.zeros([BLOCK_N], dtype=tl.float64)
+        t0 = pid_s * rows_per_split
+        t_end = tl.minimum(t0 + rows_per_split, T)
+        for start in range(t0, t_end, BLOCK_T):
+            rows = start + tl.arange(0, BLOCK_T)
+            mask = (rows < t_end)[:, None] & cmask[None, :]
+            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if WRITE_DBASE:
+                tl.store(dbase_ptr + offs, (gb * dy).to(dbase_ptr.dtype.element_ty), mask=mask)
+            if WRITE_DLORA:
+                tl.store(dlora_ptr + offs, (gs * dy).to(dlora_ptr.dtype.element_ty), mask=mask)
+            if WRITE_DG:
+                inner = tl.load(inner_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+                acc += tl.sum(dy.to(tl.float64) * inner, axis=0)
+        if WRITE_DG:
+            tl.store(partial_ptr + pid_s.to(tl.int64) * N + cols, acc, mask=cmask)
+
+    @triton.jit
+    def _sum_splits_kernel(partial_ptr, out_ptr, N, n_splits, BLOCK: tl.constexpr):
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        cmask = cols < N
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+        for k in range(0, n_splits):
+            acc += tl.load(partial_ptr + k * N + cols, mask=cmask, other=0.0)
+        tl.store(out_ptr + cols, acc.to(tl.float32), mask=cmask)
+
+
+def _save_dtype(code: int, act: torch.dtype) -> "torch.dtype | None":
+    return {SAVE_NONE: None, SAVE_FP32: torch.float32, SAVE_ACTIVATION: act}[code]
+
+
+def bwd_splits(T: int, N: int) -> Tuple[int, int]:
+    """(rows per split, number of splits) of the backward's first stage: a function of the shape only."""
+    col_blocks = triton.cdiv(N, BWD_BLOCK_N) if HAS_TRITON else -(-N // BWD_BLOCK_N)
+    want = max(1, min(-(-T // BWD_BLOCK_T), -(-BWD_TARGET_PROGRAMS // col_blocks)))
+    rows = -(-T // want)
+    rows = -(-rows // BWD_BLOCK_T) * BWD_BLOCK_T
+    return rows, -(-T // rows)
+
+
+# ----------------------------------------------------------------------------- launchers
+def compose_forward_fused(base, lora, g, g_minus_1, bias, s: float, delta: bool, save: int):
+    """Triton forward on [T, N] contiguous tensors; returns (out, inner or empty)."""
+    T, N = base.shape
+    out = torch.empty_like(base)
+    sd = _save_dtype(save, base.dtype)
+    inner = torch.empty((T, N) if sd is not None else (0,), dtype=sd or torch.float32, device=base.device)
+    if T and N:
+        grid = (triton.cdiv(T, FWD_BLOCK_T), triton.cdiv(N, FWD_BLOCK_N))
+        _compose_fwd_kernel[grid](base, lora, g, g_minus_1 if delta else g, bias if bias is not None else g,
+                                  out, inner if sd is not None else out, T, N, s,
+                                  DELTA=delta, HAS_BIAS=bias is not None, SAVE_INNER=sd is not None,
+                                  BLOCK_T=FWD_BLOCK_T, BLOCK_N=FWD_BLOCK_N, num_warps=FWD_WARPS,
+                                  enable_fp_fusion=False)
+    return out, inner
+
+
+def compose_backward_fused(dy, inner, g, g_minus_1, s: float, delta: bool, base_dtype, lora_dtype,
+                           need_base: bool, need_lora: bool, need_g: bool):
+    """Triton backward: (d_base, d_lora, d_g) with empties for what is not needed."""
+    T, N = dy.shape
+    dev = dy.device
+    d_base = torch.empty((T, N) if need_base else (0,), dtype=base_dtype, device=dev)
+    d_lora = torch.empty((T, N) if need_lora else (0,), dtype=lora_dtype, device=dev)
+    d_g = torch.empty(N if need_g else 0, dtype=torch.float32, device=dev)
+    if not (need_base or need_lora or need_g) or N == 0:
+        return d_base, d_lora, d_g
+    if T == 0:
+        d_g.zero_()
+        return d_base, d_lora, d_g
+    rows, splits = bwd_splits(T, N)
+    partial = torch.empty((splits, N) if need_g else (0,), dtype=torch.float64, device=dev)
+    grid = (triton.cdiv(N, BWD_BLOCK_N), splits)
+    _compose_bwd_kernel[grid](dy, inner if need_g else dy, g, g_minus_1 if delta else g,
+                              d_base if need_base else dy, d_lora if need_lora else dy,
+                              partial if need_g else g, T, N, s, rows,
+                              DELTA=delta, WRITE_DBASE=need_base, WRITE_DLORA=need_lora, WRITE_DG=need_g,
+                              BLOCK_T=BWD_BLOCK_T, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_WARPS,
+                              enable_fp_fusion=False)
+    if need_g:
+        _sum_splits_kernel[(triton.cdiv(N, RED_BLOCK),)](partial, d_g, N, splits, BLOCK=RED_BLOCK)
+    return d_base, d_lora, d_g
+
+
+# ----------------------------------------------------------------------------- eager fallback (tier 3)
+def compose_forward_eager(base, lora, g, g_minus_1, bias, s: float, delta: bool, save: int):
+    """Float64 evaluation, one cast to the output dtype (see contract)."""
+    f64 = torch.float64
+    b, sl = base.to(f64), lora.to(f64) * s
+    if delta:
+        v = g_minus_1.to(f64) * b + g.to(f64) * sl
+    else:
+        v = g.to(f64) * (b + sl)
+        if bias is not None:
+            v = v + bias.to(f64)
+    sd = _save_dtype(save, base.dtype)
+    inner = (b + sl).to(sd) if sd is not None else base.new_empty(0, dtype=torch.float32)
+    return v.to(base.dtype), inner
+
+
+def compose_backward_eager(dy, inner, g, g_minus_1, s: float, delta: bool, base_dtype, lora_dtype,
+                           need_base: bool, need_lora: bool, need_g: bool):
+    f32 = torch.float32
+    dy32 = dy.to(f32)
+    e = dy.new_empty(0)
+    d_base = ((g_minus_1 if delta else g).to(f32) * dy32).to(base_dtype) if need_base else e.to(base_dtype)
+    d_lora = ((g.to(f32) * s) * dy32).to(lora_dtype) if need_lora else e.to(lora_dtype)
+    d_g = (dy.to(torch.float64) * inner.to(torch.float64)).sum(dim=0).to(f32) if need_g else e.to(f32)
+    return d_base, d_lora, d_g
+
+
+# ----------------------------------------------------------------------------- torch.library custom ops
+@torch.library.custom_op("dora_verify::compose_fwd", mutates_args=())
+def _compose_fwd_op(base: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, g_minus_1: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], s: float, delta: bool, save: int,
+                    fused: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    fn = compose_forward_fused if fused else compose_forward_eager
+    return fn(base, lora, g, g_minus_1, bias, s, delta, save)
+
+
+@_compose_fwd_op.register_fake
+def _(base, lora, g, g_minus_1, bias, s, delta, save, fused):
+    sd = _save_dtype(save, base.dtype)
+    inner = base.new_empty(base.shape, dtype=sd) if sd is not None else base.new_empty((0,), dtype=torch.float32)
+    return torch.empty_like(base), inner
+
+
+@torch.library.custom_op("dora_verify::compose_bwd", mutates_args=())
+def _compose_bwd_op(dy: torch.Tensor, inner: torch.Tensor, g: torch.Tensor, g_minus_1: Optional[torch.Tensor],
+                    s: float, delta: bool, base_dtype: torch.dtype, lora_dtype: torch.dtype, need_base: bool,
+                    need_lora: bool, need_g: bool, fused: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    fn = compose_backward_fused if fused else compose_backward_eager
+    return fn(dy.contiguous(), inner, g, g_minus_1, s, delta, base_dtype, lora_dtype, need_base, need_lora, need_g)
+
+
+@_compose_bwd_op.register_fake
+def _(dy, inner, g, g_minus_1, s, delta, base_dtype, lora_dtype, need_base, need_lora, need_g, fused):
+    T, N = dy.shape
+    return (dy.new_empty((T, N) if need_base else (0,), dtype=base_dtype),
+            dy.new_empty((T, N) if need_lora else (0,), dtype=lora_dtype),
+            dy.new_empty((N,) if need_g else (0,), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    base, lora, g, g_minus_1, bias, s, delta, save, fused = inputs
+    ctx.save_for_backward(output[1], g, g_minus_1)
+    ctx.s, ctx.delta, ctx.fused = s, delta, fused
+    ctx.base_dtype, ctx.lora_dtype = base.dtype, lora.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, dy, _d_inner):
+    inner, g, g_minus_1 = ctx.saved_tensors
+    need_base, need_lora, need_g, _, need_bias = ctx.needs_input_grad[:5]
+    if need_g and inner.numel() == 0 and dy.numel() != 0:
+        raise RuntimeError("compose: g requires grad but the forward saved nothing for it (save=SAVE_NONE)")
+    d_base, d_lora, d_g = torch.ops.dora_verify.compose_bwd(
+        dy, inner, g, g_minus_1, ctx.s, ctx.delta, ctx.base_dtype, ctx.lora_dtype,
+        need_base, need_lora, need_g, ctx.fused)
+    d_bias = dy.to(torch.float32).sum(dim=0).to(ctx.bias_dtype) if need_bias and not ctx.delta else None
+    return (d_base if need_base else None, d_lora if need_lora else None, d_g if need_g else None,
+            None, d_bias, None, None, None, None)
+
+
+_compose_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public entry point
+def _check(base, lora, g, g_minus_1, bias, s, output):
+    if output not in ("y", "delta"):
+        raise ValueError(f"output must be 'y' or 'delta', got {output!r}")
+    for name, t in (("base", base), ("lora", lora), ("g", g)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if base.dtype not in _ACT_DTYPES or lora.dtype not in _ACT_DTYPES:
+        raise TypeError(f"base/lora dtypes must be bf16, fp16 or fp32, got {base.dtype}/{lora.dtype}")
+    if base.shape != lora.shape or base.dim() < 1:
+        raise ValueError(f"base and lora must have one shape [..., d_out], got {tuple(base.shape)} and {tuple(lora.shape)}")
+    N = base.shape[-1]
+    vecs = (("g", g), ("g_minus_1", g_minus_1), ("bias", bias))
+    for name, t in vecs:
+        if t is None:
+            continue
+        if t.shape != (N,):
+            raise ValueError(f"{name} must have shape [{N}] (d_out), got {tuple(t.shape)}")
+        if t.device != base.device:
+            raise ValueError(f"{name} is on {t.device} but base is on {base.device}")
+    if lora.device != base.device:
+        raise ValueError(f"lora is on {lora.device} but base is on {base.device}")
+    if g.dtype != torch.float32 or (g_minus_1 is not None and g_minus_1.dtype != torch.float32):
+        raise TypeError("g and g_minus_1 must be float32 (the contract keeps the scale in fp32; see dora_scale)")
+    if output == "delta" and g_minus_1 is None:
+        raise ValueError("output='delta' needs g_minus_1 (from dora_scale): g - 1 formed from a rounded g loses it")
+    if output == "delta" and bias is not None:
+        raise ValueError("output='delta' excludes the bias (the caller's base result already has it)")
+    s = float(s)
+    if not math.isfinite(s) or float(torch.tensor(s, dtype=torch.float32)) != s:
+        raise ValueError(f"scaling s={s!r} must be finite and fp32-representable")
+    return s
+
+
+def compose(base: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, s: float, bias: "torch.Tensor | None" = None, *,
+            g_minus_1: "torch.Tensor | None" = None, output: str = "y", save_inner: "str | None" = "fp32",
+            tier: "Tier | str | None" = None) -> torch.Tensor:
+    """DoRA compose of ``base`` = x Wᵀ (bias excluded) and ``lora`` = (x Aᵀ) Bᵀ, [..., d_out].
+
+    output='y': g ⊙ (base + s·lora) + bias (one rounding); output='delta': (g−1) ⊙ base + g ⊙ s·lora
+    (needs ``g_minus_1``; no bias). Differentiable in base, lora, g (and bias). ``save_inner``: precision
+    of the one activation-sized tensor saved for d_g: 'fp32' (default; d_g error ≤ 2⁻²⁴·Σ|dy·inner|) or
+    'activation' (the activation dtype: half the bytes, error ≤ 2⁻⁸·Σ|dy·inner| in bf16). ``tier``:
+    force 'fused' or 'eager' (default: :func:`select_tier`). Non-contiguous inputs are copied."""
+    s = _check(base, lora, g, g_minus_1, bias, s, output)
+    delta = output == "delta"
+    shape = base.shape
+    N = shape[-1]
+    b2, l2 = base.reshape(-1, N).contiguous(), lora.reshape(-1, N).contiguous()
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (base, lora, g, bias))
+    chosen = select_tier(b2, needs_grad, tier)
+    save = SAVE_NONE
+    if torch.is_grad_enabled() and g.requires_grad:
+        if save_inner not in ("fp32", "activation"):
+            raise ValueError(f"save_inner must be 'fp32' or 'activation' when g requires grad, got {save_inner!r}")
+        save = SAVE_FP32 if save_inner == "fp32" else SAVE_ACTIVATION
+    gm1 = g_minus_1.detach().contiguous() if g_minus_1 is not None else None
+    out, _ = torch.ops.dora_verify.compose_fwd(b2, l2, g.contiguous(), gm1,
+                                               bias.contiguous() if bias is not None else None,
+                                               s, delta, save, chosen != Tier.EAGER)
+    return out.reshape(shape)
+
+
+__all__ = ["SAVE_ACTIVATION", "SAVE_FP32", "SAVE_NONE", "bwd_splits", "compose", "compose_backward_eager",
+           "compose_backward_fused", "compose_forward_eager", "compose_forward_fused"]

@@ -1,0 +1,143 @@
+"""DoRALinear: a frozen ``nn.Linear`` plus a DoRA adapter (A, B, m, s), with PEFT's semantics.
+
+Forward (PEFT ``LoraConfig(use_dora=True)`` semantics):
+
+    base = x Wᵀ (bias excluded)      lora = (dropout(x) Aᵀ) Bᵀ      ν = ‖W + s·BA‖_row (detached)
+    g = m / max(ν, ε)                y = g ⊙ (base + s·lora) + bias
+
+* ν comes from :func:`factored_row_norm` (fp32, ill-conditioned rows recomputed), ‖W‖²_row is cached
+  while W is unchanged, and ν itself is cached while W, A, B and s are unchanged (inference).
+* g and g − 1 stay fp32 (:func:`dora_scale`); the compose rounds once (:func:`compose`).
+* Dropout: with ``dropout_semantics='peft'`` (default) and dropout active (training, p > 0), the layer
+  does what PEFT does: ``y = (x Wᵀ + bias) + (g−1) ⊙ (x_d Wᵀ) + g ⊙ s·lora(x_d)`` with x_d the dropped-out
+  input, which costs a second base GEMM. ``'clean_base'`` scales the clean base instead
+  (torchtune/axolotl: ``y = g ⊙ (x Wᵀ + s·lora(x_d)) + bias``), one GEMM cheaper; the two agree at
+  p = 0 and in eval mode.
+* Adapters: ``adapter_dtype`` None keeps A, B in W's dtype; ``torch.float32`` reproduces PEFT's default
+  (``autocast_adapter_dtype=True``): the LoRA branch runs in fp32 and the compose reads an fp32 lora.
+* Non-finite parameters or inputs propagate (NaN/Inf in the output), as in PEFT; nothing is checked in
+  the hot path (a check would cost a host synchronisation per call).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .compose import compose
+from .norm import DEFAULT_KAPPA_MAX, WeightSquareCache, factored_row_norm, row_norm_op
+from .scale import DEFAULT_EPS, dora_scale
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """s = alpha / r (or alpha / √r with rsLoRA), rounded to fp32 (the kernels hold s in fp32)."""
+    s = alpha / math.sqrt(r) if use_rslora else alpha / r
+    return float(torch.tensor(s, dtype=torch.float32))
+
+
+class DoRALinear(nn.Module):
+    """DoRA adapter around a frozen ``nn.Linear`` (see the module docstring for the semantics)."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: "float | None" = None, dropout: float = 0.0,
+                 use_rslora: bool = False, dropout_semantics: str = "peft",
+                 adapter_dtype: "torch.dtype | None" = None, eps: float = DEFAULT_EPS,
+                 save_inner: str = "fp32", kappa_max: float = DEFAULT_KAPPA_MAX):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+        if int(r) <= 0:
+            raise ValueError(f"rank r must be positive, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if dropout_semantics not in ("peft", "clean_base"):
+            raise ValueError(f"dropout_semantics must be 'peft' or 'clean_base', got {dropout_semantics!r}")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        W = base_layer.weight
+        d_out, d_in = W.shape
+        dt = adapter_dtype or W.dtype
+        self.r = int(r)
+        self.alpha = float(alpha if alpha is not None else r)
+        self.scaling = lora_scaling(self.alpha, self.r, use_rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_semantics = dropout_semantics
+        self.eps = float(eps)
+        self.save_inner = save_inner
+        self.kappa_max = float(kappa_max)
+        self.lora_A = nn.Parameter(torch.empty(self.r, d_in, dtype=dt, device=W.device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, self.r, dtype=dt, device=W.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's (and PEFT's) default for A
+        self._wsq = WeightSquareCache()
+        self._nu_key = None
+        self._nu = None
+        self.magnitude = nn.Parameter(self.weight_norm().clone())  # m = ν at init: g = 1 exactly
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: "float | None" = None, **kwargs) -> "DoRALinear":
+        return cls(linear, r, alpha, **kwargs)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def weight_norm(self) -> torch.Tensor:
+        """ν = ‖W + s·BA‖_row, fp32, detached; cached while W, A, B are unchanged."""
+        W, A, B = self.base_layer.weight, self.lora_A, self.lora_B
+        if torch.compiler.is_compiling():
+            return row_norm_op(W, A, B, self.scaling)
+        key = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in (W, A, B)) + (self.scaling,)
+        if key != self._nu_key:
+            self._nu = factored_row_norm(W, A, B, self.scaling, wsq=self._wsq.get(W), kappa_max=self.kappa_max,
+                                         validate=False)
+            self._nu_key = key
+        return self._nu
+
+    def scale(self):
+        """(g, g − 1), fp32, differentiable in the magnitude."""
+        return dora_scale(self.magnitude, self.weight_norm(), self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W, bias = self.base_layer.weight, self.base_layer.bias
+        if x.shape[-1] != W.shape[1]:
+            raise ValueError(f"input has {x.shape[-1]} features, the layer expects {W.shape[1]}")
+        xd = self.dropout(x)
+        lora = F.linear(F.linear(xd.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        g, gm1 = self.scale()
+        base = F.linear(x, W)
+        if self.training and xd is not x and self.dropout_semantics == "peft":
+            delta = compose(F.linear(xd, W), lora, g, self.scaling, g_minus_1=gm1, output="delta",
+                            save_inner=self.save_inner)
+            return (base + bias if bias is not None else base) + delta
+        return compose(base, lora, g, self.scaling, bias, save_inner=self.save_inner)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W' = (m / ν) ⊙ (W + s·BA) row-wise, formed in float64, rounded once to W's dtype."""
+        W, A, B = self.base_layer.weight, self.lora_A, self.lora_B
+        g, _ = self.scale()
+        V = W.double() + self.scaling * (B.double() @ A.double())
+        return (g.double()[:, None] * V).to(W.dtype)
+
+    def merged_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing this layer's eval-mode output (up to W's rounding)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None,
+                        device=self.base_layer.weight.device, dtype=self.base_layer.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.merged_weight())
+            if self.base_layer.bias is not None:
+                lin.bias.copy_(self.base_layer.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+                f"s={self.scaling}, dropout_semantics={self.dropout_semantics!r}")
+
+
+__all__ = ["DoRALinear", "lora_scaling"]
