@@ -43,7 +43,7 @@ class DoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: "float | None" = None, dropout: float = 0.0,
                  use_rslora: bool = False, dropout_semantics: str = "peft",
                  adapter_dtype: "torch.dtype | None" = None, eps: float = DEFAULT_EPS,
-                 save_inner: str = "fp32", kappa_max: float = DEFAULT_KAPPA_MAX):
+                 save: str = "inputs", kappa_max: float = DEFAULT_KAPPA_MAX):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
@@ -65,7 +65,7 @@ class DoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.dropout_semantics = dropout_semantics
         self.eps = float(eps)
-        self.save_inner = save_inner
+        self.save = save
         self.kappa_max = float(kappa_max)
         self.lora_A = nn.Parameter(torch.empty(self.r, d_in, dtype=dt, device=W.device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, self.r, dtype=dt, device=W.device))
@@ -113,9 +113,9 @@ class DoRALinear(nn.Module):
         base = F.linear(x, W)
         if self.training and xd is not x and self.dropout_semantics == "peft":
             delta = compose(F.linear(xd, W), lora, g, self.scaling, g_minus_1=gm1, output="delta",
-                            save_inner=self.save_inner)
+                            save=self.save)
             return (base + bias if bias is not None else base) + delta
-        return compose(base, lora, g, self.scaling, bias, save_inner=self.save_inner)
+        return compose(base, lora, g, self.scaling, bias, save=self.save)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
