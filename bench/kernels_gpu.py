@@ -387,6 +387,36 @@ def layer_perf(quick):
     return rows
 
 
+def tune_wa():
+    """Tile configurations of the U = W Aᵀ kernel at 8192×8192, r = 384 (bf16)."""
+    import triton
+    from dora_verify.kernels import norm as nm
+
+    d, r = 8192, 384
+    W = (torch.randn(d, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
+    A = (torch.randn(r, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
+    ref = (W.double() @ A.double().t())
+    U = torch.empty(d, r, device="cuda")
+    t_cublas = bench_ms(lambda: torch.mm(W, A.t(), out_dtype=torch.float32))
+    rows = [{"config": "cublas mm out_dtype=fp32", "ms": t_cublas,
+             "max_rel": float(((torch.mm(W, A.t(), out_dtype=torch.float32).double() - ref).abs() / ref.abs().max()).max())}]
+    for (bm, br, bk, nw, ns) in [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3),
+                                 (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 128, 4, 4), (128, 192, 64, 8, 3)]:
+        grid = (triton.cdiv(d, bm) * triton.cdiv(r, br),)
+
+        def run():
+            nm._wa_kernel[grid](W, A, U, d, r, d, W.stride(0), A.stride(0), MODE=0, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
+                                num_warps=nw, num_stages=ns)
+        try:
+            t = bench_ms(run)
+            err = float(((U.double() - ref).abs() / ref.abs().max()).max())
+        except Exception as e:  # noqa: BLE001
+            t, err = None, repr(e)[:120]
+        rows.append({"config": [bm, br, bk, nw, ns], "ms": t, "max_rel": err})
+        log(rows[-1])
+    return rows
+
+
 def profile_pieces():
     """Where the time goes in the norm and the layer forward (torch.profiler, CUDA kernel totals)."""
     from torch.profiler import ProfilerActivity, profile
@@ -437,6 +467,7 @@ def main():
         for r_ in rep["norm_accuracy"]:
             log(json.dumps(r_))
     if "profile" in parts:
+        rep["wa_tuning"] = tune_wa()
         profile_pieces()
     if "perf" in parts:
         bw = copy_bandwidth()

@@ -157,12 +157,13 @@ if HAS_TRITON:
 WA_BLOCK_M, WA_BLOCK_R, WA_BLOCK_K, WA_WARPS = 128, 64, 64, 8
 
 
-def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+               use_triton: "bool | None" = None) -> torch.Tensor:
     """U = W Aᵀ in fp32 (module contract): on CUDA the Triton kernel above (fp32 sums of exact products
     within 64-wide K slices, float64 across slices); elsewhere fp32 GEMMs (TF32 off) over d_in chunks."""
     d_out, d_in = W.shape
     r = A.shape[0]
-    if HAS_TRITON and W.is_cuda:
+    if use_triton if use_triton is not None else (HAS_TRITON and W.is_cuda):
         W = W if W.stride(1) == 1 else W.contiguous()
         A = A if A.stride(1) == 1 else A.contiguous()
         if W.dtype == A.dtype and W.dtype != torch.float32:
@@ -202,44 +203,126 @@ def _dense_rows(W, A, B, s, rows: torch.Tensor, chunk_bytes: int) -> torch.Tenso
     return out
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _assemble_kernel(u_ptr, b_ptr, bg_ptr, wsq_ptr, nu_ptr, kappa_ptr, M, R, s,
+                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Per row: cross = Σ B·U, |cross| = Σ|B·U|, gram = Σ (BG)·B in float64; ν² and κ; ν = RN32(√ν²)."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        cross = tl.zeros([BLOCK_M], dtype=tl.float64)
+        cabs = tl.zeros([BLOCK_M], dtype=tl.float64)
+        gram = tl.zeros([BLOCK_M], dtype=tl.float64)
+        for j0 in range(0, R, BLOCK_R):
+            jj = j0 + tl.arange(0, BLOCK_R)
+            m2 = rmask[:, None] & (jj < R)[None, :]
+            offs = rows.to(tl.int64)[:, None] * R + jj[None, :]
+            b = tl.load(b_ptr + offs, mask=m2, other=0.0).to(tl.float64)
+            bu = b * tl.load(u_ptr + offs, mask=m2, other=0.0).to(tl.float64)
+            cross += tl.sum(bu, axis=1)
+            cabs += tl.sum(tl.abs(bu), axis=1)
+            gram += tl.sum(b * tl.load(bg_ptr + offs, mask=m2, other=0.0).to(tl.float64), axis=1)
+        wsq = tl.load(wsq_ptr + rows, mask=rmask, other=0.0)
+        nu2 = (wsq + (2.0 * s) * cross) + (s * s) * gram
+        mag = (wsq + (2.0 * tl.abs(s)) * cabs) + (s * s) * tl.abs(gram)
+        kappa = tl.where(nu2 > 0, mag / tl.where(nu2 > 0, nu2, 1.0), tl.where(mag > 0, float("inf"), 1.0))
+        tl.store(kappa_ptr + rows, kappa, mask=rmask)
+        tl.store(nu_ptr + rows, tl.sqrt(tl.maximum(nu2, 0.0)).to(tl.float32), mask=rmask)
+
+    @triton.jit
+    def _dense_rows_kernel(w_ptr, a_ptr, b_ptr, kappa_ptr, nu_ptr, K, R, s, stride_w, stride_a, kappa_max,
+                           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Rows with κ > kappa_max: ν = ‖W_i + s·(B_i A)‖ in float64 from exact products; other rows return
+        at once (no host synchronisation to find the rows)."""
+        i = tl.program_id(0)
+        kap = tl.load(kappa_ptr + i)
+        if kap > kappa_max:
+            acc = tl.zeros([BLOCK_K], dtype=tl.float64)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                kmask = kk < K
+                v = tl.zeros([BLOCK_K], dtype=tl.float64)
+                for j0 in range(0, R, BLOCK_R):
+                    jj = j0 + tl.arange(0, BLOCK_R)
+                    bj = tl.load(b_ptr + i.to(tl.int64) * R + jj, mask=jj < R, other=0.0).to(tl.float64)
+                    a = tl.load(a_ptr + jj.to(tl.int64)[:, None] * stride_a + kk[None, :],
+                                mask=(jj < R)[:, None] & kmask[None, :], other=0.0).to(tl.float64)
+                    v += tl.sum(bj[:, None] * a, axis=0)
+                w = tl.load(w_ptr + i.to(tl.int64) * stride_w + kk, mask=kmask, other=0.0).to(tl.float64)
+                v = w + s * v
+                acc += v * v
+            tl.store(nu_ptr + i, tl.sqrt(tl.sum(acc, axis=0)).to(tl.float32))
+
+
+def _norm_triton(W, A, B, s, wsq, kappa_max):
+    d_out, d_in = W.shape
+    r = A.shape[0]
+    U = wa_product(W, A, use_triton=True)
+    G = wa_product(A, A, use_triton=True)  # r×r, fp32 from exact products
+    BG = wa_product(B, G, use_triton=True)  # G is symmetric: B Gᵀ = B G
+    B = B if B.is_contiguous() else B.contiguous()
+    nu = torch.empty(d_out, dtype=torch.float32, device=W.device)
+    kappa = torch.empty(d_out, dtype=torch.float64, device=W.device)
+    _assemble_kernel[(triton.cdiv(d_out, 64),)](U, B, BG, wsq, nu, kappa, d_out, r, s, BLOCK_M=64, BLOCK_R=64)
+    A = A if A.stride(1) == 1 else A.contiguous()
+    W = W if W.stride(1) == 1 else W.contiguous()
+    _dense_rows_kernel[(d_out,)](W, A, B, kappa, nu, d_in, r, s, W.stride(0), A.stride(0), float(kappa_max),
+                                 BLOCK_K=128, BLOCK_R=32)
+    return nu, kappa
+
+
+def _norm_torch(W, A, B, s, wsq, kappa_max, chunk_bytes):
+    U = wa_product(W, A, chunk_bytes)
+    B64 = B.to(torch.float64)
+    A64 = A.to(torch.float64)
+    gram = ((B64 @ (A64 @ A64.t())) * B64).sum(dim=1)
+    BU = B64 * U.to(torch.float64)
+    cross = BU.sum(dim=1)
+    cross_abs = BU.abs().sum(dim=1)
+    del BU, U
+    nu2 = (wsq + (2.0 * s) * cross) + (s * s) * gram
+    mag = (wsq + (2.0 * abs(s)) * cross_abs) + (s * s) * gram.abs()
+    pos = nu2 > 0
+    kappa = torch.where(pos, mag / torch.where(pos, nu2, torch.ones_like(nu2)),
+                        torch.where(mag > 0, torch.full_like(mag, math.inf), torch.ones_like(mag)))
+    nu = torch.sqrt(torch.clamp(nu2, min=0.0))
+    bad = torch.nonzero(kappa > kappa_max).flatten()
+    if bad.numel():
+        nu[bad] = _dense_rows(W, A, B, s, bad, chunk_bytes)
+    return nu.to(torch.float32), kappa
+
+
 def factored_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, *,
                       wsq: "torch.Tensor | None" = None, kappa_max: float = DEFAULT_KAPPA_MAX,
-                      chunk_bytes: int = DEFAULT_CHUNK_BYTES, return_info: bool = False, validate: bool = True):
+                      chunk_bytes: int = DEFAULT_CHUNK_BYTES, return_info: bool = False, validate: bool = True,
+                      backend: "str | None" = None):
     """ν = ‖W + s·BA‖ per row, fp32, without materialising BA (contract: module docstring).
 
     ``wsq``: precomputed float64 ‖W‖²_row (e.g. from :class:`WeightSquareCache`); computed if None.
+    ``backend``: 'triton' (default on CUDA: three small GEMM kernels, one assembly kernel and one
+    dense-recompute kernel, no host synchronisation) or 'torch' (default elsewhere; float64 torch ops).
     Returns ν, or (ν, :class:`NormInfo`) with ``return_info``. Never differentiable (DoRA detaches ν)."""
     s = check_norm_inputs(W, A, B, s) if validate else float(s)
+    if backend is None:
+        backend = "triton" if (HAS_TRITON and W.is_cuda) else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    if backend == "triton" and not HAS_TRITON:
+        raise ValueError("backend='triton' needs Triton installed")
     with torch.no_grad():
         W, A, B = W.detach(), A.detach(), B.detach()
         if wsq is None:
             wsq = weight_row_sq(W, chunk_bytes)
         elif wsq.shape != (W.shape[0],) or wsq.dtype != torch.float64:
             raise ValueError(f"wsq must be float64 [{W.shape[0]}], got {wsq.dtype} {tuple(wsq.shape)}")
-        U = wa_product(W, A, chunk_bytes)
-        B64 = B.to(torch.float64)
-        A64 = A.to(torch.float64)
-        G = A64 @ A64.t()
-        gram = ((B64 @ G) * B64).sum(dim=1)
-        BU = B64 * U.to(torch.float64)
-        cross = BU.sum(dim=1)
-        cross_abs = BU.abs().sum(dim=1)
-        del BU, U
-        nu2 = (wsq + (2.0 * s) * cross) + (s * s) * gram
-        mag = (wsq + (2.0 * abs(s)) * cross_abs) + (s * s) * gram
-        pos = nu2 > 0
-        kappa = torch.where(pos, mag / torch.where(pos, nu2, torch.ones_like(nu2)),
-                            torch.where(mag > 0, torch.full_like(mag, math.inf), torch.ones_like(mag)))
-        nu = torch.sqrt(torch.clamp(nu2, min=0.0))
-        bad = torch.nonzero(kappa > kappa_max).flatten()
-        if bad.numel():
-            nu[bad] = _dense_rows(W, A, B, s, bad, chunk_bytes)
-        nu32 = nu.to(torch.float32)
+        if backend == "triton":
+            nu, kappa = _norm_triton(W, A, B, s, wsq, kappa_max)
+        else:
+            nu, kappa = _norm_torch(W, A, B, s, wsq, kappa_max, chunk_bytes)
     if return_info:
-        return nu32, NormInfo(kappa, bad.cpu().tolist())
-    return nu32
-
-
+        return nu, NormInfo(kappa, torch.nonzero(kappa > kappa_max).flatten().cpu().tolist())
+    return nu
 
 
 # ----------------------------------------------------------------------------- torch.library custom op
