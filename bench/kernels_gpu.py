@@ -87,8 +87,10 @@ def acc_norm(quick):
     rows = []
     shapes = [(1024, 1024, 16)] if quick else [(2048, 2048, 64), (8192, 8192, 384)]
     for (d_out, d_in, r) in shapes:
-        for dt in ("bf16", "fp16", "fp32"):
-            for regime in ("trained", "near_cancel", "zero_rows", "all_positive", "heavy_tailed", "fresh"):
+        big = d_out * d_in > 2**24
+        for dt in (("bf16",) if big else ("bf16", "fp16", "fp32")):
+            for regime in (("trained", "all_positive") if big else
+                           ("trained", "near_cancel", "zero_rows", "all_positive", "heavy_tailed", "fresh")):
                 c = make_case(regime, d_out, d_in, r, 4, dtype=dt, seed=3, device="cuda")
                 nu, info = factored_row_norm(c.W, c.A, c.B, c.s, return_info=True)
                 tr = row_norm_truth(c.W, c.A, c.B, c.s)
@@ -393,26 +395,28 @@ def tune_wa():
     from dora_verify.kernels import norm as nm
 
     d, r = 8192, 384
-    W = (torch.randn(d, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
-    A = (torch.randn(r, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
+    W = (torch.rand(d, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)  # all-positive: exposes accumulation error
+    A = (torch.rand(r, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
     ref = (W.double() @ A.double().t())
     U = torch.empty(d, r, device="cuda")
     t_cublas = bench_ms(lambda: torch.mm(W, A.t(), out_dtype=torch.float32))
     rows = [{"config": "cublas mm out_dtype=fp32", "ms": t_cublas,
-             "max_rel": float(((torch.mm(W, A.t(), out_dtype=torch.float32).double() - ref).abs() / ref.abs().max()).max())}]
-    for (bm, br, bk, nw, ns) in [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3),
-                                 (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 128, 4, 4), (128, 192, 64, 8, 3)]:
+             "max_rel": float(((torch.mm(W, A.t(), out_dtype=torch.float32).double() - ref).abs() / ref.abs()).max())}]
+    log(rows[-1])
+    for (bm, br, bk, ch, nw, ns) in [(128, 128, 128, 1, 8, 3), (128, 128, 64, 2, 8, 3), (128, 128, 64, 4, 8, 3),
+                                     (128, 128, 64, 8, 8, 3), (128, 128, 128, 2, 8, 3), (128, 128, 128, 4, 8, 3),
+                                     (128, 64, 128, 2, 4, 4), (128, 128, 64, 4, 8, 4)]:
         grid = (triton.cdiv(d, bm) * triton.cdiv(r, br),)
 
         def run():
             nm._wa_kernel[grid](W, A, U, d, r, d, W.stride(0), A.stride(0), MODE=0, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
-                                num_warps=nw, num_stages=ns)
+                                CHAIN=ch, num_warps=nw, num_stages=ns)
         try:
             t = bench_ms(run)
-            err = float(((U.double() - ref).abs() / ref.abs().max()).max())
+            err = float(((U.double() - ref).abs() / ref.abs()).max())
         except Exception as e:  # noqa: BLE001
             t, err = None, repr(e)[:120]
-        rows.append({"config": [bm, br, bk, nw, ns], "ms": t, "max_rel": err})
+        rows.append({"config": [bm, br, bk, ch, nw, ns], "ms": t, "max_rel": err})
         log(rows[-1])
     return rows
 

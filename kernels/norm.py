@@ -9,9 +9,9 @@ Numerical contract (W, A, B in bf16/fp16/fp32, ``s`` fp32-representable; result 
 * ``U = W Aᵀ``: on CUDA a Triton GEMM whose tensor-core products are summed in fp32 only within 64-wide
   slices of d_in and across slices in float64 (a long tensor-core accumulation truncates: it measured
   5.7e-6 relative on all-positive rows at d_in = 1024 with cuBLAS). bf16/fp16 products are exact in
-  fp32; fp32 inputs use IEEE fp32 products; fp32 adapters on a bf16 W are split exactly into three bf16
-  terms (A = A₁ + A₂ + A₃) so the products stay exact on tensor cores. Without CUDA: fp32 GEMMs (TF32
-  off) over d_in chunks of ``chunk_bytes``.
+  fp32; fp32 adapters on a bf16 W are split exactly into three bf16 terms (A = A₁ + A₂ + A₃) so the
+  products stay exact on tensor cores. fp32 weights, and everything off CUDA: IEEE fp32 GEMMs (TF32
+  forced off; FMA accumulation rounds to nearest) over d_in chunks of ``chunk_bytes``.
 * G, BG, the row sums and the assembly of ν² are float64; ν = RN_fp32(√ν²).
 * Conditioning: ``κ_i = (‖W_i‖² + 2|s|·Σ_j|B_ij U_ij| + s²·gram_i) / ν̂_i²``. Every term is computed to a
   relative accuracy ρ (ρ ≈ 1e-7 for the fp32 GEMM on realistic data, ≤ 1e-12 for the float64 terms), so
@@ -119,11 +119,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _wa_kernel(w_ptr, a_ptr, u_ptr, M, R, K, stride_w, stride_a, MODE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CHAIN: tl.constexpr = 1):
         """U[m, j] = Σ_k W[m, k] A[j, k]. Each BLOCK_K slice is one tensor-core product of exact
         products (MODE 0: W and A bf16/fp16; MODE 1: bf16 W with fp32 A split exactly into three
-        bf16 terms; MODE 2: IEEE fp32), added into a float64 accumulator: fp32 accumulation happens
-        only within a slice, so the error does not grow with K as a long tensor-core accumulation's does."""
+        bf16 terms), CHAIN slices of BLOCK_K accumulate in the MMA unit and are then added into a
+        float64 accumulator: the (truncating) tensor-core accumulation never runs longer than
+        BLOCK_K·CHAIN, so the error does not grow with K as a long tensor-core accumulation's does."""
         n_r = tl.cdiv(R, BLOCK_R)
         pid = tl.program_id(0)
         pid_m = pid // n_r  # the r-blocks of one row block run together and share W through L2
@@ -132,29 +133,30 @@ if HAS_TRITON:
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         ks = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float64)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + ks
-            w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + kk[None, :],
-                        mask=(rows < M)[:, None] & (kk < K)[None, :], other=0.0)
-            a = tl.load(a_ptr + rr.to(tl.int64)[None, :] * stride_a + kk[:, None],
-                        mask=(rr < R)[None, :] & (kk < K)[:, None], other=0.0)
-            if MODE == 0:
-                part = tl.dot(w, a, out_dtype=tl.float32)
-            elif MODE == 1:
-                a1 = a.to(tl.bfloat16)
-                r1 = a - a1.to(tl.float32)
-                a2 = r1.to(tl.bfloat16)
-                a3 = (r1 - a2.to(tl.float32)).to(tl.bfloat16)
-                part = (tl.dot(w, a3, out_dtype=tl.float32) + tl.dot(w, a2, out_dtype=tl.float32)) \
-                    + tl.dot(w, a1, out_dtype=tl.float32)
-            else:
-                part = tl.dot(w.to(tl.float32), a.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K * CHAIN):
+            part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for c in tl.static_range(CHAIN):  # CHAIN slices accumulate in the MMA unit, then go to float64
+                kk = k0 + c * BLOCK_K + ks
+                w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + kk[None, :],
+                            mask=(rows < M)[:, None] & (kk < K)[None, :], other=0.0)
+                a = tl.load(a_ptr + rr.to(tl.int64)[None, :] * stride_a + kk[:, None],
+                            mask=(rr < R)[None, :] & (kk < K)[:, None], other=0.0)
+                if MODE == 0:
+                    part = tl.dot(w, a, part, out_dtype=tl.float32)
+                else:  # bf16 W, fp32 A = A1 + A2 + A3 exactly (three bf16 terms), small terms first
+                    a1 = a.to(tl.bfloat16)
+                    r1 = a - a1.to(tl.float32)
+                    a2 = r1.to(tl.bfloat16)
+                    a3 = (r1 - a2.to(tl.float32)).to(tl.bfloat16)
+                    part = tl.dot(w, a3, part, out_dtype=tl.float32)
+                    part = tl.dot(w, a2, part, out_dtype=tl.float32)
+                    part = tl.dot(w, a1, part, out_dtype=tl.float32)
             acc += part.to(tl.float64)
         tl.store(u_ptr + rows.to(tl.int64)[:, None] * R + rr[None, :], acc.to(tl.float32),
                  mask=(rows < M)[:, None] & (rr < R)[None, :])
 
 
-WA_BLOCK_M, WA_BLOCK_R, WA_BLOCK_K, WA_WARPS = 128, 64, 64, 8
+WA_BLOCK_M, WA_BLOCK_R, WA_BLOCK_K, WA_CHAIN, WA_WARPS, WA_STAGES = 128, 128, 128, 1, 8, 3
 
 
 def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -171,12 +173,14 @@ def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUN
         elif W.dtype == torch.bfloat16 and A.dtype == torch.float32:
             mode = 1
         else:
-            mode = 2
-        U = torch.empty(d_out, r, dtype=torch.float32, device=W.device)
-        grid = (triton.cdiv(d_out, WA_BLOCK_M) * triton.cdiv(r, WA_BLOCK_R),)
-        _wa_kernel[grid](W, A, U, d_out, r, d_in, W.stride(0), A.stride(0), MODE=mode,
-                         BLOCK_M=WA_BLOCK_M, BLOCK_R=WA_BLOCK_R, BLOCK_K=WA_BLOCK_K, num_warps=WA_WARPS)
-        return U
+            mode = None  # fp32 (or fp16 with fp32): IEEE fp32 GEMM below (FMA accumulation rounds to nearest)
+        if mode is not None:
+            U = torch.empty(d_out, r, dtype=torch.float32, device=W.device)
+            grid = (triton.cdiv(d_out, WA_BLOCK_M) * triton.cdiv(r, WA_BLOCK_R),)
+            _wa_kernel[grid](W, A, U, d_out, r, d_in, W.stride(0), A.stride(0), MODE=mode,
+                             BLOCK_M=WA_BLOCK_M, BLOCK_R=WA_BLOCK_R, BLOCK_K=WA_BLOCK_K, CHAIN=WA_CHAIN,
+                             num_warps=WA_WARPS, num_stages=WA_STAGES)
+            return U
     U = torch.zeros(d_out, r, dtype=torch.float32, device=W.device)
     A32 = A.to(torch.float32)
     with _NoTF32():
