@@ -79,8 +79,11 @@ def acc_compose(quick):
                     exact = tr.y if output == "y" else tr.delta
                     near = (tr.y_round if output == "y" else tr.d_round).nearest
                     u = ulp_error(got.double(), exact, fmt)
+                    wi = int(u.flatten().argmax())
                     rows.append({"dtype": dt, "regime": regime, "g": gname, "output": output,
-                                 "max_ulp": float(u.max()), "frac_correctly_rounded": float((got.double() == near).float().mean()),
+                                 "max_ulp": float(u.max()), "worst": {"base": float(base.flatten()[wi]), "lora": float(lora.flatten()[wi]),
+                                 "g": float(g[wi % d_out]), "bias": float(b[wi % d_out]) if b is not None else None,
+                                 "got": float(got.flatten()[wi]), "exact": float(exact.flatten()[wi])}, "frac_correctly_rounded": float((got.double() == near).float().mean()),
                                  "uncertified": tr.uncertified})
         log(f"compose acc {dt}: worst ulp {max(x.get('max_ulp', 0) for x in rows if x['dtype'] == dt):.4f}")
     return rows
@@ -469,24 +472,33 @@ def main():
     except Exception as e:  # noqa: BLE001
         rep["has_mm_out_dtype"] = repr(e)[:200]
     t0 = time.time()
+    def part(name, fn, *args):
+        try:
+            rep[name] = fn(*args)
+        except Exception as e:  # noqa: BLE001 - record and go on: one failure must not lose the rest
+            import traceback
+            rep[name] = {"error": traceback.format_exc()}
+            log(f"PART {name} FAILED: {e!r}")
     if "acc" in parts:
-        rep["compose_accuracy"] = acc_compose(a.quick)
-        rep["norm_accuracy"] = acc_norm(a.quick)
-        rep["backward_accuracy"] = acc_backward(a.quick)
-        rep["tier_parity_fp32"] = acc_parity()
-        for r_ in rep["norm_accuracy"]:
-            log(json.dumps(r_))
+        part("compose_accuracy", acc_compose, a.quick)
+        for x in rep["compose_accuracy"] if isinstance(rep["compose_accuracy"], list) else []:
+            if x.get("max_ulp", 0) > 1:
+                log("OVER 1 ULP:", json.dumps(x))
+        part("norm_accuracy", acc_norm, a.quick)
+        part("backward_accuracy", acc_backward, a.quick)
+        part("tier_parity_fp32", acc_parity)
+
     if "profile" in parts:
-        rep["wa_tuning"] = tune_wa()
-        profile_pieces()
+        part("wa_tuning", tune_wa)
+        part("profile", profile_pieces)
     if "perf" in parts:
         bw = copy_bandwidth()
         rep["copy_bandwidth_TBps"] = bw
         log(f"copy bandwidth {bw:.3f} TB/s")
-        rep["compose_perf"] = perf_compose(bw, a.quick)
-        rep["norm_perf"] = norm_perf(a.quick)
-        rep["layer_perf"] = layer_perf(a.quick)
-        rep["crossover"] = crossover()
+        part("compose_perf", perf_compose, bw, a.quick)
+        part("norm_perf", norm_perf, a.quick)
+        part("layer_perf", layer_perf, a.quick)
+        part("crossover", crossover)
     rep["seconds"] = time.time() - t0
     with open(os.path.join(a.out, "report.json"), "w") as f:
         json.dump(rep, f, indent=1, default=str)

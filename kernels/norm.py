@@ -156,7 +156,8 @@ if HAS_TRITON:
                  mask=(rows < M)[:, None] & (rr < R)[None, :])
 
 
-WA_BLOCK_M, WA_BLOCK_R, WA_BLOCK_K, WA_CHAIN, WA_WARPS, WA_STAGES = 128, 128, 128, 1, 8, 3
+# (BLOCK_M, BLOCK_R, BLOCK_K, CHAIN, num_warps, num_stages) per mode, tuned on an H100 (reports/kernels-h100)
+WA_CONFIG = {0: (128, 128, 128, 1, 8, 3), 1: (128, 128, 64, 1, 8, 2)}
 
 
 def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -176,10 +177,10 @@ def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUN
             mode = None  # fp32 (or fp16 with fp32): IEEE fp32 GEMM below (FMA accumulation rounds to nearest)
         if mode is not None:
             U = torch.empty(d_out, r, dtype=torch.float32, device=W.device)
-            grid = (triton.cdiv(d_out, WA_BLOCK_M) * triton.cdiv(r, WA_BLOCK_R),)
-            _wa_kernel[grid](W, A, U, d_out, r, d_in, W.stride(0), A.stride(0), MODE=mode,
-                             BLOCK_M=WA_BLOCK_M, BLOCK_R=WA_BLOCK_R, BLOCK_K=WA_BLOCK_K, CHAIN=WA_CHAIN,
-                             num_warps=WA_WARPS, num_stages=WA_STAGES)
+            bm, br, bk, chain, warps, stages = WA_CONFIG[mode]
+            grid = (triton.cdiv(d_out, bm) * triton.cdiv(r, br),)
+            _wa_kernel[grid](W, A, U, d_out, r, d_in, W.stride(0), A.stride(0), MODE=mode, BLOCK_M=bm, BLOCK_R=br,
+                             BLOCK_K=bk, CHAIN=chain, num_warps=warps, num_stages=stages)
             return U
     U = torch.zeros(d_out, r, dtype=torch.float32, device=W.device)
     A32 = A.to(torch.float32)
