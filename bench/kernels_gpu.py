@@ -479,6 +479,8 @@ def main():
             import traceback
             rep[name] = {"error": traceback.format_exc()}
             log(f"PART {name} FAILED: {e!r}")
+        with open(os.path.join(a.out, "report.json"), "w") as f:  # after every part: a timeout keeps the rest
+            json.dump(rep, f, indent=1, default=str)
     if "acc" in parts:
         part("compose_accuracy", acc_compose, a.quick)
         for x in rep["compose_accuracy"] if isinstance(rep["compose_accuracy"], list) else []:
