@@ -232,15 +232,17 @@ def compose_backward_eager(dy, base, lora, inner, g, g_minus_1, s: float, delta:
                            lora_dtype, need_base: bool, need_lora: bool, need_g: bool):
     f32 = torch.float32
     dy32 = dy.to(f32)
-    e = dy.new_empty(0)
-    d_base = ((g_minus_1 if delta else g).to(f32) * dy32).to(base_dtype) if need_base else e.to(base_dtype)
-    d_lora = ((g.to(f32) * s) * dy32).to(lora_dtype) if need_lora else e.to(lora_dtype)
+
+    def empty(dt):  # a fresh tensor per output: custom ops may not return aliases
+        return dy.new_empty(0, dtype=dt)
+    d_base = ((g_minus_1 if delta else g).to(f32) * dy32).to(base_dtype) if need_base else empty(base_dtype)
+    d_lora = ((g.to(f32) * s) * dy32).to(lora_dtype) if need_lora else empty(lora_dtype)
     if need_g:
         f64 = torch.float64
         inner64 = base.to(f64) + lora.to(f64) * s if saved == SAVE_INPUTS else inner.to(f64)
         d_g = (dy.to(f64) * inner64).sum(dim=0).to(f32)
     else:
-        d_g = e.to(f32)
+        d_g = empty(f32)
     return d_base, d_lora, d_g
 
 
