@@ -31,6 +31,8 @@ def git_state(path: "Path | None" = None) -> dict:
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
 
+    if fallback["commit"]:  # explicit wins: a copied tree may carry a stale .git (seen on the GPU host)
+        return fallback
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:

@@ -5,8 +5,8 @@
 2. ``FUSED_INFER``: fused forward only — nothing requires grad, T·d_out ≥ ``INFER_MIN_ELEMENTS``;
 3. ``EAGER``: float64 torch — CPU, no Triton, below the crossover, or forced.
 
-The crossovers are measured on the GPU (``bench/compose_crossover.py``, recorded in
-``reports/kernels-h100/``), not guessed. ``DORA_VERIFY_TIER=eager|fused`` overrides the choice
+The crossovers are measured on the GPU (``bench/kernels_gpu.py``, part "perf", recorded in
+``reports/kernels-h100/report.md``), not guessed. ``DORA_VERIFY_TIER=eager|fused`` overrides the choice
 globally; a ``tier=`` argument overrides it per call. Under ``TRITON_INTERPRET=1`` the fused kernels
 also run on CPU tensors (logic checks only: see REFERENCES.md).
 """
@@ -25,7 +25,7 @@ try:  # Triton is optional: CPU-only installs and non-Linux platforms get the ea
 except Exception:  # pragma: no cover - depends on the platform
     HAS_TRITON = False
 
-# Measured on one H100 (reports/kernels-h100/crossover.json): smallest T·d_out where the fused path is
+# Measured on one H100 (reports/kernels-h100/report.md, crossover table): smallest T·d_out where fused is
 # not slower than the eager tier. The eager tier computes in float64, so the fused path wins almost
 # everywhere on a GPU; below these sizes launch overhead dominates both.
 INFER_MIN_ELEMENTS = 1

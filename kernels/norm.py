@@ -8,7 +8,7 @@ Numerical contract (W, A, B in bf16/fp16/fp32, ``s`` fp32-representable; result 
   ~1e-12 at d_in = 8192) and cached by :class:`WeightSquareCache` while W is unchanged.
 * ``U = W Aᵀ``: on CUDA a Triton GEMM whose tensor-core products are summed in fp32 only within 64-wide
   slices of d_in and across slices in float64 (a long tensor-core accumulation truncates: it measured
-  5.7e-6 relative on all-positive rows at d_in = 1024 with cuBLAS). bf16/fp16 products are exact in
+  3.1e-5 relative error in U on all-positive 8192×8192 data with cuBLAS, 2.2e-7 here). bf16/fp16 products are exact in
   fp32; fp32 adapters on a bf16 W are split exactly into three bf16 terms (A = A₁ + A₂ + A₃) so the
   products stay exact on tensor cores. fp32 weights, and everything off CUDA: IEEE fp32 GEMMs (TF32
   forced off; FMA accumulation rounds to nearest) over d_in chunks of ``chunk_bytes``.
