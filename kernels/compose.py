@@ -32,13 +32,12 @@ Numerical contract (base, lora, dy in bf16/fp16/fp32; g, g−1 fp32; s fp32-repr
 """
 from __future__ import annotations
 
-import math
-import struct
 from typing import Optional, Tuple
 
 import torch
 
 from .dispatch import HAS_TRITON, Tier, select_tier
+from .scale import check_scaling
 
 if HAS_TRITON:
     import triton
@@ -360,10 +359,7 @@ def _check(base, lora, g, g_minus_1, bias, s, output):
         raise ValueError("output='delta' needs g_minus_1 (from dora_scale): g - 1 formed from a rounded g loses it")
     if output == "delta" and bias is not None:
         raise ValueError("output='delta' excludes the bias (the caller's base result already has it)")
-    s = float(s)
-    if not math.isfinite(s) or struct.unpack("f", struct.pack("f", s))[0] != s:
-        raise ValueError(f"scaling s={s!r} must be finite and fp32-representable")
-    return s
+    return check_scaling(s)
 
 
 def compose(base: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, s: float, bias: "torch.Tensor | None" = None, *,

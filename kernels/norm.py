@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .dispatch import HAS_TRITON
+from .scale import check_scaling
 
 if HAS_TRITON:
     import triton
@@ -57,9 +58,7 @@ def check_norm_inputs(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: floa
                          f"B {tuple(B.shape)} (want [{d_out}, r])")
     if d_out == 0 or d_in == 0 or r == 0:
         raise ValueError(f"empty operand: W {tuple(W.shape)}, A {tuple(A.shape)}")
-    s = float(s)
-    if not math.isfinite(s) or float(torch.tensor(s, dtype=torch.float32)) != s:
-        raise ValueError(f"scaling s={s!r} must be finite and fp32-representable")
+    s = check_scaling(s)
     for name, t in (("W", W), ("A", A), ("B", B)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN/Inf")

@@ -12,9 +12,21 @@ Differentiable in m (ν is detached): ∂g/∂m = ∂(g−1)/∂m = 1/ν_c, carr
 """
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 
 DEFAULT_EPS = 1e-12
+
+
+def check_scaling(s: float) -> float:
+    """``s`` as a float; raises ValueError unless finite and exactly representable in fp32 (the kernels
+    hold s in fp32, so any other value would silently be a different s)."""
+    s = float(s)
+    if not math.isfinite(s) or struct.unpack("f", struct.pack("f", s))[0] != s:
+        raise ValueError(f"scaling s={s!r} must be finite and fp32-representable")
+    return s
 
 
 def dora_scale(m: torch.Tensor, nu: torch.Tensor, eps: float = DEFAULT_EPS):
@@ -30,4 +42,4 @@ def dora_scale(m: torch.Tensor, nu: torch.Tensor, eps: float = DEFAULT_EPS):
     return m32 / nu_c, (m32 - nu_c) / nu_c
 
 
-__all__ = ["DEFAULT_EPS", "dora_scale"]
+__all__ = ["DEFAULT_EPS", "check_scaling", "dora_scale"]
