@@ -167,6 +167,63 @@ def acc_backward(quick):
     return rows
 
 
+def acc_lora_compose(quick):
+    """kernels.lora_compose on the GPU: the lora it used vs the exact xa Bᵀ (GEMM bound), y ≤ 1 ulp of the
+    exact compose of that lora, d_m vs the oracle, d_B / d_xa against their bounds, 20-run determinism."""
+    from dora_verify.kernels import lora_compose
+    from dora_verify.kernels.lora_compose import lora_compose_forward_fused
+
+    rows = []
+    T, d_out, d_in, r = (512, 1024, 512, 16) if quick else (4096, 4096, 1024, 384)
+    u32 = 2.0**-24
+    for dt in ("bf16", "fp16"):
+        for regime in ("fresh", "trained", "large_activations", "heavy_tailed", "near_cancel"):
+            c = make_case(regime, d_out, d_in, r, T, dtype=dt, seed=13, device="cuda")
+            f = torch.float32
+            base = (c.x.to(f) @ c.W.to(f).t()).to(c.dtype)
+            xa = (c.x.to(f) @ c.A.to(f).t()).to(c.dtype)
+            if not (torch.isfinite(base).all() and torch.isfinite(xa).all()):
+                rows.append({"dtype": dt, "regime": regime, "skipped": "overflows the format"})
+                continue
+            fmt = parse_format(dt)
+            bias = torch.randn(d_out, device="cuda").to(c.dtype)
+            y, lora = lora_compose_forward_fused(base, xa, c.B, c.g, bias, c.s, write_lora=True)
+            exact = xa.double() @ c.B.double().t()
+            mag = xa.double().abs() @ c.B.double().abs().t()
+            lora_ratio = float(((lora.double() - exact).abs() / (fmt.u * exact.abs() + (r + 1) * u32 * mag)
+                                .clamp_min(1e-300)).max())
+            y_ulp = float(ulp_error(y.double(), compose_truth(base, lora, c.g, c.s, bias).y, fmt).max())
+            m = c.magnitude().clone().requires_grad_()
+            nu = factored_row_norm(c.W, c.A, c.B, c.s)
+            dy = torch.randn_like(base)
+            res = []
+            for _ in range(20):
+                m.grad = None
+                x_, B_ = xa.clone().requires_grad_(), c.B.clone().requires_grad_()
+                g, _ = dora_scale(m, nu)
+                lora_compose(base, x_, B_, g, c.s, bias, tier="fused").backward(dy)
+                res.append((x_.grad, B_.grad, m.grad.clone()))
+            same = all(torch.equal(a, b) for rr in res[1:] for a, b in zip(rr, res[0]))
+            d_xa, d_B, d_m = res[0]
+            gk = (c.magnitude() / nu)
+            dg = (dy.double() * (base.double() + c.s * lora.double())).sum(0)
+            dm_t = dg / row_norm_truth(c.W, c.A, c.B, c.s).nu
+            rel_dm = float(((d_m.double() - dm_t).abs() / dm_t.abs().clamp_min(1e-300)).max())
+            gs = (gk * c.s).double()
+            ex_B = gs[:, None] * (dy.double().t() @ xa.double())
+            mag_B = gs.abs()[:, None] * (dy.double().abs().t() @ xa.double().abs())
+            ratio_B = float(((d_B.double() - ex_B).abs() / (fmt.u * ex_B.abs() + (T + 2) * u32 * mag_B).clamp_min(1e-300)).max())
+            ex_x = dy.double() @ (gs[:, None] * c.B.double())
+            mag_x = dy.double().abs() @ (gs.abs()[:, None] * c.B.double().abs())
+            ratio_x = float(((d_xa.double() - ex_x).abs() / (fmt.u * ex_x.abs() + (fmt.u + (d_out + 2) * u32) * mag_x)
+                             .clamp_min(1e-300)).max())
+            rows.append({"dtype": dt, "regime": regime, "T": T, "d_out": d_out, "r": r, "lora_over_gemm_bound": lora_ratio,
+                         "y_max_ulp": y_ulp, "d_m_max_rel": rel_dm, "d_B_over_bound": ratio_B, "d_xa_over_bound": ratio_x,
+                         "bitwise_identical_20_runs": bool(same)})
+            log(rows[-1])
+    return rows
+
+
 def acc_parity():
     """fp32: fused vs eager tier vs PEFT's formula (eager, fp32) — y, and all gradients."""
     rows = []
@@ -399,34 +456,35 @@ def layer_perf(quick):
 
 
 def tune_wa():
-    """Tile configurations of the U = W Aᵀ kernel at 8192×8192, r = 384 (bf16)."""
-    import triton
+    """Tile configurations of the U = W Aᵀ kernel at 8192×8192, r = 384 (bf16 W; bf16 and fp32 A)."""
     from dora_verify.kernels import norm as nm
 
     d, r = 8192, 384
     W = (torch.rand(d, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)  # all-positive: exposes accumulation error
-    A = (torch.rand(r, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
-    ref = (W.double() @ A.double().t())
-    U = torch.empty(d, r, device="cuda")
-    t_cublas = bench_ms(lambda: torch.mm(W, A.t(), out_dtype=torch.float32))
-    rows = [{"config": "cublas mm out_dtype=fp32", "ms": t_cublas,
-             "max_rel": float(((torch.mm(W, A.t(), out_dtype=torch.float32).double() - ref).abs() / ref.abs()).max())}]
-    log(rows[-1])
-    for (bm, br, bk, ch, nw, ns) in [(128, 128, 128, 1, 8, 3), (128, 128, 64, 2, 8, 3), (128, 128, 64, 4, 8, 3),
-                                     (128, 128, 64, 8, 8, 3), (128, 128, 128, 2, 8, 3), (128, 128, 128, 4, 8, 3),
-                                     (128, 64, 128, 2, 4, 4), (128, 128, 64, 4, 8, 4)]:
-        grid = (triton.cdiv(d, bm) * triton.cdiv(r, br),)
-
-        def run():
-            nm._wa_kernel[grid](W, A, U, d, r, d, W.stride(0), A.stride(0), MODE=0, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
-                                CHAIN=ch, num_warps=nw, num_stages=ns)
-        try:
-            t = bench_ms(run)
-            err = float(((U.double() - ref).abs() / ref.abs()).max())
-        except Exception as e:  # noqa: BLE001
-            t, err = None, repr(e)[:120]
-        rows.append({"config": [bm, br, bk, ch, nw, ns], "ms": t, "max_rel": err})
-        log(rows[-1])
+    rows = []
+    for mode, adt in ((0, torch.bfloat16), (1, torch.float32)):
+        A = (torch.rand(r, d, device="cuda") / math.sqrt(d)).to(adt)
+        ref = W.double() @ A.double().t()
+        if mode == 0:
+            t_cublas = bench_ms(lambda: torch.mm(W, A.t(), out_dtype=torch.float32))
+            rows.append({"mode": 0, "config": "cublas mm out_dtype=fp32", "ms": t_cublas,
+                         "max_rel": float(((torch.mm(W, A.t(), out_dtype=torch.float32).double() - ref).abs() / ref.abs()).max())})
+            log(rows[-1])
+        keep = nm.WA_CONFIG[mode]
+        cands = ([(64, 128, 128, 2, 4, 3), (128, 128, 128, 1, 8, 3), (64, 128, 64, 4, 4, 4), (128, 128, 128, 2, 8, 3)]
+                 if mode == 0 else
+                 [(128, 128, 64, 1, 8, 2), (64, 128, 64, 1, 4, 3), (64, 128, 32, 2, 4, 4), (128, 128, 32, 2, 8, 3),
+                  (64, 64, 64, 1, 4, 3)])
+        for cfg in cands:
+            nm.WA_CONFIG[mode] = cfg
+            try:
+                t = bench_ms(lambda: nm.wa_product(W, A))
+                err = float(((nm.wa_product(W, A).double() - ref).abs() / ref.abs()).max())
+            except Exception as e:  # noqa: BLE001
+                t, err = None, repr(e)[:120]
+            rows.append({"mode": mode, "config": list(cfg), "ms": t, "max_rel": err})
+            log(rows[-1])
+        nm.WA_CONFIG[mode] = keep
     return rows
 
 
@@ -442,6 +500,7 @@ def profile_pieces():
     lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
     layer = DoRALinear(lin, r, 2 * r)
     x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    tables = {}
     for name, fn in (("norm", lambda: factored_row_norm(W, A, B, 2.0, wsq=wsq, validate=False)),
                      ("layer_fwd", lambda: (setattr(layer, "_nu_key", None), layer(x))),
                      ("layer_fwdbwd", lambda: (setattr(layer, "_nu_key", None), layer(x).sum().backward()))):
@@ -452,8 +511,11 @@ def profile_pieces():
             for _ in range(5):
                 fn()
             torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
         log(f"--- {name}")
-        log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        log(table)
+        tables[name] = table
+    return tables
 
 
 def main():
@@ -488,6 +550,7 @@ def main():
                 log("OVER 1 ULP:", json.dumps(x))
         part("norm_accuracy", acc_norm, a.quick)
         part("backward_accuracy", acc_backward, a.quick)
+        part("lora_compose_accuracy", acc_lora_compose, a.quick)
         part("tier_parity_fp32", acc_parity)
 
     if "profile" in parts:

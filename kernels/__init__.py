@@ -4,6 +4,7 @@
 * :func:`dora_scale` — g and g − 1 in fp32 (``scale.py``);
 * :func:`compose` — fused Triton compose forward/backward with autograd and ``torch.library`` ops
   (``compose.py``), routed by the three-tier :func:`select_tier` (``dispatch.py``);
+* :func:`lora_compose` — the compose with the LoRA up-projection fused in (``lora_compose.py``);
 * :class:`DoRALinear` — a DoRA layer with PEFT's semantics (``layer.py``).
 
 Ships as ``dora_verify.kernels`` (pyproject maps the top-level ``kernels/`` folder to it); no top-level
@@ -12,8 +13,9 @@ module named ``kernels`` is installed. Each module's docstring states its numeri
 from .compose import compose
 from .dispatch import HAS_TRITON, Tier, select_tier
 from .layer import DoRALinear, lora_scaling
+from .lora_compose import lora_compose
 from .norm import WeightSquareCache, factored_row_norm, weight_row_sq
 from .scale import dora_scale
 
 __all__ = ["DoRALinear", "HAS_TRITON", "Tier", "WeightSquareCache", "compose", "dora_scale", "factored_row_norm",
-           "lora_scaling", "select_tier", "weight_row_sq"]
+           "lora_compose", "lora_scaling", "select_tier", "weight_row_sq"]

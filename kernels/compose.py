@@ -61,6 +61,27 @@ if HAS_TRITON:
         return s, (a - (s - bb)) + (b - bb)
 
     @triton.jit
+    def _y_value(b, lo, g, bias_ptr, cols, cmask, s, HAS_BIAS: tl.constexpr):
+        """fp32 value of g·(b + s·lo) + bias before the final rounding, error ≤ u|y| + 4u²(…) (module
+        contract); non-finite results take the plain fp32 form (IEEE propagation)."""
+        p = lo * s
+        ep = tl.fma(lo, s, -p)  # s·lora = p + ep exactly
+        h, e1 = _two_sum(b, p)  # base + p = h + e1 exactly
+        t_lo = e1 + ep
+        q = g * h
+        eq = tl.fma(g, h, -q)  # g·h = q + eq exactly
+        tail = eq + g * t_lo
+        plain = g * (b + p)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            y1, e2 = _two_sum(q, bias)
+            v = y1 + (e2 + tail)
+            plain = plain + bias
+        else:
+            v = q + tail
+        return tl.where((plain - plain) == 0.0, v, plain)
+
+    @triton.jit
     def _compose_fwd_kernel(base_ptr, lora_ptr, g_ptr, gm1_ptr, bias_ptr, out_ptr, inner_ptr, T, N, s,
                             DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_INNER: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -83,21 +104,9 @@ if HAS_TRITON:
             d, e3 = _two_sum(a, c)
             v = d + (e3 + ((ea + ec) + g * ep))
             plain = c + g * p
+            v = tl.where((plain - plain) == 0.0, v, plain)  # non-finite: IEEE propagation of the plain form
         else:
-            h, e1 = _two_sum(b, p)  # base + p = h + e1 exactly
-            t_lo = e1 + ep
-            q = g * h
-            eq = tl.fma(g, h, -q)  # g·h = q + eq exactly
-            tail = eq + g * t_lo
-            plain = g * (b + p)
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-                y1, e2 = _two_sum(q, bias)
-                v = y1 + (e2 + tail)
-                plain = plain + bias
-            else:
-                v = q + tail
-        v = tl.where((plain - plain) == 0.0, v, plain)  # non-finite: IEEE propagation of the plain form
+            v = _y_value(b, lo, g, bias_ptr, cols, cmask, s, HAS_BIAS)
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
         if SAVE_INNER:
             hh, ee = _two_sum(b, p)

@@ -7,7 +7,10 @@ Forward (PEFT ``LoraConfig(use_dora=True)`` semantics):
 
 * ν comes from :func:`factored_row_norm` (fp32, ill-conditioned rows recomputed), ‖W‖²_row is cached
   while W is unchanged, and ν itself is cached while W, A, B and s are unchanged (inference).
-* g and g − 1 stay fp32 (:func:`dora_scale`); the compose rounds once (:func:`compose`).
+* g and g − 1 stay fp32 (:func:`dora_scale`); the compose rounds once. With bf16/fp16 adapters (and
+  ``save='inputs'``) the LoRA up-projection is fused into the compose (:func:`lora_compose`: lora = xa Bᵀ
+  is never written; backward keeps base and xa); fp32 adapters, ``save='activation'`` and PEFT-style
+  dropout take :func:`compose` on a materialised lora.
 * Dropout: with ``dropout_semantics='peft'`` (default) and dropout active (training, p > 0), the layer
   does what PEFT does: ``y = (x Wᵀ + bias) + (g−1) ⊙ (x_d Wᵀ) + g ⊙ s·lora(x_d)`` with x_d the dropped-out
   input, which costs a second base GEMM. ``'clean_base'`` scales the clean base instead
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compose import compose
+from .lora_compose import lora_compose
 from .norm import DEFAULT_KAPPA_MAX, WeightSquareCache, factored_row_norm, row_norm_op
 from .scale import DEFAULT_EPS, dora_scale
 
@@ -108,14 +112,16 @@ class DoRALinear(nn.Module):
         if x.shape[-1] != W.shape[1]:
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {W.shape[1]}")
         xd = self.dropout(x)
-        lora = F.linear(F.linear(xd.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        xa = F.linear(xd.to(self.lora_A.dtype), self.lora_A)
         g, gm1 = self.scale()
         base = F.linear(x, W)
         if self.training and xd is not x and self.dropout_semantics == "peft":
-            delta = compose(F.linear(xd, W), lora, g, self.scaling, g_minus_1=gm1, output="delta",
-                            save=self.save)
+            delta = compose(F.linear(xd, W), F.linear(xa, self.lora_B), g, self.scaling, g_minus_1=gm1,
+                            output="delta", save=self.save)
             return (base + bias if bias is not None else base) + delta
-        return compose(base, lora, g, self.scaling, bias, save=self.save)
+        if self.lora_B.dtype != torch.float32 and self.save == "inputs":
+            return lora_compose(base, xa, self.lora_B, g, self.scaling, bias)  # lora never materialised
+        return compose(base, F.linear(xa, self.lora_B), g, self.scaling, bias, save=self.save)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

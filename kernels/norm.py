@@ -6,9 +6,9 @@ Numerical contract (W, A, B in bf16/fp16/fp32, ``s`` fp32-representable; result 
 
 * ``‖W‖²_row`` is accumulated in float64 from exactly squared inputs (relative error ≤ γ64_{d_in}, i.e.
   ~1e-12 at d_in = 8192) and cached by :class:`WeightSquareCache` while W is unchanged.
-* ``U = W Aᵀ``: on CUDA a Triton GEMM whose tensor-core products are summed in fp32 only within 64-wide
-  slices of d_in and across slices in float64 (a long tensor-core accumulation truncates: it measured
-  3.1e-5 relative error in U on all-positive 8192×8192 data with cuBLAS, 2.2e-7 here). bf16/fp16 products are exact in
+* ``U = W Aᵀ``: on CUDA a Triton GEMM whose tensor-core products are summed in fp32 only within chains
+  of ≤ 256 products along d_in and across chains in float64 (a long tensor-core accumulation truncates: it measured
+  3.1e-5 relative error in U on all-positive 8192×8192 data with cuBLAS, 4.1e-7 here). bf16/fp16 products are exact in
   fp32; fp32 adapters on a bf16 W are split exactly into three bf16 terms (A = A₁ + A₂ + A₃) so the
   products stay exact on tensor cores. fp32 weights, and everything off CUDA: IEEE fp32 GEMMs (TF32
   forced off; FMA accumulation rounds to nearest) over d_in chunks of ``chunk_bytes``.
@@ -117,52 +117,74 @@ class _NoTF32:
 if HAS_TRITON:
 
     @triton.jit
-    def _wa_kernel(w_ptr, a_ptr, u_ptr, M, R, K, stride_w, stride_a, MODE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CHAIN: tl.constexpr = 1):
-        """U[m, j] = Σ_k W[m, k] A[j, k]. Each BLOCK_K slice is one tensor-core product of exact
-        products (MODE 0: W and A bf16/fp16; MODE 1: bf16 W with fp32 A split exactly into three
-        bf16 terms), CHAIN slices of BLOCK_K accumulate in the MMA unit and are then added into a
-        float64 accumulator: the (truncating) tensor-core accumulation never runs longer than
-        BLOCK_K·CHAIN, so the error does not grow with K as a long tensor-core accumulation's does."""
+    def _wa_kernel(w_ptr, a_ptr, out_ptr, M, R, K, stride_w, stride_a, k_per_split, MODE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, FLUSH: tl.constexpr,
+                   SPLIT: tl.constexpr):
+        """U[m, j] = Σ_k W[m, k] A[j, k] over the d_in range of split ``program_id(1)``. Each BLOCK_K slice is
+        one tensor-core product of exact products (MODE 0: W and A bf16/fp16; MODE 1: bf16 W with fp32 A
+        split exactly into three bf16 terms); FLUSH slices accumulate in the MMA unit and are then added
+        into a float64 accumulator, so the (truncating) tensor-core accumulation never runs longer than
+        BLOCK_K·FLUSH products and the error does not grow with K as a long tensor-core accumulation's
+        does. SPLIT = 1 stores fp32 U; SPLIT > 1 stores float64 partials [SPLIT, M, R] (summed by the caller
+        in a fixed order)."""
         n_r = tl.cdiv(R, BLOCK_R)
         pid = tl.program_id(0)
         pid_m = pid // n_r  # the r-blocks of one row block run together and share W through L2
         pid_r = pid % n_r
+        pid_k = tl.program_id(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         ks = tl.arange(0, BLOCK_K)
+        k_begin = pid_k * k_per_split
+        k_end = tl.minimum(K, k_begin + k_per_split)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float64)
-        for k0 in range(0, K, BLOCK_K * CHAIN):
-            part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            for c in tl.static_range(CHAIN):  # CHAIN slices accumulate in the MMA unit, then go to float64
-                kk = k0 + c * BLOCK_K + ks
-                w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + kk[None, :],
-                            mask=(rows < M)[:, None] & (kk < K)[None, :], other=0.0)
-                a = tl.load(a_ptr + rr.to(tl.int64)[None, :] * stride_a + kk[:, None],
-                            mask=(rr < R)[None, :] & (kk < K)[:, None], other=0.0)
-                if MODE == 0:
-                    part = tl.dot(w, a, part, out_dtype=tl.float32)
-                else:  # bf16 W, fp32 A = A1 + A2 + A3 exactly (three bf16 terms), small terms first
-                    a1 = a.to(tl.bfloat16)
-                    r1 = a - a1.to(tl.float32)
-                    a2 = r1.to(tl.bfloat16)
-                    a3 = (r1 - a2.to(tl.float32)).to(tl.bfloat16)
-                    part = tl.dot(w, a3, part, out_dtype=tl.float32)
-                    part = tl.dot(w, a2, part, out_dtype=tl.float32)
-                    part = tl.dot(w, a1, part, out_dtype=tl.float32)
-            acc += part.to(tl.float64)
-        tl.store(u_ptr + rows.to(tl.int64)[:, None] * R + rr[None, :], acc.to(tl.float32),
-                 mask=(rows < M)[:, None] & (rr < R)[None, :])
+        part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for i in range(0, tl.cdiv(k_end - k_begin, BLOCK_K)):
+            kk = k_begin + i * BLOCK_K + ks
+            w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + kk[None, :],
+                        mask=(rows < M)[:, None] & (kk < k_end)[None, :], other=0.0)
+            a = tl.load(a_ptr + rr.to(tl.int64)[None, :] * stride_a + kk[:, None],
+                        mask=(rr < R)[None, :] & (kk < k_end)[:, None], other=0.0)
+            if MODE == 0:
+                part = tl.dot(w, a, part, out_dtype=tl.float32)
+            else:  # bf16 W, fp32 A = A1 + A2 + A3 exactly (three bf16 terms), small terms first
+                a1 = a.to(tl.bfloat16)
+                r1 = a - a1.to(tl.float32)
+                a2 = r1.to(tl.bfloat16)
+                a3 = (r1 - a2.to(tl.float32)).to(tl.bfloat16)
+                part = tl.dot(w, a3, part, out_dtype=tl.float32)
+                part = tl.dot(w, a2, part, out_dtype=tl.float32)
+                part = tl.dot(w, a1, part, out_dtype=tl.float32)
+            if i % FLUSH == FLUSH - 1:  # end of a chain: into float64, restart the MMA accumulator
+                acc += part.to(tl.float64)
+                part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        acc += part.to(tl.float64)
+        offs = rows.to(tl.int64)[:, None] * R + rr[None, :]
+        msk = (rows < M)[:, None] & (rr < R)[None, :]
+        if SPLIT == 1:
+            tl.store(out_ptr + offs, acc.to(tl.float32), mask=msk)
+        else:
+            tl.store(out_ptr + pid_k.to(tl.int64) * M * R + offs, acc, mask=msk)
 
 
-# (BLOCK_M, BLOCK_R, BLOCK_K, CHAIN, num_warps, num_stages) per mode, tuned on an H100 (reports/kernels-h100)
-WA_CONFIG = {0: (128, 128, 128, 1, 8, 3), 1: (128, 128, 64, 1, 8, 2)}
+# (BLOCK_M, BLOCK_R, BLOCK_K, FLUSH, num_warps, num_stages) per mode, tuned on an H100 (bench/wa_variants.py):
+# chains of 256 products (MODE 0) and 3·64 (MODE 1) measured 4.1e-7 max relative error of U on all-positive data.
+WA_CONFIG = {0: (64, 128, 128, 2, 4, 3), 1: (128, 128, 64, 1, 8, 2)}
+WA_MIN_PROGRAMS = 256  # below this many output tiles (e.g. G = A Aᵀ, r×r) d_in is split across programs
+WA_MIN_SPLIT_K = 1024  # ... but each split keeps at least this much of d_in
+
+
+def wa_splits(M: int, R: int, K: int, mode: int) -> int:
+    """Number of d_in splits of the U kernel: a function of the shape only (results are reproducible)."""
+    bm, br = WA_CONFIG[mode][:2]
+    tiles = -(-M // bm) * -(-R // br)
+    return max(1, min(-(-WA_MIN_PROGRAMS // tiles), K // WA_MIN_SPLIT_K))
 
 
 def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                use_triton: "bool | None" = None) -> torch.Tensor:
     """U = W Aᵀ in fp32 (module contract): on CUDA the Triton kernel above (fp32 sums of exact products
-    within 64-wide K slices, float64 across slices); elsewhere fp32 GEMMs (TF32 off) over d_in chunks."""
+    within short K chains, float64 across chains and splits); elsewhere fp32 GEMMs (TF32 off) over d_in chunks."""
     d_out, d_in = W.shape
     r = A.shape[0]
     if use_triton if use_triton is not None else (HAS_TRITON and W.is_cuda):
@@ -175,12 +197,16 @@ def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUN
         else:
             mode = None  # fp32 (or fp16 with fp32): IEEE fp32 GEMM below (FMA accumulation rounds to nearest)
         if mode is not None:
-            U = torch.empty(d_out, r, dtype=torch.float32, device=W.device)
-            bm, br, bk, chain, warps, stages = WA_CONFIG[mode]
-            grid = (triton.cdiv(d_out, bm) * triton.cdiv(r, br),)
-            _wa_kernel[grid](W, A, U, d_out, r, d_in, W.stride(0), A.stride(0), MODE=mode, BLOCK_M=bm, BLOCK_R=br,
-                             BLOCK_K=bk, CHAIN=chain, num_warps=warps, num_stages=stages)
-            return U
+            bm, br, bk, flush, warps, stages = WA_CONFIG[mode]
+            split = wa_splits(d_out, r, d_in, mode)
+            k_per = -(-(-(-d_in // split)) // bk) * bk
+            split = -(-d_in // k_per)
+            out = torch.empty((d_out, r) if split == 1 else (split, d_out, r),
+                              dtype=torch.float32 if split == 1 else torch.float64, device=W.device)
+            grid = (triton.cdiv(d_out, bm) * triton.cdiv(r, br), split)
+            _wa_kernel[grid](W, A, out, d_out, r, d_in, W.stride(0), A.stride(0), k_per, MODE=mode, BLOCK_M=bm,
+                             BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, SPLIT=split, num_warps=warps, num_stages=stages)
+            return out if split == 1 else out.sum(dim=0).to(torch.float32)
     U = torch.zeros(d_out, r, dtype=torch.float32, device=W.device)
     A32 = A.to(torch.float32)
     with _NoTF32():
@@ -346,4 +372,4 @@ def row_norm_op(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> 
 
 
 __all__ = ["DEFAULT_KAPPA_MAX", "NormInfo", "WeightSquareCache", "check_norm_inputs", "factored_row_norm",
-           "row_norm_op", "wa_product", "weight_row_sq"]
+           "row_norm_op", "wa_product", "wa_splits", "weight_row_sq"]

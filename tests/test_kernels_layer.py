@@ -97,9 +97,10 @@ def test_merged_linear_matches_eval_output():
     assert float((layer.merged_linear()(x) - layer(x)).abs().max()) <= 1e-5
 
 
-def test_compile_and_checkpoint():
-    layer = _layer()
-    x = torch.randn(5, 24)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # fp16: the fused up-projection route
+def test_compile_and_checkpoint(dtype):
+    layer = _layer().to(dtype)
+    x = torch.randn(5, 24).to(dtype)
     y = layer(x)
     cl = torch.compile(layer, backend="aot_eager", fullgraph=True)
     assert float((cl(x) - y).abs().max()) == 0.0
@@ -110,6 +111,27 @@ def test_compile_and_checkpoint():
         out.sum().backward()
         grads.append([p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.magnitude)])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_half_adapters_match_float64_formulas():
+    """fp16 weights and adapters (lora never materialised): y and the gradients of A, B, m against the
+    float64 DoRA formulas of the rounded parameters, within fp16 GEMM accuracy (a few u_fp16 relative to
+    the magnitudes; the layer's intermediates base, xa, lora are fp16 roundings)."""
+    layer = _layer().to(torch.float16)
+    layer.magnitude.data = layer.magnitude.data.float()
+    x = torch.randn(9, 24).to(torch.float16)
+    y = layer(x)
+    ref = _reference(layer, x)
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 8 * 2.0**-11
+    dy = torch.randn(y.shape).to(torch.float16)
+    y.backward(dy)
+    W, b, s = layer.base_layer.weight.double(), layer.base_layer.bias.double(), layer.scaling
+    A, B, m = (p.detach().double().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.magnitude))
+    nu = torch.linalg.vector_norm(W + s * (B @ A), dim=1).detach()
+    out = (m / nu) * (x.double() @ W.t() + s * (x.double() @ A.t() @ B.t())) + b
+    out.backward(dy.double())
+    for p, q in zip((layer.lora_A, layer.lora_B, layer.magnitude), (A, B, m)):
+        assert float((p.grad.double() - q.grad).abs().max() / q.grad.abs().max()) <= 16 * 2.0**-11
 
 
 def test_bad_construction_and_input():

@@ -1,0 +1,307 @@
+"""DoRA compose with the LoRA up-projection fused in: y = g ⊙ (base + s·RN(xa Bᵀ)) + bias, and its backward.
+
+``xa`` = dropout(x) Aᵀ is the LoRA down-projection [T, r]; the up-projection lora = xa Bᵀ [T, d_out] is
+never written to memory. The forward computes each lora tile on tensor cores (fp32 accumulation over r),
+rounds it to the adapter dtype — exactly what a materialised ``F.linear(xa, B)`` holds — and composes it
+with ``base`` in the same registers; the backward recomputes the same tiles with the same code and tile
+shapes (bitwise the same lora) to form d_g. What the layer keeps for backward is ``base`` and ``xa``
+(one activation-sized tensor and a [T, r] one) instead of ``base`` and ``lora``, and one pass over lora
+(its write and read) disappears from both directions. Kernels, launchers, eager fallback, custom ops
+and autograd glue of the op live here together (layout of kernels/compose.py).
+
+Numerical contract (base in bf16/fp16/fp32; xa, B in bf16/fp16 on the fused tier; g fp32):
+
+* lora = RN_adapter(Σ_r xa·B) with fp32 tensor-core accumulation over r (error ≤ γ_r·Σ|xa||B| before the
+  rounding, as a cuBLAS GEMM's); the same value in forward and backward (the backward's d_g is the
+  gradient of the function the forward evaluated).
+* y: the compose's single-rounding epilogue (kernels/compose.py): ≤ 1 ulp from the exact
+  g·(base + s·lora) + bias of the rounded base and lora.
+* d_g = Σ_T dy ⊙ (base + s·lora): float64 products and sums in a fixed two-stage order (per column block
+  and row split, then over splits) — bitwise reproducible, error γ64_T·Σ|dy·inner| plus one fp32 rounding.
+  d_base = RN(RN32(g·dy)) (faithful), only when base requires grad.
+* Adapter gradients are GEMMs with fp32 accumulation: d_B = RN(RN32(g·s) ⊙ (dyᵀ xa)) with dyᵀxa in fp32,
+  and d_xa = dy (RN_adapter(g·s ⊙ B)): the one extra rounding sits on the [d_out, r] operand where PEFT's
+  autograd puts it on d_lora = RN(g·s·dy) — the same 2⁻⁹ (bf16) relative perturbation of one GEMM operand.
+* fp32 adapters (PEFT's default autocast) take kernels/compose.py with a materialised lora: a Triton fp32
+  dot would run in TF32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .compose import SAVE_INPUTS, SAVE_NONE, bwd_splits, compose_backward_eager, compose_forward_eager
+from .dispatch import HAS_TRITON, Tier, select_tier
+from .scale import check_scaling
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .compose import _sum_splits_kernel, _y_value
+
+# One tile shape for forward and backward: the lora tiles must come out of the same tensor-core code.
+LC_BLOCK_T, LC_BLOCK_N, LC_BLOCK_R, LC_WARPS, LC_STAGES = 64, 128, 64, 4, 3
+RED_BLOCK = 512
+_FUSED_ADAPTER_DTYPES = (torch.bfloat16, torch.float16)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _lora_tile(xa_ptr, b_ptr, rows, cols, T, N, R, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
+        """RN_adapter(xa[rows] B[cols]ᵀ) as fp32: fp32 tensor-core accumulation over r, one rounding."""
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            xa = tl.load(xa_ptr + rows.to(tl.int64)[:, None] * R + rr[None, :],
+                         mask=(rows < T)[:, None] & (rr < R)[None, :], other=0.0)
+            bt = tl.load(b_ptr + cols.to(tl.int64)[None, :] * R + rr[:, None],
+                         mask=(rr < R)[:, None] & (cols < N)[None, :], other=0.0)
+            acc = tl.dot(xa, bt, acc, out_dtype=tl.float32)
+        return acc.to(xa_ptr.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _lora_compose_fwd_kernel(base_ptr, xa_ptr, b_ptr, g_ptr, bias_ptr, out_ptr, lora_ptr, T, N, R, s,
+                                 HAS_BIAS: tl.constexpr, WRITE_LORA: tl.constexpr, BLOCK_T: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        mask = (rows < T)[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        lo = _lora_tile(xa_ptr, b_ptr, rows, cols, T, N, R, BLOCK_T, BLOCK_N, BLOCK_R)
+        b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + cols, mask=cmask, other=0.0)[None, :]
+        v = _y_value(b, lo, g, bias_ptr, cols, cmask, s, HAS_BIAS)
+        tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_LORA:  # for tests: the lora the forward used
+            tl.store(lora_ptr + offs, lo.to(lora_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _lora_compose_bwd_kernel(dy_ptr, base_ptr, xa_ptr, b_ptr, g_ptr, dbase_ptr, partial_ptr, T, N, R, s,
+                                 rows_per_split, WRITE_DBASE: tl.constexpr, WRITE_DG: tl.constexpr,
+                                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        g = tl.load(g_ptr + cols, mask=cmask, other=0.0)[None, :]
+        acc = tl.zeros([BLOCK_N], dtype=tl.float64)
+        t0 = pid_s * rows_per_split  # a multiple of BLOCK_T: the forward's row tiles exactly
+        t_end = tl.minimum(t0 + rows_per_split, T)
+        for start in range(t0, t_end, BLOCK_T):
+            rows = start + tl.arange(0, BLOCK_T)
+            mask = (rows < t_end)[:, None] & cmask[None, :]
+            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if WRITE_DBASE:
+                tl.store(dbase_ptr + offs, (g * dy).to(dbase_ptr.dtype.element_ty), mask=mask)
+            if WRITE_DG:
+                lo = _lora_tile(xa_ptr, b_ptr, rows, cols, T, N, R, BLOCK_T, BLOCK_N, BLOCK_R)
+                inner = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float64) + lo.to(tl.float64) * s
+                acc += tl.sum(dy.to(tl.float64) * inner, axis=0)
+        if WRITE_DG:
+            tl.store(partial_ptr + pid_s.to(tl.int64) * N + cols, acc, mask=cmask)
+
+
+def _splits(T: int, N: int) -> Tuple[int, int]:
+    """(rows per split, splits): the compose backward's shape-only rule, rounded to whole forward row tiles."""
+    rows, _ = bwd_splits(T, N)
+    rows = -(-rows // LC_BLOCK_T) * LC_BLOCK_T
+    return rows, -(-T // rows)
+
+
+# ----------------------------------------------------------------------------- launchers
+def lora_compose_forward_fused(base, xa, B, g, bias, s: float, write_lora: bool = False):
+    """Triton forward on contiguous [T, N] base, [T, r] xa, [N, r] B; returns (y, lora or empty)."""
+    T, N = base.shape
+    R = xa.shape[1]
+    out = torch.empty_like(base)
+    lora = torch.empty((T, N) if write_lora else (0,), dtype=xa.dtype, device=base.device)
+    if T and N:
+        grid = (triton.cdiv(T, LC_BLOCK_T), triton.cdiv(N, LC_BLOCK_N))
+        _lora_compose_fwd_kernel[grid](base, xa, B, g, bias if bias is not None else g, out,
+                                       lora if write_lora else out, T, N, R, s, HAS_BIAS=bias is not None,
+                                       WRITE_LORA=write_lora, BLOCK_T=LC_BLOCK_T, BLOCK_N=LC_BLOCK_N,
+                                       BLOCK_R=LC_BLOCK_R, num_warps=LC_WARPS, num_stages=LC_STAGES,
+                                       enable_fp_fusion=False)
+    return out, lora
+
+
+def lora_compose_backward_fused(dy, base, xa, B, g, s: float, need_base: bool, need_g: bool):
+    """Triton backward: (d_base or empty, d_g or empty)."""
+    T, N = dy.shape
+    R = xa.shape[1]
+    d_base = torch.empty((T, N) if need_base else (0,), dtype=base.dtype, device=dy.device)
+    d_g = torch.empty(N if need_g else 0, dtype=torch.float32, device=dy.device)
+    if not (need_base or need_g) or N == 0:
+        return d_base, d_g
+    if T == 0:
+        return d_base, d_g.zero_()
+    rows, splits = _splits(T, N)
+    partial = torch.empty((splits, N) if need_g else (0,), dtype=torch.float64, device=dy.device)
+    _lora_compose_bwd_kernel[(triton.cdiv(N, LC_BLOCK_N), splits)](
+        dy, base if need_g else dy, xa, B, g, d_base if need_base else dy, partial if need_g else g, T, N, R, s, rows,
+        WRITE_DBASE=need_base, WRITE_DG=need_g, BLOCK_T=LC_BLOCK_T, BLOCK_N=LC_BLOCK_N, BLOCK_R=LC_BLOCK_R,
+        num_warps=LC_WARPS, num_stages=LC_STAGES, enable_fp_fusion=False)
+    if need_g:
+        _sum_splits_kernel[(triton.cdiv(N, RED_BLOCK),)](partial, d_g, N, splits, BLOCK=RED_BLOCK)
+    return d_base, d_g
+
+
+def lora_compose_forward_eager(base, xa, B, g, bias, s: float, write_lora: bool = False):
+    """Eager tier: lora = F.linear(xa, B) (torch GEMM, rounded to the adapter dtype), float64 compose."""
+    lora = F.linear(xa, B)
+    y, _ = compose_forward_eager(base, lora, g, None, bias, s, False, SAVE_NONE)
+    return y, (lora if write_lora else base.new_empty(0, dtype=xa.dtype))
+
+
+def lora_compose_backward_eager(dy, base, xa, B, g, s: float, need_base: bool, need_g: bool):
+    """Eager tier: recomputes lora with the forward's GEMM (deterministic: the same bits), float64 d_g."""
+    lora = F.linear(xa, B) if need_g else base
+    d_base, _, d_g = compose_backward_eager(dy, base, lora, dy.new_empty(0), g, None, s, False, SAVE_INPUTS,
+                                            base.dtype, lora.dtype, need_base, False, need_g)
+    return d_base, d_g
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result (fp32 accumulation; one rounding to fp32)."""
+    if a.is_cuda and a.dtype in _FUSED_ADAPTER_DTYPES:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    return a.to(torch.float32) @ b.to(torch.float32)
+
+
+def adapter_grads(dy, xa, B, g, s: float, need_xa: bool, need_B: bool):
+    """(d_xa, d_B) of lora = xa Bᵀ under y = g ⊙ (… + s·lora): see the contract (module docstring)."""
+    gs = g.to(torch.float32) * s  # RN32(g·s), as the compose's d_lora
+    d_xa = dy @ (gs[:, None] * B.to(torch.float32)).to(dy.dtype) if need_xa else None
+    d_B = (gs[:, None] * _mm_fp32(dy.t(), xa.to(dy.dtype))).to(B.dtype) if need_B else None
+    return (d_xa.to(xa.dtype) if d_xa is not None else None), d_B
+
+
+# ----------------------------------------------------------------------------- custom ops (torch.compile)
+@torch.library.custom_op("dora_verify::lora_compose_fwd", mutates_args=())
+def _lora_compose_fwd_op(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch.Tensor,
+                         bias: Optional[torch.Tensor], s: float, fused: bool) -> torch.Tensor:
+    fn = lora_compose_forward_fused if fused else lora_compose_forward_eager
+    return fn(base, xa, B, g, bias, s)[0]
+
+
+@_lora_compose_fwd_op.register_fake
+def _(base, xa, B, g, bias, s, fused):
+    return torch.empty_like(base)
+
+
+@torch.library.custom_op("dora_verify::lora_compose_bwd", mutates_args=())
+def _lora_compose_bwd_op(dy: torch.Tensor, base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch.Tensor,
+                         s: float, need_base: bool, need_g: bool, fused: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    fn = lora_compose_backward_fused if fused else lora_compose_backward_eager
+    return fn(dy.contiguous(), base, xa, B, g, s, need_base, need_g)
+
+
+@_lora_compose_bwd_op.register_fake
+def _(dy, base, xa, B, g, s, need_base, need_g, fused):
+    T, N = dy.shape
+    return (dy.new_empty((T, N) if need_base else (0,), dtype=base.dtype),
+            dy.new_empty((N,) if need_g else (0,), dtype=torch.float32))
+
+
+def _save(ctx, base, xa, B, g, bias, s, fused):
+    ctx.save_for_backward(base if g.requires_grad else None, xa, B, g)
+    ctx.s, ctx.fused = s, fused
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _grads(ctx, dy, backward):
+    base, xa, B, g = ctx.saved_tensors
+    need_base, need_xa, need_B, need_g, need_bias = ctx.needs_input_grad[:5]
+    dy = dy.contiguous()
+    d_base, d_g = backward(dy, base if base is not None else dy.new_empty(0), xa, B, g, ctx.s, need_base, need_g)
+    d_xa, d_B = adapter_grads(dy, xa, B, g, ctx.s, need_xa, need_B)
+    d_bias = dy.to(torch.float32).sum(dim=0).to(ctx.bias_dtype) if need_bias else None
+    return d_base if need_base else None, d_xa, d_B, d_g if need_g else None, d_bias, None, None
+
+
+def _setup_context(ctx, inputs, output):
+    base, xa, B, g, bias, s, fused = inputs
+    _save(ctx, base, xa, B, g, bias, s, fused)
+
+
+def _backward_op(ctx, dy):
+    return _grads(ctx, dy, lambda *a: torch.ops.dora_verify.lora_compose_bwd(*a, ctx.fused))
+
+
+_lora_compose_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+class _LoRAComposeFunction(torch.autograd.Function):
+    """The same forward/backward without the custom-op dispatcher (eager mode)."""
+
+    @staticmethod
+    def forward(ctx, base, xa, B, g, bias, s, fused):
+        y, _ = (lora_compose_forward_fused if fused else lora_compose_forward_eager)(base, xa, B, g, bias, s)
+        _save(ctx, base, xa, B, g, bias, s, fused)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads(ctx, dy, lora_compose_backward_fused if ctx.fused else lora_compose_backward_eager)
+
+
+# ----------------------------------------------------------------------------- public entry point
+def _check(base, xa, B, g, bias, s):
+    for name, t in (("base", base), ("xa", xa), ("B", B), ("g", g)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if base.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"base dtype must be bf16, fp16 or fp32, got {base.dtype}")
+    if xa.dtype != B.dtype or xa.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"xa and B must share one dtype (bf16, fp16 or fp32), got {xa.dtype} and {B.dtype}")
+    if base.dim() < 1 or B.dim() != 2:
+        raise ValueError(f"base must be [..., d_out] and B [d_out, r], got {tuple(base.shape)} and {tuple(B.shape)}")
+    N, R = B.shape
+    if base.shape[-1] != N or tuple(xa.shape) != tuple(base.shape[:-1]) + (R,):
+        raise ValueError(f"shape mismatch: base {tuple(base.shape)}, xa {tuple(xa.shape)} (want [..., {R}]), "
+                         f"B {tuple(B.shape)}")
+    if g.dtype != torch.float32 or g.shape != (N,):
+        raise TypeError(f"g must be float32 [{N}], got {g.dtype} {tuple(g.shape)}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must have shape [{N}], got {tuple(bias.shape)}")
+    for name, t in (("xa", xa), ("B", B), ("g", g), ("bias", bias)):
+        if t is not None and t.device != base.device:
+            raise ValueError(f"{name} is on {t.device} but base is on {base.device}")
+    return check_scaling(s)
+
+
+def lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch.Tensor, s: float,
+                 bias: "torch.Tensor | None" = None, *, tier: "Tier | str | None" = None) -> torch.Tensor:
+    """y = g ⊙ (base + s·(xa Bᵀ)) + bias without materialising xa Bᵀ (contract: module docstring).
+
+    ``base`` = x Wᵀ [..., d_out] (bias excluded), ``xa`` = dropout(x) Aᵀ [..., r], ``B`` [d_out, r], ``g``
+    fp32 [d_out]. Differentiable in base, xa, B, g and bias. ``tier``: as :func:`compose`; the fused tier
+    needs bf16/fp16 adapters (fp32 ones take the eager tier). Non-contiguous inputs are copied."""
+    s = _check(base, xa, B, g, bias, s)
+    shape = base.shape
+    N, R = B.shape
+    b2, x2 = base.reshape(-1, N).contiguous(), xa.reshape(-1, R).contiguous()
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (base, xa, B, g, bias))
+    fused = select_tier(b2, needs_grad, tier) != Tier.EAGER and xa.dtype in _FUSED_ADAPTER_DTYPES
+    args = (b2, x2, B.contiguous(), g.contiguous(), bias.contiguous() if bias is not None else None, s, fused)
+    if torch.compiler.is_compiling():
+        out = torch.ops.dora_verify.lora_compose_fwd(*args)
+    elif needs_grad:
+        out = _LoRAComposeFunction.apply(*args)
+    else:
+        out = (lora_compose_forward_fused if fused else lora_compose_forward_eager)(*args[:-1])[0]
+    return out.reshape(shape)
+
+
+__all__ = ["adapter_grads", "lora_compose", "lora_compose_backward_eager", "lora_compose_backward_fused",
+           "lora_compose_forward_eager", "lora_compose_forward_fused"]
