@@ -1,7 +1,7 @@
 """GPU evidence for the production kernels (issue 3): accuracy against the oracles, determinism, tier
 parity, and side-by-side timings/memory against eager torch, PEFT DoRA and PEFT LoRA.
 
-    DORA_VERIFY_COMMIT=<hash> python3 bench/kernels_gpu.py --out DIR [--quick] [--parts acc,perf]
+    DORA_VERIFY_COMMIT=<hash> python3 bench/kernels_gpu.py --out DIR [--quick] [--parts acc,profile,perf,layer]
 
 Writes DIR/report.json and DIR/report.md (provenance, every number, the commands). Timings: CUDA-event
 medians from triton.testing.do_bench after warm-up; inputs larger than L2 (or rotated) so caches do not
@@ -400,10 +400,12 @@ def layer_perf(quick):
     dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
     for adapters in ("fp32", "bf16"):
         rec = {"d": d, "r": r, "tokens": T, "adapters": adapters}
-        for impl in ("peft_lora", "peft_dora", "ours"):
+        impls = ("peft_lora", "peft_dora", "ours") + (("ours_save_inputs",) if adapters == "bf16" else ())
+        for impl in impls:
             lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
-            if impl == "ours":
-                layer = DoRALinear(lin, r, 2 * r, adapter_dtype=torch.float32 if adapters == "fp32" else None)
+            if impl.startswith("ours"):
+                layer = DoRALinear(lin, r, 2 * r, adapter_dtype=torch.float32 if adapters == "fp32" else None,
+                                   save="inputs" if impl == "ours_save_inputs" else "recompute")
                 with torch.no_grad():
                     layer.lora_B.normal_(0, 1e-3)
                     layer.magnitude.mul_(1.001)
@@ -449,6 +451,10 @@ def layer_perf(quick):
             rec[f"peft_dora_over_lora_{k}"] = rec[f"peft_dora_{k}_ms"] / rec[f"peft_lora_{k}_ms"]
         for k in ("fwd", "fwdbwd"):
             rec[f"ours_mem_over_lora_{k}"] = rec[f"ours_{k}_peak_mib"] / rec[f"peft_lora_{k}_peak_mib"]
+            if "ours_save_inputs_fwd_ms" in rec:
+                rec[f"ours_save_inputs_over_lora_{k}"] = rec[f"ours_save_inputs_{k}_ms"] / rec[f"peft_lora_{k}_ms"]
+                rec[f"ours_save_inputs_mem_over_lora_{k}"] = (rec[f"ours_save_inputs_{k}_peak_mib"]
+                                                              / rec[f"peft_lora_{k}_peak_mib"])
         rows.append(rec)
         log(f"layer adapters={adapters}: ours/LoRA fwd {rec['ours_over_lora_fwd']:.3f} fwd+bwd {rec['ours_over_lora_fwdbwd']:.3f} "
             f"mem {rec['ours_mem_over_lora_fwd']:.3f}/{rec['ours_mem_over_lora_fwdbwd']:.3f}; PEFT DoRA/LoRA {rec['peft_dora_over_lora_fwd']:.3f}")
@@ -564,6 +570,8 @@ def main():
         part("norm_perf", norm_perf, a.quick)
         part("layer_perf", layer_perf, a.quick)
         part("crossover", crossover)
+    if "layer" in parts and "perf" not in parts:
+        part("layer_perf", layer_perf, a.quick)
     rep["seconds"] = time.time() - t0
     with open(os.path.join(a.out, "report.json"), "w") as f:
         json.dump(rep, f, indent=1, default=str)

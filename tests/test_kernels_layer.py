@@ -97,9 +97,11 @@ def test_merged_linear_matches_eval_output():
     assert float((layer.merged_linear()(x) - layer(x)).abs().max()) <= 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # fp16: the fused up-projection route
-def test_compile_and_checkpoint(dtype):
+@pytest.mark.parametrize("dtype,save", [(torch.float32, "recompute"), (torch.float16, "recompute"),
+                                        (torch.float16, "inputs"), (torch.float16, "activation")])
+def test_compile_and_checkpoint(dtype, save):  # fp16 + 'recompute': the fused up-projection route
     layer = _layer().to(dtype)
+    layer.save = save
     x = torch.randn(5, 24).to(dtype)
     y = layer(x)
     cl = torch.compile(layer, backend="aot_eager", fullgraph=True)
@@ -113,12 +115,14 @@ def test_compile_and_checkpoint(dtype):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-def test_half_adapters_match_float64_formulas():
+@pytest.mark.parametrize("save", ["recompute", "inputs"])
+def test_half_adapters_match_float64_formulas(save):
     """fp16 weights and adapters (lora never materialised): y and the gradients of A, B, m against the
     float64 DoRA formulas of the rounded parameters, within fp16 GEMM accuracy (a few u_fp16 relative to
     the magnitudes; the layer's intermediates base, xa, lora are fp16 roundings)."""
     layer = _layer().to(torch.float16)
     layer.magnitude.data = layer.magnitude.data.float()
+    layer.save = save
     x = torch.randn(9, 24).to(torch.float16)
     y = layer(x)
     ref = _reference(layer, x)
@@ -141,5 +145,7 @@ def test_bad_construction_and_input():
         DoRALinear(nn.Linear(4, 4), r=0)
     with pytest.raises(ValueError):
         DoRALinear(nn.Linear(4, 4), r=2, dropout=1.5)
+    with pytest.raises(ValueError, match="save"):
+        DoRALinear(nn.Linear(4, 4), r=2, save="everything")
     with pytest.raises(ValueError, match="features"):
         DoRALinear(nn.Linear(4, 4), r=2)(torch.randn(3, 5))
