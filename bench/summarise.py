@@ -42,6 +42,18 @@ def main(path):
     out.append(f"| d_m relative error, save='activation' (bf16 inner) | bf16 | median {max(x['d_m_median_rel'] for x in act):.3g}, "
                f"max {max(x['d_m_max_rel'] for x in act):.3g} | (documented lean mode) |")
     out.append(f"| backward bitwise identical over 20 runs | all | {all(x['bitwise_identical_20_runs'] for x in ba)} | True |")
+    la = [x for x in r.get("lora_compose_accuracy") or [] if "y_max_ulp" in x]
+    if la:
+        n = f"{len(la)} (dtype, regime) cases, T={la[0]['T']}, d_out={la[0]['d_out']}, r={la[0]['r']}"
+        out.append(f"| lora_compose: lora vs its GEMM bound (ratio), {n} | bf16, fp16 | "
+                   f"{max(x['lora_over_gemm_bound'] for x in la):.3f} | ≤ 1 |")
+        out.append(f"| lora_compose: y vs exact compose of that lora | bf16, fp16 | {max(x['y_max_ulp'] for x in la):.4f} ulp | ≤ 1 ulp |")
+        out.append(f"| lora_compose: d_m relative error (lora recomputed in backward) | bf16, fp16 | "
+                   f"{max(x['d_m_max_rel'] for x in la):.3g} | ≤ 1e-5 |")
+        out.append(f"| lora_compose: d_B, d_xa over their GEMM bounds | bf16, fp16 | "
+                   f"{max(max(x['d_B_over_bound'], x['d_xa_over_bound']) for x in la):.3f} | ≤ 1 |")
+        out.append(f"| lora_compose: backward bitwise identical over 20 runs | bf16, fp16 | "
+                   f"{all(x['bitwise_identical_20_runs'] for x in la)} | True |")
     tp = r["tier_parity_fp32"]
     out.append(f"| fused vs eager tier (fp32) | fp32 | {max(x['max_rel'] for x in tp if x['pair'] == 'fused vs eager'):.3g} | ≤ 1e-5 |")
     out.append(f"| fused vs PEFT's formula (fp32) | fp32 | {max(x['max_rel'] for x in tp if x['pair'] == 'fused vs peft'):.3g} | ≤ 1e-5 |")
@@ -65,13 +77,19 @@ def main(path):
         out.append(f"| {x['d']}², {x['r']}, {x['W_dtype']} | {x['factored_cached_ms']:.3f} / {x['factored_cached_peak_mib']:.0f} | "
                    f"{x['factored_cold_ms']:.3f} | {x['peft_dense_ms']:.3f} / {x['peft_dense_peak_mib']:.0f} | "
                    f"{x['speedup_vs_peft']:.2f}× | {x['memory_ratio_vs_peft']:.3f} |")
-    out += ["", "| layer 8192→8192, r=384, 4096 tokens | LoRA fwd | DoRA fwd | ours fwd | ours/LoRA fwd | LoRA fwd+bwd | ours fwd+bwd | ours/LoRA fwd+bwd | ours/LoRA inference (ν cached) | peak ours/LoRA fwd, fwd+bwd |",
+    out += ["", "| layer 8192→8192, r=384, 4096 tokens (ours: save='recompute', the default) | LoRA fwd | DoRA fwd | ours fwd | ours/LoRA fwd | LoRA fwd+bwd | ours fwd+bwd | ours/LoRA fwd+bwd | ours/LoRA inference (ν cached) | peak ours/LoRA fwd, fwd+bwd |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["layer_perf"]:
         out.append(f"| adapters {x['adapters']} | {x['peft_lora_fwd_ms']:.3f} | {x['peft_dora_fwd_ms']:.3f} | {x['ours_fwd_ms']:.3f} | "
                    f"{x['ours_over_lora_fwd']:.3f} | {x['peft_lora_fwdbwd_ms']:.3f} | {x['ours_fwdbwd_ms']:.3f} | "
                    f"{x['ours_over_lora_fwdbwd']:.3f} | {x['ours_over_lora_infer']:.3f} | "
                    f"{x['ours_mem_over_lora_fwd']:.2f}, {x['ours_mem_over_lora_fwdbwd']:.2f} |")
+        if "ours_save_inputs_fwd_ms" in x:
+            out.append(f"| adapters {x['adapters']}, ours save='inputs' | {x['peft_lora_fwd_ms']:.3f} | — | "
+                       f"{x['ours_save_inputs_fwd_ms']:.3f} | {x['ours_save_inputs_over_lora_fwd']:.3f} | "
+                       f"{x['peft_lora_fwdbwd_ms']:.3f} | {x['ours_save_inputs_fwdbwd_ms']:.3f} | "
+                       f"{x['ours_save_inputs_over_lora_fwdbwd']:.3f} | — | {x['ours_save_inputs_mem_over_lora_fwd']:.2f}, "
+                       f"{x['ours_save_inputs_mem_over_lora_fwdbwd']:.2f} |")
     out += ["", "Gradients in the layer timings are taken for the adapter parameters (A, B, m) only; ν is "
             "recomputed every training step (the cache is invalidated as an optimiser step would).", "",
             "## Dispatch crossover (fused vs the float64 eager tier)", "",
@@ -82,9 +100,11 @@ def main(path):
     out += ["", "The fused tier is never slower than the eager tier at any measured size, so the CUDA crossover is 1 "
             "element (`kernels/dispatch.py`); the small-size times are host overhead.", "",
             "## U = W Aᵀ: accumulation error on all-positive data (8192×8192, r = 384, bf16)", "",
-            "| configuration | ms | max relative error of U |", "|---|---|---|"]
+            "| A dtype | configuration (BLOCK_M, BLOCK_R, BLOCK_K, FLUSH, warps, stages) | ms | max relative error of U |",
+            "|---|---|---|---|"]
     for x in r["wa_tuning"]:
-        out.append(f"| {x['config']} | {fmt(x['ms'])} | {fmt(x['max_rel'])} |")
+        adt = {0: "bf16", 1: "fp32"}.get(x.get("mode"), "bf16")
+        out.append(f"| {adt} | {x['config']} | {fmt(x['ms'])} | {fmt(x['max_rel'])} |")
     print("\n".join(out))
 
 
