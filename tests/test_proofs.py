@@ -43,3 +43,35 @@ def test_eft_exact():
         x, y = Fraction(vals[i]), Fraction(vals[::-1][i])
         assert Fraction(s[i].item()) + Fraction(e[i].item()) == x + y
         assert Fraction(p[i].item()) + Fraction(f[i].item()) == x * y
+
+
+def test_backward_formulas_with_detached_norm():
+    """proofs/bounds.md §Backward: with ν detached, ∂y/∂base = g, ∂y/∂lora = g·s, ∂y/∂m = (base + s·lora)/ν,
+    and the Δ form gives the same d_m (∂Δ/∂g = base + s·lora when g − 1 comes from the same m)."""
+    m, nu, s, base, lora, bias, dy = sp.symbols("m nu s base lora bias dy")
+    g = m / nu  # ν is a constant (detached): no ∂ν/∂A, ∂ν/∂B terms
+    y = g * (base + s * lora) + bias
+    delta = (g - 1) * base + g * s * lora
+    assert sp.simplify(sp.diff(y, base) - g) == 0
+    assert sp.simplify(sp.diff(y, lora) - g * s) == 0
+    assert sp.simplify(sp.diff(y, m) - (base + s * lora) / nu) == 0
+    assert sp.simplify(sp.diff(delta, m) - sp.diff(y, m)) == 0
+    assert sp.simplify(sp.diff(dy * y, m) - dy * (base + s * lora) / nu) == 0
+
+
+def test_stable_bound_derivation_terms():
+    """proofs/bounds.md §Stable fp32: the first-order error of fl(fl(fl(g−1)·b) + fl(g·fl(s·l))) is
+    Σ δ_i·(term_i) with |coefficients| summing to ≤ 3 per unit of |(g−1)b| + |g s l| (γ_3 at first order)."""
+    g, b, s, l = sp.symbols("g b s l", real=True)
+    d = sp.symbols("d1:6", real=True)
+    t1 = (g - 1) * (1 + d[0])
+    t2 = t1 * b * (1 + d[1])
+    t3 = s * l * (1 + d[2])
+    t4 = g * t3 * (1 + d[3])
+    v = (t2 + t4) * (1 + d[4])
+    exact = (g - 1) * b + g * s * l
+    first = sum(sp.diff(v, di).subs({dj: 0 for dj in d}) * di for di in d)
+    assert sp.simplify(v.subs({dj: 0 for dj in d}) - exact) == 0
+    # δ1, δ2, δ5 multiply (g−1)b; δ3, δ4, δ5 multiply g·s·l: three per term, coefficient 1 each
+    assert all(sp.simplify(sp.diff(first, di) - ((g - 1) * b * cb + g * s * l * cl)) == 0
+               for di, cb, cl in zip(d, [1, 1, 0, 0, 1], [0, 0, 1, 1, 1]))
