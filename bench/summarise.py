@@ -10,6 +10,17 @@ def fmt(x, p=3):
     return "—" if x is None else (f"{x:.{p}g}" if isinstance(x, float) else str(x))
 
 
+def _layer_row(x, key, label, dora):
+    """One row of the layer table for the route ``key`` ('ours' or 'ours_save_inputs')."""
+    infer = x.get(f"{key}_infer_ms")
+    infer = f"{infer / x['peft_lora_infer_ms']:.3f}" if infer is not None else "—"
+    return (f"| {label} | {x['peft_lora_fwd_ms']:.3f} | {dora} | {x[key + '_fwd_ms']:.3f} | "
+            f"{x[key + '_fwd_ms'] / x['peft_lora_fwd_ms']:.3f} | {x['peft_lora_fwdbwd_ms']:.3f} | "
+            f"{x[key + '_fwdbwd_ms']:.3f} | {x[key + '_fwdbwd_ms'] / x['peft_lora_fwdbwd_ms']:.3f} | {infer} | "
+            f"{x[key + '_fwd_peak_mib'] / x['peft_lora_fwd_peak_mib']:.2f}, "
+            f"{x[key + '_fwdbwd_peak_mib'] / x['peft_lora_fwdbwd_peak_mib']:.2f} |")
+
+
 def main(path):
     r = json.load(open(path))
     pv = r["provenance"]
@@ -80,16 +91,9 @@ def main(path):
     out += ["", "| layer 8192→8192, r=384, 4096 tokens (ours: save='recompute', the default) | LoRA fwd | DoRA fwd | ours fwd | ours/LoRA fwd | LoRA fwd+bwd | ours fwd+bwd | ours/LoRA fwd+bwd | ours/LoRA inference (ν cached) | peak ours/LoRA fwd, fwd+bwd |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["layer_perf"]:
-        out.append(f"| adapters {x['adapters']} | {x['peft_lora_fwd_ms']:.3f} | {x['peft_dora_fwd_ms']:.3f} | {x['ours_fwd_ms']:.3f} | "
-                   f"{x['ours_over_lora_fwd']:.3f} | {x['peft_lora_fwdbwd_ms']:.3f} | {x['ours_fwdbwd_ms']:.3f} | "
-                   f"{x['ours_over_lora_fwdbwd']:.3f} | {x['ours_over_lora_infer']:.3f} | "
-                   f"{x['ours_mem_over_lora_fwd']:.2f}, {x['ours_mem_over_lora_fwdbwd']:.2f} |")
+        out.append(_layer_row(x, "ours", f"adapters {x['adapters']}", f"{x['peft_dora_fwd_ms']:.3f}"))
         if "ours_save_inputs_fwd_ms" in x:
-            out.append(f"| adapters {x['adapters']}, ours save='inputs' | {x['peft_lora_fwd_ms']:.3f} | — | "
-                       f"{x['ours_save_inputs_fwd_ms']:.3f} | {x['ours_save_inputs_over_lora_fwd']:.3f} | "
-                       f"{x['peft_lora_fwdbwd_ms']:.3f} | {x['ours_save_inputs_fwdbwd_ms']:.3f} | "
-                       f"{x['ours_save_inputs_over_lora_fwdbwd']:.3f} | — | {x['ours_save_inputs_mem_over_lora_fwd']:.2f}, "
-                       f"{x['ours_save_inputs_mem_over_lora_fwdbwd']:.2f} |")
+            out.append(_layer_row(x, "ours_save_inputs", f"adapters {x['adapters']}, ours save='inputs'", "—"))
     out += ["", "Gradients in the layer timings are taken for the adapter parameters (A, B, m) only; ν is "
             "recomputed every training step (the cache is invalidated as an optimiser step would).", "",
             "## Dispatch crossover (fused vs the float64 eager tier)", "",

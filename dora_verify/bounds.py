@@ -148,6 +148,8 @@ def factored_norm_bound(W, A, B, s: float, nu, kind: str = "worst"):
     |δ‖W‖²| ≤ γ_{n+1}‖W‖², |δcross| ≤ γ_{n+r+1}·Σ_j|B_ij|(|W_i|·|A_j|), |δgram| ≤ γ_{n+2r+2}·‖|B_i||A|‖²,
     the final two adds and the scalings γ_3 of the magnitudes; then |ν̂ − ν| ≤ E/(ν̂ + ν) + u32·ν̂ ≤
     E/ν (for E ≤ ν²; else √E) plus the square root's rounding."""
+    if kind not in ("worst", "probabilistic"):
+        raise ValueError(f"kind must be 'worst' or 'probabilistic', got {kind!r}")
     gam = gamma if kind == "worst" else gamma_prob
     n, r = W.shape[1], A.shape[0]
     W64, A64, B64 = (t.to(F64) for t in (W, A, B))

@@ -24,6 +24,8 @@ Numerical contract (base in bf16/fp16/fp32; xa, B in bf16/fp16 on the fused tier
   autograd puts it on d_lora = RN(g·s·dy) — the same 2⁻⁹ (bf16) relative perturbation of one GEMM operand.
 * fp32 adapters (PEFT's default autocast) take kernels/compose.py with a materialised lora: a Triton fp32
   dot would run in TF32.
+* Non-finite inputs propagate elementwise as in kernels/compose.py (same epilogue); shapes, dtypes, devices
+  and ``s`` are checked by :func:`lora_compose`.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .compose import SAVE_INPUTS, SAVE_NONE, bwd_splits, compose_backward_eager, compose_forward_eager
+from .compose import (RED_BLOCK, SAVE_INPUTS, SAVE_NONE, bwd_splits, compose_backward_eager,
+                      compose_forward_eager)
 from .dispatch import HAS_TRITON, Tier, select_tier
 from .scale import check_scaling
 
@@ -44,7 +47,6 @@ if HAS_TRITON:
 
 # One tile shape for forward and backward: the lora tiles must come out of the same tensor-core code.
 LC_BLOCK_T, LC_BLOCK_N, LC_BLOCK_R, LC_WARPS, LC_STAGES = 64, 128, 64, 4, 3
-RED_BLOCK = 512
 _FUSED_ADAPTER_DTYPES = (torch.bfloat16, torch.float16)
 
 

@@ -199,7 +199,7 @@ def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUN
         if mode is not None:
             bm, br, bk, flush, warps, stages = WA_CONFIG[mode]
             split = wa_splits(d_out, r, d_in, mode)
-            k_per = -(-(-(-d_in // split)) // bk) * bk
+            k_per = triton.cdiv(triton.cdiv(d_in, split), bk) * bk  # whole K blocks per split
             split = -(-d_in // k_per)
             out = torch.empty((d_out, r) if split == 1 else (split, d_out, r),
                               dtype=torch.float32 if split == 1 else torch.float64, device=W.device)

@@ -99,3 +99,11 @@ def test_gamma():
     assert bounds.gamma(1, 2.0**-24) == pytest.approx(2.0**-24, rel=1e-6)
     assert bounds.gamma(2**24, 2.0**-24) == float("inf")
     assert bounds.gamma_prob(10000, 2.0**-24) < bounds.gamma(10000, 2.0**-24)
+
+
+def test_bad_kind_raises():
+    c = make_case("trained", 8, 16, 2, 4, dtype="bf16", seed=1)
+    with pytest.raises(ValueError, match="kind"):
+        bounds.factored_norm_bound(c.W, c.A, c.B, c.s, torch.ones(8, dtype=torch.float64), "typical")
+    with pytest.raises(ValueError, match="form"):
+        bounds.compose_form_bounds("fancy", *c.compose_inputs(), c.g, c.s)
