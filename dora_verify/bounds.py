@@ -166,4 +166,145 @@ def factored_norm_bound(W, A, B, s: float, nu, kind: str = "worst"):
     return (err * (1 + U32) + U32 * nu + ETA32) * SAFETY
 
 
-__all__ = ["compose_form_bounds", "compose_kernel_bounds", "factored_norm_bound", "gamma", "gamma_prob"]
+# ----------------------------------------------------------------------------- production norm kernel
+U64 = 2.0**-53
+
+
+def kernel_norm_bound(W, A, B, s: float, nu, backend: str = "triton", dense_rows=None, chain: "int | None" = None):
+    """Bound on |ν̂ − ν| per row for ``kernels.factored_row_norm`` (module contract of kernels/norm.py).
+
+    backend='triton' (CUDA, bf16/fp16 W): U = W Aᵀ, G = A Aᵀ and BG = B·G come from tensor-core chains of at
+    most ``chain`` exact products (default ``kernels.norm.U_CHAIN``) accumulated in fp32 — modelled with
+    relative error 2u₃₂ per addition (the accumulator may truncate: Fasi et al. 2021), γ_chain(2u₃₂) of the
+    magnitudes —, summed across chains in float64, and stored in fp32 (u₃₂ of the value). fp32 operand pairs
+    take a cuBLAS fp32 GEMM instead (γ_n(2u₃₂), no chain). backend='torch': U is an fp32 GEMM over all of
+    d_in (γ_n(u₃₂)), G and BG are float64. ‖W‖², cross and gram sums and the assembly are float64
+    (γ64 of the magnitudes). Rows listed in ``dense_rows`` (``NormInfo.recomputed_rows``: κ̂ > κ_max)
+    were recomputed densely in float64: ‖V̂ − V‖ ≤ γ64_{r+2}·‖|W_i| + |s||B_i||A|‖, the float64 norm adds
+    γ64_{n+2}ν, and the fp32 store u₃₂ν. (The factored bound also holds for them, but is vacuous there.)"""
+    from dora_verify.kernels.norm import U_CHAIN
+
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    n, r = W.shape[1], A.shape[0]
+    W64, A64, B64 = (t.to(F64) for t in (W, A, B))
+    aW, aA, aB = W64.abs(), A64.abs(), B64.abs()
+    WA = aW @ aA.t()  # Σ|W||A| per (row, j)
+    AA = aA @ aA.t()
+    G = A64 @ A64.t()
+    U = W64 @ A64.t()
+    g64 = gamma(n + 2 * r + 8, U64)
+    if backend == "triton":
+        c = chain or U_CHAIN
+        tc = (W.dtype == A.dtype != torch.float32) or (W.dtype == torch.bfloat16 and A.dtype == torch.float32)
+        gU = gamma(min(n, c), 2 * U32) if tc else gamma(n, 2 * U32)
+        eU = gU * WA + U32 * U.abs() + g64 * WA
+        gG = gamma(min(n, c), 2 * U32) if A.dtype != torch.float32 else gamma(n, 2 * U32)
+        eG = gG * AA + U32 * G.abs() + g64 * AA  # G stored fp32
+        BG = B64 @ G
+        aBG = aB @ G.abs()
+        tcb = B.dtype == torch.bfloat16  # bf16 B with the fp32 G: split-exact tensor-core products
+        gB = gamma(min(r, c), 2 * U32) if tcb else gamma(r, 2 * U32)
+        eBG = aB @ eG + gB * (aB @ (G.abs() + eG)) + U32 * (BG.abs() + aB @ eG) + g64 * aBG
+    else:
+        eU = gamma(n, U32) * WA + g64 * WA
+        eBG = g64 * (aB @ AA)
+    w2 = (W64 * W64).sum(1)
+    cross_mag = (aB * (WA + eU)).sum(1)
+    gram_mag = (aB * (aB @ AA + eBG)).sum(1)
+    E = (2 * abs(s) * (aB * eU).sum(1) + s * s * (aB * eBG).sum(1)
+         + g64 * (w2 + 2 * abs(s) * cross_mag + s * s * gram_mag))
+    nu = nu.to(F64)
+    lin = torch.where(nu > 0, E / nu.clamp_min(1e-300), torch.full_like(nu, math.inf))
+    err = torch.minimum(lin, E.sqrt())
+    if dense_rows is not None and len(dense_rows):
+        idx = torch.as_tensor(list(dense_rows), dtype=torch.long, device=err.device)
+        sen = torch.linalg.vector_norm(aW[idx] + abs(s) * (aB[idx] @ aA), dim=1)
+        err = err.clone()
+        err[idx] = gamma(r + 2, U64) * sen + gamma(n + 2, U64) * nu[idx]
+    return (err * (1 + U32) + U32 * nu + ETA32) * SAFETY
+
+
+# ----------------------------------------------------------------------------- scale g, g − 1 and d_m
+def scale_bounds(m, nu_hat, nu, nu_err, eps: float):
+    """(bound on |ĝ − g|, bound on |(g−1)^ − (g − 1)|) per row for ``kernels.dora_scale``.
+
+    Exact: g = m/ν_c, g − 1 = (m − ν_c)/ν_c with ν_c = max(ν, ε₃₂) (ε as the fp32 value the kernel clamps
+    with). Computed: ĝ = RN(m/ν̂_c), (g−1)^ = RN(RN(m − ν̂_c)/ν̂_c) with |ν̂ − ν| ≤ ``nu_err``. Since
+    m/ν̂_c − m/ν_c is the same for both (g − 1 = g − 1 exactly), the norm's error enters both as
+    |m|·nu_err/(ν_c·ν̂_c); the roundings add u₃₂|m/ν̂_c| (g) and u₃₂(|m − ν̂_c|/ν̂_c)(2 + u₃₂) (g − 1). The
+    g − 1 bound is absolute: it stays meaningful at g = 1 (m = ν̂: computed g − 1 is exactly 0)."""
+    eps32 = float(torch.tensor(eps, dtype=torch.float32))
+    m64, nh, nx, e = _t(m, nu_hat, nu, nu_err)
+    nhc, nxc = nh.clamp_min(eps32), nx.clamp_min(eps32)
+    prop = m64.abs() * e / (nhc * nxc)
+    bg = prop + U32 * (m64 / nhc).abs() + ETA32
+    bgm1 = prop + U32 * ((m64 - nhc).abs() / nhc) * (2 + U32) + 2 * ETA32
+    return bg * SAFETY, bgm1 * SAFETY
+
+
+# ----------------------------------------------------------------------------- compose backward
+def compose_backward_bounds(dy, base, lora, g, s: float, g_minus_1=None, save: str = "inputs"):
+    """Bounds on (d_base, d_lora, d_g) of ``kernels.compose``'s backward (module contract), per element /
+    per column. Exact: d_base = g·dy (Δ output: (g − 1)·dy), d_lora = g·s·dy, d_g = Σ_T dy·(b + s·l).
+    d_base = RN_D(RN₃₂(g·dy)); d_lora = RN_D(RN₃₂(RN₃₂(g·s)·dy)); d_g: float64 products and sums
+    (γ64_{T+2} of Σ|dy|(|b| + |s l|)) rounded to fp32. save='activation': the saved inner is
+    RN_D(b + s l) (evaluated with error ≤ 2u₃₂² of the terms first): + u_D·Σ|dy·inner| (+ η_D per term)."""
+    uD, _, etaD = _fmt_params(dy.dtype)
+    uL, _, etaL = _fmt_params(lora.dtype)
+    d, b, l, g64 = _t(dy, base, lora, g)
+    g64 = g64.reshape(1, -1)
+    gb = g64 if g_minus_1 is None else _t(g_minus_1)[0].reshape(1, -1)
+    xb = (gb * d).abs()
+    e_base = U32 * xb * (1 + uD) + uD * xb + ETA32 + etaD
+    xl = (g64 * s * d).abs()
+    e_lora = (2 * U32 + U32 * U32) * xl * (1 + uL) + uL * xl + 2 * ETA32 + etaL
+    T = d.shape[0]
+    mag = (d.abs() * (b.abs() + abs(s) * l.abs())).sum(0)
+    dg = (d * (b + s * l)).sum(0)
+    e_g = gamma(T + 2, U64) * mag
+    if save == "activation":
+        uA, _, etaA = _fmt_params(base.dtype)
+        inner = (b + s * l).abs()
+        e_g = e_g + (d.abs() * (uA * inner + 2 * U32 * U32 * (b.abs() + abs(s) * l.abs()) + etaA)).sum(0) * (1 + uA)
+    elif save != "inputs":
+        raise ValueError(f"save must be 'inputs' or 'activation', got {save!r}")
+    e_g = e_g * (1 + U32) + U32 * dg.abs() + ETA32
+    return e_base * SAFETY, e_lora * SAFETY, e_g * SAFETY
+
+
+def dm_bound(dg_hat, dg_err, nu_hat, nu, nu_err, eps: float, m_dtype=torch.float32):
+    """Bound on |d̂_m − d_m| with d_m = d_g/ν_c (exact d_g, ν), d̂_m = RN_m(RN₃₂(d̂_g/ν̂_c)) as torch's
+    autograd of g = m/ν̂_c forms it: |d̂_g − d_g| ≤ dg_err and |ν̂ − ν| ≤ nu_err give
+    dg_err/ν̂_c + |d̂_g|·nu_err/(ν_c ν̂_c) before the roundings (u₃₂, then u_m of ``m_dtype``)."""
+    um, _, etam = _fmt_params(m_dtype)
+    eps32 = float(torch.tensor(eps, dtype=torch.float32))
+    dgh, de, nh, nx, ne = _t(dg_hat, dg_err, nu_hat, nu, nu_err)
+    nhc, nxc = nh.clamp_min(eps32), nx.clamp_min(eps32)
+    x = (dgh / nhc).abs()
+    e = de / nhc + dgh.abs() * ne / (nhc * nxc)
+    e = e + U32 * x + ETA32
+    if um != U32:
+        e = e * (1 + um) + um * (x + e) + etam
+    return e * SAFETY
+
+
+# ----------------------------------------------------------------------------- fused LoRA up-projection
+def lora_compose_bounds(base, xa, B, g, s: float, lora_hat, bias=None, chain: "int | None" = None):
+    """Bound on |ŷ − y| for ``kernels.lora_compose``, y = g·(base + s·xa Bᵀ) + bias exact. The kernel
+    rounds lora to the adapter dtype after a tensor-core fp32 accumulation over r (γ_r(2u₃₂) of Σ|xa||B|,
+    the truncation model of :func:`kernel_norm_bound`), then composes ``lora_hat`` with the compose
+    epilogue: |ŷ − y| ≤ compose bound at lora_hat + |g s|·|lora_hat − lora|."""
+    uA, _, etaA = _fmt_params(xa.dtype)
+    r = xa.shape[1]
+    xa64, B64 = _t(xa, B)
+    lora = xa64 @ B64.t()
+    mag = xa64.abs() @ B64.abs().t()
+    e_lora = (gamma(r, 2 * U32) * mag + gamma(r + 2, U64) * mag) * (1 + uA) + uA * lora.abs() + etaA
+    _, ey = compose_kernel_bounds(base, lora_hat, g, s, bias, dtype=base.dtype)
+    g64 = _t(g)[0].reshape(1, -1)
+    return (ey + (g64 * s).abs() * e_lora) * SAFETY
+
+
+__all__ = ["compose_backward_bounds", "compose_form_bounds", "compose_kernel_bounds", "dm_bound", "factored_norm_bound",
+           "gamma", "gamma_prob", "kernel_norm_bound", "lora_compose_bounds", "scale_bounds"]

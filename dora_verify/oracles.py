@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .eft import gamma, two_prod, two_sum
+from .eft import gamma, sum2, two_prod, two_sum
 from .exact import ExactRowNorm, compose_exact, round_fraction
 from .formats import FP32, FloatFormat, bracket, parse_format, round_to, ulp
 
@@ -211,6 +211,42 @@ def _escalate_compose(truth: ComposeTruth, base, lora, g, s, bias, limit: int) -
     truth.tier2_elements = int(idx.shape[0])
 
 
+@dataclass
+class ComposeGradTruth:
+    """Exact gradients of y = g ⊙ (base + s·lora) + bias (ν detached): d_base = g·dy (exact in float64),
+    d_lora = g·s·dy as hi + lo (exact), d_g = Σ_T dy ⊙ (base + s·lora) with its oracle bound."""
+
+    d_base: torch.Tensor
+    d_lora_hi: torch.Tensor
+    d_lora_lo: torch.Tensor
+    d_g: torch.Tensor
+    d_g_bound: torch.Tensor
+
+
+def compose_grad_truth(dy, base, lora, g, s, g_minus_1=None) -> ComposeGradTruth:
+    """Tier-1 truth of the compose backward (``g_minus_1`` given: the Δ output, d_base = (g − 1)·dy).
+    dy·base and s·lora are exact in float64 (≤ 48 significant bits), dy·(s·lora) is split exactly by
+    TwoProduct, and the T-sum is compensated (:func:`dora_verify.eft.sum2`)."""
+    s = check_scalar_s(s)
+    if dy.shape != base.shape or base.shape != lora.shape or dy.dim() != 2:
+        raise ValueError(f"dy, base, lora must be [T, d_out] of one shape, got {tuple(dy.shape)}, "
+                         f"{tuple(base.shape)}, {tuple(lora.shape)}")
+    for name, t in (("dy", dy), ("base", base), ("lora", lora), ("g", g)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN/Inf: the oracle is defined on finite inputs")
+    d, b, l = _f64(dy), _f64(base), _f64(lora)
+    g64 = _f64(g).unsqueeze(0)
+    gb = g64 if g_minus_1 is None else _f64(g_minus_1).unsqueeze(0)
+    gs_hi, gs_lo = two_prod(g64, torch.full_like(g64, s))
+    p1, e1 = two_prod(gs_hi, d)
+    dl_hi, dl_lo = two_sum(p1, e1 + gs_lo * d)
+    sl = l * s
+    q, eq = two_prod(d, sl)
+    terms = torch.cat([d * b, q, eq], dim=0)
+    dg, bound = sum2(terms, 0)
+    return ComposeGradTruth(gb * d, dl_hi, dl_lo, dg, bound * (1 + 1e-12))
+
+
 # ----------------------------------------------------------------------------- row norm (tier 1 + 2)
 @dataclass
 class NormTruth:
@@ -306,6 +342,6 @@ def quantisation_floor(truth_hi: torch.Tensor, truth_lo: torch.Tensor, nearest: 
 
 
 __all__ = [
-    "ComposeTruth", "NormTruth", "Rounded", "ScaleTruth", "certified_round", "check_scalar_s",
+    "ComposeGradTruth", "ComposeTruth", "NormTruth", "compose_grad_truth", "Rounded", "ScaleTruth", "certified_round", "check_scalar_s",
     "compose_truth", "quantisation_floor", "row_norm_truth", "scale_truth", "FP32",
 ]

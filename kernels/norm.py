@@ -170,6 +170,9 @@ if HAS_TRITON:
 # (BLOCK_M, BLOCK_R, BLOCK_K, FLUSH, num_warps, num_stages) per mode, tuned on an H100 (bench/wa_variants.py):
 # chains of 256 products (MODE 0) and 3·64 (MODE 1) measured 4.1e-7 max relative error of U on all-positive data.
 WA_CONFIG = {0: (64, 128, 128, 2, 4, 3), 1: (128, 128, 64, 1, 8, 2)}
+# The longest chain of products one fp32 tensor-core accumulator sums before it is flushed to float64
+# (MODE 1 issues three dots per K block): what dora_verify.bounds.kernel_norm_bound charges γ_chain for.
+U_CHAIN = max(cfg[2] * cfg[3] * (1 if mode == 0 else 3) for mode, cfg in WA_CONFIG.items())
 WA_MIN_PROGRAMS = 256  # below this many output tiles (e.g. G = A Aᵀ, r×r) d_in is split across programs
 WA_MIN_SPLIT_K = 1024  # ... but each split keeps at least this much of d_in
 
@@ -372,4 +375,4 @@ def row_norm_op(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> 
 
 
 __all__ = ["DEFAULT_KAPPA_MAX", "NormInfo", "WeightSquareCache", "check_norm_inputs", "factored_row_norm",
-           "row_norm_op", "wa_product", "wa_splits", "weight_row_sq"]
+           "row_norm_op", "U_CHAIN", "wa_product", "wa_splits", "weight_row_sq"]
