@@ -73,67 +73,76 @@ def compose_form_bounds(form: str, base, lora, g, s: float, bias=None, dtype=Non
     delta = (g64 - 1) * b + g64 * sl
     gd = g.to(dtype).to(F64).reshape(1, -1) if isinstance(g, torch.Tensor) else g64
     dg = (gd - g64).abs()  # the rounding of g to D, exactly (0 when g is representable, e.g. g = 1)
+    # underflow: each rounding adds ≤ η (η_t = η_D + η₃₂ for an eager op on D tensors: fp32, then D);
+    # an η made before a multiplication by g is scaled by |g|; (1 + γ₃) covers later relative roundings.
+    hD, h32 = (etaD + ETA32) * (1 + gamma(3, ut)), ETA32 * (1 + gamma(3, U32))
     if form == "stable_gcast":
         # Δ̂ = fl(fl(fl(gd − 1)·b) + fl(gd·fl(l·s))), gd = RN_D(g): the g rounding costs |gd − g|·(|b| + |s·l|)
         e = (b.abs() * (dg + (gd - 1).abs() * gamma(2, ut)) + sl.abs() * (dg + gd.abs() * gamma(2, ut))
-             + 3 * etaD)
-        eD = e * (1 + ut) + ut * delta.abs() + etaD
+             + (gd.abs() + 2) * hD)
+        eD = e * (1 + ut) + ut * delta.abs() + hD
     elif form == "naive":
         # Δ̂ = fl(fl(gd·fl(fl(l·s) + b)) − b): error ∝ |g|·|base + s·lora|, however small Δ is
         inner = (b + sl).abs()
-        e = dg * inner + gd.abs() * (gamma(2, ut) * inner + (1 + gamma(2, ut)) * ut * sl.abs()) + 3 * etaD
-        eD = e * (1 + ut) + ut * delta.abs() + etaD
+        e = (dg * inner + gd.abs() * (gamma(2, ut) * inner + (1 + gamma(2, ut)) * ut * sl.abs())
+             + (2 * gd.abs() + 1) * hD)
+        eD = e * (1 + ut) + ut * delta.abs() + hD
     elif form == "naive_fp32":
         inner = (b + sl).abs()
-        e = g64.abs() * (gamma(2, U32) * inner + (1 + gamma(2, U32)) * U32 * sl.abs()) + 3 * ETA32
-        e = e * (1 + U32) + U32 * delta.abs() + ETA32
+        e = g64.abs() * (gamma(2, U32) * inner + (1 + gamma(2, U32)) * U32 * sl.abs()) + (2 * g64.abs() + 1) * h32
+        e = e * (1 + U32) + U32 * delta.abs() + h32
         eD = e * (1 + uD) + uD * delta.abs() + etaD
     elif form == "stable_fp32":
-        e = gamma(3, U32) * (gm1b + gsl) + 4 * ETA32
+        e = gamma(3, U32) * (gm1b + gsl) + (g64.abs() + 2) * h32
         eD = e * (1 + uD) + uD * delta.abs() + etaD
     elif form == "single_rounding":
         y = b + delta + (_t(bias)[0].reshape(1, -1) if bias is not None else 0)
         inner = (b + sl).abs()
-        e = g64.abs() * (gamma(2, U32) * inner + (1 + gamma(2, U32)) * U32 * sl.abs()) + 2 * ETA32
+        e = g64.abs() * (gamma(2, U32) * inner + (1 + gamma(2, U32)) * U32 * sl.abs()) + (2 * g64.abs() + 1) * h32
         if bias is not None:
-            e = e * (1 + U32) + U32 * y.abs() + ETA32
+            e = e * (1 + U32) + U32 * y.abs() + h32
         ey = e * (1 + uD) + uD * y.abs() + etaD
         # Δ reported as fl(ŷ − base) [then fl(· − bias)] in eager D arithmetic
         if bias is None:
-            eD = ey * (1 + ut) + ut * delta.abs() + etaD
+            eD = ey * (1 + ut) + ut * delta.abs() + hD
         else:
-            et = ey * (1 + ut) + ut * (delta + _t(bias)[0].reshape(1, -1)).abs() + etaD
-            eD = et * (1 + ut) + ut * delta.abs() + etaD
+            et = ey * (1 + ut) + ut * (delta + _t(bias)[0].reshape(1, -1)).abs() + hD
+            eD = et * (1 + ut) + ut * delta.abs() + hD
         return eD * SAFETY, ey * SAFETY
     else:
         raise ValueError(f"no bound for compose form {form!r}")
     # y = fl(base + Δ̂) (+ fl(… + bias)) in D
     y = b + delta
-    ey = eD * (1 + ut) + ut * y.abs() + etaD
+    ey = eD * (1 + ut) + ut * y.abs() + hD
     if bias is not None:
         yb = y + _t(bias)[0].reshape(1, -1)
-        ey = ey * (1 + ut) + ut * yb.abs() + etaD
+        ey = ey * (1 + ut) + ut * yb.abs() + hD
     return eD * SAFETY, ey * SAFETY
 
 
 # ----------------------------------------------------------------------------- production compose kernel
-def compose_kernel_bounds(base, lora, g, s: float, bias=None, dtype=None):
+def compose_kernel_bounds(base, lora, g, s: float, bias=None, dtype=None, g_minus_1=None):
     """(Δ bound, y bound) of kernels.compose (fused tier), from its contract: the fp32 value before the
-    final rounding is within u32|x| + 4u32²·(terms) of x, then one rounding to ``dtype``."""
+    final rounding is within u32|x| + 4u32²·(terms) of x, then one rounding to ``dtype``. With
+    ``g_minus_1`` the Δ reference is g_minus_1·base + g·s·lora (the kernel's Δ input as given)."""
     dtype = dtype or base.dtype
     uD, _, etaD = _fmt_params(dtype)
     b, l, g64 = _t(base, lora, g)
     g64 = g64.reshape(1, -1)
+    gm1 = g64 - 1 if g_minus_1 is None else _t(g_minus_1)[0].reshape(1, -1)
     sl = s * l
-    delta = (g64 - 1) * b + g64 * sl
-    y = b + delta
+    delta = gm1 * b + g64 * sl
+    y = g64 * (b + sl)
     terms_y = g64.abs() * (b.abs() + sl.abs())
     if bias is not None:
         bb = _t(bias)[0].reshape(1, -1)
         y = y + bb
         terms_y = terms_y + bb.abs()
-    ev_y = U32 * y.abs() + 4 * U32 * U32 * terms_y + 4 * ETA32
-    ev_d = U32 * delta.abs() + 4 * U32 * U32 * ((g64 - 1).abs() * b.abs() + (g64 * sl).abs()) + 4 * ETA32
+    # underflow: the FMA-based splittings stop being exact below the normal range; ≤ (4|g| + 8)·η₃₂ for y
+    # (8 roundings, those before the multiplication by g scaled by it), (2|g| + 2|g − 1| + 8)·η₃₂ for Δ
+    ev_y = U32 * y.abs() + 4 * U32 * U32 * terms_y + (4 * g64.abs() + 8) * ETA32
+    ev_d = (U32 * delta.abs() + 4 * U32 * U32 * (gm1.abs() * b.abs() + (g64 * sl).abs())
+            + (2 * g64.abs() + 2 * gm1.abs() + 8) * ETA32)
     ey = ev_y * (1 + uD) + uD * y.abs() + etaD
     eD = ev_d * (1 + uD) + uD * delta.abs() + etaD
     return eD * SAFETY, ey * SAFETY
@@ -258,7 +267,7 @@ def compose_backward_bounds(dy, base, lora, g, s: float, g_minus_1=None, save: s
     xb = (gb * d).abs()
     e_base = U32 * xb * (1 + uD) + uD * xb + ETA32 + etaD
     xl = (g64 * s * d).abs()
-    e_lora = (2 * U32 + U32 * U32) * xl * (1 + uL) + uL * xl + 2 * ETA32 + etaL
+    e_lora = (2 * U32 + U32 * U32) * xl * (1 + uL) + uL * xl + (d.abs() + 1) * ETA32 * (1 + uL) + etaL
     T = d.shape[0]
     mag = (d.abs() * (b.abs() + abs(s) * l.abs())).sum(0)
     dg = (d * (b + s * l)).sum(0)

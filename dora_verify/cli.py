@@ -97,7 +97,95 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default="dora-verify-report", help="output directory (default ./dora-verify-report)")
     sw.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    ce = sub.add_parser("certify", help="targeted hypothesis search for inputs that break the a-priori error bounds")
+    ce.add_argument("--targets", default="kernels",
+                    help="comma-separated targets, or 'kernels' (default: the production kernels), 'forms', 'all'")
+    ce.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated subset of bf16, fp16, fp32 (default all)")
+    ce.add_argument("--examples", type=_positive_int, default=200, help="examples per (target, dtype) (default 200)")
+    ce.add_argument("--seconds", type=_finite_float, default=None, help="time budget for the whole run (split evenly)")
+    ce.add_argument("--nightly", action="store_true",
+                    help="random seeded rounds (seed, seed+1, ...) instead of the derandomized pre-merge search")
+    ce.add_argument("--seed", type=int, default=0, help="first round's seed with --nightly (default 0)")
+    ce.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when there is one")
+    ce.add_argument("--tier", default="auto", choices=["auto", "fused", "eager"],
+                    help="kernel tier (auto: fused on CUDA, eager elsewhere; fused without CUDA is the interpreter)")
+    ce.add_argument("--keep", type=_positive_int, default=3, help="worst cases kept per (target, dtype) (default 3)")
+    ce.add_argument("--corpus", default=None, help="folder for the worst cases (.npz + .json; default OUT/corpus)")
+    ce.add_argument("--out", default="dora-verify-certify", help="report folder (default ./dora-verify-certify)")
+    ce.add_argument("--jobs", type=_positive_int, default=1, help="parallel processes, one per (target, dtype) (default 1)")
+    ce.add_argument("--quiet", action="store_true", help="no progress bar")
+    ex = sub.add_parser("exhaustive", help="all 2^32 (base, lora) bf16/fp16 pairs through the compose epilogue (CUDA)")
+    ex.add_argument("--dtypes", default="bf16,fp16", help="comma-separated subset of bf16, fp16 (default both)")
+    ex.add_argument("--g", default=None, help="comma-separated fp32 g values (default: a grid around 1 and far from it)")
+    ex.add_argument("--s", default=None, help="comma-separated LoRA scalings s (default 1, 2, 0.25, 16/sqrt(384))")
+    ex.add_argument("--out", default="dora-verify-exhaustive", help="report folder (default ./dora-verify-exhaustive)")
+    ex.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _float_list(text, name):
+    try:
+        vals = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"bad --{name} {text!r}: expected comma-separated numbers") from None
+    if not vals or any(not (v == v and abs(v) < float("inf")) for v in vals):
+        raise UsageError(f"bad --{name} {text!r}: expected comma-separated finite numbers")
+    return tuple(vals)
+
+
+def _exhaustive(args) -> int:
+    import torch
+
+    from .exhaustive import DEFAULT_G, DEFAULT_S, run_exhaustive, write_exhaustive_report
+    from .report import check_writable
+
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    if not dtypes or any(d not in ("bf16", "fp16") for d in dtypes):
+        raise UsageError(f"bad --dtypes {args.dtypes!r}: a comma-separated subset of bf16, fp16")
+    gs = _float_list(args.g, "g") if args.g else DEFAULT_G
+    ss = _float_list(args.s, "s") if args.s else DEFAULT_S
+    if not torch.cuda.is_available():
+        raise UsageError("exhaustive needs a CUDA device (2^32 pairs per point); on a CPU the test suite runs the "
+                         "exhaustive one-operand slices (tests/test_exhaustive.py)")
+    check_writable(args.out)
+    rep = run_exhaustive(dtypes, gs, ss, progress=_Progress(not args.quiet))
+    files = write_exhaustive_report(rep, args.out)
+    print(f"{'certified' if rep['certified'] else 'VIOLATION'}: {rep['pairs']:.3e} pairs, largest error/bound ratio "
+          f"{rep['max_ratio']:.4g}, max {rep['max_ulp']:.4g} ulp; wrote {', '.join(str(f) for f in files)}")
+    return 0 if rep["certified"] else 1
+
+
+def _certify(args) -> int:
+    from pathlib import Path
+
+    from .certify import KERNEL_TARGETS, TARGETS, CertifyConfig, run_certify, write_certify_report
+    from .report import check_writable
+
+    groups = {"kernels": KERNEL_TARGETS, "forms": tuple(t for t in TARGETS if t.startswith("form.")), "all": tuple(TARGETS)}
+    names = []
+    for item in (t.strip() for t in args.targets.split(",") if t.strip()):
+        names += list(groups.get(item, (item,)))
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown or not names:
+        raise UsageError(f"unknown target(s) {unknown or args.targets!r}; choose from kernels, forms, all, {', '.join(TARGETS)}")
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    if not dtypes or any(d not in ("bf16", "fp16", "fp32") for d in dtypes):
+        raise UsageError(f"bad --dtypes {args.dtypes!r}: a comma-separated subset of bf16, fp16, fp32")
+    if args.seconds is not None and args.seconds <= 0:
+        raise UsageError(f"--seconds must be positive, got {args.seconds}")
+    check_writable(args.out)
+    corpus = args.corpus or str(Path(args.out) / "corpus")
+    check_writable(corpus)
+    cfg = CertifyConfig(targets=tuple(dict.fromkeys(names)), dtypes=dtypes, examples=args.examples, seconds=args.seconds,
+                        seed=args.seed, derandomize=not args.nightly, device=args.device,
+                        tier=None if args.tier == "auto" else args.tier, keep=args.keep, corpus=corpus, jobs=args.jobs)
+    rep = run_certify(cfg, progress=_Progress(not args.quiet))
+    files = write_certify_report(rep, args.out)
+    worst = max(rep["results"], key=lambda r: r["max_ratio"])
+    print(f"{'certified' if rep['certified'] else 'VIOLATION'}: {sum(r['examples'] for r in rep['results'])} examples, "
+          f"largest error/bound ratio {rep['max_ratio']:.4g} ({worst['target']}/{worst['dtype']}); "
+          f"wrote {', '.join(str(f) for f in files)}")
+    return 0 if rep["certified"] else 1
 
 
 def _sweep(args) -> int:
@@ -133,6 +221,10 @@ def main(argv=None) -> int:
             return EXIT_USAGE
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "certify":
+            return _certify(args)
+        if args.command == "exhaustive":
+            return _exhaustive(args)
     except UsageError as e:
         print(f"dora-verify: error: {e}", file=sys.stderr)
         return EXIT_USAGE

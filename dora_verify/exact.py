@@ -47,11 +47,13 @@ def round_fraction(y: Fraction, fmt: "FloatFormat | str"):
     return down, up, vals[2]
 
 
-def compose_exact(base: float, lora: float, g: float, s: float, bias: float = 0.0):
-    """Exact (y, Δ) of one element as Fractions: y = g (base + s lora) + bias, Δ = (g-1) base + g s lora."""
+def compose_exact(base: float, lora: float, g: float, s: float, bias: float = 0.0, g_minus_1: "float | None" = None):
+    """Exact (y, Δ) of one element as Fractions: y = g (base + s lora) + bias, Δ = (g-1) base + g s lora
+    (with ``g_minus_1`` in place of g − 1 when given)."""
     fb, fl_, fg, fs = Fraction(base), Fraction(lora), Fraction(g), Fraction(s)
     inner = fb + fs * fl_
-    return fg * inner + Fraction(bias), (fg - 1) * fb + fg * fs * fl_
+    gm1 = fg - 1 if g_minus_1 is None else Fraction(g_minus_1)
+    return fg * inner + Fraction(bias), gm1 * fb + fg * fs * fl_
 
 
 def _dyadic_ints(values: np.ndarray):

@@ -137,11 +137,14 @@ def _validate_compose(base, lora, g, s, bias):
     return check_scalar_s(s)
 
 
-def compose_truth(base, lora, g, s, bias=None, out_fmt=None, tier2_limit: int = MAX_TIER2_ELEMENTS) -> ComposeTruth:
+def compose_truth(base, lora, g, s, bias=None, out_fmt=None, tier2_limit: int = MAX_TIER2_ELEMENTS,
+                  g_minus_1=None) -> ComposeTruth:
     """Tier-1 truth of y and Δ for [T, d_out] ``base``/``lora`` and [d_out] ``g`` (any float dtypes; the
     values are taken exactly as stored), escalating undecided elements to exact rationals.
 
-    ``out_fmt`` (default: base's dtype) is the format results are rounded into."""
+    ``out_fmt`` (default: base's dtype) is the format results are rounded into. ``g_minus_1`` (fp32 [d_out],
+    optional): Δ = g_minus_1·base + g·s·lora with the given value (a kernel's Δ input), instead of g − 1
+    from g; y does not use it."""
     s = _validate_compose(base, lora, g, s, bias)
     fmt = parse_format(out_fmt if out_fmt is not None else base.dtype)
     b64, l64, g64 = _f64(base), _f64(lora), _f64(g).unsqueeze(0)
@@ -159,7 +162,11 @@ def compose_truth(base, lora, g, s, bias=None, out_fmt=None, tier2_limit: int = 
         y_hi, y_lo = two_sum(s1, t)
         y_b = U64 * q.abs() + gamma(2) * (ep.abs() + q.abs() + e1.abs())
     # Δ = (g-1) base + g sl
-    gm1, egm = two_sum(g64, torch.full_like(g64, -1.0))  # g - 1 = gm1 + egm exactly
+    if g_minus_1 is None:
+        gm1, egm = two_sum(g64, torch.full_like(g64, -1.0))  # g - 1 = gm1 + egm exactly
+    else:
+        gm1 = _f64(g_minus_1).unsqueeze(0)
+        egm = torch.zeros_like(gm1)
     a1, ea1 = two_prod(gm1, b64)
     a2 = egm * b64
     c1, ec1 = two_prod(g64, sl)
@@ -170,11 +177,11 @@ def compose_truth(base, lora, g, s, bias=None, out_fmt=None, tier2_limit: int = 
     y_b, d_b = y_b * (1 + 1e-12), d_b * (1 + 1e-12)  # dominate the bound's own evaluation error
     truth = ComposeTruth(y_hi, y_lo, y_b, d_hi, d_lo, d_b, fmt,
                          certified_round(y_hi, y_lo, y_b, fmt), certified_round(d_hi, d_lo, d_b, fmt))
-    _escalate_compose(truth, base, lora, g, s, bias, tier2_limit)
+    _escalate_compose(truth, base, lora, g, s, bias, tier2_limit, g_minus_1)
     return truth
 
 
-def _escalate_compose(truth: ComposeTruth, base, lora, g, s, bias, limit: int) -> None:
+def _escalate_compose(truth: ComposeTruth, base, lora, g, s, bias, limit: int, g_minus_1=None) -> None:
     todo = (~truth.y_round.certain) | (~truth.d_round.certain)
     idx = torch.nonzero(todo, as_tuple=False).cpu()
     n = int(idx.shape[0])
@@ -184,10 +191,12 @@ def _escalate_compose(truth: ComposeTruth, base, lora, g, s, bias, limit: int) -
     idx = idx[:limit]
     bc, lc, gc = base.detach().cpu().double(), lora.detach().cpu().double(), g.detach().cpu().double()
     bic = bias.detach().cpu().double() if bias is not None else None
+    gmc = g_minus_1.detach().cpu().double() if g_minus_1 is not None else None
     updates = {k: [] for k in ("y_hi", "d_hi", "yn", "yd", "yu", "dn", "dd", "du")}
     for t_i, c_i in idx.tolist():
         y, d = compose_exact(float(bc[t_i, c_i]), float(lc[t_i, c_i]), float(gc[c_i]), s,
-                             float(bic[c_i]) if bic is not None else 0.0)
+                             float(bic[c_i]) if bic is not None else 0.0,
+                             float(gmc[c_i]) if gmc is not None else None)
         ydn, yup, ynear = round_fraction(y, truth.fmt)
         ddn, dup, dnear = round_fraction(d, truth.fmt)
         for k, v in zip(updates, (float(y), float(d), ynear, ydn, yup, dnear, ddn, dup)):

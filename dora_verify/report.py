@@ -196,19 +196,22 @@ def sweep_plots(rep: dict, folder: Path) -> list:
     return paths
 
 
-def write_report(rep: dict, out_dir: "str | Path", plots: bool = True) -> list:
-    """Write report.json, report.md and the plots into ``out_dir`` atomically (see module doc)."""
+def write_bundle(rep: dict, out_dir: "str | Path", markdown, extra=None, json_name: str = "report.json",
+                 md_name: str = "report.md") -> list:
+    """Write ``json_name`` (strict JSON of ``rep``), ``md_name`` (``markdown(files)`` → text, given the staged
+    extra files) and the files ``extra(stage_dir)`` creates (e.g. plots) into ``out_dir`` atomically:
+    everything is staged beside it and moved into place with ``os.replace``, the JSON last."""
     out = check_writable(out_dir)
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
-        files = sweep_plots(rep, stage) if plots else []
-        (stage / "report.md").write_text(sweep_markdown(rep, files), encoding="utf-8")
-        files.append(stage / "report.md")
-        with open(stage / "report.json", "w", encoding="utf-8") as fh:
+        files = list(extra(stage)) if extra else []
+        (stage / md_name).write_text(markdown(files), encoding="utf-8")
+        files.append(stage / md_name)
+        with open(stage / json_name, "w", encoding="utf-8") as fh:
             json.dump(nan_to_none(rep), fh, indent=1, allow_nan=False)
             fh.flush()
             os.fsync(fh.fileno())
-        files.append(stage / "report.json")  # last: its presence marks a complete set
+        files.append(stage / json_name)  # last: its presence marks a complete set
         final = []
         for f in files:
             os.replace(f, out / f.name)
@@ -216,3 +219,9 @@ def write_report(rep: dict, out_dir: "str | Path", plots: bool = True) -> list:
         return final
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_report(rep: dict, out_dir: "str | Path", plots: bool = True) -> list:
+    """Write report.json, report.md and the plots into ``out_dir`` atomically (see module doc)."""
+    return write_bundle(rep, out_dir, lambda files: sweep_markdown(rep, files),
+                        (lambda stage: sweep_plots(rep, stage)) if plots else None)

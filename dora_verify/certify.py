@@ -1,0 +1,576 @@
+"""Certification: a targeted hypothesis search for inputs that push each kernel's error towards its bound.
+
+A *target* is one implementation with one a-priori bound (``dora_verify.bounds``): the production kernels
+(``compose.y``, ``compose.delta``, ``compose.backward``, ``lora_compose``, ``norm`` — ν, then g, g − 1 and d_m
+downstream of it) and the compose forms under study (``form.<name>``). For each drawn input
+(``dora_verify.strategies``) the target is run, compared with the oracle of the *rounded* inputs, and scored:
+
+* ``ratio`` — the largest (|error| − oracle bound)/bound over every output element checked. ≤ 1 certifies;
+  > 1 is a violation (hypothesis then shrinks it to a minimal case). A non-finite output where the truth
+  is finite, or two runs of a kernel that claims determinism differing in one bit, score ``inf``;
+* ``ulp`` — the largest ULP error of the main output (reported; the bound is the criterion).
+
+``hypothesis.target`` climbs on both. The worst cases found (and any violation) are written to a corpus as
+``<target>-<dtype>-<hash>.npz`` (the exact input tensors) + ``.json`` (target, drawn parameters, scores,
+provenance); ``tests/test_certify.py`` replays every case committed under ``tests/corpus``.
+
+Budgets: ``examples`` per (target, dtype) and/or ``seconds``. ``derandomize=True`` (pre-merge) makes the
+search a fixed function of the code: the same examples every run. Otherwise rounds of examples are run with
+seeds ``seed``, ``seed + 1``, … until the budget is spent (nightly-style); each round's seed is recorded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import bounds
+from .formats import parse_format, ulp
+from .oracles import compose_grad_truth, compose_truth, row_norm_truth
+from .strategies import Example, compose_examples, lora_examples, norm_examples
+
+F64 = torch.float64
+HIST_EDGES = (-12, -10, -8, -6, -4, -3, -2, -1, -0.5, 0)  # log10(ratio) bin edges; last bin: ratio > 1
+
+
+class Reject(Exception):
+    """The drawn input is outside the target's domain (e.g. its exact result overflows the format)."""
+
+
+class BoundViolation(AssertionError):
+    def __init__(self, score):
+        super().__init__(f"error/bound ratio {score.ratio:.4g} > 1 ({score.parts})")
+        self.score = score
+
+
+@dataclass
+class Score:
+    ratio: float
+    ulp: float
+    parts: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def excess_ratio(got, hi, lo, oracle_bound, bound) -> float:
+    """max over elements of (|got − (hi + lo)| − oracle_bound)⁺ / bound; inf where got is not finite."""
+    got = got.detach().to(F64)
+    if not bool(torch.isfinite(got).all()):
+        return math.inf
+    err = ((got - hi) - lo).abs() - oracle_bound
+    err = err.clamp_min(0)
+    r = torch.where(err == 0, torch.zeros_like(err), err / bound.to(F64))
+    return float(r.max()) if r.numel() else 0.0
+
+
+def _max_ulp(got, exact, fmt) -> float:
+    if got.numel() == 0:
+        return 0.0
+    got = got.detach().to(F64)
+    return float(((got - exact).abs() / ulp(exact, parse_format(fmt))).max())
+
+
+def _on(ex: Example, device) -> dict:
+    return {k: v.to(device) for k, v in ex.tensors.items()}
+
+
+def _check_range(x: torch.Tensor, fmt) -> None:
+    if bool((x.abs() > parse_format(fmt).max_finite / 2).any()):
+        raise Reject("exact result beyond half the format's largest value")
+
+
+# ----------------------------------------------------------------------------- targets: production kernels
+def eval_compose_y(ex: Example, device, tier) -> Score:
+    from .kernels import compose
+
+    t, s = _on(ex, device), ex.scalars["s"]
+    tr = compose_truth(t["base"], t["lora"], t["g"], s, t.get("bias"))
+    _check_range(tr.y, ex.dtype)
+    y = compose(t["base"], t["lora"], t["g"], s, t.get("bias"), tier=tier)
+    _, by = bounds.compose_kernel_bounds(t["base"], t["lora"], t["g"], s, t.get("bias"))
+    r = excess_ratio(y, tr.y_hi, tr.y_lo, tr.y_bound, by)
+    return Score(r, _max_ulp(y, tr.y, ex.dtype), {"y": r})
+
+
+def eval_compose_delta(ex: Example, device, tier) -> Score:
+    from .kernels import compose
+
+    t, s = _on(ex, device), ex.scalars["s"]
+    gm1 = t["g_minus_1"]
+    tr = compose_truth(t["base"], t["lora"], t["g"], s, g_minus_1=gm1)
+    _check_range(tr.y, ex.dtype)
+    d = compose(t["base"], t["lora"], t["g"], s, g_minus_1=gm1, output="delta", tier=tier)
+    bd, _ = bounds.compose_kernel_bounds(t["base"], t["lora"], t["g"], s, g_minus_1=gm1)
+    r = excess_ratio(d, tr.d_hi, tr.d_lo, tr.d_bound, bd)
+    return Score(r, _max_ulp(d, tr.delta, ex.dtype), {"delta": r})
+
+
+def _compose_grads(t, s, tier, save):
+    from .kernels import compose
+
+    b, l, g = (t[k].clone().requires_grad_() for k in ("base", "lora", "g"))
+    compose(b, l, g, s, tier=tier, save=save).backward(t["dy"])
+    return b.grad, l.grad, g.grad
+
+
+def eval_compose_backward(ex: Example, device, tier) -> Score:
+    """d_base, d_lora, d_g for save='inputs' and 'activation'; each run twice (bitwise determinism)."""
+    t, s = _on(ex, device), ex.scalars["s"]
+    _check_range(t["g"].to(F64)[None, :] * (t["base"].to(F64).abs() + abs(s) * t["lora"].to(F64).abs()), ex.dtype)
+    gt = compose_grad_truth(t["dy"], t["base"], t["lora"], t["g"], s)
+    _check_range(gt.d_lora_hi, ex.dtype)
+    _check_range((t["dy"].to(F64).abs() * (t["base"].to(F64).abs() + abs(s) * t["lora"].to(F64).abs())).sum(0), "fp32")
+    parts, info, worst_ulp = {}, {}, 0.0
+    for save in ("inputs", "activation"):
+        grads = _compose_grads(t, s, tier, save)
+        again = _compose_grads(t, s, tier, save)
+        same = all(torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a, b.view(torch.uint8)
+                               if b.dtype != torch.float32 else b) for a, b in zip(grads, again))
+        eb, el, eg = bounds.compose_backward_bounds(t["dy"], t["base"], t["lora"], t["g"], s, save=save)
+        zero = torch.zeros((), dtype=F64, device=eb.device)
+        parts[f"d_base/{save}"] = excess_ratio(grads[0], gt.d_base, zero, zero, eb)
+        parts[f"d_lora/{save}"] = excess_ratio(grads[1], gt.d_lora_hi, gt.d_lora_lo, zero, el)
+        parts[f"d_g/{save}"] = excess_ratio(grads[2], gt.d_g, zero, gt.d_g_bound, eg)
+        info[f"deterministic/{save}"] = same
+        if not same:
+            parts[f"determinism/{save}"] = math.inf
+        worst_ulp = max(worst_ulp, _max_ulp(grads[0], gt.d_base, ex.dtype))
+    return Score(max(parts.values()), worst_ulp, parts, info)
+
+
+def eval_lora_compose(ex: Example, device, tier) -> Score:
+    from .kernels import lora_compose
+    from .kernels.dispatch import Tier, select_tier
+    from .kernels.lora_compose import lora_compose_forward_eager, lora_compose_forward_fused
+
+    t, s = _on(ex, device), ex.scalars["s"]
+    base, xa, B, g, bias = t["base"], t["xa"], t["B"], t["g"], t.get("bias")
+    xa64, B64, b64, g64 = xa.to(F64), B.to(F64), base.to(F64), g.to(F64)[None, :]
+    lora = xa64 @ B64.t()
+    y_true = g64 * (b64 + s * lora) + (bias.to(F64)[None, :] if bias is not None else 0)
+    _check_range(y_true, ex.dtype)
+    oracle_b = bounds.gamma(xa.shape[1] + 6, 2.0**-53) * (g64.abs() * (b64.abs() + abs(s) * (xa64.abs() @ B64.abs().t()))
+                                                           + (bias.to(F64).abs()[None, :] if bias is not None else 0))
+    y = lora_compose(base, xa, B, g, s, bias, tier=tier)
+    fused = select_tier(base, False, tier) != Tier.EAGER
+    y2, lora_hat = (lora_compose_forward_fused if fused else lora_compose_forward_eager)(base, xa, B, g, bias, s,
+                                                                                        write_lora=True)
+    bd = bounds.lora_compose_bounds(base, xa, B, g, s, lora_hat, bias)
+    zero = torch.zeros((), dtype=F64, device=bd.device)
+    parts = {"y": excess_ratio(y, y_true, zero, oracle_b, bd)}
+    if not torch.equal(y, y2):
+        parts["launcher_parity"] = math.inf
+    return Score(max(parts.values()), _max_ulp(y, y_true, ex.dtype), parts)
+
+
+def _magnitude(ex: Example, nu_hat, nu_true) -> torch.Tensor:
+    mode, k = ex.params.get("m_mode", "spread"), int(ex.params.get("k", 0))
+    if mode == "fresh":  # PEFT/DoRA initialise m to the norm the layer computes: g = 1 exactly
+        return nu_hat.clone()
+    if mode == "ulp":
+        return (nu_true * (1 + k * 2.0**-24)).to(torch.float32)
+    return (nu_true * ex.tensors["g_case"].to(nu_true.device, F64)).to(torch.float32)
+
+
+def eval_norm(ex: Example, device, tier) -> Score:
+    """ν (kernel norm bound), then g and g − 1 (scale bounds from ν's bound) and d_m through the compose
+    backward (d_m bound)."""
+    from .kernels import compose, dora_scale, factored_row_norm
+    from .kernels.dispatch import HAS_TRITON
+
+    t, s, eps = _on(ex, device), ex.scalars["s"], ex.scalars.get("eps", 1e-12)
+    W, A, B = t["W"], t["A"], t["B"]
+    backend = "triton" if (HAS_TRITON and W.is_cuda and tier != "eager") else "torch"
+    nu, info = factored_row_norm(W, A, B, s, return_info=True, backend=backend)
+    tr = row_norm_truth(W, A, B, s)
+    if tr.uncertified_rows:
+        raise Reject("oracle could not certify every row")
+    nb = bounds.kernel_norm_bound(W, A, B, s, tr.nu, backend, info.recomputed_rows)
+    zero = torch.zeros((), dtype=F64, device=nb.device)
+    parts = {"nu": excess_ratio(nu, tr.nu, zero, tr.bound, nb)}
+    rel = torch.where(tr.nu > 0, (nu.to(F64) - tr.nu).abs() / tr.nu.clamp_min(1e-300), torch.zeros_like(tr.nu))
+    m = _magnitude(ex, nu, tr.nu)
+    eps32 = float(torch.tensor(eps, dtype=torch.float32))
+    nuc = tr.nu.clamp_min(eps32)
+    g, gm1 = dora_scale(m, nu, eps)
+    bg, bgm1 = bounds.scale_bounds(m, nu, tr.nu, nb + tr.bound, eps)
+    m64 = m.to(F64)
+    ob = 2.0**-52 * (m64 / nuc).abs()  # float64 evaluation of the exact g (one division)
+    parts["g"] = excess_ratio(g, m64 / nuc, zero, ob, bg)
+    parts["g_minus_1"] = excess_ratio(gm1, (m64 - nuc) / nuc, zero, ob, bgm1)
+    mm = m.clone().requires_grad_()
+    gg, _ = dora_scale(mm, nu, eps)
+    gg.retain_grad()
+    compose(t["base"], t["lora"], gg, s, tier=tier).backward(t["dy"])
+    gt = compose_grad_truth(t["dy"], t["base"], t["lora"], g.detach(), s)
+    _, _, eg = bounds.compose_backward_bounds(t["dy"], t["base"], t["lora"], g.detach(), s)
+    bdm = bounds.dm_bound(gg.grad, eg + gt.d_g_bound, nu, tr.nu, nb + tr.bound, eps)
+    dm = gt.d_g / nuc
+    parts["d_m"] = excess_ratio(mm.grad, dm, zero, (gt.d_g_bound / nuc) * (1 + 2.0**-50) + 2.0**-52 * dm.abs(), bdm)
+    info_ = {"max_rel_nu": float(rel.max()), "recomputed_rows": len(info.recomputed_rows)}
+    return Score(max(parts.values()), float(rel.max()) / 2.0**-24, parts, info_)
+
+
+# ----------------------------------------------------------------------------- targets: forms under study
+def _form_evaluator(name: str) -> Callable:
+    def evaluate(ex: Example, device, tier) -> Score:
+        from .forms import COMPOSE_FORMS
+
+        t, s = _on(ex, device), ex.scalars["s"]
+        tr = compose_truth(t["base"], t["lora"], t["g"], s, t.get("bias"))
+        _check_range(tr.y, ex.dtype)
+        y, d = COMPOSE_FORMS[name].fn(t["base"], t["lora"], t["g"], s, t.get("bias"))
+        bd, by = bounds.compose_form_bounds(name, t["base"], t["lora"], t["g"], s, t.get("bias"))
+        parts = {"y": excess_ratio(y, tr.y_hi, tr.y_lo, tr.y_bound, by),
+                 "delta": excess_ratio(d, tr.d_hi, tr.d_lo, tr.d_bound, bd)}
+        return Score(max(parts.values()), _max_ulp(y, tr.y, ex.dtype), parts)
+    return evaluate
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    strategy: Callable  # dtype -> hypothesis strategy of Example
+    evaluate: Callable  # (Example, device, tier) -> Score
+    dtypes: tuple
+    summary: str
+
+
+def _targets() -> dict:
+    from .forms import COMPOSE_FORMS
+
+    ts = [
+        Target("compose.y", compose_examples, eval_compose_y, ("bf16", "fp16", "fp32"),
+               "fused compose, y = g·(base + s·lora) + bias, one rounding"),
+        Target("compose.delta", compose_examples, eval_compose_delta, ("bf16", "fp16", "fp32"),
+               "fused compose, Δ = (g−1)·base + g·s·lora with fp32 g − 1"),
+        Target("compose.backward", compose_examples, eval_compose_backward, ("bf16", "fp16", "fp32"),
+               "compose backward: d_base, d_lora, d_g (save inputs/activation), bitwise determinism"),
+        Target("lora_compose", lora_examples, eval_lora_compose, ("bf16", "fp16"),
+               "compose with the LoRA up-projection fused in"),
+        Target("norm", norm_examples, eval_norm, ("bf16", "fp16", "fp32"),
+               "factored row norm ν, then g, g − 1 (dora_scale) and d_m"),
+    ]
+    ts += [Target(f"form.{n}", compose_examples, _form_evaluator(n), ("bf16", "fp16"), f.summary)
+           for n, f in sorted(COMPOSE_FORMS.items())]
+    return {t.name: t for t in ts}
+
+
+TARGETS = _targets()
+KERNEL_TARGETS = tuple(n for n in TARGETS if not n.startswith("form."))
+
+
+# ----------------------------------------------------------------------------- corpus
+def _tensor_to_np(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _case_name(target: str, ex: Example) -> str:
+    h = hashlib.sha1()
+    h.update(target.encode())
+    for k in sorted(ex.tensors):
+        h.update(k.encode())
+        h.update(_tensor_to_np(ex.tensors[k]).tobytes())
+    h.update(json.dumps(ex.scalars, sort_keys=True).encode())
+    return f"{target}-{ex.dtype}-{h.hexdigest()[:10]}"
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_case(target: str, ex: Example, score: Score, corpus: "str | Path", meta: "dict | None" = None) -> Path:
+    """Write ``<target>-<dtype>-<hash>.npz`` (the input tensors, bit-exact) and ``.json`` into ``corpus``."""
+    folder = Path(corpus)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = _case_name(target, ex)
+    arrays = {k: _tensor_to_np(v) for k, v in ex.tensors.items()}
+    doc = {"target": target, "kind": ex.kind, "dtype": ex.dtype, "scalars": ex.scalars, "params": ex.params,
+           "tensors": {k: str(v.dtype).removeprefix("torch.") for k, v in ex.tensors.items()},
+           "score": {"ratio": score.ratio, "ulp": score.ulp, "parts": score.parts}, **(meta or {})}
+    _atomic_write(folder / f"{name}.npz", lambda fh: np.savez(fh, **arrays))
+    _atomic_write(folder / f"{name}.json",
+                  lambda fh: fh.write(json.dumps(_finite_json(doc), indent=1, allow_nan=False).encode()))
+    return folder / f"{name}.json"
+
+
+def _finite_json(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
+
+
+def load_case(path: "str | Path"):
+    """(target name, Example, document) of a corpus case (``.json`` path; the ``.npz`` sits beside it)."""
+    path = Path(path)
+    doc = json.loads(path.read_text())
+    data = np.load(path.with_suffix(".npz"))
+    tensors = {}
+    for k, dt in doc["tensors"].items():
+        a = torch.from_numpy(np.array(data[k]))
+        tensors[k] = a.view(torch.bfloat16) if dt == "bfloat16" else a
+    return doc["target"], Example(doc["kind"], doc["dtype"], tensors, doc["scalars"], doc["params"]), doc
+
+
+def replay(path: "str | Path", device="cpu", tier=None) -> Score:
+    """Re-run a corpus case on ``device`` (default tier: fused on CUDA, eager elsewhere)."""
+    target, ex, _ = load_case(path)
+    return TARGETS[target].evaluate(ex, torch.device(device), tier or default_tier(torch.device(device)))
+
+
+def default_tier(device: torch.device) -> str:
+    """The production path on CUDA; the eager tier elsewhere (the interpreter's fused path is logic-only:
+    it truncates fp32 → bf16, so its bf16 results are not held to the bound)."""
+    return "fused" if device.type == "cuda" else "eager"
+
+
+# ----------------------------------------------------------------------------- search
+class _Tracker:
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.ratios: list = []
+        self.max_ulp = 0.0
+        self.parts: dict = {}
+        self.info: dict = {}
+        self.top: list = []  # (ratio, Example, Score), highest first
+        self.violation = None
+        self.rejected = 0
+
+    def add(self, ex: Example, score: Score) -> None:
+        self.ratios.append(score.ratio)
+        self.max_ulp = max(self.max_ulp, score.ulp)
+        for k, v in score.parts.items():
+            self.parts[k] = max(self.parts.get(k, 0.0), v)
+        for k, v in score.info.items():
+            if isinstance(v, bool):
+                self.info[k] = self.info.get(k, True) and v
+            else:
+                self.info[k] = max(self.info.get(k, v), v)
+        if score.ratio > 1:
+            self.violation = (ex, score)  # hypothesis runs the shrunk case last
+        if len(self.top) < self.keep or score.ratio > self.top[-1][0]:
+            self.top.append((score.ratio, ex, score))
+            self.top.sort(key=lambda e: -e[0])
+            del self.top[self.keep:]
+
+
+def ratio_summary(ratios: list) -> dict:
+    """Quantiles and a log10 histogram of per-example worst ratios (the report's tightness picture)."""
+    if not ratios:
+        return {"n": 0}
+    a = np.asarray(ratios, dtype=np.float64)
+    fin = a[np.isfinite(a)]
+    pos = np.log10(np.clip(fin, 1e-300, None))
+    hist, labels = [], []
+    lo = -math.inf
+    for e in HIST_EDGES:
+        hist.append(int(((pos > lo) & (pos <= e) & (fin > 0)).sum()) if lo > -math.inf else int(((pos <= e) | (fin == 0)).sum()))
+        labels.append(f"≤{10.0**e:.0e}" if lo == -math.inf else f"({10.0**lo:.2g}, {10.0**e:.2g}]")
+        lo = e
+    hist.append(int((a > 1).sum()))
+    labels.append(">1")
+    q = lambda p: float(np.quantile(a, p)) if np.isfinite(a).all() else float(np.quantile(fin, p)) if fin.size else math.inf  # noqa: E731
+    return {"n": int(a.size), "max": float(a.max()), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99),
+            "histogram": dict(zip(labels, hist))}
+
+
+def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | None" = None, seed: int = 0,
+           derandomize: bool = True, device="cpu", tier: "str | None" = None, keep: int = 3,
+           corpus: "str | Path | None" = None, meta: "dict | None" = None, progress=None) -> dict:
+    """Targeted search on one (target, dtype); returns its result dict (see :func:`run_certify`)."""
+    from hypothesis import HealthCheck, Phase, Verbosity, given, reject, settings
+    from hypothesis import seed as hseed
+    from hypothesis import target as htarget
+    from hypothesis.errors import HypothesisException
+
+    tg = TARGETS[target]
+    device = torch.device(device)
+    tier = tier or default_tier(device)
+    tr = _Tracker(keep)
+    t0 = time.monotonic()
+    deadline = t0 + seconds if seconds else math.inf
+    rounds = []
+
+    def probe(ex):
+        if tr.violation is None and (time.monotonic() > deadline or len(tr.ratios) >= examples):
+            return  # budget spent: hypothesis finishes the round on no-ops (not while it shrinks a violation)
+        try:
+            score = tg.evaluate(ex, device, tier)
+        except Reject:
+            tr.rejected += 1
+            reject()
+        tr.add(ex, score)
+        if progress and len(tr.ratios) % 50 == 0:
+            progress(len(tr.ratios), examples, f"{target}/{dtype} max ratio {max(tr.ratios):.3g}")
+        htarget(min(score.ratio, 1e6), label="bound_ratio")
+        htarget(min(score.ulp, 1e6), label="ulp")
+        if score.ratio > 1:
+            raise BoundViolation(score)
+
+    k = 0
+    while len(tr.ratios) < examples and time.monotonic() < deadline and tr.violation is None:
+        n = examples - len(tr.ratios) if derandomize else min(200, examples - len(tr.ratios))
+        st_args = dict(max_examples=max(1, n), derandomize=derandomize, database=None, deadline=None,
+                       suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet,
+                       phases=(Phase.generate, Phase.target, Phase.shrink), report_multiple_bugs=False)
+        fn = given(tg.strategy(dtype))(probe)
+        fn = settings(**st_args)(fn)
+        if not derandomize:
+            fn = hseed(seed + k)(fn)
+        before = len(tr.ratios)
+        try:
+            fn()
+        except BoundViolation:
+            pass
+        except HypothesisException:  # e.g. a flaky replay of the violation: it is recorded all the same
+            if tr.violation is None:
+                raise
+        rounds.append({"seed": None if derandomize else seed + k, "examples": len(tr.ratios) - before})
+        k += 1
+        if derandomize or len(tr.ratios) == before:
+            break
+    summary = ratio_summary(tr.ratios)
+    res = {"target": target, "dtype": dtype, "tier": tier, "device": str(device), "examples": len(tr.ratios),
+           "rejected": tr.rejected, "seconds": round(time.monotonic() - t0, 2), "derandomized": derandomize,
+           "rounds": rounds, "max_ratio": summary.get("max", 0.0), "ratio": summary, "max_ulp": tr.max_ulp,
+           "parts_max": tr.parts, "info": tr.info, "violation": tr.violation is not None, "corpus": []}
+    if corpus is not None:
+        cases = ([(tr.violation[0], tr.violation[1], "violation")] if tr.violation else [])
+        cases += [(ex, sc, "worst") for _, ex, sc in tr.top if not (tr.violation and ex is tr.violation[0])]
+        for ex, sc, why in cases:
+            m = {"found_by": why, "tier": tier, "device": str(device), "derandomized": derandomize,
+                 "rounds": rounds, **(meta or {})}
+            res["corpus"].append(str(save_case(target, ex, sc, corpus, m)))
+    return res
+
+
+@dataclass
+class CertifyConfig:
+    targets: tuple = KERNEL_TARGETS
+    dtypes: tuple = ("bf16", "fp16", "fp32")
+    examples: int = 200
+    seconds: "float | None" = None
+    seed: int = 0
+    derandomize: bool = True
+    device: str = "auto"
+    tier: "str | None" = None
+    keep: int = 3
+    corpus: "str | None" = None
+    jobs: int = 1
+
+    def validate(self) -> None:
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"unknown target(s) {unknown or list(self.targets)}; choose from {', '.join(TARGETS)}")
+        for d in self.dtypes:
+            if d not in ("bf16", "fp16", "fp32"):
+                raise ValueError(f"unknown dtype {d!r}; choose from bf16, fp16, fp32")
+        if self.examples <= 0:
+            raise ValueError(f"examples must be positive, got {self.examples}")
+        if self.seconds is not None and not self.seconds > 0:
+            raise ValueError(f"seconds must be positive, got {self.seconds}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be positive, got {self.jobs}")
+        if self.tier not in (None, "fused", "eager"):
+            raise ValueError(f"tier must be 'fused' or 'eager', got {self.tier!r}")
+
+
+def run_certify(cfg: CertifyConfig, progress=None) -> dict:
+    """Search every (target, dtype) pair the target supports; the report dict (JSON-ready)."""
+    from .provenance import provenance
+    from .sweep import resolve_device
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    prov = provenance(device)
+    meta = {"commit": prov.get("git", {}).get("commit"), "versions": prov.get("versions"),
+            "device_name": prov.get("device", {}).get("name", prov.get("device", {}).get("cpu"))}
+    results = []
+    pairs = [(t, d) for t in cfg.targets for d in cfg.dtypes if d in TARGETS[t].dtypes]
+    if not pairs:
+        raise ValueError("no (target, dtype) pair to run: the chosen targets support none of the chosen dtypes")
+    kw = dict(examples=cfg.examples, seed=cfg.seed, derandomize=cfg.derandomize, device=str(device), tier=cfg.tier,
+              keep=cfg.keep, corpus=cfg.corpus, meta=meta)
+    if cfg.jobs > 1:  # one process per (target, dtype): spawn, so CUDA initialises cleanly in each
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        secs = cfg.seconds and cfg.seconds * min(cfg.jobs, len(pairs)) / len(pairs)
+        with cf.ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futs = [pool.submit(search, t, d, seconds=secs, **kw) for t, d in pairs]
+            for i, f in enumerate(cf.as_completed(futs)):
+                if progress:
+                    progress(i, len(pairs), f"{f.result()['target']}/{f.result()['dtype']}")
+            results = [f.result() for f in futs]
+    for i, (t, d) in enumerate(pairs if cfg.jobs <= 1 else ()):
+        if progress:
+            progress(i, len(pairs), f"{t}/{d}")
+        results.append(search(t, d, seconds=cfg.seconds and cfg.seconds / len(pairs), **kw))
+    if progress:
+        progress(len(pairs), len(pairs), "done")
+    return {"kind": "certify", "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+            "provenance": prov, "results": results,
+            "certified": not any(r["violation"] for r in results),
+            "max_ratio": max(r["max_ratio"] for r in results)}
+
+
+def certify_markdown(rep: dict) -> str:
+    from .report import _fmt, _table
+
+    p = rep["provenance"]
+    lines = ["# dora-verify certify", "",
+             f"Device: {p.get('device', {}).get('name', p.get('device', {}).get('cpu', '?'))}; commit {p.get('git', {}).get('commit', '?')}; "
+             f"torch {p.get('versions', {}).get('torch', '?')}, triton {p.get('versions', {}).get('triton', '?')}; "
+             f"{'derandomized (pre-merge)' if rep['config']['derandomize'] else 'seeded rounds from ' + str(rep['config']['seed'])}.",
+             "", f"**{'CERTIFIED' if rep['certified'] else 'VIOLATION FOUND'}**: largest error/bound ratio "
+             f"{_fmt(rep['max_ratio'])} (≤ 1 certifies; ratio = (|error| − oracle bound) / a-priori bound, worst element "
+             f"of each example).", ""]
+    rows = [[r["target"], r["dtype"], r["tier"], r["examples"], r["max_ratio"], r["ratio"].get("p50"),
+             r["ratio"].get("p99"), r["max_ulp"], "yes" if r["violation"] else "no", r["seconds"]]
+            for r in rep["results"]]
+    lines += [_table(["target", "dtype", "tier", "examples", "max ratio", "p50", "p99", "max ulp / unit", "violation",
+                      "time s"], rows), ""]
+    lines += ["Per output (max ratio):", ""]
+    lines += [f"- {r['target']}/{r['dtype']}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r["parts_max"].items())
+              for r in rep["results"]]
+    lines += ["", "Histogram of per-example worst ratios (how tight the bounds are):", ""]
+    labels = next((list(r["ratio"]["histogram"]) for r in rep["results"] if "histogram" in r["ratio"]), [])
+    lines += [_table(["target", "dtype"] + labels,
+                     [[r["target"], r["dtype"]] + list(r["ratio"].get("histogram", {}).values()) for r in rep["results"]])]
+    lines += ["", "`max ulp / unit`: max ULP error of the main output (compose, forms), or for `norm` the max relative "
+              "error of ν in units of 2⁻²⁴."]
+    return "\n".join(lines) + "\n"
+
+
+def write_certify_report(rep: dict, out_dir) -> list:
+    from .report import write_bundle
+
+    return write_bundle(rep, out_dir, lambda files: certify_markdown(rep), json_name="certify.json",
+                        md_name="certify.md")
+
+
+__all__ = ["BoundViolation", "CertifyConfig", "KERNEL_TARGETS", "Score", "TARGETS", "load_case", "replay",
+           "run_certify", "save_case", "search", "write_certify_report"]

@@ -1,0 +1,138 @@
+"""dora_verify.certify: the committed corpus replays under its bounds, the derandomized pre-merge search
+certifies the kernels, and the search finds planted defects (so it can fail)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+import dora_verify.kernels as K
+from dora_verify import certify
+from dora_verify.cli import main
+from dora_verify.strategies import compose_examples, norm_examples, value_from_bits
+
+CORPUS = Path(__file__).parent / "corpus"
+CASES = sorted(CORPUS.glob("*.json"))
+
+
+def test_corpus_is_committed():
+    assert len(CASES) >= 10, "tests/corpus holds the worst cases found by `dora-verify certify`"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
+def test_corpus_case_replays_under_its_bound(case):
+    score = certify.replay(case, "cpu")
+    assert score.ratio <= 1.0, (case.name, score.parts)
+    assert score.ratio > 0.05, "a kept worst case should come close to its bound"
+
+
+def _first_example(strategy):
+    box = []
+
+    @settings(max_examples=1, database=None, derandomize=True)
+    @given(strategy)
+    def draw(ex):
+        box.append(ex)
+    draw()
+    return box[0]
+
+
+def test_corpus_roundtrip_is_bit_exact(tmp_path):
+    ex = _first_example(compose_examples("bf16"))
+    sc = certify.Score(0.5, 0.5, {"y": 0.5})
+    path = certify.save_case("compose.y", ex, sc, tmp_path, {"note": "test"})
+    target, back, doc = certify.load_case(path)
+    assert target == "compose.y" and doc["note"] == "test" and back.params == json.loads(json.dumps(ex.params))
+    for k, v in ex.tensors.items():
+        assert back.tensors[k].dtype == v.dtype and torch.equal(back.tensors[k].view(torch.uint8), v.view(torch.uint8))
+
+
+@pytest.mark.parametrize("target", certify.KERNEL_TARGETS)
+def test_premerge_search_certifies_the_kernels(target):
+    """Derandomized, fixed budget: the same examples on every run (what CI gates on)."""
+    for dtype in certify.TARGETS[target].dtypes:
+        res = certify.search(target, dtype, examples=25, device="cpu")
+        assert res["examples"] >= 20 and not res["violation"], (target, dtype, res["parts_max"])
+        assert 0.3 < res["max_ratio"] <= 1.0  # tight, not vacuous
+
+
+def test_derandomized_search_is_reproducible():
+    a = certify.search("compose.y", "bf16", examples=15, device="cpu")
+    b = certify.search("compose.y", "bf16", examples=15, device="cpu")
+    assert a["ratio"] == b["ratio"] and a["max_ulp"] == b["max_ulp"]
+
+
+def _planted_compose(kind):
+    real = K.compose
+
+    def broken(base, lora, g, s, bias=None, **kw):
+        if kind == "gcast":  # the bug this project exists to catch: g rounded to the activation dtype
+            g = g.to(base.dtype).to(torch.float32)
+        out = real(base, lora, g, s, bias, **kw)
+        if kind == "mask" and out.shape[-1] > 1:  # off-by-one at the tail: the last column left from base
+            out = out.clone()
+            out[..., -1] = base[..., -1] if kw.get("output", "y") == "y" else 0
+        return out
+    return broken
+
+
+@pytest.mark.parametrize("kind,target", [("gcast", "compose.y"), ("gcast", "compose.delta"), ("mask", "compose.y")])
+def test_search_finds_planted_defects(monkeypatch, tmp_path, kind, target):
+    monkeypatch.setattr(K, "compose", _planted_compose(kind))
+    res = certify.search(target, "bf16", examples=60, device="cpu", corpus=tmp_path)
+    assert res["violation"], res["parts_max"]
+    doc = json.loads(Path(res["corpus"][0]).read_text())
+    assert doc["found_by"] == "violation" and float(doc["score"]["ratio"]) > 1
+    monkeypatch.undo()  # the shrunk case passes with the real kernel
+    assert certify.replay(res["corpus"][0]).ratio <= 1.0
+
+
+def test_naive_form_breaks_the_kernel_bound(monkeypatch):
+    """The naive form, certified against the production kernel's bound, is caught."""
+    from dora_verify.forms import naive
+
+    monkeypatch.setattr(K, "compose", lambda base, lora, g, s, bias=None, **kw: naive(base, lora, g, s, bias)[0])
+    assert certify.search("compose.y", "bf16", examples=60, device="cpu")["violation"]
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(compose_examples("fp16"))
+def test_compose_examples_are_finite_and_well_formed(ex):
+    t = ex.tensors
+    assert t["base"].shape == t["lora"].shape == t["dy"].shape == (ex.params["T"], ex.params["N"])
+    assert t["g"].dtype == torch.float32 and t["g"].shape == (ex.params["N"],)
+    assert all(bool(torch.isfinite(v).all()) for v in t.values())
+
+
+@settings(max_examples=10, deadline=None, database=None)
+@given(norm_examples("bf16"))
+def test_norm_examples_are_finite(ex):
+    assert all(bool(torch.isfinite(v).all()) for v in ex.tensors.values())
+
+
+def test_value_from_bits_folds_non_finite():
+    assert value_from_bits(0x3F80, "bf16") == 1.0 and value_from_bits(0x3C00, "fp16") == 1.0
+    assert value_from_bits(0x7F80, "bf16") == 1.0  # +Inf pattern folded to a finite value
+    assert value_from_bits(0x7C00, "fp16") == 1.0
+    assert value_from_bits(0x7FC00000, "fp32") == value_from_bits(0x3FC00000, "fp32")
+    assert value_from_bits(0x8001, "bf16") < 0
+
+
+def test_certify_cli(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["certify", "--targets", "compose.y", "--dtypes", "fp16", "--examples", "8", "--out", str(out),
+                 "--quiet"]) == 0
+    rep = json.loads((out / "certify.json").read_text())
+    assert rep["certified"] and rep["results"][0]["examples"] == 8 and (out / "certify.md").exists()
+    assert list((out / "corpus").glob("*.npz"))
+    for bad in (["certify", "--targets", "nope"], ["certify", "--dtypes", "int8"], ["certify", "--examples", "0"],
+                ["certify", "--seconds", "-1"]):
+        assert main(bad + ["--out", str(out)]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_certify_cli_exit_1_on_violation(tmp_path, monkeypatch):
+    monkeypatch.setattr(K, "compose", _planted_compose("gcast"))
+    assert main(["certify", "--targets", "compose.y", "--dtypes", "bf16", "--examples", "60", "--out",
+                 str(tmp_path), "--quiet"]) == 1
