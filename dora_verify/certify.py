@@ -306,7 +306,7 @@ def save_case(target: str, ex: Example, score: Score, corpus: "str | Path", meta
     arrays = {k: _tensor_to_np(v) for k, v in ex.tensors.items()}
     doc = {"target": target, "kind": ex.kind, "dtype": ex.dtype, "scalars": ex.scalars, "params": ex.params,
            "tensors": {k: str(v.dtype).removeprefix("torch.") for k, v in ex.tensors.items()},
-           "score": {"ratio": score.ratio, "ulp": score.ulp, "parts": score.parts}, **(meta or {})}
+           "score": {"ratio": score.ratio, "ulp": score.ulp, "parts": score.parts, "info": score.info}, **(meta or {})}
     _atomic_write(folder / f"{name}.npz", lambda fh: np.savez(fh, **arrays))
     _atomic_write(folder / f"{name}.json",
                   lambda fh: fh.write(json.dumps(_finite_json(doc), indent=1, allow_nan=False).encode()))
@@ -365,7 +365,9 @@ class _Tracker:
         for k, v in score.parts.items():
             self.parts[k] = max(self.parts.get(k, 0.0), v)
         for k, v in score.info.items():
-            if isinstance(v, bool):
+            if isinstance(v, str):
+                self.info[k] = v
+            elif isinstance(v, bool):
                 self.info[k] = self.info.get(k, True) and v
             else:
                 self.info[k] = max(self.info.get(k, v), v)
@@ -417,11 +419,16 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
     def probe(ex):
         if tr.violation is None and (time.monotonic() > deadline or len(tr.ratios) >= examples):
             return  # budget spent: hypothesis finishes the round on no-ops (not while it shrinks a violation)
+        if not all(bool(torch.isfinite(v).all()) for v in ex.tensors.values()):
+            tr.rejected += 1
+            reject()  # the oracles are defined on finite inputs; non-finite propagation is tested elsewhere
         try:
             score = tg.evaluate(ex, device, tier)
         except Reject:
             tr.rejected += 1
             reject()
+        except Exception as e:  # a crash on a valid input is a finding too: shrink it and keep it
+            score = Score(math.inf, math.inf, {"error": math.inf}, {"error": f"{type(e).__name__}: {e}"[:300]})
         tr.add(ex, score)
         if progress and len(tr.ratios) % 50 == 0:
             progress(len(tr.ratios), examples, f"{target}/{dtype} max ratio {max(tr.ratios):.3g}")

@@ -102,6 +102,8 @@ PAIRS_BLOCK = 4096
 N_STATS = 7  # max ratio, max ulp, violations, not correctly rounded, not faithful, overflow mismatches, skipped
 
 if _HAS_TRITON:
+    _U32 = tl.constexpr(U32)
+    _ETA32 = tl.constexpr(ETA32)
 
     @triton.jit
     def _pairs_kernel(stats_ptr, g, s, start, IS_BF16: tl.constexpr, P: tl.constexpr, EMIN: tl.constexpr,
@@ -138,7 +140,7 @@ if _HAS_TRITON:
         ay = tl.abs(y_hi)
         # the kernel bound (bounds.compose_kernel_bounds), inflated by 2⁻⁴⁰ like the library's
         terms = tl.abs(g64) * (tl.abs(b64) + tl.abs(sl))
-        ev = U32 * ay + 4 * U32 * U32 * terms + (4 * tl.abs(g64) + 8) * ETA32
+        ev = _U32 * ay + 4 * _U32 * _U32 * terms + (4 * tl.abs(g64) + 8) * _ETA32
         bound = (ev * (1 + U_D) + U_D * ay + ETA_D) * (1 + 2.0**-40)
         in_range = ay <= MAX_FINITE
         err = tl.abs((y - y_hi) - y_lo)

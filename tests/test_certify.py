@@ -136,3 +136,11 @@ def test_certify_cli_exit_1_on_violation(tmp_path, monkeypatch):
     monkeypatch.setattr(K, "compose", _planted_compose("gcast"))
     assert main(["certify", "--targets", "compose.y", "--dtypes", "bf16", "--examples", "60", "--out",
                  str(tmp_path), "--quiet"]) == 1
+
+
+def test_a_crash_is_recorded_as_a_finding(monkeypatch, tmp_path):
+    def crashing(*a, **kw):
+        raise RuntimeError("kernel exploded")
+    monkeypatch.setattr(K, "compose", crashing)
+    res = certify.search("compose.y", "fp16", examples=10, device="cpu", corpus=tmp_path)
+    assert res["violation"] and "kernel exploded" in res["info"]["error"]
