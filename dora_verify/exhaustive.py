@@ -11,7 +11,9 @@
   ~2⁻¹⁰⁶ relative. Per element it scores the error against ``bounds.compose_kernel_bounds`` (written
   out in the kernel), the ULP error, correct rounding (|err| ≤ ½ ulp) and faithfulness (|err| < 1 ulp);
   results whose exact value overflows the format must come out as ±Inf of the right sign. Pairs with a
-  NaN/Inf input are counted and skipped (IEEE propagation is tested in tests/test_kernels_compose.py).
+  NaN/Inf input are counted and skipped (IEEE propagation is tested in tests/test_kernels_compose.py); so are
+  pairs outside the contract's domain (s·lora or base + s·lora beyond fp32's range: bf16 values near 3e38,
+  where the fp32 epilogue itself overflows).
 """
 from __future__ import annotations
 
@@ -99,11 +101,13 @@ except ImportError:  # pragma: no cover - Triton is a dependency on Linux x86-64
     _HAS_TRITON = False
 
 PAIRS_BLOCK = 4096
-N_STATS = 7  # max ratio, max ulp, violations, not correctly rounded, not faithful, overflow mismatches, skipped
+N_STATS = 8  # max ratio, max ulp, violations, not CR, not faithful, overflow mismatches, skipped, out of domain
+FP32_MAX = 3.4028234663852886e38
 
 if _HAS_TRITON:
     _U32 = tl.constexpr(U32)
     _ETA32 = tl.constexpr(ETA32)
+    FP32_MAX_C = tl.constexpr(FP32_MAX)
 
     @triton.jit
     def _pairs_kernel(stats_ptr, g, s, start, IS_BF16: tl.constexpr, P: tl.constexpr, EMIN: tl.constexpr,
@@ -121,6 +125,9 @@ if _HAS_TRITON:
             b = hb16.to(tl.float16, bitcast=True).to(tl.float32)
             lo = lb16.to(tl.float16, bitcast=True).to(tl.float32)
         finite = ((b - b) == 0.0) & ((lo - lo) == 0.0)
+        # the contract's domain: the fp32 epilogue's intermediates s·lora and base + s·lora stay finite
+        sl_x = lo.to(tl.float64) * s
+        domain = (tl.abs(sl_x) < FP32_MAX_C) & (tl.abs(b.to(tl.float64) + sl_x) < FP32_MAX_C)
         b = tl.where(finite, b, 0.0)
         lo = tl.where(finite, lo, 0.0)
         gg = tl.zeros([BLOCK], dtype=tl.float32) + g
@@ -148,15 +155,15 @@ if _HAS_TRITON:
         ex = ((bits >> 52) & 0x7FF).to(tl.int32) - 1023
         ex = tl.maximum(ex, EMIN) - (P - 1)
         ulp_ = ((ex + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
-        scored = finite & in_range
+        scored = finite & domain & in_range
         ratio = tl.where(scored & (err > 0), err / bound, 0.0)
         uerr = tl.where(scored, err / ulp_, 0.0)
         # beyond the range: RN gives ±Inf from MAX_FINITE + ½ulp on, else ±MAX_FINITE; y must say so
         ovf_expect_inf = ay >= MAX_FINITE + 0.5 * ((ex + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
         y_inf = tl.abs(y) == float("inf")
         same_sign = (y > 0) == (y_hi > 0)
-        ovf_bad = finite & (~in_range) & ((ovf_expect_inf != y_inf) | (~same_sign))
-        out = stats_ptr + pid.to(tl.int64) * 7
+        ovf_bad = finite & domain & (~in_range) & ((ovf_expect_inf != y_inf) | (~same_sign))
+        out = stats_ptr + pid.to(tl.int64) * 8
         tl.store(out + 0, tl.max(ratio, axis=0).to(tl.float32))
         tl.store(out + 1, tl.max(uerr, axis=0).to(tl.float32))
         tl.store(out + 2, tl.sum((ratio > 1).to(tl.int32), axis=0).to(tl.float32))
@@ -164,6 +171,7 @@ if _HAS_TRITON:
         tl.store(out + 4, tl.sum((scored & (uerr >= 1.0)).to(tl.int32), axis=0).to(tl.float32))
         tl.store(out + 5, tl.sum(ovf_bad.to(tl.int32), axis=0).to(tl.float32))
         tl.store(out + 6, tl.sum((~finite).to(tl.int32), axis=0).to(tl.float32))
+        tl.store(out + 7, tl.sum((finite & (~domain)).to(tl.int32), axis=0).to(tl.float32))
 
 
 def all_pairs(dtype, g: float, s: float, device="cuda", start: int = 0, count: int = 1 << 32) -> dict:
@@ -188,7 +196,8 @@ def all_pairs(dtype, g: float, s: float, device="cuda", start: int = 0, count: i
     return {"dtype": fmt.name, "g": g, "s": s, "pairs": count, "max_ratio": float(col[:, 0].max()),
             "max_ulp": float(col[:, 1].max()), "violations": int(col[:, 2].sum()),
             "not_correctly_rounded": int(col[:, 3].sum()), "not_faithful": int(col[:, 4].sum()),
-            "overflow_mismatch": int(col[:, 5].sum()), "skipped_nonfinite": int(col[:, 6].sum())}
+            "overflow_mismatch": int(col[:, 5].sum()), "skipped_nonfinite": int(col[:, 6].sum()),
+            "out_of_domain": int(col[:, 7].sum())}
 
 
 def run_exhaustive(dtypes=("bf16", "fp16"), g_values=DEFAULT_G, s_values=DEFAULT_S, device="cuda", progress=None) -> dict:
@@ -229,11 +238,13 @@ def exhaustive_markdown(rep: dict) -> str:
              "Per point: all 2³² bit patterns of (base, lora) (NaN/Inf inputs skipped), y = RN(g·(base + s·lora)) by "
              "kernels.compose._y_value, exact value in float64 double-double. 'not CR' = |err| > ½ ulp (not correctly "
              "rounded), 'not faithful' = |err| ≥ 1 ulp, 'overflow' = a result beyond the format's range that is not "
-             "the right ±Inf/±max.", ""]
+             "the right ±Inf/±max; 'out of domain' = pairs where s·lora or base + s·lora exceeds fp32's range (≈3.4e38, "
+             "bf16 only), which the fp32 epilogue cannot represent (the contract's stated domain).", ""]
     rows = [[r["dtype"], r["g"], r["s"], r["max_ratio"], r["max_ulp"], r["violations"], r["not_correctly_rounded"],
-             r["not_faithful"], r["overflow_mismatch"], r["skipped_nonfinite"], r["seconds"]] for r in rep["points"]]
+             r["not_faithful"], r["overflow_mismatch"], r["skipped_nonfinite"], r["out_of_domain"], r["seconds"]]
+            for r in rep["points"]]
     lines.append(_table(["dtype", "g", "s", "max ratio", "max ulp", "ratio > 1", "not CR", "not faithful", "overflow",
-                         "skipped", "time s"], rows))
+                         "skipped (NaN/Inf in)", "out of domain", "time s"], rows))
     return "\n".join(lines) + "\n"
 
 

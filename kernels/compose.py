@@ -27,6 +27,9 @@ Numerical contract (base, lora, dy in bf16/fp16/fp32; g, g−1 fp32; s fp32-repr
   error ≤ u_act·Σ_T|dy·inner|, ~2⁻⁸ relative in bf16).
   Δ output: d_base = RN(RN32((g−1)·dy)) (the caller's residual path carries the other dy); d_g as above
   (∂Δ/∂g and ∂Δ/∂(g−1) are credited to g, exact when g−1 is computed from the same m as g).
+* Domain: |s·lora| and |base + s·lora| below fp32's largest value (≈3.4e38; only bf16 inputs near their own
+  range limit can leave it: the fp32 epilogue then overflows to ±Inf/NaN where the exact y may be finite).
+  The exhaustive check (dora_verify/exhaustive.py) counts those pairs separately.
 * Non-finite inputs propagate elementwise as in IEEE arithmetic (the kernel falls back to the plain
   fp32 expression where it is not finite); nothing is raised inside the hot path.
 """
