@@ -118,6 +118,9 @@ def _g_values(mode: str, n: int, gen, k: int):
     return g, (g.to(F64) - 1).to(F32)  # exact in fp32 for g in [1/2, 2] (Sterbenz); else one rounding
 
 
+SCALINGS = st.one_of(st.sampled_from(COMMON_S), st.floats(2.0**-8, 16.0, width=32)).map(f32)
+
+
 def _plant(t: torch.Tensor, planted, dtype: str, which: int):
     for entry in planted:
         i, j = entry[0] % t.shape[0], entry[1] % t.shape[1]
@@ -134,7 +137,7 @@ def compose_examples(draw, dtype: str = "bf16"):
     seed = draw(st.integers(0, 2**32 - 1))
     eb = draw(st.integers(-12, 12))
     el = draw(st.integers(-12, 12))
-    s = f32(draw(st.one_of(st.sampled_from(COMMON_S), st.floats(2.0**-8, 16.0, width=32))))
+    s = draw(SCALINGS)
     g_mode = "one" if regime == "fresh" else draw(st.sampled_from(G_MODES))
     k = draw(st.integers(0, 64))
     planted = draw(st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 1 << 16), _bits(dtype), _bits(dtype)),
@@ -173,7 +176,7 @@ def lora_examples(draw, dtype: str = "bf16"):
     regime = draw(st.sampled_from(("normal", "positive", "heavy", "cancel")))
     seed = draw(st.integers(0, 2**32 - 1))
     eb = draw(st.integers(-8, 8))
-    s = f32(draw(st.one_of(st.sampled_from(COMMON_S), st.floats(2.0**-8, 16.0, width=32))))
+    s = draw(SCALINGS)
     g_mode = draw(st.sampled_from(G_MODES[:5]))
     k = draw(st.integers(0, 64))
     has_bias = draw(st.booleans())
