@@ -408,6 +408,10 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
     from hypothesis import target as htarget
     from hypothesis.errors import HypothesisException
 
+    if target not in TARGETS or dtype not in TARGETS[target].dtypes:
+        raise ValueError(f"unknown (target, dtype) {target!r}/{dtype!r}; targets: {', '.join(TARGETS)}")
+    if examples <= 0:
+        raise ValueError(f"examples must be positive, got {examples}")
     tg = TARGETS[target]
     device = torch.device(device)
     tier = tier or default_tier(device)

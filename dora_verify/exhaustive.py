@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import math
-import struct
 import time
 
 import torch
@@ -26,16 +25,13 @@ import torch
 from . import bounds
 from .formats import parse_format, ulp
 from .oracles import compose_truth
+from .strategies import f32
 
 F64 = torch.float64
 U32, ETA32 = 2.0**-24, 2.0**-150
 DEFAULT_G = (1.0, 1 + 2.0**-23, 1 - 2.0**-24, 1 + 2.0**-10, 1 - 2.0**-9, 1.0015, 0.999, 0.5, 2.0, 1 / 3, 3.7, 1e-3)
 DEFAULT_S = (1.0, 2.0, 0.25, 16 / math.sqrt(384))
 SLICE_GRID = (0.0, -0.0, 1.0, -1.5, 3.140625, -1e-3, 7e-6, 65504.0 / 64, -2.0**-14, 2.0**-24)
-
-
-def f32(x: float) -> float:
-    return struct.unpack("f", struct.pack("f", float(x)))[0]
 
 
 def all_values(dtype) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from hypothesis import assume
 from hypothesis import strategies as st
 
+from .cases import _student_t2
 from .formats import parse_format, round_to
 
 F32, F64 = torch.float32, torch.float64
@@ -75,12 +76,6 @@ def value_from_bits(bits: int, dtype: str) -> float:
 
 def _bits(dtype: str):
     return st.integers(0, 0xFFFFFFFF if parse_format(dtype).name == "fp32" else 0xFFFF)
-
-
-def _student_t2(shape, gen):
-    z = torch.randn(shape, generator=gen, dtype=F64)
-    e = -torch.log(torch.rand(shape, generator=gen, dtype=F64).clamp_min(1e-300))
-    return z / torch.sqrt(e)
 
 
 def _bulk(regime: str, shape, gen, fmt, exp: int) -> torch.Tensor:

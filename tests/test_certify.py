@@ -144,3 +144,12 @@ def test_a_crash_is_recorded_as_a_finding(monkeypatch, tmp_path):
     monkeypatch.setattr(K, "compose", crashing)
     res = certify.search("compose.y", "fp16", examples=10, device="cpu", corpus=tmp_path)
     assert res["violation"] and "kernel exploded" in res["info"]["error"]
+
+
+def test_search_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="target"):
+        certify.search("compose.z", "bf16", examples=1)
+    with pytest.raises(ValueError, match="target"):
+        certify.search("lora_compose", "fp32", examples=1)
+    with pytest.raises(ValueError, match="examples"):
+        certify.search("compose.y", "bf16", examples=0)
