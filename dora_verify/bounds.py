@@ -121,28 +121,40 @@ def compose_form_bounds(form: str, base, lora, g, s: float, bias=None, dtype=Non
 
 
 # ----------------------------------------------------------------------------- production compose kernel
+def compose_epilogue_slack(base, lora, g, s: float, bias=None, g_minus_1=None):
+    """(E_Δ, E_y): bounds on |v' − x| for the unrounded fp32 pair v' = hi + tail of kernels.compose, before its one
+    final rounding (proofs/bounds.md, "Production compose kernel"). With I = |b + s l|, p = |s l|:
+    E_y = u₃₂²|g|(4I + 3p) [+ u₃₂²(|g|(3I + p) + |β|) with bias], E_Δ = u₃₂²(4|(g − 1)b| + 7|g p|), each times
+    (1 + 4u₃₂), plus underflow: (4|g| + 8)·η₃₂ for y, (2|g| + 2|g − 1| + 8)·η₃₂ for Δ (the FMA splittings stop
+    being exact below the normal range; roundings made before the multiplication by g are scaled by it)."""
+    b, l, g64 = _t(base, lora, g)
+    g64 = g64.reshape(1, -1)
+    gm1 = g64 - 1 if g_minus_1 is None else _t(g_minus_1)[0].reshape(1, -1)
+    sl = (s * l).abs()
+    inner = (b + s * l).abs()
+    u2 = U32 * U32 * (1 + 4 * U32)
+    e_y = u2 * g64.abs() * (4 * inner + 3 * sl)
+    if bias is not None:
+        e_y = e_y + u2 * (g64.abs() * (3 * inner + sl) + _t(bias)[0].reshape(1, -1).abs())
+    e_d = u2 * (4 * (gm1 * b).abs() + 7 * g64.abs() * sl)
+    return (e_d + (2 * g64.abs() + 2 * gm1.abs() + 8) * ETA32, e_y + (4 * g64.abs() + 8) * ETA32)
+
+
 def compose_kernel_bounds(base, lora, g, s: float, bias=None, dtype=None, g_minus_1=None):
-    """(Δ bound, y bound) of kernels.compose (fused tier), from its contract: the fp32 value before the
-    final rounding is within u32|x| + 4u32²·(terms) of x, then one rounding to ``dtype``. With
-    ``g_minus_1`` the Δ reference is g_minus_1·base + g·s·lora (the kernel's Δ input as given)."""
+    """(Δ bound, y bound) of kernels.compose (both tiers), from its contract: the unrounded fp32 pair v' is within
+    E (:func:`compose_epilogue_slack`) of the exact x, then one rounding to ``dtype`` (fp32: RN(v'); 16-bit: RN of
+    the round-to-odd of v', which equals RN(v')): |x̂ − x| ≤ E(1 + u_D) + u_D|x| + η_D. With ``g_minus_1`` the Δ
+    reference is g_minus_1·base + g·s·lora (the kernel's Δ input as given)."""
     dtype = dtype or base.dtype
     uD, _, etaD = _fmt_params(dtype)
     b, l, g64 = _t(base, lora, g)
     g64 = g64.reshape(1, -1)
     gm1 = g64 - 1 if g_minus_1 is None else _t(g_minus_1)[0].reshape(1, -1)
-    sl = s * l
-    delta = gm1 * b + g64 * sl
-    y = g64 * (b + sl)
-    terms_y = g64.abs() * (b.abs() + sl.abs())
+    delta = gm1 * b + g64 * (s * l)
+    y = g64 * (b + s * l)
     if bias is not None:
-        bb = _t(bias)[0].reshape(1, -1)
-        y = y + bb
-        terms_y = terms_y + bb.abs()
-    # underflow: the FMA-based splittings stop being exact below the normal range; ≤ (4|g| + 8)·η₃₂ for y
-    # (8 roundings, those before the multiplication by g scaled by it), (2|g| + 2|g − 1| + 8)·η₃₂ for Δ
-    ev_y = U32 * y.abs() + 4 * U32 * U32 * terms_y + (4 * g64.abs() + 8) * ETA32
-    ev_d = (U32 * delta.abs() + 4 * U32 * U32 * (gm1.abs() * b.abs() + (g64 * sl).abs())
-            + (2 * g64.abs() + 2 * gm1.abs() + 8) * ETA32)
+        y = y + _t(bias)[0].reshape(1, -1)
+    ev_d, ev_y = compose_epilogue_slack(base, lora, g, s, bias, g_minus_1)
     ey = ev_y * (1 + uD) + uD * y.abs() + etaD
     eD = ev_d * (1 + uD) + uD * delta.abs() + etaD
     return eD * SAFETY, ey * SAFETY
@@ -315,5 +327,5 @@ def lora_compose_bounds(base, xa, B, g, s: float, lora_hat, bias=None, chain: "i
     return (ey + (g64 * s).abs() * e_lora) * SAFETY
 
 
-__all__ = ["compose_backward_bounds", "compose_form_bounds", "compose_kernel_bounds", "dm_bound", "factored_norm_bound",
-           "gamma", "gamma_prob", "kernel_norm_bound", "lora_compose_bounds", "scale_bounds"]
+__all__ = ["compose_backward_bounds", "compose_epilogue_slack", "compose_form_bounds", "compose_kernel_bounds",
+           "dm_bound", "factored_norm_bound", "gamma", "gamma_prob", "kernel_norm_bound", "lora_compose_bounds", "scale_bounds"]

@@ -79,7 +79,14 @@ def _max_ulp(got, exact, fmt) -> float:
 
 
 def _on(ex: Example, device) -> dict:
+    """The example's tensors on the kernel's device. Oracles and bounds run on the CPU copies (``ex.tensors``):
+    the GPU only runs the kernel under test, so many searches can share one GPU without queueing the
+    oracles' many small launches behind each other."""
     return {k: v.to(device) for k, v in ex.tensors.items()}
+
+
+def _cpu(*xs):
+    return tuple(x.detach().cpu() for x in xs)
 
 
 def _check_range(x: torch.Tensor, fmt) -> None:
@@ -91,10 +98,10 @@ def _check_range(x: torch.Tensor, fmt) -> None:
 def eval_compose_y(ex: Example, device, tier) -> Score:
     from .kernels import compose
 
-    t, s = _on(ex, device), ex.scalars["s"]
+    t, k, s = ex.tensors, _on(ex, device), ex.scalars["s"]
     tr = compose_truth(t["base"], t["lora"], t["g"], s, t.get("bias"))
     _check_range(tr.y, ex.dtype)
-    y = compose(t["base"], t["lora"], t["g"], s, t.get("bias"), tier=tier)
+    y, = _cpu(compose(k["base"], k["lora"], k["g"], s, k.get("bias"), tier=tier))
     _, by = bounds.compose_kernel_bounds(t["base"], t["lora"], t["g"], s, t.get("bias"))
     r = excess_ratio(y, tr.y_hi, tr.y_lo, tr.y_bound, by)
     return Score(r, _max_ulp(y, tr.y, ex.dtype), {"y": r})
@@ -103,11 +110,11 @@ def eval_compose_y(ex: Example, device, tier) -> Score:
 def eval_compose_delta(ex: Example, device, tier) -> Score:
     from .kernels import compose
 
-    t, s = _on(ex, device), ex.scalars["s"]
+    t, k, s = ex.tensors, _on(ex, device), ex.scalars["s"]
     gm1 = t["g_minus_1"]
     tr = compose_truth(t["base"], t["lora"], t["g"], s, g_minus_1=gm1)
     _check_range(tr.y, ex.dtype)
-    d = compose(t["base"], t["lora"], t["g"], s, g_minus_1=gm1, output="delta", tier=tier)
+    d, = _cpu(compose(k["base"], k["lora"], k["g"], s, g_minus_1=k["g_minus_1"], output="delta", tier=tier))
     bd, _ = bounds.compose_kernel_bounds(t["base"], t["lora"], t["g"], s, g_minus_1=gm1)
     r = excess_ratio(d, tr.d_hi, tr.d_lo, tr.d_bound, bd)
     return Score(r, _max_ulp(d, tr.delta, ex.dtype), {"delta": r})
@@ -118,20 +125,20 @@ def _compose_grads(t, s, tier, save):
 
     b, l, g = (t[k].clone().requires_grad_() for k in ("base", "lora", "g"))
     compose(b, l, g, s, tier=tier, save=save).backward(t["dy"])
-    return b.grad, l.grad, g.grad
+    return _cpu(b.grad, l.grad, g.grad)
 
 
 def eval_compose_backward(ex: Example, device, tier) -> Score:
     """d_base, d_lora, d_g for save='inputs' and 'activation'; each run twice (bitwise determinism)."""
-    t, s = _on(ex, device), ex.scalars["s"]
+    t, k, s = ex.tensors, _on(ex, device), ex.scalars["s"]
     _check_range(t["g"].to(F64)[None, :] * (t["base"].to(F64).abs() + abs(s) * t["lora"].to(F64).abs()), ex.dtype)
     gt = compose_grad_truth(t["dy"], t["base"], t["lora"], t["g"], s)
     _check_range(gt.d_lora_hi, ex.dtype)
     _check_range((t["dy"].to(F64).abs() * (t["base"].to(F64).abs() + abs(s) * t["lora"].to(F64).abs())).sum(0), "fp32")
     parts, info, worst_ulp = {}, {}, 0.0
     for save in ("inputs", "activation"):
-        grads = _compose_grads(t, s, tier, save)
-        again = _compose_grads(t, s, tier, save)
+        grads = _compose_grads(k, s, tier, save)
+        again = _compose_grads(k, s, tier, save)
         same = all(torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a, b.view(torch.uint8)
                                if b.dtype != torch.float32 else b) for a, b in zip(grads, again))
         eb, el, eg = bounds.compose_backward_bounds(t["dy"], t["base"], t["lora"], t["g"], s, save=save)
@@ -151,18 +158,19 @@ def eval_lora_compose(ex: Example, device, tier) -> Score:
     from .kernels.dispatch import Tier, select_tier
     from .kernels.lora_compose import lora_compose_forward_eager, lora_compose_forward_fused
 
-    t, s = _on(ex, device), ex.scalars["s"]
+    t, k, s = ex.tensors, _on(ex, device), ex.scalars["s"]
     base, xa, B, g, bias = t["base"], t["xa"], t["B"], t["g"], t.get("bias")
+    kargs = (k["base"], k["xa"], k["B"], k["g"])
     xa64, B64, b64, g64 = xa.to(F64), B.to(F64), base.to(F64), g.to(F64)[None, :]
     lora = xa64 @ B64.t()
     y_true = g64 * (b64 + s * lora) + (bias.to(F64)[None, :] if bias is not None else 0)
     _check_range(y_true, ex.dtype)
     oracle_b = bounds.gamma(xa.shape[1] + 6, 2.0**-53) * (g64.abs() * (b64.abs() + abs(s) * (xa64.abs() @ B64.abs().t()))
                                                            + (bias.to(F64).abs()[None, :] if bias is not None else 0))
-    y = lora_compose(base, xa, B, g, s, bias, tier=tier)
-    fused = select_tier(base, False, tier) != Tier.EAGER
-    y2, lora_hat = (lora_compose_forward_fused if fused else lora_compose_forward_eager)(base, xa, B, g, bias, s,
-                                                                                        write_lora=True)
+    y, = _cpu(lora_compose(*kargs, s, k.get("bias"), tier=tier))
+    fused = select_tier(k["base"], False, tier) != Tier.EAGER
+    y2, lora_hat = _cpu(*(lora_compose_forward_fused if fused else lora_compose_forward_eager)(
+        *kargs, k.get("bias"), s, write_lora=True))
     bd = bounds.lora_compose_bounds(base, xa, B, g, s, lora_hat, bias)
     zero = torch.zeros((), dtype=F64, device=bd.device)
     parts = {"y": excess_ratio(y, y_true, zero, oracle_b, bd)}
@@ -186,10 +194,11 @@ def eval_norm(ex: Example, device, tier) -> Score:
     from .kernels import compose, dora_scale, factored_row_norm
     from .kernels.dispatch import HAS_TRITON
 
-    t, s, eps = _on(ex, device), ex.scalars["s"], ex.scalars.get("eps", 1e-12)
+    t, k, s, eps = ex.tensors, _on(ex, device), ex.scalars["s"], ex.scalars.get("eps", 1e-12)
     W, A, B = t["W"], t["A"], t["B"]
-    backend = "triton" if (HAS_TRITON and W.is_cuda and tier != "eager") else "torch"
-    nu, info = factored_row_norm(W, A, B, s, return_info=True, backend=backend)
+    backend = "triton" if (HAS_TRITON and k["W"].is_cuda and tier != "eager") else "torch"
+    nu_k, info = factored_row_norm(k["W"], k["A"], k["B"], s, return_info=True, backend=backend)
+    nu, = _cpu(nu_k)
     tr = row_norm_truth(W, A, B, s)
     if tr.uncertified_rows:
         raise Reject("oracle could not certify every row")
@@ -200,21 +209,22 @@ def eval_norm(ex: Example, device, tier) -> Score:
     m = _magnitude(ex, nu, tr.nu)
     eps32 = float(torch.tensor(eps, dtype=torch.float32))
     nuc = tr.nu.clamp_min(eps32)
-    g, gm1 = dora_scale(m, nu, eps)
+    g, gm1 = _cpu(*dora_scale(m.to(device), nu_k, eps))
     bg, bgm1 = bounds.scale_bounds(m, nu, tr.nu, nb + tr.bound, eps)
     m64 = m.to(F64)
     ob = 2.0**-52 * (m64 / nuc).abs()  # float64 evaluation of the exact g (one division)
     parts["g"] = excess_ratio(g, m64 / nuc, zero, ob, bg)
     parts["g_minus_1"] = excess_ratio(gm1, (m64 - nuc) / nuc, zero, ob, bgm1)
-    mm = m.clone().requires_grad_()
-    gg, _ = dora_scale(mm, nu, eps)
+    mm = m.to(device).requires_grad_()
+    gg, _ = dora_scale(mm, nu_k, eps)
     gg.retain_grad()
-    compose(t["base"], t["lora"], gg, s, tier=tier).backward(t["dy"])
-    gt = compose_grad_truth(t["dy"], t["base"], t["lora"], g.detach(), s)
-    _, _, eg = bounds.compose_backward_bounds(t["dy"], t["base"], t["lora"], g.detach(), s)
-    bdm = bounds.dm_bound(gg.grad, eg + gt.d_g_bound, nu, tr.nu, nb + tr.bound, eps)
+    compose(k["base"], k["lora"], gg, s, tier=tier).backward(k["dy"])
+    d_g, d_m = _cpu(gg.grad, mm.grad)
+    gt = compose_grad_truth(t["dy"], t["base"], t["lora"], g, s)
+    _, _, eg = bounds.compose_backward_bounds(t["dy"], t["base"], t["lora"], g, s)
+    bdm = bounds.dm_bound(d_g, eg + gt.d_g_bound, nu, tr.nu, nb + tr.bound, eps)
     dm = gt.d_g / nuc
-    parts["d_m"] = excess_ratio(mm.grad, dm, zero, (gt.d_g_bound / nuc) * (1 + 2.0**-50) + 2.0**-52 * dm.abs(), bdm)
+    parts["d_m"] = excess_ratio(d_m, dm, zero, (gt.d_g_bound / nuc) * (1 + 2.0**-50) + 2.0**-52 * dm.abs(), bdm)
     info_ = {"max_rel_nu": float(rel.max()), "recomputed_rows": len(info.recomputed_rows)}
     return Score(max(parts.values()), float(rel.max()) / 2.0**-24, parts, info_)
 
@@ -224,10 +234,10 @@ def _form_evaluator(name: str) -> Callable:
     def evaluate(ex: Example, device, tier) -> Score:
         from .forms import COMPOSE_FORMS
 
-        t, s = _on(ex, device), ex.scalars["s"]
+        t, k, s = ex.tensors, _on(ex, device), ex.scalars["s"]
         tr = compose_truth(t["base"], t["lora"], t["g"], s, t.get("bias"))
         _check_range(tr.y, ex.dtype)
-        y, d = COMPOSE_FORMS[name].fn(t["base"], t["lora"], t["g"], s, t.get("bias"))
+        y, d = _cpu(*COMPOSE_FORMS[name].fn(k["base"], k["lora"], k["g"], s, k.get("bias")))
         bd, by = bounds.compose_form_bounds(name, t["base"], t["lora"], t["g"], s, t.get("bias"))
         parts = {"y": excess_ratio(y, tr.y_hi, tr.y_lo, tr.y_bound, by),
                  "delta": excess_ratio(d, tr.d_hi, tr.d_lo, tr.d_bound, bd)}
@@ -530,7 +540,9 @@ def run_certify(cfg: CertifyConfig, progress=None) -> dict:
         import multiprocessing as mp
 
         secs = cfg.seconds and cfg.seconds * min(cfg.jobs, len(pairs)) / len(pairs)
-        with cf.ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=mp.get_context("spawn")) as pool:
+        threads = max(1, (os.cpu_count() or 1) // min(cfg.jobs, len(pairs)))  # the CPU oracles: no oversubscription
+        with cf.ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=mp.get_context("spawn"),
+                                    initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             futs = [pool.submit(search, t, d, seconds=secs, **kw) for t, d in pairs]
             for i, f in enumerate(cf.as_completed(futs)):
                 if progress:

@@ -8,22 +8,27 @@ Numerical contract (base, lora, dy in bf16/fp16/fp32; g, g−1 fp32; s fp32-repr
 
 * Forward, y output. The fused kernel evaluates g·(base + s·lora) + bias in fp32 registers with
   error-free transformations (s·lora and g·hi split exactly with FMA, base + s·lora and + bias with
-  TwoSum), so the fp32 value v before the single final rounding satisfies
-  ``|v − y| ≤ u|y| + 4u²·(|g|(|base| + |s·lora|) + |bias|)``; the output RN(v) is therefore faithful
-  (≤ 1 ulp of the output dtype from the exact y of the rounded inputs) unless cancellation exceeds
-  ~2¹⁵ in bf16, and is exact whenever y is representable (g = 1 and lora = 0, a fresh adapter).
+  TwoSum) into an unrounded pair v' = hi + tail with |v' − y| ≤ E = u²|g|(4|base + s·lora| + 3|s·lora|)(1 + 4u)
+  (+ u²(|g|(3|base + s·lora| + |s·lora|) + |bias|) with bias; ``bounds.compose_epilogue_slack``, derivation in
+  proofs/bounds.md). For 16-bit outputs hi + tail is rounded to fp32 by round-to-odd (TwoSum's residual is the
+  sticky bit), so the one conversion to bf16/fp16 equals RN(v') — no double rounding: a plain fp32 sum
+  followed by a cast would put values just off a 16-bit midpoint onto it and then round to even (the wrong way),
+  and turns exact fp16 results in (65504, 65520) into +Inf. Hence the output is **correctly rounded**
+  (RN of the exact y of the rounded inputs) unless y lies within E of a rounding boundary of the output format,
+  and always faithful (≤ 1 ulp); exact whenever y is representable (g = 1 and lora = 0, a fresh adapter).
 * Forward, Δ output (for callers that add Δ to an existing ``base + bias``): the same construction
-  gives ``|v − Δ| ≤ u|Δ| + 4u²·(|g−1||base| + |g·s·lora|)`` before the one final rounding; Δ is exactly 0
+  gives |v' − Δ| ≤ E_Δ = u²(4|(g−1)·base| + 7|g·s·lora|)(1 + 4u), then the same single rounding; Δ is exactly 0
   when g − 1 = 0 and lora = 0. (A plain fp32 evaluation would add u·(|(g−1)·base| + |g·s·lora|).)
-* The eager tier computes the same quantities in float64 (error ≤ 3·2⁻⁵³ of the terms) and rounds to
-  the output dtype through torch's cast: faithful under the same conditions. Tiers may differ by 1 ulp.
+* The eager tier computes the same quantities in float64 (error ≤ 3·2⁻⁵³ of the terms, below E) and rounds
+  once to the output dtype (:func:`round_from_f64`: round-to-odd into fp32, then RN; torch's own float64 →
+  bf16 cast rounds twice). Same guarantee; tiers can differ only where y lies within E of a boundary.
 * Backward (y output): d_base = RN(RN32(g·dy)) and d_lora = RN(RN32(RN32(g·s)·dy)) are faithful (two
   fp32 roundings of ≤ 2u each, then one output rounding); identical bits in every tier.
   d_g = Σ_T dy ⊙ (base + s·lora) is accumulated in float64 in a fixed two-stage order (per column block
   and row split, then over splits): bitwise reproducible, no atomics. By default (save='inputs') the
   backward reads base and lora themselves (kept alive, no new tensor): s·lora and dy·inner products are
   exact or within one float64 rounding, so d_g's error is γ64_T·Σ|dy·inner| plus one fp32 rounding.
-  save='activation' keeps only inner = base + s·lora rounded to the activation dtype (half the memory;
+  save='activation' keeps only inner = base + s·lora rounded once to the activation dtype (half the memory;
   error ≤ u_act·Σ_T|dy·inner|, ~2⁻⁸ relative in bf16).
   Δ output: d_base = RN(RN32((g−1)·dy)) (the caller's residual path carries the other dy); d_g as above
   (∂Δ/∂g and ∂Δ/∂(g−1) are credited to g, exact when g−1 is computed from the same m as g).
@@ -64,9 +69,23 @@ if HAS_TRITON:
         return s, (a - (s - bb)) + (b - bb)
 
     @triton.jit
-    def _y_value(b, lo, g, bias_ptr, cols, cmask, s, HAS_BIAS: tl.constexpr):
-        """fp32 value of g·(b + s·lo) + bias before the final rounding, error ≤ u|y| + 4u²(…) (module
-        contract); non-finite results take the plain fp32 form (IEEE propagation)."""
+    def _sum_odd(a, b, ODD: tl.constexpr):
+        """RN32(a + b); with ODD, its round-to-odd instead: when a + b is inexact and the nearest fp32 value
+        has an even last bit, step one ulp towards a + b. A later rounding to a format with ≤ 22 significant
+        bits then equals the direct rounding of a + b (no double rounding)."""
+        v, r = _two_sum(a, b)  # a + b = v + r exactly
+        if ODD:
+            bits = v.to(tl.int32, bitcast=True)
+            fix = (r != 0.0) & ((bits & 1) == 0) & ((v - v) == 0.0)
+            step = tl.where((r > 0.0) == (v > 0.0), 1, -1)  # +1 on the bits moves away from zero
+            v = tl.where(fix, (bits + step).to(tl.float32, bitcast=True), v)
+        return v
+
+    @triton.jit
+    def _y_value(b, lo, g, bias_ptr, cols, cmask, s, HAS_BIAS: tl.constexpr, ODD: tl.constexpr):
+        """fp32 value of g·(b + s·lo) + bias before the final rounding: v' = q + tail within 4u²(…) of y (module
+        contract), then RN32(v') or, with ODD (16-bit outputs), its round-to-odd; non-finite results take the
+        plain fp32 form (IEEE propagation)."""
         p = lo * s
         ep = tl.fma(lo, s, -p)  # s·lora = p + ep exactly
         h, e1 = _two_sum(b, p)  # base + p = h + e1 exactly
@@ -78,16 +97,16 @@ if HAS_TRITON:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             y1, e2 = _two_sum(q, bias)
-            v = y1 + (e2 + tail)
+            v = _sum_odd(y1, e2 + tail, ODD)
             plain = plain + bias
         else:
-            v = q + tail
+            v = _sum_odd(q, tail, ODD)
         return tl.where((plain - plain) == 0.0, v, plain)
 
     @triton.jit
     def _compose_fwd_kernel(base_ptr, lora_ptr, g_ptr, gm1_ptr, bias_ptr, out_ptr, inner_ptr, T, N, s,
                             DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_INNER: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+                            ODD: tl.constexpr, ODD_INNER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -105,15 +124,15 @@ if HAS_TRITON:
             c = gm1 * b
             ec = tl.fma(gm1, b, -c)  # (g-1)·base = c + ec exactly
             d, e3 = _two_sum(a, c)
-            v = d + (e3 + ((ea + ec) + g * ep))
+            v = _sum_odd(d, e3 + ((ea + ec) + g * ep), ODD)
             plain = c + g * p
             v = tl.where((plain - plain) == 0.0, v, plain)  # non-finite: IEEE propagation of the plain form
         else:
-            v = _y_value(b, lo, g, bias_ptr, cols, cmask, s, HAS_BIAS)
+            v = _y_value(b, lo, g, bias_ptr, cols, cmask, s, HAS_BIAS, ODD)
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
         if SAVE_INNER:
             hh, ee = _two_sum(b, p)
-            tl.store(inner_ptr + offs, (hh + (ee + ep)).to(inner_ptr.dtype.element_ty), mask=mask)
+            tl.store(inner_ptr + offs, _sum_odd(hh, ee + ep, ODD_INNER).to(inner_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _compose_bwd_kernel(dy_ptr, base_ptr, lora_ptr, inner_ptr, g_ptr, gm1_ptr, dbase_ptr, dlora_ptr, partial_ptr,
@@ -189,6 +208,7 @@ def compose_forward_fused(base, lora, g, g_minus_1, bias, s: float, delta: bool,
         _compose_fwd_kernel[grid](base, lora, g, g_minus_1 if delta else g, bias if bias is not None else g,
                                   out, inner if sd is not None else out, T, N, s,
                                   DELTA=delta, HAS_BIAS=bias is not None, SAVE_INNER=sd is not None,
+                                  ODD=base.dtype != torch.float32, ODD_INNER=sd is not None and sd != torch.float32,
                                   BLOCK_T=FWD_BLOCK_T, BLOCK_N=FWD_BLOCK_N, num_warps=FWD_WARPS,
                                   enable_fp_fusion=False)
     return out, inner
@@ -224,8 +244,22 @@ def compose_backward_fused(dy, base, lora, inner, g, g_minus_1, s: float, delta:
 
 
 # ----------------------------------------------------------------------------- eager fallback (tier 3)
+def round_from_f64(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 → ``dtype`` with a single rounding to nearest: through fp32 by round-to-odd (the float64 residual
+    v − RN32(v) is exact and gives the sticky bit), so the 16-bit result equals RN(v) — a plain cast may round
+    twice (float64 → fp32 → 16-bit)."""
+    if dtype in (torch.float64, torch.float32):
+        return v.to(dtype)
+    v32 = v.to(torch.float32)
+    r = v - v32.to(torch.float64)
+    bits = v32.view(torch.int32)
+    fix = (r != 0) & ((bits & 1) == 0) & torch.isfinite(v32)
+    step = torch.where((r > 0) == (v32 > 0), 1, -1).to(torch.int32)
+    return torch.where(fix, (bits + step).view(torch.float32), v32).to(dtype)
+
+
 def compose_forward_eager(base, lora, g, g_minus_1, bias, s: float, delta: bool, save: int):
-    """Float64 evaluation, one cast to the output dtype (see contract)."""
+    """Float64 evaluation, one rounding to the output dtype (see contract)."""
     f64 = torch.float64
     b, sl = base.to(f64), lora.to(f64) * s
     if delta:
@@ -235,8 +269,8 @@ def compose_forward_eager(base, lora, g, g_minus_1, bias, s: float, delta: bool,
         if bias is not None:
             v = v + bias.to(f64)
     sd = _save_dtype(save, base.dtype)
-    inner = (b + sl).to(sd) if sd is not None else base.new_empty(0, dtype=torch.float32)
-    return v.to(base.dtype), inner
+    inner = round_from_f64(b + sl, sd) if sd is not None else base.new_empty(0, dtype=torch.float32)
+    return round_from_f64(v, base.dtype), inner
 
 
 def compose_backward_eager(dy, base, lora, inner, g, g_minus_1, s: float, delta: bool, saved: int, base_dtype,

@@ -68,7 +68,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_compose_fwd_kernel(base_ptr, xa_ptr, b_ptr, g_ptr, bias_ptr, out_ptr, lora_ptr, T, N, R, s,
-                                 HAS_BIAS: tl.constexpr, WRITE_LORA: tl.constexpr, BLOCK_T: tl.constexpr,
+                                 HAS_BIAS: tl.constexpr, WRITE_LORA: tl.constexpr, ODD: tl.constexpr, BLOCK_T: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -78,7 +78,7 @@ if HAS_TRITON:
         lo = _lora_tile(xa_ptr, b_ptr, rows, cols, T, N, R, BLOCK_T, BLOCK_N, BLOCK_R)
         b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + cols, mask=cmask, other=0.0)[None, :]
-        v = _y_value(b, lo, g, bias_ptr, cols, cmask, s, HAS_BIAS)
+        v = _y_value(b, lo, g, bias_ptr, cols, cmask, s, HAS_BIAS, ODD)
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
         if WRITE_LORA:  # for tests: the lora the forward used
             tl.store(lora_ptr + offs, lo.to(lora_ptr.dtype.element_ty), mask=mask)
@@ -128,8 +128,8 @@ def lora_compose_forward_fused(base, xa, B, g, bias, s: float, write_lora: bool 
         grid = (triton.cdiv(T, LC_BLOCK_T), triton.cdiv(N, LC_BLOCK_N))
         _lora_compose_fwd_kernel[grid](base, xa, B, g, bias if bias is not None else g, out,
                                        lora if write_lora else out, T, N, R, s, HAS_BIAS=bias is not None,
-                                       WRITE_LORA=write_lora, BLOCK_T=LC_BLOCK_T, BLOCK_N=LC_BLOCK_N,
-                                       BLOCK_R=LC_BLOCK_R, num_warps=LC_WARPS, num_stages=LC_STAGES,
+                                       WRITE_LORA=write_lora, ODD=out.dtype != torch.float32, BLOCK_T=LC_BLOCK_T,
+                                       BLOCK_N=LC_BLOCK_N, BLOCK_R=LC_BLOCK_R, num_warps=LC_WARPS, num_stages=LC_STAGES,
                                        enable_fp_fusion=False)
     return out, lora
 

@@ -26,6 +26,7 @@ def test_eager_epilogue_every_value(dtype, sweep):
     r = epilogue_slice(dtype, sweep, grid=GRID, g_values=G, s_values=(2.0,), tier="eager")
     assert r["elements"] > 2_000_000 and r["uncertified"] == 0
     assert r["violations"] == 0 and r["not_faithful"] == 0 and r["max_ratio"] <= 1.0, r
+    assert r["not_cr_off_tie"] == 0, r  # correctly rounded (round-to-odd through fp32)
     assert r["max_ratio"] > 0.9  # tight: the final rounding reaches its bound
 
 
@@ -34,6 +35,7 @@ def test_fused_epilogue_every_fp16_value_interpreter():
     r = epilogue_slice("fp16", "base", grid=(0.0, -1.5, 2.0**-24), g_values=(1.0, 1.0015, 3.7), s_values=(2.0,),
                        tier="fused")
     assert r["violations"] == 0 and r["not_faithful"] == 0 and r["max_ratio"] <= 1.0, r
+    assert r["not_cr_off_tie"] == 0, r
 
 
 def _torch_score(dtype, g, s, start, count):
@@ -51,15 +53,18 @@ def _torch_score(dtype, g, s, start, count):
     return exhaustive._score(y, base, lora, gg, exhaustive.f32(s), fmt), int((~keep).sum())
 
 
-@pytest.mark.parametrize("g,s,hi", [(1.0015, 2.0, 0x3C00), (3.7, 0.25, 0x0400), (1.0, 1.0, 0x7B00)])
-def test_all_pairs_checker_agrees_with_torch_scoring(g, s, hi):
+@pytest.mark.parametrize("g,s,start", [(1.0015, 2.0, 0x3C00 << 16), (3.7, 0.25, 0x0400 << 16),
+                                       (1.0, 1.0, 0x7B00 << 16),
+                                       (1.0, 16 / 384**0.5, (0x7BFF << 16) + 0x4000)])  # base 65504: overflow edge
+def test_all_pairs_checker_agrees_with_torch_scoring(g, s, start):
     """The in-kernel exact value, bound, ulp and counts match the library's oracle on the same pairs."""
-    start, count = hi << 16, PAIRS_BLOCK * 4
+    count = PAIRS_BLOCK * 4
     k = all_pairs("fp16", g, s, device="cpu", start=start, count=count)
     t, skipped = _torch_score("fp16", g, s, start, count)
     assert k["skipped_nonfinite"] == skipped
     assert k["violations"] == t["violations"] == 0 and k["not_faithful"] == t["not_faithful"] == 0
     assert k["not_correctly_rounded"] == t["not_correctly_rounded"]
+    assert k["not_cr_off_tie"] == t["not_cr_off_tie"] == 0 and k["overflow_mismatch"] == 0
     assert k["max_ratio"] == pytest.approx(t["max_ratio"], rel=1e-6, abs=1e-9)
     assert k["max_ulp"] == pytest.approx(t["max_ulp"], rel=1e-6, abs=1e-9)
 

@@ -1,16 +1,20 @@
 """kernels.compose against the oracles: eager tier everywhere, fused tier under the Triton interpreter
 (logic checks only: the interpreter truncates fp32→bf16 instead of rounding, so bf16 outputs are held
 to the faithful bound, which truncation of a value within 2⁻²³ of y also meets)."""
+import math
 import os
 
 import pytest
 import torch
 
+from dora_verify import bounds
 from dora_verify.cases import make_case
 from dora_verify.formats import parse_format
 from dora_verify.metrics import ulp_error
 from dora_verify.oracles import compose_truth
 from dora_verify.kernels import compose, dora_scale
+from dora_verify.kernels.compose import round_from_f64
+from dora_verify.strategies import f32
 from dora_verify.kernels.dispatch import HAS_TRITON, Tier, select_tier
 
 TIERS = ["eager"] + (["fused"] if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" else [])
@@ -37,8 +41,55 @@ def test_y_faithful(tier, dtype, regime):
             truth = compose_truth(base, lora, g, c.s, b)
             assert truth.uncertified == 0
             assert y.dtype == base.dtype and y.shape == base.shape
-            # contract: ≤ 1 ulp of the output dtype from the exact y of the rounded inputs
+            # contract: ≤ 1 ulp of the output dtype from the exact y of the rounded inputs ...
             assert float(ulp_error(y.double(), truth.y, fmt).max()) <= 1.0
+            # ... and correctly rounded away from the epilogue's slack around rounding boundaries
+            if not (tier == "fused" and dtype == "bf16"):  # the interpreter truncates fp32 → bf16
+                _assert_correctly_rounded(y, truth, base, lora, g, c.s, b, fmt)
+
+
+def _assert_correctly_rounded(y, truth, base, lora, g, s, bias, fmt):
+    """y = RN(exact y) wherever the exact y lies farther than E (bounds.compose_epilogue_slack) from a midpoint
+    of the output format's grid (at one, the unrounded v' may fall on either side)."""
+    _, slack = bounds.compose_epilogue_slack(base, lora, g, s, bias)
+    x = truth.y_hi + truth.y_lo
+    wrong = y.double() != truth.y_round.nearest
+    near_tie = ((truth.y_hi - (truth.y_round.down + truth.y_round.up) / 2) + truth.y_lo).abs() <= slack + truth.y_bound
+    assert not bool((wrong & ~near_tie).any()), (y[wrong & ~near_tie], x[wrong & ~near_tie])
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_no_double_rounding(tier):
+    """Exact y a hair above a 16-bit midpoint: fp32 rounds it onto the midpoint and a second rounding would
+    go to even (the wrong way). Round-to-odd in fp32 keeps the sticky bit. Also the fp16 overflow edge: exact
+    |y| just below 65520 (the fp16 overflow threshold) must give ±65504, not ±Inf (a plain fp32 intermediate
+    rounds it up to 65520)."""
+    s = 1 + 2.0**-22  # s·2⁻¹¹ = 2⁻¹¹ + 2⁻³³: fp32 drops the 2⁻³³
+    for dtype, half in ((torch.float16, 2.0**-11), (torch.bfloat16, 2.0**-8)):
+        if tier == "fused" and dtype == torch.bfloat16:
+            continue  # the interpreter truncates fp32 → bf16
+        base = torch.tensor([[1.0, -1.0, 2.0]], dtype=dtype)
+        lora = torch.tensor([[half, -half, 2 * half]], dtype=dtype)
+        one = torch.ones(3)
+        y = compose(base, lora, one, s, tier=tier)
+        assert y.tolist() == [[1 + 2 * half, -1 - 2 * half, 2 + 4 * half]]
+        d = compose(base, lora, one, s, g_minus_1=one, output="delta", tier=tier)  # Δ as given: 1·base + s·lora
+        assert d.tolist() == [[1 + 2 * half, -1 - 2 * half, 2 + 4 * half]]
+    s = f32(16 / 384**0.5)
+    base = torch.tensor([[65504.0, -65504.0]], dtype=torch.float16)
+    lora = torch.tensor([[19.59375, -19.59375]], dtype=torch.float16)  # exact y = ±65519.998…
+    assert compose(base, lora, torch.ones(2), s, tier=tier).tolist() == [[65504.0, -65504.0]]
+
+
+def test_round_from_f64_single_rounding():
+    v = torch.tensor([1 + 2.0**-8 + 2.0**-30, -(1 + 2.0**-8 + 2.0**-30), 1 + 2.0**-8 - 2.0**-30, 1 + 2.0**-8, 3.0,
+                      0.0, -0.0, math.inf, -math.inf, 1e300, 2.0**-133 * 1.5], dtype=torch.float64)
+    r = round_from_f64(v, torch.bfloat16).double()
+    want = [1 + 2.0**-7, -(1 + 2.0**-7), 1.0, 1.0, 3.0, 0.0, -0.0, math.inf, -math.inf, math.inf, 2.0**-132]
+    assert r.tolist() == want and math.copysign(1, float(r[6])) == -1
+    assert bool(round_from_f64(torch.tensor([math.nan], dtype=torch.float64), torch.bfloat16).isnan().all())
+    assert v.to(torch.bfloat16).double()[0] == 1.0  # the plain cast rounds twice (why the helper exists)
+    assert torch.equal(round_from_f64(v, torch.float32), v.float())
 
 
 @pytest.mark.parametrize("tier", TIERS)
