@@ -270,7 +270,8 @@ def compose_backward_bounds(dy, base, lora, g, s: float, g_minus_1=None, save: s
     per column. Exact: d_base = g·dy (Δ output: (g − 1)·dy), d_lora = g·s·dy, d_g = Σ_T dy·(b + s·l).
     d_base = RN_D(RN₃₂(g·dy)); d_lora = RN_D(RN₃₂(RN₃₂(g·s)·dy)); d_g: float64 products and sums
     (γ64_{T+2} of Σ|dy|(|b| + |s l|)) rounded to fp32. save='activation': the saved inner is
-    RN_D(b + s l) (evaluated with error ≤ 2u₃₂² of the terms first): + u_D·Σ|dy·inner| (+ η_D per term)."""
+    RN_I(b + s l) in ``kernels.compose.inner_dtype`` (bf16 for fp16 activations), evaluated with error ≤ 2u₃₂² of
+    the terms first: + u_I·Σ|dy·inner| (+ η_I per term)."""
     uD, _, etaD = _fmt_params(dy.dtype)
     uL, _, etaL = _fmt_params(lora.dtype)
     d, b, l, g64 = _t(dy, base, lora, g)
@@ -285,7 +286,9 @@ def compose_backward_bounds(dy, base, lora, g, s: float, g_minus_1=None, save: s
     dg = (d * (b + s * l)).sum(0)
     e_g = gamma(T + 2, U64) * mag
     if save == "activation":
-        uA, _, etaA = _fmt_params(base.dtype)
+        from .kernels.compose import inner_dtype
+
+        uA, _, etaA = _fmt_params(inner_dtype(base.dtype))
         inner = (b + s * l).abs()
         e_g = e_g + (d.abs() * (uA * inner + 2 * U32 * U32 * (b.abs() + abs(s) * l.abs()) + etaA)).sum(0) * (1 + uA)
     elif save != "inputs":

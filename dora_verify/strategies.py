@@ -94,6 +94,12 @@ def _bulk(regime: str, shape, gen, fmt, exp: int) -> torch.Tensor:
     return torch.randn(shape, generator=gen, dtype=F64) * 2.0**exp
 
 
+def _rounded(t: torch.Tensor, fmt) -> torch.Tensor:
+    """float64 values rounded to ``fmt``, saturated at its largest finite value (heavy tails at a drawn scale
+    would otherwise overflow fp16 now and then: the examples are finite by construction)."""
+    return round_to(t.clamp(-fmt.max_finite, fmt.max_finite), fmt).to(fmt.torch_dtype)
+
+
 def _g_values(mode: str, n: int, gen, k: int):
     """(g, g − 1) fp32 [n] for a g mode; g − 1 is exact unless the mode gives it extra precision."""
     if mode == "one":
@@ -139,7 +145,7 @@ def compose_examples(draw, dtype: str = "bf16"):
                             max_size=8))
     has_bias = draw(st.booleans())
     gen = torch.Generator().manual_seed(seed)
-    rnd = lambda t: round_to(t, fmt).to(fmt.torch_dtype)  # noqa: E731
+    rnd = lambda t: _rounded(t, fmt)  # noqa: E731
     base = _bulk(regime if regime != "cancel" else "normal", (T, N), gen, fmt, eb)
     if regime == "fresh":
         lora = torch.zeros(T, N, dtype=F64)
@@ -148,7 +154,6 @@ def compose_examples(draw, dtype: str = "bf16"):
     else:
         lora = _bulk(regime, (T, N), gen, fmt, el)
     base, lora = rnd(base), rnd(lora)
-    assume(bool(torch.isfinite(lora).all()))  # cancel with a tiny s can overflow lora
     _plant(base, planted, dtype, 0)
     _plant(lora, planted, dtype, 1)
     g, gm1 = _g_values(g_mode, N, gen, k)
@@ -176,14 +181,13 @@ def lora_examples(draw, dtype: str = "bf16"):
     k = draw(st.integers(0, 64))
     has_bias = draw(st.booleans())
     gen = torch.Generator().manual_seed(seed)
-    rnd = lambda t: round_to(t, fmt).to(fmt.torch_dtype)  # noqa: E731
+    rnd = lambda t: _rounded(t, fmt)  # noqa: E731
     bulk = "normal" if regime == "cancel" else regime
     xa = rnd(_bulk(bulk, (T, r), gen, fmt, 0))
     B = rnd(_bulk(bulk, (N, r), gen, fmt, -3) / math.sqrt(r))
     if regime == "cancel":  # base ≈ −s·lora
         lora = xa.to(F64) @ B.to(F64).t()
         base = rnd(-s * lora * (1 + torch.randn(T, N, generator=gen, dtype=F64) * 2.0 ** -(k % 16 + 4)))
-        assume(bool(torch.isfinite(base).all()))
     else:
         base = rnd(_bulk(regime, (T, N), gen, fmt, eb))
     g, _ = _g_values(g_mode, N, gen, k)

@@ -28,8 +28,9 @@ Numerical contract (base, lora, dy in bf16/fp16/fp32; g, g−1 fp32; s fp32-repr
   and row split, then over splits): bitwise reproducible, no atomics. By default (save='inputs') the
   backward reads base and lora themselves (kept alive, no new tensor): s·lora and dy·inner products are
   exact or within one float64 rounding, so d_g's error is γ64_T·Σ|dy·inner| plus one fp32 rounding.
-  save='activation' keeps only inner = base + s·lora rounded once to the activation dtype (half the memory;
-  error ≤ u_act·Σ_T|dy·inner|, ~2⁻⁸ relative in bf16).
+  save='activation' keeps only inner = base + s·lora rounded once to the activation dtype (bf16 for fp16
+  activations: fp16's range cannot hold it where y is finite only thanks to a small g; :func:`inner_dtype`)
+  — half the memory; error ≤ u_inner·Σ_T|dy·inner|, ~2⁻⁸ relative.
   Δ output: d_base = RN(RN32((g−1)·dy)) (the caller's residual path carries the other dy); d_g as above
   (∂Δ/∂g and ∂Δ/∂(g−1) are credited to g, exact when g−1 is computed from the same m as g).
 * Domain: |s·lora| and |base + s·lora| below fp32's largest value (≈3.4e38; only bf16 inputs near their own
@@ -182,9 +183,16 @@ if HAS_TRITON:
         tl.store(out_ptr + cols, acc.to(tl.float32), mask=cmask)
 
 
+def inner_dtype(act: torch.dtype) -> torch.dtype:
+    """dtype of the saved inner = base + s·lora in save='activation' mode: the activation dtype, except bf16 for
+    fp16 activations — fp16's range (65504) cannot hold base + s·lora where it exceeds it while y = g·(…) is
+    finite (small g), and an overflowed inner would turn d_g into ±Inf. Same 2 bytes, bf16's precision."""
+    return torch.bfloat16 if act == torch.float16 else act
+
+
 def _save_dtype(code: int, act: torch.dtype) -> "torch.dtype | None":
     """dtype of the ``inner`` tensor the forward writes (only in SAVE_ACTIVATION mode)."""
-    return act if code == SAVE_ACTIVATION else None
+    return inner_dtype(act) if code == SAVE_ACTIVATION else None
 
 
 def bwd_splits(T: int, N: int) -> Tuple[int, int]:

@@ -14,7 +14,7 @@ Forward (PEFT ``LoraConfig(use_dora=True)`` semantics):
   (H100, 8192², r = 384, 4096 tokens: 0.82× PEFT LoRA's peak) for a slower backward (fwd+bwd 1.39× LoRA);
   'inputs' materialises lora and keeps base and lora (measured slower and larger there: fwd+bwd 1.69×,
   peak 1.33× LoRA's; reports/kernels-h100); 'activation'
-  keeps only base + s·lora in the activation dtype (d_m to ~2⁻⁸ relative). fp32 adapters (PEFT's default
+  keeps only base + s·lora in the activation dtype, bf16 for fp16 (d_m to ~2⁻⁸ relative). fp32 adapters (PEFT's default
   autocast) and PEFT-style dropout always take :func:`compose` on a materialised lora.
 * Dropout: with ``dropout_semantics='peft'`` (default) and dropout active (training, p > 0), the layer
   does what PEFT does: ``y = (x Wᵀ + bias) + (g−1) ⊙ (x_d Wᵀ) + g ⊙ s·lora(x_d)`` with x_d the dropped-out

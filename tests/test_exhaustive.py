@@ -8,6 +8,8 @@ from dora_verify import exhaustive
 from dora_verify.exhaustive import PAIRS_BLOCK, all_pairs, all_values, epilogue_slice
 
 GRID = (0.0, -1.5, 3.140625, -1e-3, 2.0**-24, 1023.5)
+# the fused checks run on the GPU where there is one, else under the Triton interpreter (conftest)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 G = (1.0, 1 + 2.0**-23, 1 - 2.0**-9, 1.0015, 0.5, 3.7)
 
 
@@ -30,10 +32,10 @@ def test_eager_epilogue_every_value(dtype, sweep):
     assert r["max_ratio"] > 0.9  # tight: the final rounding reaches its bound
 
 
-def test_fused_epilogue_every_fp16_value_interpreter():
+def test_fused_epilogue_every_fp16_value():
     """The Triton epilogue itself (interpreter: fp16, whose fp32 → fp16 conversion rounds to nearest there)."""
     r = epilogue_slice("fp16", "base", grid=(0.0, -1.5, 2.0**-24), g_values=(1.0, 1.0015, 3.7), s_values=(2.0,),
-                       tier="fused")
+                       tier="fused", device=DEVICE)
     assert r["violations"] == 0 and r["not_faithful"] == 0 and r["max_ratio"] <= 1.0, r
     assert r["not_cr_off_tie"] == 0, r
 
@@ -49,7 +51,7 @@ def _torch_score(dtype, g, s, start, count):
     gg = torch.full((base.shape[1],), exhaustive.f32(g), dtype=torch.float32)
     from dora_verify.kernels import compose
 
-    y = compose(base, lora, gg, exhaustive.f32(s), tier="fused")
+    y = compose(base.to(DEVICE), lora.to(DEVICE), gg.to(DEVICE), exhaustive.f32(s), tier="fused").cpu()
     return exhaustive._score(y, base, lora, gg, exhaustive.f32(s), fmt), int((~keep).sum())
 
 
@@ -59,7 +61,7 @@ def _torch_score(dtype, g, s, start, count):
 def test_all_pairs_checker_agrees_with_torch_scoring(g, s, start):
     """The in-kernel exact value, bound, ulp and counts match the library's oracle on the same pairs."""
     count = PAIRS_BLOCK * 4
-    k = all_pairs("fp16", g, s, device="cpu", start=start, count=count)
+    k = all_pairs("fp16", g, s, device=DEVICE, start=start, count=count)
     t, skipped = _torch_score("fp16", g, s, start, count)
     assert k["skipped_nonfinite"] == skipped
     assert k["violations"] == t["violations"] == 0 and k["not_faithful"] == t["not_faithful"] == 0
@@ -69,6 +71,7 @@ def test_all_pairs_checker_agrees_with_torch_scoring(g, s, start):
     assert k["max_ulp"] == pytest.approx(t["max_ulp"], rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs the interpreter's truncating fp32 → bf16")
 def test_all_pairs_checker_catches_a_wrong_rounding():
     """Under the interpreter fp32 → bf16 truncates instead of rounding: the checker must flag it."""
     k = all_pairs("bf16", 1.0015, 2.0, device="cpu", start=0x3F80 << 16, count=PAIRS_BLOCK * 4)
