@@ -239,7 +239,7 @@ def exhaustive_markdown(rep: dict) -> str:
              f"Device: {p.get('device', {}).get('name', '?')}; commit {p.get('git', {}).get('commit', '?')}; "
              f"torch {p.get('versions', {}).get('torch', '?')}, triton {p.get('versions', {}).get('triton', '?')}.", "",
              f"**{'CERTIFIED' if rep['certified'] else 'VIOLATION FOUND'}**: {rep['pairs']:.4e} pairs; largest "
-             f"error/bound ratio {_fmt(rep['max_ratio'])}; largest error {_fmt(rep['max_ulp'])} ulp; "
+             f"error/bound ratio {_fmt(rep['max_ratio'])}; largest error {_fmt(rep['max_ulp'], 7)} ulp; "
              f"{rep['seconds']} s.", "",
              "Per point: all 2³² bit patterns of (base, lora) (NaN/Inf inputs skipped), y = RN(g·(base + s·lora)) by "
              "kernels.compose._y_value, exact value in float64 double-double. 'not CR' = |err| > ½ ulp (not correctly "
@@ -248,7 +248,7 @@ def exhaustive_markdown(rep: dict) -> str:
              "|err| ≥ 1 ulp, 'overflow' = a result beyond the format's range that is not the right ±Inf/±max; "
              "'out of domain' = pairs where s·lora or base + s·lora exceeds fp32's range (≈3.4e38, bf16 only), "
              "which the fp32 epilogue cannot represent (the contract's stated domain).", ""]
-    rows = [[r["dtype"], r["g"], r["s"], r["max_ratio"], r["max_ulp"], r["violations"], r["not_correctly_rounded"],
+    rows = [[r["dtype"], f"{r['g']:.9g}", f"{r['s']:.7g}", r["max_ratio"], _fmt(r["max_ulp"], 7), r["violations"], r["not_correctly_rounded"],
              r.get("not_cr_off_tie", "—"), r["not_faithful"], r["overflow_mismatch"], r["skipped_nonfinite"],
              r["out_of_domain"], r["seconds"]]
             for r in rep["points"]]

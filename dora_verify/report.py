@@ -44,8 +44,11 @@ def _fmt(v, digits=3):
             return "nan"
         if v == 0:
             return "0"
-        if 0.999 < abs(v) < 1:  # fractions near 1 (e.g. correctly rounded) must not print as "1"
-            return f"{v:.6f}"
+        if 0.999 < abs(v) < 1:  # fractions near 1 (ratios, fraction correctly rounded) must not print as "1"
+            k = 6
+            while f"{abs(v):.{k}f}" == f"{1:.{k}f}" and k < 17:
+                k += 1
+            return f"{v:.{k}f}"
         if abs(v) >= 1e4 or abs(v) < 1e-3:
             return f"{v:.{digits - 1}e}"
         return f"{v:.{digits}g}"
