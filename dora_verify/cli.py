@@ -114,6 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--out", default="dora-verify-certify", help="report folder (default ./dora-verify-certify)")
     ce.add_argument("--jobs", type=_positive_int, default=1, help="parallel processes, one per (target, dtype) (default 1)")
     ce.add_argument("--quiet", action="store_true", help="no progress bar")
+    ga = sub.add_parser("gate", help="pre-merge numerical CI gate: a fixed seeded suite, hard criteria and a baseline")
+    ga.add_argument("--impl", default="kernels",
+                    help="kernels (default), forms, form:NAME, or module:callable (docs/gate.md, dora_verify.adapter)")
+    ga.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: the GPU when there is one; cpu: the logic-only mode (eager tier, Triton interpreter)")
+    ga.add_argument("--require-gpu", action="store_true", help="fail (exit 2) when no CUDA device is present")
+    ga.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated subset of bf16, fp16, fp32 (default all)")
+    ga.add_argument("--seed", type=int, default=0, help="suite seed (default 0; the baseline records the suite)")
+    ga.add_argument("--baseline", default=None, help="baseline JSON to compare with (committed in your repository)")
+    ga.add_argument("--update-baseline", action="store_true",
+                    help="write --baseline from this run (only if the hard criteria pass)")
+    ga.add_argument("--allow-env-mismatch", action="store_true",
+                    help="compare with a baseline made in a different environment instead of refusing it")
+    ga.add_argument("--fa-limit", type=_finite_float, default=None,
+                    help="limit of the FlashAttention-style ratio to the plain low-precision baseline (default 2)")
+    ga.add_argument("--case", action="append", default=[], help="run only this case id (repeatable; to reproduce)")
+    ga.add_argument("--out", default="dora-verify-gate", help="report folder: gate.md, gate.json, junit.xml")
+    ga.add_argument("--quiet", action="store_true", help="no progress bar")
     ex = sub.add_parser("exhaustive", help="all 2^32 (base, lora) bf16/fp16 pairs through the compose epilogue (CUDA)")
     ex.add_argument("--dtypes", default="bf16,fp16", help="comma-separated subset of bf16, fp16 (default both)")
     ex.add_argument("--g", default=None, help="comma-separated fp32 g values (default: a grid around 1 and far from it)")
@@ -188,6 +206,59 @@ def _certify(args) -> int:
     return 0 if rep["certified"] else 1
 
 
+def _gate(args) -> int:
+    import os
+
+    if args.device != "cuda" and not args.require_gpu and "dora_verify.kernels.compose" not in sys.modules:
+        import torch
+
+        if not torch.cuda.is_available():  # the CPU mode runs the fused kernels under the Triton interpreter
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .adapter import ImplError, load_impl
+    from .gate import (DEFAULT_FA_LIMIT, GateConfig, GateEnvironmentError, load_baseline, make_baseline, run_gate,
+                       verdict, write_baseline, write_gate_report)
+    from .report import check_writable
+
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    if not dtypes or any(d not in ("bf16", "fp16", "fp32") for d in dtypes):
+        raise UsageError(f"bad --dtypes {args.dtypes!r}: a comma-separated subset of bf16, fp16, fp32")
+    fa = DEFAULT_FA_LIMIT if args.fa_limit is None else args.fa_limit
+    if fa <= 0:
+        raise UsageError(f"--fa-limit must be positive, got {fa}")
+    if args.update_baseline and not args.baseline:
+        raise UsageError("--update-baseline needs --baseline PATH (the file to write)")
+    try:
+        impls = load_impl(args.impl)
+    except ImplError as e:
+        raise UsageError(str(e)) from None
+    check_writable(args.out)
+    baseline = load_baseline(args.baseline) if args.baseline and not args.update_baseline else None
+    cfg = GateConfig(impls=impls, dtypes=dtypes, device=args.device, require_gpu=args.require_gpu, seed=args.seed,
+                     fa_limit=fa, case_ids=tuple(args.case))
+    try:
+        rep = run_gate(cfg, progress=_Progress(not args.quiet))
+        rep["impl_spec"] = args.impl
+        verdict(rep, baseline, args.allow_env_mismatch)
+    except GateEnvironmentError as e:
+        print(f"dora-verify: gate FAILED: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    files = write_gate_report(rep, args.out)
+    v = rep["verdict"]
+    if args.update_baseline and not v["hard"] and not v.get("nothing_ran"):
+        if args.case:
+            raise UsageError("--update-baseline runs the whole suite: drop --case")
+        write_baseline(make_baseline(rep), args.baseline)
+        print(f"gate: hard criteria passed; baseline written to {args.baseline} ({len(rep['groups'])} groups); "
+              f"wrote {', '.join(str(f) for f in files)}")
+        return 0
+    n_hard = sum(len(m) for m in v["hard"].values())
+    status = "PASSED" if v["passed"] else "FAILED"
+    print(f"gate {status}: {rep['evaluations']} evaluations, {len(rep['groups'])} groups, {n_hard} hard failure(s), "
+          f"{len(v['baseline'])} baseline finding(s){'' if v['baseline_used'] else ' (no baseline)'}"
+          f"{'; nothing ran' if v.get('nothing_ran') else ''}; wrote {', '.join(str(f) for f in files)}")
+    return 0 if v["passed"] else 1
+
+
 def _sweep(args) -> int:
     from .cases import REGIMES
     from .report import check_writable, write_report
@@ -225,6 +296,8 @@ def main(argv=None) -> int:
             return _certify(args)
         if args.command == "exhaustive":
             return _exhaustive(args)
+        if args.command == "gate":
+            return _gate(args)
     except UsageError as e:
         print(f"dora-verify: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -128,10 +128,38 @@ def _plant(t: torch.Tensor, planted, dtype: str, which: int):
         t[i, j] = value_from_bits(entry[2 + which], dtype)
 
 
+def compose_example(dtype: str, s: float, T: int, N: int, regime: str, seed: int, exp_base: int, exp_lora: int,
+                    g_mode: str, k: int, planted=(), bias: bool = False) -> Example:
+    """The compose example of these parameters (deterministic: what :func:`compose_examples` draws, and what
+    ``dora-verify gate`` enumerates): [T, N] base, lora, dy (activation dtype), g and g − 1 (fp32), optional bias."""
+    fmt = parse_format(dtype)
+    s = f32(s)
+    g_mode = "one" if regime == "fresh" else g_mode
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda t: _rounded(t, fmt)  # noqa: E731
+    base = _bulk(regime if regime != "cancel" else "normal", (T, N), gen, fmt, exp_base)
+    if regime == "fresh":
+        lora = torch.zeros(T, N, dtype=F64)
+    elif regime == "cancel":  # base ≈ −s·lora: base + s·lora cancels to a few bits
+        lora = -round_to(base, fmt) / s * (1 + torch.randn(T, N, generator=gen, dtype=F64) * 2.0 ** -(k % 16 + 4))
+    else:
+        lora = _bulk(regime, (T, N), gen, fmt, exp_lora)
+    base, lora = rnd(base), rnd(lora)
+    _plant(base, planted, dtype, 0)
+    _plant(lora, planted, dtype, 1)
+    g, gm1 = _g_values(g_mode, N, gen, k)
+    tensors = {"base": base, "lora": lora, "g": g, "g_minus_1": gm1,
+               "dy": rnd(torch.randn(T, N, generator=gen, dtype=F64) * 2.0 ** (-exp_base % 8))}
+    if bias:
+        tensors["bias"] = rnd(torch.randn(N, generator=gen, dtype=F64) * 2.0**exp_base)
+    params = {"T": T, "N": N, "regime": regime, "seed": seed, "exp_base": exp_base, "exp_lora": exp_lora,
+              "g_mode": g_mode, "k": k, "planted": [list(p) for p in planted], "bias": bias}
+    return Example("compose", fmt.name, tensors, {"s": s}, params)
+
+
 @st.composite
 def compose_examples(draw, dtype: str = "bf16"):
-    """[T, N] base, lora, dy (activation dtype), g and g − 1 (fp32), optional bias."""
-    fmt = parse_format(dtype)
+    """Hypothesis strategy of :func:`compose_example`."""
     T = draw(st.sampled_from(COMPOSE_T))
     N = draw(st.sampled_from(COMPOSE_N))
     regime = draw(st.sampled_from(COMPOSE_REGIMES))
@@ -144,26 +172,7 @@ def compose_examples(draw, dtype: str = "bf16"):
     planted = draw(st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 1 << 16), _bits(dtype), _bits(dtype)),
                             max_size=8))
     has_bias = draw(st.booleans())
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda t: _rounded(t, fmt)  # noqa: E731
-    base = _bulk(regime if regime != "cancel" else "normal", (T, N), gen, fmt, eb)
-    if regime == "fresh":
-        lora = torch.zeros(T, N, dtype=F64)
-    elif regime == "cancel":  # base ≈ −s·lora: base + s·lora cancels to a few bits
-        lora = -round_to(base, fmt) / s * (1 + torch.randn(T, N, generator=gen, dtype=F64) * 2.0 ** -(k % 16 + 4))
-    else:
-        lora = _bulk(regime, (T, N), gen, fmt, el)
-    base, lora = rnd(base), rnd(lora)
-    _plant(base, planted, dtype, 0)
-    _plant(lora, planted, dtype, 1)
-    g, gm1 = _g_values(g_mode, N, gen, k)
-    tensors = {"base": base, "lora": lora, "g": g, "g_minus_1": gm1,
-               "dy": rnd(torch.randn(T, N, generator=gen, dtype=F64) * 2.0 ** (-eb % 8))}
-    if has_bias:
-        tensors["bias"] = rnd(torch.randn(N, generator=gen, dtype=F64) * 2.0**eb)
-    params = {"T": T, "N": N, "regime": regime, "seed": seed, "exp_base": eb, "exp_lora": el, "g_mode": g_mode,
-              "k": k, "planted": [list(p) for p in planted], "bias": has_bias}
-    return Example("compose", fmt.name, tensors, {"s": s}, params)
+    return compose_example(dtype, s, T, N, regime, seed, eb, el, g_mode, k, planted, has_bias)
 
 
 @st.composite
@@ -199,13 +208,37 @@ def lora_examples(draw, dtype: str = "bf16"):
     return Example("lora", fmt.name, tensors, {"s": s}, params)
 
 
-@st.composite
-def norm_examples(draw, dtype: str = "bf16"):
-    """W [d_out, d_in], A [r, d_in], B [d_out, r] from a case-generator regime, extra near-cancelling rows,
-    m (fp32), and base, lora, dy [T, d_out] for the d_m check."""
+def norm_example(dtype: str, s: float, d_out: int, d_in: int, r: int, T: int, regime: str, seed: int,
+                 cancel_rows=(), m_mode: str = "spread", k: int = 0) -> "Example | None":
+    """The norm example of these parameters (deterministic; None when its fp16 GEMMs overflow): W [d_out, d_in],
+    A [r, d_in], B [d_out, r] from a case-generator regime, extra near-cancelling rows, and base, lora, dy
+    [T, d_out] for the d_m check."""
     from .cases import make_case
 
     fmt = parse_format(dtype)
+    s = f32(s)
+    c = make_case(regime, d_out, d_in, r, T, dtype=fmt.name, seed=seed, s=s)
+    W = c.W.clone()
+    gen = torch.Generator().manual_seed(seed + 17)
+    for row, e in cancel_rows:  # W_i = RN(−s(BA)_i + 2^e·noise·‖s(BA)_i‖/√d_in)
+        i = row % d_out
+        target = -s * (c.B[i].to(F64) @ c.A.to(F64))
+        noise = torch.randn(d_in, generator=gen, dtype=F64) * float(target.norm()) / math.sqrt(d_in)
+        W[i] = round_to(target + 2.0**e * noise, fmt).to(fmt.torch_dtype)
+    c.W = W
+    base, lora = c.compose_inputs()
+    if not bool(torch.isfinite(base).all() and torch.isfinite(lora).all()):  # fp16 GEMMs can overflow
+        return None
+    dy = round_to(torch.randn(T, d_out, generator=gen, dtype=F64), fmt).to(fmt.torch_dtype)
+    tensors = {"W": W, "A": c.A, "B": c.B, "g_case": c.g, "base": base, "lora": lora, "dy": dy}
+    params = {"d_out": d_out, "d_in": d_in, "r": r, "T": T, "regime": regime, "seed": seed,
+              "cancel_rows": [list(x) for x in cancel_rows], "m_mode": m_mode, "k": k}
+    return Example("norm", fmt.name, tensors, {"s": s, "eps": 1e-12}, params)
+
+
+@st.composite
+def norm_examples(draw, dtype: str = "bf16"):
+    """Hypothesis strategy of :func:`norm_example`."""
     d_out = draw(st.sampled_from(NORM_D_OUT))
     d_in = draw(st.sampled_from(NORM_D_IN))
     r = draw(st.sampled_from(RANKS))
@@ -216,22 +249,10 @@ def norm_examples(draw, dtype: str = "bf16"):
     cancel = draw(st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(-30, 0)), max_size=4))
     m_mode = draw(st.sampled_from(("fresh", "spread", "ulp")))
     k = draw(st.integers(-64, 64))
-    c = make_case(regime, d_out, d_in, r, T, dtype=fmt.name, seed=seed, s=s)
-    W = c.W.clone()
-    gen = torch.Generator().manual_seed(seed + 17)
-    for row, e in cancel:  # W_i = RN(−s(BA)_i + 2^e·noise·‖s(BA)_i‖/√d_in)
-        i = row % d_out
-        target = -s * (c.B[i].to(F64) @ c.A.to(F64))
-        noise = torch.randn(d_in, generator=gen, dtype=F64) * float(target.norm()) / math.sqrt(d_in)
-        W[i] = round_to(target + 2.0**e * noise, fmt).to(fmt.torch_dtype)
-    c.W = W
-    base, lora = c.compose_inputs()
-    assume(bool(torch.isfinite(base).all() and torch.isfinite(lora).all()))  # fp16 GEMMs can overflow
-    dy = round_to(torch.randn(T, d_out, generator=gen, dtype=F64), fmt).to(fmt.torch_dtype)
-    tensors = {"W": W, "A": c.A, "B": c.B, "g_case": c.g, "base": base, "lora": lora, "dy": dy}
-    params = {"d_out": d_out, "d_in": d_in, "r": r, "T": T, "regime": regime, "seed": seed,
-              "cancel_rows": [list(x) for x in cancel], "m_mode": m_mode, "k": k}
-    return Example("norm", fmt.name, tensors, {"s": s, "eps": 1e-12}, params)
+    ex = norm_example(dtype, s, d_out, d_in, r, T, regime, seed, cancel, m_mode, k)
+    assume(ex is not None)
+    return ex
 
 
-__all__ = ["Example", "compose_examples", "f32", "lora_examples", "norm_examples", "value_from_bits"]
+__all__ = ["Example", "compose_example", "compose_examples", "f32", "lora_examples", "norm_example", "norm_examples",
+           "value_from_bits"]

@@ -41,6 +41,7 @@ Numerical contract (base, lora, dy in bf16/fp16/fp32; g, g−1 fp32; s fp32-repr
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -259,11 +260,10 @@ def round_from_f64(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype in (torch.float64, torch.float32):
         return v.to(dtype)
     v32 = v.to(torch.float32)
-    r = v - v32.to(torch.float64)
-    bits = v32.view(torch.int32)
-    fix = (r != 0) & ((bits & 1) == 0) & torch.isfinite(v32)
-    step = torch.where((r > 0) == (v32 > 0), 1, -1).to(torch.int32)
-    return torch.where(fix, (bits + step).view(torch.float32), v32).to(dtype)
+    r = v - v32.to(torch.float64)  # exact; non-zero also where v underflowed to ±0 in fp32
+    fix = (r != 0) & ((v32.view(torch.int32) & 1) == 0) & torch.isfinite(v32)
+    towards = torch.where(r > 0, math.inf, -math.inf).to(torch.float32)
+    return torch.where(fix, torch.nextafter(v32, towards), v32).to(dtype)
 
 
 def compose_forward_eager(base, lora, g, g_minus_1, bias, s: float, delta: bool, save: int):

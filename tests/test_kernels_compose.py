@@ -88,6 +88,11 @@ def test_round_from_f64_single_rounding():
     want = [1 + 2.0**-7, -(1 + 2.0**-7), 1.0, 1.0, 3.0, 0.0, -0.0, math.inf, -math.inf, math.inf, 2.0**-132]
     assert r.tolist() == want and math.copysign(1, float(r[6])) == -1
     assert bool(round_from_f64(torch.tensor([math.nan], dtype=torch.float64), torch.bfloat16).isnan().all())
+    # below fp32's subnormals: the fp32 value is ±0 but inexact (found by `dora-verify gate`: was NaN)
+    tiny = torch.tensor([2.0**-151, -(2.0**-151), 2.0**-149 * 3], dtype=torch.float64)
+    for dt in (torch.bfloat16, torch.float16):
+        r = round_from_f64(tiny, dt)
+        assert r.double().tolist() == [0.0, 0.0, 0.0] and r.view(torch.int16).tolist()[:2] == [0, -32768]
     assert v.to(torch.bfloat16).double()[0] == 1.0  # the plain cast rounds twice (why the helper exists)
     assert torch.equal(round_from_f64(v, torch.float32), v.float())
 

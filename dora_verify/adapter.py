@@ -1,0 +1,132 @@
+"""The adapter protocol: how the toolkit reaches an implementation under test.
+
+An implementation is anything with a ``compose`` and/or a ``norm`` callable::
+
+    compose(base, lora, g, s, bias=None) -> y     base, lora [T, d_out] in the activation dtype (bf16/fp16/fp32),
+                                                 g [d_out] fp32 (the DoRA scale m / max(ν, ε)), s a float,
+                                                 bias [d_out] or None; returns y = g·(base + s·lora) + bias
+                                                 [T, d_out] in the activation dtype.
+    norm(W, A, B, s) -> nu                        W [d_out, d_in], A [r, d_in], B [d_out, r] (weight dtype);
+                                                 returns ν = ‖W + s·BA‖ per row [d_out] (any float dtype).
+
+Optional attributes: ``name`` (str), ``deterministic`` (bool, default False: when True the gate checks that
+repeated calls give identical bits), ``contract`` ('faithful', the default: y within 1 ulp of the exact y of
+the rounded inputs and ν within 1e-6 relative — DESIGN.md §2; or 'baseline-only': no a-priori bound, only
+the baseline, FlashAttention-style and NaN/Inf criteria). Inputs arrive on the device under test
+(contiguous, finite unless a NaN/Inf case says otherwise); outputs may be on any device.
+
+``--impl module:callable`` names it: ``callable`` may be a function (taken as ``compose``), a class (called
+with no arguments) or an object/module with the attributes above. Built in: ``kernels`` (this project's
+production kernels, held to their derived bounds), ``forms`` (the formulas under study, each held to its
+bound), ``form:NAME`` (one of them).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+CONTRACTS = ("faithful", "baseline-only", "kernel", "form")
+
+
+@dataclass
+class Implementation:
+    """One implementation under test. ``contract``: 'kernel' and 'form' use the toolkit's derived bounds
+    (dora_verify.bounds) for this project's kernels and the forms; 'faithful' holds a user's implementation
+    to the contract of DESIGN.md §2; 'baseline-only' checks no a-priori bound. ``dtypes``: activation
+    dtypes it supports (names); ``tier``: the kernels' tier (built-in kernels only)."""
+
+    name: str
+    compose: Optional[Callable] = None
+    norm: Optional[Callable] = None
+    deterministic: bool = False
+    contract: str = "faithful"
+    dtypes: tuple = ("bf16", "fp16", "fp32")
+    tier: Optional[str] = None
+    form: Optional[str] = None
+    backward: bool = False  # the built-in kernels: also gate the compose backward ...
+    saves: tuple = ("inputs", "activation")  # ... in these save modes
+    notes: dict = field(default_factory=dict)
+
+
+class ImplError(ValueError):
+    """The implementation cannot be loaded or does not follow the protocol (a usage error: exit 2)."""
+
+
+def kernels_impl(tier: "str | None" = None, dtypes=("bf16", "fp16", "fp32")) -> Implementation:
+    """This project's production kernels (compose at ``tier``, factored_row_norm, the compose backward)."""
+    from .kernels import compose, factored_row_norm
+
+    def comp(base, lora, g, s, bias=None):
+        return compose(base, lora, g, s, bias, tier=tier)
+
+    def norm(W, A, B, s):
+        backend = "triton" if (W.is_cuda and tier != "eager") else "torch"
+        return factored_row_norm(W, A, B, s, backend=backend)
+
+    label = f"kernels[{tier}]" if tier else "kernels"
+    return Implementation(label, comp, norm, deterministic=True, contract="kernel", dtypes=tuple(dtypes), tier=tier,
+                          backward=True)
+
+
+def form_impl(name: str) -> Implementation:
+    from .forms import COMPOSE_FORMS
+
+    if name not in COMPOSE_FORMS:
+        raise ImplError(f"unknown form {name!r}; choose from {', '.join(COMPOSE_FORMS)}")
+    fn = COMPOSE_FORMS[name].fn
+    return Implementation(f"form:{name}", lambda b, lo, g, s, bias=None: fn(b, lo, g, s, bias)[0], None,
+                          deterministic=True, contract="form", form=name)
+
+
+def load_impl(spec: str) -> "list[Implementation]":
+    """The implementations named by ``spec``: 'kernels', 'forms', 'form:NAME' or 'module:callable'."""
+    from .forms import COMPOSE_FORMS
+
+    if spec == "kernels":
+        return [kernels_impl()]
+    if spec == "forms":
+        return [form_impl(n) for n in COMPOSE_FORMS]
+    if spec.startswith("form:"):
+        return [form_impl(spec[5:])]
+    if spec.count(":") != 1 or not all(spec.split(":")):
+        raise ImplError(f"--impl {spec!r}: expected kernels, forms, form:NAME or module:callable")
+    mod_name, attr = spec.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's to see, in one line
+        raise ImplError(f"--impl {spec!r}: cannot import {mod_name!r}: {type(e).__name__}: {e}") from None
+    obj = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ImplError(f"--impl {spec!r}: {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return [from_object(obj, default_name=spec)]
+
+
+def from_object(obj, default_name: str = "impl") -> Implementation:
+    """Wrap a function (its ``compose``), a class (instantiated) or an object with ``compose``/``norm``."""
+    if inspect.isclass(obj):
+        try:
+            obj = obj()
+        except Exception as e:  # noqa: BLE001
+            raise ImplError(f"{default_name}: cannot instantiate {obj.__name__}(): {type(e).__name__}: {e}") from None
+    if inspect.isfunction(obj) or inspect.isbuiltin(obj):
+        comp, norm = obj, None
+    else:
+        comp, norm = getattr(obj, "compose", None), getattr(obj, "norm", None)
+    if comp is None and norm is None:
+        raise ImplError(f"{default_name}: neither callable nor an object with compose/norm (see dora_verify.adapter)")
+    for nm, fn in (("compose", comp), ("norm", norm)):
+        if fn is not None and not callable(fn):
+            raise ImplError(f"{default_name}: {nm} is not callable")
+    contract = getattr(obj, "contract", "faithful")
+    if contract not in ("faithful", "baseline-only"):
+        raise ImplError(f"{default_name}: contract must be 'faithful' or 'baseline-only', got {contract!r}")
+    dtypes = tuple(getattr(obj, "dtypes", ("bf16", "fp16", "fp32")))
+    return Implementation(str(getattr(obj, "name", default_name)), comp, norm,
+                          deterministic=bool(getattr(obj, "deterministic", False)), contract=contract, dtypes=dtypes)
+
+
+__all__ = ["CONTRACTS", "ImplError", "Implementation", "form_impl", "from_object", "kernels_impl", "load_impl"]

@@ -1,0 +1,670 @@
+"""``dora-verify gate``: a pre-merge numerical CI gate for DoRA implementations.
+
+It runs a fixed, seeded suite (:func:`build_suite`: compose cases over every regime, g mode, prime and
+block ± 1 shape; factored-norm cases with near-cancelling rows; NaN/Inf and overflow cases) through one or
+more implementations (:mod:`dora_verify.adapter`), scores every output against the exact oracle of the
+rounded inputs and applies two kinds of criteria:
+
+**Hard** (any one fails the gate): an error/bound ratio above 1 (the implementation's a-priori bound:
+``bounds.compose_kernel_bounds``/``kernel_norm_bound``/``compose_backward_bounds`` for this project's kernels,
+``compose_form_bounds`` for the forms, 1 ulp of the output dtype (y) or 1e-6 relative (ν) for a user's
+'faithful' implementation); a NaN/Inf mismatch with the oracle (a non-finite output where the exact result is
+finite and in range, or not the IEEE ±Inf/NaN where it is not); different bits on a repeated call of an
+implementation that claims determinism; a crash; a FlashAttention-style ratio above ``fa_limit`` — the
+implementation's max error over the plain low-precision baseline's (``forms.stable_gcast`` for y: eager
+DoRA in the activation dtype as PEFT/torchtune compute it; ``forms.peft_dense`` for ν), the denominator floored
+at the error of the correctly rounded result. A suite that could not run (no cases, no GPU when one was
+required) fails too: the gate never passes on nothing.
+
+**Baseline** (per implementation × output × dtype × device class × shape class): max ULP, p99 and max
+bound ratio, fraction correctly rounded, compared with a committed baseline file within its stated slack
+(|new − old| ≤ abs + rel·|old|). A regression beyond the slack fails; so does an improvement (a ratchet:
+regenerate the baseline with ``--update-baseline``, never by hand). A baseline made in a different
+environment (device class, torch/triton minor version, suite fingerprint, implementation) is refused
+unless explicitly allowed.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import bounds
+from .adapter import Implementation, kernels_impl
+from .formats import parse_format, ulp
+from .oracles import compose_grad_truth, compose_truth, row_norm_truth
+from .strategies import COMMON_S, COMPOSE_REGIMES, G_MODES, NORM_REGIMES, Example, compose_example, norm_example
+
+F64 = torch.float64
+SUITE_VERSION = 1
+BASELINE_FORMAT = "dora-verify-gate-baseline/1"
+DEFAULT_SLACK = {"max_ulp": (1e-3, 1e-2), "p99_ratio": (1e-3, 1e-2), "max_ratio": (1e-3, 1e-2),
+                 "frac_correctly_rounded": (1e-4, 0.0)}  # (absolute, relative)
+LOWER_IS_BETTER = {"max_ulp": True, "p99_ratio": True, "max_ratio": True, "frac_correctly_rounded": False}
+DEFAULT_FA_LIMIT = 2.0
+NORM_FAITHFUL_REL = 1e-6
+COMPOSE_SHAPES = ((1, 1), (3, 13), (16, 256), (17, 257), (33, 129), (64, 509), (31, 127), (15, 255))
+NORM_SHAPES = ((7, 31, 4), (64, 129, 8), (131, 257, 16), (63, 513, 33), (128, 128, 64), (3, 5, 2), (129, 255, 17),
+               (65, 511, 7))
+
+
+# ----------------------------------------------------------------------------- the suite
+@dataclass
+class Case:
+    """One suite entry: ``check`` 'compose' | 'nonfinite' | 'norm' | 'backward', a stable ``id``."""
+
+    id: str
+    check: str
+    example: Example
+    shape_class: str
+
+
+def _shape_class(*dims) -> str:
+    return "aligned" if all(d % 16 == 0 for d in dims) else "ragged"
+
+
+def _compose_cases(dtype: str, n: int, seed: int):
+    out = []
+    for i in range(n):
+        T, N = COMPOSE_SHAPES[i % len(COMPOSE_SHAPES)]
+        regime = COMPOSE_REGIMES[i % len(COMPOSE_REGIMES)]
+        g_mode = G_MODES[(i // len(COMPOSE_REGIMES) + i) % len(G_MODES)]
+        planted = [(i, 3 * i, 0x0001, 0x8001), (i + 1, i, 0x8000, 0x0003)] if i % 5 == 0 and dtype != "fp32" else []
+        ex = compose_example(dtype, COMMON_S[i % len(COMMON_S)], T, N, regime, seed + i, (-6, 0, 3, 9)[i % 4],
+                             (-4, 2, -9, 0)[i % 4], g_mode, 3 * i, planted, bias=i % 2 == 1)
+        out.append(Case(f"compose-{dtype}-{i:02d}", "compose", ex, _shape_class(T, N)))
+    return out
+
+
+def _nonfinite_cases(dtype: str, seed: int):
+    """NaN, ±Inf inputs and results beyond the format's range (the exact y overflows: RN gives ±Inf)."""
+    fmt = parse_format(dtype)
+    ex = compose_example(dtype, 2.0, 5, 17, "normal", seed, 0, 0, "spread", 1, bias=True)
+    b, lo, g = ex.tensors["base"], ex.tensors["lora"], ex.tensors["g"]
+    b[0, 0], lo[0, 1] = float("nan"), float("nan")
+    b[1, 2], lo[1, 3] = float("inf"), float("-inf")
+    b[2, 4], lo[2, 4] = float("inf"), float("-inf")  # Inf + (−Inf): NaN
+    b[3, 5] = fmt.max_finite  # with g = 2: beyond the range
+    g[5] = 2.0
+    b[4, 6], lo[4, 6] = -fmt.max_finite, -fmt.max_finite / 4  # s·lora adds half the range again
+    return [Case(f"nonfinite-{dtype}-00", "nonfinite", ex, "ragged")]
+
+
+def _norm_cases(dtype: str, n: int, seed: int):
+    out = []
+    for i in range(n):
+        d_out, d_in, r = NORM_SHAPES[i % len(NORM_SHAPES)]
+        regime = NORM_REGIMES[i % len(NORM_REGIMES)]
+        cancel = [(j * 5 + i, -(3 * j + i) % 30) for j in range(i % 3)]
+        ex = norm_example(dtype, COMMON_S[(i + 2) % len(COMMON_S)], d_out, d_in, r, 3, regime, seed + 100 + i, cancel)
+        if ex is not None:
+            out.append(Case(f"norm-{dtype}-{i:02d}", "norm", ex, _shape_class(d_out, d_in, r)))
+    return out
+
+
+def build_suite(dtypes=("bf16", "fp16", "fp32"), seed: int = 0, n_compose: int = 24, n_norm: int = 8,
+                n_backward: int = 8) -> "list[Case]":
+    """The fixed suite: deterministic in (dtypes, seed, sizes) — no hypothesis, only seeded torch generators."""
+    cases = []
+    for d in dtypes:
+        comp = _compose_cases(d, n_compose, seed)
+        cases += comp
+        cases += [Case(c.id.replace("compose", "backward"), "backward", c.example, c.shape_class)
+                  for c in comp[:n_backward]]
+        cases += _nonfinite_cases(d, seed)
+        cases += _norm_cases(d, n_norm, seed)
+    return cases
+
+
+def suite_fingerprint(cases) -> str:
+    """sha256 over every case's id and input bits: two runs compare only if their suites are identical."""
+    h = hashlib.sha256(f"suite-v{SUITE_VERSION}".encode())
+    for c in cases:
+        h.update(c.id.encode())
+        for k in sorted(c.example.tensors):
+            t = c.example.tensors[k].contiguous()
+            h.update(k.encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(repr(sorted(c.example.scalars.items())).encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- scoring
+@dataclass
+class Outcome:
+    """Per (case, output): element ratios (tensor or None), and the case's scalars."""
+
+    output: str
+    ratios: "torch.Tensor | None" = None
+    max_ulp: float = 0.0
+    correctly_rounded: "tuple[int, int] | None" = None  # (count, elements)
+    fa_ratio: "float | None" = None
+    nonfinite_mismatch: int = 0
+    nondeterministic: bool = False
+    crash: "str | None" = None
+
+
+def _to_cpu(x):
+    return x.detach().to("cpu")
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)) if a.numel() else True
+
+
+def _excess(got, hi, lo, oracle_bound):
+    return (((got.to(F64) - hi) - lo).abs() - oracle_bound).clamp_min(0)
+
+
+def _fa(err_max: float, plain_max: float, floor_max: float) -> float:
+    den = max(plain_max, floor_max)
+    if err_max == 0:
+        return 0.0
+    return math.inf if den == 0 else err_max / den
+
+
+def _nonfinite_mismatch(y: torch.Tensor, expect: torch.Tensor) -> int:
+    """Elements whose NaN/±Inf pattern differs from the float64 IEEE evaluation ``expect`` (rounded to y's dtype)."""
+    e = expect.to(y.dtype).to(F64)
+    y = y.to(F64)
+    bad = (torch.isnan(y) != torch.isnan(e)) | (torch.isinf(y) != torch.isinf(e))
+    bad |= torch.isinf(y) & torch.isinf(e) & (torch.sign(y) != torch.sign(e))
+    return int(bad.sum())
+
+
+def _score_compose(impl: Implementation, case: Case, device) -> "list[Outcome]":
+    from .forms import stable_gcast
+
+    ex = case.example
+    t, s = ex.tensors, ex.scalars["s"]
+    args = [t[k].to(device) for k in ("base", "lora", "g")]
+    bias = t["bias"].to(device) if "bias" in t else None
+    y = _to_cpu(impl.compose(*args, s, bias))
+    fmt = parse_format(ex.dtype)
+    if tuple(y.shape) != tuple(t["base"].shape) or y.dtype != t["base"].dtype:
+        return [Outcome("y", crash=f"compose returned {y.dtype} {tuple(y.shape)}, want {t['base'].dtype} "
+                        f"{tuple(t['base'].shape)}")]
+    out = Outcome("y")
+    if impl.deterministic:
+        out.nondeterministic = not _same_bits(y, _to_cpu(impl.compose(*args, s, bias)))
+    b64, l64, g64 = t["base"].to(F64), t["lora"].to(F64), t["g"].to(F64)[None, :]
+    expect = g64 * (b64 + s * l64) + (t["bias"].to(F64)[None, :] if "bias" in t else 0)
+    if case.check == "nonfinite":
+        out.nonfinite_mismatch = _nonfinite_mismatch(y, expect)
+        return [out]
+    tr = compose_truth(t["base"], t["lora"], t["g"], s, t.get("bias"))
+    in_range = tr.y.abs() <= fmt.max_finite
+    out.nonfinite_mismatch = _nonfinite_mismatch(y, expect)
+    y64 = y.to(F64)
+    ok = in_range & torch.isfinite(y64)
+    err = torch.where(ok, _excess(y, tr.y_hi, tr.y_lo, tr.y_bound), torch.zeros_like(y64))
+    u = ulp(tr.y, fmt)
+    out.max_ulp = float((err / u).max()) if err.numel() else 0.0
+    cr = ok & (y64 == tr.y_round.nearest)
+    out.correctly_rounded = (int(cr.sum()), int(in_range.sum()))
+    if impl.contract == "kernel":
+        _, bound = bounds.compose_kernel_bounds(t["base"], t["lora"], t["g"], s, t.get("bias"))
+    elif impl.contract == "form":
+        _, bound = bounds.compose_form_bounds(impl.form, t["base"], t["lora"], t["g"], s, t.get("bias"))
+    elif impl.contract == "faithful":
+        bound = u
+    else:
+        bound = None
+    if bound is not None:
+        out.ratios = torch.where(err == 0, torch.zeros_like(err), err / bound)[in_range]
+    plain = stable_gcast(t["base"], t["lora"], t["g"], s, t.get("bias"))[0]
+    plain_err = torch.where(in_range & torch.isfinite(plain.to(F64)), _excess(plain, tr.y_hi, tr.y_lo, tr.y_bound), 0)
+    floor = _excess(tr.y_round.nearest, tr.y_hi, tr.y_lo, tr.y_bound)[in_range]
+    out.fa_ratio = _fa(float(err.max()) if err.numel() else 0.0, float(plain_err.max()) if err.numel() else 0.0,
+                       float(floor.max()) if floor.numel() else 0.0)
+    return [out]
+
+
+def _score_norm(impl: Implementation, case: Case, device) -> "list[Outcome]":
+    from .forms import peft_dense
+
+    ex = case.example
+    t, s = ex.tensors, ex.scalars["s"]
+    W, A, B = (t[k].to(device) for k in ("W", "A", "B"))
+    nu = _to_cpu(impl.norm(W, A, B, s))
+    if tuple(nu.shape) != (t["W"].shape[0],):
+        return [Outcome("nu", crash=f"norm returned shape {tuple(nu.shape)}, want ({t['W'].shape[0]},)")]
+    out = Outcome("nu")
+    if impl.deterministic:
+        out.nondeterministic = not _same_bits(nu, _to_cpu(impl.norm(W, A, B, s)))
+    tr = row_norm_truth(t["W"], t["A"], t["B"], s)
+    out.nonfinite_mismatch = int((~torch.isfinite(nu.to(F64))).sum())
+    nu64 = nu.to(F64)
+    err = torch.where(torch.isfinite(nu64), ((nu64 - tr.nu).abs() - tr.bound).clamp_min(0), torch.zeros_like(nu64))
+    u32 = ulp(tr.nu, "fp32")
+    out.max_ulp = float((err / u32).max())
+    if impl.contract == "kernel":
+        from .kernels import factored_row_norm
+
+        backend = "triton" if (W.is_cuda and impl.tier != "eager") else "torch"
+        _, info = factored_row_norm(W, A, B, s, return_info=True, backend=backend)
+        bound = bounds.kernel_norm_bound(t["W"], t["A"], t["B"], s, tr.nu, backend, info.recomputed_rows)
+    elif impl.contract == "faithful":
+        bound = NORM_FAITHFUL_REL * tr.nu.clamp_min(2.0**-126)
+    else:
+        bound = None
+    if bound is not None:
+        out.ratios = torch.where(err == 0, torch.zeros_like(err), err / bound)
+    plain = peft_dense(t["W"], t["A"], t["B"], s).to(F64)
+    plain_err = ((plain - tr.nu).abs() - tr.bound).clamp_min(0)
+    floor = ((tr.nu.to(torch.float32).to(F64) - tr.nu).abs() - tr.bound).clamp_min(0)
+    out.fa_ratio = _fa(float(err.max()), float(plain_err.max()), float(floor.max()))
+    return [out]
+
+
+def _score_backward(impl: Implementation, case: Case, device) -> "list[Outcome]":
+    """This project's compose backward (built-in kernels only): d_base, d_lora, d_g for both save modes."""
+    from .kernels import compose
+
+    ex = case.example
+    t, s = ex.tensors, ex.scalars["s"]
+    gt = compose_grad_truth(t["dy"], t["base"], t["lora"], t["g"], s)
+    outs = []
+    for save in impl.saves:
+        def grads():
+            b, lo, g = (t[k].to(device).clone().requires_grad_() for k in ("base", "lora", "g"))
+            compose(b, lo, g, s, tier=impl.tier, save=save).backward(t["dy"].to(device))
+            return [_to_cpu(x) for x in (b.grad, lo.grad, g.grad)]
+        first, again = grads(), grads()
+        eb, el, eg = bounds.compose_backward_bounds(t["dy"], t["base"], t["lora"], t["g"], s, save=save)
+        zero = torch.zeros((), dtype=F64)
+        refs = {"d_base": (first[0], gt.d_base, zero, zero, eb, t["base"].dtype),
+                "d_lora": (first[1], gt.d_lora_hi, gt.d_lora_lo, zero, el, t["lora"].dtype),
+                "d_g": (first[2], gt.d_g, zero, gt.d_g_bound, eg, torch.float32)}
+        for i, (name, (got, hi, lo, ob, bound, dt)) in enumerate(refs.items()):
+            o = Outcome(f"{name}/{save}")
+            o.nondeterministic = not _same_bits(first[i], again[i])
+            o.nonfinite_mismatch = _nonfinite_mismatch(got, hi + lo)
+            err = _excess(got, hi, lo, ob)
+            err = torch.where(torch.isfinite(err), err, torch.zeros_like(err))
+            o.ratios = torch.where(err == 0, torch.zeros_like(err), err / bound).flatten()
+            o.max_ulp = float((err / ulp(hi + lo, parse_format(dt))).max()) if err.numel() else 0.0
+            outs.append(o)
+    return outs
+
+
+_SCORERS = {"compose": _score_compose, "nonfinite": _score_compose, "norm": _score_norm, "backward": _score_backward}
+
+
+def _applies(impl: Implementation, case: Case) -> bool:
+    if case.example.dtype not in impl.dtypes:
+        return False
+    if case.check in ("compose", "nonfinite"):
+        return impl.compose is not None
+    if case.check == "norm":
+        return impl.norm is not None
+    return impl.backward
+
+
+# ----------------------------------------------------------------------------- running
+@dataclass
+class GateConfig:
+    impls: list
+    dtypes: tuple = ("bf16", "fp16", "fp32")
+    device: str = "auto"
+    require_gpu: bool = False
+    seed: int = 0
+    fa_limit: float = DEFAULT_FA_LIMIT
+    case_ids: tuple = ()
+    sizes: dict = field(default_factory=lambda: {"n_compose": 24, "n_norm": 8, "n_backward": 8})
+
+
+class GateEnvironmentError(RuntimeError):
+    """The gate cannot run here (e.g. a GPU was required): a failure, exit 2."""
+
+
+def device_class(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda-sm{major}{minor}"
+    return "cpu"
+
+
+def _minor(v: "str | None") -> "str | None":
+    return ".".join(v.split("+")[0].split(".")[:2]) if v else None
+
+
+def environment(device: torch.device, fingerprint: str, impl_names) -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:  # pragma: no cover
+        tv = None
+    return {"device_class": device_class(device), "torch": _minor(torch.__version__), "triton": _minor(tv),
+            "suite": fingerprint, "suite_version": SUITE_VERSION, "impls": sorted(impl_names),
+            "mode": "gpu" if device.type == "cuda" else "cpu-logic-only"}
+
+
+def resolve(cfg: GateConfig) -> torch.device:
+    has_cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" or cfg.require_gpu:
+        if not has_cuda:
+            raise GateEnvironmentError("no CUDA device: the gate was asked for a GPU run and cannot run here "
+                                       "(it never passes on nothing; use --device cpu for the logic-only mode)")
+        return torch.device("cuda")
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda" if has_cuda else "cpu")
+
+
+def cpu_impls(impls) -> list:
+    """In the CPU mode the built-in kernels run as two implementations: the eager tier, and the fused tier
+    under the Triton interpreter for fp16/fp32 (the interpreter truncates fp32 → bf16: logic only)."""
+    from .kernels.dispatch import select_tier
+
+    out = []
+    for im in impls:
+        if im.contract == "kernel" and im.tier is None:
+            out.append(kernels_impl("eager", im.dtypes))
+            try:
+                select_tier(torch.zeros(1, 1, dtype=torch.float16), False, "fused")
+                fused = kernels_impl("fused", tuple(d for d in im.dtypes if d != "bf16"))
+                fused.saves = ("inputs",)  # save='activation' stores fp16 runs' inner in bf16: truncated there
+                out.append(fused)
+            except ValueError:
+                pass  # no interpreter in this process: the eager tier alone
+        else:
+            out.append(im)
+    return out
+
+
+def run_gate(cfg: GateConfig, progress=None) -> dict:
+    """Run the suite through every implementation; the report dict (groups with metrics and hard failures)."""
+    from .provenance import provenance
+
+    dev = resolve(cfg)
+    impls = cpu_impls(cfg.impls) if dev.type == "cpu" else list(cfg.impls)
+    suite = build_suite(cfg.dtypes, cfg.seed, **cfg.sizes)
+    fingerprint = suite_fingerprint(suite)
+    if cfg.case_ids:
+        unknown = sorted(set(cfg.case_ids) - {c.id for c in suite})
+        if unknown:
+            raise ValueError(f"unknown case id(s) {', '.join(unknown)}")
+        suite = [c for c in suite if c.id in cfg.case_ids]
+    dclass = device_class(dev)
+    groups: dict = {}
+    t0 = time.monotonic()
+    work = [(im, c) for im in impls for c in suite if _applies(im, c)]
+    for i, (im, case) in enumerate(work):
+        if progress and i % 10 == 0:
+            progress(i, len(work), f"{im.name} {case.id}")
+        try:
+            with np.errstate(all="ignore"):  # the interpreter's numpy warnings on the NaN/Inf cases
+                outcomes = _SCORERS[case.check](im, case, dev)
+        except Exception as e:  # noqa: BLE001 - a crash on a valid input is a gate failure, with its reason
+            outcomes = [Outcome("y" if case.check in ("compose", "nonfinite") else case.check,
+                                crash=f"{type(e).__name__}: {e}"[:300])]
+        for o in outcomes:
+            check = "compose" if case.check == "nonfinite" else case.check
+            key = "|".join((im.name, f"{check}.{o.output}", case.example.dtype, dclass, case.shape_class))
+            g = groups.setdefault(key, {"impl": im.name, "output": f"{check}.{o.output}", "dtype": case.example.dtype,
+                                        "device_class": dclass, "shape_class": case.shape_class, "contract": im.contract,
+                                        "deterministic": im.deterministic, "_ratios": [], "cases": 0,
+                                        "max_ulp": 0.0, "_cr": [0, 0], "fa_ratio": 0.0, "nonfinite_mismatch": 0,
+                                        "nondeterministic": 0, "crashes": 0, "failing_cases": []})
+            g["cases"] += 1
+            bad = False
+            if o.crash:
+                g["crashes"] += 1
+                g.setdefault("crash_messages", []).append(f"{case.id}: {o.crash}")
+                bad = True
+            if o.ratios is not None and o.ratios.numel():
+                g["_ratios"].append(o.ratios.flatten().to(F64))
+                bad |= bool((o.ratios > 1).any())
+            g["max_ulp"] = max(g["max_ulp"], o.max_ulp)
+            if o.correctly_rounded:
+                g["_cr"][0] += o.correctly_rounded[0]
+                g["_cr"][1] += o.correctly_rounded[1]
+            if o.fa_ratio is not None:
+                g["fa_ratio"] = max(g["fa_ratio"], o.fa_ratio)
+                bad |= o.fa_ratio > cfg.fa_limit
+            g["nonfinite_mismatch"] += o.nonfinite_mismatch
+            g["nondeterministic"] += int(o.nondeterministic)
+            bad |= o.nonfinite_mismatch > 0 or o.nondeterministic
+            if bad and case.id not in g["failing_cases"]:
+                g["failing_cases"].append(case.id)
+    for g in groups.values():
+        r = torch.cat(g.pop("_ratios")) if g["_ratios"] else None
+        g["max_ratio"] = float(r.max()) if r is not None and r.numel() else None
+        g["p99_ratio"] = float(torch.quantile(r, 0.99)) if r is not None and r.numel() else None
+        cr = g.pop("_cr")
+        g["frac_correctly_rounded"] = cr[0] / cr[1] if cr[1] else None
+        g["hard_failures"] = _hard_failures(g, cfg.fa_limit)
+    return {"kind": "gate", "provenance": provenance(dev), "environment": environment(dev, fingerprint,
+                                                                                      [im.name for im in impls]),
+            "config": {"impls": [im.name for im in impls], "dtypes": list(cfg.dtypes), "seed": cfg.seed,
+                       "fa_limit": cfg.fa_limit, "case_ids": list(cfg.case_ids), **cfg.sizes},
+            "cases": len(suite), "evaluations": len(work), "groups": groups, "seconds": round(time.monotonic() - t0, 2)}
+
+
+def _hard_failures(g: dict, fa_limit: float) -> list:
+    out = []
+    if g["crashes"]:
+        out.append(f"{g['crashes']} crash(es): {'; '.join(g.get('crash_messages', [])[:2])}")
+    if g["max_ratio"] is not None and g["max_ratio"] > 1:
+        out.append(f"error/bound ratio {g['max_ratio']:.6g} > 1")
+    if g["nonfinite_mismatch"]:
+        out.append(f"{g['nonfinite_mismatch']} NaN/Inf mismatch(es) with the oracle")
+    if g["nondeterministic"]:
+        out.append(f"{g['nondeterministic']} case(s) with different bits on a repeated call (claims determinism)")
+    if g["fa_ratio"] > fa_limit:
+        out.append(f"FlashAttention-style ratio {g['fa_ratio']:.4g} > limit {fa_limit:g} (error over the plain "
+                   "low-precision baseline's)")
+    return out
+
+
+# ----------------------------------------------------------------------------- the baseline
+def make_baseline(rep: dict, slack=None) -> dict:
+    slack = slack or DEFAULT_SLACK
+    return {"format": BASELINE_FORMAT, "environment": rep["environment"], "slack": {k: list(v) for k, v in slack.items()},
+            "created_by": {"commit": rep["provenance"].get("git", {}).get("commit"),
+                           "time_utc": rep["provenance"].get("time_utc")},
+            "groups": {k: {m: g[m] for m in LOWER_IS_BETTER} for k, g in sorted(rep["groups"].items())}}
+
+
+def load_baseline(path) -> dict:
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"baseline {path} does not exist: create it with --update-baseline") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"baseline {path} is unreadable: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != BASELINE_FORMAT:
+        raise ValueError(f"baseline {path} is not a {BASELINE_FORMAT} file")
+    return doc
+
+
+def env_mismatch(base_env: dict, env: dict) -> list:
+    keys = ("device_class", "torch", "triton", "suite", "suite_version", "impls", "mode")
+    return [f"{k}: baseline {base_env.get(k)!r}, here {env.get(k)!r}" for k in keys if base_env.get(k) != env.get(k)]
+
+
+def compare_baseline(rep: dict, baseline: dict) -> list:
+    """Baseline findings: (group key, metric, old, new, 'regression' | 'improvement' | 'missing' | 'new')."""
+    slack = {k: tuple(v) for k, v in baseline.get("slack", DEFAULT_SLACK).items()}
+    found = []
+    old_groups = baseline.get("groups", {})
+    for key, g in rep["groups"].items():
+        if key not in old_groups:
+            found.append((key, "-", None, None, "new"))
+            continue
+        for m, lower in LOWER_IS_BETTER.items():
+            old, new = old_groups[key].get(m), g.get(m)
+            if old is None and new is None:
+                continue
+            if old is None or new is None:
+                found.append((key, m, old, new, "regression" if new is None else "new"))
+                continue
+            a, r = slack.get(m, DEFAULT_SLACK[m])
+            tol = a + r * abs(old)
+            if abs(new - old) <= tol:
+                continue
+            worse = (new > old) if lower else (new < old)
+            found.append((key, m, old, new, "regression" if worse else "improvement"))
+    found += [(key, "-", None, None, "missing") for key in old_groups if key not in rep["groups"]]
+    return found
+
+
+def verdict(rep: dict, baseline: "dict | None", allow_env_mismatch: bool = False) -> dict:
+    """Adds ``verdict`` to the report: passed, hard failures, baseline findings, environment notes."""
+    hard = {k: g["hard_failures"] for k, g in rep["groups"].items() if g["hard_failures"]}
+    v = {"hard": hard, "baseline": [], "environment": [], "baseline_used": baseline is not None}
+    if not rep["groups"] or rep["evaluations"] == 0:
+        v["nothing_ran"] = True
+    if baseline is not None:
+        mism = env_mismatch(baseline.get("environment", {}), rep["environment"])
+        v["environment"] = mism
+        if mism and not allow_env_mismatch:
+            raise GateEnvironmentError("baseline from a different environment (" + "; ".join(mism) + "): regenerate "
+                                       "it here with --update-baseline, or pass --allow-env-mismatch")
+        v["baseline"] = [dict(zip(("group", "metric", "old", "new", "kind"), f)) for f in compare_baseline(rep, baseline)]
+    v["passed"] = not hard and not v["baseline"] and not v.get("nothing_ran")
+    rep["verdict"] = v
+    return rep
+
+
+# ----------------------------------------------------------------------------- outputs
+def reproduce_command(rep: dict, case_ids=(), impl_spec: "str | None" = None) -> str:
+    cfg = rep["config"]
+    dev = "cuda" if rep["environment"]["device_class"].startswith("cuda") else "cpu"
+    parts = ["dora-verify gate", f"--impl {impl_spec or rep.get('impl_spec', 'kernels')}", f"--device {dev}",
+             f"--dtypes {','.join(cfg['dtypes'])}", f"--seed {cfg['seed']}"]
+    parts += [f"--case {c}" for c in case_ids]
+    return " ".join(parts)
+
+
+def gate_markdown(rep: dict) -> str:
+    from .report import _fmt, _table
+
+    v, env, p = rep["verdict"], rep["environment"], rep["provenance"]
+    mode = "GPU" if env["mode"] == "gpu" else "CPU, **logic-only** (eager tier and the Triton interpreter; no GPU evidence)"
+    head = "PASSED" if v["passed"] else "FAILED"
+    lines = [f"# dora-verify gate: {head}", "",
+             f"Mode: {mode}. Device class {env['device_class']}; torch {env['torch']}, triton {env['triton']}; "
+             f"commit {p.get('git', {}).get('commit', '?')}; suite {env['suite']} ({rep['cases']} cases, seed "
+             f"{rep['config']['seed']}); {rep['evaluations']} evaluations in {rep['seconds']} s.", ""]
+    if v.get("nothing_ran"):
+        lines += ["**Nothing ran** (no case applies to the implementation): the gate fails rather than pass on nothing.", ""]
+    if v["hard"]:
+        lines += ["## Hard failures", ""]
+        for key, msgs in v["hard"].items():
+            g = rep["groups"][key]
+            lines.append(f"- `{key}`: " + "; ".join(msgs))
+            lines.append(f"  reproduce: `{reproduce_command(rep, g['failing_cases'][:3])}`")
+        lines.append("")
+    if v["baseline"]:
+        lines += ["## Baseline differences (beyond the slack)", "",
+                  "A regression fails; an improvement fails too until the baseline is regenerated with "
+                  "`--update-baseline` (the ratchet).", ""]
+        lines.append(_table(["group", "metric", "baseline", "now", "finding"],
+                            [[f"`{b['group']}`", b["metric"], b["old"], b["new"], b["kind"]] for b in v["baseline"]]))
+        lines.append("")
+    if v["environment"]:
+        lines += ["Environment differs from the baseline's (allowed by --allow-env-mismatch): " + "; ".join(v["environment"]), ""]
+    if not v["baseline_used"]:
+        lines += ["No baseline compared (hard criteria only).", ""]
+    lines += ["## Groups", ""]
+    rows = [[g["impl"], g["output"], g["dtype"], g["shape_class"], g["cases"], g["max_ratio"], g["p99_ratio"],
+             _fmt(g["max_ulp"], 5), g["frac_correctly_rounded"], g["fa_ratio"], g["nonfinite_mismatch"],
+             g["nondeterministic"], "FAIL" if g["hard_failures"] else "ok"] for g in rep["groups"].values()]
+    lines.append(_table(["impl", "output", "dtype", "shapes", "cases", "max ratio", "p99 ratio", "max ulp",
+                         "correctly rounded", "FA ratio", "NaN/Inf mismatch", "non-det.", "hard"], rows))
+    lines += ["", "Criteria: docs/gate.md. Ratio = (|error| − oracle bound) / a-priori bound of the implementation's "
+              "contract; FA ratio = max error / max(plain low-precision baseline's max error, correctly rounded "
+              f"result's) with limit {rep['config']['fa_limit']:g}."]
+    return "\n".join(lines) + "\n"
+
+
+def junit_xml(rep: dict) -> str:
+    import xml.etree.ElementTree as ET
+
+    v = rep["verdict"]
+    base_by_group: dict = {}
+    for b in v["baseline"]:
+        base_by_group.setdefault(b["group"], []).append(b)
+    suites = ET.Element("testsuites", name="dora-verify gate")
+    by_impl: dict = {}
+    for key, g in rep["groups"].items():
+        by_impl.setdefault(g["impl"], []).append((key, g))
+    total = fails = 0
+    for impl, items in by_impl.items():
+        ts = ET.SubElement(suites, "testsuite", name=f"gate.{impl}")
+        n = f = 0
+        for key, g in items:
+            for crit, msgs in (("hard", g["hard_failures"]),
+                               ("baseline", [f"{b['metric']}: {b['old']} -> {b['new']} ({b['kind']})"
+                                             for b in base_by_group.get(key, [])])):
+                tc = ET.SubElement(ts, "testcase", classname=f"{impl}.{g['output']}.{g['dtype']}",
+                                   name=f"{g['shape_class']}.{g['device_class']}.{crit}")
+                n += 1
+                if msgs:
+                    f += 1
+                    fe = ET.SubElement(tc, "failure", message="; ".join(msgs)[:500])
+                    fe.text = "reproduce: " + reproduce_command(rep, g["failing_cases"][:3])
+        ts.set("tests", str(n))
+        ts.set("failures", str(f))
+        total, fails = total + n, fails + f
+    if v.get("nothing_ran"):
+        ts = ET.SubElement(suites, "testsuite", name="gate.suite", tests="1", failures="1")
+        tc = ET.SubElement(ts, "testcase", classname="gate", name="suite_ran")
+        ET.SubElement(tc, "failure", message="no case ran: the gate never passes on nothing")
+        total, fails = total + 1, fails + 1
+    for b in v["baseline"]:
+        if b["kind"] == "missing":
+            ts = ET.SubElement(suites, "testsuite", name="gate.baseline", tests="1", failures="1")
+            tc = ET.SubElement(ts, "testcase", classname="baseline", name=b["group"])
+            ET.SubElement(tc, "failure", message="group in the baseline did not run")
+            total, fails = total + 1, fails + 1
+    suites.set("tests", str(total))
+    suites.set("failures", str(fails))
+    return ET.tostring(suites, encoding="unicode")
+
+
+def write_gate_report(rep: dict, out_dir) -> list:
+    from .report import write_bundle
+
+    def extra(stage):
+        p = Path(stage) / "junit.xml"
+        p.write_text(junit_xml(rep), encoding="utf-8")
+        return [p]
+    return write_bundle(rep, out_dir, lambda files: gate_markdown(rep), extra=extra, json_name="gate.json",
+                        md_name="gate.md")
+
+
+def write_baseline(doc: dict, path) -> Path:
+    """Atomic write of a baseline file (never by hand: ``dora-verify gate --update-baseline``)."""
+    import json
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".baseline-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=1, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+__all__ = ["BASELINE_FORMAT", "DEFAULT_FA_LIMIT", "DEFAULT_SLACK", "Case", "GateConfig", "GateEnvironmentError",
+           "build_suite", "compare_baseline", "gate_markdown", "junit_xml", "load_baseline", "make_baseline",
+           "run_gate", "suite_fingerprint", "verdict", "write_baseline", "write_gate_report"]
