@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 CONTRACTS = ("faithful", "baseline-only", "kernel", "form")
@@ -47,7 +47,6 @@ class Implementation:
     form: Optional[str] = None
     backward: bool = False  # the built-in kernels: also gate the compose backward ...
     saves: tuple = ("inputs", "activation")  # ... in these save modes
-    notes: dict = field(default_factory=dict)
 
 
 class ImplError(ValueError):
@@ -122,7 +121,7 @@ def from_object(obj, default_name: str = "impl") -> Implementation:
         if fn is not None and not callable(fn):
             raise ImplError(f"{default_name}: {nm} is not callable")
     contract = getattr(obj, "contract", "faithful")
-    if contract not in ("faithful", "baseline-only"):
+    if contract not in CONTRACTS[:2]:  # the toolkit's own contracts ('kernel', 'form') are not for users
         raise ImplError(f"{default_name}: contract must be 'faithful' or 'baseline-only', got {contract!r}")
     dtypes = tuple(getattr(obj, "dtypes", ("bf16", "fp16", "fp32")))
     return Implementation(str(getattr(obj, "name", default_name)), comp, norm,

@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,9 @@ import torch
 
 from . import bounds
 from .formats import parse_format, ulp
+from .metrics import excess_error, same_bits
 from .oracles import compose_grad_truth, compose_truth, row_norm_truth
+from .report import atomic_write
 from .strategies import Example, compose_examples, lora_examples, norm_examples
 
 F64 = torch.float64
@@ -65,8 +66,7 @@ def excess_ratio(got, hi, lo, oracle_bound, bound) -> float:
     got = got.detach().to(F64)
     if not bool(torch.isfinite(got).all()):
         return math.inf
-    err = ((got - hi) - lo).abs() - oracle_bound
-    err = err.clamp_min(0)
+    err = excess_error(got, hi, lo, oracle_bound)
     r = torch.where(err == 0, torch.zeros_like(err), err / bound.to(F64))
     return float(r.max()) if r.numel() else 0.0
 
@@ -139,8 +139,7 @@ def eval_compose_backward(ex: Example, device, tier) -> Score:
     for save in ("inputs", "activation"):
         grads = _compose_grads(k, s, tier, save)
         again = _compose_grads(k, s, tier, save)
-        same = all(torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a, b.view(torch.uint8)
-                               if b.dtype != torch.float32 else b) for a, b in zip(grads, again))
+        same = all(same_bits(a, b) for a, b in zip(grads, again))
         eb, el, eg = bounds.compose_backward_bounds(t["dy"], t["base"], t["lora"], t["g"], s, save=save)
         zero = torch.zeros((), dtype=F64, device=eb.device)
         parts[f"d_base/{save}"] = excess_ratio(grads[0], gt.d_base, zero, zero, eb)
@@ -294,20 +293,6 @@ def _case_name(target: str, ex: Example) -> str:
     return f"{target}-{ex.dtype}-{h.hexdigest()[:10]}"
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_case(target: str, ex: Example, score: Score, corpus: "str | Path", meta: "dict | None" = None) -> Path:
     """Write ``<target>-<dtype>-<hash>.npz`` (the input tensors, bit-exact) and ``.json`` into ``corpus``."""
     folder = Path(corpus)
@@ -317,8 +302,8 @@ def save_case(target: str, ex: Example, score: Score, corpus: "str | Path", meta
     doc = {"target": target, "kind": ex.kind, "dtype": ex.dtype, "scalars": ex.scalars, "params": ex.params,
            "tensors": {k: str(v.dtype).removeprefix("torch.") for k, v in ex.tensors.items()},
            "score": {"ratio": score.ratio, "ulp": score.ulp, "parts": score.parts, "info": score.info}, **(meta or {})}
-    _atomic_write(folder / f"{name}.npz", lambda fh: np.savez(fh, **arrays))
-    _atomic_write(folder / f"{name}.json",
+    atomic_write(folder / f"{name}.npz", lambda fh: np.savez(fh, **arrays))
+    atomic_write(folder / f"{name}.json",
                   lambda fh: fh.write(json.dumps(_finite_json(doc), indent=1, allow_nan=False).encode()))
     return folder / f"{name}.json"
 

@@ -26,8 +26,6 @@ unless explicitly allowed.
 from __future__ import annotations
 
 import hashlib
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch
 from . import bounds
 from .adapter import Implementation, kernels_impl
 from .formats import parse_format, ulp
+from .metrics import excess_error, flash_ratio, quantile, same_bits
 from .oracles import compose_grad_truth, compose_truth, row_norm_truth
 from .strategies import COMMON_S, COMPOSE_REGIMES, G_MODES, NORM_REGIMES, Example, compose_example, norm_example
 
@@ -154,21 +153,11 @@ def _to_cpu(x):
     return x.detach().to("cpu")
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)) if a.numel() else True
-
-
-def _excess(got, hi, lo, oracle_bound):
-    return (((got.to(F64) - hi) - lo).abs() - oracle_bound).clamp_min(0)
-
-
-def _fa(err_max: float, plain_max: float, floor_max: float) -> float:
-    den = max(plain_max, floor_max)
-    if err_max == 0:
-        return 0.0
-    return math.inf if den == 0 else err_max / den
+def _fa_ratio(err, plain_err, floor) -> float:
+    """FlashAttention-style ratio (metrics.flash_ratio) with the baseline's error floored at the correctly rounded
+    result's: a correctly rounded implementation scores ≤ 1."""
+    mx = lambda t: float(t.max()) if t.numel() else 0.0  # noqa: E731
+    return flash_ratio(mx(err), max(mx(plain_err), mx(floor)))
 
 
 def _nonfinite_mismatch(y: torch.Tensor, expect: torch.Tensor) -> int:
@@ -194,7 +183,7 @@ def _score_compose(impl: Implementation, case: Case, device) -> "list[Outcome]":
                         f"{tuple(t['base'].shape)}")]
     out = Outcome("y")
     if impl.deterministic:
-        out.nondeterministic = not _same_bits(y, _to_cpu(impl.compose(*args, s, bias)))
+        out.nondeterministic = not same_bits(y, _to_cpu(impl.compose(*args, s, bias)))
     b64, l64, g64 = t["base"].to(F64), t["lora"].to(F64), t["g"].to(F64)[None, :]
     expect = g64 * (b64 + s * l64) + (t["bias"].to(F64)[None, :] if "bias" in t else 0)
     if case.check == "nonfinite":
@@ -205,7 +194,7 @@ def _score_compose(impl: Implementation, case: Case, device) -> "list[Outcome]":
     out.nonfinite_mismatch = _nonfinite_mismatch(y, expect)
     y64 = y.to(F64)
     ok = in_range & torch.isfinite(y64)
-    err = torch.where(ok, _excess(y, tr.y_hi, tr.y_lo, tr.y_bound), torch.zeros_like(y64))
+    err = torch.where(ok, excess_error(y, tr.y_hi, tr.y_lo, tr.y_bound), torch.zeros_like(y64))
     u = ulp(tr.y, fmt)
     out.max_ulp = float((err / u).max()) if err.numel() else 0.0
     cr = ok & (y64 == tr.y_round.nearest)
@@ -221,10 +210,9 @@ def _score_compose(impl: Implementation, case: Case, device) -> "list[Outcome]":
     if bound is not None:
         out.ratios = torch.where(err == 0, torch.zeros_like(err), err / bound)[in_range]
     plain = stable_gcast(t["base"], t["lora"], t["g"], s, t.get("bias"))[0]
-    plain_err = torch.where(in_range & torch.isfinite(plain.to(F64)), _excess(plain, tr.y_hi, tr.y_lo, tr.y_bound), 0)
-    floor = _excess(tr.y_round.nearest, tr.y_hi, tr.y_lo, tr.y_bound)[in_range]
-    out.fa_ratio = _fa(float(err.max()) if err.numel() else 0.0, float(plain_err.max()) if err.numel() else 0.0,
-                       float(floor.max()) if floor.numel() else 0.0)
+    plain_err = torch.where(in_range & torch.isfinite(plain.to(F64)), excess_error(plain, tr.y_hi, tr.y_lo, tr.y_bound), 0)
+    floor = excess_error(tr.y_round.nearest, tr.y_hi, tr.y_lo, tr.y_bound)[in_range]
+    out.fa_ratio = _fa_ratio(err, plain_err, floor)
     return [out]
 
 
@@ -239,7 +227,7 @@ def _score_norm(impl: Implementation, case: Case, device) -> "list[Outcome]":
         return [Outcome("nu", crash=f"norm returned shape {tuple(nu.shape)}, want ({t['W'].shape[0]},)")]
     out = Outcome("nu")
     if impl.deterministic:
-        out.nondeterministic = not _same_bits(nu, _to_cpu(impl.norm(W, A, B, s)))
+        out.nondeterministic = not same_bits(nu, _to_cpu(impl.norm(W, A, B, s)))
     tr = row_norm_truth(t["W"], t["A"], t["B"], s)
     out.nonfinite_mismatch = int((~torch.isfinite(nu.to(F64))).sum())
     nu64 = nu.to(F64)
@@ -261,7 +249,7 @@ def _score_norm(impl: Implementation, case: Case, device) -> "list[Outcome]":
     plain = peft_dense(t["W"], t["A"], t["B"], s).to(F64)
     plain_err = ((plain - tr.nu).abs() - tr.bound).clamp_min(0)
     floor = ((tr.nu.to(torch.float32).to(F64) - tr.nu).abs() - tr.bound).clamp_min(0)
-    out.fa_ratio = _fa(float(err.max()), float(plain_err.max()), float(floor.max()))
+    out.fa_ratio = _fa_ratio(err, plain_err, floor)
     return [out]
 
 
@@ -286,9 +274,9 @@ def _score_backward(impl: Implementation, case: Case, device) -> "list[Outcome]"
                 "d_g": (first[2], gt.d_g, zero, gt.d_g_bound, eg, torch.float32)}
         for i, (name, (got, hi, lo, ob, bound, dt)) in enumerate(refs.items()):
             o = Outcome(f"{name}/{save}")
-            o.nondeterministic = not _same_bits(first[i], again[i])
+            o.nondeterministic = not same_bits(first[i], again[i])
             o.nonfinite_mismatch = _nonfinite_mismatch(got, hi + lo)
-            err = _excess(got, hi, lo, ob)
+            err = excess_error(got, hi, lo, ob)
             err = torch.where(torch.isfinite(err), err, torch.zeros_like(err))
             o.ratios = torch.where(err == 0, torch.zeros_like(err), err / bound).flatten()
             o.max_ulp = float((err / ulp(hi + lo, parse_format(dt))).max()) if err.numel() else 0.0
@@ -439,7 +427,7 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
     for g in groups.values():
         r = torch.cat(g.pop("_ratios")) if g["_ratios"] else None
         g["max_ratio"] = float(r.max()) if r is not None and r.numel() else None
-        g["p99_ratio"] = float(torch.quantile(r, 0.99)) if r is not None and r.numel() else None
+        g["p99_ratio"] = quantile(r, 0.99) if r is not None and r.numel() else None
         cr = g.pop("_cr")
         g["frac_correctly_rounded"] = cr[0] / cr[1] if cr[1] else None
         g["hard_failures"] = _hard_failures(g, cfg.fa_limit)
@@ -649,19 +637,12 @@ def write_gate_report(rep: dict, out_dir) -> list:
 def write_baseline(doc: dict, path) -> Path:
     """Atomic write of a baseline file (never by hand: ``dora-verify gate --update-baseline``)."""
     import json
-    import tempfile
+
+    from .report import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".baseline-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: fh.write((json.dumps(doc, indent=1, allow_nan=False) + "\n").encode()))
     return path
 
 

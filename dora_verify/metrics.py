@@ -49,6 +49,18 @@ def abs_error(approx: torch.Tensor, ref: Reference) -> torch.Tensor:
     return ((approx.to(torch.float64) - ref.hi) - ref.lo).abs()
 
 
+def excess_error(approx: torch.Tensor, hi: torch.Tensor, lo, oracle_bound) -> torch.Tensor:
+    """(|a − (hi + lo)| − oracle bound)⁺ in float64: the error certainly made, beyond the oracle's own uncertainty."""
+    return (((approx.to(torch.float64) - hi) - lo).abs() - oracle_bound).clamp_min(0)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (−0 ≠ +0, NaN payloads compared): what a determinism claim promises."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)) if a.numel() else True
+
+
 def ulp_error(approx: torch.Tensor, exact: torch.Tensor, fmt) -> torch.Tensor:
     """|a - x| / ulp_fmt(x) (float64). ``exact`` is a float64 tensor of exact values."""
     fmt = parse_format(fmt)

@@ -199,6 +199,21 @@ def sweep_plots(rep: dict, folder: Path) -> list:
     return paths
 
 
+def atomic_write(path: Path, write) -> None:
+    """Write a file through ``write(binary file handle)`` into a temporary beside it, fsync, then os.replace."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=Path(path).parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_bundle(rep: dict, out_dir: "str | Path", markdown, extra=None, json_name: str = "report.json",
                  md_name: str = "report.md") -> list:
     """Write ``json_name`` (strict JSON of ``rep``), ``md_name`` (``markdown(files)`` → text, given the staged
