@@ -1,0 +1,183 @@
+"""Experiment (issue 3): where does the time of U = W Aᵀ and of the DoRALinear step go on the GPU?
+
+    python3 bench/wa_variants.py --out DIR
+
+1. Variants of the chained U kernel (kernels/norm.py `_wa_kernel`) at 8192×8192, r = 384, bf16, all-positive
+   data (which exposes accumulation error): loop structure (one loop with a conditional flush vs nested
+   chain loops, optionally flattened), accumulator across chains (float64 vs plain fp32), tile shapes.
+   Time (CUDA-event median) and max relative error of U against float64.
+2. The DoRALinear training step: host (Python/launch) time per iteration vs GPU time, and the time of each
+   piece of the backward, to see whether the layer is bound by the GPU or by the host.
+Writes DIR/wa_variants.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+from dora_verify import provenance
+
+
+@triton.jit
+def _wa_variant(w_ptr, a_ptr, out_ptr, M, R, K, stride_w, stride_a, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_K: tl.constexpr, FLUSH: tl.constexpr, NESTED: tl.constexpr, FLAT: tl.constexpr,
+                ACC64: tl.constexpr):
+    n_r = tl.cdiv(R, BLOCK_R)
+    pid = tl.program_id(0)
+    pid_m = pid // n_r
+    pid_r = pid % n_r
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, BLOCK_K)
+    if ACC64:
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    wp = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    ap = a_ptr + rr.to(tl.int64)[None, :] * stride_a
+    rmask = (rows < M)[:, None]
+    amask = (rr < R)[None, :]
+    if NESTED:
+        n_chain = tl.cdiv(K, BLOCK_K * FLUSH)
+        for c in tl.range(0, n_chain, flatten=FLAT):
+            part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for i in tl.range(0, FLUSH):
+                kk = (c * FLUSH + i) * BLOCK_K + ks
+                w = tl.load(wp + kk[None, :], mask=rmask & (kk < K)[None, :], other=0.0)
+                a = tl.load(ap + kk[:, None], mask=amask & (kk < K)[:, None], other=0.0)
+                part = tl.dot(w, a, part, out_dtype=tl.float32)
+            acc += part.to(acc.dtype)
+    else:
+        part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for i in range(0, tl.cdiv(K, BLOCK_K)):
+            kk = i * BLOCK_K + ks
+            w = tl.load(wp + kk[None, :], mask=rmask & (kk < K)[None, :], other=0.0)
+            a = tl.load(ap + kk[:, None], mask=amask & (kk < K)[:, None], other=0.0)
+            part = tl.dot(w, a, part, out_dtype=tl.float32)
+            if i % FLUSH == FLUSH - 1:
+                acc += part.to(acc.dtype)
+                part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        acc += part.to(acc.dtype)
+    offs = rows.to(tl.int64)[:, None] * R + rr[None, :]
+    tl.store(out_ptr + offs, acc.to(tl.float32), mask=rmask & amask)
+
+
+def bench_ms(fn, rep=100):
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
+
+
+def wa_variants(log):
+    d, r = 8192, 384
+    torch.manual_seed(0)
+    W = (torch.rand(d, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
+    A = (torch.rand(r, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
+    ref = W.double() @ A.double().t()
+    rows = [{"variant": "cublas mm out_dtype=fp32", "ms": bench_ms(lambda: torch.mm(W, A.t(), out_dtype=torch.float32)),
+             "max_rel": float(((torch.mm(W, A.t(), out_dtype=torch.float32).double() - ref).abs() / ref).max())}]
+    log(rows[-1])
+    out = torch.empty(d, r, device="cuda", dtype=torch.float32)
+    cands = []
+    for bm, br, bk, flush, warps, stages in ((64, 128, 128, 2, 4, 3), (128, 128, 128, 2, 8, 3), (128, 128, 64, 4, 8, 4),
+                                             (128, 64, 128, 2, 4, 3), (64, 128, 64, 4, 4, 4), (128, 128, 128, 4, 8, 3),
+                                             (128, 192, 64, 4, 8, 3)):
+        for nested, flat in ((0, 0), (1, 0), (1, 1)):
+            for acc64 in (1, 0):
+                cands.append((bm, br, bk, flush, warps, stages, nested, flat, acc64))
+    for bm, br, bk, flush, warps, stages, nested, flat, acc64 in cands:
+        if br & (br - 1):
+            continue
+        grid = (triton.cdiv(d, bm) * triton.cdiv(r, br),)
+
+        def run():
+            _wa_variant[grid](W, A, out, d, r, d, W.stride(0), A.stride(0), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
+                              FLUSH=flush, NESTED=nested, FLAT=flat, ACC64=acc64, num_warps=warps, num_stages=stages)
+            return out
+        rec = {"variant": dict(BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, warps=warps, stages=stages,
+                               nested=nested, flatten=flat, acc64=acc64), "chain": bk * flush}
+        try:
+            run()
+            rec["max_rel"] = float(((out.double() - ref).abs() / ref).max())
+            rec["ms"] = bench_ms(run)
+        except Exception as e:  # noqa: BLE001
+            rec["error"] = repr(e)[:200]
+        rows.append(rec)
+        log(rec)
+    return rows
+
+
+def layer_step(log):
+    from dora_verify.kernels import DoRALinear
+    from dora_verify.kernels import lora_compose as lc
+
+    d, r, T = 8192, 384, 4096
+    torch.manual_seed(0)
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
+    layer = DoRALinear(lin, r, 2 * r)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 1e-3)
+        layer.magnitude.mul_(1.001)
+    params = [layer.lora_A, layer.lora_B, layer.magnitude]
+
+    def fwd():
+        layer._nu_key = None
+        return layer(x)
+
+    def fwd_bwd():
+        layer._nu_key = None
+        return torch.autograd.grad(layer(x), params, dy)
+    res = {}
+    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        gpu = bench_ms(fn, rep=50)
+        torch.cuda.synchronize()
+        n = 50
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t0) / n * 1e3  # enqueue time while the GPU runs behind
+        torch.cuda.synchronize()
+        res[name] = {"gpu_ms": gpu, "host_enqueue_ms": host}
+        log(name, res[name])
+    # pieces of the backward, each alone
+    base = (x @ lin.weight.t())
+    xa = x @ layer.lora_A.t()
+    B = layer.lora_B.detach()
+    g = torch.rand(d, device="cuda") + 0.5
+    s = layer.scaling
+    res["pieces_ms"] = {
+        "lora_compose_bwd_kernel": bench_ms(lambda: lc.lora_compose_backward_fused(dy, base, xa, B, g, s, False, True)),
+        "adapter_grads": bench_ms(lambda: lc.adapter_grads(dy, xa, B, g, s, True, True)),
+        "dyT_xa_fp32": bench_ms(lambda: torch.mm(dy.t(), xa, out_dtype=torch.float32)),
+        "xaT_dy_fp32": bench_ms(lambda: torch.mm(xa.t(), dy, out_dtype=torch.float32)),
+        "dy_gsB": bench_ms(lambda: dy @ B),
+        "dA_xT_dxa": bench_ms(lambda: xa.t() @ x),
+        "base_gemm": bench_ms(lambda: x @ lin.weight.t()),
+        "norm": bench_ms(lambda: layer.weight_norm()),
+    }
+    log(res["pieces_ms"])
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    res = {"provenance": provenance.provenance(torch.device("cuda")), "seed": 0}
+    res["wa_variants"] = wa_variants(lambda *a: print(*a, flush=True))
+    res["layer_step"] = layer_step(lambda *a: print(*a, flush=True))
+    with open(os.path.join(args.out, "wa_variants.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
