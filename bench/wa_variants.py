@@ -113,9 +113,33 @@ def wa_variants(log):
     return rows
 
 
+def host_ms(fn, n=8):
+    """Host (Python + launch) time per call while the GPU is kept busy by a long sleep kernel, so that
+    the launch queue never blocks the host."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return t
+
+
+def _peft_lora(d, r):
+    from peft import LoraConfig, get_peft_model
+
+    lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"])
+    return get_peft_model(torch.nn.Sequential(lin), cfg, autocast_adapter_dtype=False)
+
+
 def layer_step(log):
+    import importlib
+
     from dora_verify.kernels import DoRALinear
-    from dora_verify.kernels import lora_compose as lc
+    lc = importlib.import_module("dora_verify.kernels.lora_compose")
 
     d, r, T = 8192, 384, 4096
     torch.manual_seed(0)
@@ -136,17 +160,29 @@ def layer_step(log):
         layer._nu_key = None
         return torch.autograd.grad(layer(x), params, dy)
     res = {}
-    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+    lora = _peft_lora(d, r)
+    lparams = [p for p in lora.parameters() if p.requires_grad]
+    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd), ("lora_fwd", lambda: lora(x)),
+                     ("lora_fwd_bwd", lambda: torch.autograd.grad(lora(x), lparams, dy))):
         gpu = bench_ms(fn, rep=50)
-        torch.cuda.synchronize()
-        n = 50
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        host = (time.perf_counter() - t0) / n * 1e3  # enqueue time while the GPU runs behind
-        torch.cuda.synchronize()
-        res[name] = {"gpu_ms": gpu, "host_enqueue_ms": host}
+        res[name] = {"gpu_ms": gpu, "host_enqueue_ms": host_ms(fn)}
         log(name, res[name])
+    import cProfile
+    import io
+    import pstats
+    for name, fn in (("fwd_bwd", fwd_bwd),):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(8):
+            fn()
+        pr.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(35)
+        res["cprofile_" + name] = buf.getvalue()
+        log(buf.getvalue())
     # pieces of the backward, each alone
     base = (x @ lin.weight.t())
     xa = x @ layer.lora_A.t()
@@ -170,10 +206,12 @@ def layer_step(log):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--skip-wa", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     res = {"provenance": provenance.provenance(torch.device("cuda")), "seed": 0}
-    res["wa_variants"] = wa_variants(lambda *a: print(*a, flush=True))
+    if not args.skip_wa:
+        res["wa_variants"] = wa_variants(lambda *a: print(*a, flush=True))
     res["layer_step"] = layer_step(lambda *a: print(*a, flush=True))
     with open(os.path.join(args.out, "wa_variants.json"), "w") as f:
         json.dump(res, f, indent=1)
