@@ -212,6 +212,7 @@ def main():
     res = {"provenance": provenance.provenance(torch.device("cuda")), "seed": 0}
     if not args.skip_wa:
         res["wa_variants"] = wa_variants(lambda *a: print(*a, flush=True))
+    res["host_pieces"] = host_pieces(lambda *a: print(*a, flush=True))
     res["layer_step"] = layer_step(lambda *a: print(*a, flush=True))
     with open(os.path.join(args.out, "wa_variants.json"), "w") as f:
         json.dump(res, f, indent=1)
@@ -219,3 +220,50 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def host_pieces(log):
+    """Host time of each piece of the DoRALinear step (GPU kept busy, so nothing waits on the device)."""
+    import importlib
+
+    import torch.nn.functional as F
+
+    from dora_verify.kernels import DoRALinear, dora_scale, factored_row_norm
+    lc = importlib.import_module("dora_verify.kernels.lora_compose")
+    nm = importlib.import_module("dora_verify.kernels.norm")
+    d, r, T = 8192, 384, 4096
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
+    layer = DoRALinear(lin, r, 2 * r)
+    W, A, B = lin.weight.detach(), layer.lora_A.detach(), layer.lora_B.detach()
+    wsq = nm.weight_row_sq(W)
+    nu = factored_row_norm(W, A, B, 2.0, wsq=wsq, validate=False)
+    m = layer.magnitude
+    xa = F.linear(x, A)
+    base = F.linear(x, W)
+    g = torch.ones(d, device="cuda")
+    U = torch.empty(d, r, device="cuda")
+
+    @triton.jit
+    def _noop(p):
+        pass
+    pieces = {
+        "triton_noop_launch": lambda: _noop[(1,)](U),
+        "wa_kernel_launch": lambda: nm._wa_kernel[(384, 1)](W, A, U, d, r, d, W.stride(0), A.stride(0), d, MODE=0,
+                                                             BLOCK_M=64, BLOCK_R=128, BLOCK_K=128, FLUSH=2, SPLIT=1,
+                                                             num_warps=4, num_stages=3),
+        "F.linear": lambda: F.linear(x, W),
+        "torch.mul_small": lambda: g * 2.0,
+        "wa_product_U": lambda: nm.wa_product(W, A),
+        "factored_row_norm": lambda: factored_row_norm(W, A, B, 2.0, wsq=wsq, validate=False),
+        "dora_scale": lambda: dora_scale(m, nu),
+        "lora_compose_fwd_fused": lambda: lc.lora_compose_forward_fused(base, xa, B, g, None, 2.0),
+        "lora_compose_public_nograd": lambda: lc.lora_compose(base, xa, B, g, 2.0),
+        "lora_compose_bwd_fused": lambda: lc.lora_compose_backward_fused(base, base, xa, B, g, 2.0, False, True),
+        "adapter_grads": lambda: lc.adapter_grads(base, xa, B, g, 2.0, True, True),
+    }
+    res = {}
+    for name, fn in pieces.items():
+        res[name] = host_ms(fn, n=20)
+        log(f"host {name}: {res[name]:.4f} ms")
+    return res
