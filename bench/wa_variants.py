@@ -218,9 +218,6 @@ def main():
         json.dump(res, f, indent=1)
 
 
-if __name__ == "__main__":
-    main()
-
 
 def host_pieces(log):
     """Host time of each piece of the DoRALinear step (GPU kept busy, so nothing waits on the device)."""
@@ -267,3 +264,7 @@ def host_pieces(log):
         res[name] = host_ms(fn, n=20)
         log(f"host {name}: {res[name]:.4f} ms")
     return res
+
+
+if __name__ == "__main__":
+    main()
