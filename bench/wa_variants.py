@@ -207,13 +207,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--skip-wa", action="store_true")
+    ap.add_argument("--compiled", action="store_true")
+    ap.add_argument("--only-compiled", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     res = {"provenance": provenance.provenance(torch.device("cuda")), "seed": 0}
-    if not args.skip_wa:
+    if not (args.skip_wa or args.only_compiled):
         res["wa_variants"] = wa_variants(lambda *a: print(*a, flush=True))
-    res["host_pieces"] = host_pieces(lambda *a: print(*a, flush=True))
-    res["layer_step"] = layer_step(lambda *a: print(*a, flush=True))
+    if not args.only_compiled:
+        res["host_pieces"] = host_pieces(lambda *a: print(*a, flush=True))
+        res["layer_step"] = layer_step(lambda *a: print(*a, flush=True))
+    if args.compiled or args.only_compiled:
+        res["compiled_step"] = compiled_step(lambda *a: print(*a, flush=True))
     with open(os.path.join(args.out, "wa_variants.json"), "w") as f:
         json.dump(res, f, indent=1)
 
@@ -268,3 +273,48 @@ def host_pieces(log):
 
 if __name__ == "__main__":
     main()
+
+
+def compiled_step(log):
+    """The same step under torch.compile (default and 'reduce-overhead' = CUDA graphs), ours vs PEFT LoRA."""
+    from dora_verify.kernels import DoRALinear
+
+    d, r, T = 8192, 384, 4096
+    torch.manual_seed(0)
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    res = {}
+    for impl in ("ours", "lora"):
+        if impl == "ours":
+            lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
+            layer = DoRALinear(lin, r, 2 * r)
+            with torch.no_grad():
+                layer.lora_B.normal_(0, 1e-3)
+                layer.magnitude.mul_(1.001)
+            params = [layer.lora_A, layer.lora_B, layer.magnitude]
+        else:
+            layer = _peft_lora(d, r)
+            params = [p for p in layer.parameters() if p.requires_grad]
+        for mode in ("default", "reduce-overhead"):
+            torch._dynamo.reset()
+            cl = torch.compile(layer, mode=mode)
+
+            def step():
+                y = cl(x)
+                y.backward(dy)
+                return y
+            try:
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                rec = {"compile_s": time.perf_counter() - t0, "gpu_ms": bench_ms(step, rep=50)}
+                if mode == "default":
+                    rec["host_enqueue_ms"] = host_ms(step)
+            except Exception as e:  # noqa: BLE001
+                rec = {"error": repr(e)[:300]}
+            for p in params:
+                p.grad = None
+            res[f"{impl}_{mode}"] = rec
+            log(impl, mode, rec)
+    return res
