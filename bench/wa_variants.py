@@ -271,9 +271,6 @@ def host_pieces(log):
     return res
 
 
-if __name__ == "__main__":
-    main()
-
 
 def compiled_step(log):
     """The same step under torch.compile (default and 'reduce-overhead' = CUDA graphs), ours vs PEFT LoRA."""
@@ -318,3 +315,7 @@ def compiled_step(log):
             res[f"{impl}_{mode}"] = rec
             log(impl, mode, rec)
     return res
+
+
+if __name__ == "__main__":
+    main()
