@@ -71,9 +71,33 @@ def _row_chunks(n_rows: int, row_bytes: int, chunk_bytes: int):
         yield i, min(n_rows, i + step)
 
 
-def weight_row_sq(W: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
-    """‖W_i‖² for every row, float64 (exact squares, float64 sums), chunked over rows."""
+if HAS_TRITON:
+
+    @triton.jit
+    def _row_sq_kernel(w_ptr, out_ptr, M, K, stride_w, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[i] = Σ_k W[i, k]² in float64: each square is exact in float64 (≤ 48 significant bits), the
+        sum runs in a fixed order (per-lane sequential over K blocks, then a fixed tree) — reproducible."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float64)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + ks
+            w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + kk[None, :],
+                        mask=(rows < M)[:, None] & (kk < K)[None, :], other=0.0).to(tl.float64)
+            acc += w * w
+        tl.store(out_ptr + rows, tl.sum(acc, axis=1), mask=rows < M)
+
+
+def weight_row_sq(W: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                  use_triton: "bool | None" = None) -> torch.Tensor:
+    """‖W_i‖² for every row, float64 (exact squares, float64 sums: relative error ≤ γ64_{d_in}). On CUDA one
+    bandwidth-bound Triton pass over W (no float64 copy of W); elsewhere float64 torch ops chunked over rows."""
     out = torch.empty(W.shape[0], dtype=torch.float64, device=W.device)
+    if (use_triton if use_triton is not None else (HAS_TRITON and W.is_cuda)) and W.numel():
+        W = W if W.stride(1) == 1 else W.contiguous()
+        _row_sq_kernel[(triton.cdiv(W.shape[0], 4),)](W, out, W.shape[0], W.shape[1], W.stride(0),
+                                                      BLOCK_M=4, BLOCK_K=256, num_warps=4)
+        return out
     for i0, i1 in _row_chunks(W.shape[0], W.shape[1] * 8, chunk_bytes):
         w = W[i0:i1].to(torch.float64)
         out[i0:i1] = (w * w).sum(dim=1)

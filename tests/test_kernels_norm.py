@@ -51,6 +51,29 @@ def test_weight_square_cache_invalidates():
     assert b is not a and torch.allclose(b, 4 * a)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (interpreter on CPU)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_weight_row_sq_triton_within_float64_bound(dtype):
+    """The Triton ‖W‖² pass (ragged 67×1000: one off neither block size) against exact sums of the rounded W:
+    |error| ≤ γ64_K·Σw² (squares exact in float64, float64 sums); rows of zeros give 0; bitwise reproducible."""
+    from fractions import Fraction
+
+    from dora_verify.bounds import U64, gamma
+    from dora_verify.kernels.norm import weight_row_sq
+
+    g = torch.Generator().manual_seed(3)
+    W = (torch.rand(67, 1000, generator=g) * 2 - 1).mul(8.0).to(dtype)
+    W[5] = 0
+    W[9] = W[9].abs()  # all-positive row
+    got = weight_row_sq(W, use_triton=True)
+    assert got.dtype == torch.float64 and float(got[5]) == 0.0
+    assert torch.equal(got, weight_row_sq(W, use_triton=True))
+    w64 = W.to(torch.float64)
+    exact = [float(sum(Fraction(v) ** 2 for v in row.tolist())) for row in w64]
+    err = (got - torch.tensor(exact, dtype=torch.float64)).abs()
+    assert bool((err <= gamma(W.shape[1], U64) * torch.tensor(exact, dtype=torch.float64)).all())
+
+
 def test_scale_fp32_and_g_minus_1():
     nu = torch.tensor([1.0, 3.0, 0.0, 2.0])
     m = torch.tensor([1.0 + 2**-20, 3.0, 0.0, 2.0 * (1 - 2**-23)])
