@@ -330,5 +330,38 @@ def lora_compose_bounds(base, xa, B, g, s: float, lora_hat, bias=None, chain: "i
     return (ey + (g64 * s).abs() * e_lora) * SAFETY
 
 
+def dora_layer_bound(x, W, bias, A, B, g, s: float, g_rel: float):
+    """Bound on |ŷ − y| for a whole DoRA Linear layer evaluated as the PEFT integration does
+    (kernels/peft.py), against y = g·(x Wᵀ + s·(x Aᵀ) Bᵀ) + bias exact in the rounded x, W, bias, A, B
+    and the exact g = m/ν of the stored m:
+
+    * result = RN_act(x Wᵀ + bias) from a GEMM with fp32 accumulation — γ_K(2u₃₂) of Σ|x||W| + |bias|
+      (the truncating-accumulator model of :func:`kernel_norm_bound`) plus one rounding u_act —, then
+      base = RN_act(result − bias): a second u_act;
+    * xa = RN_ad(x Aᵀ), lora = RN_ad(xa Bᵀ): each a GEMM with fp32 accumulation and one rounding to the
+      adapter dtype; the error of xa propagates through |B|;
+    * ĝ with relative error ≤ ``g_rel`` (ν's bound plus the fp32 division);
+    * the compose's final rounding (u_act of |y|, one more u_act of the propagated error).
+    Returns a float64 tensor of the output's shape."""
+    u, _, eta = _fmt_params(x.dtype)
+    ua, _, etaa = _fmt_params(A.dtype)
+    K, r = W.shape[1], A.shape[0]
+    x64, W64, A64, B64, g64 = _t(x, W, A, B, g)
+    b64 = _t(bias)[0] if bias is not None else torch.zeros((), dtype=F64)
+    gK, gr = gamma(K, 2 * U32), gamma(r, 2 * U32)
+    base = x64 @ W64.t()
+    e_res = gK * (x64.abs() @ W64.abs().t() + b64.abs()) + u * (base + b64).abs() + eta
+    e_base = e_res + u * (base.abs() + e_res) + eta
+    xa = x64 @ A64.t()
+    e_xa = gK * (x64.abs() @ A64.abs().t()) + ua * xa.abs() + etaa
+    lora = xa @ B64.t()
+    e_lora = e_xa @ B64.abs().t() + gr * ((xa.abs() + e_xa) @ B64.abs().t()) + ua * (lora.abs() + e_xa @ B64.abs().t()) + etaa
+    inner = base + s * lora
+    e_inner = e_base + abs(s) * e_lora
+    y = g64 * inner + b64
+    e = g64.abs() * e_inner + g_rel * g64.abs() * (inner.abs() + e_inner)
+    return (e * (1 + u) + u * y.abs() + eta) * SAFETY
+
+
 __all__ = ["compose_backward_bounds", "compose_epilogue_slack", "compose_form_bounds", "compose_kernel_bounds",
-           "dm_bound", "factored_norm_bound", "gamma", "gamma_prob", "kernel_norm_bound", "lora_compose_bounds", "scale_bounds"]
+           "dm_bound", "dora_layer_bound", "factored_norm_bound", "gamma", "gamma_prob", "kernel_norm_bound", "lora_compose_bounds", "scale_bounds"]

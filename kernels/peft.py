@@ -1,0 +1,154 @@
+"""Route Hugging Face PEFT's DoRA Linear layers through this project's factored norm and fused compose.
+
+    import dora_verify.kernels.peft as dv_peft
+    model = get_peft_model(model, LoraConfig(r=16, use_dora=True, target_modules=[...]))
+    dv_peft.enable()                 # every PEFT DoRA Linear layer now uses the kernels
+    with dv_peft.enabled(): ...      # or only inside a block; dv_peft.disable() restores stock PEFT
+
+Nothing about building, saving, loading or merging adapters changes: the integration replaces only
+``peft.tuners.lora.variants.DoraLinearVariant.forward`` (the per-adapter DoRA forward of a LoRA Linear
+layer), so state dicts, ``save_pretrained``/``from_pretrained``, ``merge``/``unmerge`` and multiple adapters are
+PEFT's own. Supported: PEFT ≥ 0.16 (``peft.tuners.lora.variants``, from PEFT's LoRA-variant refactor, #2443);
+tested with 0.21.0 (GPU report) and 0.21.2 (CI); :func:`enable` raises ImportError on a PEFT without it.
+Layers the kernels cannot take fall back to PEFT's own forward, per call: quantized or non-floating base
+weights (bitsandbytes, GPTQ, HQQ), a bias on lora_B (``lora_bias=True``), operands on different devices.
+
+Semantics (PEFT's ``DoraLinearLayer.forward``, reproduced):
+
+* ``result`` arrives as the base layer's output (bias included; with several active adapters it also holds
+  the adapters before this one, as in PEFT). Without active dropout, base = result − bias (PEFT removes
+  the bias before the compose) and the layer returns y = g ⊙ (base + s·lora) + bias in one rounding —
+  algebraically PEFT's ``result + (g−1)·base + g·s·lora``. bf16/fp16 adapters take the fused
+  :func:`lora_compose` (lora = xa Bᵀ never materialised); fp32 adapters (PEFT's default autocast) take
+  :func:`compose` on PEFT's fp32 lora.
+* With dropout active (training, p > 0), PEFT recomputes the base on the dropped-out input:
+  Δ = (g−1) ⊙ (x_d Wᵀ) + g ⊙ s·lora(x_d) is returned as result + Δ (``compose(output='delta')``).
+* ν = ‖W + s·BA‖_row is detached (DoRA §4.3), from :func:`factored_row_norm` with ‖W‖² cached per layer and
+  ν cached while W, A, B and s are unchanged; ``fan_in_fan_out`` weights (GPT-2's Conv1D) are transposed.
+* s is PEFT's ``scaling`` rounded to fp32 (what PEFT's fp32 multiply uses too).
+
+Deliberate differences (more accurate; bounded in tests/test_kernels_peft.py): ν and g = m/ν stay fp32
+where PEFT rounds ν and g to the adapter dtype, and the output is rounded once where PEFT rounds each of
+its four elementwise steps. With fp32 adapters the two agree to ~1e-6 relative. With bf16 adapters they
+differ by up to ~2⁻⁸ relative per layer; in particular PEFT stores the magnitude m = RN_bf16(‖W‖) at
+initialisation, so a fresh adapter gives exactly g = 1 in stock PEFT (both sides rounded alike) and
+g = RN_bf16(‖W‖)/‖W‖ = 1 ± 2⁻⁹ here — the exact value for the parameters as stored.
+"""
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .compose import compose
+from .lora_compose import lora_compose
+from .norm import WeightSquareCache, factored_row_norm
+from .scale import dora_scale
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ORIGINAL = None  # PEFT's DoraLinearVariant.forward (the staticmethod object) while enabled
+
+
+def _variant_class():
+    try:
+        from peft.tuners.lora import variants
+    except ImportError as e:  # PEFT missing, or older than the variants API
+        raise ImportError("dora_verify.kernels.peft needs PEFT >= 0.16 (peft.tuners.lora.variants); "
+                          f"import failed: {e}") from e
+    cls = getattr(variants, "DoraLinearVariant", None)
+    if cls is None or "forward" not in cls.__dict__:
+        raise ImportError("this PEFT version has no DoraLinearVariant.forward; supported: PEFT >= 0.16")
+    return cls
+
+
+def is_enabled() -> bool:
+    """Whether PEFT's DoRA Linear forward is currently routed through the kernels."""
+    return _ORIGINAL is not None
+
+
+def enable() -> None:
+    """Route every PEFT DoRA Linear layer (existing and future) through the kernels. Idempotent."""
+    global _ORIGINAL
+    cls = _variant_class()
+    if _ORIGINAL is None:
+        _ORIGINAL = cls.__dict__["forward"]
+        cls.forward = staticmethod(dora_linear_forward)
+
+
+def disable() -> None:
+    """Restore PEFT's own DoRA forward. Idempotent."""
+    global _ORIGINAL
+    if _ORIGINAL is not None:
+        _variant_class().forward = _ORIGINAL
+        _ORIGINAL = None
+
+
+@contextlib.contextmanager
+def enabled():
+    """Context manager: the kernels inside the block, the previous state after it."""
+    was = is_enabled()
+    enable()
+    try:
+        yield
+    finally:
+        if not was:
+            disable()
+
+
+def _fp32(s: float) -> float:
+    return struct.unpack("f", struct.pack("f", float(s)))[0]
+
+
+def _kernel_weight(module):
+    """The base weight as [d_out, d_in] if the kernels can take this layer, else None."""
+    base = module.get_base_layer()
+    W = getattr(base, "weight", None)
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or W.dtype not in _FLOAT_DTYPES:
+        return None
+    if hasattr(W, "quant_state") or type(W.data) is not torch.Tensor:  # quantized or sharded (DTensor) weights
+        return None
+    return W.t() if getattr(module, "fan_in_fan_out", False) else W
+
+
+def _norm(dora, W, A, B, s: float) -> torch.Tensor:
+    """ν for one adapter, cached on PEFT's DoraLinearLayer while W, A, B and s are unchanged."""
+    key = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape), tuple(t.stride())) for t in (W, A, B)) + (s,)
+    cache = dora.__dict__.setdefault("_dora_verify_cache", {"wsq": WeightSquareCache(), "key": None, "nu": None})
+    if cache["key"] != key:
+        cache["nu"] = factored_row_norm(W, A, B, s, wsq=cache["wsq"].get(W), validate=False)
+        cache["key"] = key
+    return cache["nu"]
+
+
+def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+    """Drop-in for ``DoraLinearVariant.forward(module, active_adapter, x, result)`` (see the module docstring)."""
+    lora_A = module.lora_A[active_adapter]
+    lora_B = module.lora_B[active_adapter]
+    dora = module.lora_magnitude_vector[active_adapter]
+    W = _kernel_weight(module)
+    devices = {t.device for t in (x, result, lora_A.weight, lora_B.weight, dora.weight)}
+    if (W is None or getattr(lora_B, "bias", None) is not None or getattr(lora_A, "bias", None) is not None
+            or lora_A.weight.dtype not in _FLOAT_DTYPES or len(devices | {W.device}) != 1):
+        return _ORIGINAL.__func__(module, active_adapter=active_adapter, x=x, result=result, **kwargs)
+    dropout = module.lora_dropout[active_adapter]
+    s = _fp32(module.scaling[active_adapter])
+    A, B = lora_A.weight, lora_B.weight
+    nu = _norm(dora, W.detach(), A.detach(), B.detach(), s)
+    g, g_minus_1 = dora_scale(dora.weight, nu)
+    bias = module.get_base_layer().bias
+    if isinstance(dropout, nn.Identity) or not module.training:
+        base = result - bias if bias is not None else result  # PEFT removes the bias before the compose
+        xa = lora_A(x)
+        b = bias.to(base.dtype) if bias is not None else None
+        if B.dtype in (torch.bfloat16, torch.float16):
+            return lora_compose(base, xa.to(B.dtype), B, g, s, b)
+        return compose(base, lora_B(xa), g, s, b)
+    xd = dropout(x)
+    base_d = F.linear(xd, W.to(xd.dtype))
+    return result + compose(base_d, lora_B(lora_A(xd)), g, s, g_minus_1=g_minus_1, output="delta")
+
+
+__all__ = ["disable", "dora_linear_forward", "enable", "enabled", "is_enabled"]

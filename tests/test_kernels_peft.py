@@ -1,0 +1,244 @@
+"""kernels/peft.py: PEFT's DoRA Linear layers routed through the kernels, against stock PEFT.
+
+Tiny transformers models built from a config (random weights, no downloads), adapters perturbed so that
+B ≠ 0 and g ≠ 1 (a fresh adapter would test nothing). fp32: logits and the gradients of A, B and m agree
+with stock PEFT to 1e-5 relative (per tensor, max |ours − stock| / max |stock|). bf16: the output of a
+layer stays within :func:`dora_verify.bounds.dora_layer_bound` of the exact DoRA of the rounded inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.tuners.lora import variants  # noqa: E402
+
+from dora_verify.kernels import peft as dv_peft  # noqa: E402
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEFT_FORWARD = variants.DoraLinearVariant.__dict__["forward"]
+
+
+@pytest.fixture(autouse=True)
+def _stock_after_each_test():
+    yield
+    dv_peft.disable()
+    assert variants.DoraLinearVariant.__dict__["forward"] is PEFT_FORWARD
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed=0):
+    """GPT-2: Conv1D layers with biases and fan_in_fan_out weights."""
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def perturb(model, seed=1, scale=0.05):
+    """B ≠ 0 and m ≠ ν: g ≠ 1 and the LoRA branch live; base-layer biases ≠ 0 (GPT-2 initialises them
+    to 0, which would hide a bias handled wrongly)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+            elif name.endswith("base_layer.bias"):
+                p.copy_(torch.randn(p.shape, generator=g).to(p.dtype))
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + scale * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def dora_model(make, targets, seed=0, **cfg):
+    model = get_peft_model(make(seed), LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=targets, **cfg))
+    perturb(model)
+    return model
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300))
+
+
+def loss_and_grads(model, ids, train=False):
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def routed(model) -> int:
+    """How many DoRA layers ran through the kernels (their ν cache exists)."""
+    return sum("_dora_verify_cache" in m.__dict__ for m in model.modules()
+               if type(m).__name__ == "DoraLinearLayer")
+
+
+@pytest.mark.parametrize("make,targets", [(tiny_llama, LLAMA_TARGETS), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
+def test_fp32_parity_logits_and_grads(make, targets):
+    model = dora_model(make, targets)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    logits0, loss0, grads0 = loss_and_grads(model, ids)
+    assert routed(model) == 0
+    with dv_peft.enabled():
+        logits1, loss1, grads1 = loss_and_grads(model, ids)
+    n_dora = sum(type(m).__name__ == "DoraLinearLayer" for m in model.modules())
+    assert n_dora > 0 and routed(model) == n_dora
+    assert rel(logits1, logits0) <= 1e-5 and abs(float(loss1 - loss0)) <= 1e-5 * float(loss0)
+    names = [n for n in grads0 if any(k in n for k in ("lora_A", "lora_B", "lora_magnitude_vector"))]
+    assert len(names) == 3 * n_dora
+    for n in names:
+        assert rel(grads1[n], grads0[n]) <= 1e-5, n
+
+
+def test_dropout_training_parity():
+    """PEFT's dropout semantics: the base recomputed on the dropped-out input, same masks (same RNG draws)."""
+    model = dora_model(tiny_llama, ["q_proj", "v_proj", "down_proj"], lora_dropout=0.2)
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(6))
+    torch.manual_seed(11)
+    logits0, _, grads0 = loss_and_grads(model, ids, train=True)
+    with dv_peft.enabled():
+        torch.manual_seed(11)
+        logits1, _, grads1 = loss_and_grads(model, ids, train=True)
+    assert routed(model) > 0
+    assert rel(logits1, logits0) <= 1e-5
+    for n in grads0:
+        assert rel(grads1[n], grads0[n]) <= 1e-5, n
+
+
+def test_multiple_active_adapters_and_merge():
+    model = dora_model(tiny_gpt2, ["c_attn"])
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=4, use_dora=True, target_modules=["c_attn"]))
+    perturb(model, seed=3)
+    model.base_model.set_adapter(["default", "second"])
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+        with dv_peft.enabled():
+            ours = model(input_ids=ids).logits
+            model.base_model.merge_adapter()
+            merged = model(input_ids=ids).logits
+            model.base_model.unmerge_adapter()
+            again = model(input_ids=ids).logits
+    assert rel(ours, stock) <= 1e-5 and rel(merged, ours) <= 1e-5 and rel(again, ours) <= 1e-5
+
+
+def test_save_with_integration_load_without(tmp_path):
+    model = dora_model(tiny_llama, ["q_proj", "v_proj"])
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(8))
+    with dv_peft.enabled():
+        with torch.no_grad():
+            ours = model(input_ids=ids).logits
+        model.save_pretrained(tmp_path / "on")
+    base = tiny_llama()
+    loaded = PeftModel.from_pretrained(base, tmp_path / "on").eval()
+    sd0, sd1 = model.state_dict(), loaded.state_dict()
+    adapter_keys = [k for k in sd0 if "lora_" in k]
+    assert adapter_keys and all(torch.equal(sd0[k], sd1[k]) for k in adapter_keys)
+    with torch.no_grad():
+        stock = loaded(input_ids=ids).logits
+    assert rel(ours, stock) <= 1e-5
+    # and the reverse: saved stock, loaded under the integration
+    model.save_pretrained(tmp_path / "off")
+    with dv_peft.enabled():
+        again = PeftModel.from_pretrained(tiny_llama(), tmp_path / "off").eval()
+        with torch.no_grad():
+            assert rel(again(input_ids=ids).logits, stock) <= 1e-5
+
+
+def test_training_loop_loss_curves_agree():
+    """30 AdamW steps on synthetic data, fp32: the loss curves agree to 1e-4 relative at every step (the
+    parity above is ~1e-6 per step; the optimiser amplifies differences only mildly over 30 steps)."""
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(9))
+    curves = []
+    for use in (False, True):
+        model = dora_model(tiny_llama, ["q_proj", "v_proj", "up_proj"])
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        with (dv_peft.enabled() if use else contextlib.nullcontext()):
+            model.train()
+            for _ in range(30):
+                opt.zero_grad()
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+        curves.append(torch.tensor(losses, dtype=torch.float64))
+    assert float(curves[0][-1]) < 0.9 * float(curves[0][0])  # it trained
+    assert float(((curves[1] - curves[0]).abs() / curves[0]).max()) <= 1e-4
+
+
+def test_bf16_layer_within_derived_bound():
+    """bf16 base and adapters (autocast off): the integrated layer's output is within the derived bound of
+    the exact DoRA output of the rounded inputs; stock PEFT's g, rounded to bf16, typically is not."""
+    from dora_verify.bounds import dora_layer_bound
+    from dora_verify.oracles import row_norm_truth
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 80, bias=True).to(torch.bfloat16)
+    model = get_peft_model(torch.nn.Sequential(lin), LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["0"]),
+                           autocast_adapter_dtype=False)
+    perturb(model, scale=0.1)
+    layer = model.base_model.model[0]
+    x = torch.randn(32, 96).to(torch.bfloat16)
+    with torch.no_grad():
+        stock = model(x)
+        with dv_peft.enabled():
+            ours = model(x)
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m = layer.lora_magnitude_vector["default"].weight
+    s = float(torch.tensor(layer.scaling["default"], dtype=torch.float32))
+    nu = row_norm_truth(W, A, B, s).nu
+    g = m.double() / nu
+    y = g * (x.double() @ W.double().t() + s * (x.double() @ A.double().t()) @ B.double().t()) + b.double()
+    bound = dora_layer_bound(x, W, b, A, B, g, s, g_rel=2.0**-22)
+    ratio_ours = float(((ours.double() - y).abs() / bound).max())
+    ratio_stock = float(((stock.double() - y).abs() / bound).max())
+    print(f"bf16 layer: error/bound ours {ratio_ours:.3g}, stock PEFT {ratio_stock:.3g}")
+    assert ratio_ours <= 1.0, ratio_ours
+    assert ratio_stock > ratio_ours  # the difference is PEFT's bf16 ν and g, and its four roundings
+
+
+def test_enable_disable_idempotent_and_context_restores():
+    assert not dv_peft.is_enabled()
+    dv_peft.enable()
+    dv_peft.enable()
+    assert dv_peft.is_enabled()
+    assert variants.DoraLinearVariant.__dict__["forward"] is not PEFT_FORWARD
+    dv_peft.disable()
+    dv_peft.disable()
+    assert variants.DoraLinearVariant.__dict__["forward"] is PEFT_FORWARD
+    with dv_peft.enabled():
+        assert dv_peft.is_enabled()
+    assert not dv_peft.is_enabled()
+    dv_peft.enable()
+    with dv_peft.enabled():
+        pass
+    assert dv_peft.is_enabled()  # the context manager restores the state it found
+
+
+def test_quantized_base_falls_back_to_peft_bitwise():
+    """A base weight the kernels cannot take (bitsandbytes marks its 4-bit weights with ``quant_state``)
+    runs PEFT's own forward: bitwise the stock output, nothing routed."""
+    model = get_peft_model(copy.deepcopy(torch.nn.Sequential(torch.nn.Linear(24, 16))),
+                           LoraConfig(r=4, use_dora=True, target_modules=["0"]))
+    perturb(model)
+    model.base_model.model[0].base_layer.weight.quant_state = object()
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        stock = model(x)
+        with dv_peft.enabled():
+            ours = model(x)
+    assert torch.equal(ours, stock) and routed(model) == 0
