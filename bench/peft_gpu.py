@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import time
@@ -105,7 +106,7 @@ def speed(quick, log):
             model.train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             with (dv_peft.enabled() if use else torch.enable_grad()):
-                step = lambda: run_step(model, ids, opt)  # noqa: E731
+                step = functools.partial(run_step, model, ids, opt)
                 for _ in range(3):
                     step()
                 rec[f"{name}_step_ms"] = float(triton.testing.do_bench(step, warmup=5, rep=200, return_mode="median"))
@@ -126,7 +127,7 @@ def speed(quick, log):
 
 def markdown(res):
     p = res["provenance"]
-    lines = [f"# PEFT integration on one GPU: parity and training-step speed\n",
+    lines = ["# PEFT integration on one GPU: parity and training-step speed\n",
              f"Commit `{p.get('git', {}).get('commit')}`; device {p.get('device', {}).get('name')}; "
              f"torch {p.get('versions', {}).get('torch')}, peft {res['peft']}, transformers {res['transformers']}; "
              f"produced by `python3 bench/peft_gpu.py` in {res['seconds']:.0f} s.\n",
