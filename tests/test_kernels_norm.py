@@ -62,15 +62,16 @@ def test_weight_row_sq_triton_within_float64_bound(dtype):
     from dora_verify.kernels.norm import weight_row_sq
 
     g = torch.Generator().manual_seed(3)
-    W = (torch.rand(67, 1000, generator=g) * 2 - 1).mul(8.0).to(dtype)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest)
+    W = (torch.rand(67, 1000, generator=g) * 2 - 1).mul(8.0).to(dtype).to(dev)
     W[5] = 0
     W[9] = W[9].abs()  # all-positive row
     got = weight_row_sq(W, use_triton=True)
     assert got.dtype == torch.float64 and float(got[5]) == 0.0
     assert torch.equal(got, weight_row_sq(W, use_triton=True))
-    w64 = W.to(torch.float64)
+    w64 = W.to(torch.float64).cpu()
     exact = [float(sum(Fraction(v) ** 2 for v in row.tolist())) for row in w64]
-    err = (got - torch.tensor(exact, dtype=torch.float64)).abs()
+    err = (got.cpu() - torch.tensor(exact, dtype=torch.float64)).abs()
     assert bool((err <= gamma(W.shape[1], U64) * torch.tensor(exact, dtype=torch.float64)).all())
 
 
