@@ -18,7 +18,7 @@ the baseline, FlashAttention-style and NaN/Inf criteria). Inputs arrive on the d
 ``--impl module:callable`` names it: ``callable`` may be a function (taken as ``compose``), a class (called
 with no arguments) or an object/module with the attributes above. Built in: ``kernels`` (this project's
 production kernels, held to their derived bounds), ``forms`` (the formulas under study, each held to its
-bound), ``form:NAME`` (one of them).
+bound), ``form:NAME`` (one of them), ``peft`` (stock Hugging Face PEFT's DoRA numerics, see :func:`peft_impl`).
 """
 from __future__ import annotations
 
@@ -69,6 +69,41 @@ def kernels_impl(tier: "str | None" = None, dtypes=("bf16", "fp16", "fp32")) -> 
                           backward=True)
 
 
+def peft_impl() -> Implementation:
+    """Stock PEFT's DoRA numerics, held to the faithful contract so a report shows what they cost.
+
+    norm: PEFT's own code — ``DoraLinearLayer.get_lora_weight`` (BA through the identity matrix and the two
+    adapter layers) and ``get_weight_norm`` (W + s·BA and the norm in the weight dtype, rounded to it).
+    compose: ``DoraLinearLayer.forward``'s arithmetic replayed op for op in the activation dtype (the line
+    cannot be called on given base/lora/g): result = base + bias; mag = g rounded to the dtype (PEFT's
+    magnitude / weight_norm in the adapter dtype); y = result + ((mag − 1)·(result − bias) + mag·lora·s)."""
+    import torch
+    from torch import nn
+
+    try:
+        from peft.tuners.lora.dora import DoraLinearLayer
+    except ImportError as e:
+        raise ImplError(f"--impl peft needs PEFT installed: {e}") from None
+    dora = DoraLinearLayer(fan_in_fan_out=False)
+
+    def norm(W, A, B, s):
+        lora_A = nn.Linear(A.shape[1], A.shape[0], bias=False, device=A.device, dtype=A.dtype)
+        lora_B = nn.Linear(B.shape[1], B.shape[0], bias=False, device=B.device, dtype=B.dtype)
+        with torch.no_grad():
+            lora_A.weight.copy_(A)
+            lora_B.weight.copy_(B)
+            lora_weight = dora.get_lora_weight(lora_A, lora_B).to(W.dtype)
+            return dora.get_weight_norm(W, lora_weight, s)
+
+    def comp(base, lora, g, s, bias=None):
+        result = base + bias.to(base.dtype) if bias is not None else base
+        base_result = result - bias.to(base.dtype) if bias is not None else result
+        mag = g.to(base.dtype).view(1, -1)
+        return result + ((mag - 1) * base_result + mag * lora * s)
+
+    return Implementation("peft", comp, norm, deterministic=True, contract="faithful")
+
+
 def form_impl(name: str) -> Implementation:
     from .forms import COMPOSE_FORMS
 
@@ -80,17 +115,19 @@ def form_impl(name: str) -> Implementation:
 
 
 def load_impl(spec: str) -> "list[Implementation]":
-    """The implementations named by ``spec``: 'kernels', 'forms', 'form:NAME' or 'module:callable'."""
+    """The implementations named by ``spec``: 'kernels', 'forms', 'form:NAME', 'peft' or 'module:callable'."""
     from .forms import COMPOSE_FORMS
 
     if spec == "kernels":
         return [kernels_impl()]
     if spec == "forms":
         return [form_impl(n) for n in COMPOSE_FORMS]
+    if spec == "peft":
+        return [peft_impl()]
     if spec.startswith("form:"):
         return [form_impl(spec[5:])]
     if spec.count(":") != 1 or not all(spec.split(":")):
-        raise ImplError(f"--impl {spec!r}: expected kernels, forms, form:NAME or module:callable")
+        raise ImplError(f"--impl {spec!r}: expected kernels, forms, form:NAME, peft or module:callable")
     mod_name, attr = spec.split(":")
     try:
         mod = importlib.import_module(mod_name)

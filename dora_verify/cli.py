@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--quiet", action="store_true", help="no progress bar")
     ga = sub.add_parser("gate", help="pre-merge numerical CI gate: a fixed seeded suite, hard criteria and a baseline")
     ga.add_argument("--impl", default="kernels",
-                    help="kernels (default), forms, form:NAME, or module:callable (docs/gate.md, dora_verify.adapter)")
+                    help="kernels (default), forms, form:NAME, peft (stock PEFT DoRA), or module:callable (docs/gate.md, dora_verify.adapter)")
     ga.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="auto: the GPU when there is one; cpu: the logic-only mode (eager tier, Triton interpreter)")
     ga.add_argument("--require-gpu", action="store_true", help="fail (exit 2) when no CUDA device is present")

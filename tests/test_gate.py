@@ -72,6 +72,17 @@ def test_planted_defects_fail(tmp_path, planted):
     assert int(tree.get("failures")) >= 1 and tree.find(".//failure") is not None
 
 
+def test_stock_peft_is_gated_and_its_bf16_numerics_fail(tmp_path):
+    """--impl peft: PEFT's own norm code and its compose arithmetic under the faithful contract. Its bf16 g
+    (magnitude / weight norm in the adapter dtype) and four roundings miss the 1-ulp contract: exit 1."""
+    pytest.importorskip("peft")
+    rc, doc, out = _run(tmp_path, "--impl", "peft", "--dtypes", "bf16")
+    assert rc == 1
+    text = " ".join(m for msgs in doc["verdict"]["hard"].values() for m in msgs)
+    assert "peft|compose.y|bf16" in " ".join(doc["verdict"]["hard"]) and "error/bound ratio" in text
+    assert any(k.startswith("peft|norm") for k in doc["verdict"]["hard"])  # ν in bf16 misses 1e-6
+
+
 def test_the_good_wrapper_passes_and_a_reproduce_case_runs(tmp_path):
     rc, doc, _ = _run(tmp_path, "--impl", "planted_impls:Good")
     assert rc == 0 and doc["verdict"]["passed"]
