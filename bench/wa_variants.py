@@ -127,6 +127,18 @@ def host_ms(fn, n=8):
     return t
 
 
+def _ours_layer(d, r):
+    """DoRALinear on a bf16 d×d Linear with B ≠ 0 and g ≠ 1, and its trainable parameters."""
+    from dora_verify.kernels import DoRALinear
+
+    lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
+    layer = DoRALinear(lin, r, 2 * r)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 1e-3)
+        layer.magnitude.mul_(1.001)
+    return layer, [layer.lora_A, layer.lora_B, layer.magnitude]
+
+
 def _peft_lora(d, r):
     from peft import LoraConfig, get_peft_model
 
@@ -138,19 +150,14 @@ def _peft_lora(d, r):
 def layer_step(log):
     import importlib
 
-    from dora_verify.kernels import DoRALinear
     lc = importlib.import_module("dora_verify.kernels.lora_compose")
 
     d, r, T = 8192, 384, 4096
     torch.manual_seed(0)
     x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-    lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
-    layer = DoRALinear(lin, r, 2 * r)
-    with torch.no_grad():
-        layer.lora_B.normal_(0, 1e-3)
-        layer.magnitude.mul_(1.001)
-    params = [layer.lora_A, layer.lora_B, layer.magnitude]
+    layer, params = _ours_layer(d, r)
+    lin = layer.base_layer
 
     def fwd():
         layer._nu_key = None
@@ -274,8 +281,6 @@ def host_pieces(log):
 
 def compiled_step(log):
     """The same step under torch.compile (default and 'reduce-overhead' = CUDA graphs), ours vs PEFT LoRA."""
-    from dora_verify.kernels import DoRALinear
-
     d, r, T = 8192, 384, 4096
     torch.manual_seed(0)
     x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
@@ -283,12 +288,7 @@ def compiled_step(log):
     res = {}
     for impl in ("ours", "lora"):
         if impl == "ours":
-            lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
-            layer = DoRALinear(lin, r, 2 * r)
-            with torch.no_grad():
-                layer.lora_B.normal_(0, 1e-3)
-                layer.magnitude.mul_(1.001)
-            params = [layer.lora_A, layer.lora_B, layer.magnitude]
+            layer, params = _ours_layer(d, r)
         else:
             layer = _peft_lora(d, r)
             params = [p for p in layer.parameters() if p.requires_grad]
