@@ -37,13 +37,13 @@ from torch import nn
 from .compose import compose
 from .lora_compose import lora_compose
 from .norm import DEFAULT_KAPPA_MAX, WeightSquareCache, factored_row_norm, row_norm_op
-from .scale import DEFAULT_EPS, dora_scale
+from .scale import DEFAULT_EPS, dora_scale, round_to_fp32
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     """s = alpha / r (or alpha / √r with rsLoRA), rounded to fp32 (the kernels hold s in fp32)."""
     s = alpha / math.sqrt(r) if use_rslora else alpha / r
-    return float(torch.tensor(s, dtype=torch.float32))
+    return round_to_fp32(s)
 
 
 class DoRALinear(nn.Module):

@@ -37,7 +37,6 @@ g = RN_bf16(‖W‖)/‖W‖ = 1 ± 2⁻⁹ here — the exact value for the par
 from __future__ import annotations
 
 import contextlib
-import struct
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +45,7 @@ from torch import nn
 from .compose import compose
 from .lora_compose import lora_compose
 from .norm import WeightSquareCache, factored_row_norm
-from .scale import dora_scale
+from .scale import dora_scale, round_to_fp32
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ORIGINAL = None  # PEFT's DoraLinearVariant.forward (the staticmethod object) while enabled
@@ -98,10 +97,6 @@ def enabled():
             disable()
 
 
-def _fp32(s: float) -> float:
-    return struct.unpack("f", struct.pack("f", float(s)))[0]
-
-
 def _kernel_weight(module):
     """The base weight as [d_out, d_in] if the kernels can take this layer, else None."""
     base = module.get_base_layer()
@@ -134,7 +129,7 @@ def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: to
             or lora_A.weight.dtype not in _FLOAT_DTYPES or len(devices | {W.device}) != 1):
         return _ORIGINAL.__func__(module, active_adapter=active_adapter, x=x, result=result, **kwargs)
     dropout = module.lora_dropout[active_adapter]
-    s = _fp32(module.scaling[active_adapter])
+    s = round_to_fp32(module.scaling[active_adapter])
     A, B = lora_A.weight, lora_B.weight
     nu = _norm(dora, W.detach(), A.detach(), B.detach(), s)
     g, g_minus_1 = dora_scale(dora.weight, nu)

@@ -20,11 +20,16 @@ import torch
 DEFAULT_EPS = 1e-12
 
 
+def round_to_fp32(s: float) -> float:
+    """``s`` rounded to the nearest fp32 value (ties to even), as a Python float."""
+    return struct.unpack("f", struct.pack("f", float(s)))[0]
+
+
 def check_scaling(s: float) -> float:
     """``s`` as a float; raises ValueError unless finite and exactly representable in fp32 (the kernels
     hold s in fp32, so any other value would silently be a different s)."""
     s = float(s)
-    if not math.isfinite(s) or struct.unpack("f", struct.pack("f", s))[0] != s:
+    if not math.isfinite(s) or round_to_fp32(s) != s:
         raise ValueError(f"scaling s={s!r} must be finite and fp32-representable")
     return s
 
@@ -42,4 +47,4 @@ def dora_scale(m: torch.Tensor, nu: torch.Tensor, eps: float = DEFAULT_EPS):
     return m32 / nu_c, (m32 - nu_c) / nu_c
 
 
-__all__ = ["DEFAULT_EPS", "check_scaling", "dora_scale"]
+__all__ = ["DEFAULT_EPS", "check_scaling", "dora_scale", "round_to_fp32"]
