@@ -244,6 +244,43 @@ def _form_evaluator(name: str) -> Callable:
     return evaluate
 
 
+# ----------------------------------------------------------------------------- targets: an implementation under test
+def _impl_compose_evaluator(impl) -> Callable:
+    """A user's (or PEFT's) compose under the faithful contract: y within 1 ulp of the exact y (beyond the
+    oracle's own bound); repeated calls bit-identical when it claims determinism."""
+    def evaluate(ex: Example, device, tier) -> Score:
+        t, k, s = ex.tensors, _on(ex, device), ex.scalars["s"]
+        tr = compose_truth(t["base"], t["lora"], t["g"], s, t.get("bias"))
+        _check_range(tr.y, ex.dtype)
+        y, = _cpu(impl.compose(k["base"], k["lora"], k["g"], s, k.get("bias")))
+        if tuple(y.shape) != tuple(t["base"].shape) or y.dtype != t["base"].dtype:
+            raise TypeError(f"compose returned {y.dtype} {tuple(y.shape)}, want {t['base'].dtype} {tuple(t['base'].shape)}")
+        parts = {"y": excess_ratio(y, tr.y_hi, tr.y_lo, tr.y_bound, ulp(tr.y, parse_format(ex.dtype)))}
+        if impl.deterministic and not same_bits(y, *_cpu(impl.compose(k["base"], k["lora"], k["g"], s, k.get("bias")))):
+            parts["determinism"] = math.inf
+        return Score(max(parts.values()), _max_ulp(y, tr.y, ex.dtype), parts)
+    return evaluate
+
+
+def _impl_norm_evaluator(impl) -> Callable:
+    """A user's (or PEFT's) row norm under the faithful contract: ν within 1e-6 relative on every row."""
+    def evaluate(ex: Example, device, tier) -> Score:
+        t, k, s = ex.tensors, _on(ex, device), ex.scalars["s"]
+        tr = row_norm_truth(t["W"], t["A"], t["B"], s)
+        if tr.uncertified_rows:
+            raise Reject("oracle could not certify every row")
+        nu, = _cpu(impl.norm(k["W"], k["A"], k["B"], s))
+        if tuple(nu.shape) != (t["W"].shape[0],):
+            raise TypeError(f"norm returned shape {tuple(nu.shape)}, want ({t['W'].shape[0]},)")
+        zero = torch.zeros((), dtype=F64)
+        parts = {"nu": excess_ratio(nu, tr.nu, zero, tr.bound, bounds.FAITHFUL_NORM_REL * tr.nu.clamp_min(2.0**-126))}
+        if impl.deterministic and not same_bits(nu, *_cpu(impl.norm(k["W"], k["A"], k["B"], s))):
+            parts["determinism"] = math.inf
+        rel = (nu.to(F64) - tr.nu).abs() / tr.nu.clamp_min(2.0**-126)
+        return Score(max(parts.values()), float(rel.max()) / 2.0**-24, parts, {"max_rel_nu": float(rel.max())})
+    return evaluate
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -275,6 +312,35 @@ def _targets() -> dict:
 
 TARGETS = _targets()
 KERNEL_TARGETS = tuple(n for n in TARGETS if not n.startswith("form."))
+
+
+def impl_targets(spec: str) -> dict:
+    """The targets of an implementation named as ``--impl`` names it (``peft`` or ``module:callable``; see
+    dora_verify.adapter): ``<name>.compose`` and/or ``<name>.norm`` under the faithful contract. The built-in
+    kernels and forms have their own targets (with their derived bounds); an implementation with the
+    'baseline-only' contract has no a-priori bound to certify against. Raises ``adapter.ImplError``."""
+    from .adapter import ImplError, load_impl
+
+    if spec in ("kernels", "forms") or spec.startswith("form:"):
+        raise ImplError(f"--impl {spec!r}: the built-in kernels and forms are certify's own targets "
+                        "(--targets kernels / forms); --impl takes peft or module:callable")
+    impl, = load_impl(spec)
+    if impl.contract != "faithful":
+        raise ImplError(f"--impl {spec!r}: contract {impl.contract!r} has no a-priori bound to certify against")
+    name = "".join(c if c.isalnum() or c in "_-" else "_" for c in impl.name)
+    dtypes = tuple(d for d in ("bf16", "fp16", "fp32") if d in impl.dtypes)
+    ts = []
+    if impl.compose is not None:
+        ts.append(Target(f"{name}.compose", compose_examples, _impl_compose_evaluator(impl), dtypes,
+                         f"{impl.name}: compose y, faithful contract (≤ 1 ulp of the exact y)"))
+    if impl.norm is not None:
+        ts.append(Target(f"{name}.norm", norm_examples, _impl_norm_evaluator(impl), dtypes,
+                         f"{impl.name}: row norm ν, faithful contract (≤ 1e-6 relative per row)"))
+    return {t.name: t for t in ts}
+
+
+def _target_table(impl: "str | None") -> dict:
+    return TARGETS if impl is None else impl_targets(impl)
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -332,8 +398,9 @@ def load_case(path: "str | Path"):
 
 def replay(path: "str | Path", device="cpu", tier=None) -> Score:
     """Re-run a corpus case on ``device`` (default tier: fused on CUDA, eager elsewhere)."""
-    target, ex, _ = load_case(path)
-    return TARGETS[target].evaluate(ex, torch.device(device), tier or default_tier(torch.device(device)))
+    target, ex, doc = load_case(path)
+    return _target_table(doc.get("impl"))[target].evaluate(ex, torch.device(device),
+                                                           tier or default_tier(torch.device(device)))
 
 
 def default_tier(device: torch.device) -> str:
@@ -396,18 +463,21 @@ def ratio_summary(ratios: list) -> dict:
 
 def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | None" = None, seed: int = 0,
            derandomize: bool = True, device="cpu", tier: "str | None" = None, keep: int = 3,
-           corpus: "str | Path | None" = None, meta: "dict | None" = None, progress=None) -> dict:
-    """Targeted search on one (target, dtype); returns its result dict (see :func:`run_certify`)."""
+           corpus: "str | Path | None" = None, meta: "dict | None" = None, progress=None,
+           impl: "str | None" = None) -> dict:
+    """Targeted search on one (target, dtype); returns its result dict (see :func:`run_certify`). ``impl``: the
+    ``--impl`` spec whose targets (:func:`impl_targets`) ``target`` names; None for the built-in targets."""
     from hypothesis import HealthCheck, Phase, Verbosity, given, reject, settings
     from hypothesis import seed as hseed
     from hypothesis import target as htarget
     from hypothesis.errors import HypothesisException
 
-    if target not in TARGETS or dtype not in TARGETS[target].dtypes:
-        raise ValueError(f"unknown (target, dtype) {target!r}/{dtype!r}; targets: {', '.join(TARGETS)}")
+    table = _target_table(impl)
+    if target not in table or dtype not in table[target].dtypes:
+        raise ValueError(f"unknown (target, dtype) {target!r}/{dtype!r}; targets: {', '.join(table)}")
     if examples <= 0:
         raise ValueError(f"examples must be positive, got {examples}")
-    tg = TARGETS[target]
+    tg = table[target]
     device = torch.device(device)
     tier = tier or default_tier(device)
     tr = _Tracker(keep)
@@ -459,7 +529,7 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
         if derandomize or len(tr.ratios) == before:
             break
     summary = ratio_summary(tr.ratios)
-    res = {"target": target, "dtype": dtype, "tier": tier, "device": str(device), "examples": len(tr.ratios),
+    res = {"target": target, "dtype": dtype, "tier": tier if impl is None else None, "device": str(device), "examples": len(tr.ratios),
            "rejected": tr.rejected, "seconds": round(time.monotonic() - t0, 2), "derandomized": derandomize,
            "rounds": rounds, "max_ratio": summary.get("max", 0.0), "ratio": summary, "max_ulp": tr.max_ulp,
            "parts_max": tr.parts, "info": tr.info, "violation": tr.violation is not None, "corpus": []}
@@ -468,7 +538,7 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
         cases += [(ex, sc, "worst") for _, ex, sc in tr.top if not (tr.violation and ex is tr.violation[0])]
         for ex, sc, why in cases:
             m = {"found_by": why, "tier": tier, "device": str(device), "derandomized": derandomize,
-                 "rounds": rounds, **(meta or {})}
+                 "rounds": rounds, **(meta or {}), **({"impl": impl} if impl else {})}
             res["corpus"].append(str(save_case(target, ex, sc, corpus, m)))
     return res
 
@@ -486,11 +556,13 @@ class CertifyConfig:
     keep: int = 3
     corpus: "str | None" = None
     jobs: int = 1
+    impl: "str | None" = None  # an --impl spec: ``targets`` then name its targets (impl_targets)
 
     def validate(self) -> None:
-        unknown = [t for t in self.targets if t not in TARGETS]
+        table = _target_table(self.impl)
+        unknown = [t for t in self.targets if t not in table]
         if unknown or not self.targets:
-            raise ValueError(f"unknown target(s) {unknown or list(self.targets)}; choose from {', '.join(TARGETS)}")
+            raise ValueError(f"unknown target(s) {unknown or list(self.targets)}; choose from {', '.join(table)}")
         for d in self.dtypes:
             if d not in ("bf16", "fp16", "fp32"):
                 raise ValueError(f"unknown dtype {d!r}; choose from bf16, fp16, fp32")
@@ -515,11 +587,12 @@ def run_certify(cfg: CertifyConfig, progress=None) -> dict:
     meta = {"commit": prov.get("git", {}).get("commit"), "versions": prov.get("versions"),
             "device_name": prov.get("device", {}).get("name", prov.get("device", {}).get("cpu"))}
     results = []
-    pairs = [(t, d) for t in cfg.targets for d in cfg.dtypes if d in TARGETS[t].dtypes]
+    table = _target_table(cfg.impl)
+    pairs = [(t, d) for t in cfg.targets for d in cfg.dtypes if d in table[t].dtypes]
     if not pairs:
         raise ValueError("no (target, dtype) pair to run: the chosen targets support none of the chosen dtypes")
     kw = dict(examples=cfg.examples, seed=cfg.seed, derandomize=cfg.derandomize, device=str(device), tier=cfg.tier,
-              keep=cfg.keep, corpus=cfg.corpus, meta=meta)
+              keep=cfg.keep, corpus=cfg.corpus, meta=meta, impl=cfg.impl)
     if cfg.jobs > 1:  # one process per (target, dtype): spawn, so CUDA initialises cleanly in each
         import concurrent.futures as cf
         import multiprocessing as mp
@@ -553,6 +626,9 @@ def certify_markdown(rep: dict) -> str:
              f"Device: {p.get('device', {}).get('name', p.get('device', {}).get('cpu', '?'))}; commit {p.get('git', {}).get('commit', '?')}; "
              f"torch {p.get('versions', {}).get('torch', '?')}, triton {p.get('versions', {}).get('triton', '?')}; "
              f"{'derandomized (pre-merge)' if rep['config']['derandomize'] else 'seeded rounds from ' + str(rep['config']['seed'])}.",
+             *(["", f"Implementation under test: `--impl {rep['config']['impl']}`, held to the faithful contract "
+                "(DESIGN.md §2): y within 1 ulp of the exact y of the rounded inputs, ν within 1e-6 relative per row."]
+               if rep["config"].get("impl") else []),
              "", f"**{'CERTIFIED' if rep['certified'] else 'VIOLATION FOUND'}**: largest error/bound ratio "
              f"{_fmt(rep['max_ratio'])} (≤ 1 certifies; ratio = (|error| − oracle bound) / a-priori bound, worst element "
              f"of each example).", ""]
@@ -580,5 +656,5 @@ def write_certify_report(rep: dict, out_dir) -> list:
                         md_name="certify.md")
 
 
-__all__ = ["BoundViolation", "CertifyConfig", "KERNEL_TARGETS", "Score", "TARGETS", "load_case", "replay",
+__all__ = ["BoundViolation", "CertifyConfig", "KERNEL_TARGETS", "Score", "TARGETS", "impl_targets", "load_case", "replay",
            "run_certify", "save_case", "search", "write_certify_report"]

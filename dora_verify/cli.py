@@ -95,11 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--seed", type=int, default=0, help="seed of every generator (default 0)")
     sw.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when there is one")
     sw.add_argument("--out", default="dora-verify-report", help="output directory (default ./dora-verify-report)")
+    sw.add_argument("--impl", action="append", default=[],
+                    help="also measure an implementation beside the forms: kernels, peft (stock PEFT DoRA) or "
+                         "module:callable (dora_verify.adapter); repeatable")
     sw.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     ce = sub.add_parser("certify", help="targeted hypothesis search for inputs that break the a-priori error bounds")
-    ce.add_argument("--targets", default="kernels",
-                    help="comma-separated targets, or 'kernels' (default: the production kernels), 'forms', 'all'")
+    ce.add_argument("--targets", default=None,
+                    help="comma-separated targets, or 'kernels' (default: the production kernels), 'forms', 'all'; "
+                         "with --impl: its targets NAME.compose / NAME.norm (default both)")
+    ce.add_argument("--impl", default=None,
+                    help="certify another implementation under the faithful contract: peft (stock PEFT DoRA) or "
+                         "module:callable (dora_verify.adapter)")
     ce.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated subset of bf16, fp16, fp32 (default all)")
     ce.add_argument("--examples", type=_positive_int, default=200, help="examples per (target, dtype) (default 200)")
     ce.add_argument("--seconds", type=_finite_float, default=None, help="time budget for the whole run (split evenly)")
@@ -176,16 +183,28 @@ def _exhaustive(args) -> int:
 def _certify(args) -> int:
     from pathlib import Path
 
-    from .certify import KERNEL_TARGETS, TARGETS, CertifyConfig, run_certify, write_certify_report
+    from .adapter import ImplError
+    from .certify import KERNEL_TARGETS, TARGETS, CertifyConfig, impl_targets, run_certify, write_certify_report
     from .report import check_writable
 
-    groups = {"kernels": KERNEL_TARGETS, "forms": tuple(t for t in TARGETS if t.startswith("form.")), "all": tuple(TARGETS)}
+    if args.impl is None:
+        table = TARGETS
+        groups = {"kernels": KERNEL_TARGETS, "forms": tuple(t for t in TARGETS if t.startswith("form.")),
+                  "all": tuple(TARGETS)}
+        spec = args.targets or "kernels"
+    else:
+        try:
+            table = impl_targets(args.impl)
+        except ImplError as e:
+            raise UsageError(str(e)) from None
+        groups = {"all": tuple(table)}
+        spec = args.targets or "all"
     names = []
-    for item in (t.strip() for t in args.targets.split(",") if t.strip()):
+    for item in (t.strip() for t in spec.split(",") if t.strip()):
         names += list(groups.get(item, (item,)))
-    unknown = [t for t in names if t not in TARGETS]
+    unknown = [t for t in names if t not in table]
     if unknown or not names:
-        raise UsageError(f"unknown target(s) {unknown or args.targets!r}; choose from kernels, forms, all, {', '.join(TARGETS)}")
+        raise UsageError(f"unknown target(s) {unknown or spec!r}; choose from {', '.join(list(groups) + list(table))}")
     dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
     if not dtypes or any(d not in ("bf16", "fp16", "fp32") for d in dtypes):
         raise UsageError(f"bad --dtypes {args.dtypes!r}: a comma-separated subset of bf16, fp16, fp32")
@@ -196,7 +215,8 @@ def _certify(args) -> int:
     check_writable(corpus)
     cfg = CertifyConfig(targets=tuple(dict.fromkeys(names)), dtypes=dtypes, examples=args.examples, seconds=args.seconds,
                         seed=args.seed, derandomize=not args.nightly, device=args.device,
-                        tier=None if args.tier == "auto" else args.tier, keep=args.keep, corpus=corpus, jobs=args.jobs)
+                        tier=None if args.tier == "auto" else args.tier, keep=args.keep, corpus=corpus, jobs=args.jobs,
+                        impl=args.impl)
     rep = run_certify(cfg, progress=_Progress(not args.quiet))
     files = write_certify_report(rep, args.out)
     worst = max(rep["results"], key=lambda r: r["max_ratio"])
@@ -262,17 +282,19 @@ def _gate(args) -> int:
 def _sweep(args) -> int:
     from .cases import REGIMES
     from .report import check_writable, write_report
-    from .sweep import SweepConfig, resolve_device, run_sweep
+    from .sweep import SweepConfig, load_impls, resolve_device, run_sweep
 
     regimes = tuple(r.strip() for r in args.regimes.split(",") if r.strip())
     unknown = [r for r in regimes if r not in REGIMES]
     if unknown or not regimes:
         raise UsageError(f"unknown regime(s) {unknown or args.regimes!r}; choose from {', '.join(REGIMES)}")
     resolve_device(args.device)  # raises ValueError for cuda without a GPU
+    impls = tuple(dict.fromkeys(args.impl))
+    load_impls(impls)  # an unknown or broken --impl is a usage error before minutes of work
     check_writable(args.out)  # fail before minutes of work
     cfg = SweepConfig(d_out=args.shape[0], d_in=args.shape[1], tokens=args.tokens, grid_tokens=args.grid_tokens,
                       rank=args.rank, alpha=args.alpha, rslora=args.rslora, dtype=args.dtype, seed=args.seed,
-                      device=args.device, ranks=args.ranks, regimes=regimes)
+                      device=args.device, ranks=args.ranks, regimes=regimes, impls=impls)
     cfg.validate()
     rep = run_sweep(cfg, progress=_Progress(not args.quiet))
     rep["run_id"] = f"{rep['provenance']['time_utc']}-seed{cfg.seed}"

@@ -47,7 +47,7 @@ DEFAULT_SLACK = {"max_ulp": (1e-3, 1e-2), "p99_ratio": (1e-3, 1e-2), "max_ratio"
                  "frac_correctly_rounded": (1e-4, 0.0)}  # (absolute, relative)
 LOWER_IS_BETTER = {"max_ulp": True, "p99_ratio": True, "max_ratio": True, "frac_correctly_rounded": False}
 DEFAULT_FA_LIMIT = 2.0
-NORM_FAITHFUL_REL = 1e-6
+NORM_FAITHFUL_REL = bounds.FAITHFUL_NORM_REL
 COMPOSE_SHAPES = ((1, 1), (3, 13), (16, 256), (17, 257), (33, 129), (64, 509), (31, 127), (15, 255))
 NORM_SHAPES = ((7, 31, 4), (64, 129, 8), (131, 257, 16), (63, 513, 33), (128, 128, 64), (3, 5, 2), (129, 255, 17),
                (65, 511, 7))

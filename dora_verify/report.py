@@ -125,8 +125,16 @@ def sweep_markdown(rep: dict, plots: list) -> str:
           "dtype; near-cancelling rows (W_i ≈ −s(BA)_i) are where the factored sum loses relative accuracy.",
           "", "Forms:", ""]
     L += [f"- `{k}`: {v}" for k, v in {**rep["forms"]["compose"], **rep["forms"]["norm"]}.items()]
+    impls = rep.get("implementations", {})
+    if impls:
+        L += ["", "Implementations under test (`--impl`; their rows carry the `impl:` prefix; they return y only, so "
+              "their Δ columns are empty):", ""]
+        L += [f"- `{k}`: `--impl {v['spec']}`" + ("" if v["compose"] and v["norm"] else
+                                                   f" ({'compose' if v['compose'] else 'norm'} only)")
+              for k, v in impls.items()]
+    n_compose = max(1, len({r["form"] for r in ex["compose_g_sweep"]}))
     L += ["", f"Oracle: compose elements settled by exact rationals: "
-          f"{sum(r['oracle_tier2_elements'] for r in ex['compose_g_sweep'] + ex['compose_regimes']) // 5}; "
+          f"{sum(r['oracle_tier2_elements'] for r in ex['compose_g_sweep'] + ex['compose_regimes']) // n_compose}; "
           f"uncertified: {sum(r['oracle_uncertified'] for r in ex['compose_g_sweep'] + ex['compose_regimes'])}. "
           f"Norm rows settled exactly: {sum(r['oracle_tier2_rows'] for r in ex['norm_regimes']) // max(1, len(rep['forms']['norm']))}.",
           "", "Reproduce: `" + " ".join(["dora-verify"] + prov["argv"][1:]) + "`", ""]
@@ -148,7 +156,8 @@ def sweep_plots(rep: dict, folder: Path) -> list:
         rs = sorted((r for r in g if r["form"] == f), key=lambda r: r["g_minus_1"])
         xs = [r["g_minus_1"] for r in rs]
         axes[0].plot(xs, [max(r["y"]["max_abs"], 1e-12) for r in rs], marker=".", label=f)
-        axes[1].plot(xs, [max(r["delta"]["normwise_rel"], 1e-12) for r in rs], marker=".", label=f)
+        if all(r["delta"] for r in rs):  # implementations under test return y only
+            axes[1].plot(xs, [max(r["delta"]["normwise_rel"], 1e-12) for r in rs], marker=".", label=f)
         axes[2].plot(xs, [r["g_correction_lost"] if r["g_correction_lost"] is not None else float("nan") for r in rs],
                      marker=".", label=f)
     rs = sorted((r for r in g if r["form"] == forms[0]), key=lambda r: r["g_minus_1"])

@@ -48,6 +48,7 @@ class SweepConfig:
     ranks: tuple = (8, 32, 128, 384)
     regimes: tuple = tuple(REGIMES)
     adapter_ratio: float = 0.1
+    impls: tuple = ()  # --impl specs (peft, kernels, module:callable) measured beside the forms
 
     @property
     def s(self) -> float:
@@ -78,7 +79,12 @@ D_KEYS = ("max_abs", "normwise_rel", "max_ulp", "frac_correctly_rounded", "floor
 N_KEYS = ("max_rel", "normwise_rel", "max_abs", "nonfinite_mismatch", "worst_index")
 
 
-def _compose_records(base, lora, g, s, extra: dict) -> list:
+def _impl_rows(impls, kind: str):
+    """(label, fn) of the implementations under test that provide ``kind`` ('compose' or 'norm')."""
+    return [(f"impl:{im.name}", getattr(im, kind)) for im in impls if getattr(im, kind) is not None]
+
+
+def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
     truth = compose_truth(base, lora, g, s)
     y_ref = Reference(truth.y_hi, truth.y_lo, truth.y_bound, truth.fmt, truth.y_round)
     d_ref = Reference(truth.d_hi, truth.d_lo, truth.d_bound, truth.fmt, truth.d_round)
@@ -87,11 +93,16 @@ def _compose_records(base, lora, g, s, extra: dict) -> list:
     # The correctly rounded output itself cannot carry a scale change below the format's resolution
     # everywhere (inputs on rounding midpoints always round one way): measure each form beyond that floor.
     beta_floor = effective_scale_error(truth.y_round.nearest, y_ref, inner)
+    subjects = [(form.name, form.fn) for form in F.COMPOSE_FORMS.values()]
+    subjects += [(label, lambda *a, fn=fn: (fn(*a).to(base.device), None)) for label, fn in _impl_rows(impls, "compose")]
     recs = []
-    for form in F.COMPOSE_FORMS.values():
-        y, d = form.fn(base, lora, g, s)
+    for name, run in subjects:  # an implementation returns y only: its Δ columns stay empty
+        y, d = run(base, lora, g, s)
+        if tuple(y.shape) != tuple(base.shape) or y.dtype != base.dtype:
+            raise ValueError(f"{name}: compose returned {y.dtype} {tuple(y.shape)}, want {base.dtype} {tuple(base.shape)}")
         beta = effective_scale_error(y, y_ref, inner)
-        rec = dict(extra, form=form.name, y=_slim(compare(y, y_ref), Y_KEYS), delta=_slim(compare(d, d_ref), D_KEYS),
+        rec = dict(extra, form=name, y=_slim(compare(y, y_ref), Y_KEYS),
+                   delta=None if d is None else _slim(compare(d, d_ref), D_KEYS),
                    g_eff_bias=float(beta.mean()), g_eff_rms=float(beta.square().mean().sqrt()),
                    g_correction_lost=correction_lost(beta - beta_floor, gm1),
                    g_correction_lost_floor=correction_lost(beta_floor, gm1),
@@ -137,7 +148,7 @@ def paper_figure1(cfg: SweepConfig, gen_device) -> dict:
     return out
 
 
-def compose_g_sweep(cfg: SweepConfig, device, tick) -> list:
+def compose_g_sweep(cfg: SweepConfig, device, tick, impls=()) -> list:
     case = make_case("trained", cfg.d_out, cfg.d_in, cfg.rank, cfg.grid_tokens, cfg.dtype, cfg.seed, cfg.s,
                      cfg.adapter_ratio, device)
     base, lora = case.compose_inputs()
@@ -145,34 +156,38 @@ def compose_g_sweep(cfg: SweepConfig, device, tick) -> list:
     for delta in g_offsets():
         g32 = torch.tensor(1.0 + delta, dtype=torch.float32)
         g = g32.expand(cfg.d_out).contiguous().to(device)
-        recs += _compose_records(base, lora, g, case.s, {"g_minus_1": float(g32.double() - 1.0), "g_offset_nominal": delta})
+        recs += _compose_records(base, lora, g, case.s, {"g_minus_1": float(g32.double() - 1.0), "g_offset_nominal": delta},
+                                 impls)
         tick(f"g-1={delta:+.1e}")
     return recs
 
 
-def compose_regimes(cfg: SweepConfig, device, tick) -> list:
+def compose_regimes(cfg: SweepConfig, device, tick, impls=()) -> list:
     recs = []
     for regime in cfg.regimes:
         case = make_case(regime, cfg.d_out, cfg.d_in, cfg.rank, cfg.grid_tokens, cfg.dtype, cfg.seed, cfg.s,
                          cfg.adapter_ratio, device)
         base, lora = case.compose_inputs()
-        recs += _compose_records(base, lora, case.g, case.s, {"regime": regime})
+        recs += _compose_records(base, lora, case.g, case.s, {"regime": regime}, impls)
         tick(regime)
     return recs
 
 
-def _norm_records(case, extra: dict) -> list:
+def _norm_records(case, extra: dict, impls=()) -> list:
     truth = row_norm_truth(case.W, case.A, case.B, case.s)
     fp32 = parse_format("fp32")
     ref = Reference(truth.nu, torch.zeros_like(truth.nu), truth.bound, fp32,
                     certified_round(truth.nu, torch.zeros_like(truth.nu), truth.bound, fp32))
     recs = []
-    for form in F.NORM_FORMS.values():
-        nu = form.fn(case.W, case.A, case.B, case.s)
+    subjects = [(form.name, form.fn) for form in F.NORM_FORMS.values()] + _impl_rows(impls, "norm")
+    for name, fn in subjects:
+        nu = fn(case.W, case.A, case.B, case.s).to(case.W.device)
+        if tuple(nu.shape) != (case.W.shape[0],):
+            raise ValueError(f"{name}: norm returned shape {tuple(nu.shape)}, want ({case.W.shape[0]},)")
         m = compare(nu, ref, rel_floor=1e-30)
         rel = ((nu.double() - truth.nu).abs() / truth.nu.clamp_min(1e-30))
         special = case.special_rows
-        rec = dict(extra, form=form.name, nu_dtype=str(nu.dtype).replace("torch.", ""), **_slim(m, N_KEYS),
+        rec = dict(extra, form=name, nu_dtype=str(nu.dtype).replace("torch.", ""), **_slim(m, N_KEYS),
                    p99_rel=_p99(rel), special_rows_max_rel=float(rel[special].max()) if special else None,
                    max_cond=float(truth.cond[torch.isfinite(truth.cond)].max()),
                    oracle_tier2_rows=len(truth.tier2_rows), oracle_uncertified_rows=len(truth.uncertified_rows),
@@ -187,23 +202,33 @@ def _p99(t: torch.Tensor) -> float:
     return quantile(t[torch.isfinite(t)], 0.99)
 
 
-def norm_regimes(cfg: SweepConfig, device, tick) -> list:
+def norm_regimes(cfg: SweepConfig, device, tick, impls=()) -> list:
     recs = []
     for regime in cfg.regimes:
         case = make_case(regime, cfg.d_out, cfg.d_in, cfg.rank, 1, cfg.dtype, cfg.seed, cfg.s, cfg.adapter_ratio, device)
-        recs += _norm_records(case, {"regime": regime, "rank": cfg.rank})
+        recs += _norm_records(case, {"regime": regime, "rank": cfg.rank}, impls)
         tick(regime)
     return recs
 
 
-def norm_rank(cfg: SweepConfig, device, tick) -> list:
+def norm_rank(cfg: SweepConfig, device, tick, impls=()) -> list:
     recs = []
     for r in cfg.ranks:
         s = scaling(2.0 * r, r, cfg.rslora)
         case = make_case("trained", cfg.d_out, cfg.d_in, r, 1, cfg.dtype, cfg.seed, s, cfg.adapter_ratio, device)
-        recs += _norm_records(case, {"rank": r, "s": s})
+        recs += _norm_records(case, {"rank": r, "s": s}, impls)
         tick(f"r={r}")
     return recs
+
+
+def _max_or_none(xs):
+    xs = list(xs)
+    return max(xs) if xs else None
+
+
+def _median_or_none(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else None
 
 
 def headline(paper: dict, g_recs: list) -> dict:
@@ -221,8 +246,8 @@ def headline(paper: dict, g_recs: list) -> dict:
     loss = {}
     for form, rs in by_form.items():
         loss[form] = {
-            "delta_normwise_rel_max": max(x["delta"]["normwise_rel"] for x in rs),
-            "delta_normwise_rel_median": sorted(x["delta"]["normwise_rel"] for x in rs)[len(rs) // 2],
+            "delta_normwise_rel_max": _max_or_none(x["delta"]["normwise_rel"] for x in rs if x["delta"]),
+            "delta_normwise_rel_median": _median_or_none(x["delta"]["normwise_rel"] for x in rs if x["delta"]),
             "y_frac_correctly_rounded_min": min(x["y"]["frac_correctly_rounded"] for x in rs),
             "y_max_ulp_max": max(x["y"]["max_ulp"] for x in rs),
             "y_mean_signed_ulp_maxabs": max(abs(x["y"]["mean_signed_ulp"]) for x in rs),
@@ -233,8 +258,23 @@ def headline(paper: dict, g_recs: list) -> dict:
     at1 = {r["form"]: r for r in g_recs if r["g_minus_1"] == 0.0}
     if at1:
         h["g_equals_1"] = {f: {"y_max_ulp": r["y"]["max_ulp"], "y_frac_correctly_rounded": r["y"]["frac_correctly_rounded"],
-                               "delta_normwise_rel": r["delta"]["normwise_rel"]} for f, r in at1.items()}
+                               "delta_normwise_rel": r["delta"]["normwise_rel"] if r["delta"] else None}
+                           for f, r in at1.items()}
     return h
+
+
+def load_impls(specs) -> list:
+    """The implementations named by ``--impl`` specs (one each: kernels, peft or module:callable); the forms are
+    always in the sweep. Raises ``adapter.ImplError`` (a ValueError) for anything else."""
+    from .adapter import ImplError, load_impl
+
+    out = []
+    for spec in specs:
+        if spec == "forms" or spec.startswith("form:"):
+            raise ImplError(f"--impl {spec!r}: every form is in the sweep already; --impl takes kernels, peft or "
+                            "module:callable")
+        out += load_impl(spec)
+    return out
 
 
 def resolve_device(device: str) -> torch.device:
@@ -281,18 +321,20 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
         timings[name] = round(time.time() - t, 2)
         return out
 
+    impls = load_impls(cfg.impls)
     paper = timed("paper_figure1", paper_figure1, cfg, dev)
     steps("done")
-    g_recs = timed("compose_g_sweep", compose_g_sweep, cfg, dev, steps)
-    reg_recs = timed("compose_regimes", compose_regimes, cfg, dev, steps)
-    nreg = timed("norm_regimes", norm_regimes, cfg, dev, steps)
-    nrank = timed("norm_rank", norm_rank, cfg, dev, steps)
+    g_recs = timed("compose_g_sweep", compose_g_sweep, cfg, dev, steps, impls)
+    reg_recs = timed("compose_regimes", compose_regimes, cfg, dev, steps, impls)
+    nreg = timed("norm_regimes", norm_regimes, cfg, dev, steps, impls)
+    nrank = timed("norm_rank", norm_rank, cfg, dev, steps, impls)
     from .provenance import provenance
 
     cfg_dict = asdict(cfg)
     cfg_dict["s"] = cfg.s
     cfg_dict["ranks"] = list(cfg.ranks)
     cfg_dict["regimes"] = list(cfg.regimes)
+    cfg_dict["impls"] = list(cfg.impls)
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": "dora-verify",
@@ -309,6 +351,8 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
         },
         "forms": {"compose": {k: v.summary for k, v in F.COMPOSE_FORMS.items()},
                   "norm": {k: v.summary for k, v in F.NORM_FORMS.items()}},
+        "implementations": {f"impl:{im.name}": {"spec": spec, "compose": im.compose is not None,
+                                                "norm": im.norm is not None} for spec, im in zip(cfg.impls, impls)},
         "regimes": dict(REGIMES),
         "timings_s": dict(timings, total=round(time.time() - t0, 2)),
     }

@@ -1,6 +1,7 @@
 """dora_verify.certify: the committed corpus replays under its bounds, the derandomized pre-merge search
 certifies the kernels, and the search finds planted defects (so it can fail)."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,30 @@ def test_search_rejects_bad_arguments():
         certify.search("lora_compose", "fp32", examples=1)
     with pytest.raises(ValueError, match="examples"):
         certify.search("compose.y", "bf16", examples=0)
+
+
+def test_certify_an_implementation_under_the_faithful_contract(tmp_path):
+    """--impl: a faithful wrapper certifies; a planted g-cast is found, and its corpus case replays as a violation."""
+    sys.path.insert(0, str(Path(__file__).parent))  # tests/planted_impls.py
+    good = certify.search("good.compose", "fp16", examples=30, device="cpu", impl="planted_impls:Good")
+    assert not good["violation"] and good["max_ratio"] <= 1 and good["tier"] is None
+    bad = certify.search("planted_impls_gcast.compose", "bf16", examples=80, device="cpu", corpus=tmp_path,
+                         impl="planted_impls:gcast")
+    assert bad["violation"] and bad["max_ratio"] > 1
+    assert certify.replay(bad["corpus"][0]).ratio > 1
+
+
+def test_certify_cli_impl_peft(tmp_path, capsys):
+    """Stock PEFT's DoRA under the faithful contract: its bf16 compose (g rounded to bf16) and its ν (in the
+    weight dtype) both violate it; certify exits 1 and names the targets."""
+    pytest.importorskip("peft")
+    assert main(["certify", "--impl", "peft", "--dtypes", "bf16", "--examples", "40", "--out", str(tmp_path),
+                 "--quiet"]) == 1
+    rep = json.loads((tmp_path / "certify.json").read_text())
+    assert rep["config"]["impl"] == "peft" and {r["target"] for r in rep["results"]} == {"peft.compose", "peft.norm"}
+    assert all(r["violation"] for r in rep["results"])
+    assert "--impl peft" in (tmp_path / "certify.md").read_text()
+    for bad, msg in ((["--impl", "kernels"], "certify's own targets"), (["--impl", "peft", "--targets", "compose.y"],
+                                                                         "unknown target")):
+        assert main(["certify", *bad, "--out", str(tmp_path)]) == 2
+        assert msg in capsys.readouterr().err

@@ -23,6 +23,8 @@ SMALL = ["sweep", "--shape", "64x48", "--tokens", "32", "--grid-tokens", "8", "-
     (["sweep", "--alpha", "inf"], "finite"),
     (["sweep", "--regimes", "bogus"], "unknown regime"),
     (["sweep", "--device", "tpu"], "invalid choice"),
+    (["sweep", "--impl", "forms"], "every form is in the sweep"),
+    (["sweep", "--impl", "no_such_module:fn"], "cannot import"),
     (["nosuchcommand"], "invalid choice"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
@@ -91,3 +93,23 @@ def test_failed_write_leaves_previous_report_intact(tmp_path, monkeypatch):
         main(SMALL + ["--out", str(out), "--no-plots", "--seed", "9"])
     assert (out / "report.json").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+
+
+def test_sweep_measures_implementations_beside_the_forms(tmp_path):
+    """--impl adds rows for an implementation's y and ν (here this project's kernels and stock PEFT), measured
+    against the same oracle as the forms; the kernels' y is faithful (≤ 1 ulp) where PEFT's bf16 arithmetic is not."""
+    pytest.importorskip("peft")
+    out = tmp_path / "rep"
+    assert main(SMALL + ["--out", str(out), "--no-plots", "--impl", "kernels", "--impl", "peft"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["implementations"]) == {"impl:kernels", "impl:peft"}
+    for exp in ("compose_g_sweep", "compose_regimes", "norm_regimes", "norm_rank"):
+        names = {r["form"] for r in rep["experiments"][exp]}
+        assert {"impl:kernels", "impl:peft"} <= names, exp
+    rows = [r for r in rep["experiments"]["compose_regimes"] if r["form"] == "impl:kernels"]
+    assert rows and all(r["y"]["max_ulp"] <= 1 and r["delta"] is None for r in rows)
+    peft = [r for r in rep["experiments"]["compose_regimes"] if r["form"] == "impl:peft"]
+    assert max(r["y"]["max_ulp"] for r in peft) > 1  # g rounded to bf16 and three roundings: not faithful
+    norms = {r["form"]: r for r in rep["experiments"]["norm_regimes"] if r["regime"] == "trained"}
+    assert norms["impl:kernels"]["max_rel"] < 1e-6 < norms["impl:peft"]["max_rel"]
+    assert "impl:peft" in (out / "report.md").read_text()
