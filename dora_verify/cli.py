@@ -139,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--case", action="append", default=[], help="run only this case id (repeatable; to reproduce)")
     ga.add_argument("--out", default="dora-verify-gate", help="report folder: gate.md, gate.json, junit.xml")
     ga.add_argument("--quiet", action="store_true", help="no progress bar")
+    be = sub.add_parser("bench", help="speed and memory of the kernels vs eager torch, PEFT DoRA and PEFT LoRA (CUDA)")
+    be.add_argument("--quick", action="store_true", help="a small subset of the shapes (about a minute)")
+    be.add_argument("--parts", default="compose,norm,layer", help="comma-separated subset of compose, norm, layer")
+    be.add_argument("--warmup", type=_positive_int, default=10, help="warm-up calls per measurement (default 10)")
+    be.add_argument("--reps", type=_positive_int, default=50, help="timed calls per measurement, median (default 50)")
+    be.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    be.add_argument("--out", default="dora-verify-bench", help="report folder: bench.json, bench.md, plots")
+    be.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    be.add_argument("--render", metavar="BENCH_JSON", default=None,
+                    help="re-render a saved bench.json into --out instead of measuring (no GPU needed)")
+    be.add_argument("--readme", metavar="README", default=None,
+                    help="with --render: rewrite the README's generated performance section from that report")
+    be.add_argument("--quiet", action="store_true", help="no progress bar")
     ex = sub.add_parser("exhaustive", help="all 2^32 (base, lora) bf16/fp16 pairs through the compose epilogue (CUDA)")
     ex.add_argument("--dtypes", default="bf16,fp16", help="comma-separated subset of bf16, fp16 (default both)")
     ex.add_argument("--g", default=None, help="comma-separated fp32 g values (default: a grid around 1 and far from it)")
@@ -279,6 +292,48 @@ def _gate(args) -> int:
     return 0 if v["passed"] else 1
 
 
+def _bench(args) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from .bench import BenchConfig, run_bench
+    from .bench_report import update_readme, write_bench_report
+    from .report import check_writable
+
+    if args.readme and not args.render:
+        raise UsageError("--readme needs --render BENCH_JSON (the README section is generated from a saved report)")
+    if args.render:
+        try:
+            rep = json.loads(Path(args.render).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read bench report {args.render!r}: {e}") from None
+        if rep.get("kind") != "bench":
+            raise UsageError(f"{args.render!r} is not a dora-verify bench report")
+        if args.readme and not Path(args.readme).is_file():
+            raise UsageError(f"--readme {args.readme!r}: no such file")
+        files = write_bench_report(rep, args.out, plots=not args.no_plots)
+        if args.readme:
+            md = os.path.relpath(Path(args.out) / "bench.md", Path(args.readme).resolve().parent)
+            update_readme(args.readme, rep, md)
+        print(f"rendered {args.render}; wrote {', '.join(str(f) for f in files)}"
+              f"{'; updated ' + args.readme if args.readme else ''}")
+        return 0
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    cfg = BenchConfig(quick=args.quick, parts=parts, warmup=args.warmup, reps=args.reps, seed=args.seed)
+    cfg.validate()
+    from .bench import check_available
+
+    check_available(cfg)  # no GPU: exit 2 before anything is written
+    check_writable(args.out)
+    rep = run_bench(cfg, progress=_Progress(not args.quiet))
+    files = write_bench_report(rep, args.out, plots=not args.no_plots)
+    met = [t for t in rep["targets"] if t["met"] is not None]
+    print(f"bench: {sum(t['met'] for t in met)}/{len(met)} kernel targets met on "
+          f"{rep['provenance']['device'].get('name')}; wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
 def _sweep(args) -> int:
     from .cases import REGIMES
     from .report import check_writable, write_report
@@ -320,6 +375,8 @@ def main(argv=None) -> int:
             return _exhaustive(args)
         if args.command == "gate":
             return _gate(args)
+        if args.command == "bench":
+            return _bench(args)
     except UsageError as e:
         print(f"dora-verify: error: {e}", file=sys.stderr)
         return EXIT_USAGE
