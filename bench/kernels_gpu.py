@@ -1,11 +1,10 @@
 """GPU evidence for the production kernels (issue 3): accuracy against the oracles, determinism, tier
-parity, and side-by-side timings/memory against eager torch, PEFT DoRA and PEFT LoRA.
+parity, and profiles. Speed and memory side by side with eager torch, PEFT DoRA and PEFT LoRA: `dora-verify bench`.
 
-    DORA_VERIFY_COMMIT=<hash> python3 bench/kernels_gpu.py --out DIR [--quick] [--parts acc,profile,perf,layer]
+    DORA_VERIFY_COMMIT=<hash> python3 bench/kernels_gpu.py --out DIR [--quick] [--parts acc,profile]
 
-Writes DIR/report.json and DIR/report.md (provenance, every number, the commands). Timings: CUDA-event
-medians from triton.testing.do_bench after warm-up; inputs larger than L2 (or rotated) so caches do not
-flatter; transient peak memory = allocator peak − memory allocated before the call.
+Writes DIR/report.json (provenance and every number; bench/summarise.py renders it); the U-kernel tile
+timings of part "profile" are triton.testing.do_bench medians.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from dora_verify import provenance
 from dora_verify.cases import REGIMES, make_case
@@ -41,17 +39,6 @@ def bench_ms(fn, warmup=25, rep=100):
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-
-
-def peak_mib(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
-    return peak / 2**20
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -253,214 +240,7 @@ def acc_parity():
     return rows
 
 
-# ----------------------------------------------------------------------------- performance
-def copy_bandwidth():
-    n = 1 << 29  # 1 GiB of bf16
-    a = torch.randn(n // 2, device="cuda", dtype=torch.float32).view(torch.bfloat16)
-    b = torch.empty_like(a)
-    ms = bench_ms(lambda: b.copy_(a))
-    return 2 * a.numel() * a.element_size() / (ms * 1e-3) / 1e12
-
-
-def eager_stable(base, lora, g, s):
-    """PEFT-style stable compose in the activation dtype: four elementwise passes (g rounded to D)."""
-    gd = g.to(base.dtype)
-    return base + ((gd - 1) * base + gd * lora * s)
-
-
-def perf_compose(bw, quick):
-    rows = []
-    shapes = [(4096, 4096)] if quick else [(8192, 8192), (16384, 8192), (4096, 28672)]
-    for (T, N) in shapes:
-        base = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
-        lora = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
-        g = (1 + 1e-3 * torch.randn(N, device="cuda")).float()
-        dy = torch.randn_like(base)
-        elems = T * N
-        t_fwd = bench_ms(lambda: compose(base, lora, g, 2.0, tier="fused"))
-        t_eager = bench_ms(lambda: eager_stable(base, lora, g, 2.0))
-        t_eager_tier = bench_ms(lambda: compose(base, lora, g, 2.0, tier="eager"))
-        inner_holder = {}
-
-        def fwd_save():
-            out, inner = compose_mod.compose_forward_fused(base, lora, g, None, None, 2.0, False, compose_mod.SAVE_ACTIVATION)
-            inner_holder["i"] = inner
-            return out
-        t_fwd_save = bench_ms(fwd_save)
-        inner = inner_holder["i"]
-        e = base.new_empty(0)
-        t_bwd = bench_ms(lambda: compose_mod.compose_backward_fused(dy, base, lora, e, g, None, 2.0, False, compose_mod.SAVE_INPUTS,
-                                                                   torch.bfloat16, torch.bfloat16, True, True, True))
-        t_bwd_act = bench_ms(lambda: compose_mod.compose_backward_fused(dy, e, e, inner, g, None, 2.0, False, compose_mod.SAVE_ACTIVATION,
-                                                                       torch.bfloat16, torch.bfloat16, True, True, True))
-        # eager autograd of the stable form (the baseline the issue names): backward incl. d_g
-        b_, l_, g_ = base.clone().requires_grad_(), lora.clone().requires_grad_(), g.clone().requires_grad_()
-
-        def eager_bwd():
-            y = b_ + ((g_ - 1) * b_ + g_ * l_ * 2.0)
-            return torch.autograd.grad(y, (b_, l_, g_), dy)
-        t_eager_fb = bench_ms(eager_bwd)
-
-        def eager_fwd_only():
-            return b_ + ((g_ - 1) * b_ + g_ * l_ * 2.0)
-        t_eager_f = bench_ms(eager_fwd_only)
-        t_eager_bwd = t_eager_fb - t_eager_f
-        byt_fwd = elems * 2 * 3
-        byt_save = elems * (2 * 4)
-        byt_bwd = elems * (2 * 5)
-        byt_bwd_act = elems * (2 * 4)
-        rows.append({"T": T, "d_out": N, "fused_fwd_ms": t_fwd, "fused_fwd_bw_frac": byt_fwd / (t_fwd * 1e-3) / 1e12 / bw,
-                     "fused_fwd_save_ms": t_fwd_save, "fused_fwd_save_bw_frac": byt_save / (t_fwd_save * 1e-3) / 1e12 / bw,
-                     "fused_bwd_ms": t_bwd, "fused_bwd_bw_frac": byt_bwd / (t_bwd * 1e-3) / 1e12 / bw,
-                     "fused_bwd_saved_inner_ms": t_bwd_act, "fused_bwd_saved_inner_bw_frac": byt_bwd_act / (t_bwd_act * 1e-3) / 1e12 / bw,
-                     "eager_stable_fwd_bf16_ms": t_eager, "eager_tier_fp64_fwd_ms": t_eager_tier,
-                     "eager_autograd_fwd_ms": t_eager_f, "eager_autograd_bwd_ms": t_eager_bwd,
-                     "fwd_speedup_vs_eager": t_eager / t_fwd, "bwd_speedup_vs_eager_autograd": t_eager_bwd / t_bwd})
-        log(f"compose {T}x{N}: fwd {t_fwd:.3f} ms ({rows[-1]['fused_fwd_bw_frac']:.2%} of copy bw), "
-            f"bwd {t_bwd:.3f} ms vs eager {t_eager_bwd:.3f} ({rows[-1]['bwd_speedup_vs_eager_autograd']:.2f}x)")
-        del base, lora, dy, inner, b_, l_, g_
-        inner_holder.clear()
-        torch.cuda.empty_cache()
-    return rows
-
-
-def crossover():
-    """Fused vs eager tier (and vs eager bf16 stable form) for growing T·d_out: where does fused win?"""
-    rows = []
-    for (T, N) in [(1, 512), (1, 4096), (16, 4096), (128, 4096), (512, 4096), (2048, 4096), (2048, 8192), (8192, 8192)]:
-        base = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
-        lora = torch.randn_like(base)
-        g = (1 + 1e-3 * torch.randn(N, device="cuda")).float()
-        gr = g.clone().requires_grad_()
-        dy = torch.randn_like(base)
-        f = bench_ms(lambda: compose(base, lora, g, 2.0, tier="fused"), rep=50)
-        e = bench_ms(lambda: compose(base, lora, g, 2.0, tier="eager"), rep=50)
-        eb = bench_ms(lambda: eager_stable(base, lora, g, 2.0), rep=50)
-
-        def fb(tier):
-            def run():
-                b_, l_ = base.requires_grad_(), lora.requires_grad_()
-                y = compose(b_, l_, gr, 2.0, tier=tier)
-                return torch.autograd.grad(y, (b_, l_, gr), dy)
-            return run
-        ff = bench_ms(fb("fused"), rep=50)
-        ef = bench_ms(fb("eager"), rep=50)
-        base.requires_grad_(False); lora.requires_grad_(False)
-        rows.append({"T": T, "d_out": N, "elements": T * N, "fwd_fused_ms": f, "fwd_eager_tier_ms": e,
-                     "fwd_eager_bf16_stable_ms": eb, "train_fused_ms": ff, "train_eager_tier_ms": ef})
-    return rows
-
-
-def norm_perf(quick):
-    rows = []
-    d = 4096 if quick else 8192
-    for r in ((64,) if quick else (64, 384, 768)):
-        for wdt in (torch.bfloat16, torch.float32):
-            W = (torch.randn(d, d, device="cuda") / math.sqrt(d)).to(wdt)
-            A = (torch.randn(r, d, device="cuda") / math.sqrt(d)).to(wdt)
-            B = (torch.randn(d, r, device="cuda") * 0.01).to(wdt)
-            s = 2.0
-            wsq = weight_row_sq(W)
-
-            def ours_cached():
-                return factored_row_norm(W, A, B, s, wsq=wsq, validate=False)
-
-            def ours_cold():
-                return factored_row_norm(W, A, B, s, validate=False)
-
-            def peft_dense():  # PEFT: BA through eye(d_in) and the two adapter layers, then the row norm
-                eye = torch.eye(d, device="cuda", dtype=wdt)
-                lora_weight = F.linear(F.linear(eye, A), B).T
-                return torch.linalg.norm(W + s * lora_weight, dim=1).to(wdt)
-
-            def dense_fp32():
-                return torch.linalg.norm(W.float() + s * (B.float() @ A.float()), dim=1)
-            rec = {"d": d, "r": r, "W_dtype": str(wdt).replace("torch.", "")}
-            for name, fn in (("factored_cached", ours_cached), ("factored_cold", ours_cold),
-                             ("peft_dense", peft_dense), ("dense_fp32", dense_fp32)):
-                rec[name + "_ms"] = bench_ms(fn, rep=50)
-                rec[name + "_peak_mib"] = peak_mib(fn)
-            rec["speedup_vs_peft"] = rec["peft_dense_ms"] / rec["factored_cached_ms"]
-            rec["memory_ratio_vs_peft"] = rec["factored_cached_peak_mib"] / rec["peft_dense_peak_mib"]
-            rows.append(rec)
-            log(f"norm d={d} r={r} {rec['W_dtype']}: ours {rec['factored_cached_ms']:.3f} ms/{rec['factored_cached_peak_mib']:.0f} MiB, "
-                f"PEFT {rec['peft_dense_ms']:.3f} ms/{rec['peft_dense_peak_mib']:.0f} MiB")
-            del W, A, B, wsq
-            torch.cuda.empty_cache()
-    return rows
-
-
-def layer_perf(quick):
-    from peft import LoraConfig, get_peft_model
-
-    d, r, T = (4096, 64, 2048) if quick else (8192, 384, 4096)
-    rows = []
-    torch.manual_seed(0)
-    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-    dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-    for adapters in ("fp32", "bf16"):
-        rec = {"d": d, "r": r, "tokens": T, "adapters": adapters}
-        impls = ("peft_lora", "peft_dora", "ours") + (("ours_save_inputs",) if adapters == "bf16" else ())
-        for impl in impls:
-            lin = torch.nn.Linear(d, d, bias=False, device="cuda", dtype=torch.bfloat16)
-            if impl.startswith("ours"):
-                layer = DoRALinear(lin, r, 2 * r, adapter_dtype=torch.float32 if adapters == "fp32" else None,
-                                   save="inputs" if impl == "ours_save_inputs" else "recompute")
-                with torch.no_grad():
-                    layer.lora_B.normal_(0, 1e-3)
-                    layer.magnitude.mul_(1.001)
-                params = [layer.lora_A, layer.lora_B, layer.magnitude]
-
-                def invalidate():
-                    layer._nu_key = None  # training: A and B change every step, so ν is recomputed
-            else:
-                model = torch.nn.Sequential(lin)
-                cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=impl == "peft_dora")
-                layer = get_peft_model(model, cfg, autocast_adapter_dtype=adapters == "fp32")
-                for n, p in layer.named_parameters():
-                    if "lora_B" in n:
-                        with torch.no_grad():
-                            p.normal_(0, 1e-3)
-                params = [p for p in layer.parameters() if p.requires_grad]
-
-                def invalidate():
-                    pass
-            xr = x.clone().requires_grad_(False)
-
-            def fwd_train():
-                invalidate()
-                return layer(xr)
-
-            def fwd_bwd():
-                invalidate()
-                y = layer(xr)
-                return torch.autograd.grad(y, params, dy)
-
-            def fwd_infer():
-                with torch.no_grad():
-                    return layer(xr)
-            rec[impl + "_fwd_ms"] = bench_ms(fwd_train, rep=50)
-            rec[impl + "_fwdbwd_ms"] = bench_ms(fwd_bwd, rep=50)
-            rec[impl + "_infer_ms"] = bench_ms(fwd_infer, rep=50)
-            rec[impl + "_fwd_peak_mib"] = peak_mib(fwd_train)
-            rec[impl + "_fwdbwd_peak_mib"] = peak_mib(fwd_bwd)
-            del layer, lin, params
-            torch.cuda.empty_cache()
-        for k in ("fwd", "fwdbwd", "infer"):
-            rec[f"ours_over_lora_{k}"] = rec[f"ours_{k}_ms"] / rec[f"peft_lora_{k}_ms"]
-            rec[f"peft_dora_over_lora_{k}"] = rec[f"peft_dora_{k}_ms"] / rec[f"peft_lora_{k}_ms"]
-        for k in ("fwd", "fwdbwd"):
-            rec[f"ours_mem_over_lora_{k}"] = rec[f"ours_{k}_peak_mib"] / rec[f"peft_lora_{k}_peak_mib"]
-            if "ours_save_inputs_fwd_ms" in rec:
-                rec[f"ours_save_inputs_over_lora_{k}"] = rec[f"ours_save_inputs_{k}_ms"] / rec[f"peft_lora_{k}_ms"]
-                rec[f"ours_save_inputs_mem_over_lora_{k}"] = (rec[f"ours_save_inputs_{k}_peak_mib"]
-                                                              / rec[f"peft_lora_{k}_peak_mib"])
-        rows.append(rec)
-        log(f"layer adapters={adapters}: ours/LoRA fwd {rec['ours_over_lora_fwd']:.3f} fwd+bwd {rec['ours_over_lora_fwdbwd']:.3f} "
-            f"mem {rec['ours_mem_over_lora_fwd']:.3f}/{rec['ours_mem_over_lora_fwdbwd']:.3f}; PEFT DoRA/LoRA {rec['peft_dora_over_lora_fwd']:.3f}")
-    return rows
-
-
+# ----------------------------------------------------------------------------- profiling (speed: `dora-verify bench`)
 def tune_wa():
     """Tile configurations of the U = W Aᵀ kernel at 8192×8192, r = 384 (bf16 W; bf16 and fp32 A)."""
     from dora_verify.kernels import norm as nm
@@ -508,8 +288,8 @@ def profile_pieces():
     x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
     tables = {}
     for name, fn in (("norm", lambda: factored_row_norm(W, A, B, 2.0, wsq=wsq, validate=False)),
-                     ("layer_fwd", lambda: (setattr(layer, "_nu_key", None), layer(x))),
-                     ("layer_fwdbwd", lambda: (setattr(layer, "_nu_key", None), layer(x).sum().backward()))):
+                     ("layer_fwd", lambda: (layer.norm_cache.invalidate(), layer(x))),
+                     ("layer_fwdbwd", lambda: (layer.norm_cache.invalidate(), layer(x).sum().backward()))):
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
@@ -528,7 +308,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--parts", default="acc,perf")
+    ap.add_argument("--parts", default="acc")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     parts = set(a.parts.split(","))
@@ -562,16 +342,8 @@ def main():
     if "profile" in parts:
         part("wa_tuning", tune_wa)
         part("profile", profile_pieces)
-    if "perf" in parts:
-        bw = copy_bandwidth()
-        rep["copy_bandwidth_TBps"] = bw
-        log(f"copy bandwidth {bw:.3f} TB/s")
-        part("compose_perf", perf_compose, bw, a.quick)
-        part("norm_perf", norm_perf, a.quick)
-        part("layer_perf", layer_perf, a.quick)
-        part("crossover", crossover)
-    if "layer" in parts and "perf" not in parts:
-        part("layer_perf", layer_perf, a.quick)
+    if parts & {"perf", "layer"}:
+        log("speed and memory moved to `dora-verify bench` (dora_verify/bench.py)")
     rep["seconds"] = time.time() - t0
     with open(os.path.join(a.out, "report.json"), "w") as f:
         json.dump(rep, f, indent=1, default=str)

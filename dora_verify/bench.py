@@ -254,7 +254,7 @@ def _build_layer(impl: str, d: int, r: int, adapters: str, seed: int):
             layer.magnitude.mul_(1.001)
 
         def step():  # training changes A and B every step: ν is recomputed, as it would be
-            layer._nu_key = None
+            layer.norm_cache.invalidate()
         return layer, [layer.lora_A, layer.lora_B, layer.magnitude], step
     from peft import LoraConfig, get_peft_model
 

@@ -5,8 +5,9 @@ Forward (PEFT ``LoraConfig(use_dora=True)`` semantics):
     base = x Wᵀ (bias excluded)      lora = (dropout(x) Aᵀ) Bᵀ      ν = ‖W + s·BA‖_row (detached)
     g = m / max(ν, ε)                y = g ⊙ (base + s·lora) + bias
 
-* ν comes from :func:`factored_row_norm` (fp32, ill-conditioned rows recomputed), ‖W‖²_row is cached
-  while W is unchanged, and ν itself is cached while W, A, B and s are unchanged (inference).
+* ν comes from :func:`factored_row_norm` (fp32, ill-conditioned rows recomputed) through a per-layer
+  :class:`RowNormCache`: ‖W‖²_row is cached while W is unchanged, ν itself while W, A, B and s are unchanged
+  (inference), and on CUDA a changed ν is recomputed by replaying a CUDA graph of the norm's launches.
 * g and g − 1 stay fp32 (:func:`dora_scale`); the compose rounds once. ``save`` picks what the
   training forward keeps for backward (all three give d_m from float64 sums except 'activation'):
   'recompute' (default) fuses the LoRA up-projection into the compose (:func:`lora_compose`): lora = xa Bᵀ
@@ -36,7 +37,7 @@ from torch import nn
 
 from .compose import compose
 from .lora_compose import lora_compose
-from .norm import DEFAULT_KAPPA_MAX, WeightSquareCache, factored_row_norm, row_norm_op
+from .norm import DEFAULT_KAPPA_MAX, RowNormCache, row_norm_op
 from .scale import DEFAULT_EPS, dora_scale, round_to_fp32
 
 
@@ -81,9 +82,7 @@ class DoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(self.r, d_in, dtype=dt, device=W.device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, self.r, dtype=dt, device=W.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's (and PEFT's) default for A
-        self._wsq = WeightSquareCache()
-        self._nu_key = None
-        self._nu = None
+        self.norm_cache = RowNormCache()
         self.magnitude = nn.Parameter(self.weight_norm().clone())  # m = ν at init: g = 1 exactly
 
     @classmethod
@@ -103,12 +102,7 @@ class DoRALinear(nn.Module):
         W, A, B = self.base_layer.weight, self.lora_A, self.lora_B
         if torch.compiler.is_compiling():
             return row_norm_op(W, A, B, self.scaling)
-        key = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in (W, A, B)) + (self.scaling,)
-        if key != self._nu_key:
-            self._nu = factored_row_norm(W, A, B, self.scaling, wsq=self._wsq.get(W), kappa_max=self.kappa_max,
-                                         validate=False)
-            self._nu_key = key
-        return self._nu
+        return self.norm_cache.get(W, A, B, self.scaling, self.kappa_max)
 
     def scale(self):
         """(g, g − 1), fp32, differentiable in the magnitude."""

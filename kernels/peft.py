@@ -44,7 +44,7 @@ from torch import nn
 
 from .compose import compose
 from .lora_compose import lora_compose
-from .norm import WeightSquareCache, factored_row_norm
+from .norm import RowNormCache
 from .scale import dora_scale, round_to_fp32
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -110,12 +110,10 @@ def _kernel_weight(module):
 
 def _norm(dora, W, A, B, s: float) -> torch.Tensor:
     """ν for one adapter, cached on PEFT's DoraLinearLayer while W, A, B and s are unchanged."""
-    key = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape), tuple(t.stride())) for t in (W, A, B)) + (s,)
-    cache = dora.__dict__.setdefault("_dora_verify_cache", {"wsq": WeightSquareCache(), "key": None, "nu": None})
-    if cache["key"] != key:
-        cache["nu"] = factored_row_norm(W, A, B, s, wsq=cache["wsq"].get(W), validate=False)
-        cache["key"] = key
-    return cache["nu"]
+    cache = dora.__dict__.get("_dora_verify_cache")
+    if cache is None:
+        cache = dora.__dict__["_dora_verify_cache"] = RowNormCache()
+    return cache.get(W, A, B, s)
 
 
 def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):

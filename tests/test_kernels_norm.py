@@ -102,3 +102,71 @@ def test_norm_bad_inputs(bad):
         kw["A"], kw["B"] = torch.randn(0, 8), torch.randn(6, 0)
     with pytest.raises((ValueError, TypeError)):
         factored_row_norm(kw["W"], kw["A"], kw["B"], kw["s"])
+
+
+def _adapter_case(device, a_dtype=torch.bfloat16):
+    c = make_case("near_cancel", 96, 200, 8, 1, dtype="bf16", seed=5, device=device)
+    return c.W, c.A.to(a_dtype), c.B.to(a_dtype), c.s
+
+
+def test_row_norm_cache_recomputes_exactly_when_an_input_changes():
+    """Cached while W, A, B, s are unchanged (the same tensor back); an in-place update (optimiser step) or a
+    new storage recomputes, and the value is factored_row_norm's."""
+    from dora_verify.kernels.norm import RowNormCache
+
+    W, A, B, s = _adapter_case("cpu")
+    cache = RowNormCache()
+    nu = cache.get(W, A, B, s)
+    assert cache.get(W, A, B, s) is nu and torch.equal(nu, factored_row_norm(W, A, B, s))
+    with torch.no_grad():
+        B.mul_(1.5)
+    nu2 = cache.get(W, A, B, s)
+    assert nu2 is not nu and torch.equal(nu2, factored_row_norm(W, A, B, s))
+    assert torch.equal(cache.get(W, A.clone(), B, s), nu2) and cache.get(W, A, B, 2 * s) is not nu2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("a_dtype", [torch.bfloat16, torch.float32])
+def test_row_norm_cache_graph_replay_gives_the_eager_bits(a_dtype):
+    """On CUDA a changed ν is recomputed by replaying the captured graph: the same bits as an eager call after
+    every in-place update of A and B (near-cancelling rows included: the dense-recompute kernel runs in the
+    graph), a fresh copy each time, and a new storage captures again."""
+    from dora_verify.kernels.norm import RowNormCache
+
+    W, A, B, s = _adapter_case("cuda", a_dtype)
+    cache = RowNormCache()
+    first = cache.get(W, A, B, s)
+    assert cache.graph_error is None and cache.replays == 0
+    outs = []
+    for step in range(3):
+        with torch.no_grad():
+            A.add_(1e-3 * torch.randn_like(A))
+            B.mul_(1.01)
+        nu = cache.get(W, A, B, s)
+        _, info = factored_row_norm(W, A, B, s, return_info=True)
+        assert info.recomputed_rows, "the case must exercise the dense-recompute kernel"
+        assert torch.equal(nu, factored_row_norm(W, A, B, s)), step
+        outs.append(nu)
+    assert cache.replays == 3 and not torch.equal(outs[0], outs[-1]) and not torch.equal(first, outs[0])
+    A2 = A.clone()
+    assert torch.equal(cache.get(W, A2, B, s), factored_row_norm(W, A2, B, s)) and cache.replays == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_row_norm_cache_captures_after_earlier_graphs_died():
+    """Layers come and go: a capture after every earlier graph was freed still works (the shared pool lives)."""
+    import gc
+
+    from dora_verify.kernels.norm import RowNormCache
+
+    W, A, B, s = _adapter_case("cuda")
+    for _ in range(3):
+        cache = RowNormCache()
+        cache.get(W, A, B, s)
+        with torch.no_grad():
+            B.mul_(1.01)
+        assert torch.equal(cache.get(W, A, B, s), factored_row_norm(W, A, B, s))
+        assert cache.graph_error is None and cache.replays == 1
+        del cache
+        gc.collect()
+    torch.randn(4, device="cuda")  # the RNG is untouched by the captures
