@@ -448,7 +448,7 @@ def compose(base: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, s: float, b
         out, _ = _ComposeFunction.apply(*args)
     else:
         out, _ = (compose_forward_fused if args[-1] else compose_forward_eager)(*args[:-1])
-    return out.reshape(shape)
+    return out if out.shape == shape else out.reshape(shape)  # 2-D: the tensor itself, not a view (FSDP2 warns)
 
 
 __all__ = ["SAVE_ACTIVATION", "SAVE_INPUTS", "SAVE_NONE", "bwd_splits", "compose", "compose_backward_eager",

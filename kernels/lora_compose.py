@@ -302,7 +302,7 @@ def lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch
         out = _LoRAComposeFunction.apply(*args)
     else:
         out = (lora_compose_forward_fused if fused else lora_compose_forward_eager)(*args[:-1])[0]
-    return out.reshape(shape)
+    return out if out.shape == shape else out.reshape(shape)  # 2-D: the tensor itself, not a view (FSDP2 warns)
 
 
 __all__ = ["adapter_grads", "lora_compose", "lora_compose_backward_eager", "lora_compose_backward_fused",

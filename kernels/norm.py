@@ -329,21 +329,27 @@ def _norm_triton(W, A, B, s, wsq, kappa_max):
     return nu, kappa
 
 
-def _norm_torch(W, A, B, s, wsq, kappa_max, chunk_bytes):
-    U = wa_product(W, A, chunk_bytes)
+def assemble_norm(wsq: torch.Tensor, U: torch.Tensor, G: torch.Tensor, B: torch.Tensor, s: float):
+    """(ν float64, κ float64) per row from the three terms: ‖W‖² [d_out] and G = A Aᵀ [r, r] float64, U = W Aᵀ
+    [d_out, r] (fp32 or float64); cross, gram, ν² and κ in float64 (module contract). ν is not yet rounded to
+    fp32 and rows with κ > κ_max are not yet recomputed: the caller does both."""
     B64 = B.to(torch.float64)
-    A64 = A.to(torch.float64)
-    gram = ((B64 @ (A64 @ A64.t())) * B64).sum(dim=1)
+    gram = ((B64 @ G) * B64).sum(dim=1)
     BU = B64 * U.to(torch.float64)
     cross = BU.sum(dim=1)
     cross_abs = BU.abs().sum(dim=1)
-    del BU, U
+    del BU
     nu2 = (wsq + (2.0 * s) * cross) + (s * s) * gram
     mag = (wsq + (2.0 * abs(s)) * cross_abs) + (s * s) * gram.abs()
     pos = nu2 > 0
     kappa = torch.where(pos, mag / torch.where(pos, nu2, torch.ones_like(nu2)),
                         torch.where(mag > 0, torch.full_like(mag, math.inf), torch.ones_like(mag)))
-    nu = torch.sqrt(torch.clamp(nu2, min=0.0))
+    return torch.sqrt(torch.clamp(nu2, min=0.0)), kappa
+
+
+def _norm_torch(W, A, B, s, wsq, kappa_max, chunk_bytes):
+    A64 = A.to(torch.float64)
+    nu, kappa = assemble_norm(wsq, wa_product(W, A, chunk_bytes), A64 @ A64.t(), B, s)
     bad = torch.nonzero(kappa > kappa_max).flatten()
     if bad.numel():
         nu[bad] = _dense_rows(W, A, B, s, bad, chunk_bytes)
@@ -508,5 +514,5 @@ def row_norm_op(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> 
     return torch.ops.dora_verify.row_norm(W.detach(), A.detach(), B.detach(), float(s))
 
 
-__all__ = ["DEFAULT_KAPPA_MAX", "NormInfo", "RowNormCache", "WeightSquareCache", "check_norm_inputs", "factored_row_norm",
-           "row_norm_op", "U_CHAIN", "wa_product", "wa_splits", "weight_row_sq"]
+__all__ = ["DEFAULT_KAPPA_MAX", "NormInfo", "RowNormCache", "U_CHAIN", "WeightSquareCache", "assemble_norm",
+           "check_norm_inputs", "factored_row_norm", "row_norm_op", "wa_product", "wa_splits", "weight_row_sq"]
