@@ -10,7 +10,9 @@
    layer and the root wrapped with ``fully_shard``: training steps with the integration off (stock PEFT) and on,
    from the same initial state. Both are compared with the same model in fp32 (stock PEFT; same rounded
    weights): loss and the gradients of A, B and m of the first step, as relative errors (max-abs normalised);
-   the FlashAttention-style criterion of the toolkit: ours' error ≤ 2× stock PEFT's. Time per step (host clock
+   the FlashAttention-style criterion of the toolkit on the gradients' elementwise errors: ours' error ≤ 2×
+   stock PEFT's (not on the loss: one scalar mean over all tokens, whose error is a few 1e-6 either way and
+   mostly luck of cancellation). Time per step (host clock
    around the step, synchronised; median of the steps after the first) and each rank's
    peak memory.
 
@@ -160,6 +162,9 @@ def training_part(quick, adapters):
                      "grad_err_vs_fp32": err, "step_ms_median": sorted(times[1:])[len(times[1:]) // 2],
                      "peak_mib_per_rank": [float(p) for p in peaks], "routed_layers": sum(
                          "_dora_verify_cache" in m.__dict__ for m in model.modules())}
+        caches = [m.__dict__["_dora_verify_cache"] for m in model.modules() if "_dora_verify_cache" in m.__dict__]
+        out[name]["norm_graph_captures"] = sum(c.captures for c in caches)
+        out[name]["norm_graph_replays"] = sum(c.replays for c in caches)
         out[name]["_grads"] = grads
         log(name, {k: v for k, v in out[name].items() if k != "_grads"})
         dv_peft.disable()
@@ -172,7 +177,6 @@ def training_part(quick, adapters):
         del out[name]["_grads"]
     out["fa_criterion"] = {k: out["ours"]["grad_err_vs_fp32"][k] <= 2 * out["stock"]["grad_err_vs_fp32"][k]
                            for k in ("lora_A", "lora_B", "magnitude")}
-    out["fa_criterion"]["loss"] = out["ours"]["loss_err_vs_fp32"] <= 2 * max(out["stock"]["loss_err_vs_fp32"], 1e-7)
     return out
 
 
@@ -207,7 +211,9 @@ def markdown(rep):
             L.append(f"| {name} | {x['loss_err_vs_fp32']:.3g} | {e['lora_A']:.3g} | {e['lora_B']:.3g} | "
                      f"{e['magnitude']:.3g} | {x['step_ms_median']:.1f} | "
                      f"{', '.join(f'{v:.0f}' for v in x['peak_mib_per_rank'])} | {x['routed_layers']} |")
-        L += ["", "Ours vs stock, gradients (rel): "
+        L += ["", f"Ours: {t['ours']['norm_graph_captures']} norm-graph captures, {t['ours']['norm_graph_replays']} "
+              f"replays over {len(t['ours']['losses'])} steps × {t['ours']['routed_layers']} layers.",
+              "", "Ours vs stock, gradients (rel): "
               f"{', '.join(f'{k} {v:.3g}' for k, v in t['ours_vs_stock_grad_rel'].items())}. FlashAttention-style "
               f"criterion (ours' error ≤ 2× stock's): {t['fa_criterion']}.",
               f"Losses: stock {', '.join(f'{v:.5f}' for v in t['stock']['losses'])}; ours "

@@ -426,9 +426,10 @@ class RowNormCache:
     On CUDA the recomputation replays a CUDA graph of :func:`factored_row_norm`'s launches (the Triton backend:
     five kernels and a few small torch ops, no host synchronisation): an eager call costs ~0.3 ms of Python and
     launch time per layer on an H100 host, more than its GPU time below d ≈ 8192, a replay one graph launch. The
-    graph is captured on the first call for a given set of storages (W, A and B updated in place by an
-    optimiser keep their addresses, so a training run captures once per layer) and replayed with whatever
-    values those storages hold: the same kernels on the same inputs, so the same bits as an eager call. A new
+    graph is captured the second time in a row a set of storages comes back (W, A and B updated in place by an
+    optimiser keep their addresses, so a training run captures once per layer, on its second step; parameters
+    re-gathered into fresh buffers every step, as FSDP2's can be, never pay for a capture) and replayed with
+    whatever values those storages hold: the same kernels on the same inputs, so the same bits as an eager call. A new
     storage, shape, dtype, s or ``kappa_max`` captures again. Every layer's graph allocates its temporaries
     (U, BG, κ: O(d_out·r)) from one shared pool per device, which is safe because replays run one at a time
     in stream order; each graph keeps only its ν (d_out fp32), copied out on every replay. A capture costs one
@@ -440,8 +441,9 @@ class RowNormCache:
         self.wsq = WeightSquareCache()
         self._key = self._nu = None
         self._graph = self._graph_key = self._graph_nu = None
+        self._seen_key = None
         self.graph_error: "str | None" = None
-        self.replays = 0
+        self.replays = self.captures = 0
 
     def invalidate(self) -> None:
         """Forget the cached ν (the next call recomputes it, by replay where a graph exists)."""
@@ -470,9 +472,13 @@ class RowNormCache:
             self.replays += 1
             return self._graph_nu.clone()
         nu = eager()  # this call's ν (and the kernels compiled before the capture)
+        if gkey != self._seen_key:  # storages seen for the first time: capture only if they come back
+            self._seen_key = gkey
+            return nu
         try:
             self._graph, self._graph_nu = self._capture(eager, W.device)
             self._graph_key = gkey
+            self.captures += 1
         except Exception as e:  # noqa: BLE001 - any capture failure: stay eager, say why
             self._graph = self._graph_key = self._graph_nu = None
             self.graph_error = f"{type(e).__name__}: {e}"[:300]

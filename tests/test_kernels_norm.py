@@ -136,9 +136,9 @@ def test_row_norm_cache_graph_replay_gives_the_eager_bits(a_dtype):
     W, A, B, s = _adapter_case("cuda", a_dtype)
     cache = RowNormCache()
     first = cache.get(W, A, B, s)
-    assert cache.graph_error is None and cache.replays == 0
+    assert cache.graph_error is None and cache.replays == cache.captures == 0  # first sighting: eager only
     outs = []
-    for step in range(3):
+    for step in range(4):
         with torch.no_grad():
             A.add_(1e-3 * torch.randn_like(A))
             B.mul_(1.01)
@@ -147,9 +147,12 @@ def test_row_norm_cache_graph_replay_gives_the_eager_bits(a_dtype):
         assert info.recomputed_rows, "the case must exercise the dense-recompute kernel"
         assert torch.equal(nu, factored_row_norm(W, A, B, s)), step
         outs.append(nu)
-    assert cache.replays == 3 and not torch.equal(outs[0], outs[-1]) and not torch.equal(first, outs[0])
-    A2 = A.clone()
-    assert torch.equal(cache.get(W, A2, B, s), factored_row_norm(W, A2, B, s)) and cache.replays == 3
+    assert cache.captures == 1 and cache.replays == 3  # captured on the second sighting, replayed after
+    assert not torch.equal(outs[0], outs[-1]) and not torch.equal(first, outs[0])
+    for i in range(3):  # storages that change every call (FSDP2's re-gathered parameters): never captured
+        A2 = A.clone()
+        assert torch.equal(cache.get(W, A2, B, s), factored_row_norm(W, A2, B, s))
+    assert cache.captures == 1 and cache.replays == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -162,11 +165,11 @@ def test_row_norm_cache_captures_after_earlier_graphs_died():
     W, A, B, s = _adapter_case("cuda")
     for _ in range(3):
         cache = RowNormCache()
-        cache.get(W, A, B, s)
-        with torch.no_grad():
-            B.mul_(1.01)
-        assert torch.equal(cache.get(W, A, B, s), factored_row_norm(W, A, B, s))
-        assert cache.graph_error is None and cache.replays == 1
+        for _ in range(3):
+            with torch.no_grad():
+                B.mul_(1.01)
+            assert torch.equal(cache.get(W, A, B, s), factored_row_norm(W, A, B, s))
+        assert cache.graph_error is None and cache.captures == 1 and cache.replays == 1
         del cache
         gc.collect()
     torch.randn(4, device="cuda")  # the RNG is untouched by the captures
