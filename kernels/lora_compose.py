@@ -84,13 +84,30 @@ if HAS_TRITON:
             tl.store(lora_ptr + offs, lo.to(lora_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _lora_compose_bwd_kernel(dy_ptr, base_ptr, xa_ptr, b_ptr, g_ptr, dbase_ptr, partial_ptr, T, N, R, s,
-                                 rows_per_split, WRITE_DBASE: tl.constexpr, WRITE_DG: tl.constexpr,
+    def _lora_compose_bwd_kernel(dy_ptr, base_ptr, xa_ptr, b_ptr, g_ptr, dbase_ptr, partial_ptr, m_ptr, db_ptr,
+                                 gsb_ptr, T, N, R, s, rows_per_split, WRITE_DBASE: tl.constexpr,
+                                 WRITE_DG: tl.constexpr, WRITE_DB: tl.constexpr, WRITE_GSB: tl.constexpr,
                                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Per column block and row split: d_base = RN(g·dy), float64 partials of d_g; the first split also
+        writes the adapter-gradient epilogues of its columns (the arithmetic of :func:`adapter_grads`, the same
+        bits): gsB = RN(RN32(RN32(g·s)·B)) and d_B = RN_B(RN32(g·s)·M) with M = dyᵀxa (fp32)."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
+        if WRITE_DB or WRITE_GSB:
+            if pid_s == 0:
+                gs = tl.load(g_ptr + cols, mask=cmask, other=0.0) * s
+                for r0 in range(0, R, BLOCK_R):
+                    rr = r0 + tl.arange(0, BLOCK_R)
+                    m2 = cmask[:, None] & (rr < R)[None, :]
+                    o2 = cols.to(tl.int64)[:, None] * R + rr[None, :]
+                    if WRITE_GSB:
+                        bb = tl.load(b_ptr + o2, mask=m2, other=0.0).to(tl.float32)
+                        tl.store(gsb_ptr + o2, (gs[:, None] * bb).to(gsb_ptr.dtype.element_ty), mask=m2)
+                    if WRITE_DB:
+                        mm = tl.load(m_ptr + o2, mask=m2, other=0.0)
+                        tl.store(db_ptr + o2, (gs[:, None] * mm).to(db_ptr.dtype.element_ty), mask=m2)
         g = tl.load(g_ptr + cols, mask=cmask, other=0.0)[None, :]
         acc = tl.zeros([BLOCK_N], dtype=tl.float64)
         t0 = pid_s * rows_per_split  # a multiple of BLOCK_T: the forward's row tiles exactly
@@ -136,23 +153,39 @@ def lora_compose_forward_fused(base, xa, B, g, bias, s: float, write_lora: bool 
 
 def lora_compose_backward_fused(dy, base, xa, B, g, s: float, need_base: bool, need_g: bool):
     """Triton backward: (d_base or empty, d_g or empty)."""
+    return lora_compose_backward_fused_all(dy, base, xa, B, g, s, need_base, need_g, False, False)[:2]
+
+
+def lora_compose_backward_fused_all(dy, base, xa, B, g, s: float, need_base: bool, need_g: bool, need_xa: bool,
+                                    need_B: bool):
+    """Triton backward with the adapter gradients: (d_base, d_g, d_xa, d_B), empties / None for what is not
+    needed. d_xa and d_B are :func:`adapter_grads`' values bit for bit: the GEMM dyᵀxa (fp32) runs first, the
+    backward kernel writes RN(g·s)-scaled B and d_B in its epilogue, then d_xa = dy·gsB — two host-side ops
+    instead of nine (the eager step is host-bound: reports/kernels-h100/host_bound.md)."""
     T, N = dy.shape
     R = xa.shape[1]
-    d_base = torch.empty((T, N) if need_base else (0,), dtype=base.dtype, device=dy.device)
-    d_g = torch.empty(N if need_g else 0, dtype=torch.float32, device=dy.device)
-    if not (need_base or need_g) or N == 0:
-        return d_base, d_g
-    if T == 0:
-        return d_base, d_g.zero_()
+    dev = dy.device
+    d_base = torch.empty((T, N) if need_base else (0,), dtype=base.dtype, device=dev)
+    d_g = torch.empty(N if need_g else 0, dtype=torch.float32, device=dev)
+    if T == 0 or N == 0:
+        d_xa, d_B = adapter_grads(dy, xa, B, g, s, need_xa, need_B)
+        return d_base, d_g.zero_(), d_xa, d_B
+    if not (need_base or need_g or need_xa or need_B):
+        return d_base, d_g, None, None
     rows, splits = _splits(T, N)
-    partial = torch.empty((splits, N) if need_g else (0,), dtype=torch.float64, device=dy.device)
+    partial = torch.empty((splits, N) if need_g else (0,), dtype=torch.float64, device=dev)
+    M = _mm_fp32(dy.t(), xa.to(dy.dtype)) if need_B else None
+    d_B = torch.empty((N, R), dtype=B.dtype, device=dev) if need_B else None
+    gsB = torch.empty((N, R), dtype=dy.dtype, device=dev) if need_xa else None
     _lora_compose_bwd_kernel[(triton.cdiv(N, LC_BLOCK_N), splits)](
-        dy, base if need_g else dy, xa, B, g, d_base if need_base else dy, partial if need_g else g, T, N, R, s, rows,
-        WRITE_DBASE=need_base, WRITE_DG=need_g, BLOCK_T=LC_BLOCK_T, BLOCK_N=LC_BLOCK_N, BLOCK_R=LC_BLOCK_R,
-        num_warps=LC_WARPS, num_stages=LC_STAGES, enable_fp_fusion=False)
+        dy, base if need_g else dy, xa, B, g, d_base if need_base else dy, partial if need_g else g,
+        M if need_B else g, d_B if need_B else g, gsB if need_xa else g, T, N, R, s, rows,
+        WRITE_DBASE=need_base, WRITE_DG=need_g, WRITE_DB=need_B, WRITE_GSB=need_xa, BLOCK_T=LC_BLOCK_T,
+        BLOCK_N=LC_BLOCK_N, BLOCK_R=LC_BLOCK_R, num_warps=LC_WARPS, num_stages=LC_STAGES, enable_fp_fusion=False)
     if need_g:
         _sum_splits_kernel[(triton.cdiv(N, RED_BLOCK),)](partial, d_g, N, splits, BLOCK=RED_BLOCK)
-    return d_base, d_g
+    d_xa = (dy @ gsB).to(xa.dtype) if need_xa else None
+    return d_base, d_g, d_xa, d_B
 
 
 def lora_compose_forward_eager(base, xa, B, g, bias, s: float, write_lora: bool = False):
@@ -225,8 +258,13 @@ def _grads(ctx, dy, backward):
     base, xa, B, g = ctx.saved_tensors
     need_base, need_xa, need_B, need_g, need_bias = ctx.needs_input_grad[:5]
     dy = dy.contiguous()
-    d_base, d_g = backward(dy, base if base is not None else dy.new_empty(0), xa, B, g, ctx.s, need_base, need_g)
-    d_xa, d_B = adapter_grads(dy, xa, B, g, ctx.s, need_xa, need_B)
+    base = base if base is not None else dy.new_empty(0)
+    if backward is lora_compose_backward_fused:  # eager mode, fused tier: the adapter epilogues in the kernel
+        d_base, d_g, d_xa, d_B = lora_compose_backward_fused_all(dy, base, xa, B, g, ctx.s, need_base, need_g,
+                                                                 need_xa, need_B)
+    else:
+        d_base, d_g = backward(dy, base, xa, B, g, ctx.s, need_base, need_g)
+        d_xa, d_B = adapter_grads(dy, xa, B, g, ctx.s, need_xa, need_B)
     d_bias = dy.to(torch.float32).sum(dim=0).to(ctx.bias_dtype) if need_bias else None
     return d_base if need_base else None, d_xa, d_B, d_g if need_g else None, d_bias, None, None
 
@@ -306,4 +344,4 @@ def lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch
 
 
 __all__ = ["adapter_grads", "lora_compose", "lora_compose_backward_eager", "lora_compose_backward_fused",
-           "lora_compose_forward_eager", "lora_compose_forward_fused"]
+           "lora_compose_backward_fused_all", "lora_compose_forward_eager", "lora_compose_forward_fused"]

@@ -173,3 +173,26 @@ def test_torch_compile_fullgraph():
     y.sum().backward()
     y2.sum().backward()
     assert torch.equal(g.grad, g2.grad) and torch.equal(B_.grad, B2.grad)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or "fused" in TIERS), reason="needs the fused tier")
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+def test_fused_adapter_epilogue_is_adapter_grads_bit_for_bit(dtype, need):
+    """The backward kernel's epilogues (RN(g·s)·B, d_B from dyᵀxa) give adapter_grads' bits: the layer's
+    gradients do not depend on which path computed them. bf16 only on the GPU (the interpreter's bf16 casts)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "bf16" and dev == "cpu":
+        pytest.skip("bf16 conversions under the interpreter: checked on the GPU")
+    c, base, xa = _inputs("heavy_tailed", dtype, T=75, N=131, r=20)
+    base, xa, B, g = (t.to(dev) for t in (base, xa, c.B, c.g))
+    dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(5)).to(base.dtype).to(dev)
+    need_xa, need_B = need
+    _, d_g, d_xa, d_B = lc.lora_compose_backward_fused_all(dy, base, xa, B, g, c.s, False, True, need_xa, need_B)
+    ref_xa, ref_B = lc.adapter_grads(dy, xa, B, g, c.s, need_xa, need_B)
+    assert (d_xa is None) == (not need_xa) and (d_B is None) == (not need_B)
+    if need_xa:
+        assert torch.equal(d_xa, ref_xa)
+    if need_B:
+        assert torch.equal(d_B, ref_B)
+    assert torch.equal(d_g, lc.lora_compose_backward_fused(dy, base, xa, B, g, c.s, False, True)[1])
