@@ -35,7 +35,6 @@ from dora_verify.distributed import check_sharded_norm
 from dora_verify.kernels import peft as dv_peft
 
 DEV = "cuda"  # --cpu: gloo on the CPU with tiny sizes (a logic check of this script, no evidence)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def log(*a):
@@ -67,23 +66,9 @@ def sharded_norm_part(quick):
 
 
 def build(dtype, adapters, seed=0, hidden=2048, layers=4):
-    import transformers
-    from peft import LoraConfig, get_peft_model
+    from peft_gpu import llama_with_dora  # bench/ is the script's folder: on sys.path
 
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                                   num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16)
-    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).to(dtype)  # fp32 copy: the same rounded weights
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, use_dora=True, target_modules=TARGETS),
-                           autocast_adapter_dtype=adapters == "fp32")
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_((torch.randn(p.shape, generator=g) * 1e-3).to(p.dtype))
-            elif "lora_magnitude_vector" in name:
-                p.mul_((1 + 1e-2 * torch.randn(p.shape, generator=g)).to(p.dtype))
-    return model
+    return llama_with_dora(hidden, hidden * 11 // 4, layers, adapters, dtype, seed, via_bf16=True)
 
 
 def shard_model(model):

@@ -27,15 +27,19 @@ from dora_verify.kernels import peft as dv_peft
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(quick, adapters, dtype=torch.bfloat16, seed=0):
+def llama_with_dora(hidden, intermediate, layers, adapters, dtype=torch.bfloat16, seed=0, via_bf16=False):
+    """A random Llama-style model (CPU) with PEFT DoRA r = 64 on every projection, B ≠ 0 and m off the norm (a fresh
+    adapter tests nothing). ``adapters``: 'fp32' (PEFT's autocast default) or the model dtype; ``via_bf16``: round
+    the weights to bf16 first (a higher-precision copy of a bf16 model)."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=1024 if quick else 2048,
-                                   intermediate_size=2816 if quick else 5632, num_hidden_layers=2 if quick else 4,
-                                   num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096)
-    model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate,
+                                   num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16,
+                                   max_position_embeddings=4096)
+    model = transformers.LlamaForCausalLM(cfg)
+    model = (model.to(torch.bfloat16) if via_bf16 else model).to(dtype)
     model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, use_dora=True, target_modules=TARGETS),
                            autocast_adapter_dtype=adapters == "fp32")
     g = torch.Generator().manual_seed(seed + 1)
@@ -45,7 +49,12 @@ def build(quick, adapters, dtype=torch.bfloat16, seed=0):
                 p.copy_((torch.randn(p.shape, generator=g) * 1e-3).to(p.dtype))
             elif "lora_magnitude_vector" in name:
                 p.mul_((1 + 1e-2 * torch.randn(p.shape, generator=g)).to(p.dtype))
-    return model.cuda()
+    return model
+
+
+def build(quick, adapters, dtype=torch.bfloat16, seed=0):
+    return llama_with_dora(1024 if quick else 2048, 2816 if quick else 5632, 2 if quick else 4, adapters, dtype,
+                           seed).cuda()
 
 
 def run_step(model, ids, opt=None):
