@@ -104,9 +104,9 @@ class DoRALinear(nn.Module):
             return row_norm_op(W, A, B, self.scaling)
         return self.norm_cache.get(W, A, B, self.scaling, self.kappa_max)
 
-    def scale(self):
-        """(g, g − 1), fp32, differentiable in the magnitude."""
-        return dora_scale(self.magnitude, self.weight_norm(), self.eps)
+    def scale(self, g_minus_1: bool = True):
+        """(g, g − 1), fp32, differentiable in the magnitude; (g, None) with ``g_minus_1=False``."""
+        return dora_scale(self.magnitude, self.weight_norm(), self.eps, g_minus_1=g_minus_1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         W, bias = self.base_layer.weight, self.base_layer.bias
@@ -114,9 +114,10 @@ class DoRALinear(nn.Module):
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {W.shape[1]}")
         xd = self.dropout(x)
         xa = F.linear(xd.to(self.lora_A.dtype), self.lora_A)
-        g, gm1 = self.scale()
+        peft_dropout = self.training and xd is not x and self.dropout_semantics == "peft"
+        g, gm1 = self.scale(g_minus_1=peft_dropout)  # only PEFT's dropout path composes Δ, which needs g − 1
         base = F.linear(x, W)
-        if self.training and xd is not x and self.dropout_semantics == "peft":
+        if peft_dropout:
             delta = compose(F.linear(xd, W), F.linear(xa, self.lora_B), g, self.scaling, g_minus_1=gm1,
                             output="delta", save=self._compose_save)
             return (base + bias if bias is not None else base) + delta
@@ -132,7 +133,7 @@ class DoRALinear(nn.Module):
     def merged_weight(self) -> torch.Tensor:
         """W' = (m / ν) ⊙ (W + s·BA) row-wise, formed in float64, rounded once to W's dtype."""
         W, A, B = self.base_layer.weight, self.lora_A, self.lora_B
-        g, _ = self.scale()
+        g, _ = self.scale(g_minus_1=False)
         V = W.double() + self.scaling * (B.double() @ A.double())
         return (g.double()[:, None] * V).to(W.dtype)
 

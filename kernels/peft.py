@@ -130,9 +130,10 @@ def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: to
     s = round_to_fp32(module.scaling[active_adapter])
     A, B = lora_A.weight, lora_B.weight
     nu = _norm(dora, W.detach(), A.detach(), B.detach(), s)
-    g, g_minus_1 = dora_scale(dora.weight, nu)
+    y_path = isinstance(dropout, nn.Identity) or not module.training
+    g, g_minus_1 = dora_scale(dora.weight, nu, g_minus_1=not y_path)  # g − 1 only for the Δ of the dropout path
     bias = module.get_base_layer().bias
-    if isinstance(dropout, nn.Identity) or not module.training:
+    if y_path:
         base = result - bias if bias is not None else result  # PEFT removes the bias before the compose
         xa = lora_A(x)
         b = bias.to(base.dtype) if bias is not None else None

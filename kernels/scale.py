@@ -34,8 +34,10 @@ def check_scaling(s: float) -> float:
     return s
 
 
-def dora_scale(m: torch.Tensor, nu: torch.Tensor, eps: float = DEFAULT_EPS):
-    """Return (g, g − 1), fp32 [d_out]; ``nu`` is detached, ``m`` keeps its autograd graph."""
+def dora_scale(m: torch.Tensor, nu: torch.Tensor, eps: float = DEFAULT_EPS, g_minus_1: bool = True):
+    """Return (g, g − 1), fp32 [d_out]; ``nu`` is detached, ``m`` keeps its autograd graph. ``g_minus_1=False``
+    returns (g, None): callers that compose y need no g − 1, and each skipped op is host time (the eager layer
+    step is host-bound)."""
     if m.dim() != 1 or nu.shape != m.shape:
         raise ValueError(f"m and nu must be 1-D of one length, got {tuple(m.shape)} and {tuple(nu.shape)}")
     if m.device != nu.device:
@@ -44,7 +46,7 @@ def dora_scale(m: torch.Tensor, nu: torch.Tensor, eps: float = DEFAULT_EPS):
         raise ValueError(f"eps must be positive, got {eps}")
     nu_c = torch.clamp(nu.detach().to(torch.float32), min=eps)
     m32 = m.to(torch.float32)
-    return m32 / nu_c, (m32 - nu_c) / nu_c
+    return m32 / nu_c, ((m32 - nu_c) / nu_c if g_minus_1 else None)
 
 
 __all__ = ["DEFAULT_EPS", "check_scaling", "dora_scale", "round_to_fp32"]

@@ -83,6 +83,8 @@ def test_scale_fp32_and_g_minus_1():
     assert float(gm1[0]) == 2**-20 and float(g[1]) == 1.0 and float(gm1[1]) == 0.0
     assert float(g[2]) == 0.0 and float(gm1[2]) == -1.0  # zero row, m = ν = 0: output 0
     assert float(gm1[3]) == -(2**-23)  # below fp32 resolution of g itself: kept by (m − ν)/ν
+    g_only, none = dora_scale(m, nu, g_minus_1=False)  # the y path skips g − 1: the same g
+    assert none is None and torch.equal(g_only, g)
 
 
 @pytest.mark.parametrize("bad", ["shape", "dtype", "nan", "s", "empty"])
