@@ -2,9 +2,10 @@
 
 :func:`check_sharded_norm` runs on every rank of an initialised process group: it cuts this rank's shards out of
 the full (identical on every rank) W, A, B, runs the sharded norm, and compares ν with the exact ν of the full
-matrices (``oracles.row_norm_truth``) under the production norm's a-priori bound (``bounds.kernel_norm_bound``).
-That bound covers the sharded path too: the float64 sum of P partials adds ≤ (P − 1)·2⁻⁵³ of the magnitudes,
-inside the bound's γ64_{n+2r+8} term for any P ≤ n, and each partial U_p's fp32 rounding is inside its γ_n term.
+matrices (``oracles.row_norm_truth``) under the production norm's a-priori bound (``bounds.kernel_norm_bound``),
+which covers the sharded path (proofs/bounds.md, "Sharded norm"): the float64 sum of P partials adds ≤ (P − 1)·2⁻⁵³
+of the magnitudes, inside the bound's γ64_{n+2r+8} term for any P ≤ n; the P fp32 stores of the partial U_p (Triton
+backend) are charged as one more product per tensor-core chain.
 """
 from __future__ import annotations
 
@@ -59,7 +60,12 @@ def check_sharded_norm(W, A, B, s: float, layout: str, group=None, deterministic
     Wc, Ac, Bc, nuc = (t.detach().cpu() for t in (W, A, B, nu))
     truth = row_norm_truth(Wc, Ac, Bc, s)
     backend = "triton" if (W.is_cuda and W.dtype != torch.float32) else "torch"
-    bound = bounds.kernel_norm_bound(Wc, Ac, Bc, s, truth.nu, backend, dense)
+    from .kernels.norm import U_CHAIN
+
+    # 'cols' on the Triton backend stores each partial U_p in fp32 (P roundings instead of one): charged as one more
+    # product per chain (proofs/bounds.md, "Sharded norm")
+    chain = U_CHAIN + 1 if layout == "cols" else None
+    bound = bounds.kernel_norm_bound(Wc, Ac, Bc, s, truth.nu, backend, dense, chain=chain)
     err = ((nuc.double() - truth.nu).abs() - truth.bound).clamp_min(0)
     ratio = torch.where(err == 0, torch.zeros_like(err), err / bound)
     rel = (nuc.double() - truth.nu).abs() / truth.nu.clamp_min(1e-300)

@@ -16,7 +16,8 @@ Layouts — what each rank of the process group holds:
 Numerical contract (``'cols'``): the single-process bound of the production norm
 (``dora_verify.bounds.kernel_norm_bound`` with the backend that computed U) plus, per summed value, the float64
 sum of P partials: ≤ (P − 1)·2⁻⁵³·Σ_p|partial_p| — about 1e-16 of the magnitudes the fp32 terms are charged
-against; the fp32 rounding of each U_p adds u₃₂·Σ_p|U_p| ≤ u₃₂·Σ_k|W_ik A_jk|, inside the bound's γ_n term.
+against; on the Triton backend the fp32 store of each U_p adds u₃₂·Σ_p|U_p| ≤ u₃₂·Σ_k|W_ik A_jk|, charged as one more
+product per tensor-core chain (proofs/bounds.md, "Sharded norm").
 
 Determinism: ``all_reduce`` sums in an order its algorithm fixes (NCCL: ring or tree, protocol, topology, world
 size; gloo likewise): repeatable on one configuration, not across configurations. ``deterministic=True``

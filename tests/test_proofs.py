@@ -31,6 +31,23 @@ def test_factored_norm_identity():
     assert sp.expand(lhs - rhs) == 0
 
 
+def test_sharded_norm_identity():
+    """proofs/bounds.md, "Sharded norm": the column partition splits every term of ν² (and the dense row) into a
+    sum of per-shard terms; the row partition leaves each row's terms untouched."""
+    d_in, r, cut = 5, 2, 2
+    W = sp.Matrix(1, d_in, sp.symbols(f"w0:{d_in}"))
+    A = sp.Matrix(r, d_in, sp.symbols(f"a0:{r * d_in}"))
+    B = sp.Matrix(1, r, sp.symbols(f"b0:{r}"))
+    s = sp.Symbol("s")
+    parts = [(W[:, :cut], A[:, :cut]), (W[:, cut:], A[:, cut:])]
+    assert sp.expand((W * W.T)[0] - sum((w * w.T)[0] for w, _ in parts)) == 0
+    assert sp.expand(W * A.T - sum((w * a.T for w, a in parts), sp.zeros(1, r))) == sp.zeros(1, r)
+    assert sp.expand(A * A.T - sum((a * a.T for _, a in parts), sp.zeros(r, r))) == sp.zeros(r, r)
+    V = W + s * B * A
+    dense_parts = [w + s * B * a for w, a in parts]
+    assert sp.expand((V * V.T)[0] - sum((v * v.T)[0] for v in dense_parts)) == 0
+
+
 def test_eft_exact():
     rng = random.Random(0)
     vals = [rng.uniform(-1, 1) * 2.0 ** rng.randint(-60, 60) for _ in range(4000)]
