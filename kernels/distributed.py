@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from .norm import (DEFAULT_CHUNK_BYTES, DEFAULT_KAPPA_MAX, _row_chunks, assemble_norm, check_norm_inputs,
                    factored_row_norm, wa_product, weight_row_sq)
+from .scale import check_scaling
 
 LAYOUTS = ("rows", "cols")
 
@@ -79,6 +80,15 @@ def sharded_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float
     s and flags. Raises ValueError for a bad layout, shapes or NaN/Inf (the local checks of factored_row_norm)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    # A rank may hold no rows ('rows') or no columns ('cols') when a dimension is smaller than the group (FSDP2's
+    # uneven shards): it still answers — an empty ν, or zero partials (a zero column adds nothing to any term).
+    tensors = all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (W, A, B))
+    if layout == "rows" and tensors and W.shape[0] == 0:
+        check_scaling(s)
+        nu = torch.empty(0, dtype=torch.float32, device=W.device)
+        return (nu, torch.empty(0, dtype=torch.float64, device=W.device)) if return_kappa else nu
+    if layout == "cols" and tensors and W.shape[1] == 0 and A.shape[1] == 0:
+        W, A = W.new_zeros((W.shape[0], 1)), A.new_zeros((A.shape[0], 1))
     s = check_norm_inputs(W, A, B, s)
     with torch.no_grad():
         W, A, B = W.detach(), A.detach(), B.detach()
