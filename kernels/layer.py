@@ -99,30 +99,24 @@ class DoRALinear(nn.Module):
 
     def weight_norm(self) -> torch.Tensor:
         """ν = ‖W + s·BA‖_row, fp32, detached; cached while W, A, B are unchanged."""
-        return self._start_norm()()
-
-    def _start_norm(self):
-        """A function returning ν; on CUDA the norm's graph replay runs beside what the caller issues next."""
         W, A, B = self.base_layer.weight, self.lora_A, self.lora_B
         if torch.compiler.is_compiling():
-            nu = row_norm_op(W, A, B, self.scaling)
-            return lambda: nu
-        return self.norm_cache.start(W, A, B, self.scaling, self.kappa_max)
+            return row_norm_op(W, A, B, self.scaling)
+        return self.norm_cache.get(W, A, B, self.scaling, self.kappa_max)
 
-    def scale(self, g_minus_1: bool = True, nu: "torch.Tensor | None" = None):
+    def scale(self, g_minus_1: bool = True):
         """(g, g − 1), fp32, differentiable in the magnitude; (g, None) with ``g_minus_1=False``."""
-        return dora_scale(self.magnitude, self.weight_norm() if nu is None else nu, self.eps, g_minus_1=g_minus_1)
+        return dora_scale(self.magnitude, self.weight_norm(), self.eps, g_minus_1=g_minus_1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         W, bias = self.base_layer.weight, self.base_layer.bias
         if x.shape[-1] != W.shape[1]:
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {W.shape[1]}")
-        norm = self._start_norm()  # on CUDA: the norm runs beside the two GEMMs below
-        base = F.linear(x, W)
         xd = self.dropout(x)
         xa = F.linear(xd.to(self.lora_A.dtype), self.lora_A)
         peft_dropout = self.training and xd is not x and self.dropout_semantics == "peft"
-        g, gm1 = self.scale(g_minus_1=peft_dropout, nu=norm())  # only PEFT's dropout path needs g − 1 (Δ)
+        g, gm1 = self.scale(g_minus_1=peft_dropout)  # only PEFT's dropout path composes Δ, which needs g − 1
+        base = F.linear(x, W)
         if peft_dropout:
             delta = compose(F.linear(xd, W), F.linear(xa, self.lora_B), g, self.scaling, g_minus_1=gm1,
                             output="delta", save=self._compose_save)

@@ -432,8 +432,7 @@ class RowNormCache:
     whatever values those storages hold: the same kernels on the same inputs, so the same bits as an eager call. A new
     storage, shape, dtype, s or ``kappa_max`` captures again. Every layer's graph allocates its temporaries
     (U, BG, κ: O(d_out·r)) from one shared pool per device, which is safe because replays run one at a time
-    in order on the device's capture stream; each graph keeps only its ν (d_out fp32), copied out on every replay.
-    :meth:`start` lets the caller overlap the replay with its own work (DoRALinear: the base GEMM). A capture costs one
+    in stream order; each graph keeps only its ν (d_out fp32), copied out on every replay. A capture costs one
     extra eager run (a warm-up on the capture stream) and happens only when the storages change. Inside another
     capture, on the CPU, under the Triton interpreter or with ``DORA_VERIFY_NORM_GRAPHS=0`` the norm runs
     eagerly; a failed capture falls back to eager for good (``graph_error`` says why)."""
@@ -453,49 +452,25 @@ class RowNormCache:
     def get(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
             kappa_max: float = DEFAULT_KAPPA_MAX) -> torch.Tensor:
         """ν = ‖W + s·BA‖_row, fp32, detached (the contract of :func:`factored_row_norm`; no input validation)."""
-        return self.start(W, A, B, s, kappa_max)()
-
-    def start(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
-              kappa_max: float = DEFAULT_KAPPA_MAX):
-        """Begin computing ν; return a function that returns it. A graph replay is launched on the device's
-        capture stream (after the current stream's work, so in-place updates of A and B are seen), and the
-        returned function makes the current stream wait for it: work the caller issues in between (the base
-        GEMM of the layer) runs concurrently with the norm. Any other path computes ν at once."""
         key = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape), tuple(t.stride())) for t in (W, A, B))
         key += (float(s), float(kappa_max))
-        if key == self._key:
-            return lambda: self._nu
-        W, A, B, s, kappa_max = W.detach(), A.detach(), B.detach(), float(s), float(kappa_max)
+        if key != self._key:
+            self._nu = self._compute(W.detach(), A.detach(), B.detach(), float(s), float(kappa_max))
+            self._key = key
+        return self._nu
+
+    def _compute(self, W, A, B, s, kappa_max):
         wsq = self.wsq.get(W)
+        eager = lambda: factored_row_norm(W, A, B, s, wsq=wsq, kappa_max=kappa_max, validate=False)  # noqa: E731
+        if not (W.is_cuda and self.graph_error is None and norm_graphs_enabled()) \
+                or torch.cuda.is_current_stream_capturing():
+            return eager()
         gkey = tuple((t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) for t in (W, A, B, wsq))
         gkey += (s, kappa_max)
-        if gkey == self._graph_key and self._graphs_usable(W):
-            _, side = _graph_pool_and_stream(W.device)
-            main = torch.cuda.current_stream(W.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                self._graph.replay()
-                done = torch.cuda.Event()
-                done.record(side)
+        if gkey == self._graph_key:
+            self._graph.replay()
             self.replays += 1
-
-            def finish():
-                main.wait_event(done)
-                self._nu, self._key = self._graph_nu.clone(), key  # the copy on the caller's stream
-                return self._nu
-            return finish
-        nu = self._compute(W, A, B, s, kappa_max, wsq, gkey)
-        self._nu, self._key = nu, key
-        return lambda: nu
-
-    def _graphs_usable(self, W) -> bool:
-        return (W.is_cuda and self.graph_error is None and norm_graphs_enabled()
-                and not torch.cuda.is_current_stream_capturing())
-
-    def _compute(self, W, A, B, s, kappa_max, wsq, gkey):
-        eager = lambda: factored_row_norm(W, A, B, s, wsq=wsq, kappa_max=kappa_max, validate=False)  # noqa: E731
-        if not self._graphs_usable(W):
-            return eager()
+            return self._graph_nu.clone()
         nu = eager()  # this call's ν (and the kernels compiled before the capture)
         if gkey != self._seen_key:  # storages seen for the first time: capture only if they come back
             self._seen_key = gkey
