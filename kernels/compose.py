@@ -206,12 +206,18 @@ def bwd_splits(T: int, N: int) -> Tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- launchers
+def _rows_cols(t: torch.Tensor):
+    """(T, N) of a contiguous [..., N] tensor read as T rows of N: the kernels index it so, whatever its leading dims."""
+    N = t.shape[-1]
+    return (t.numel() // N if N else 0), N
+
+
 def compose_forward_fused(base, lora, g, g_minus_1, bias, s: float, delta: bool, save: int):
-    """Triton forward on [T, N] contiguous tensors; returns (out, inner or empty)."""
-    T, N = base.shape
+    """Triton forward on contiguous [..., N] tensors; returns (out, inner or empty), out shaped like base."""
+    T, N = _rows_cols(base)
     out = torch.empty_like(base)
     sd = _save_dtype(save, base.dtype)
-    inner = torch.empty((T, N) if sd is not None else (0,), dtype=sd or torch.float32, device=base.device)
+    inner = torch.empty(base.shape if sd is not None else (0,), dtype=sd or torch.float32, device=base.device)
     if T and N:
         grid = (triton.cdiv(T, FWD_BLOCK_T), triton.cdiv(N, FWD_BLOCK_N))
         _compose_fwd_kernel[grid](base, lora, g, g_minus_1 if delta else g, bias if bias is not None else g,
@@ -225,11 +231,11 @@ def compose_forward_fused(base, lora, g, g_minus_1, bias, s: float, delta: bool,
 
 def compose_backward_fused(dy, base, lora, inner, g, g_minus_1, s: float, delta: bool, saved: int, base_dtype,
                            lora_dtype, need_base: bool, need_lora: bool, need_g: bool):
-    """Triton backward: (d_base, d_lora, d_g) with empties for what is not needed."""
-    T, N = dy.shape
+    """Triton backward on contiguous [..., N] tensors: (d_base, d_lora, d_g) with empties for what is not needed."""
+    T, N = _rows_cols(dy)
     dev = dy.device
-    d_base = torch.empty((T, N) if need_base else (0,), dtype=base_dtype, device=dev)
-    d_lora = torch.empty((T, N) if need_lora else (0,), dtype=lora_dtype, device=dev)
+    d_base = torch.empty(dy.shape if need_base else (0,), dtype=base_dtype, device=dev)
+    d_lora = torch.empty(dy.shape if need_lora else (0,), dtype=lora_dtype, device=dev)
     d_g = torch.empty(N if need_g else 0, dtype=torch.float32, device=dev)
     if not (need_base or need_lora or need_g) or N == 0:
         return d_base, d_lora, d_g
@@ -293,7 +299,7 @@ def compose_backward_eager(dy, base, lora, inner, g, g_minus_1, s: float, delta:
     if need_g:
         f64 = torch.float64
         inner64 = base.to(f64) + lora.to(f64) * s if saved == SAVE_INPUTS else inner.to(f64)
-        d_g = (dy.to(f64) * inner64).sum(dim=0).to(f32)
+        d_g = (dy.to(f64) * inner64).reshape(-1, dy.shape[-1]).sum(dim=0).to(f32)
     else:
         d_g = empty(f32)
     return d_base, d_lora, d_g
@@ -327,9 +333,9 @@ def _compose_bwd_op(dy: torch.Tensor, base: torch.Tensor, lora: torch.Tensor, in
 
 @_compose_bwd_op.register_fake
 def _(dy, base, lora, inner, g, g_minus_1, s, delta, saved, base_dtype, lora_dtype, need_base, need_lora, need_g, fused):
-    T, N = dy.shape
-    return (dy.new_empty((T, N) if need_base else (0,), dtype=base_dtype),
-            dy.new_empty((T, N) if need_lora else (0,), dtype=lora_dtype),
+    N = dy.shape[-1]
+    return (dy.new_empty(dy.shape if need_base else (0,), dtype=base_dtype),
+            dy.new_empty(dy.shape if need_lora else (0,), dtype=lora_dtype),
             dy.new_empty((N,) if need_g else (0,), dtype=torch.float32))
 
 
@@ -350,7 +356,8 @@ def _grads(ctx, dy, backward):
     d_base, d_lora, d_g = backward(dy.contiguous(), base if base is not None else e, lora if lora is not None else e,
                                    inner, g, g_minus_1, ctx.s, ctx.delta, ctx.saved, ctx.base_dtype, ctx.lora_dtype,
                                    need_base, need_lora, need_g)
-    d_bias = dy.to(torch.float32).sum(dim=0).to(ctx.bias_dtype) if need_bias and not ctx.delta else None
+    d_bias = (dy.to(torch.float32).reshape(-1, dy.shape[-1]).sum(dim=0).to(ctx.bias_dtype)
+              if need_bias and not ctx.delta else None)
     return (d_base if need_base else None, d_lora if need_lora else None, d_g if need_g else None,
             None, d_bias, None, None, None, None)
 
@@ -429,9 +436,7 @@ def compose(base: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, s: float, b
     force 'fused' or 'eager' (default: :func:`select_tier`). Non-contiguous inputs are copied."""
     s = _check(base, lora, g, g_minus_1, bias, s, output)
     delta = output == "delta"
-    shape = base.shape
-    N = shape[-1]
-    b2, l2 = base.reshape(-1, N).contiguous(), lora.reshape(-1, N).contiguous()
+    b2, l2 = base.contiguous(), lora.contiguous()  # [..., N]: the kernels read T·N rows, the output keeps the shape
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (base, lora, g, bias))
     chosen = select_tier(b2, needs_grad, tier)
     if save not in ("inputs", "activation"):
@@ -448,7 +453,7 @@ def compose(base: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, s: float, b
         out, _ = _ComposeFunction.apply(*args)
     else:
         out, _ = (compose_forward_fused if args[-1] else compose_forward_eager)(*args[:-1])
-    return out if out.shape == shape else out.reshape(shape)  # 2-D: the tensor itself, not a view (FSDP2 warns)
+    return out  # shaped like base and not a view (FSDP2 warns about views: an in-place op on one skips its hooks)
 
 
 __all__ = ["SAVE_ACTIVATION", "SAVE_INPUTS", "SAVE_NONE", "bwd_splits", "compose", "compose_backward_eager",

@@ -34,7 +34,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .compose import (RED_BLOCK, SAVE_INPUTS, SAVE_NONE, bwd_splits, compose_backward_eager,
+from .compose import (RED_BLOCK, SAVE_INPUTS, SAVE_NONE, _rows_cols, bwd_splits, compose_backward_eager,
                       compose_forward_eager)
 from .dispatch import HAS_TRITON, Tier, select_tier
 from .scale import check_scaling
@@ -137,10 +137,10 @@ def _splits(T: int, N: int) -> Tuple[int, int]:
 # ----------------------------------------------------------------------------- launchers
 def lora_compose_forward_fused(base, xa, B, g, bias, s: float, write_lora: bool = False):
     """Triton forward on contiguous [T, N] base, [T, r] xa, [N, r] B; returns (y, lora or empty)."""
-    T, N = base.shape
-    R = xa.shape[1]
+    T, N = _rows_cols(base)
+    R = xa.shape[-1]
     out = torch.empty_like(base)
-    lora = torch.empty((T, N) if write_lora else (0,), dtype=xa.dtype, device=base.device)
+    lora = torch.empty(base.shape if write_lora else (0,), dtype=xa.dtype, device=base.device)
     if T and N:
         grid = (triton.cdiv(T, LC_BLOCK_T), triton.cdiv(N, LC_BLOCK_N))
         _lora_compose_fwd_kernel[grid](base, xa, B, g, bias if bias is not None else g, out,
@@ -162,10 +162,10 @@ def lora_compose_backward_fused_all(dy, base, xa, B, g, s: float, need_base: boo
     needed. d_xa and d_B are :func:`adapter_grads`' values bit for bit: the GEMM dyᵀxa (fp32) runs first, the
     backward kernel writes RN(g·s)-scaled B and d_B in its epilogue, then d_xa = dy·gsB — two host-side ops
     instead of nine (the eager step is host-bound: reports/kernels-h100/host_bound.md)."""
-    T, N = dy.shape
-    R = xa.shape[1]
+    T, N = _rows_cols(dy)
+    R = xa.shape[-1]
     dev = dy.device
-    d_base = torch.empty((T, N) if need_base else (0,), dtype=base.dtype, device=dev)
+    d_base = torch.empty(dy.shape if need_base else (0,), dtype=base.dtype, device=dev)
     d_g = torch.empty(N if need_g else 0, dtype=torch.float32, device=dev)
     if T == 0 or N == 0:
         d_xa, d_B = adapter_grads(dy, xa, B, g, s, need_xa, need_B)
@@ -174,7 +174,7 @@ def lora_compose_backward_fused_all(dy, base, xa, B, g, s: float, need_base: boo
         return d_base, d_g, None, None
     rows, splits = _splits(T, N)
     partial = torch.empty((splits, N) if need_g else (0,), dtype=torch.float64, device=dev)
-    M = _mm_fp32(dy.t(), xa.to(dy.dtype)) if need_B else None
+    M = _mm_fp32(dy.reshape(T, N).t(), xa.reshape(T, R).to(dy.dtype)) if need_B else None
     d_B = torch.empty((N, R), dtype=B.dtype, device=dev) if need_B else None
     gsB = torch.empty((N, R), dtype=dy.dtype, device=dev) if need_xa else None
     _lora_compose_bwd_kernel[(triton.cdiv(N, LC_BLOCK_N), splits)](
@@ -217,7 +217,8 @@ def adapter_grads(dy, xa, B, g, s: float, need_xa: bool, need_B: bool):
     """(d_xa, d_B) of lora = xa Bᵀ under y = g ⊙ (… + s·lora): see the contract (module docstring)."""
     gs = g.to(torch.float32) * s  # RN32(g·s), as the compose's d_lora
     d_xa = dy @ (gs[:, None] * B.to(torch.float32)).to(dy.dtype) if need_xa else None
-    d_B = (gs[:, None] * _mm_fp32(dy.t(), xa.to(dy.dtype))).to(B.dtype) if need_B else None
+    d_B = (gs[:, None] * _mm_fp32(dy.reshape(-1, dy.shape[-1]).t(), xa.reshape(-1, xa.shape[-1]).to(dy.dtype))
+           ).to(B.dtype) if need_B else None
     return (d_xa.to(xa.dtype) if d_xa is not None else None), d_B
 
 
@@ -243,8 +244,8 @@ def _lora_compose_bwd_op(dy: torch.Tensor, base: torch.Tensor, xa: torch.Tensor,
 
 @_lora_compose_bwd_op.register_fake
 def _(dy, base, xa, B, g, s, need_base, need_g, fused):
-    T, N = dy.shape
-    return (dy.new_empty((T, N) if need_base else (0,), dtype=base.dtype),
+    N = dy.shape[-1]
+    return (dy.new_empty(dy.shape if need_base else (0,), dtype=base.dtype),
             dy.new_empty((N,) if need_g else (0,), dtype=torch.float32))
 
 
@@ -265,7 +266,7 @@ def _grads(ctx, dy, backward):
     else:
         d_base, d_g = backward(dy, base, xa, B, g, ctx.s, need_base, need_g)
         d_xa, d_B = adapter_grads(dy, xa, B, g, ctx.s, need_xa, need_B)
-    d_bias = dy.to(torch.float32).sum(dim=0).to(ctx.bias_dtype) if need_bias else None
+    d_bias = dy.to(torch.float32).reshape(-1, dy.shape[-1]).sum(dim=0).to(ctx.bias_dtype) if need_bias else None
     return d_base if need_base else None, d_xa, d_B, d_g if need_g else None, d_bias, None, None
 
 
@@ -328,9 +329,7 @@ def lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch
     fp32 [d_out]. Differentiable in base, xa, B, g and bias. ``tier``: as :func:`compose`; the fused tier
     needs bf16/fp16 adapters (fp32 ones take the eager tier). Non-contiguous inputs are copied."""
     s = _check(base, xa, B, g, bias, s)
-    shape = base.shape
-    N, R = B.shape
-    b2, x2 = base.reshape(-1, N).contiguous(), xa.reshape(-1, R).contiguous()
+    b2, x2 = base.contiguous(), xa.contiguous()  # [..., N], [..., R]: the kernels read T rows
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (base, xa, B, g, bias))
     fused = select_tier(b2, needs_grad, tier) != Tier.EAGER and xa.dtype in _FUSED_ADAPTER_DTYPES
     args = (b2, x2, B.contiguous(), g.contiguous(), bias.contiguous() if bias is not None else None, s, fused)
@@ -340,7 +339,7 @@ def lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch
         out = _LoRAComposeFunction.apply(*args)
     else:
         out = (lora_compose_forward_fused if fused else lora_compose_forward_eager)(*args[:-1])[0]
-    return out if out.shape == shape else out.reshape(shape)  # 2-D: the tensor itself, not a view (FSDP2 warns)
+    return out  # shaped like base and not a view (FSDP2 warns about views: an in-place op on one skips its hooks)
 
 
 __all__ = ["adapter_grads", "lora_compose", "lora_compose_backward_eager", "lora_compose_backward_fused",

@@ -268,3 +268,32 @@ def test_torch_compile_fullgraph():
     assert torch.equal(y, f(base, lora, g))
     y.float().sum().backward()
     assert g.grad is not None and torch.isfinite(g.grad).all()
+
+
+@pytest.mark.parametrize("tier", ["eager"] + (["fused"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else []))
+def test_nd_output_is_not_a_view_and_backward_keeps_the_shape(tier):
+    """compose and lora_compose on [2, 3, N]: outputs are tensors of their own (not views) with the input's shape,
+    and the gradients have the inputs' shapes and the 2-D call's values."""
+    from dora_verify.kernels import lora_compose
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 3, 40, generator=gen).to(torch.float16).to(dev)
+    lora = torch.randn(2, 3, 40, generator=gen).to(torch.float16).to(dev)
+    xa = torch.randn(2, 3, 8, generator=gen).to(torch.float16).to(dev)
+    B = torch.randn(40, 8, generator=gen).to(torch.float16).to(dev)
+    g = (1 + 0.01 * torch.randn(40, generator=gen)).to(dev)
+    dy = torch.randn(2, 3, 40, generator=gen).to(torch.float16).to(dev)
+    for fn, first in ((lambda b, l, gg: compose(b, l, gg, 2.0, tier=tier), lora),
+                      (lambda b, l, gg: lora_compose(b, l, B, gg, 2.0, tier=tier), xa)):
+        grads = []
+        for shape in ((2, 3), (6,)):
+            b_ = base.reshape(*shape, 40).clone().requires_grad_()
+            l_ = first.reshape(*shape, first.shape[-1]).clone().requires_grad_()
+            g_ = g.clone().requires_grad_()
+            y = fn(b_, l_, g_)
+            assert y._base is None and y.shape == b_.shape
+            y.backward(dy.reshape(*shape, 40))
+            assert b_.grad.shape == b_.shape and l_.grad.shape == l_.shape
+            grads.append((y.detach().reshape(6, 40), b_.grad.reshape(6, 40), l_.grad.reshape(6, -1), g_.grad))
+        assert all(torch.equal(u, v) for u, v in zip(*grads))

@@ -158,6 +158,15 @@ def _fsdp_worker(rank, world, port, out, checkpoint):
         fully_shard(m, mesh=mesh)
     x = torch.randn(7, 24, generator=torch.Generator().manual_seed(1))
     res = {"ref": _run_steps(ref, x, checkpoint, fresh_norm=True), "fsdp": _run_steps(model, x, checkpoint)}
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # [batch, seq, d]: no module of ours returns a view
+        warnings.simplefilter("always")
+        h = x.reshape(7, 1, 24)
+        for m in model:  # as _run_steps calls them
+            h = m(h)
+        h.sum().backward()
+    res["view_warnings"] = sum("view tensor" in str(w.message) for w in caught)
     layer = model[0]  # outside forward: sharded DTensor parameters
     nu = dtensor_row_norm(layer.base_layer.weight, layer.lora_A, layer.lora_B, layer.scaling)
     res["dtensor_nu"] = nu.full_tensor()
@@ -178,7 +187,7 @@ def test_dora_linear_under_fully_shard_matches_the_unsharded_model(tmp_path, che
     gradients of A, B and m within 1e-5 (fp32), the second step after the optimiser changed A, B, m (a stale ν
     cache would show there), with and without activation checkpointing; ν from the sharded parameters."""
     for res in _spawn(_fsdp_worker, 2, tmp_path, checkpoint):
-        assert res["placements"] == "(Shard(dim=0),)"
+        assert res["placements"] == "(Shard(dim=0),)" and res["view_warnings"] == 0
         for (l_ref, g_ref), (l_f, g_f) in zip(res["ref"], res["fsdp"]):
             assert abs(l_ref - l_f) <= 1e-5 * abs(l_ref)
             assert set(g_ref) == set(g_f) and all(_close(g_f[n], g_ref[n]) for n in g_ref), \

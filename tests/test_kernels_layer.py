@@ -177,3 +177,19 @@ def test_training_with_norm_graph_replay_is_bitwise_the_eager_layer(monkeypatch,
             opt.zero_grad()
         assert all(torch.equal(u, v) for u, v in zip(*outs)), step
     assert a.norm_cache.replays >= 2 and b.norm_cache.replays == 0 and a.norm_cache.graph_error is None
+
+
+@pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
+@pytest.mark.parametrize("grad", [True, False])
+def test_output_of_3d_inputs_is_not_a_view(adapter_dtype, grad):
+    """[batch, seq, d] in, [batch, seq, d_out] out — a tensor of its own, not a view: FSDP2 warns when a wrapped
+    module returns a view (an in-place op on it would skip the pre-backward hook)."""
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(24, 20, dtype=torch.bfloat16), 4, 8, adapter_dtype=adapter_dtype)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    x = torch.randn(3, 5, 24, dtype=torch.bfloat16)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    flat = layer(x.reshape(15, 24))
+    assert y.shape == (3, 5, 20) and y._base is None and torch.equal(y.reshape(15, 20), flat)
