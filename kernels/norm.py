@@ -431,8 +431,10 @@ class RowNormCache:
     re-gathered into fresh buffers every step, as FSDP2's can be, never pay for a capture) and replayed with
     whatever values those storages hold: the same kernels on the same inputs, so the same bits as an eager call. A new
     storage, shape, dtype, s or ``kappa_max`` captures again. Every layer's graph allocates its temporaries
-    (U, BG, κ: O(d_out·r)) from one shared pool per device, which is safe because replays run one at a time
-    in stream order; each graph keeps only its ν (d_out fp32), copied out on every replay. A capture costs one
+    (U, BG, κ: O(d_out·r)) from one shared pool per device, which is safe while replays run one at a time in
+    one stream's order — the layers of a model do; layers run concurrently on several streams would share those
+    temporaries: set ``DORA_VERIFY_NORM_GRAPHS=0`` there. Each graph keeps only its ν (d_out fp32), copied out on
+    every replay. A capture costs one
     extra eager run (a warm-up on the capture stream) and happens only when the storages change. Inside another
     capture, on the CPU, under the Triton interpreter or with ``DORA_VERIFY_NORM_GRAPHS=0`` the norm runs
     eagerly; a failed capture falls back to eager for good (``graph_error`` says why)."""
