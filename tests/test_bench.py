@@ -135,3 +135,21 @@ def test_readme_performance_section_is_generated_from_the_committed_report():
     assert block.strip() == readme_section(rep, "reports/bench-h100/bench.md").strip(), \
         "regenerate: dora-verify bench --render reports/bench-h100/bench.json --out reports/bench-h100 --readme README.md"
     assert rep["provenance"]["device"]["name"].startswith("NVIDIA") and not rep["config"]["quick"]
+
+
+@pytest.mark.parametrize("keep", [("compose",), ("norm",), ("layer",)])
+def test_render_a_report_of_one_part(tmp_path, keep):
+    """--parts runs some parts only: the report, its plots and the targets render from what is there."""
+    rep = synthetic_report()
+    for part in ("compose", "norm", "layer"):
+        if part not in keep:
+            rep.pop(part)
+    if "compose" not in keep:
+        rep.pop("crossover")
+    rep["targets"] = bench.targets(rep)
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(rep))
+    assert main(["bench", "--render", str(src), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert ("## Compose" in md) == ("compose" in keep) and ("## Whole layer" in md) == ("layer" in keep)
+    assert any(t["met"] is not None for t in rep["targets"]) and any(t["met"] is None for t in rep["targets"])
