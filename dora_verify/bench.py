@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
+
+from .forms import dense_fp32, peft_dense, stable_gcast
+from .sweep import _Steps
 
 SCHEMA_VERSION = "1.0"
 MAX_ROTATE = 16
@@ -116,12 +118,6 @@ def copy_bandwidth(cfg: BenchConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- compose
-def eager_stable(base, lora, g, s):
-    """Eager torch's stable compose in the activation dtype (PEFT's arithmetic): four elementwise passes."""
-    gd = g.to(base.dtype)
-    return base + ((gd - 1) * base + gd * lora * s)
-
-
 def _backward_ms(fn, base, lora, g, dy, cfg) -> dict:
     """Time ``torch.autograd.grad`` of ``fn(base, lora, g)`` alone (d_base, d_lora, d_g): one retained forward
     graph per input copy, then the backward over them in rotation."""
@@ -144,7 +140,7 @@ def compose_row(T: int, N: int, cfg: BenchConfig, bw_TBps: float) -> dict:
     g = (1 + 1e-3 * torch.randn(N, device="cuda", generator=gen)).float()
     fused = lambda b, lo, gg: compose(b, lo, gg, S, tier="fused")  # noqa: E731
     eager_tier = lambda b, lo, gg: compose(b, lo, gg, S, tier="eager")  # noqa: E731
-    stable = lambda b, lo, gg: eager_stable(b, lo, gg, S)  # noqa: E731
+    stable = lambda b, lo, gg: stable_gcast(b, lo, gg, S)[0]  # noqa: E731 - PEFT's arithmetic, four passes
     rec = {"T": T, "d_out": N, "elements": T * N, "rotation": n}
     for name, fn in (("fused", fused), ("eager", stable), ("eager_tier", eager_tier)):
         rec[f"{name}_fwd"] = time_ms(lambda i: fn(base[i], lora[i], g), n, cfg.warmup, cfg.reps)
@@ -190,17 +186,6 @@ def crossover(rows: list) -> dict:
 
 
 # ----------------------------------------------------------------------------- norm
-def peft_norm(W, A, B, s):
-    """PEFT's DoRA norm: BA through eye(d_in) and the two adapter layers, W + s·BA and the norm in W's dtype."""
-    eye = torch.eye(A.shape[1], device=A.device, dtype=A.dtype)
-    lora_weight = F.linear(F.linear(eye, A), B).T
-    return torch.linalg.norm(W + s * lora_weight.to(W.dtype), dim=1).to(W.dtype)
-
-
-def dense_fp32_norm(W, A, B, s):
-    return torch.linalg.norm(W.float() + s * (B.float() @ A.float()), dim=1)
-
-
 def norm_row(d: int, r: int, wdt: torch.dtype, cfg: BenchConfig) -> dict:
     """One (shape, weight dtype) of the norm part: factored (cached ‖W‖², cold) vs PEFT vs dense fp32."""
     from .kernels import factored_row_norm, weight_row_sq
@@ -214,8 +199,8 @@ def norm_row(d: int, r: int, wdt: torch.dtype, cfg: BenchConfig) -> dict:
     impls = {
         "factored": lambda i: factored_row_norm(Ws[i], A, B, S, wsq=wsq[i], validate=False),
         "factored_cold": lambda i: factored_row_norm(Ws[i], A, B, S, validate=False),
-        "peft": lambda i: peft_norm(Ws[i], A, B, S),
-        "dense_fp32": lambda i: dense_fp32_norm(Ws[i], A, B, S),
+        "peft": lambda i: peft_dense(Ws[i], A, B, S),
+        "dense_fp32": lambda i: dense_fp32(Ws[i], A, B, S),
     }
     rec = {"d": d, "r": r, "W_dtype": str(wdt).removeprefix("torch."), "rotation": n}
     for name, fn in impls.items():
@@ -357,19 +342,6 @@ def targets(rep: dict) -> list:
 
 
 # ----------------------------------------------------------------------------- run
-@dataclass
-class _Ticker:
-    total: int
-    callback: object = None
-    done: int = 0
-    t0: float = field(default_factory=time.time)
-
-    def __call__(self, msg: str) -> None:
-        self.done += 1
-        if self.callback:
-            self.callback(min(self.done, self.total), self.total, msg)
-
-
 def check_available(cfg: BenchConfig) -> None:
     if not torch.cuda.is_available():
         raise BenchUnavailable("bench needs a CUDA device: it measures GPU kernels and reports no numbers without one")
@@ -394,7 +366,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     sizes = {"compose": len(COMPOSE_SHAPES_QUICK if cfg.quick else COMPOSE_SHAPES),
              "norm": 2 * len(NORM_SHAPES_QUICK if cfg.quick else NORM_SHAPES),
              "layer": 2 * len(LAYER_SHAPES_QUICK if cfg.quick else LAYER_SHAPES)}
-    tick = _Ticker(1 + sum(sizes[p] for p in cfg.parts), progress)
+    tick = _Steps(1 + sum(sizes[p] for p in cfg.parts), progress)
     t0 = time.time()
     dev = torch.device("cuda", torch.cuda.current_device())
     rep = {"schema_version": SCHEMA_VERSION, "tool": "dora-verify", "kind": "bench", "provenance": provenance(dev),

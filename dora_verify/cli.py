@@ -297,7 +297,7 @@ def _bench(args) -> int:
     import os
     from pathlib import Path
 
-    from .bench import BenchConfig, run_bench
+    from .bench import BenchConfig, check_available, run_bench
     from .bench_report import update_readme, write_bench_report
     from .report import check_writable
 
@@ -322,8 +322,6 @@ def _bench(args) -> int:
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     cfg = BenchConfig(quick=args.quick, parts=parts, warmup=args.warmup, reps=args.reps, seed=args.seed)
     cfg.validate()
-    from .bench import check_available
-
     check_available(cfg)  # no GPU: exit 2 before anything is written
     check_writable(args.out)
     rep = run_bench(cfg, progress=_Progress(not args.quiet))

@@ -38,6 +38,7 @@ def check_sharded_norm(W, A, B, s: float, layout: str, group=None, deterministic
     error/bound ratio against the exact ν (≤ 1 certifies), the max relative error, whether every rank holds the
     same ν ('cols') and the rows recomputed densely. A collective: every rank calls it."""
     from .kernels.distributed import sharded_row_norm
+    from .kernels.norm import DEFAULT_KAPPA_MAX, U_CHAIN
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if layout == "rows":
@@ -54,14 +55,10 @@ def check_sharded_norm(W, A, B, s: float, layout: str, group=None, deterministic
         ref = nu.clone()
         dist.broadcast(ref, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         same = bool(torch.equal(ref, nu))
-    from .kernels.norm import DEFAULT_KAPPA_MAX
-
     dense = torch.nonzero(kappa > DEFAULT_KAPPA_MAX).flatten().cpu().tolist()
     Wc, Ac, Bc, nuc = (t.detach().cpu() for t in (W, A, B, nu))
     truth = row_norm_truth(Wc, Ac, Bc, s)
     backend = "triton" if (W.is_cuda and W.dtype != torch.float32) else "torch"
-    from .kernels.norm import U_CHAIN
-
     # 'cols' on the Triton backend stores each partial U_p in fp32 (P roundings instead of one): charged as one more
     # product per chain (proofs/bounds.md, "Sharded norm")
     chain = U_CHAIN + 1 if layout == "cols" else None
