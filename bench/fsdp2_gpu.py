@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from dora_verify import provenance
 from dora_verify.cases import make_case
-from dora_verify.distributed import check_sharded_norm
+from dora_verify.distributed import check_sharded_norm, shard
 from dora_verify.kernels import peft as dv_peft
 
 DEV = "cuda"  # --cpu: gloo on the CPU with tiny sizes (a logic check of this script, no evidence)
@@ -57,7 +57,7 @@ def sharded_norm_part(quick):
     n = 64 if DEV == "cpu" else 4096
     c = make_case("trained", n, n, 128 if n > 64 else 8, 1, dtype="bf16", seed=4, device=DEV)
     rank, world = dist.get_rank(), dist.get_world_size()
-    w, a = torch.tensor_split(c.W, world, 1)[rank].contiguous(), torch.tensor_split(c.A, world, 1)[rank].contiguous()
+    w, a = shard(c.W, 1, rank, world), shard(c.A, 1, rank, world)
     bits = {det: [sharded_row_norm(w, a, c.B, c.s, layout="cols", deterministic=det) for _ in range(3)]
             for det in (False, True)}
     same = {str(det): all(torch.equal(v[0], x) for x in v[1:]) for det, v in bits.items()}
