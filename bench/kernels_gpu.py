@@ -256,21 +256,24 @@ def tune_wa():
             rows.append({"mode": 0, "config": "cublas mm out_dtype=fp32", "ms": t_cublas,
                          "max_rel": float(((torch.mm(W, A.t(), out_dtype=torch.float32).double() - ref).abs() / ref.abs()).max())})
             log(rows[-1])
-        keep = nm.WA_CONFIG[mode]
-        cands = ([(64, 128, 128, 2, 4, 3), (128, 128, 128, 1, 8, 3), (64, 128, 64, 4, 4, 4), (128, 128, 128, 2, 8, 3)]
+        cands = ([(64, 128, 128, 2, 4, 3), (128, 128, 128, 1, 8, 3), (64, 128, 64, 4, 4, 4), (128, 128, 128, 2, 8, 3),
+                  (64, 128, 128, 2, 4, 4), (64, 128, 64, 4, 4, 5)]
                  if mode == 0 else
                  [(128, 128, 64, 1, 8, 2), (64, 128, 64, 1, 4, 3), (64, 128, 32, 2, 4, 4), (128, 128, 32, 2, 8, 3),
-                  (64, 64, 64, 1, 4, 3)])
-        for cfg in cands:
-            nm.WA_CONFIG[mode] = cfg
-            try:
-                t = bench_ms(lambda: nm.wa_product(W, A))
-                err = float(((nm.wa_product(W, A).double() - ref).abs() / ref.abs()).max())
-            except Exception as e:  # noqa: BLE001
-                t, err = None, repr(e)[:120]
-            rows.append({"mode": mode, "config": list(cfg), "ms": t, "max_rel": err})
-            log(rows[-1])
-        nm.WA_CONFIG[mode] = keep
+                  (64, 64, 64, 1, 4, 3), (64, 128, 64, 1, 4, 4), (128, 64, 64, 1, 4, 3), (64, 128, 64, 1, 4, 5),
+                  (128, 128, 64, 1, 8, 3), (64, 256, 64, 1, 8, 3)])
+        for tma, table in ((False, nm.WA_CONFIG), (True, nm.WA_TMA_CONFIG)):
+            keep = table[mode]
+            for cfg in cands:
+                table[mode] = cfg
+                try:
+                    t = bench_ms(lambda: nm.wa_product(W, A, use_tma=tma))
+                    err = float(((nm.wa_product(W, A, use_tma=tma).double() - ref).abs() / ref.abs()).max())
+                except Exception as e:  # noqa: BLE001
+                    t, err = None, repr(e)[:120]
+                rows.append({"mode": mode, "tma": tma, "config": list(cfg), "ms": t, "max_rel": err})
+                log(rows[-1])
+            table[mode] = keep
     return rows
 
 

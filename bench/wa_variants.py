@@ -30,6 +30,7 @@ from dora_verify import provenance
 def _wa_variant(w_ptr, a_ptr, out_ptr, M, R, K, stride_w, stride_a, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_K: tl.constexpr, FLUSH: tl.constexpr, NESTED: tl.constexpr, FLAT: tl.constexpr,
                 ACC64: tl.constexpr):
+    # ACC64: 1 float64 accumulator across chains, 0 plain fp32, 2 fp32 with Kahan compensation (comp)
     n_r = tl.cdiv(R, BLOCK_R)
     pid = tl.program_id(0)
     pid_m = pid // n_r
@@ -37,10 +38,11 @@ def _wa_variant(w_ptr, a_ptr, out_ptr, M, R, K, stride_w, stride_a, BLOCK_M: tl.
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     ks = tl.arange(0, BLOCK_K)
-    if ACC64:
+    if ACC64 == 1:
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float64)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    comp = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     wp = w_ptr + rows.to(tl.int64)[:, None] * stride_w
     ap = a_ptr + rr.to(tl.int64)[None, :] * stride_a
     rmask = (rows < M)[:, None]
@@ -54,7 +56,13 @@ def _wa_variant(w_ptr, a_ptr, out_ptr, M, R, K, stride_w, stride_a, BLOCK_M: tl.
                 w = tl.load(wp + kk[None, :], mask=rmask & (kk < K)[None, :], other=0.0)
                 a = tl.load(ap + kk[:, None], mask=amask & (kk < K)[:, None], other=0.0)
                 part = tl.dot(w, a, part, out_dtype=tl.float32)
-            acc += part.to(acc.dtype)
+            if ACC64 == 2:
+                y = part - comp
+                t = acc + y
+                comp = (t - acc) - y
+                acc = t
+            else:
+                acc += part.to(acc.dtype)
     else:
         part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for i in range(0, tl.cdiv(K, BLOCK_K)):
@@ -63,18 +71,101 @@ def _wa_variant(w_ptr, a_ptr, out_ptr, M, R, K, stride_w, stride_a, BLOCK_M: tl.
             a = tl.load(ap + kk[:, None], mask=amask & (kk < K)[:, None], other=0.0)
             part = tl.dot(w, a, part, out_dtype=tl.float32)
             if i % FLUSH == FLUSH - 1:
-                acc += part.to(acc.dtype)
+                if ACC64 == 2:
+                    y = part - comp
+                    t = acc + y
+                    comp = (t - acc) - y
+                    acc = t
+                else:
+                    acc += part.to(acc.dtype)
                 part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         acc += part.to(acc.dtype)
+        acc -= comp.to(acc.dtype)
     offs = rows.to(tl.int64)[:, None] * R + rr[None, :]
     tl.store(out_ptr + offs, acc.to(tl.float32), mask=rmask & amask)
+
+
+@triton.jit
+def _wa_tma(w_desc, a_desc, out_ptr, M, R, K, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+            FLUSH: tl.constexpr, ACC64: tl.constexpr):
+    """_wa_variant's flattened loop with TMA loads (host tensor descriptors; out-of-range reads are zeros)."""
+    n_r = tl.cdiv(R, BLOCK_R)
+    pid = tl.program_id(0)
+    pid_m = pid // n_r
+    pid_r = pid % n_r
+    if ACC64 == 1:
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for i in range(0, tl.cdiv(K, BLOCK_K)):
+        w = w_desc.load([pid_m * BLOCK_M, i * BLOCK_K])
+        a = a_desc.load([pid_r * BLOCK_R, i * BLOCK_K])
+        part = tl.dot(w, a.T, part, out_dtype=tl.float32)
+        if i % FLUSH == FLUSH - 1:
+            acc += part.to(acc.dtype)
+            part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    acc += part.to(acc.dtype)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * R + rr[None, :], acc.to(tl.float32),
+             mask=(rows < M)[:, None] & (rr < R)[None, :])
+
+
+TMA_CANDIDATES = [(bm, br, bk, flush, warps, stages, acc)
+                  for (bm, br, bk, flush, warps, stages) in ((64, 128, 128, 2, 4, 3), (64, 128, 64, 4, 4, 4),
+                                                             (64, 128, 64, 4, 4, 5), (128, 64, 128, 2, 4, 3),
+                                                             (128, 64, 64, 4, 4, 4), (128, 128, 64, 4, 8, 4),
+                                                             (64, 128, 128, 64, 4, 3), (128, 64, 64, 128, 4, 4))
+                  for acc in (0, 1)]
+
+
+def wa_tma_variants(log):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    d, r = 8192, 384
+    torch.manual_seed(0)
+    W = (torch.rand(d, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
+    A = (torch.rand(r, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
+    ref = W.double() @ A.double().t()
+    out = torch.empty(d, r, device="cuda", dtype=torch.float32)
+    rows = []
+    for bm, br, bk, flush, warps, stages, acc in TMA_CANDIDATES:
+        wd = TensorDescriptor.from_tensor(W, [bm, bk])
+        ad = TensorDescriptor.from_tensor(A, [br, bk])
+        grid = (triton.cdiv(d, bm) * triton.cdiv(r, br),)
+
+        def run():
+            _wa_tma[grid](wd, ad, out, d, r, d, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, ACC64=acc,
+                          num_warps=warps, num_stages=stages)
+            return out
+        rec = {"variant": dict(tma=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, warps=warps, stages=stages,
+                               acc64=acc), "chain": bk * flush}
+        try:
+            out.fill_(float("nan"))
+            run()
+            rec["max_rel"] = float(((out.double() - ref).abs() / ref).max())
+            rec["ms"] = bench_ms(run)
+        except Exception as e:  # noqa: BLE001
+            rec["error"] = repr(e)[:200]
+        rows.append(rec)
+        log(rec)
+    return rows
 
 
 def bench_ms(fn, rep=100):
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
 
 
-def wa_variants(log):
+NEW_CANDIDATES = [  # session 8: the plain GEMM (no flush) as the Triton ceiling, Kahan fp32 across chains, one-dot chains
+    (bm, br, bk, flush, warps, stages, nested, 0, acc)
+    for (bm, br, bk, flush, warps, stages) in ((64, 128, 128, 64, 4, 3), (128, 128, 64, 128, 8, 4), (128, 128, 128, 64, 8, 3),
+                                               (64, 128, 128, 2, 4, 3), (64, 128, 256, 1, 4, 2), (128, 128, 256, 1, 8, 2),
+                                               (128, 128, 128, 2, 8, 3), (64, 128, 64, 4, 4, 4), (128, 64, 256, 1, 4, 3))
+    for nested in (0, 1) for acc in (0, 1, 2)]
+
+
+def wa_variants(log, cands=None):
     d, r = 8192, 384
     torch.manual_seed(0)
     W = (torch.rand(d, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
@@ -84,13 +175,12 @@ def wa_variants(log):
              "max_rel": float(((torch.mm(W, A.t(), out_dtype=torch.float32).double() - ref).abs() / ref).max())}]
     log(rows[-1])
     out = torch.empty(d, r, device="cuda", dtype=torch.float32)
-    cands = []
-    for bm, br, bk, flush, warps, stages in ((64, 128, 128, 2, 4, 3), (128, 128, 128, 2, 8, 3), (128, 128, 64, 4, 8, 4),
-                                             (128, 64, 128, 2, 4, 3), (64, 128, 64, 4, 4, 4), (128, 128, 128, 4, 8, 3),
-                                             (128, 192, 64, 4, 8, 3)):
-        for nested, flat in ((0, 0), (1, 0), (1, 1)):
-            for acc64 in (1, 0):
-                cands.append((bm, br, bk, flush, warps, stages, nested, flat, acc64))
+    if cands is None:  # the session-6 set
+        cands = [(bm, br, bk, flush, warps, stages, nested, flat, acc64)
+                 for bm, br, bk, flush, warps, stages in ((64, 128, 128, 2, 4, 3), (128, 128, 128, 2, 8, 3),
+                                                          (128, 128, 64, 4, 8, 4), (128, 64, 128, 2, 4, 3),
+                                                          (64, 128, 64, 4, 4, 4), (128, 128, 128, 4, 8, 3))
+                 for nested, flat in ((0, 0), (1, 0), (1, 1)) for acc64 in (1, 0)]
     for bm, br, bk, flush, warps, stages, nested, flat, acc64 in cands:
         if br & (br - 1):
             continue
@@ -216,12 +306,16 @@ def main():
     ap.add_argument("--skip-wa", action="store_true")
     ap.add_argument("--compiled", action="store_true")
     ap.add_argument("--only-compiled", action="store_true")
+    ap.add_argument("--only-new-wa", action="store_true", help="the session-8 U variants only")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     res = {"provenance": provenance.provenance(torch.device("cuda")), "seed": 0}
-    if not (args.skip_wa or args.only_compiled):
+    if args.only_new_wa:
+        res["wa_variants"] = wa_variants(lambda *a: print(*a, flush=True), NEW_CANDIDATES)
+        res["wa_tma_variants"] = wa_tma_variants(lambda *a: print(*a, flush=True))
+    elif not (args.skip_wa or args.only_compiled):
         res["wa_variants"] = wa_variants(lambda *a: print(*a, flush=True))
-    if not args.only_compiled:
+    if not (args.only_compiled or args.only_new_wa):
         res["host_pieces"] = host_pieces(lambda *a: print(*a, flush=True))
         res["layer_step"] = layer_step(lambda *a: print(*a, flush=True))
     if args.compiled or args.only_compiled:

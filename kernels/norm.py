@@ -34,6 +34,13 @@ from .scale import check_scaling
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        HAS_TMA = True
+    except ImportError:  # older Triton: pointer loads only
+        HAS_TMA = False
+else:
+    HAS_TMA = False
 
 DEFAULT_KAPPA_MAX = 2.0
 DEFAULT_CHUNK_BYTES = 256 << 20
@@ -141,16 +148,47 @@ class _NoTF32:
 if HAS_TRITON:
 
     @triton.jit
+    def _wa_chain_step(part, acc, w, a, a2, a3, i, MODE: tl.constexpr, FLUSH: tl.constexpr):
+        """One BLOCK_K slice of U's tile: ``part`` += w·a on the tensor cores, products exact — MODE 0: W and A
+        bf16/fp16; MODE 1: bf16 W, fp32 ``a`` split here exactly into three bf16 terms; MODE 2: the same three
+        terms split beforehand (``a``, ``a2``, ``a3``). Small terms first. At the end of a chain of FLUSH slices
+        ``part`` is added into the float64 ``acc`` and restarted. Returns (part, acc)."""
+        if MODE == 0:
+            part = tl.dot(w, a, part, out_dtype=tl.float32)
+        else:
+            if MODE == 1:
+                a1 = a.to(tl.bfloat16)
+                r1 = a - a1.to(tl.float32)
+                a2 = r1.to(tl.bfloat16)
+                a3 = (r1 - a2.to(tl.float32)).to(tl.bfloat16)
+            else:
+                a1 = a
+            part = tl.dot(w, a3, part, out_dtype=tl.float32)
+            part = tl.dot(w, a2, part, out_dtype=tl.float32)
+            part = tl.dot(w, a1, part, out_dtype=tl.float32)
+        if i % FLUSH == FLUSH - 1:  # end of a chain: into float64, restart the MMA accumulator
+            acc += part.to(tl.float64)
+            part = tl.zeros_like(part)
+        return part, acc
+
+    @triton.jit
+    def _wa_store(out_ptr, acc, rows, rr, M, R, pid_k, SPLIT: tl.constexpr):
+        offs = rows.to(tl.int64)[:, None] * R + rr[None, :]
+        msk = (rows < M)[:, None] & (rr < R)[None, :]
+        if SPLIT == 1:
+            tl.store(out_ptr + offs, acc.to(tl.float32), mask=msk)
+        else:
+            tl.store(out_ptr + pid_k.to(tl.int64) * M * R + offs, acc, mask=msk)
+
+    @triton.jit
     def _wa_kernel(w_ptr, a_ptr, out_ptr, M, R, K, stride_w, stride_a, k_per_split, MODE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, FLUSH: tl.constexpr,
                    SPLIT: tl.constexpr):
-        """U[m, j] = Σ_k W[m, k] A[j, k] over the d_in range of split ``program_id(1)``. Each BLOCK_K slice is
-        one tensor-core product of exact products (MODE 0: W and A bf16/fp16; MODE 1: bf16 W with fp32 A
-        split exactly into three bf16 terms); FLUSH slices accumulate in the MMA unit and are then added
-        into a float64 accumulator, so the (truncating) tensor-core accumulation never runs longer than
-        BLOCK_K·FLUSH products and the error does not grow with K as a long tensor-core accumulation's
-        does. SPLIT = 1 stores fp32 U; SPLIT > 1 stores float64 partials [SPLIT, M, R] (summed by the caller
-        in a fixed order)."""
+        """U[m, j] = Σ_k W[m, k] A[j, k] over the d_in range of split ``program_id(1)``, in chains of
+        BLOCK_K·FLUSH exact products summed in fp32 on the tensor cores and across chains in float64
+        (:func:`_wa_chain_step`), so the (truncating) tensor-core accumulation never runs longer than a chain
+        and the error does not grow with K as a long tensor-core accumulation's does. SPLIT = 1 stores fp32 U;
+        SPLIT > 1 stores float64 partials [SPLIT, M, R] (summed by the caller in a fixed order)."""
         n_r = tl.cdiv(R, BLOCK_R)
         pid = tl.program_id(0)
         pid_m = pid // n_r  # the r-blocks of one row block run together and share W through L2
@@ -169,49 +207,88 @@ if HAS_TRITON:
                         mask=(rows < M)[:, None] & (kk < k_end)[None, :], other=0.0)
             a = tl.load(a_ptr + rr.to(tl.int64)[None, :] * stride_a + kk[:, None],
                         mask=(rr < R)[None, :] & (kk < k_end)[:, None], other=0.0)
-            if MODE == 0:
-                part = tl.dot(w, a, part, out_dtype=tl.float32)
-            else:  # bf16 W, fp32 A = A1 + A2 + A3 exactly (three bf16 terms), small terms first
-                a1 = a.to(tl.bfloat16)
-                r1 = a - a1.to(tl.float32)
-                a2 = r1.to(tl.bfloat16)
-                a3 = (r1 - a2.to(tl.float32)).to(tl.bfloat16)
-                part = tl.dot(w, a3, part, out_dtype=tl.float32)
-                part = tl.dot(w, a2, part, out_dtype=tl.float32)
-                part = tl.dot(w, a1, part, out_dtype=tl.float32)
-            if i % FLUSH == FLUSH - 1:  # end of a chain: into float64, restart the MMA accumulator
-                acc += part.to(tl.float64)
-                part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            part, acc = _wa_chain_step(part, acc, w, a, a, a, i, MODE, FLUSH)
         acc += part.to(tl.float64)
-        offs = rows.to(tl.int64)[:, None] * R + rr[None, :]
-        msk = (rows < M)[:, None] & (rr < R)[None, :]
-        if SPLIT == 1:
-            tl.store(out_ptr + offs, acc.to(tl.float32), mask=msk)
-        else:
-            tl.store(out_ptr + pid_k.to(tl.int64) * M * R + offs, acc, mask=msk)
+        _wa_store(out_ptr, acc, rows, rr, M, R, pid_k, SPLIT)
+
+    @triton.jit
+    def _wa_tma_kernel(w_desc, a_desc, a2_desc, a3_desc, out_ptr, M, R, K, k_per_split, MODE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, FLUSH: tl.constexpr,
+                       SPLIT: tl.constexpr):
+        """:func:`_wa_kernel` with TMA tile loads (host tensor descriptors; reads past K are zeros); MODE 0 or 2
+        (fp32 A as three bf16 matrices A₁ + A₂ + A₃ split by the caller). Splits start on BLOCK_K boundaries, so a
+        split's last block never reaches into the next split. Same chains, same float64 sums: the contract of
+        :func:`_wa_kernel`."""
+        n_r = tl.cdiv(R, BLOCK_R)
+        pid = tl.program_id(0)
+        pid_m = pid // n_r
+        pid_r = pid % n_r
+        pid_k = tl.program_id(1)
+        k_begin = pid_k * k_per_split
+        k_end = tl.minimum(K, k_begin + k_per_split)
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float64)
+        part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for i in range(0, tl.cdiv(k_end - k_begin, BLOCK_K)):
+            k0 = k_begin + i * BLOCK_K
+            w = w_desc.load([pid_m * BLOCK_M, k0])
+            a = a_desc.load([pid_r * BLOCK_R, k0]).T
+            if MODE == 2:
+                part, acc = _wa_chain_step(part, acc, w, a, a2_desc.load([pid_r * BLOCK_R, k0]).T,
+                                           a3_desc.load([pid_r * BLOCK_R, k0]).T, i, MODE, FLUSH)
+            else:
+                part, acc = _wa_chain_step(part, acc, w, a, a, a, i, MODE, FLUSH)
+        acc += part.to(tl.float64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        _wa_store(out_ptr, acc, rows, rr, M, R, pid_k, SPLIT)
 
 
 # (BLOCK_M, BLOCK_R, BLOCK_K, FLUSH, num_warps, num_stages) per mode, tuned on an H100 (bench/wa_variants.py):
 # chains of 256 products (MODE 0) and 3·64 (MODE 1) measured 4.1e-7 max relative error of U on all-positive data.
+# TMA loads where the operands allow them (16-byte aligned rows): U at 8192², r = 384 in 0.128 ms vs 0.164 ms.
 WA_CONFIG = {0: (64, 128, 128, 2, 4, 3), 1: (128, 128, 64, 1, 8, 2)}
+WA_TMA_CONFIG = {0: (64, 128, 128, 2, 4, 4), 1: (64, 128, 64, 1, 4, 4)}
 # The longest chain of products one fp32 tensor-core accumulator sums before it is flushed to float64
 # (MODE 1 issues three dots per K block): what dora_verify.bounds.kernel_norm_bound charges γ_chain for.
-U_CHAIN = max(cfg[2] * cfg[3] * (1 if mode == 0 else 3) for mode, cfg in WA_CONFIG.items())
+U_CHAIN = max(cfg[2] * cfg[3] * (1 if mode == 0 else 3)
+              for table in (WA_CONFIG, WA_TMA_CONFIG) for mode, cfg in table.items())
 WA_MIN_PROGRAMS = 256  # below this many output tiles (e.g. G = A Aᵀ, r×r) d_in is split across programs
 WA_MIN_SPLIT_K = 1024  # ... but each split keeps at least this much of d_in
 
 
 def wa_splits(M: int, R: int, K: int, mode: int) -> int:
-    """Number of d_in splits of the U kernel: a function of the shape only (results are reproducible)."""
+    """Number of d_in splits of the U kernel: a function of the shape only (results are reproducible, and the
+    same chains whether the pointer or the TMA kernel runs: both take their tiles from WA_CONFIG here)."""
     bm, br = WA_CONFIG[mode][:2]
     tiles = -(-M // bm) * -(-R // br)
     return max(1, min(-(-WA_MIN_PROGRAMS // tiles), K // WA_MIN_SPLIT_K))
 
 
+def split_bf16x3(A: torch.Tensor):
+    """fp32 A as three bf16 matrices, A = A₁ + A₂ + A₃ exactly (each the bf16 rounding of what is left; exact for
+    normal fp32 values, whose 24 significant bits the three 8-bit terms cover), the split ``_wa_chain_step``'s MODE 1
+    does in registers."""
+    a1 = A.to(torch.bfloat16)
+    r1 = A - a1.to(torch.float32)
+    a2 = r1.to(torch.bfloat16)
+    return a1, a2, (r1 - a2.to(torch.float32)).to(torch.bfloat16)
+
+
+def _tma_ok(W: torch.Tensor, A: torch.Tensor, mode: int) -> bool:
+    """Can TMA descriptors address W and A (CUDA, Hopper or newer, 16-byte aligned base and row stride; for
+    MODE 1 the contiguous bf16 thirds of A)?"""
+    if not (W.is_cuda and HAS_TMA) or torch.cuda.get_device_capability(W.device)[0] < 9:
+        return False
+    a_ok = (A.shape[1] * 2) % 16 == 0 if mode == 1 else \
+        A.data_ptr() % 16 == 0 and (A.stride(0) * A.element_size()) % 16 == 0
+    return a_ok and W.data_ptr() % 16 == 0 and (W.stride(0) * W.element_size()) % 16 == 0
+
+
 def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-               use_triton: "bool | None" = None) -> torch.Tensor:
+               use_triton: "bool | None" = None, use_tma: "bool | None" = None) -> torch.Tensor:
     """U = W Aᵀ in fp32 (module contract): on CUDA the Triton kernel above (fp32 sums of exact products
-    within short K chains, float64 across chains and splits); elsewhere fp32 GEMMs (TF32 off) over d_in chunks."""
+    within short K chains, float64 across chains and splits; TMA loads where the operands allow them, or as
+    ``use_tma`` says); elsewhere fp32 GEMMs (TF32 off) over d_in chunks."""
     d_out, d_in = W.shape
     r = A.shape[0]
     if use_triton if use_triton is not None else (HAS_TRITON and W.is_cuda):
@@ -224,15 +301,24 @@ def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUN
         else:
             mode = None  # fp32 (or fp16 with fp32): IEEE fp32 GEMM below (FMA accumulation rounds to nearest)
         if mode is not None:
-            bm, br, bk, flush, warps, stages = WA_CONFIG[mode]
+            tma = use_tma if use_tma is not None else _tma_ok(W, A, mode)
+            bm, br, bk, flush, warps, stages = (WA_TMA_CONFIG if tma else WA_CONFIG)[mode]
             split = wa_splits(d_out, r, d_in, mode)
             k_per = triton.cdiv(triton.cdiv(d_in, split), bk) * bk  # whole K blocks per split
             split = -(-d_in // k_per)
             out = torch.empty((d_out, r) if split == 1 else (split, d_out, r),
                               dtype=torch.float32 if split == 1 else torch.float64, device=W.device)
             grid = (triton.cdiv(d_out, bm) * triton.cdiv(r, br), split)
-            _wa_kernel[grid](W, A, out, d_out, r, d_in, W.stride(0), A.stride(0), k_per, MODE=mode, BLOCK_M=bm,
-                             BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, SPLIT=split, num_warps=warps, num_stages=stages)
+            if tma:
+                parts = split_bf16x3(A) if mode == 1 else (A,)
+                descs = [TensorDescriptor.from_tensor(t, [br, bk]) for t in parts]
+                descs += descs[-1:] * (3 - len(descs))
+                _wa_tma_kernel[grid](TensorDescriptor.from_tensor(W, [bm, bk]), *descs, out, d_out, r, d_in, k_per,
+                                     MODE=2 if mode == 1 else 0, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush,
+                                     SPLIT=split, num_warps=warps, num_stages=stages)
+            else:
+                _wa_kernel[grid](W, A, out, d_out, r, d_in, W.stride(0), A.stride(0), k_per, MODE=mode, BLOCK_M=bm,
+                                 BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, SPLIT=split, num_warps=warps, num_stages=stages)
             return out if split == 1 else out.sum(dim=0).to(torch.float32)
     U = torch.zeros(d_out, r, dtype=torch.float32, device=W.device)
     A32 = A.to(torch.float32)

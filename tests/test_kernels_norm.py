@@ -175,3 +175,49 @@ def test_row_norm_cache_captures_after_earlier_graphs_died():
         del cache
         gc.collect()
     torch.randn(4, device="cuda")  # the RNG is untouched by the captures
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (interpreter on CPU)")
+@pytest.mark.parametrize("shape", [(67, 1000, 5), (130, 2056, 19)])
+def test_wa_product_tma_kernel_is_the_pointer_kernel(shape):
+    """U = W Aᵀ through TMA loads (zero fill past d_in, rows and r) against the pointer-load kernel (same chains:
+    the same bits) and against float64 under the chain bound |Û − U| ≤ (γ_chain(2u₃₂) + γ64)·|W||A|ᵀ + u₃₂|U|.
+    fp16 on the CPU (the interpreter's bf16 dot is unreliable); bf16 and fp32 adapters on the GPU test below."""
+    from dora_verify.bounds import U32, U64, gamma
+    from dora_verify.kernels.norm import U_CHAIN, wa_product
+
+    d_out, d_in, r = shape
+    g = torch.Generator().manual_seed(11)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    W = (torch.rand(d_out, d_in, generator=g) - 0.25).to(torch.float16).to(dev)
+    A = (torch.rand(r, d_in, generator=g) - 0.25).to(torch.float16).to(dev)
+    tma = wa_product(W, A, use_triton=True, use_tma=True)
+    assert torch.equal(tma, wa_product(W, A, use_triton=True, use_tma=False))
+    if dev == "cuda":  # bf16 W with fp32 A: split in registers (pointer kernel) or beforehand (TMA), same chains
+        Wb = W.to(torch.bfloat16)
+        A32 = A.float() * 1.0009765625
+        assert torch.equal(wa_product(Wb, A32, use_triton=True, use_tma=True),
+                           wa_product(Wb, A32, use_triton=True, use_tma=False))
+    W64, A64 = W.double().cpu(), A.double().cpu()
+    exact = W64 @ A64.t()
+    bound = (gamma(U_CHAIN, 2 * U32) + gamma(d_in, U64)) * (W64.abs() @ A64.abs().t()) + U32 * exact.abs()
+    assert bool(((tma.double().cpu() - exact).abs() <= bound).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton norm on the GPU (CPU: the interpreter test above)")
+@pytest.mark.parametrize("d_in", [1024, 1009])  # TMA-addressable rows, and a prime d_in (pointer loads)
+@pytest.mark.parametrize("adapters", ["bf16", "fp32"])
+@pytest.mark.parametrize("regime", ["trained", "near_cancel", "zero_rows", "all_positive", "heavy_tailed", "fresh"])
+def test_triton_norm_on_gpu_within_bound_and_contract(d_in, adapters, regime):
+    """The production (Triton) norm on the GPU: ν within ``kernel_norm_bound`` of the exact ν and ≤ 1e-6 relative."""
+    from dora_verify.bounds import kernel_norm_bound
+
+    c = make_case(regime, 257, d_in, 24, 4, dtype="bf16", seed=8, device="cuda")
+    A, B = (c.A, c.B) if adapters == "bf16" else (c.A.float() * 1.0009765625, c.B.float())
+    nu, info = factored_row_norm(c.W, A, B, c.s, return_info=True)
+    truth = row_norm_truth(c.W, A, B, c.s)
+    err = ((nu.double() - truth.nu).abs() - truth.bound).clamp_min(0)
+    nb = kernel_norm_bound(c.W, A, B, c.s, truth.nu, "triton", info.recomputed_rows)
+    assert float((err / nb).max()) <= 1.0
+    rel = torch.where(truth.nu > 0, err / truth.nu, nu.double().abs())
+    assert float(rel.max()) <= 1e-6
