@@ -247,7 +247,7 @@ if HAS_TRITON:
 # chains of 256 products (MODE 0) and 3·64 (MODE 1) measured 4.1e-7 max relative error of U on all-positive data.
 # TMA loads where the operands allow them (16-byte aligned rows): U at 8192², r = 384 in 0.128 ms vs 0.164 ms.
 WA_CONFIG = {0: (64, 128, 128, 2, 4, 3), 1: (128, 128, 64, 1, 8, 2)}
-WA_TMA_CONFIG = {0: (64, 128, 128, 2, 4, 4), 1: (64, 128, 64, 1, 4, 4)}
+WA_TMA_CONFIG = {0: (64, 128, 128, 2, 4, 4), 1: (128, 128, 64, 1, 8, 3)}
 # The longest chain of products one fp32 tensor-core accumulator sums before it is flushed to float64
 # (MODE 1 issues three dots per K block): what dora_verify.bounds.kernel_norm_bound charges γ_chain for.
 U_CHAIN = max(cfg[2] * cfg[3] * (1 if mode == 0 else 3)
