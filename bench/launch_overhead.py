@@ -49,6 +49,18 @@ def main():
         "compose (public, no grad)": lambda: compose(base, lora, g, 2.0),
         "dora_scale (with grad)": lambda: dora_scale(m, nu),
     }
+    from dora_verify.kernels.norm import factored_row_norm, tma_loads, weight_row_sq
+
+    Wn = torch.randn(N, N, **d)
+    An, Bn = torch.randn(R, N, **d), torch.randn(N, R, **d)
+    wsq = weight_row_sq(Wn)
+
+    def norm_tma():
+        with tma_loads():
+            return factored_row_norm(Wn, An, Bn, 2.0, wsq=wsq, validate=False)
+    rows["factored_row_norm (eager, pointer loads)"] = lambda: factored_row_norm(Wn, An, Bn, 2.0, wsq=wsq,
+                                                                                  validate=False)
+    rows["factored_row_norm (eager, TMA loads: descriptors encoded per launch)"] = norm_tma
     for name, fn in rows.items():
         print(f"{host_us(fn):9.1f} µs  {name}")
     b_, x_, B_ = base.clone().requires_grad_(), xa.clone().requires_grad_(), B.clone().requires_grad_()

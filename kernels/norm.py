@@ -23,6 +23,8 @@ Numerical contract (W, A, B in bf16/fp16/fp32, ``s`` fp32-representable; result 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
 
@@ -245,7 +247,8 @@ if HAS_TRITON:
 
 # (BLOCK_M, BLOCK_R, BLOCK_K, FLUSH, num_warps, num_stages) per mode, tuned on an H100 (bench/wa_variants.py):
 # chains of 256 products (MODE 0) and 3·64 (MODE 1) measured 4.1e-7 max relative error of U on all-positive data.
-# TMA loads where the operands allow them (16-byte aligned rows): U at 8192², r = 384 in 0.128 ms vs 0.164 ms.
+# TMA loads (inside tma_loads(): CUDA-graph captures) where the operands allow them (16-byte aligned rows): U at
+# 8192², r = 384 in 0.123 ms vs 0.161 ms; fp32 adapters 0.445 ms vs 0.58 ms (bench/kernels_gpu.py --parts profile).
 WA_CONFIG = {0: (64, 128, 128, 2, 4, 3), 1: (128, 128, 64, 1, 8, 2)}
 WA_TMA_CONFIG = {0: (64, 128, 128, 2, 4, 4), 1: (128, 128, 64, 1, 8, 3)}
 # The longest chain of products one fp32 tensor-core accumulator sums before it is flushed to float64
@@ -274,6 +277,22 @@ def split_bf16x3(A: torch.Tensor):
     return a1, a2, (r1 - a2.to(torch.float32)).to(torch.bfloat16)
 
 
+_TMA_LOADS = contextvars.ContextVar("dora_verify_tma_loads", default=False)
+
+
+@contextlib.contextmanager
+def tma_loads():
+    """Inside the block the U kernel takes TMA loads where the operands allow them. Outside it takes pointer loads:
+    Triton encodes a host tensor descriptor on every launch (~0.1 ms of host time per norm call on an H100 host),
+    which a CUDA graph pays once at capture — :class:`RowNormCache` captures (and warms up) inside this block.
+    Both kernels run the same tiles and chains: the same bits (tests/test_kernels_norm.py)."""
+    token = _TMA_LOADS.set(True)
+    try:
+        yield
+    finally:
+        _TMA_LOADS.reset(token)
+
+
 def _tma_ok(W: torch.Tensor, A: torch.Tensor, mode: int) -> bool:
     """Can TMA descriptors address W and A (CUDA, Hopper or newer, 16-byte aligned base and row stride; for
     MODE 1 the contiguous bf16 thirds of A)?"""
@@ -287,8 +306,8 @@ def _tma_ok(W: torch.Tensor, A: torch.Tensor, mode: int) -> bool:
 def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                use_triton: "bool | None" = None, use_tma: "bool | None" = None) -> torch.Tensor:
     """U = W Aᵀ in fp32 (module contract): on CUDA the Triton kernel above (fp32 sums of exact products
-    within short K chains, float64 across chains and splits; TMA loads where the operands allow them, or as
-    ``use_tma`` says); elsewhere fp32 GEMMs (TF32 off) over d_in chunks."""
+    within short K chains, float64 across chains and splits; TMA loads inside :func:`tma_loads` where the operands
+    allow them, or as ``use_tma`` says); elsewhere fp32 GEMMs (TF32 off) over d_in chunks."""
     d_out, d_in = W.shape
     r = A.shape[0]
     if use_triton if use_triton is not None else (HAS_TRITON and W.is_cuda):
@@ -301,7 +320,7 @@ def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUN
         else:
             mode = None  # fp32 (or fp16 with fp32): IEEE fp32 GEMM below (FMA accumulation rounds to nearest)
         if mode is not None:
-            tma = use_tma if use_tma is not None else _tma_ok(W, A, mode)
+            tma = use_tma if use_tma is not None else (_TMA_LOADS.get() and _tma_ok(W, A, mode))
             bm, br, bk, flush, warps, stages = (WA_TMA_CONFIG if tma else WA_CONFIG)[mode]
             split = wa_splits(d_out, r, d_in, mode)
             k_per = triton.cdiv(triton.cdiv(d_in, split), bk) * bk  # whole K blocks per split
@@ -515,7 +534,8 @@ class RowNormCache:
     graph is captured the second time in a row a set of storages comes back (W, A and B updated in place by an
     optimiser keep their addresses, so a training run captures once per layer, on its second step; parameters
     re-gathered into fresh buffers every step, as FSDP2's can be, never pay for a capture) and replayed with
-    whatever values those storages hold: the same kernels on the same inputs, so the same bits as an eager call. A new
+    whatever values those storages hold: the same chains on the same inputs, so the same bits as an eager call (the
+    graph's U kernel takes TMA loads, whose descriptors it encodes once; an eager call pointer loads). A new
     storage, shape, dtype, s or ``kappa_max`` captures again. Every layer's graph allocates its temporaries
     (U, BG, κ: O(d_out·r)) from one shared pool per device, which is safe while replays run one at a time in
     one stream's order — the layers of a model do; layers run concurrently on several streams would share those
@@ -575,10 +595,11 @@ class RowNormCache:
     @staticmethod
     def _capture(fn, device):
         """Capture ``fn``'s launches on the device's capture stream after one warm-up run there (cuBLAS
-        creates its per-stream handle and workspace lazily, which a capture cannot do)."""
+        creates its per-stream handle and workspace lazily, and Triton compiles, which a capture cannot do), both
+        with TMA loads (:func:`tma_loads`: their descriptors are encoded once, at capture)."""
         graph = torch.cuda.CUDAGraph()
         pool, side = _graph_pool_and_stream(device)
-        with torch.cuda.device(device):
+        with torch.cuda.device(device), tma_loads():
             main = torch.cuda.current_stream()
             side.wait_stream(main)
             with torch.cuda.stream(side):
@@ -609,4 +630,5 @@ def row_norm_op(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> 
 
 
 __all__ = ["DEFAULT_KAPPA_MAX", "NormInfo", "RowNormCache", "U_CHAIN", "WeightSquareCache", "assemble_norm",
-           "check_norm_inputs", "factored_row_norm", "row_norm_op", "wa_product", "wa_splits", "weight_row_sq"]
+           "check_norm_inputs", "factored_row_norm", "row_norm_op", "tma_loads", "wa_product", "wa_splits",
+           "weight_row_sq"]
