@@ -109,8 +109,11 @@ if HAS_TRITON:
     def _compose_fwd_kernel(base_ptr, lora_ptr, g_ptr, gm1_ptr, bias_ptr, out_ptr, inner_ptr, T, N, s,
                             DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_INNER: tl.constexpr,
                             ODD: tl.constexpr, ODD_INNER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # one flat grid, column blocks fastest: the programs in flight stream contiguous memory (5–7% faster on
+        # an H100 than rows fastest, whose programs in flight touch one 256-column strip of many rows)
+        n_n = tl.cdiv(N, BLOCK_N)
+        rows = (tl.program_id(0) // n_n) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = (tl.program_id(0) % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
         mask = (rows < T)[:, None] & cmask[None, :]
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -219,7 +222,7 @@ def compose_forward_fused(base, lora, g, g_minus_1, bias, s: float, delta: bool,
     sd = _save_dtype(save, base.dtype)
     inner = torch.empty(base.shape if sd is not None else (0,), dtype=sd or torch.float32, device=base.device)
     if T and N:
-        grid = (triton.cdiv(T, FWD_BLOCK_T), triton.cdiv(N, FWD_BLOCK_N))
+        grid = (triton.cdiv(T, FWD_BLOCK_T) * triton.cdiv(N, FWD_BLOCK_N),)
         _compose_fwd_kernel[grid](base, lora, g, g_minus_1 if delta else g, bias if bias is not None else g,
                                   out, inner if sd is not None else out, T, N, s,
                                   DELTA=delta, HAS_BIAS=bias is not None, SAVE_INNER=sd is not None,

@@ -70,8 +70,9 @@ if HAS_TRITON:
     def _lora_compose_fwd_kernel(base_ptr, xa_ptr, b_ptr, g_ptr, bias_ptr, out_ptr, lora_ptr, T, N, R, s,
                                  HAS_BIAS: tl.constexpr, WRITE_LORA: tl.constexpr, ODD: tl.constexpr, BLOCK_T: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_n = tl.cdiv(N, BLOCK_N)  # one flat grid, column blocks fastest (as the compose forward)
+        rows = (tl.program_id(0) // n_n) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = (tl.program_id(0) % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
         mask = (rows < T)[:, None] & cmask[None, :]
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -142,7 +143,7 @@ def lora_compose_forward_fused(base, xa, B, g, bias, s: float, write_lora: bool 
     out = torch.empty_like(base)
     lora = torch.empty(base.shape if write_lora else (0,), dtype=xa.dtype, device=base.device)
     if T and N:
-        grid = (triton.cdiv(T, LC_BLOCK_T), triton.cdiv(N, LC_BLOCK_N))
+        grid = (triton.cdiv(T, LC_BLOCK_T) * triton.cdiv(N, LC_BLOCK_N),)
         _lora_compose_fwd_kernel[grid](base, xa, B, g, bias if bias is not None else g, out,
                                        lora if write_lora else out, T, N, R, s, HAS_BIAS=bias is not None,
                                        WRITE_LORA=write_lora, ODD=out.dtype != torch.float32, BLOCK_T=LC_BLOCK_T,
