@@ -1,6 +1,6 @@
 """Experiment (issue 3): does the compose forward's program order explain its bimodal time at 4096×28672?
 
-    python3 bench/compose_order.py
+    python3 bench/compose_order.py [--fresh-outputs]
 
 The shipped forward walks a 2-D grid rows-fastest: the programs in flight share a 256-column strip across many
 rows (addresses one row stride apart). The variant flattens the grid columns-fastest, so the programs in flight
@@ -66,5 +66,35 @@ def main():
         torch.cuda.empty_cache()
 
 
+def fresh_outputs(T=4096, N=28672, calls=40):
+    """Per-call time of the production forward (a fresh output from the caching allocator every call) and the
+    output's address: is the bimodal median at 4096×28672 a property of where the output lands?"""
+    from dora_verify.kernels.compose import compose_forward_fused
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    base = torch.randn(T, N, device="cuda", dtype=torch.bfloat16, generator=gen)
+    lora = torch.randn(T, N, device="cuda", dtype=torch.bfloat16, generator=gen)
+    g = 1 + 1e-3 * torch.randn(N, device="cuda", generator=gen)
+    for _ in range(5):
+        compose_forward_fused(base, lora, g, None, None, 2.0, False, 0)
+    rows = []
+    for _ in range(calls):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        out, _ = compose_forward_fused(base, lora, g, None, None, 2.0, False, 0)
+        b.record()
+        b.synchronize()
+        rows.append((round(a.elapsed_time(b), 4), hex(out.data_ptr())))
+        del out
+    by_ptr = {}
+    for ms, ptr in rows:
+        by_ptr.setdefault(ptr, []).append(ms)
+    for ptr, ts in by_ptr.items():
+        print(f"output at {ptr}: {len(ts)} calls, ms min {min(ts):.4f} median {sorted(ts)[len(ts) // 2]:.4f} "
+              f"max {max(ts):.4f}", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    fresh_outputs() if "--fresh-outputs" in sys.argv else main()
