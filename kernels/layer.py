@@ -12,7 +12,7 @@ Forward (PEFT ``LoraConfig(use_dora=True)`` semantics):
   training forward keeps for backward (all three give d_m from float64 sums except 'activation'):
   'recompute' (default) fuses the LoRA up-projection into the compose (:func:`lora_compose`): lora = xa Bᵀ
   is never written, backward keeps base and xa and recomputes the same lora tiles — the least memory
-  (H100, 8192², r = 384, 4096 tokens: 0.82× PEFT LoRA's peak) for a slower backward (fwd+bwd 1.39× LoRA);
+  (H100, 8192², r = 384, 4096 tokens: 0.82× PEFT LoRA's peak; fwd+bwd 1.28× LoRA's time, reports/bench-h100);
   'inputs' materialises lora and keeps base and lora (measured slower and larger there: fwd+bwd 1.69×,
   peak 1.33× LoRA's; reports/kernels-h100); 'activation'
   keeps only base + s·lora in the activation dtype, bf16 for fp16 (d_m to ~2⁻⁸ relative). fp32 adapters (PEFT's default
