@@ -62,7 +62,6 @@ def main():
             line.append(f"{'cols' if cf else 'rows'} {t['ms']:.4f} ({t['p10']:.4f}, {t['p90']:.4f}) "
                         f"{gb / t['ms']:.2f} TB/s")
         print(f"{T}x{N} same bits {same}: " + " | ".join(line), flush=True)
-        del base, lora, out
         torch.cuda.empty_cache()
 
 

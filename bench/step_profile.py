@@ -111,7 +111,6 @@ def main():
                 print(f"\n== {key}: event {ms:.3f} ms, kernel sum {total / 1e3:.3f} ms", flush=True)
                 for k, v in list(table.items())[:14]:
                     print(f"  {v:8.1f} us  {k}")
-            del layer, params
             torch.cuda.empty_cache()
     _write(res, a.out)
 

@@ -27,6 +27,19 @@ from dora_verify import provenance
 
 
 @triton.jit
+def _flush(acc, comp, part, ACC64: tl.constexpr):
+    """End of a chain: part into acc — plain (ACC64 0: fp32, 1: float64) or Kahan-compensated fp32 (2, comp)."""
+    if ACC64 == 2:
+        y = part - comp
+        t = acc + y
+        comp = (t - acc) - y
+        acc = t
+    else:
+        acc += part.to(acc.dtype)
+    return acc, comp
+
+
+@triton.jit
 def _wa_variant(w_ptr, a_ptr, out_ptr, M, R, K, stride_w, stride_a, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_K: tl.constexpr, FLUSH: tl.constexpr, NESTED: tl.constexpr, FLAT: tl.constexpr,
                 ACC64: tl.constexpr):
@@ -56,13 +69,7 @@ def _wa_variant(w_ptr, a_ptr, out_ptr, M, R, K, stride_w, stride_a, BLOCK_M: tl.
                 w = tl.load(wp + kk[None, :], mask=rmask & (kk < K)[None, :], other=0.0)
                 a = tl.load(ap + kk[:, None], mask=amask & (kk < K)[:, None], other=0.0)
                 part = tl.dot(w, a, part, out_dtype=tl.float32)
-            if ACC64 == 2:
-                y = part - comp
-                t = acc + y
-                comp = (t - acc) - y
-                acc = t
-            else:
-                acc += part.to(acc.dtype)
+            acc, comp = _flush(acc, comp, part, ACC64)
     else:
         part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for i in range(0, tl.cdiv(K, BLOCK_K)):
@@ -71,13 +78,7 @@ def _wa_variant(w_ptr, a_ptr, out_ptr, M, R, K, stride_w, stride_a, BLOCK_M: tl.
             a = tl.load(ap + kk[:, None], mask=amask & (kk < K)[:, None], other=0.0)
             part = tl.dot(w, a, part, out_dtype=tl.float32)
             if i % FLUSH == FLUSH - 1:
-                if ACC64 == 2:
-                    y = part - comp
-                    t = acc + y
-                    comp = (t - acc) - y
-                    acc = t
-                else:
-                    acc += part.to(acc.dtype)
+                acc, comp = _flush(acc, comp, part, ACC64)
                 part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         acc += part.to(acc.dtype)
         acc -= comp.to(acc.dtype)
@@ -120,15 +121,31 @@ TMA_CANDIDATES = [(bm, br, bk, flush, warps, stages, acc)
                   for acc in (0, 1)]
 
 
-def wa_tma_variants(log):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    d, r = 8192, 384
+def _u_problem(d=8192, r=384):
+    """All-positive bf16 W [d, d], A [r, d] (exposes accumulation error), float64 U and an fp32 output buffer."""
     torch.manual_seed(0)
     W = (torch.rand(d, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
     A = (torch.rand(r, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
-    ref = W.double() @ A.double().t()
-    out = torch.empty(d, r, device="cuda", dtype=torch.float32)
+    return d, r, W, A, W.double() @ A.double().t(), torch.empty(d, r, device="cuda", dtype=torch.float32)
+
+
+def _measure(run, rec, out, ref, log):
+    """Fill ``rec`` with the max relative error of ``run()``'s U (output poisoned first) and its median time."""
+    try:
+        out.fill_(float("nan"))
+        run()
+        rec["max_rel"] = float(((out.double() - ref).abs() / ref).max())
+        rec["ms"] = bench_ms(run)
+    except Exception as e:  # noqa: BLE001
+        rec["error"] = repr(e)[:200]
+    log(rec)
+    return rec
+
+
+def wa_tma_variants(log):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    d, r, W, A, ref, out = _u_problem()
     rows = []
     for bm, br, bk, flush, warps, stages, acc in TMA_CANDIDATES:
         wd = TensorDescriptor.from_tensor(W, [bm, bk])
@@ -139,17 +156,8 @@ def wa_tma_variants(log):
             _wa_tma[grid](wd, ad, out, d, r, d, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, ACC64=acc,
                           num_warps=warps, num_stages=stages)
             return out
-        rec = {"variant": dict(tma=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, warps=warps, stages=stages,
-                               acc64=acc), "chain": bk * flush}
-        try:
-            out.fill_(float("nan"))
-            run()
-            rec["max_rel"] = float(((out.double() - ref).abs() / ref).max())
-            rec["ms"] = bench_ms(run)
-        except Exception as e:  # noqa: BLE001
-            rec["error"] = repr(e)[:200]
-        rows.append(rec)
-        log(rec)
+        rows.append(_measure(run, {"variant": dict(tma=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, warps=warps,
+                                                   stages=stages, acc64=acc), "chain": bk * flush}, out, ref, log))
     return rows
 
 
@@ -166,15 +174,10 @@ NEW_CANDIDATES = [  # session 8: the plain GEMM (no flush) as the Triton ceiling
 
 
 def wa_variants(log, cands=None):
-    d, r = 8192, 384
-    torch.manual_seed(0)
-    W = (torch.rand(d, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
-    A = (torch.rand(r, d, device="cuda") / math.sqrt(d)).to(torch.bfloat16)
-    ref = W.double() @ A.double().t()
+    d, r, W, A, ref, out = _u_problem()
     rows = [{"variant": "cublas mm out_dtype=fp32", "ms": bench_ms(lambda: torch.mm(W, A.t(), out_dtype=torch.float32)),
              "max_rel": float(((torch.mm(W, A.t(), out_dtype=torch.float32).double() - ref).abs() / ref).max())}]
     log(rows[-1])
-    out = torch.empty(d, r, device="cuda", dtype=torch.float32)
     if cands is None:  # the session-6 set
         cands = [(bm, br, bk, flush, warps, stages, nested, flat, acc64)
                  for bm, br, bk, flush, warps, stages in ((64, 128, 128, 2, 4, 3), (128, 128, 128, 2, 8, 3),
@@ -190,16 +193,9 @@ def wa_variants(log, cands=None):
             _wa_variant[grid](W, A, out, d, r, d, W.stride(0), A.stride(0), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
                               FLUSH=flush, NESTED=nested, FLAT=flat, ACC64=acc64, num_warps=warps, num_stages=stages)
             return out
-        rec = {"variant": dict(BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, warps=warps, stages=stages,
-                               nested=nested, flatten=flat, acc64=acc64), "chain": bk * flush}
-        try:
-            run()
-            rec["max_rel"] = float(((out.double() - ref).abs() / ref).max())
-            rec["ms"] = bench_ms(run)
-        except Exception as e:  # noqa: BLE001
-            rec["error"] = repr(e)[:200]
-        rows.append(rec)
-        log(rec)
+        rows.append(_measure(run, {"variant": dict(BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, warps=warps,
+                                                   stages=stages, nested=nested, flatten=flat, acc64=acc64),
+                                   "chain": bk * flush}, out, ref, log))
     return rows
 
 
