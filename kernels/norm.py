@@ -251,10 +251,11 @@ if HAS_TRITON:
 # 8192², r = 384 in 0.123 ms vs 0.161 ms; fp32 adapters 0.445 ms vs 0.58 ms (bench/kernels_gpu.py --parts profile).
 WA_CONFIG = {0: (64, 128, 128, 2, 4, 3), 1: (128, 128, 64, 1, 8, 2)}
 WA_TMA_CONFIG = {0: (64, 128, 128, 2, 4, 4), 1: (128, 128, 64, 1, 8, 3)}
+# The TMA kernel differs only in its pipeline depth: same tiles, warps and chains, hence the same bits.
+assert all(WA_TMA_CONFIG[m][:5] == WA_CONFIG[m][:5] for m in WA_CONFIG)
 # The longest chain of products one fp32 tensor-core accumulator sums before it is flushed to float64
 # (MODE 1 issues three dots per K block): what dora_verify.bounds.kernel_norm_bound charges γ_chain for.
-U_CHAIN = max(cfg[2] * cfg[3] * (1 if mode == 0 else 3)
-              for table in (WA_CONFIG, WA_TMA_CONFIG) for mode, cfg in table.items())
+U_CHAIN = max(cfg[2] * cfg[3] * (1 if mode == 0 else 3) for mode, cfg in WA_CONFIG.items())
 WA_MIN_PROGRAMS = 256  # below this many output tiles (e.g. G = A Aᵀ, r×r) d_in is split across programs
 WA_MIN_SPLIT_K = 1024  # ... but each split keeps at least this much of d_in
 
@@ -329,10 +330,9 @@ def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUN
                               dtype=torch.float32 if split == 1 else torch.float64, device=W.device)
             grid = (triton.cdiv(d_out, bm) * triton.cdiv(r, br), split)
             if tma:
-                parts = split_bf16x3(A) if mode == 1 else (A,)
-                descs = [TensorDescriptor.from_tensor(t, [br, bk]) for t in parts]
-                descs += descs[-1:] * (3 - len(descs))
-                _wa_tma_kernel[grid](TensorDescriptor.from_tensor(W, [bm, bk]), *descs, out, d_out, r, d_in, k_per,
+                a_parts = split_bf16x3(A.contiguous()) if mode == 1 else (A, A, A)  # MODE 0 reads only the first
+                a_descs = [TensorDescriptor.from_tensor(t, [br, bk]) for t in a_parts]
+                _wa_tma_kernel[grid](TensorDescriptor.from_tensor(W, [bm, bk]), *a_descs, out, d_out, r, d_in, k_per,
                                      MODE=2 if mode == 1 else 0, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush,
                                      SPLIT=split, num_warps=warps, num_stages=stages)
             else:
