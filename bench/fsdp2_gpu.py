@@ -146,8 +146,8 @@ def training_part(quick, adapters):
         out[name] = {"losses": losses, "loss_err_vs_fp32": abs(losses[0] - out["fp32_loss"]) / abs(out["fp32_loss"]),
                      "grad_err_vs_fp32": err, "step_ms_median": sorted(times[1:])[len(times[1:]) // 2],
                      "peak_mib_per_rank": [float(p) for p in peaks], "routed_layers": sum(
-                         "_dora_verify_cache" in m.__dict__ for m in model.modules())}
-        caches = [m.__dict__["_dora_verify_cache"] for m in model.modules() if "_dora_verify_cache" in m.__dict__]
+                         "_dora_verify_norm" in m.__dict__ for m in model.modules())}
+        caches = [m.__dict__["_dora_verify_norm"] for m in model.modules() if "_dora_verify_norm" in m.__dict__]
         out[name]["norm_graph_captures"] = sum(c.captures for c in caches)
         out[name]["norm_graph_replays"] = sum(c.replays for c in caches)
         out[name]["_grads"] = grads

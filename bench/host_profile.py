@@ -28,7 +28,6 @@ def main():
     params = [layer.lora_A, layer.lora_B, layer.magnitude]
 
     def step():
-        layer.norm_cache.invalidate()
         return torch.autograd.grad(layer(x), params, dy)
     for _ in range(5):
         step()

@@ -238,8 +238,8 @@ def _build_layer(impl: str, d: int, r: int, adapters: str, seed: int):
             layer.lora_B.normal_(0, 1e-3)
             layer.magnitude.mul_(1.001)
 
-        def step():  # training changes A and B every step: ν is recomputed, as it would be
-            layer.norm_cache.invalidate()
+        def step():  # ν is computed on every forward (RowNormRunner): nothing to reset between steps
+            pass
         return layer, [layer.lora_A, layer.lora_B, layer.magnitude], step
     from peft import LoraConfig, get_peft_model
 

@@ -5,9 +5,13 @@ Forward (PEFT ``LoraConfig(use_dora=True)`` semantics):
     base = x Wᵀ (bias excluded)      lora = (dropout(x) Aᵀ) Bᵀ      ν = ‖W + s·BA‖_row (detached)
     g = m / max(ν, ε)                y = g ⊙ (base + s·lora) + bias
 
-* ν comes from :func:`factored_row_norm` (fp32, ill-conditioned rows recomputed) through a per-layer
-  :class:`RowNormCache`: ‖W‖²_row is cached while W is unchanged, ν itself while W, A, B and s are unchanged
-  (inference), and on CUDA a changed ν is recomputed by replaying a CUDA graph of the norm's launches.
+* ν comes from :func:`factored_row_norm` (fp32, ill-conditioned rows recomputed), computed from the current
+  W, A, B on every forward (:class:`RowNormRunner`; on CUDA by replaying a CUDA graph of the norm's
+  launches), so no writer — fused optimisers, ``.data`` edits, ``load_state_dict``, re-gathered parameters —
+  can leave it stale. :func:`frozen_norms` opts into reusing ν for inference (grad mode off).
+* Autocast: the norm, g and the compose keep their contracts under ``torch.autocast`` (the norm runs with
+  autocast off); the layer's GEMMs (x Wᵀ, x Aᵀ, xa Bᵀ) run in the autocast dtype, as PEFT's do, and the compose
+  then reads a materialised lora in that dtype.
 * g and g − 1 stay fp32 (:func:`dora_scale`); the compose rounds once. ``save`` picks what the
   training forward keeps for backward (all three give d_m from float64 sums except 'activation'):
   'recompute' (default) fuses the LoRA up-projection into the compose (:func:`lora_compose`): lora = xa Bᵀ
@@ -24,8 +28,10 @@ Forward (PEFT ``LoraConfig(use_dora=True)`` semantics):
   p = 0 and in eval mode.
 * Adapters: ``adapter_dtype`` None keeps A, B in W's dtype; ``torch.float32`` reproduces PEFT's default
   (``autocast_adapter_dtype=True``): the LoRA branch runs in fp32 and the compose reads an fp32 lora.
-* Non-finite parameters or inputs propagate (NaN/Inf in the output), as in PEFT; nothing is checked in
-  the hot path (a check would cost a host synchronisation per call).
+* Validation: the constructor rejects what would give silent garbage (non-floating or fp64 weights, adapters or
+  bias; alpha, eps or kappa_max NaN; eps ≤ 0); the forward checks dtypes and shapes (no host synchronisation).
+  Non-finite parameters or inputs propagate (NaN/Inf in the output), as in PEFT: a finiteness check would cost
+  a host synchronisation per call.
 """
 from __future__ import annotations
 
@@ -37,14 +43,29 @@ from torch import nn
 
 from .compose import compose
 from .lora_compose import lora_compose
-from .norm import DEFAULT_KAPPA_MAX, RowNormCache, row_norm_op
+from .norm import DEFAULT_KAPPA_MAX, RowNormRunner, check_kappa_max, row_norm_op
 from .scale import DEFAULT_EPS, dora_scale, round_to_fp32
 
 
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """s = alpha / r (or alpha / √r with rsLoRA), rounded to fp32 (the kernels hold s in fp32)."""
+    """s = alpha / r (or alpha / √r with rsLoRA), rounded to fp32 (the kernels hold s in fp32). Raises ValueError
+    unless alpha is finite and r positive."""
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha!r}")
+    if int(r) <= 0:
+        raise ValueError(f"rank r must be positive, got {r}")
     s = alpha / math.sqrt(r) if use_rslora else alpha / r
     return round_to_fp32(s)
+
+
+def _check_kernel_dtype(name: str, dtype: torch.dtype) -> None:
+    if dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{name} has dtype {dtype}; the DoRA kernels take bfloat16, float16 or float32 "
+                        "(float64 and integer tensors are not supported)")
 
 
 class DoRALinear(nn.Module):
@@ -57,8 +78,15 @@ class DoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
-        if int(r) <= 0:
-            raise ValueError(f"rank r must be positive, got {r}")
+        if isinstance(r, bool) or int(r) != r or int(r) <= 0:
+            raise ValueError(f"rank r must be a positive integer, got {r!r}")
+        _check_kernel_dtype("base_layer.weight", base_layer.weight.dtype)
+        if base_layer.bias is not None:
+            _check_kernel_dtype("base_layer.bias", base_layer.bias.dtype)
+        if adapter_dtype is not None:
+            _check_kernel_dtype("adapter_dtype", adapter_dtype)
+        if not (math.isfinite(float(eps)) and float(eps) > 0):
+            raise ValueError(f"eps must be a positive finite number, got {eps!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if save not in ("recompute", "inputs", "activation"):
@@ -78,11 +106,11 @@ class DoRALinear(nn.Module):
         self.dropout_semantics = dropout_semantics
         self.eps = float(eps)
         self.save = save
-        self.kappa_max = float(kappa_max)
+        self.kappa_max = check_kappa_max(kappa_max)
         self.lora_A = nn.Parameter(torch.empty(self.r, d_in, dtype=dt, device=W.device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, self.r, dtype=dt, device=W.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's (and PEFT's) default for A
-        self.norm_cache = RowNormCache()
+        self.row_norm = RowNormRunner()
         self.magnitude = nn.Parameter(self.weight_norm().clone())  # m = ν at init: g = 1 exactly
 
     @classmethod
@@ -98,11 +126,11 @@ class DoRALinear(nn.Module):
         return self.base_layer.out_features
 
     def weight_norm(self) -> torch.Tensor:
-        """ν = ‖W + s·BA‖_row, fp32, detached; cached while W, A, B are unchanged."""
+        """ν = ‖W + s·BA‖_row, fp32, detached, of the current W, A, B (reused only inside :func:`frozen_norms`)."""
         W, A, B = self.base_layer.weight, self.lora_A, self.lora_B
         if torch.compiler.is_compiling():
             return row_norm_op(W, A, B, self.scaling)
-        return self.norm_cache.get(W, A, B, self.scaling, self.kappa_max)
+        return self.row_norm.get(W, A, B, self.scaling, self.kappa_max)
 
     def scale(self, g_minus_1: bool = True):
         """(g, g − 1), fp32, differentiable in the magnitude; (g, None) with ``g_minus_1=False``."""
@@ -112,6 +140,9 @@ class DoRALinear(nn.Module):
         W, bias = self.base_layer.weight, self.base_layer.bias
         if x.shape[-1] != W.shape[1]:
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {W.shape[1]}")
+        if W.dtype not in _KERNEL_DTYPES or self.lora_A.dtype not in _KERNEL_DTYPES:  # e.g. after .double()
+            _check_kernel_dtype("base_layer.weight", W.dtype)
+            _check_kernel_dtype("lora_A", self.lora_A.dtype)
         xd = self.dropout(x)
         xa = F.linear(xd.to(self.lora_A.dtype), self.lora_A)
         peft_dropout = self.training and xd is not x and self.dropout_semantics == "peft"
@@ -121,7 +152,8 @@ class DoRALinear(nn.Module):
             delta = compose(F.linear(xd, W), F.linear(xa, self.lora_B), g, self.scaling, g_minus_1=gm1,
                             output="delta", save=self._compose_save)
             return (base + bias if bias is not None else base) + delta
-        if self.lora_B.dtype != torch.float32 and self.save == "recompute":
+        if self.lora_B.dtype != torch.float32 and self.save == "recompute" \
+                and not torch.is_autocast_enabled(x.device.type):  # autocast picks the GEMMs' dtype: materialise
             return lora_compose(base, xa, self.lora_B, g, self.scaling, bias)  # lora never materialised
         return compose(base, F.linear(xa, self.lora_B), g, self.scaling, bias, save=self._compose_save)
 

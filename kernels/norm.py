@@ -5,7 +5,8 @@
 Numerical contract (W, A, B in bf16/fp16/fp32, ``s`` fp32-representable; result **fp32**):
 
 * ``‖W‖²_row`` is accumulated in float64 from exactly squared inputs (relative error ≤ γ64_{d_in}, i.e.
-  ~1e-12 at d_in = 8192) and cached by :class:`WeightSquareCache` while W is unchanged.
+  ~1e-12 at d_in = 8192), on every call: no value of ν or of its terms outlives the call that computed it
+  (:class:`RowNormRunner`), so no writer of W, A or B can leave a stale one behind.
 * ``U = W Aᵀ``: on CUDA a Triton GEMM whose tensor-core products are summed in fp32 only within chains
   of ≤ 256 products along d_in and across chains in float64 (a long tensor-core accumulation truncates: it measured
   3.1e-5 relative error in U on all-positive 8192×8192 data with cuBLAS, 4.1e-7 here). bf16/fp16 products are exact in
@@ -20,6 +21,8 @@ Numerical contract (W, A, B in bf16/fp16/fp32, ``s`` fp32-representable; result 
   float64, ‖W_i + s(B_i A)‖ with B_i A formed from exact products: relative error ≤ γ64_{r+d_in+2}·cond_i,
   negligible until the row's condition number passes ~1e9. Zero rows give ν = 0 exactly.
 * Transient memory: O(d_out·r + r² + chunk) — U (fp32), BG (float64), one W chunk where needed.
+* Autocast: the norm runs with autocast off (``torch.autocast(enabled=False)``), so an enclosing
+  ``torch.autocast`` region never turns its fp32/float64 GEMMs into bf16/fp16 ones.
 """
 from __future__ import annotations
 
@@ -111,29 +114,6 @@ def weight_row_sq(W: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         w = W[i0:i1].to(torch.float64)
         out[i0:i1] = (w * w).sum(dim=1)
     return out
-
-
-class WeightSquareCache:
-    """Caches ‖W‖²_row for one frozen weight; recomputes when W's storage, shape or in-place version change."""
-
-    def __init__(self):
-        self._key = None
-        self._value = None
-
-    @staticmethod
-    def _key_of(W: torch.Tensor):
-        return (W.data_ptr(), W._version, tuple(W.shape), tuple(W.stride()), W.dtype, W.device)
-
-    def get(self, W: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
-        key = self._key_of(W)
-        if key != self._key:
-            with torch.no_grad():
-                self._value = weight_row_sq(W.detach(), chunk_bytes)
-            self._key = key
-        return self._value
-
-    def clear(self) -> None:
-        self._key = self._value = None
 
 
 class _NoTF32:
@@ -285,7 +265,7 @@ _TMA_LOADS = contextvars.ContextVar("dora_verify_tma_loads", default=False)
 def tma_loads():
     """Inside the block the U kernel takes TMA loads where the operands allow them. Outside it takes pointer loads:
     Triton encodes a host tensor descriptor on every launch (~0.1 ms of host time per norm call on an H100 host),
-    which a CUDA graph pays once at capture — :class:`RowNormCache` captures (and warms up) inside this block.
+    which a CUDA graph pays once at capture — :class:`RowNormRunner` captures (and warms up) inside this block.
     Both kernels run the same tiles and chains: the same bits (tests/test_kernels_norm.py)."""
     token = _TMA_LOADS.set(True)
     try:
@@ -461,24 +441,35 @@ def _norm_torch(W, A, B, s, wsq, kappa_max, chunk_bytes):
     return nu.to(torch.float32), kappa
 
 
+def check_kappa_max(kappa_max: float) -> float:
+    """``kappa_max`` as a float; raises ValueError for NaN or a value ≤ 0 (NaN would silently turn the recompute
+    of cancelling rows off: every comparison κ > NaN is false). ∞ turns the recompute off on purpose."""
+    k = float(kappa_max)
+    if not k > 0:
+        raise ValueError(f"kappa_max must be a positive number (inf turns the dense recompute off), got {kappa_max!r}")
+    return k
+
+
 def factored_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, *,
                       wsq: "torch.Tensor | None" = None, kappa_max: float = DEFAULT_KAPPA_MAX,
                       chunk_bytes: int = DEFAULT_CHUNK_BYTES, return_info: bool = False, validate: bool = True,
                       backend: "str | None" = None):
     """ν = ‖W + s·BA‖ per row, fp32, without materialising BA (contract: module docstring).
 
-    ``wsq``: precomputed float64 ‖W‖²_row (e.g. from :class:`WeightSquareCache`); computed if None.
+    ``wsq``: precomputed float64 ‖W‖²_row of this very W (the caller vouches for it); computed if None.
     ``backend``: 'triton' (default on CUDA: three small GEMM kernels, one assembly kernel and one
     dense-recompute kernel, no host synchronisation) or 'torch' (default elsewhere; float64 torch ops).
-    Returns ν, or (ν, :class:`NormInfo`) with ``return_info``. Never differentiable (DoRA detaches ν)."""
+    Autocast is off inside. Returns ν, or (ν, :class:`NormInfo`) with ``return_info``. Never differentiable
+    (DoRA detaches ν)."""
     s = check_norm_inputs(W, A, B, s) if validate else float(s)
+    kappa_max = check_kappa_max(kappa_max) if validate else float(kappa_max)
     if backend is None:
         backend = "triton" if (HAS_TRITON and W.is_cuda) else "torch"
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     if backend == "triton" and not HAS_TRITON:
         raise ValueError("backend='triton' needs Triton installed")
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(W.device.type, enabled=False):
         W, A, B = W.detach(), A.detach(), B.detach()
         if wsq is None:
             wsq = weight_row_sq(W, chunk_bytes)
@@ -493,7 +484,7 @@ def factored_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: floa
     return nu
 
 
-# ----------------------------------------------------------------------------- per-layer cache, CUDA-graph replay
+# ----------------------------------------------------------------------------- per-layer runner, CUDA-graph replay
 _GRAPH_POOLS: dict = {}  # device index -> (memory pool, capture stream, anchor graph), shared by every norm graph
 
 
@@ -517,7 +508,7 @@ def _graph_pool_and_stream(device: torch.device):
 
 
 def norm_graphs_enabled() -> bool:
-    """CUDA-graph replay of the norm (:class:`RowNormCache`); ``DORA_VERIFY_NORM_GRAPHS=0`` turns it off."""
+    """CUDA-graph replay of the norm (:class:`RowNormRunner`); ``DORA_VERIFY_NORM_GRAPHS=0`` turns it off."""
     import os
 
     from .dispatch import interpreting
@@ -525,56 +516,91 @@ def norm_graphs_enabled() -> bool:
     return HAS_TRITON and not interpreting() and os.environ.get("DORA_VERIFY_NORM_GRAPHS", "1") != "0"
 
 
-class RowNormCache:
-    """ν of one layer's (W, A, B, s), cached while none of them changes (inference), recomputed when one does.
+_FROZEN_SCOPE = contextvars.ContextVar("dora_verify_frozen_norms", default=None)
 
-    On CUDA the recomputation replays a CUDA graph of :func:`factored_row_norm`'s launches (the Triton backend:
-    five kernels and a few small torch ops, no host synchronisation): an eager call costs ~0.3 ms of Python and
-    launch time per layer on an H100 host, more than its GPU time below d ≈ 8192, a replay one graph launch. The
-    graph is captured the second time in a row a set of storages comes back (W, A and B updated in place by an
-    optimiser keep their addresses, so a training run captures once per layer, on its second step; parameters
-    re-gathered into fresh buffers every step, as FSDP2's can be, never pay for a capture) and replayed with
-    whatever values those storages hold: the same chains on the same inputs, so the same bits as an eager call (the
-    graph's U kernel takes TMA loads, whose descriptors it encodes once; an eager call pointer loads). A new
-    storage, shape, dtype, s or ``kappa_max`` captures again. Every layer's graph allocates its temporaries
-    (U, BG, κ: O(d_out·r)) from one shared pool per device, which is safe while replays run one at a time in
-    one stream's order — the layers of a model do; layers run concurrently on several streams would share those
-    temporaries: set ``DORA_VERIFY_NORM_GRAPHS=0`` there. Each graph keeps only its ν (d_out fp32), copied out on
-    every replay. A capture costs one
-    extra eager run (a warm-up on the capture stream) and happens only when the storages change. Inside another
-    capture, on the CPU, under the Triton interpreter or with ``DORA_VERIFY_NORM_GRAPHS=0`` the norm runs
-    eagerly; a failed capture falls back to eager for good (``graph_error`` says why)."""
+
+@contextlib.contextmanager
+def frozen_norms():
+    """Inference only: inside the block, with grad mode off, each layer computes ν once and reuses it.
+
+    Outside this block ν is computed on every call (nothing can be stale). Inside it, a layer's ν is reused
+    while grad mode is off and its W, A, B keep their storage, shape, dtype and in-place version and s and
+    κ_max are unchanged; anything else recomputes. Writers that change values without a version bump — a fused
+    optimiser step, ``.data`` edits, PEFT's merge/unmerge, a re-gather into the same buffer — are not seen:
+    the block is the caller's promise that none runs inside it (e.g. around ``model.generate``). Leaving the
+    block forgets every reused ν. Blocks nest; each entry is a new scope."""
+    token = _FROZEN_SCOPE.set(object())  # compared by identity: a new key for every entry
+    try:
+        yield
+    finally:
+        _FROZEN_SCOPE.reset(token)
+
+
+def _tensor_key(t: torch.Tensor):
+    return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.device)
+
+
+class RowNormRunner:
+    """ν of one layer's (W, A, B, s), computed from the values it reads on every call (no value outlives a call).
+
+    Nothing is cached between calls, so no writer can leave ν stale: autograd-visible in-place ops, for-loop,
+    foreach and fused optimisers (the fused ones write without bumping ``_version``), ``.data`` edits,
+    ``load_state_dict``, swapped or re-gathered parameters, ``.to()`` moves. ‖W‖² is recomputed too (one
+    bandwidth pass over W per call). The one exception is opt-in: :func:`frozen_norms` (inference, grad off).
+
+    What it does keep is *how* to compute: on CUDA the computation is a CUDA graph of :func:`factored_row_norm`'s
+    launches (the Triton backend: six kernels and a few small torch ops, no host synchronisation), replayed
+    whenever W, A and B are the tensors at the same addresses with the same shapes, strides and dtypes as at the
+    capture. A replay reads whatever those addresses hold now — the current values — and runs the same chains
+    on them as an eager call: the same bits (the graph's U kernel takes TMA loads, whose descriptors it encodes
+    once; an eager call pointer loads). An eager call costs ~0.3 ms of Python and launch time per layer on an
+    H100 host, a replay one graph launch. The graph is captured the second time in a row a set of storages comes
+    back (an optimiser updates W, A, B in place, so a training run captures once per layer, on its second call;
+    parameters re-gathered into fresh buffers every step never pay for a capture); a new storage, shape, dtype,
+    s or ``kappa_max`` captures again. Every layer's graph allocates its temporaries (‖W‖², U, BG, κ: O(d_out·r))
+    from one shared pool per device, which is safe while replays run one at a time in one stream's order — the
+    layers of a model do; layers run concurrently on several streams would share those temporaries: set
+    ``DORA_VERIFY_NORM_GRAPHS=0`` there. Each graph keeps only its ν (d_out fp32), copied out on every replay.
+    Inside another capture, on the CPU, under the Triton interpreter or with ``DORA_VERIFY_NORM_GRAPHS=0`` the
+    norm runs eagerly; a failed capture falls back to eager for good (``graph_error`` says why)."""
 
     def __init__(self):
-        self.wsq = WeightSquareCache()
-        self._key = self._nu = None
         self._graph = self._graph_key = self._graph_nu = None
         self._seen_key = None
+        self._frozen = None  # (key, ν) reused inside one frozen_norms() scope only
         self.graph_error: "str | None" = None
-        self.replays = self.captures = 0
+        self.computes = self.replays = self.captures = 0
 
-    def invalidate(self) -> None:
-        """Forget the cached ν (the next call recomputes it, by replay where a graph exists)."""
-        self._key = None
+    def __deepcopy__(self, memo):  # a copied layer owns new tensors: it starts with no graph of its own
+        return RowNormRunner()
+
+    def __getstate__(self):  # pickling a layer (torch.save of a module) keeps no graph or device state
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
 
     def get(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
             kappa_max: float = DEFAULT_KAPPA_MAX) -> torch.Tensor:
-        """ν = ‖W + s·BA‖_row, fp32, detached (the contract of :func:`factored_row_norm`; no input validation)."""
-        key = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape), tuple(t.stride())) for t in (W, A, B))
-        key += (float(s), float(kappa_max))
-        if key != self._key:
-            self._nu = self._compute(W.detach(), A.detach(), B.detach(), float(s), float(kappa_max))
-            self._key = key
-        return self._nu
+        """ν = ‖W + s·BA‖_row, fp32, detached, of the current values (the contract of :func:`factored_row_norm`;
+        no input validation). Autocast is off inside."""
+        s, kappa_max = float(s), float(kappa_max)
+        scope = _FROZEN_SCOPE.get()
+        if scope is None or torch.is_grad_enabled():
+            self._frozen = None
+            return self._compute(W.detach(), A.detach(), B.detach(), s, kappa_max)
+        key = (scope, s, kappa_max) + tuple(_tensor_key(t) + (t._version,) for t in (W, A, B))
+        if self._frozen is None or self._frozen[0] != key:
+            self._frozen = (key, self._compute(W.detach(), A.detach(), B.detach(), s, kappa_max))
+        return self._frozen[1]
 
     def _compute(self, W, A, B, s, kappa_max):
-        wsq = self.wsq.get(W)
-        eager = lambda: factored_row_norm(W, A, B, s, wsq=wsq, kappa_max=kappa_max, validate=False)  # noqa: E731
+        self.computes += 1
+        eager = lambda: factored_row_norm(W, A, B, s, kappa_max=kappa_max, validate=False)  # noqa: E731
         if not (W.is_cuda and self.graph_error is None and norm_graphs_enabled()) \
                 or torch.cuda.is_current_stream_capturing():
             return eager()
-        gkey = tuple((t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) for t in (W, A, B, wsq))
-        gkey += (s, kappa_max)
+        gkey = tuple(_tensor_key(t) for t in (W, A, B)) + (s, kappa_max)
         if gkey == self._graph_key:
             self._graph.replay()
             self.replays += 1
@@ -629,6 +655,6 @@ def row_norm_op(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> 
     return torch.ops.dora_verify.row_norm(W.detach(), A.detach(), B.detach(), float(s))
 
 
-__all__ = ["DEFAULT_KAPPA_MAX", "NormInfo", "RowNormCache", "U_CHAIN", "WeightSquareCache", "assemble_norm",
-           "check_norm_inputs", "factored_row_norm", "row_norm_op", "tma_loads", "wa_product", "wa_splits",
-           "weight_row_sq"]
+__all__ = ["DEFAULT_KAPPA_MAX", "NormInfo", "RowNormRunner", "U_CHAIN", "assemble_norm", "check_kappa_max",
+           "check_norm_inputs", "factored_row_norm", "frozen_norms", "row_norm_op", "tma_loads", "wa_product",
+           "wa_splits", "weight_row_sq"]

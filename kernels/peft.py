@@ -23,8 +23,12 @@ Semantics (PEFT's ``DoraLinearLayer.forward``, reproduced):
   :func:`compose` on PEFT's fp32 lora.
 * With dropout active (training, p > 0), PEFT recomputes the base on the dropped-out input:
   Δ = (g−1) ⊙ (x_d Wᵀ) + g ⊙ s·lora(x_d) is returned as result + Δ (``compose(output='delta')``).
-* ν = ‖W + s·BA‖_row is detached (DoRA §4.3), from :func:`factored_row_norm` with ‖W‖² cached per layer and
-  ν cached while W, A, B and s are unchanged; ``fan_in_fan_out`` weights (GPT-2's Conv1D) are transposed.
+* ν = ‖W + s·BA‖_row is detached (DoRA §4.3), from :func:`factored_row_norm`, computed from the current W, A, B
+  on every call (nothing a fused optimiser, ``.data`` edit, merge/unmerge or re-gather writes can leave stale;
+  :func:`frozen_norms` opts into reuse for inference); ``fan_in_fan_out`` weights (GPT-2's Conv1D) are
+  transposed.
+* Autocast: ν, g and the compose keep their contracts (the norm runs with autocast off); the LoRA GEMMs run in
+  the autocast dtype, as PEFT's do, and the compose reads PEFT's materialised lora.
 * s is PEFT's ``scaling`` rounded to fp32 (what PEFT's fp32 multiply uses too).
 
 Deliberate differences (more accurate; bounded in tests/test_kernels_peft.py): ν and g = m/ν stay fp32
@@ -44,7 +48,7 @@ from torch import nn
 
 from .compose import compose
 from .lora_compose import lora_compose
-from .norm import RowNormCache
+from .norm import RowNormRunner
 from .scale import dora_scale, round_to_fp32
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -109,11 +113,12 @@ def _kernel_weight(module):
 
 
 def _norm(dora, W, A, B, s: float) -> torch.Tensor:
-    """ν for one adapter, cached on PEFT's DoraLinearLayer while W, A, B and s are unchanged."""
-    cache = dora.__dict__.get("_dora_verify_cache")
-    if cache is None:
-        cache = dora.__dict__["_dora_verify_cache"] = RowNormCache()
-    return cache.get(W, A, B, s)
+    """ν for one adapter from the current W, A, B (the :class:`RowNormRunner` kept on PEFT's DoraLinearLayer
+    replays its CUDA graph; ν is reused only inside :func:`frozen_norms`)."""
+    runner = dora.__dict__.get("_dora_verify_norm")
+    if runner is None:
+        runner = dora.__dict__["_dora_verify_norm"] = RowNormRunner()
+    return runner.get(W, A, B, s)
 
 
 def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
@@ -137,7 +142,7 @@ def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: to
         base = result - bias if bias is not None else result  # PEFT removes the bias before the compose
         xa = lora_A(x)
         b = bias.to(base.dtype) if bias is not None else None
-        if B.dtype in (torch.bfloat16, torch.float16):
+        if B.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(x.device.type):
             return lora_compose(base, xa.to(B.dtype), B, g, s, b)
         return compose(base, lora_B(xa), g, s, b)
     xd = dropout(x)

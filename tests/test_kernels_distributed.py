@@ -122,16 +122,11 @@ def _full_grads(model):
             for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _run_steps(model, x, checkpoint, steps=2, fresh_norm=False):
-    """Loss and gradients of ``steps`` SGD steps (the second forward sees parameters the optimiser changed).
-    ``fresh_norm``: forget every cached ν before each forward (the reference: immune to a stale cache)."""
+def _run_steps(model, x, checkpoint, steps=2):
+    """Loss and gradients of ``steps`` SGD steps (the second forward sees parameters the optimiser changed)."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     out = []
     for _ in range(steps):
-        if fresh_norm:
-            for m in model:
-                if hasattr(m, "norm_cache"):
-                    m.norm_cache.invalidate()
         h = x
         for m in model:
             h = torch.utils.checkpoint.checkpoint(m, h, use_reentrant=False) if checkpoint else m(h)
@@ -157,7 +152,7 @@ def _fsdp_worker(rank, world, port, out, checkpoint):
     for m in (model[0], model[2], model):
         fully_shard(m, mesh=mesh)
     x = torch.randn(7, 24, generator=torch.Generator().manual_seed(1))
-    res = {"ref": _run_steps(ref, x, checkpoint, fresh_norm=True), "fsdp": _run_steps(model, x, checkpoint)}
+    res = {"ref": _run_steps(ref, x, checkpoint), "fsdp": _run_steps(model, x, checkpoint)}
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:  # [batch, seq, d]: no module of ours returns a view
@@ -224,7 +219,7 @@ def _peft_worker(rank, world, port, out):
         (y * y).sum().backward()
         res[name] = (y.detach().clone(), _full_grads(m))
     dv_peft.disable()
-    res["routed"] = sum("_dora_verify_cache" in mod.__dict__ for mod in model.modules())
+    res["routed"] = sum("_dora_verify_norm" in mod.__dict__ for mod in model.modules())
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -1,4 +1,5 @@
-"""DoRALinear: PEFT semantics (float64 reference of the DoRA formulas), caching, compile, checkpointing."""
+"""DoRALinear: PEFT semantics (float64 reference of the DoRA formulas), ν freshness under every writer, autocast,
+compile, checkpointing, validation."""
 import pytest
 import torch
 from torch import nn
@@ -82,13 +83,155 @@ def test_dropout_semantics():
         assert float((layer(x).double() - _reference(layer, x)).abs().max()) <= 1e-4
 
 
-def test_norm_cache_follows_parameter_updates():
+def _nu64(layer) -> torch.Tensor:
+    """‖W + s·BA‖_row in float64 from the layer's current parameters."""
+    W, A, B = (t.detach().double() for t in (layer.base_layer.weight, layer.lora_A, layer.lora_B))
+    return torch.linalg.vector_norm(W + layer.scaling * (B @ A), dim=1)
+
+
+def _rel(a, b) -> float:
+    return float(((a.double() - b).abs() / b.abs().clamp_min(1e-30)).max())
+
+
+@pytest.mark.parametrize("opt_kw", [dict(foreach=False), dict(foreach=True), dict(fused=True)],
+                         ids=["for-loop", "foreach", "fused"])
+def test_weight_norm_is_fresh_after_adamw_steps(opt_kw):
+    """The issue's repro: 5 AdamW steps (the fused kernel writes A and B without bumping ``_version``), then ν
+    within 1e-6 of float64 ‖W + s·BA‖ of the current parameters — the norm's contract (was 9.1e-2 with
+    fused=True when ν was cached on the version counter)."""
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(512, 256), r=16, alpha=32)
+    nn.init.normal_(layer.lora_B, 0, 0.05)
+    x = torch.randn(64, 512)
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2, **opt_kw)
+    for _ in range(5):
+        layer(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert _rel(layer.weight_norm(), _nu64(layer)) <= 1e-6
+
+
+def _set_b(layer, value):  # load_state_dict: copy_ under no_grad
+    sd = layer.state_dict()
+    sd["lora_B"] = value
+    layer.load_state_dict(sd)
+
+
+_LAYER_WRITERS = {
+    "in-place op": lambda l: torch.no_grad()(l.lora_B.mul_)(3.0),
+    ".data edit of B": lambda l: l.lora_B.data.mul_(3.0),
+    ".data edit of A": lambda l: l.lora_A.data.mul_(3.0),
+    ".data edit of W": lambda l: l.base_layer.weight.data.mul_(3.0),
+    "load_state_dict": lambda l: _set_b(l, 3.0 * l.lora_B.detach()),
+    "parameter swapped": lambda l: setattr(l, "lora_B", nn.Parameter(3.0 * l.lora_B.detach())),
+    "W swapped": lambda l: setattr(l.base_layer, "weight", nn.Parameter(3.0 * l.base_layer.weight.detach(),
+                                                                        requires_grad=False)),
+}
+
+
+@pytest.mark.parametrize("writer", list(_LAYER_WRITERS))
+@pytest.mark.parametrize("grad", [True, False])
+def test_next_forward_reads_the_values_every_writer_left(writer, grad):
+    """After a forward, any writer of W, A or B: the next forward equals a fresh layer's with the same parameters
+    (a ``.data`` edit of B after a forward made the next output 53% off when ν was cached on ``_version``)."""
     layer = _layer()
-    nu0 = layer.weight_norm()
-    assert layer.weight_norm() is nu0
+    x = torch.randn(7, 24)
+    with torch.set_grad_enabled(grad):
+        layer(x)
+    _LAYER_WRITERS[writer](layer)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    assert float((y.double() - _reference(layer, x)).abs().max() / _reference(layer, x).abs().max()) <= 1e-5
+    assert _rel(layer.weight_norm(), _nu64(layer)) <= 1e-6
+
+
+def test_frozen_norms_reuse_for_inference():
+    """Inside frozen_norms() with grad off the layer computes ν once; outside, on every call."""
+    from dora_verify.kernels import frozen_norms
+
+    layer = _layer().eval()
+    x = torch.randn(3, 24)
     with torch.no_grad():
-        layer.lora_B.add_(0.1)
-    assert layer.weight_norm() is not nu0
+        n = layer.row_norm.computes
+        layer(x), layer(x)
+        assert layer.row_norm.computes == n + 2
+        with frozen_norms():
+            y1, y2 = layer(x), layer(x)
+        assert layer.row_norm.computes == n + 3 and torch.equal(y1, y2)
+
+
+def test_state_dict_round_trip_and_copies():
+    """A state_dict loaded into a new layer, a deepcopy and a pickled copy give the same output bits."""
+    import copy
+    import io
+
+    layer = _layer()
+    x = torch.randn(5, 24)
+    y = layer(x)
+    other = DoRALinear(nn.Linear(24, 20), r=4, alpha=8)
+    other.load_state_dict(layer.state_dict())
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    for twin in (other, copy.deepcopy(layer), torch.load(buf, weights_only=False)):
+        assert torch.equal(twin(x), y)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
+def test_autocast_keeps_the_norm_and_scale_contract(dtype, adapter_dtype):
+    """Under CPU autocast the layer's GEMMs run in the autocast dtype (as PEFT's do) but ν and g stay the fp32
+    contract: the same bits as without autocast (a forward under autocast left a bf16-GEMM ν in the cache,
+    later fp32 forwards reused it: 9.6e-5 off), and y is the compose of the autocast GEMMs' outputs."""
+    from dora_verify.kernels import compose
+
+    layer = _layer()
+    if adapter_dtype is None:
+        layer = layer.to(torch.bfloat16)
+    else:
+        layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(6, 24, dtype=torch.bfloat16)
+    nu_plain = layer.weight_norm()
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x)
+        nu_auto = layer.weight_norm()
+        g, _ = layer.scale(g_minus_1=False)
+        base = nn.functional.linear(x, layer.base_layer.weight)
+        lora = nn.functional.linear(nn.functional.linear(x, layer.lora_A), layer.lora_B)
+    assert torch.equal(nu_auto, nu_plain) and _rel(nu_plain, _nu64(layer)) <= 1e-6
+    assert y.dtype == base.dtype == dtype
+    assert torch.equal(y, compose(base, lora, g.detach(), layer.scaling, layer.base_layer.bias.to(dtype)))
+    assert torch.equal(layer.weight_norm(), nu_plain)  # and nothing of autocast's is left behind
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
+def test_checkpoint_gives_bitwise_the_gradients_of_no_checkpoint(reentrant, adapter_dtype):
+    """torch.utils.checkpoint, reentrant and not, over two steps of SGD (the second forward reads parameters the
+    optimiser wrote): loss and gradients of x, A, B, m bitwise equal to the run without checkpointing."""
+    import copy
+
+    base = _layer()
+    if adapter_dtype is None:
+        base = base.to(torch.bfloat16)
+    else:
+        base.base_layer.to(torch.bfloat16)
+    runs = []
+    for ckpt in (False, True):
+        layer = copy.deepcopy(base)
+        opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+        out = []
+        for step in range(2):
+            x = torch.randn(6, 24, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16).requires_grad_()
+            y = checkpoint(layer, x, use_reentrant=reentrant) if ckpt else layer(x)
+            loss = y.float().pow(2).sum()
+            loss.backward()
+            out.append([loss.detach(), x.grad] + [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.magnitude)])
+            opt.step()
+            opt.zero_grad()
+        runs.append(out)
+    for a, b in zip(*runs):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
 def test_merged_linear_matches_eval_output():
@@ -138,6 +281,37 @@ def test_half_adapters_match_float64_formulas(save):
         assert float((p.grad.double() - q.grad).abs().max() / q.grad.abs().max()) <= 16 * 2.0**-11
 
 
+@pytest.mark.parametrize("bad", ["kappa_max nan", "alpha nan", "alpha inf", "eps 0", "eps -1", "eps nan",
+                                 "fp64 weight", "fp64 adapters", "int bias", "bool bias", "r 2.5", "r True"])
+def test_construction_refuses_silent_garbage(bad):
+    """Each of these used to be accepted: κ_max = NaN turned the recompute of cancelling rows off, fp64 weights
+    ran the norm's GEMM in fp32 silently, an integer bias broke the compose late."""
+    lin = nn.Linear(8, 6)
+    kw = {}
+    what, val = bad.split(" ")
+    if what == "kappa_max":
+        kw["kappa_max"] = float(val)
+    elif what == "alpha":
+        kw["alpha"] = float(val)
+    elif what == "eps":
+        kw["eps"] = float(val)
+    elif bad == "fp64 weight":
+        lin = lin.double()
+    elif bad == "fp64 adapters":
+        kw["adapter_dtype"] = torch.float64
+    elif what in ("int", "bool"):
+        lin.bias = nn.Parameter(torch.zeros(6, dtype=torch.int32 if what == "int" else torch.bool), requires_grad=False)
+    r = {"r 2.5": 2.5, "r True": True}.get(bad, 2)
+    with pytest.raises((TypeError, ValueError)):
+        DoRALinear(lin, r=r, **kw)
+
+
+def test_forward_refuses_a_layer_moved_to_float64():
+    layer = _layer().double()
+    with pytest.raises(TypeError, match="float64"):
+        layer(torch.randn(3, 24, dtype=torch.float64))
+
+
 def test_bad_construction_and_input():
     with pytest.raises(TypeError):
         DoRALinear(nn.Conv1d(2, 2, 1), r=2)
@@ -176,7 +350,7 @@ def test_training_with_norm_graph_replay_is_bitwise_the_eager_layer(monkeypatch,
             opt.step()
             opt.zero_grad()
         assert all(torch.equal(u, v) for u, v in zip(*outs)), step
-    assert a.norm_cache.replays >= 2 and b.norm_cache.replays == 0 and a.norm_cache.graph_error is None
+    assert a.row_norm.replays >= 2 and b.row_norm.replays == 0 and a.row_norm.graph_error is None
 
 
 @pytest.mark.parametrize("adapter_dtype", [None, torch.float32])

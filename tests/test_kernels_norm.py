@@ -6,7 +6,7 @@ import torch
 
 from dora_verify.cases import make_case
 from dora_verify.oracles import row_norm_truth
-from dora_verify.kernels import WeightSquareCache, dora_scale, factored_row_norm
+from dora_verify.kernels import dora_scale, factored_row_norm, frozen_norms
 from dora_verify.kernels.dispatch import HAS_TRITON
 
 BACKENDS = ["torch"] + (["triton"] if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" else [])
@@ -38,17 +38,6 @@ def test_factored_alone_would_fail_near_cancel():
     nu = factored_row_norm(c.W, c.A, c.B, c.s, kappa_max=float("inf"), backend="torch")
     rel = ((nu.double() - truth.nu).abs() / truth.nu)[c.special_rows]
     assert float(rel.max()) > 1e-6
-
-
-def test_weight_square_cache_invalidates():
-    W = torch.randn(8, 16)
-    cache = WeightSquareCache()
-    a = cache.get(W)
-    assert cache.get(W) is a
-    with torch.no_grad():
-        W.mul_(2)  # in-place update bumps the version counter
-    b = cache.get(W)
-    assert b is not a and torch.allclose(b, 4 * a)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (interpreter on CPU)")
@@ -111,39 +100,103 @@ def _adapter_case(device, a_dtype=torch.bfloat16):
     return c.W, c.A.to(a_dtype), c.B.to(a_dtype), c.s
 
 
-def test_row_norm_cache_recomputes_exactly_when_an_input_changes():
-    """Cached while W, A, B, s are unchanged (the same tensor back); an in-place update (optimiser step) or a
-    new storage recomputes, and the value is factored_row_norm's."""
-    from dora_verify.kernels.norm import RowNormCache
+def _fused_adamw_step(t: torch.Tensor) -> None:
+    """One step of ``torch.optim.AdamW(fused=True)`` on a parameter sharing t's storage (gradient of ones)."""
+    p = torch.nn.Parameter(t.detach())
+    p.grad = torch.ones_like(p)
+    torch.optim.AdamW([p], lr=0.1, fused=True).step()
+
+
+def _writers():
+    """Every way a parameter's values change between calls, each (name, fn(t)) writing t in place. Only the first
+    bumps the version counter, which a cache keyed on (address, _version) would see."""
+    return [
+        ("in-place op", lambda t: t.mul_(1.5)),
+        (".data edit", lambda t: t.data.mul_(1.5)),
+        ("fused AdamW", _fused_adamw_step),
+        ("copy into the same buffer", lambda t: t.detach().copy_(t.detach() * 1.5)),
+    ]
+
+
+@pytest.mark.parametrize("writer", [w[0] for w in _writers()])
+@pytest.mark.parametrize("which", ["W", "A", "B"])
+def test_row_norm_runner_reads_the_current_values_whatever_wrote_them(writer, which):
+    """ν from RowNormRunner equals factored_row_norm of the current values after every writer — including the
+    fused optimiser and ``.data`` edits, which write without bumping ``_version`` (a cache keyed on it misses
+    them: ν off by ~9e-2 after 5 fused-AdamW steps before RowNormRunner)."""
+    from dora_verify.kernels.norm import RowNormRunner
+
+    W, A, B, s = _adapter_case("cpu", torch.float32)
+    runner = RowNormRunner()
+    nu0 = runner.get(W, A, B, s)
+    t = {"W": W, "A": A, "B": B}[which]
+    with torch.no_grad():
+        dict(_writers())[writer](t)
+    nu1 = runner.get(W, A, B, s)
+    assert not torch.equal(nu1, nu0), "the writer must change ν for the test to mean anything"
+    assert torch.equal(nu1, factored_row_norm(W, A, B, s))
+
+
+def test_frozen_norms_reuses_only_inside_the_block_with_grad_off():
+    """frozen_norms(): ν computed once per scope with grad mode off; a version bump or a new storage inside
+    recomputes; grad mode on, or leaving the block, computes fresh."""
+    from dora_verify.kernels.norm import RowNormRunner
 
     W, A, B, s = _adapter_case("cpu")
-    cache = RowNormCache()
-    nu = cache.get(W, A, B, s)
-    assert cache.get(W, A, B, s) is nu and torch.equal(nu, factored_row_norm(W, A, B, s))
+    runner = RowNormRunner()
+    with frozen_norms(), torch.no_grad():
+        nu = runner.get(W, A, B, s)
+        assert runner.get(W, A, B, s) is nu and runner.computes == 1
+        B.mul_(1.5)  # version bump: seen
+        nu2 = runner.get(W, A, B, s)
+        assert runner.computes == 2 and torch.equal(nu2, factored_row_norm(W, A, B, s))
+        assert runner.get(W, A.clone(), B, s) is not nu2 and runner.get(W, A, B, 2 * s) is not nu2
     with torch.no_grad():
-        B.mul_(1.5)
-    nu2 = cache.get(W, A, B, s)
-    assert nu2 is not nu and torch.equal(nu2, factored_row_norm(W, A, B, s))
-    assert torch.equal(cache.get(W, A.clone(), B, s), nu2) and cache.get(W, A, B, 2 * s) is not nu2
+        B.data.mul_(2.0)  # outside the block: never reused
+        assert torch.equal(runner.get(W, A, B, s), factored_row_norm(W, A, B, s))
+    with frozen_norms():  # grad mode on: not reused
+        n = runner.computes
+        runner.get(W, A, B, s), runner.get(W, A, B, s)
+        assert runner.computes == n + 2
+
+
+def test_norm_keeps_its_contract_under_autocast():
+    """An enclosing autocast never turns the norm's fp32/float64 GEMMs into bf16 ones: the same bits as without
+    (under CPU autocast an fp32 GEMM would return bf16: ν off by ~1e-3 relative)."""
+    c = make_case("trained", 67, 130, 5, 2, dtype="fp32", seed=2)
+    ref = factored_row_norm(c.W, c.A, c.B, c.s)
+    for dt in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dt):
+            assert torch.equal(factored_row_norm(c.W, c.A, c.B, c.s), ref)
+
+
+@pytest.mark.parametrize("kappa_max", [float("nan"), 0.0, -1.0])
+def test_bad_kappa_max_is_refused(kappa_max):
+    """κ_max = NaN would silently turn the dense recompute of cancelling rows off (κ > NaN is always false)."""
+    c = make_case("near_cancel", 67, 130, 5, 2, dtype="bf16", seed=2)
+    with pytest.raises(ValueError, match="kappa_max"):
+        factored_row_norm(c.W, c.A, c.B, c.s, kappa_max=kappa_max)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("a_dtype", [torch.bfloat16, torch.float32])
-def test_row_norm_cache_graph_replay_gives_the_eager_bits(a_dtype):
-    """On CUDA a changed ν is recomputed by replaying the captured graph: the same bits as an eager call after
-    every in-place update of A and B (near-cancelling rows included: the dense-recompute kernel runs in the
-    graph), a fresh copy each time, and a new storage captures again."""
-    from dora_verify.kernels.norm import RowNormCache
+def test_row_norm_runner_graph_replay_gives_the_eager_bits(a_dtype):
+    """On CUDA ν is recomputed by replaying the captured graph: the same bits as an eager call after every update
+    of A and B — in place, through ``.data`` and through the fused AdamW kernel, which bumps no version —
+    (near-cancelling rows included: the dense-recompute kernel runs in the graph), a fresh copy each time, and a
+    new storage captures again."""
+    from dora_verify.kernels.norm import RowNormRunner
 
     W, A, B, s = _adapter_case("cuda", a_dtype)
-    cache = RowNormCache()
+    cache = RowNormRunner()
     first = cache.get(W, A, B, s)
     assert cache.graph_error is None and cache.replays == cache.captures == 0  # first sighting: eager only
     outs = []
-    for step in range(4):
+    writers = dict(_writers())
+    for step, how in enumerate(("in-place op", ".data edit", "fused AdamW", "copy into the same buffer")):
         with torch.no_grad():
             A.add_(1e-3 * torch.randn_like(A))
-            B.mul_(1.01)
+            writers[how](B) if (how != "fused AdamW" or B.dtype == torch.float32) else B.data.mul_(1.01)
         nu = cache.get(W, A, B, s)
         _, info = factored_row_norm(W, A, B, s, return_info=True)
         assert info.recomputed_rows, "the case must exercise the dense-recompute kernel"
@@ -158,15 +211,15 @@ def test_row_norm_cache_graph_replay_gives_the_eager_bits(a_dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_row_norm_cache_captures_after_earlier_graphs_died():
+def test_row_norm_runner_captures_after_earlier_graphs_died():
     """Layers come and go: a capture after every earlier graph was freed still works (the shared pool lives)."""
     import gc
 
-    from dora_verify.kernels.norm import RowNormCache
+    from dora_verify.kernels.norm import RowNormRunner
 
     W, A, B, s = _adapter_case("cuda")
     for _ in range(3):
-        cache = RowNormCache()
+        cache = RowNormRunner()
         for _ in range(3):
             with torch.no_grad():
                 B.mul_(1.01)
@@ -210,7 +263,7 @@ def test_wa_product_tma_kernel_is_the_pointer_kernel(shape):
 @pytest.mark.parametrize("regime", ["trained", "near_cancel", "zero_rows", "all_positive", "heavy_tailed", "fresh"])
 def test_triton_norm_on_gpu_within_bound_and_contract(d_in, adapters, regime):
     """The production (Triton) norm on the GPU: ν within ``kernel_norm_bound`` of the exact ν and ≤ 1e-6 relative —
-    through TMA loads (inside ``tma_loads()``, as RowNormCache's graphs run it) where d_in allows, pointer loads else."""
+    through TMA loads (inside ``tma_loads()``, as RowNormRunner's graphs run it) where d_in allows, pointer loads else."""
     from dora_verify.bounds import kernel_norm_bound
     from dora_verify.kernels.norm import tma_loads
 
