@@ -7,6 +7,8 @@ from torch.utils.checkpoint import checkpoint
 
 from dora_verify.kernels import DoRALinear
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def _layer(bias=True, dropout=0.0, semantics="peft", seed=0):
     torch.manual_seed(seed)
@@ -93,16 +95,17 @@ def _rel(a, b) -> float:
     return float(((a.double() - b).abs() / b.abs().clamp_min(1e-30)).max())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("opt_kw", [dict(foreach=False), dict(foreach=True), dict(fused=True)],
                          ids=["for-loop", "foreach", "fused"])
-def test_weight_norm_is_fresh_after_adamw_steps(opt_kw):
+def test_weight_norm_is_fresh_after_adamw_steps(opt_kw, device):
     """The issue's repro: 5 AdamW steps (the fused kernel writes A and B without bumping ``_version``), then ν
     within 1e-6 of float64 ‖W + s·BA‖ of the current parameters — the norm's contract (was 9.1e-2 with
     fused=True when ν was cached on the version counter)."""
     torch.manual_seed(0)
-    layer = DoRALinear(nn.Linear(512, 256), r=16, alpha=32)
+    layer = DoRALinear(nn.Linear(512, 256, device=device), r=16, alpha=32)
     nn.init.normal_(layer.lora_B, 0, 0.05)
-    x = torch.randn(64, 512)
+    x = torch.randn(64, 512, device=device)
     opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2, **opt_kw)
     for _ in range(5):
         layer(x).pow(2).mean().backward()
@@ -129,19 +132,22 @@ _LAYER_WRITERS = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("writer", list(_LAYER_WRITERS))
 @pytest.mark.parametrize("grad", [True, False])
-def test_next_forward_reads_the_values_every_writer_left(writer, grad):
+def test_next_forward_reads_the_values_every_writer_left(writer, grad, device):
     """After a forward, any writer of W, A or B: the next forward equals a fresh layer's with the same parameters
-    (a ``.data`` edit of B after a forward made the next output 53% off when ν was cached on ``_version``)."""
-    layer = _layer()
-    x = torch.randn(7, 24)
+    (a ``.data`` edit of B after a forward made the next output 53% off when ν was cached on ``_version``). On
+    CUDA the second and later forwards replay the norm's graph: the replay must read the new values."""
+    layer = _layer().to(device)
+    x = torch.randn(7, 24, device=device)
     with torch.set_grad_enabled(grad):
-        layer(x)
+        layer(x), layer(x)  # twice: on CUDA the second call captures the norm's graph
     _LAYER_WRITERS[writer](layer)
     with torch.set_grad_enabled(grad):
         y = layer(x)
-    assert float((y.double() - _reference(layer, x)).abs().max() / _reference(layer, x).abs().max()) <= 1e-5
+    ref = _reference(layer, x)
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 1e-5
     assert _rel(layer.weight_norm(), _nu64(layer)) <= 1e-6
 
 
