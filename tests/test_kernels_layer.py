@@ -127,6 +127,7 @@ _LAYER_WRITERS = {
     ".data edit of W": lambda l: l.base_layer.weight.data.mul_(3.0),
     "load_state_dict": lambda l: _set_b(l, 3.0 * l.lora_B.detach()),
     "parameter swapped": lambda l: setattr(l, "lora_B", nn.Parameter(3.0 * l.lora_B.detach())),
+    ".to() round trip": lambda l: l.to(torch.bfloat16).to(torch.float32),  # values rounded, new storages
     "W swapped": lambda l: setattr(l.base_layer, "weight", nn.Parameter(3.0 * l.base_layer.weight.detach(),
                                                                         requires_grad=False)),
 }
