@@ -15,6 +15,13 @@ the rounded inputs and ν within 1e-6 relative — DESIGN.md §2; or 'baseline-o
 the baseline, FlashAttention-style and NaN/Inf criteria). Inputs arrive on the device under test
 (contiguous, finite unless a NaN/Inf case says otherwise); outputs may be on any device.
 
+What the toolkit guarantees an implementation, and what it holds it to (:func:`check_output`,
+:class:`CaseGuard`): every call gets its own copies of the inputs (it may overwrite them; the oracle never
+sees them); an output that is not a tensor of the stated shape and dtype fails that case in one line;
+anything the code raises — ``SystemExit`` and ``KeyboardInterrupt`` included — is a crash of that case,
+not the end of the run (only a real Ctrl-C, a SIGINT delivered to the process, still stops the run); and a
+case past its time limit is stopped by SIGALRM (Unix, main thread) with :class:`CaseTimeout`.
+
 ``--impl module:callable`` names it: ``callable`` may be a function (taken as ``compose``), a class (called
 with no arguments) or an object/module with the attributes above. Built in: ``kernels`` (this project's
 production kernels, held to their derived bounds), ``forms`` (the formulas under study, each held to its
@@ -24,6 +31,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -51,6 +61,109 @@ class Implementation:
 
 class ImplError(ValueError):
     """The implementation cannot be loaded or does not follow the protocol (a usage error: exit 2)."""
+
+
+class ImplOutputError(TypeError):
+    """An output that breaks the protocol (not a tensor, wrong shape or dtype): that case fails, in one line."""
+
+
+class CaseTimeout(BaseException):
+    """Raised inside a case that ran past its time limit. A BaseException, so that ``except Exception`` in
+    the implementation does not swallow it."""
+
+
+def _first_line(e: BaseException) -> str:
+    try:
+        text = str(e)
+    except Exception:  # noqa: BLE001 - a broken __str__ still gets its type named
+        text = ""
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+
+
+def crash_reason(e: BaseException) -> str:
+    """One line (≤ 300 characters, never a traceback) naming what an implementation's call raised."""
+    if isinstance(e, (CaseTimeout, ImplOutputError)):
+        msg = _first_line(e)
+    elif isinstance(e, SystemExit):
+        msg = f"SystemExit({e.code!r}): the implementation tried to exit the process"
+    elif isinstance(e, KeyboardInterrupt):
+        msg = "KeyboardInterrupt raised by the implementation (not a Ctrl-C of the run)"
+    else:
+        line = _first_line(e)
+        msg = f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return msg[:300]
+
+
+def check_output(what: str, out, shape, dtype=None):
+    """``out`` if it is a torch.Tensor of ``shape`` and ``dtype`` (None: any floating dtype); else
+    :class:`ImplOutputError` with a one-line reason, e.g. 'compose returned None, want ...'."""
+    import torch
+
+    want = f"a torch.Tensor of {str(dtype).removeprefix('torch.') if dtype else 'a floating dtype'}, shape {tuple(shape)}"
+    if not isinstance(out, torch.Tensor):
+        kind = type(out)
+        got = "None" if out is None else f"a {kind.__qualname__}" if kind.__module__ == "builtins" else \
+            f"a {kind.__module__.split('.')[0]}.{kind.__qualname__}"
+        raise ImplOutputError(f"{what} returned {got}, want {want}")
+    if tuple(out.shape) != tuple(shape) or (out.dtype != dtype if dtype else not out.is_floating_point()):
+        raise ImplOutputError(f"{what} returned a torch.Tensor of {str(out.dtype).removeprefix('torch.')}, shape "
+                              f"{tuple(out.shape)}; want {want}")
+    return out
+
+
+class CaseGuard:
+    """Context manager around one case of an implementation's code.
+
+    * ``seconds`` (None or ≤ 0: no limit): SIGALRM raises :class:`CaseTimeout` inside the case once that much
+      wall time has passed. Only on Unix and on the main thread (``enforced`` says whether it is); a hang
+      inside C code (a kernel, a blocking call that retries) is interrupted only when control returns to
+      Python. One shot: code that catches BaseException and carries on is not interrupted again. A timer
+      already armed by someone else (e.g. pytest-timeout) is re-armed with what it had left.
+    * A real Ctrl-C (SIGINT delivered to the process) sets ``interrupted`` before the previous handler runs,
+      so the caller can tell it from a ``KeyboardInterrupt`` the code raises itself: the former stops the
+      run, the latter is a crash of the case like any other exception.
+    """
+
+    def __init__(self, seconds: "float | None" = None):
+        self.seconds = seconds if seconds and seconds > 0 else None
+        self.interrupted = False
+        self.enforced = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+                         and signal.getsignal(signal.SIGINT) is not None)  # None: a handler set outside Python
+        self._old_int = self._old_alarm = self._old_timer = None
+
+    def _on_alarm(self, signum, frame):
+        raise CaseTimeout(f"timed out: still running after the case time limit of {self.seconds:g} s")
+
+    def _on_sigint(self, signum, frame):
+        self.interrupted = True
+        if callable(self._old_int):
+            return self._old_int(signum, frame)
+        if self._old_int != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if self.enforced:
+            self._t0 = time.monotonic()
+            self._old_int = signal.signal(signal.SIGINT, self._on_sigint)
+            if self.seconds:
+                self._old_alarm = signal.signal(signal.SIGALRM, self._on_alarm)
+                self._old_timer = signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc):
+        if not self.enforced:
+            return False
+        try:
+            if self._old_alarm is not None:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:  # restored even if the alarm fires right here
+            if self._old_alarm is not None:
+                signal.signal(signal.SIGALRM, self._old_alarm)
+                left, interval = self._old_timer
+                if left > 0:  # someone else's timer: re-armed with what it had left (at least 1 ms)
+                    signal.setitimer(signal.ITIMER_REAL, max(left - (time.monotonic() - self._t0), 1e-3), interval)
+            signal.signal(signal.SIGINT, self._old_int)
+        return False
 
 
 def kernels_impl(tier: "str | None" = None, dtypes=("bf16", "fp16", "fp32")) -> Implementation:
@@ -129,10 +242,14 @@ def load_impl(spec: str) -> "list[Implementation]":
     if spec.count(":") != 1 or not all(spec.split(":")):
         raise ImplError(f"--impl {spec!r}: expected kernels, forms, form:NAME, peft or module:callable")
     mod_name, attr = spec.split(":")
+    guard = CaseGuard()
     try:
-        mod = importlib.import_module(mod_name)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's to see, in one line
-        raise ImplError(f"--impl {spec!r}: cannot import {mod_name!r}: {type(e).__name__}: {e}") from None
+        with guard:
+            mod = importlib.import_module(mod_name)
+    except BaseException as e:  # noqa: BLE001 - any import failure (sys.exit included) is the user's to see, in one line
+        if guard.interrupted:
+            raise
+        raise ImplError(f"--impl {spec!r}: cannot import {mod_name!r}: {crash_reason(e)}") from None
     obj = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -144,10 +261,14 @@ def load_impl(spec: str) -> "list[Implementation]":
 def from_object(obj, default_name: str = "impl") -> Implementation:
     """Wrap a function (its ``compose``), a class (instantiated) or an object with ``compose``/``norm``."""
     if inspect.isclass(obj):
+        guard = CaseGuard()
         try:
-            obj = obj()
-        except Exception as e:  # noqa: BLE001
-            raise ImplError(f"{default_name}: cannot instantiate {obj.__name__}(): {type(e).__name__}: {e}") from None
+            with guard:
+                obj = obj()
+        except BaseException as e:  # noqa: BLE001 - sys.exit in a constructor too: one line, exit 2
+            if guard.interrupted:
+                raise
+            raise ImplError(f"{default_name}: cannot instantiate {obj.__name__}(): {crash_reason(e)}") from None
     if inspect.isfunction(obj) or inspect.isbuiltin(obj):
         comp, norm = obj, None
     else:
@@ -165,4 +286,5 @@ def from_object(obj, default_name: str = "impl") -> Implementation:
                           deterministic=bool(getattr(obj, "deterministic", False)), contract=contract, dtypes=dtypes)
 
 
-__all__ = ["CONTRACTS", "ImplError", "Implementation", "form_impl", "from_object", "kernels_impl", "load_impl"]
+__all__ = ["CONTRACTS", "CaseGuard", "CaseTimeout", "ImplError", "ImplOutputError", "Implementation", "check_output",
+           "crash_reason", "form_impl", "from_object", "kernels_impl", "load_impl"]

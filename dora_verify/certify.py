@@ -17,6 +17,12 @@ provenance); ``tests/test_certify.py`` replays every case committed under ``test
 Budgets: ``examples`` per (target, dtype) and/or ``seconds``. ``derandomize=True`` (pre-merge) makes the
 search a fixed function of the code: the same examples every run. Otherwise rounds of examples are run with
 seeds ``seed``, ``seed + 1``, … until the budget is spent (nightly-style); each round's seed is recorded.
+
+Never certified on nothing: :func:`run_certify` raises :class:`CertifyError` (a usage error, exit 2) when a
+(target, dtype) ran no example, and :class:`CertifyEnvironmentError` (exit 2) before searching when the
+requested tier cannot run here (``tier='fused'`` with neither a GPU nor ``TRITON_INTERPRET=1``). Every call
+of the code under test gets its own copies of the example's tensors (the oracle, the bounds and the corpus
+keep the drawn ones), and anything the call raises (``SystemExit`` included) is a crash finding.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import numpy as np
 import torch
 
 from . import bounds
+from .adapter import CaseGuard, check_output, crash_reason
 from .formats import parse_format, ulp
 from .metrics import excess_error, same_bits
 from .oracles import compose_grad_truth, compose_truth, row_norm_truth
@@ -45,6 +52,14 @@ HIST_EDGES = (-12, -10, -8, -6, -4, -3, -2, -1, -0.5, 0)  # log10(ratio) bin edg
 
 class Reject(Exception):
     """The drawn input is outside the target's domain (e.g. its exact result overflows the format)."""
+
+
+class CertifyError(ValueError):
+    """Nothing was certified (e.g. no example ran within the budget): a usage error, exit 2."""
+
+
+class CertifyEnvironmentError(ValueError):
+    """The search cannot run here (e.g. the fused tier without a GPU or the interpreter): exit 2."""
 
 
 class BoundViolation(AssertionError):
@@ -79,14 +94,16 @@ def _max_ulp(got, exact, fmt) -> float:
 
 
 def _on(ex: Example, device) -> dict:
-    """The example's tensors on the kernel's device. Oracles and bounds run on the CPU copies (``ex.tensors``):
-    the GPU only runs the kernel under test, so many searches can share one GPU without queueing the
-    oracles' many small launches behind each other."""
-    return {k: v.to(device) for k, v in ex.tensors.items()}
+    """New copies of the example's tensors on the kernel's device, for one call (on the CPU too: what the code
+    under test does to its inputs never reaches ``ex``, the oracle or the corpus). Oracles and bounds run on
+    the CPU originals (``ex.tensors``): the GPU only runs the kernel under test, so many searches can share
+    one GPU without queueing the oracles' many small launches behind each other."""
+    return {k: v.to(device, copy=True) for k, v in ex.tensors.items()}
 
 
 def _cpu(*xs):
-    return tuple(x.detach().cpu() for x in xs)
+    """CPU copies (never aliases of an input or of a buffer the code reuses on its next call)."""
+    return tuple(x.detach().to("cpu", copy=True) for x in xs)
 
 
 def _check_range(x: torch.Tensor, fmt) -> None:
@@ -248,15 +265,18 @@ def _form_evaluator(name: str) -> Callable:
 def _impl_compose_evaluator(impl) -> Callable:
     """A user's (or PEFT's) compose under the faithful contract: y within 1 ulp of the exact y (beyond the
     oracle's own bound); repeated calls bit-identical when it claims determinism."""
+    def call(ex, device):
+        k, t, s = _on(ex, device), ex.tensors, ex.scalars["s"]
+        y = impl.compose(k["base"], k["lora"], k["g"], s, k.get("bias"))
+        return _cpu(check_output("compose", y, t["base"].shape, t["base"].dtype))[0]
+
     def evaluate(ex: Example, device, tier) -> Score:
-        t, k, s = ex.tensors, _on(ex, device), ex.scalars["s"]
+        t, s = ex.tensors, ex.scalars["s"]
         tr = compose_truth(t["base"], t["lora"], t["g"], s, t.get("bias"))
         _check_range(tr.y, ex.dtype)
-        y, = _cpu(impl.compose(k["base"], k["lora"], k["g"], s, k.get("bias")))
-        if tuple(y.shape) != tuple(t["base"].shape) or y.dtype != t["base"].dtype:
-            raise TypeError(f"compose returned {y.dtype} {tuple(y.shape)}, want {t['base'].dtype} {tuple(t['base'].shape)}")
+        y = call(ex, device)
         parts = {"y": excess_ratio(y, tr.y_hi, tr.y_lo, tr.y_bound, ulp(tr.y, parse_format(ex.dtype)))}
-        if impl.deterministic and not same_bits(y, *_cpu(impl.compose(k["base"], k["lora"], k["g"], s, k.get("bias")))):
+        if impl.deterministic and not same_bits(y, call(ex, device)):
             parts["determinism"] = math.inf
         return Score(max(parts.values()), _max_ulp(y, tr.y, ex.dtype), parts)
     return evaluate
@@ -264,17 +284,20 @@ def _impl_compose_evaluator(impl) -> Callable:
 
 def _impl_norm_evaluator(impl) -> Callable:
     """A user's (or PEFT's) row norm under the faithful contract: ν within 1e-6 relative on every row."""
+    def call(ex, device):
+        k = _on(ex, device)
+        nu = impl.norm(k["W"], k["A"], k["B"], ex.scalars["s"])
+        return _cpu(check_output("norm", nu, (ex.tensors["W"].shape[0],)))[0]
+
     def evaluate(ex: Example, device, tier) -> Score:
-        t, k, s = ex.tensors, _on(ex, device), ex.scalars["s"]
+        t, s = ex.tensors, ex.scalars["s"]
         tr = row_norm_truth(t["W"], t["A"], t["B"], s)
         if tr.uncertified_rows:
             raise Reject("oracle could not certify every row")
-        nu, = _cpu(impl.norm(k["W"], k["A"], k["B"], s))
-        if tuple(nu.shape) != (t["W"].shape[0],):
-            raise TypeError(f"norm returned shape {tuple(nu.shape)}, want ({t['W'].shape[0]},)")
+        nu = call(ex, device)
         zero = torch.zeros((), dtype=F64)
         parts = {"nu": excess_ratio(nu, tr.nu, zero, tr.bound, bounds.FAITHFUL_NORM_REL * tr.nu.clamp_min(2.0**-126))}
-        if impl.deterministic and not same_bits(nu, *_cpu(impl.norm(k["W"], k["A"], k["B"], s))):
+        if impl.deterministic and not same_bits(nu, call(ex, device)):
             parts["determinism"] = math.inf
         rel = (nu.to(F64) - tr.nu).abs() / tr.nu.clamp_min(2.0**-126)
         return Score(max(parts.values()), float(rel.max()) / 2.0**-24, parts, {"max_rel_nu": float(rel.max())})
@@ -403,6 +426,19 @@ def replay(path: "str | Path", device="cpu", tier=None) -> Score:
                                                            tier or default_tier(torch.device(device)))
 
 
+def check_tier(device: torch.device, tier: "str | None") -> None:
+    """:class:`CertifyEnvironmentError` when the kernels' ``tier`` cannot run on ``device`` (the fused tier on a
+    CPU without ``TRITON_INTERPRET=1``, or without Triton): an environment error, not a finding."""
+    if tier != "fused":
+        return
+    from .kernels.dispatch import select_tier
+
+    try:
+        select_tier(torch.zeros(1, 1, dtype=torch.float16, device=device), False, "fused")
+    except ValueError as e:
+        raise CertifyEnvironmentError(f"--tier fused cannot run on {device}: {e}") from None
+
+
 def default_tier(device: torch.device) -> str:
     """The production path on CUDA; the eager tier elsewhere (the interpreter's fused path is logic-only:
     it truncates fp32 → bf16, so its bf16 results are not held to the bound)."""
@@ -480,6 +516,8 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
     tg = table[target]
     device = torch.device(device)
     tier = tier or default_tier(device)
+    if impl is None:
+        check_tier(device, tier)
     tr = _Tracker(keep)
     t0 = time.monotonic()
     deadline = t0 + seconds if seconds else math.inf
@@ -491,13 +529,17 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
         if not all(bool(torch.isfinite(v).all()) for v in ex.tensors.values()):
             tr.rejected += 1
             reject()  # the oracles are defined on finite inputs; non-finite propagation is tested elsewhere
+        guard = CaseGuard()
         try:
-            score = tg.evaluate(ex, device, tier)
+            with guard:
+                score = tg.evaluate(ex, device, tier)
         except Reject:
             tr.rejected += 1
             reject()
-        except Exception as e:  # a crash on a valid input is a finding too: shrink it and keep it
-            score = Score(math.inf, math.inf, {"error": math.inf}, {"error": f"{type(e).__name__}: {e}"[:300]})
+        except BaseException as e:  # noqa: BLE001 - a crash on a valid input (sys.exit too) is a finding: shrink, keep it
+            if guard.interrupted:  # a real Ctrl-C of the run stops it
+                raise
+            score = Score(math.inf, math.inf, {"error": math.inf}, {"error": crash_reason(e)})
         tr.add(ex, score)
         if progress and len(tr.ratios) % 50 == 0:
             progress(len(tr.ratios), examples, f"{target}/{dtype} max ratio {max(tr.ratios):.3g}")
@@ -583,6 +625,8 @@ def run_certify(cfg: CertifyConfig, progress=None) -> dict:
 
     cfg.validate()
     device = resolve_device(cfg.device)
+    if cfg.impl is None:
+        check_tier(device, cfg.tier or default_tier(device))
     prov = provenance(device)
     meta = {"commit": prov.get("git", {}).get("commit"), "versions": prov.get("versions"),
             "device_name": prov.get("device", {}).get("name", prov.get("device", {}).get("cpu"))}
@@ -612,6 +656,11 @@ def run_certify(cfg: CertifyConfig, progress=None) -> dict:
         results.append(search(t, d, seconds=cfg.seconds and cfg.seconds / len(pairs), **kw))
     if progress:
         progress(len(pairs), len(pairs), "done")
+    empty = [r for r in results if r["examples"] == 0]
+    if empty:
+        raise CertifyError("nothing certified: 0 examples ran for " + ", ".join(
+            f"{r['target']}/{r['dtype']} ({r['rejected']} drawn inputs rejected)" for r in empty)
+            + "; raise --seconds (or --examples) so that every target runs an example")
     return {"kind": "certify", "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
             "provenance": prov, "results": results,
             "certified": not any(r["violation"] for r in results),
@@ -656,5 +705,5 @@ def write_certify_report(rep: dict, out_dir) -> list:
                         md_name="certify.md")
 
 
-__all__ = ["BoundViolation", "CertifyConfig", "KERNEL_TARGETS", "Score", "TARGETS", "impl_targets", "load_case", "replay",
+__all__ = ["BoundViolation", "CertifyConfig", "CertifyEnvironmentError", "CertifyError", "check_tier", "KERNEL_TARGETS", "Score", "TARGETS", "impl_targets", "load_case", "replay",
            "run_certify", "save_case", "search", "write_certify_report"]

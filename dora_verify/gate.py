@@ -13,8 +13,14 @@ finite and in range, or not the IEEE ±Inf/NaN where it is not); different bits 
 implementation that claims determinism; a crash; a FlashAttention-style ratio above ``fa_limit`` — the
 implementation's max error over the plain low-precision baseline's (``forms.stable_gcast`` for y: eager
 DoRA in the activation dtype as PEFT/torchtune compute it; ``forms.peft_dense`` for ν), the denominator floored
-at the error of the correctly rounded result. A suite that could not run (no cases, no GPU when one was
-required) fails too: the gate never passes on nothing.
+at the error of the correctly rounded result. A suite that could not run (no cases, an implementation no case
+applies to, no GPU when one was required) fails too: the gate never passes on nothing.
+
+**Isolation**: every call of an implementation gets its own copies of the inputs, and its outputs are copied
+before they are scored: the oracle, the bounds and the plain baseline only ever see the suite's own tensors.
+A crash is anything the call raises (``SystemExit`` and ``KeyboardInterrupt`` included: only a real Ctrl-C of
+the process stops the run), an output that is not a tensor of the right shape and dtype, or a case past
+``GateConfig.case_timeout`` seconds (SIGALRM; see ``adapter.CaseGuard``).
 
 **Baseline** (per implementation × output × dtype × device class × shape class): max ULP, p99 and max
 bound ratio, fraction correctly rounded, compared with a committed baseline file within its stated slack
@@ -26,6 +32,7 @@ unless explicitly allowed.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +41,7 @@ import numpy as np
 import torch
 
 from . import bounds
-from .adapter import Implementation, kernels_impl
+from .adapter import CaseGuard, Implementation, check_output, crash_reason, kernels_impl
 from .formats import parse_format, ulp
 from .metrics import excess_error, flash_ratio, quantile, same_bits
 from .oracles import compose_grad_truth, compose_truth, row_norm_truth
@@ -47,6 +54,9 @@ DEFAULT_SLACK = {"max_ulp": (1e-3, 1e-2), "p99_ratio": (1e-3, 1e-2), "max_ratio"
                  "frac_correctly_rounded": (1e-4, 0.0)}  # (absolute, relative)
 LOWER_IS_BETTER = {"max_ulp": True, "p99_ratio": True, "max_ratio": True, "frac_correctly_rounded": False}
 DEFAULT_FA_LIMIT = 2.0
+DEFAULT_CASE_TIMEOUT = 300.0  # seconds per (implementation, case): generous, only a hang reaches it
+ENV_KEYS = ("device_class", "torch", "triton", "suite", "suite_version", "impls", "mode")
+NONFINITE_KINDS = ("nonfinite_where_finite", "finite_where_nonfinite", "wrong_nonfinite")
 NORM_FAITHFUL_REL = bounds.FAITHFUL_NORM_REL
 COMPOSE_SHAPES = ((1, 1), (3, 13), (16, 256), (17, 257), (33, 129), (64, 509), (31, 127), (15, 255))
 NORM_SHAPES = ((7, 31, 4), (64, 129, 8), (131, 257, 16), (63, 513, 33), (128, 128, 64), (3, 5, 2), (129, 255, 17),
@@ -144,13 +154,24 @@ class Outcome:
     max_ulp: float = 0.0
     correctly_rounded: "tuple[int, int] | None" = None  # (count, elements)
     fa_ratio: "float | None" = None
-    nonfinite_mismatch: int = 0
+    nonfinite: dict = field(default_factory=dict)  # _nonfinite_mismatch's counts (NONFINITE_KINDS) and 'first'
     nondeterministic: bool = False
     crash: "str | None" = None
 
+    @property
+    def nonfinite_mismatch(self) -> int:
+        return sum(self.nonfinite.get(k, 0) for k in NONFINITE_KINDS)
+
+
+def _fresh(t: dict, keys, device) -> list:
+    """New copies of the suite's tensors ``keys`` on ``device`` for one call: what the implementation does to
+    its inputs never reaches the suite, the oracle or the next call. A missing key gives None."""
+    return [t[k].to(device, copy=True) if k in t else None for k in keys]
+
 
 def _to_cpu(x):
-    return x.detach().to("cpu")
+    """A CPU copy (never an alias of an input or of a buffer the implementation reuses on its next call)."""
+    return x.detach().to("cpu", copy=True)
 
 
 def _fa_ratio(err, plain_err, floor) -> float:
@@ -160,13 +181,22 @@ def _fa_ratio(err, plain_err, floor) -> float:
     return flash_ratio(mx(err), max(mx(plain_err), mx(floor)))
 
 
-def _nonfinite_mismatch(y: torch.Tensor, expect: torch.Tensor) -> int:
-    """Elements whose NaN/±Inf pattern differs from the float64 IEEE evaluation ``expect`` (rounded to y's dtype)."""
-    e = expect.to(y.dtype).to(F64)
-    y = y.to(F64)
-    bad = (torch.isnan(y) != torch.isnan(e)) | (torch.isinf(y) != torch.isinf(e))
-    bad |= torch.isinf(y) & torch.isinf(e) & (torch.sign(y) != torch.sign(e))
-    return int(bad.sum())
+def _nonfinite_mismatch(y: torch.Tensor, expect: torch.Tensor) -> dict:
+    """Where y's NaN/±Inf pattern differs from the oracle's ``expect`` (compared as given: callers round it to
+    y's dtype where that is the contract). Counts per NONFINITE_KINDS — NaN/Inf where the oracle is finite,
+    finite where it is NaN/Inf, the wrong non-finite (NaN for ±Inf or the reverse, a wrong-signed Inf) — and
+    'first': the first such element, 'index [i, j]: got G, oracle E' (None when there is none)."""
+    e, y = expect.to(F64), y.to(F64)
+    yf, ef = torch.isfinite(y), torch.isfinite(e)
+    wrong = (torch.isnan(y) != torch.isnan(e)) | (torch.isinf(y) & torch.isinf(e) & (y != e))
+    kinds = {"nonfinite_where_finite": ~yf & ef, "finite_where_nonfinite": yf & ~ef, "wrong_nonfinite": ~yf & ~ef & wrong}
+    out = {k: int(m.sum()) for k, m in kinds.items()}
+    bad = kinds["nonfinite_where_finite"] | kinds["finite_where_nonfinite"] | kinds["wrong_nonfinite"]
+    out["first"] = None
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+        out["first"] = f"index {list(idx)}: got {float(y[idx])!r}, oracle {float(e[idx])!r}"
+    return out
 
 
 def _score_compose(impl: Implementation, case: Case, device) -> "list[Outcome]":
@@ -174,24 +204,23 @@ def _score_compose(impl: Implementation, case: Case, device) -> "list[Outcome]":
 
     ex = case.example
     t, s = ex.tensors, ex.scalars["s"]
-    args = [t[k].to(device) for k in ("base", "lora", "g")]
-    bias = t["bias"].to(device) if "bias" in t else None
-    y = _to_cpu(impl.compose(*args, s, bias))
+
+    def call():
+        b, lo, g, bias = _fresh(t, ("base", "lora", "g", "bias"), device)
+        return _to_cpu(check_output("compose", impl.compose(b, lo, g, s, bias), t["base"].shape, t["base"].dtype))
+
+    y = call()
     fmt = parse_format(ex.dtype)
-    if tuple(y.shape) != tuple(t["base"].shape) or y.dtype != t["base"].dtype:
-        return [Outcome("y", crash=f"compose returned {y.dtype} {tuple(y.shape)}, want {t['base'].dtype} "
-                        f"{tuple(t['base'].shape)}")]
     out = Outcome("y")
     if impl.deterministic:
-        out.nondeterministic = not same_bits(y, _to_cpu(impl.compose(*args, s, bias)))
+        out.nondeterministic = not same_bits(y, call())
     b64, l64, g64 = t["base"].to(F64), t["lora"].to(F64), t["g"].to(F64)[None, :]
     expect = g64 * (b64 + s * l64) + (t["bias"].to(F64)[None, :] if "bias" in t else 0)
+    out.nonfinite = _nonfinite_mismatch(y, expect.to(y.dtype))
     if case.check == "nonfinite":
-        out.nonfinite_mismatch = _nonfinite_mismatch(y, expect)
         return [out]
     tr = compose_truth(t["base"], t["lora"], t["g"], s, t.get("bias"))
     in_range = tr.y.abs() <= fmt.max_finite
-    out.nonfinite_mismatch = _nonfinite_mismatch(y, expect)
     y64 = y.to(F64)
     ok = in_range & torch.isfinite(y64)
     err = torch.where(ok, excess_error(y, tr.y_hi, tr.y_lo, tr.y_bound), torch.zeros_like(y64))
@@ -221,15 +250,16 @@ def _score_norm(impl: Implementation, case: Case, device) -> "list[Outcome]":
 
     ex = case.example
     t, s = ex.tensors, ex.scalars["s"]
-    W, A, B = (t[k].to(device) for k in ("W", "A", "B"))
-    nu = _to_cpu(impl.norm(W, A, B, s))
-    if tuple(nu.shape) != (t["W"].shape[0],):
-        return [Outcome("nu", crash=f"norm returned shape {tuple(nu.shape)}, want ({t['W'].shape[0]},)")]
+
+    def call():
+        return _to_cpu(check_output("norm", impl.norm(*_fresh(t, ("W", "A", "B"), device), s), (t["W"].shape[0],)))
+
+    nu = call()
     out = Outcome("nu")
     if impl.deterministic:
-        out.nondeterministic = not same_bits(nu, _to_cpu(impl.norm(W, A, B, s)))
+        out.nondeterministic = not same_bits(nu, call())
     tr = row_norm_truth(t["W"], t["A"], t["B"], s)
-    out.nonfinite_mismatch = int((~torch.isfinite(nu.to(F64))).sum())
+    out.nonfinite = _nonfinite_mismatch(nu, tr.nu)  # ν is always finite: any NaN/Inf is a mismatch
     nu64 = nu.to(F64)
     err = torch.where(torch.isfinite(nu64), ((nu64 - tr.nu).abs() - tr.bound).clamp_min(0), torch.zeros_like(nu64))
     u32 = ulp(tr.nu, "fp32")
@@ -237,8 +267,8 @@ def _score_norm(impl: Implementation, case: Case, device) -> "list[Outcome]":
     if impl.contract == "kernel":
         from .kernels import factored_row_norm
 
-        backend = "triton" if (W.is_cuda and impl.tier != "eager") else "torch"
-        _, info = factored_row_norm(W, A, B, s, return_info=True, backend=backend)
+        backend = "triton" if (device.type == "cuda" and impl.tier != "eager") else "torch"
+        _, info = factored_row_norm(*_fresh(t, ("W", "A", "B"), device), s, return_info=True, backend=backend)
         bound = bounds.kernel_norm_bound(t["W"], t["A"], t["B"], s, tr.nu, backend, info.recomputed_rows)
     elif impl.contract == "faithful":
         bound = NORM_FAITHFUL_REL * tr.nu.clamp_min(2.0**-126)
@@ -263,8 +293,9 @@ def _score_backward(impl: Implementation, case: Case, device) -> "list[Outcome]"
     outs = []
     for save in impl.saves:
         def grads():
-            b, lo, g = (t[k].to(device).clone().requires_grad_() for k in ("base", "lora", "g"))
-            compose(b, lo, g, s, tier=impl.tier, save=save).backward(t["dy"].to(device))
+            b, lo, g, dy = _fresh(t, ("base", "lora", "g", "dy"), device)
+            b, lo, g = (x.requires_grad_() for x in (b, lo, g))
+            compose(b, lo, g, s, tier=impl.tier, save=save).backward(dy)
             return [_to_cpu(x) for x in (b.grad, lo.grad, g.grad)]
         first, again = grads(), grads()
         eb, el, eg = bounds.compose_backward_bounds(t["dy"], t["base"], t["lora"], t["g"], s, save=save)
@@ -275,7 +306,7 @@ def _score_backward(impl: Implementation, case: Case, device) -> "list[Outcome]"
         for i, (name, (got, hi, lo, ob, bound, dt)) in enumerate(refs.items()):
             o = Outcome(f"{name}/{save}")
             o.nondeterministic = not same_bits(first[i], again[i])
-            o.nonfinite_mismatch = _nonfinite_mismatch(got, hi + lo)
+            o.nonfinite = _nonfinite_mismatch(got, (hi + lo).to(got.dtype))
             err = excess_error(got, hi, lo, ob)
             err = torch.where(torch.isfinite(err), err, torch.zeros_like(err))
             o.ratios = torch.where(err == 0, torch.zeros_like(err), err / bound).flatten()
@@ -285,6 +316,7 @@ def _score_backward(impl: Implementation, case: Case, device) -> "list[Outcome]"
 
 
 _SCORERS = {"compose": _score_compose, "nonfinite": _score_compose, "norm": _score_norm, "backward": _score_backward}
+_CRASH_OUTPUT = {"compose": "y", "nonfinite": "y", "norm": "nu", "backward": "all"}  # the group a crash lands in
 
 
 def _applies(impl: Implementation, case: Case) -> bool:
@@ -308,6 +340,7 @@ class GateConfig:
     fa_limit: float = DEFAULT_FA_LIMIT
     case_ids: tuple = ()
     sizes: dict = field(default_factory=lambda: {"n_compose": 24, "n_norm": 8, "n_backward": 8})
+    case_timeout: "float | None" = DEFAULT_CASE_TIMEOUT  # seconds per (implementation, case); None: no limit
 
 
 class GateEnvironmentError(RuntimeError):
@@ -374,7 +407,9 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
     from .provenance import provenance
 
     dev = resolve(cfg)
-    impls = cpu_impls(cfg.impls) if dev.type == "cpu" else list(cfg.impls)
+    # each configured implementation with what runs for it (the CPU mode splits the kernels in two tiers)
+    expanded = [(im, cpu_impls([im]) if dev.type == "cpu" else [im]) for im in cfg.impls]
+    impls = [im for _, ims in expanded for im in ims]
     suite = build_suite(cfg.dtypes, cfg.seed, **cfg.sizes)
     fingerprint = suite_fingerprint(suite)
     if cfg.case_ids:
@@ -386,15 +421,20 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
     groups: dict = {}
     t0 = time.monotonic()
     work = [(im, c) for im in impls for c in suite if _applies(im, c)]
+    idle = [orig.name for orig, ims in expanded if not any(_applies(im, c) for im in ims for c in suite)]
+    enforced = True
     for i, (im, case) in enumerate(work):
         if progress and i % 10 == 0:
             progress(i, len(work), f"{im.name} {case.id}")
+        guard = CaseGuard(cfg.case_timeout)
+        enforced &= guard.enforced
         try:
-            with np.errstate(all="ignore"):  # the interpreter's numpy warnings on the NaN/Inf cases
+            with guard, np.errstate(all="ignore"):  # the interpreter's numpy warnings on the NaN/Inf cases
                 outcomes = _SCORERS[case.check](im, case, dev)
-        except Exception as e:  # noqa: BLE001 - a crash on a valid input is a gate failure, with its reason
-            outcomes = [Outcome("y" if case.check in ("compose", "nonfinite") else case.check,
-                                crash=f"{type(e).__name__}: {e}"[:300])]
+        except BaseException as e:  # noqa: BLE001 - whatever the case raised (sys.exit too) fails it, in one line
+            if guard.interrupted:  # a real Ctrl-C of the run, not the implementation's own KeyboardInterrupt
+                raise
+            outcomes = [Outcome(_CRASH_OUTPUT[case.check], crash=crash_reason(e))]
         for o in outcomes:
             check = "compose" if case.check == "nonfinite" else case.check
             key = "|".join((im.name, f"{check}.{o.output}", case.example.dtype, dclass, case.shape_class))
@@ -402,6 +442,7 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
                                         "device_class": dclass, "shape_class": case.shape_class, "contract": im.contract,
                                         "deterministic": im.deterministic, "_ratios": [], "cases": 0,
                                         "max_ulp": 0.0, "_cr": [0, 0], "fa_ratio": 0.0, "nonfinite_mismatch": 0,
+                                        "nonfinite": {**{k: 0 for k in NONFINITE_KINDS}, "examples": []},
                                         "nondeterministic": 0, "crashes": 0, "failing_cases": []})
             g["cases"] += 1
             bad = False
@@ -420,6 +461,10 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
                 g["fa_ratio"] = max(g["fa_ratio"], o.fa_ratio)
                 bad |= o.fa_ratio > cfg.fa_limit
             g["nonfinite_mismatch"] += o.nonfinite_mismatch
+            for k in NONFINITE_KINDS:
+                g["nonfinite"][k] += o.nonfinite.get(k, 0)
+            if o.nonfinite.get("first") and len(g["nonfinite"]["examples"]) < 3:
+                g["nonfinite"]["examples"].append(f"{case.id} {o.nonfinite['first']}")
             g["nondeterministic"] += int(o.nondeterministic)
             bad |= o.nonfinite_mismatch > 0 or o.nondeterministic
             if bad and case.id not in g["failing_cases"]:
@@ -434,8 +479,17 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
     return {"kind": "gate", "provenance": provenance(dev), "environment": environment(dev, fingerprint,
                                                                                       [im.name for im in impls]),
             "config": {"impls": [im.name for im in impls], "dtypes": list(cfg.dtypes), "seed": cfg.seed,
-                       "fa_limit": cfg.fa_limit, "case_ids": list(cfg.case_ids), **cfg.sizes},
-            "cases": len(suite), "evaluations": len(work), "groups": groups, "seconds": round(time.monotonic() - t0, 2)}
+                       "fa_limit": cfg.fa_limit, "case_ids": list(cfg.case_ids), "case_timeout": cfg.case_timeout,
+                       "case_timeout_enforced": bool(cfg.case_timeout) and enforced, **cfg.sizes},
+            "cases": len(suite), "evaluations": len(work), "idle_impls": idle, "groups": groups,
+            "seconds": round(time.monotonic() - t0, 2)}
+
+
+def _nonfinite_text(nf: dict) -> str:
+    parts = [f"{nf['nonfinite_where_finite']} NaN/Inf where the oracle is finite",
+             f"{nf['finite_where_nonfinite']} finite where the oracle is NaN/Inf",
+             f"{nf['wrong_nonfinite']} the wrong NaN/Inf (NaN for ±Inf or the reverse, or the wrong sign)"]
+    return ", ".join(parts) + (f"; first: {nf['examples'][0]}" if nf.get("examples") else "")
 
 
 def _hard_failures(g: dict, fa_limit: float) -> list:
@@ -445,7 +499,8 @@ def _hard_failures(g: dict, fa_limit: float) -> list:
     if g["max_ratio"] is not None and g["max_ratio"] > 1:
         out.append(f"error/bound ratio {g['max_ratio']:.6g} > 1")
     if g["nonfinite_mismatch"]:
-        out.append(f"{g['nonfinite_mismatch']} NaN/Inf mismatch(es) with the oracle")
+        out.append(f"{g['nonfinite_mismatch']} NaN/Inf mismatch(es) with the oracle in {g['output']}: "
+                   + _nonfinite_text(g["nonfinite"]))
     if g["nondeterministic"]:
         out.append(f"{g['nondeterministic']} case(s) with different bits on a repeated call (claims determinism)")
     if g["fa_ratio"] > fa_limit:
@@ -463,23 +518,76 @@ def make_baseline(rep: dict, slack=None) -> dict:
             "groups": {k: {m: g[m] for m in LOWER_IS_BETTER} for k, g in sorted(rep["groups"].items())}}
 
 
+class BaselineError(ValueError):
+    """A baseline file that is missing, unreadable or malformed (a usage error: exit 2, before the suite runs)."""
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def baseline_problem(doc) -> "str | None":
+    """What is wrong with a parsed baseline document (the schema :func:`make_baseline` writes), or None."""
+    if not isinstance(doc, dict):
+        return f"is not a JSON object (got {type(doc).__name__})"
+    if doc.get("format") != BASELINE_FORMAT:
+        return (f"has format {_short(doc.get('format'))}; this dora-verify reads {BASELINE_FORMAT!r} "
+                "(regenerate it with --update-baseline)")
+    for key in ("environment", "slack", "groups"):
+        if key not in doc:
+            return f"lacks the key {key!r}"
+        if not isinstance(doc[key], dict):
+            return f"{key!r} must be an object, got {_short(doc[key])}"
+    env = doc["environment"]
+    for k in ENV_KEYS:
+        if k not in env:
+            return f"environment lacks {k!r}"
+        v = env[k]
+        ok = (isinstance(v, int) and not isinstance(v, bool) if k == "suite_version" else
+              isinstance(v, list) and all(isinstance(x, str) for x in v) if k == "impls" else
+              v is None or isinstance(v, str))
+        if not ok:
+            return f"environment[{k!r}] has the wrong type: {_short(v)}"
+    for m, v in doc["slack"].items():
+        if m not in LOWER_IS_BETTER:
+            return f"slack names an unknown metric {m!r} (known: {', '.join(LOWER_IS_BETTER)})"
+        if not (isinstance(v, list) and len(v) == 2 and all(_number(x) and x >= 0 for x in v)):
+            return f"slack[{m!r}] must be [absolute, relative], two non-negative numbers; got {_short(v)}"
+    for key, g in doc["groups"].items():
+        if not isinstance(g, dict):
+            return f"groups[{key!r}] must be an object, got {_short(g)}"
+        for m in LOWER_IS_BETTER:
+            if m not in g:
+                return f"groups[{key!r}] lacks {m!r}"
+            if g[m] is not None and not _number(g[m]):
+                return f"groups[{key!r}][{m!r}] must be a finite number or null, got {_short(g[m])}"
+    return None
+
+
 def load_baseline(path) -> dict:
+    """The baseline document at ``path``, validated (:func:`baseline_problem`); :class:`BaselineError`, one line,
+    when it is missing, unreadable or malformed — before anything runs."""
     import json
 
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"baseline {path} does not exist: create it with --update-baseline") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"baseline {path} is unreadable: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != BASELINE_FORMAT:
-        raise ValueError(f"baseline {path} is not a {BASELINE_FORMAT} file")
+        raise BaselineError(f"baseline {path} does not exist: create it with --update-baseline") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BaselineError(f"baseline {path} is unreadable: {e}") from None
+    problem = baseline_problem(doc)
+    if problem:
+        raise BaselineError(f"baseline {path} {problem}")
     return doc
 
 
 def env_mismatch(base_env: dict, env: dict) -> list:
-    keys = ("device_class", "torch", "triton", "suite", "suite_version", "impls", "mode")
-    return [f"{k}: baseline {base_env.get(k)!r}, here {env.get(k)!r}" for k in keys if base_env.get(k) != env.get(k)]
+    return [f"{k}: baseline {base_env.get(k)!r}, here {env.get(k)!r}" for k in ENV_KEYS if base_env.get(k) != env.get(k)]
 
 
 def compare_baseline(rep: dict, baseline: dict) -> list:
@@ -512,8 +620,8 @@ def verdict(rep: dict, baseline: "dict | None", allow_env_mismatch: bool = False
     """Adds ``verdict`` to the report: passed, hard failures, baseline findings, environment notes."""
     hard = {k: g["hard_failures"] for k, g in rep["groups"].items() if g["hard_failures"]}
     v = {"hard": hard, "baseline": [], "environment": [], "baseline_used": baseline is not None}
-    if not rep["groups"] or rep["evaluations"] == 0:
-        v["nothing_ran"] = True
+    if not rep["groups"] or rep["evaluations"] == 0 or rep.get("idle_impls"):
+        v["nothing_ran"] = True  # for the whole run, or for an implementation no case applied to
     if baseline is not None:
         mism = env_mismatch(baseline.get("environment", {}), rep["environment"])
         v["environment"] = mism
@@ -547,13 +655,26 @@ def gate_markdown(rep: dict) -> str:
              f"commit {p.get('git', {}).get('commit', '?')}; suite {env['suite']} ({rep['cases']} cases, seed "
              f"{rep['config']['seed']}); {rep['evaluations']} evaluations in {rep['seconds']} s.", ""]
     if v.get("nothing_ran"):
-        lines += ["**Nothing ran** (no case applies to the implementation): the gate fails rather than pass on nothing.", ""]
+        who = f" for {', '.join(f'`{n}`' for n in rep['idle_impls'])}" if rep.get("idle_impls") else ""
+        lines += [f"**Nothing ran**{who} (no case applies to the implementation): the gate fails rather than pass on "
+                  "nothing.", ""]
     if v["hard"]:
         lines += ["## Hard failures", ""]
         for key, msgs in v["hard"].items():
             g = rep["groups"][key]
             lines.append(f"- `{key}`: " + "; ".join(msgs))
             lines.append(f"  reproduce: `{reproduce_command(rep, g['failing_cases'][:3])}`")
+        lines.append("")
+    nonfinite = [g for g in rep["groups"].values() if g["nonfinite_mismatch"]]
+    if nonfinite:
+        lines += ["## NaN/Inf mismatches", "", "Elements whose NaN/±Inf pattern differs from the oracle's (the IEEE "
+                  "evaluation of the rounded inputs, rounded to the output's dtype).", ""]
+        lines.append(_table(["impl", "output", "dtype", "shapes", "NaN/Inf where the oracle is finite",
+                             "finite where the oracle is NaN/Inf", "wrong NaN/Inf", "first elements"],
+                            [[g["impl"], g["output"], g["dtype"], g["shape_class"],
+                              g["nonfinite"]["nonfinite_where_finite"], g["nonfinite"]["finite_where_nonfinite"],
+                              g["nonfinite"]["wrong_nonfinite"], "; ".join(g["nonfinite"]["examples"])]
+                             for g in nonfinite]))
         lines.append("")
     if v["baseline"]:
         lines += ["## Baseline differences (beyond the slack)", "",
@@ -572,6 +693,9 @@ def gate_markdown(rep: dict) -> str:
              g["nondeterministic"], "FAIL" if g["hard_failures"] else "ok"] for g in rep["groups"].values()]
     lines.append(_table(["impl", "output", "dtype", "shapes", "cases", "max ratio", "p99 ratio", "max ulp",
                          "correctly rounded", "FA ratio", "NaN/Inf mismatch", "non-det.", "hard"], rows))
+    limit, enforced = rep["config"].get("case_timeout"), rep["config"].get("case_timeout_enforced", True)
+    limit_text = "none" if not limit else f"{limit:g} s" + ("" if enforced else " (not enforced here: no SIGALRM)")
+    lines += ["", f"Time limit per case: {limit_text}; every call gets its own copies of the inputs."]
     lines += ["", "Criteria: docs/gate.md. Ratio = (|error| − oracle bound) / a-priori bound of the implementation's "
               "contract; FA ratio = max error / max(plain low-precision baseline's max error, correctly rounded "
               f"result's) with limit {rep['config']['fa_limit']:g}."]
@@ -610,7 +734,8 @@ def junit_xml(rep: dict) -> str:
     if v.get("nothing_ran"):
         ts = ET.SubElement(suites, "testsuite", name="gate.suite", tests="1", failures="1")
         tc = ET.SubElement(ts, "testcase", classname="gate", name="suite_ran")
-        ET.SubElement(tc, "failure", message="no case ran: the gate never passes on nothing")
+        who = f" for {', '.join(rep['idle_impls'])}" if rep.get("idle_impls") else ""
+        ET.SubElement(tc, "failure", message=f"no case ran{who}: the gate never passes on nothing")
         total, fails = total + 1, fails + 1
     for b in v["baseline"]:
         if b["kind"] == "missing":
@@ -646,6 +771,7 @@ def write_baseline(doc: dict, path) -> Path:
     return path
 
 
-__all__ = ["BASELINE_FORMAT", "DEFAULT_FA_LIMIT", "DEFAULT_SLACK", "Case", "GateConfig", "GateEnvironmentError",
+__all__ = ["BASELINE_FORMAT", "DEFAULT_CASE_TIMEOUT", "DEFAULT_FA_LIMIT", "DEFAULT_SLACK", "BaselineError", "Case",
+           "GateConfig", "GateEnvironmentError", "baseline_problem",
            "build_suite", "compare_baseline", "gate_markdown", "junit_xml", "load_baseline", "make_baseline",
            "run_gate", "suite_fingerprint", "verdict", "write_baseline", "write_gate_report"]

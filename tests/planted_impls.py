@@ -1,9 +1,14 @@
 """Implementations for tests/test_gate.py, reached through the adapter protocol (``--impl planted_impls:NAME``):
-the real kernel as a user would wrap it, and deliberately broken ones."""
+the real kernel as a user would wrap it, and deliberately broken ones (wrong numbers, and abuses of the
+protocol: scribbling on the inputs, exiting, raising, hanging, returning the wrong type)."""
+import sys
+import time
+
 import torch
 
 from dora_verify.forms import naive as _naive_form
 from dora_verify.kernels import compose as _compose
+from dora_verify.kernels import factored_row_norm as _norm
 
 
 def _ref(base, lora, g, s, bias=None):
@@ -57,3 +62,85 @@ class Fp32Only:
 
     def compose(self, base, lora, g, s, bias=None):
         return _ref(base, lora, g, s, bias)
+
+
+# ----------------------------------------------------------------------------- planted: abuses of the protocol
+class _ZeroInputs:
+    """Planted: zeroes every input in place and returns zeros. Graded against the inputs it scribbled on, it
+    would be exact; graded against the suite's own inputs, it is wrong everywhere."""
+    name = "zero_inputs"
+
+    def compose(self, base, lora, g, s, bias=None):
+        for t in (base, lora, g) + (() if bias is None else (bias,)):
+            t.zero_()
+        return torch.zeros_like(base)
+
+    def norm(self, W, A, B, s):
+        for t in (W, A, B):
+            t.zero_()
+        return torch.zeros(W.shape[0], dtype=torch.float32, device=W.device)
+
+
+zero_inputs = _ZeroInputs()
+
+
+def exits(base, lora, g, s, bias=None):
+    """Planted: ends the process (sys.exit(0)) instead of returning."""
+    sys.exit(0)
+
+
+def raises(base, lora, g, s, bias=None):
+    """Planted: raises, with a message over two lines."""
+    raise RuntimeError("planted failure\nsecond line of the message")
+
+
+def interrupts(base, lora, g, s, bias=None):
+    """Planted: raises KeyboardInterrupt itself (no SIGINT): a crash of the case, not a Ctrl-C of the run."""
+    raise KeyboardInterrupt
+
+
+def hangs(base, lora, g, s, bias=None):
+    """Planted: never returns."""
+    while True:
+        time.sleep(0.05)
+
+
+class _Returns:
+    """Planted: compose and norm return the right numbers in the wrong container (None, a numpy array, a
+    tuple, an extra leading dimension)."""
+
+    def __init__(self, kind):
+        self.name, self.kind = f"returns_{kind}", kind
+
+    def _wrap(self, t):
+        return {"none": None, "numpy": t.float().numpy(), "tuple": (t,), "shape": t.unsqueeze(0)}[self.kind]
+
+    def compose(self, base, lora, g, s, bias=None):
+        return self._wrap(_ref(base, lora, g, s, bias))
+
+    def norm(self, W, A, B, s):
+        return self._wrap(_norm(W, A, B, s, backend="torch"))
+
+
+returns_none, returns_numpy, returns_tuple, returns_shape = (_Returns(k) for k in ("none", "numpy", "tuple", "shape"))
+
+
+def nonfinite_swap(base, lora, g, s, bias=None):
+    """Planted: NaN/±Inf flushed to finite values (torch.nan_to_num), and +Inf in the last element."""
+    y = torch.nan_to_num(_ref(base, lora, g, s, bias))
+    y[-1, -1] = float("inf")
+    return y
+
+
+class BadFactory:
+    """Planted: the constructor raises (a message over two lines)."""
+
+    def __init__(self):
+        raise RuntimeError("no device found\nsecond line of the message")
+
+
+class ExitingFactory:
+    """Planted: the constructor ends the process."""
+
+    def __init__(self):
+        sys.exit(3)

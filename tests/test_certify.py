@@ -181,3 +181,52 @@ def test_certify_cli_impl_peft(tmp_path, capsys):
                                                                          "unknown target")):
         assert main(["certify", *bad, "--out", str(tmp_path)]) == 2
         assert msg in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- never certified on nothing
+def test_zero_examples_is_not_certified(tmp_path, capsys):
+    """A budget spent before the first example used to print 'certified: 0 examples' and exit 0."""
+    out = tmp_path / "rep"
+    rc = main(["certify", "--targets", "compose.y", "--dtypes", "fp16", "--seconds", "1e-9", "--out", str(out), "--quiet"])
+    err = capsys.readouterr()
+    assert rc == 2 and "nothing certified: 0 examples ran for compose.y/fp16" in err.err and err.err.count("\n") == 1
+    assert "certified:" not in err.out and not (out / "certify.json").exists()
+    with pytest.raises(certify.CertifyError):
+        certify.run_certify(certify.CertifyConfig(targets=("compose.y",), dtypes=("fp16",), seconds=1e-9, device="cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fused tier without a GPU")
+def test_fused_tier_without_gpu_or_interpreter_is_an_environment_error(tmp_path, monkeypatch, capsys):
+    """It used to run, crash in every example, report 'VIOLATION ... ratio inf' and write a corpus entry."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "rep"
+    rc = main(["certify", "--tier", "fused", "--device", "cpu", "--targets", "compose.y", "--dtypes", "fp16",
+               "--examples", "3", "--out", str(out), "--quiet"])
+    err = capsys.readouterr()
+    assert rc == 2 and "--tier fused cannot run on cpu" in err.err and "TRITON_INTERPRET=1" in err.err
+    assert "VIOLATION" not in err.out and not list(out.rglob("*.json")) and not list(out.rglob("*.npz"))
+
+
+def _impl_search(name, target, dtype, tmp_path, examples=10):
+    sys.path.insert(0, str(Path(__file__).parent))  # tests/planted_impls.py
+    return certify.search(target, dtype, examples=examples, device="cpu", corpus=tmp_path, impl=f"planted_impls:{name}")
+
+
+@pytest.mark.parametrize("target", ["zero_inputs.compose", "zero_inputs.norm"])
+def test_an_impl_that_zeroes_its_inputs_is_found_and_its_case_replays(tmp_path, target):
+    """--impl calls get their own copies: the corpus keeps the drawn inputs, not the zeros the implementation
+    left in them (whose replay would 'pass': zeros are exact for zero inputs)."""
+    res = _impl_search("zero_inputs", target, "fp32", tmp_path)
+    assert res["violation"] and res["examples"] >= 1
+    _, ex, _ = certify.load_case(res["corpus"][0])
+    assert any(bool((v != 0).any()) for v in ex.tensors.values())
+    assert certify.replay(res["corpus"][0]).ratio > 1
+
+
+@pytest.mark.parametrize("name,reason", [("exits", "SystemExit(0)"), ("raises", "RuntimeError: planted failure"),
+                                         ("returns_none", "compose returned None, want a torch.Tensor"),
+                                         ("returns_numpy", "compose returned a numpy.ndarray")])
+def test_an_impl_that_exits_raises_or_returns_junk_is_a_crash_finding(tmp_path, name, reason):
+    target = f"planted_impls_{name}.compose" if name in ("exits", "raises") else f"{name}.compose"
+    res = _impl_search(name, target, "fp32", tmp_path, examples=3)
+    assert res["violation"] and reason in res["info"]["error"] and "\n" not in res["info"]["error"]

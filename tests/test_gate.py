@@ -135,6 +135,7 @@ def test_update_baseline_refused_when_hard_criteria_fail(tmp_path):
 
 
 def test_never_passes_on_nothing(tmp_path):
+    """Every evaluation skipped (no case of the chosen dtypes applies): exit 1, a failing JUnit case."""
     rc, doc, out = _run(tmp_path, "--impl", "planted_impls:Fp32Only", "--dtypes", "bf16")
     assert rc == 1 and doc["verdict"].get("nothing_ran")
     assert ET.parse(out / "junit.xml").getroot().get("failures") == "1"
@@ -175,3 +176,179 @@ def test_adapter_protocol():
     with pytest.raises(ImplError, match="contract"):
         from_object(BadContract, "x")
     assert [i.name for i in load_impl("forms")][0].startswith("form:")
+
+
+# ----------------------------------------------------------------------------- never grade the code on its own output
+SMALL = ("--dtypes", "fp32", "--case", "compose-fp32-01", "--case", "norm-fp32-01")
+
+
+def _hard_text(doc) -> str:
+    return " ".join(m for msgs in doc["verdict"]["hard"].values() for m in msgs)
+
+
+def test_an_implementation_that_zeroes_its_inputs_fails(tmp_path):
+    """Each call gets its own copies: zeroing them in place and returning zeros is wrong against the suite's
+    inputs (CPU mode used to hand over the suite's own tensors, and grade the zeros against zeroed inputs)."""
+    rc, doc, _ = _run(tmp_path, "--impl", "planted_impls:zero_inputs", *SMALL, "--case", "nonfinite-fp32-00")
+    assert rc == 1
+    hard = doc["verdict"]["hard"]
+    assert {k.split("|")[1] for k in hard} == {"compose.y", "norm.nu"}
+    assert "error/bound ratio" in _hard_text(doc)
+
+
+@pytest.mark.parametrize("planted,reason", [("exits", "SystemExit(0): the implementation tried to exit"),
+                                            ("raises", "RuntimeError: planted failure"),
+                                            ("interrupts", "KeyboardInterrupt raised by the implementation")])
+def test_whatever_the_implementation_raises_is_a_one_line_crash(tmp_path, planted, reason):
+    """sys.exit(0) used to end the gate with exit 0 and no report; KeyboardInterrupt raised by the code itself
+    (no SIGINT) is a crash of that case too; messages are one line."""
+    rc, doc, out = _run(tmp_path, "--impl", f"planted_impls:{planted}", "--dtypes", "fp32", "--case", "compose-fp32-01",
+                        "--case", "compose-fp32-03")
+    assert rc == 1 and not doc["verdict"]["passed"]
+    g, = doc["groups"].values()
+    assert g["crashes"] == 2 and all(reason in m and "\n" not in m for m in g["crash_messages"])
+    md = (out / "gate.md").read_text()
+    assert reason in md and "Traceback" not in md
+
+
+def test_a_real_ctrl_c_still_stops_the_run():
+    """Only a SIGINT delivered to the process stops the gate (the CLI's Ctrl-C handling takes it from there)."""
+    import os
+    import signal
+    import threading
+
+    cfg = gate.GateConfig(impls=load_impl("planted_impls:hangs"), dtypes=("fp32",), device="cpu",
+                          case_ids=("compose-fp32-01",), case_timeout=20,
+                          sizes={"n_compose": 4, "n_norm": 0, "n_backward": 0})
+    before = signal.getsignal(signal.SIGINT)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        gate.run_gate(cfg)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_hanging_implementation_fails_at_the_case_time_limit():
+    import signal
+    import time
+
+    cfg = gate.GateConfig(impls=load_impl("planted_impls:hangs"), dtypes=("fp32",), device="cpu",
+                          case_ids=("compose-fp32-01", "compose-fp32-03"), case_timeout=0.5,
+                          sizes={"n_compose": 4, "n_norm": 0, "n_backward": 0})
+    t0 = time.monotonic()
+    rep = gate.verdict(gate.run_gate(cfg), None)
+    assert time.monotonic() - t0 < 8
+    g, = rep["groups"].values()
+    assert g["crashes"] == 2 and all("case time limit of 0.5 s" in m for m in g["crash_messages"])
+    assert not rep["verdict"]["passed"] and rep["config"]["case_timeout_enforced"]
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+    assert gate.GateConfig(impls=[]).case_timeout == gate.DEFAULT_CASE_TIMEOUT == 300
+
+
+@pytest.mark.parametrize("kind,got", [("none", "returned None"), ("numpy", "returned a numpy.ndarray"),
+                                      ("tuple", "returned a tuple"), ("shape", "returned a torch.Tensor of float32")])
+def test_a_malformed_output_is_a_one_line_failure_of_its_case(tmp_path, kind, got):
+    rc, doc, _ = _run(tmp_path, "--impl", f"planted_impls:returns_{kind}", *SMALL)
+    assert rc == 1
+    for output, what in (("compose.y", "compose"), ("norm.nu", "norm")):
+        g, = (g for g in doc["groups"].values() if g["output"] == output)
+        msg, = g["crash_messages"]
+        assert f"{what} {got}" in msg and "want a torch.Tensor" in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("source,msg", [("raise RuntimeError('broken at import\\nline two')",
+                                         "RuntimeError: broken at import"),
+                                        ("import sys\nsys.exit(0)", "SystemExit(0)")])
+def test_an_impl_that_fails_at_import_is_a_usage_error(tmp_path, monkeypatch, capsys, source, msg):
+    name = f"planted_import_{abs(hash(source))}"
+    (tmp_path / f"{name}.py").write_text(source + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc = main(["gate", "--device", "cpu", "--quiet", "--out", str(tmp_path / "g"), "--impl", f"{name}:f"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot import" in err and msg in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("factory,msg", [("BadFactory", "RuntimeError: no device found"),
+                                         ("ExitingFactory", "SystemExit(3)")])
+def test_an_impl_whose_factory_fails_is_a_usage_error(tmp_path, capsys, factory, msg):
+    rc = main(["gate", "--device", "cpu", "--quiet", "--out", str(tmp_path / "g"), "--impl", f"planted_impls:{factory}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot instantiate" in err and msg in err and err.count("\n") == 1, err
+
+
+def _valid_baseline() -> dict:
+    env = {"device_class": "cpu", "torch": "2.13", "triton": "3.9", "suite": "0123456789abcdef", "suite_version": 1,
+           "impls": ["good"], "mode": "cpu-logic-only"}
+    grp = {"max_ulp": 0.5, "p99_ratio": 0.1, "max_ratio": 0.4, "frac_correctly_rounded": 1.0}
+    return {"format": gate.BASELINE_FORMAT, "environment": env, "slack": {k: list(v) for k, v in gate.DEFAULT_SLACK.items()},
+            "groups": {"good|compose.y|fp32|cpu|ragged": grp, "good|norm.nu|fp32|cpu|ragged": {**grp, "max_ratio": None}}}
+
+
+def _break(d, how):
+    if how == "wrong_type":
+        d["groups"]["good|compose.y|fp32|cpu|ragged"]["max_ratio"] = "0.4"
+    elif how == "bool":
+        d["groups"]["good|compose.y|fp32|cpu|ragged"]["max_ulp"] = True
+    elif how == "missing_metric":
+        del d["groups"]["good|compose.y|fp32|cpu|ragged"]["p99_ratio"]
+    elif how == "missing_groups":
+        del d["groups"]
+    elif how == "missing_env_key":
+        del d["environment"]["suite"]
+    elif how == "slack":
+        d["slack"]["max_ulp"] = [0.001]
+    elif how == "version":
+        d["format"] = "dora-verify-gate-baseline/2"
+    elif how == "not_object":
+        return [d]
+    return d
+
+
+@pytest.mark.parametrize("how,msg", [("wrong_type", "['max_ratio'] must be a finite number or null, got '0.4'"),
+                                     ("bool", "['max_ulp'] must be a finite number"),
+                                     ("missing_metric", "lacks 'p99_ratio'"), ("missing_groups", "lacks the key 'groups'"),
+                                     ("missing_env_key", "environment lacks 'suite'"), ("slack", "slack['max_ulp']"),
+                                     ("version", "this dora-verify reads"), ("not_object", "not a JSON object")])
+def test_a_malformed_baseline_is_refused_before_the_suite_runs(tmp_path, monkeypatch, capsys, how, msg):
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(_valid_baseline()))
+    assert gate.load_baseline(path)["format"] == gate.BASELINE_FORMAT
+    path.write_text(json.dumps(_break(_valid_baseline(), how)))
+    monkeypatch.setattr(gate, "run_gate", lambda *a, **k: pytest.fail("the suite ran before the baseline was checked"))
+    rc = main(["gate", "--device", "cpu", "--quiet", "--out", str(tmp_path / "g"), "--impl", "planted_impls:Good",
+               "--baseline", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"baseline {path}" in err and msg in err and err.count("\n") == 1, err
+
+
+def test_nonfinite_mismatches_are_reported_by_kind(tmp_path):
+    """NaN/Inf where the oracle is finite, and finite where it is NaN/Inf, counted per output and shown."""
+    rc, doc, out = _run(tmp_path, "--impl", "planted_impls:nonfinite_swap", "--dtypes", "fp32", "--case",
+                        "nonfinite-fp32-00", "--case", "compose-fp32-01")
+    assert rc == 1
+    g, = doc["groups"].values()
+    nf = g["nonfinite"]
+    assert nf["nonfinite_where_finite"] == 2  # the planted +Inf, in each case
+    assert nf["finite_where_nonfinite"] >= 4  # NaN, ±Inf and overflow flushed to finite numbers
+    assert g["nonfinite_mismatch"] == sum(nf[k] for k in gate.NONFINITE_KINDS)
+    assert any("got inf, oracle" in e for e in nf["examples"])  # the planted +Inf
+    assert any("got 0.0, oracle nan" in e for e in nf["examples"])  # a NaN flushed to 0
+    text = _hard_text(doc)
+    assert "in compose.y: 2 NaN/Inf where the oracle is finite" in text and "finite where the oracle is NaN/Inf" in text
+    md = (out / "gate.md").read_text()
+    assert "## NaN/Inf mismatches" in md and "NaN/Inf where the oracle is finite" in md
+
+
+def test_an_implementation_no_case_applies_to_fails_even_beside_one_that_ran():
+    """Never passes on nothing, per implementation: one that ran does not carry one that did not."""
+    import planted_impls
+
+    impls = [from_object(planted_impls.Good, "good"), from_object(planted_impls.Fp32Only, "fp32only")]
+    tiny = {"n_compose": 2, "n_norm": 2, "n_backward": 0}
+    rep = gate.verdict(gate.run_gate(gate.GateConfig(impls=impls, dtypes=("bf16",), device="cpu", sizes=tiny,
+                                                     case_ids=("compose-bf16-01",))), None)
+    assert rep["evaluations"] == 1 and rep["idle_impls"] == ["fp32only"]
+    assert not rep["verdict"]["passed"] and rep["verdict"]["nothing_ran"] and not rep["verdict"]["hard"]
+    assert "**Nothing ran** for `fp32only`" in gate.gate_markdown(rep)
+    rep = gate.verdict(gate.run_gate(gate.GateConfig(impls=impls[:1], dtypes=("bf16",), device="cpu", sizes=tiny,
+                                                     case_ids=("norm-bf16-01",))), None)
+    assert rep["evaluations"] == 0 and not rep["groups"] and not rep["verdict"]["passed"]
