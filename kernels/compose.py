@@ -37,7 +37,16 @@ Numerical contract (base, lora, dy in bf16/fp16/fp32; g, g−1 fp32; s fp32-repr
   range limit can leave it: the fp32 epilogue then overflows to ±Inf/NaN where the exact y may be finite).
   The exhaustive check (dora_verify/exhaustive.py) counts those pairs separately.
 * Non-finite inputs propagate elementwise as in IEEE arithmetic (the kernel falls back to the plain
-  fp32 expression where it is not finite); nothing is raised inside the hot path.
+  fp32 expression where it is not finite; a NaN/Inf in g or g−1 reaches its whole column); nothing is
+  raised inside the hot path.
+* Checked at call (one-line TypeError/ValueError): shapes, dtypes (base and lora each bf16/fp16/fp32 — they may
+  differ, e.g. an fp32 lora with a bf16 base; y takes base's dtype; bias bf16/fp16/fp32), devices, and s finite
+  and fp32-representable — a Python float or a one-element tensor that does not require grad (no gradient for s
+  is computed). g − 1 for output='delta': its gradient is credited to g (as above), which is the exact chain rule
+  whenever ∂(g−1)/∂θ = ∂g/∂θ for all upstream θ (g and g − 1 from one :func:`dora_scale` call, or g − 1
+  computed from g); a g_minus_1 that is a grad-requiring leaf, or requires grad while g does not, is refused.
+* Autocast: the ops run with autocast disabled (``no_autocast``), so their results are the same bits inside and
+  outside ``torch.autocast`` regions.
 """
 from __future__ import annotations
 
@@ -46,7 +55,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .dispatch import HAS_TRITON, Tier, select_tier
+from .dispatch import HAS_TRITON, Tier, no_autocast, select_tier
 from .scale import check_scaling
 
 if HAS_TRITON:
@@ -275,6 +284,7 @@ def round_from_f64(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(fix, torch.nextafter(v32, towards), v32).to(dtype)
 
 
+@no_autocast
 def compose_forward_eager(base, lora, g, g_minus_1, bias, s: float, delta: bool, save: int):
     """Float64 evaluation, one rounding to the output dtype (see contract)."""
     f64 = torch.float64
@@ -290,6 +300,7 @@ def compose_forward_eager(base, lora, g, g_minus_1, bias, s: float, delta: bool,
     return round_from_f64(v, base.dtype), inner
 
 
+@no_autocast
 def compose_backward_eager(dy, base, lora, inner, g, g_minus_1, s: float, delta: bool, saved: int, base_dtype,
                            lora_dtype, need_base: bool, need_lora: bool, need_g: bool):
     f32 = torch.float32
@@ -396,17 +407,43 @@ class _ComposeFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public entry point
+def check_s(s) -> float:
+    """``s`` as a float (:func:`check_scaling`: finite, fp32-representable). A one-element tensor is read once;
+    one that requires grad raises TypeError — the kernels compute no gradient for s."""
+    if isinstance(s, torch.Tensor):
+        if s.requires_grad:
+            raise TypeError("s must be a float: the kernels compute no gradient for s, got a tensor that requires grad")
+        if s.numel() != 1:
+            raise ValueError(f"s must be a scalar, got a tensor of shape {tuple(s.shape)}")
+    return check_scaling(s)
+
+
+def check_bias(bias, n: int) -> None:
+    """bias: None or a bf16/fp16/fp32 tensor [n] (TypeError / ValueError otherwise)."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.dtype not in _ACT_DTYPES:
+        raise TypeError(f"bias dtype must be bf16, fp16 or fp32, got {bias.dtype}")
+    if bias.shape != (n,):
+        raise ValueError(f"bias must have shape [{n}] (d_out), got {tuple(bias.shape)}")
+
+
 def _check(base, lora, g, g_minus_1, bias, s, output):
     if output not in ("y", "delta"):
         raise ValueError(f"output must be 'y' or 'delta', got {output!r}")
     for name, t in (("base", base), ("lora", lora), ("g", g)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if g_minus_1 is not None and not isinstance(g_minus_1, torch.Tensor):
+        raise TypeError(f"g_minus_1 must be a torch.Tensor or None, got {type(g_minus_1).__name__}")
     if base.dtype not in _ACT_DTYPES or lora.dtype not in _ACT_DTYPES:
         raise TypeError(f"base/lora dtypes must be bf16, fp16 or fp32, got {base.dtype}/{lora.dtype}")
     if base.shape != lora.shape or base.dim() < 1:
         raise ValueError(f"base and lora must have one shape [..., d_out], got {tuple(base.shape)} and {tuple(lora.shape)}")
     N = base.shape[-1]
+    check_bias(bias, N)
     vecs = (("g", g), ("g_minus_1", g_minus_1), ("bias", bias))
     for name, t in vecs:
         if t is None:
@@ -423,7 +460,14 @@ def _check(base, lora, g, g_minus_1, bias, s, output):
         raise ValueError("output='delta' needs g_minus_1 (from dora_scale): g - 1 formed from a rounded g loses it")
     if output == "delta" and bias is not None:
         raise ValueError("output='delta' excludes the bias (the caller's base result already has it)")
-    return check_scaling(s)
+    if output == "delta" and g_minus_1.requires_grad and torch.is_grad_enabled():
+        if not g.requires_grad:  # its gradient is credited to g (contract): it would be lost
+            raise ValueError("g_minus_1 requires grad but g does not: compose credits the gradient of g - 1 to g "
+                             "(pass both from dora_scale, or detach g_minus_1)")
+        if g_minus_1.is_leaf:
+            raise ValueError("g_minus_1 is a leaf that requires grad: compose computes no gradient of its own for "
+                             "it (it credits it to g; pass g - 1 computed from g's graph, as dora_scale returns it)")
+    return check_s(s)
 
 
 def compose(base: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, s: float, bias: "torch.Tensor | None" = None, *,

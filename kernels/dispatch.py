@@ -8,11 +8,15 @@
 The crossovers are measured on the GPU (``bench/kernels_gpu.py``, part "perf", recorded in
 ``reports/kernels-h100/report.md``), not guessed. ``DORA_VERIFY_TIER=eager|fused`` overrides the choice
 globally; a ``tier=`` argument overrides it per call. Under ``TRITON_INTERPRET=1`` the fused kernels
-also run on CPU tensors (logic checks only: see REFERENCES.md).
+also run on CPU tensors (logic checks only: see REFERENCES.md). Cases whose fused kernels are known to
+be wrong (:func:`fused_supported`: the interpreter's bf16 ``tl.dot``) take the eager tier, and forcing
+the fused tier there raises ValueError. :func:`no_autocast` keeps autocast out of the ops' torch math.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
 import os
 
 import torch
@@ -42,30 +46,77 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Ops whose fused kernels multiply with tl.dot (kernels/lora_compose.py: the lora tile; kernels/norm.py: U = W Aᵀ,
+# G = A Aᵀ, B G). compose's kernels are elementwise.
+DOT_OPS = frozenset({"lora_compose", "row_norm"})
+OPS = frozenset({"compose"}) | DOT_OPS
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def fused_supported(op: str, dtype, device) -> "tuple[bool, str]":
+    """Can ``op``'s fused kernels run correctly on operands of ``dtype`` (a dtype or several) on ``device``?
+
+    Returns (True, '') or (False, a one-line reason). Refused: no Triton; a dtype other than bf16/fp16/fp32; a
+    device other than CUDA (CPU only under TRITON_INTERPRET=1); and, under the interpreter (on any device: it copies
+    CUDA tensors to the host), a tl.dot op (:data:`DOT_OPS`) with a bf16 operand — numpy has no bf16, the interpreter
+    keeps bf16 as its uint16 bits and its tl.dot multiplies those integers (lora_compose off by ~1e10). fp16 tl.dot
+    and the elementwise compose run there (but its fp32 → bf16 casts truncate: logic checks only). ``dtype`` for
+    the tl.dot ops: lora_compose — the adapter's (xa, B); row_norm — those of W, A and B. dora_verify/gate.py's
+    ``cpu_impls`` applies the stricter rule of no bf16 on the interpreter at all (the truncating casts)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {sorted(OPS)}, got {op!r}")
+    dtypes = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if not HAS_TRITON:
+        return False, "the fused tier needs Triton, which is not installed"
+    bad = [d for d in dtypes if d not in _KERNEL_DTYPES]
+    if bad:
+        return False, f"the fused kernels take bf16, fp16 or fp32, got {bad[0]}"
+    interp = interpreting()
+    if not (kind == "cuda" or (interp and kind == "cpu")):
+        return False, (f"the fused tier needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU), "
+                       f"got a {device} tensor")
+    if interp and op in DOT_OPS and torch.bfloat16 in dtypes:
+        return False, (f"{op} uses tl.dot, which the Triton interpreter evaluates on bf16's raw uint16 bits "
+                       f"(garbage); use the eager tier, fp16, or a GPU without TRITON_INTERPRET")
+    return True, ""
+
+
 def triton_usable(t: torch.Tensor) -> bool:
-    """Can the fused kernels run on tensors like ``t``?"""
-    if not HAS_TRITON or t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return False
-    return t.is_cuda or (interpreting() and t.device.type == "cpu")
+    """Can the (elementwise) fused compose kernels run on tensors like ``t``?"""
+    return fused_supported("compose", t.dtype, t.device)[0]
 
 
-def select_tier(base: torch.Tensor, needs_grad: bool, force: "Tier | str | None" = None) -> Tier:
-    """Pick the tier for a compose of ``base``'s shape; ``force`` ('fused', 'eager' or a Tier) overrides."""
+def select_tier(base: torch.Tensor, needs_grad: bool, force: "Tier | str | None" = None, *, op: str = "compose",
+                dtype=None) -> Tier:
+    """Pick the tier for ``op`` on ``base``'s shape and device; ``dtype``: the dtype(s) of the op's tl.dot
+    operands (lora_compose: the adapter's; default ``base.dtype``; see :func:`fused_supported`).
+
+    ``force`` ('fused', 'eager' or a Tier; default ``$DORA_VERIFY_TIER``) overrides the choice. Where
+    :func:`fused_supported` refuses the case, the automatic choice is the eager tier and a forced fused tier raises
+    ValueError with the reason: known-wrong results are never returned."""
     force = force if force is not None else os.environ.get("DORA_VERIFY_TIER") or None
+    want = None
     if isinstance(force, str):
         if force not in ("fused", "eager"):
             raise ValueError(f"tier must be 'fused' or 'eager', got {force!r}")
         if force == "eager":
             return Tier.EAGER
-        if not triton_usable(base):
-            raise ValueError(f"tier='fused' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
-                             f"got a {base.device} tensor of {base.dtype}")
-        return Tier.FUSED_TRAIN if needs_grad else Tier.FUSED_INFER
-    if isinstance(force, Tier):
-        if force != Tier.EAGER and not triton_usable(base):
-            raise ValueError(f"tier {force.name} needs Triton and a CUDA tensor; got {base.device}")
-        return force
-    if not triton_usable(base) or not base.is_cuda:
+        want = Tier.FUSED_TRAIN if needs_grad else Tier.FUSED_INFER
+    elif isinstance(force, Tier):
+        if force == Tier.EAGER:
+            return force
+        want = force
+    elif force is not None:
+        raise ValueError(f"tier must be 'fused', 'eager' or a Tier, got {force!r}")
+    ok, why = fused_supported(op, base.dtype if dtype is None else dtype, base.device)
+    if ok and dtype is not None:  # base itself is read elementwise
+        ok, why = fused_supported("compose", base.dtype, base.device)
+    if want is not None:
+        if not ok:
+            raise ValueError(f"tier {force if isinstance(force, str) else force.name!r} refused: {why}")
+        return want
+    if not ok or not base.is_cuda:
         return Tier.EAGER
     n = base.numel()
     if needs_grad:
@@ -73,5 +124,32 @@ def select_tier(base: torch.Tensor, needs_grad: bool, force: "Tier | str | None"
     return Tier.FUSED_INFER if n >= INFER_MIN_ELEMENTS else Tier.EAGER
 
 
-__all__ = ["HAS_TRITON", "INFER_MIN_ELEMENTS", "TRAIN_MIN_ELEMENTS", "Tier", "interpreting", "select_tier",
-           "triton_usable"]
+_AUTOCAST_TYPES = ("cpu", "cuda")
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: any(torch.is_autocast_enabled(k) for k in _AUTOCAST_TYPES))
+
+
+@contextlib.contextmanager
+def autocast_off():
+    """A context with CPU and CUDA autocast disabled where enabled: the contracts fix each op's precision, and
+    autocast would silently run e.g. the eager tier's F.linear in bf16."""
+    with contextlib.ExitStack() as stack:
+        for kind in _AUTOCAST_TYPES:
+            if torch.is_autocast_enabled(kind):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
+
+
+def no_autocast(fn):
+    """Decorator: run ``fn`` under :func:`autocast_off` (costs < 1 µs a call where autocast is off)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not _any_autocast():
+            return fn(*args, **kwargs)
+        with autocast_off():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+__all__ = ["DOT_OPS", "HAS_TRITON", "INFER_MIN_ELEMENTS", "OPS", "TRAIN_MIN_ELEMENTS", "Tier", "autocast_off",
+           "fused_supported", "interpreting", "no_autocast", "select_tier", "triton_usable"]

@@ -25,7 +25,12 @@ Numerical contract (base in bf16/fp16/fp32; xa, B in bf16/fp16 on the fused tier
 * fp32 adapters (PEFT's default autocast) take kernels/compose.py with a materialised lora: a Triton fp32
   dot would run in TF32.
 * Non-finite inputs propagate elementwise as in kernels/compose.py (same epilogue); shapes, dtypes, devices
-  and ``s`` are checked by :func:`lora_compose`.
+  and ``s`` are checked by :func:`lora_compose` as by :func:`compose` (base's dtype may differ from the
+  adapter's; s a float or a one-element tensor that does not require grad).
+* Tiers: bf16 adapters never take the fused tier under TRITON_INTERPRET=1 (the interpreter's bf16 tl.dot is
+  garbage: ``dispatch.fused_supported``); forcing it there raises ValueError. Autocast is disabled inside the
+  ops (``no_autocast``): the eager tier's F.linear and the adapter-gradient GEMMs keep their dtypes under
+  ``torch.autocast``, and the results are the same bits inside and outside autocast regions.
 """
 from __future__ import annotations
 
@@ -34,10 +39,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .compose import (RED_BLOCK, SAVE_INPUTS, SAVE_NONE, _rows_cols, bwd_splits, compose_backward_eager,
-                      compose_forward_eager)
-from .dispatch import HAS_TRITON, Tier, select_tier
-from .scale import check_scaling
+from .compose import (RED_BLOCK, SAVE_INPUTS, SAVE_NONE, _rows_cols, bwd_splits, check_bias, check_s,
+                      compose_backward_eager, compose_forward_eager)
+from .dispatch import HAS_TRITON, Tier, no_autocast, select_tier
 
 if HAS_TRITON:
     import triton
@@ -157,6 +161,7 @@ def lora_compose_backward_fused(dy, base, xa, B, g, s: float, need_base: bool, n
     return lora_compose_backward_fused_all(dy, base, xa, B, g, s, need_base, need_g, False, False)[:2]
 
 
+@no_autocast
 def lora_compose_backward_fused_all(dy, base, xa, B, g, s: float, need_base: bool, need_g: bool, need_xa: bool,
                                     need_B: bool):
     """Triton backward with the adapter gradients: (d_base, d_g, d_xa, d_B), empties / None for what is not
@@ -189,6 +194,7 @@ def lora_compose_backward_fused_all(dy, base, xa, B, g, s: float, need_base: boo
     return d_base, d_g, d_xa, d_B
 
 
+@no_autocast
 def lora_compose_forward_eager(base, xa, B, g, bias, s: float, write_lora: bool = False):
     """Eager tier: lora = F.linear(xa, B) (torch GEMM, rounded to the adapter dtype), float64 compose."""
     lora = F.linear(xa, B)
@@ -196,6 +202,7 @@ def lora_compose_forward_eager(base, xa, B, g, bias, s: float, write_lora: bool 
     return y, (lora if write_lora else base.new_empty(0, dtype=xa.dtype))
 
 
+@no_autocast
 def lora_compose_backward_eager(dy, base, xa, B, g, s: float, need_base: bool, need_g: bool):
     """Eager tier: recomputes lora with the forward's GEMM (deterministic: the same bits), float64 d_g."""
     lora = F.linear(xa, B) if need_g else base
@@ -214,6 +221,7 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.to(torch.float32) @ b.to(torch.float32)
 
 
+@no_autocast
 def adapter_grads(dy, xa, B, g, s: float, need_xa: bool, need_B: bool):
     """(d_xa, d_B) of lora = xa Bᵀ under y = g ⊙ (… + s·lora): see the contract (module docstring)."""
     gs = g.to(torch.float32) * s  # RN32(g·s), as the compose's d_lora
@@ -314,12 +322,11 @@ def _check(base, xa, B, g, bias, s):
                          f"B {tuple(B.shape)}")
     if g.dtype != torch.float32 or g.shape != (N,):
         raise TypeError(f"g must be float32 [{N}], got {g.dtype} {tuple(g.shape)}")
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"bias must have shape [{N}], got {tuple(bias.shape)}")
+    check_bias(bias, N)
     for name, t in (("xa", xa), ("B", B), ("g", g), ("bias", bias)):
         if t is not None and t.device != base.device:
             raise ValueError(f"{name} is on {t.device} but base is on {base.device}")
-    return check_scaling(s)
+    return check_s(s)
 
 
 def lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch.Tensor, s: float,
@@ -332,7 +339,8 @@ def lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch
     s = _check(base, xa, B, g, bias, s)
     b2, x2 = base.contiguous(), xa.contiguous()  # [..., N], [..., R]: the kernels read T rows
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (base, xa, B, g, bias))
-    fused = select_tier(b2, needs_grad, tier) != Tier.EAGER and xa.dtype in _FUSED_ADAPTER_DTYPES
+    fused = (select_tier(b2, needs_grad, tier, op="lora_compose", dtype=xa.dtype) != Tier.EAGER
+             and xa.dtype in _FUSED_ADAPTER_DTYPES)
     args = (b2, x2, B.contiguous(), g.contiguous(), bias.contiguous() if bias is not None else None, s, fused)
     if torch.compiler.is_compiling():
         out = torch.ops.dora_verify.lora_compose_fwd(*args)

@@ -297,3 +297,110 @@ def test_nd_output_is_not_a_view_and_backward_keeps_the_shape(tier):
             assert b_.grad.shape == b_.shape and l_.grad.shape == l_.shape
             grads.append((y.detach().reshape(6, 40), b_.grad.reshape(6, 40), l_.grad.reshape(6, -1), g_.grad))
         assert all(torch.equal(u, v) for u, v in zip(*grads))
+
+
+# ----------------------------------------------------------------------------- validation at call
+def test_s_must_be_a_float_or_a_tensor_without_grad():
+    c, base, lora = _inputs("trained", "bf16", T=4, N=6)
+    y = compose(base, lora, c.g, c.s, tier="eager")
+    assert torch.equal(compose(base, lora, c.g, torch.tensor(c.s), tier="eager"), y)  # read once, documented
+    with pytest.raises(TypeError, match="no gradient for s"):
+        compose(base, lora, c.g, torch.tensor(c.s, requires_grad=True))
+    with pytest.raises(ValueError, match="scalar"):
+        compose(base, lora, c.g, torch.tensor([c.s, c.s]))
+    for bad in (float("inf"), float("-inf"), float("nan"), torch.tensor(float("nan"))):
+        with pytest.raises(ValueError, match="finite"):
+            compose(base, lora, c.g, bad)
+
+
+def test_g_minus_1_with_grad_refused_unless_from_g():
+    c, base, lora = _inputs("trained", "bf16", T=5, N=7)
+    m = c.magnitude().clone().requires_grad_()
+    nu = c.magnitude() / c.g
+    g, gm1 = dora_scale(m, nu)
+    leaf = gm1.detach().clone().requires_grad_()  # an independent parameter: compose computes no gradient for it
+    with pytest.raises(ValueError, match="leaf"):
+        compose(base, lora, g, c.s, g_minus_1=leaf, output="delta")
+    with pytest.raises(ValueError, match="g does not"):  # its gradient would be credited to a g without one
+        compose(base, lora, g.detach(), c.s, g_minus_1=gm1, output="delta")
+    with torch.no_grad():  # nothing is differentiated: accepted
+        compose(base, lora, g.detach(), c.s, g_minus_1=leaf, output="delta")
+    # documented: (g, g − 1) from one dora_scale call — the gradient of g − 1 credited to g is the exact chain rule
+    for tier in TIERS:
+        m.grad = None
+        g, gm1 = dora_scale(m, nu)
+        d = compose(base, lora, g, c.s, g_minus_1=gm1, output="delta", tier=tier)
+        dy = torch.randn(d.shape, generator=torch.Generator().manual_seed(3)).to(d.dtype)
+        d.backward(dy)
+        dm = (dy.double() * (base.double() + c.s * lora.double())).sum(0) / nu.double()
+        assert ((m.grad.double() - dm).abs() / dm.abs()).max() <= 1e-6
+
+
+def test_bias_dtype_device_and_type_errors():
+    c, base, lora = _inputs("trained", "bf16", T=4, N=6)
+    for bad in (torch.ones(6, dtype=torch.bool), torch.ones(6, dtype=torch.int32), torch.ones(6, dtype=torch.float64)):
+        with pytest.raises(TypeError, match="bias dtype"):
+            compose(base, lora, c.g, c.s, bad)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        compose(base, lora, c.g, c.s, [0.0] * 6)
+    with pytest.raises(TypeError, match="g_minus_1 must be a torch.Tensor"):
+        compose(base, lora, c.g, c.s, g_minus_1=0.5, output="delta")
+    meta = {"lora": lora.to("meta"), "g": c.g.to("meta"), "bias": base[0].to("meta")}
+    with pytest.raises(ValueError, match="lora is on meta"):
+        compose(base, meta["lora"], c.g, c.s)
+    with pytest.raises(ValueError, match="g is on meta"):
+        compose(base, lora, meta["g"], c.s)
+    with pytest.raises(ValueError, match="bias is on meta"):
+        compose(base, lora, c.g, c.s, meta["bias"])
+    with pytest.raises(ValueError, match="g_minus_1 is on meta"):
+        compose(base, lora, c.g, c.s, g_minus_1=meta["g"], output="delta")
+
+
+def test_nan_in_g_propagates_to_its_column():
+    c, base, lora = _inputs("trained", "bf16", T=6, N=5)
+    g = c.g.clone()
+    g[2] = float("nan")
+    for tier in TIERS:
+        y = compose(base, lora, g, c.s, tier=tier)
+        assert torch.isnan(y[:, 2]).all() and torch.isfinite(y[:, [0, 1, 3, 4]]).all()
+
+
+def test_mixed_base_and_lora_dtypes_are_supported():
+    """An fp32 lora (PEFT's fp32 adapters) with a bf16 base: y in base's dtype, the contract as usual."""
+    c, base, lora = _inputs("trained", "bf16", T=8, N=9)
+    lora32 = lora.float() * (1 + 2.0**-12)  # not representable in bf16
+    for tier in TIERS:
+        y = compose(base, lora32, c.g, c.s, tier=tier)
+        assert y.dtype == torch.bfloat16
+        assert float(ulp_error(y.double(), compose_truth(base, lora32, c.g, c.s).y, parse_format("bf16")).max()) <= 1.0
+
+
+# ----------------------------------------------------------------------------- autocast
+AUTOCAST = ["bf16", "fp16"]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("cast", AUTOCAST)
+@pytest.mark.parametrize("output", ["y", "delta"])
+def test_autocast_leaves_the_bits_alone(tier, dtype, cast, output):
+    """Under torch.autocast('cpu') compose's outputs and gradients are the same bits as outside it."""
+    c, base, lora = _inputs("trained", dtype, T=6, N=10)
+    m = c.magnitude()
+    nu = m / c.g
+    bias = None if output == "delta" else base[0].clone()
+    dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(4)).to(base.dtype)
+
+    def run():
+        m_ = m.clone().requires_grad_()
+        b_, l_ = base.clone().requires_grad_(), lora.clone().requires_grad_()
+        g, gm1 = dora_scale(m_, nu)
+        y = compose(b_, l_, g, c.s, bias, g_minus_1=gm1, output=output, tier=tier)
+        y.backward(dy)
+        return y, b_.grad, l_.grad, m_.grad
+
+    ref = run()
+    with torch.autocast("cpu", dtype=parse_format(cast).torch_dtype):
+        got = run()
+    for a, b in zip(ref, got):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -196,3 +196,66 @@ def test_fused_adapter_epilogue_is_adapter_grads_bit_for_bit(dtype, need):
     if need_B:
         assert torch.equal(d_B, ref_B)
     assert torch.equal(d_g, lc.lora_compose_backward_fused(dy, base, xa, B, g, c.s, False, True)[1])
+
+
+# ----------------------------------------------------------------------------- validation at call
+def test_bad_inputs_raise_one_line_errors():
+    c, base, xa = _inputs("trained", "fp16", T=4, N=40)
+    y = lora_compose(base, xa, c.B, c.g, c.s, tier="eager")
+    assert torch.equal(lora_compose(base, xa, c.B, c.g, torch.tensor(c.s), tier="eager"), y)
+    cases = [
+        (TypeError, "no gradient for s", dict(s=torch.tensor(c.s, requires_grad=True))),
+        (ValueError, "finite", dict(s=float("inf"))),
+        (TypeError, "bias dtype", dict(bias=torch.ones(40, dtype=torch.bool))),
+        (TypeError, "bias dtype", dict(bias=torch.ones(40, dtype=torch.int64))),
+        (ValueError, r"shape \[40\]", dict(bias=torch.ones(39, dtype=torch.float16))),
+        (ValueError, "B is on meta", dict(B=c.B.to("meta"))),
+        (ValueError, "xa is on meta", dict(xa=xa.to("meta"))),
+        (ValueError, "g is on meta", dict(g=c.g.to("meta"))),
+        (ValueError, "bias is on meta", dict(bias=base[0].to("meta"))),
+    ]
+    for exc, msg, kw in cases:
+        args = dict(base=base, xa=xa, B=c.B, g=c.g, s=c.s, bias=None) | kw
+        with pytest.raises(exc, match=msg) as e:
+            lora_compose(**args)
+        assert "\n" not in str(e.value)
+
+
+def test_nan_in_g_propagates_to_its_column():
+    c, base, xa = _inputs("trained", "fp16", T=6, N=40)
+    g = c.g.clone()
+    g[7] = float("nan")
+    for tier in TIERS:
+        y = lora_compose(base, xa, c.B, g, c.s, tier=tier)
+        fin = torch.ones(40, dtype=torch.bool)
+        fin[7] = False
+        assert torch.isnan(y[:, 7]).all() and torch.isfinite(y[:, fin]).all()
+
+
+# ----------------------------------------------------------------------------- autocast
+@pytest.mark.parametrize("adapter", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("act", ["bf16", "fp32"])
+@pytest.mark.parametrize("cast", ["bf16", "fp16"])
+def test_autocast_leaves_the_bits_alone(adapter, act, cast):
+    """Under torch.autocast('cpu') the outputs and gradients are the bits of the same call outside it: the eager
+    tier's F.linear and the adapter-gradient GEMMs are not downcast (fp32 adapters would run in bf16)."""
+    c, base, xa = _inputs("trained", adapter, T=6, N=24, r=4)
+    base = base.to(parse_format(act).torch_dtype)
+    nu = c.magnitude() / c.g
+    dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(4)).to(base.dtype)
+    tiers = [t for t in TIERS if t == "eager" or adapter == "fp16"]  # fused: fp16 tl.dot under the interpreter
+
+    def run(tier):
+        m_ = c.magnitude().clone().requires_grad_()
+        b_, x_, B_ = base.clone().requires_grad_(), xa.clone().requires_grad_(), c.B.clone().requires_grad_()
+        g, _ = dora_scale(m_, nu, g_minus_1=False)
+        y = lora_compose(b_, x_, B_, g, c.s, base[0].clone(), tier=tier)
+        y.backward(dy)
+        return y, b_.grad, x_.grad, B_.grad, m_.grad
+
+    for tier in tiers:
+        ref = run(tier)
+        with torch.autocast("cpu", dtype=parse_format(cast).torch_dtype):
+            got = run(tier)
+        for a, b in zip(ref, got):
+            assert a.dtype == b.dtype and torch.equal(a, b)
