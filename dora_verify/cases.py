@@ -85,14 +85,35 @@ class LayerCase:
             self._m = (self.g.to(torch.float64) * nu).to(torch.float32)
         return self._m
 
-    def compose_inputs(self):
+    def compose_inputs(self, ordered: bool = False):
         """(base, lora) in the model dtype as a GEMM with fp32 accumulation and one rounding gives them:
-        base = RN(x Wᵀ), lora = RN(RN(x Aᵀ) Bᵀ)."""
+        base = RN(x Wᵀ), lora = RN(RN(x Aᵀ) Bᵀ). ``ordered``: the sums in float64 in index order
+        (:func:`ordered_matmul_t`, one rounding each) — the same bits on every machine, where a BLAS GEMM's
+        summation order depends on the CPU (the gate's suite fingerprint must not); small shapes only."""
+        if ordered:
+            rnd = lambda t: round_to(t, parse_format(self.dtype)).to(self.dtype)  # noqa: E731
+            xa = rnd(ordered_matmul_t(self.x, self.A))
+            return rnd(ordered_matmul_t(self.x, self.W)), rnd(ordered_matmul_t(xa, self.B))
         f = torch.float32
         base = (self.x.to(f) @ self.W.to(f).t()).to(self.dtype)
         xa = (self.x.to(f) @ self.A.to(f).t()).to(self.dtype)
         lora = (xa.to(f) @ self.B.to(f).t()).to(self.dtype)
         return base, lora
+
+
+def ordered_matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a bᵀ in float64 with each dot product summed in index order (a cumulative sum: no BLAS, no vector-width
+    dependent order), so the result's bits are the same on every CPU. bf16/fp16/fp32 products are exact in
+    float64; the sums carry float64 rounding. Memory O(M·N·K): for generators of small cases only."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    if a.shape[-1] == 0:
+        return a.new_zeros(a.shape[0], b.shape[0])
+    return (a[:, None, :] * b[None, :, :]).cumsum(-1)[..., -1]
+
+
+def ordered_norm(v: torch.Tensor) -> float:
+    """‖v‖₂ of a float64 vector from a correctly rounded sum of squares (math.fsum): the same on every CPU."""
+    return math.sqrt(math.fsum(x * x for x in v.tolist()))
 
 
 def _student_t2(shape, gen):
@@ -141,11 +162,10 @@ def make_case(regime: str, d_out: int, d_in: int, rank: int, tokens: int, dtype=
     A, B = rnd(A), rnd(B)
     if regime == "near_cancel":
         special = _rows(d_out)
-        BA = B[special] @ A  # float64; exact enough for a generator (W is rounded afterwards anyway)
-        for j, i in enumerate(special):
+        for j, i in enumerate(special):  # sums in a fixed order: the same W bits on every CPU
             eta = NEAR_CANCEL_ETAS[j % len(NEAR_CANCEL_ETAS)]
-            target = -s * BA[j]
-            noise = torch.randn(d_in, generator=gen, dtype=f64) * float(target.norm()) / math.sqrt(d_in)
+            target = -s * (B[i][:, None] * A).cumsum(0)[-1]
+            noise = torch.randn(d_in, generator=gen, dtype=f64) * ordered_norm(target) / math.sqrt(d_in)
             W[i] = target + eta * noise
     elif regime == "zero_rows":
         special = _rows(d_out)

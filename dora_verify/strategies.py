@@ -24,7 +24,7 @@ import torch
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from .cases import _student_t2
+from .cases import _student_t2, ordered_matmul_t, ordered_norm
 from .formats import parse_format, round_to
 
 F32, F64 = torch.float32, torch.float64
@@ -195,7 +195,7 @@ def lora_examples(draw, dtype: str = "bf16"):
     xa = rnd(_bulk(bulk, (T, r), gen, fmt, 0))
     B = rnd(_bulk(bulk, (N, r), gen, fmt, -3) / math.sqrt(r))
     if regime == "cancel":  # base ≈ −s·lora
-        lora = xa.to(F64) @ B.to(F64).t()
+        lora = ordered_matmul_t(xa, B)
         base = rnd(-s * lora * (1 + torch.randn(T, N, generator=gen, dtype=F64) * 2.0 ** -(k % 16 + 4)))
     else:
         base = rnd(_bulk(regime, (T, N), gen, fmt, eb))
@@ -222,11 +222,11 @@ def norm_example(dtype: str, s: float, d_out: int, d_in: int, r: int, T: int, re
     gen = torch.Generator().manual_seed(seed + 17)
     for row, e in cancel_rows:  # W_i = RN(−s(BA)_i + 2^e·noise·‖s(BA)_i‖/√d_in)
         i = row % d_out
-        target = -s * (c.B[i].to(F64) @ c.A.to(F64))
-        noise = torch.randn(d_in, generator=gen, dtype=F64) * float(target.norm()) / math.sqrt(d_in)
+        target = -s * ordered_matmul_t(c.B[i:i + 1], c.A.t())[0]
+        noise = torch.randn(d_in, generator=gen, dtype=F64) * ordered_norm(target) / math.sqrt(d_in)
         W[i] = round_to(target + 2.0**e * noise, fmt).to(fmt.torch_dtype)
     c.W = W
-    base, lora = c.compose_inputs()
+    base, lora = c.compose_inputs(ordered=True)  # the same bits on every CPU: the gate fingerprints them
     if not bool(torch.isfinite(base).all() and torch.isfinite(lora).all()):  # fp16 GEMMs can overflow
         return None
     dy = round_to(torch.randn(T, d_out, generator=gen, dtype=F64), fmt).to(fmt.torch_dtype)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .dispatch import HAS_TRITON
+from .dispatch import HAS_TRITON, fused_supported
 from .scale import check_scaling
 
 if HAS_TRITON:
@@ -463,12 +463,15 @@ def factored_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: floa
     (DoRA detaches ν)."""
     s = check_norm_inputs(W, A, B, s) if validate else float(s)
     kappa_max = check_kappa_max(kappa_max) if validate else float(kappa_max)
+    ok, why = fused_supported("row_norm", (W.dtype, A.dtype, B.dtype), W.device) if HAS_TRITON else (False, "")
     if backend is None:
-        backend = "triton" if (HAS_TRITON and W.is_cuda) else "torch"
+        backend = "triton" if (W.is_cuda and ok) else "torch"  # the interpreter's bf16 tl.dot: torch instead
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     if backend == "triton" and not HAS_TRITON:
         raise ValueError("backend='triton' needs Triton installed")
+    if backend == "triton" and not ok:
+        raise ValueError(f"backend='triton' refused: {why}")
     with torch.no_grad(), torch.autocast(W.device.type, enabled=False):
         W, A, B = W.detach(), A.detach(), B.detach()
         if wsq is None:

@@ -277,3 +277,16 @@ def test_triton_norm_on_gpu_within_bound_and_contract(d_in, adapters, regime):
     assert float((err / nb).max()) <= 1.0
     rel = torch.where(truth.nu > 0, err / truth.nu, nu.double().abs())
     assert float(rel.max()) <= 1e-6
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_triton_backend_refuses_the_interpreters_bf16_dot(monkeypatch):
+    """Under TRITON_INTERPRET=1 the interpreter multiplies bf16's raw uint16 bits in tl.dot (ν off by ~2e4
+    relative): an explicit backend='triton' refuses with the reason; fp16 and fp32 still run."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    c = make_case("trained", 9, 20, 3, 2, dtype="bf16", seed=2)
+    with pytest.raises(ValueError, match="tl.dot"):
+        factored_row_norm(c.W, c.A, c.B, c.s, backend="triton")
+    with pytest.raises(ValueError, match="tl.dot"):
+        factored_row_norm(c.W, c.A.float(), c.B.float(), c.s, backend="triton")
+    assert factored_row_norm(c.W, c.A, c.B, c.s).dtype == torch.float32  # the default takes torch
