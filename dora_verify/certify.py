@@ -172,7 +172,7 @@ def eval_compose_backward(ex: Example, device, tier) -> Score:
 def eval_lora_compose(ex: Example, device, tier) -> Score:
     from .kernels import lora_compose
     from .kernels.dispatch import Tier, select_tier
-    from .kernels.lora_compose import lora_compose_forward_eager, lora_compose_forward_fused
+    from .kernels.lora_compose import _FUSED_ADAPTER_DTYPES, lora_compose_forward_eager, lora_compose_forward_fused
 
     t, k, s = ex.tensors, _on(ex, device), ex.scalars["s"]
     base, xa, B, g, bias = t["base"], t["xa"], t["B"], t["g"], t.get("bias")
@@ -184,7 +184,8 @@ def eval_lora_compose(ex: Example, device, tier) -> Score:
     oracle_b = bounds.gamma(xa.shape[1] + 6, 2.0**-53) * (g64.abs() * (b64.abs() + abs(s) * (xa64.abs() @ B64.abs().t()))
                                                            + (bias.to(F64).abs()[None, :] if bias is not None else 0))
     y, = _cpu(lora_compose(*kargs, s, k.get("bias"), tier=tier))
-    fused = select_tier(k["base"], False, tier) != Tier.EAGER
+    fused = (select_tier(k["base"], False, tier, op="lora_compose", dtype=k["xa"].dtype) != Tier.EAGER
+             and k["xa"].dtype in _FUSED_ADAPTER_DTYPES)  # lora_compose's own choice of launcher
     y2, lora_hat = _cpu(*(lora_compose_forward_fused if fused else lora_compose_forward_eager)(
         *kargs, k.get("bias"), s, write_lora=True))
     bd = bounds.lora_compose_bounds(base, xa, B, g, s, lora_hat, bias)
