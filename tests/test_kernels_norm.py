@@ -104,7 +104,7 @@ def _fused_adamw_step(t: torch.Tensor) -> None:
     """One step of ``torch.optim.AdamW(fused=True)`` on a parameter sharing t's storage (gradient of ones)."""
     p = torch.nn.Parameter(t.detach())
     p.grad = torch.ones_like(p)
-    torch.optim.AdamW([p], lr=0.1, fused=True).step()
+    torch.optim.AdamW([p], lr=1e-3, fused=True).step()  # moves each entry by ~1e-3: cancelling rows stay so
 
 
 def _writers():
@@ -196,7 +196,7 @@ def test_row_norm_runner_graph_replay_gives_the_eager_bits(a_dtype):
     for step, how in enumerate(("in-place op", ".data edit", "fused AdamW", "copy into the same buffer")):
         with torch.no_grad():
             A.add_(1e-3 * torch.randn_like(A))
-            writers[how](B) if (how != "fused AdamW" or B.dtype == torch.float32) else B.data.mul_(1.01)
+            writers[how](B)
         nu = cache.get(W, A, B, s)
         _, info = factored_row_norm(W, A, B, s, return_info=True)
         assert info.recomputed_rows, "the case must exercise the dense-recompute kernel"
