@@ -108,6 +108,12 @@ def bench_markdown(rep: dict, plots=()) -> str:
     return "\n".join(L)
 
 
+def check_report(rep) -> None:
+    """Raise KeyError, TypeError... unless ``rep`` has what the Markdown and the README section read."""
+    bench_markdown(rep)
+    readme_section(rep, "bench.md")
+
+
 def readme_section(rep: dict, report_path: str) -> str:
     """The README's performance section: the targets and the headline rows, linked to the full report."""
     L = [f"Measured by `dora-verify bench` on {_device_line(rep)}. Full report: [`{report_path}`]({report_path}).", "",
@@ -228,4 +234,5 @@ def update_readme(readme: "str | Path", rep: dict, report_path: str) -> None:
     atomic_write(path, lambda fh: fh.write(new.encode("utf-8")))
 
 
-__all__ = ["README_BEGIN", "README_END", "bench_markdown", "readme_section", "update_readme", "write_bench_report"]
+__all__ = ["README_BEGIN", "README_END", "bench_markdown", "check_report", "readme_section", "update_readme",
+           "write_bench_report"]

@@ -1,4 +1,7 @@
-"""``dora-verify`` command line. Usage errors exit with code 2 and one line on stderr."""
+"""``dora-verify`` command line. Every usage error (a bad argument, an unreadable input, an output that cannot be
+written, a run too large for the machine, an --impl that cannot be loaded) exits with code 2 and one line on
+stderr; Ctrl-C exits with 130 and one line. A sweep whose --impl failed at run time writes its report (the failed
+rows marked) and exits 1. Genuine internal bugs keep their traceback."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +10,8 @@ import sys
 import time
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+MAX_SEED = 2**32 - 1  # numpy's legacy limit; torch, hypothesis and numpy all take 0 .. 2**32 - 1
 
 
 class UsageError(Exception):
@@ -44,6 +49,38 @@ def _int_list(text: str):
     if not vals or any(v <= 0 for v in vals):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return tuple(vals)
+
+
+def _seed(text: str) -> int:
+    """A seed: an integer from 0 to 2**32 - 1 (what every generator here accepts)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed must be from 0 to 2**32 - 1 = {MAX_SEED}, got {text!r}")
+    return v
+
+
+def _path(text: str) -> str:
+    """A file or folder path: not empty, no NUL byte."""
+    if not text.strip() or "\0" in text:
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return text
+
+
+def _positive_float(text: str) -> float:
+    v = _finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _nonnegative_float(text: str) -> float:
+    v = _finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
 
 
 def _finite_float(text: str) -> float:
@@ -87,17 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--tokens", type=_positive_int, default=2048, help="activation rows of the paper-protocol headline (default 2048)")
     sw.add_argument("--grid-tokens", type=_positive_int, default=128, help="activation rows per point of the g sweep and regime grid (default 128)")
     sw.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r (default 16)")
-    sw.add_argument("--alpha", type=_finite_float, default=None, help="LoRA alpha (default 2·r, so s = 2)")
+    sw.add_argument("--alpha", type=_positive_float, default=None,
+                    help="LoRA alpha, positive (default 2·r, so s = 2; 0 would switch the adapter off, a negative "
+                         "alpha only negates B)")
     sw.add_argument("--rslora", action="store_true", help="s = alpha/sqrt(r) instead of alpha/r")
     sw.add_argument("--ranks", type=_int_list, default=(8, 32, 128, 384), help="ranks of the norm-vs-rank experiment (default 8,32,128,384)")
     sw.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated subset of: {', '.join(REGIMES)}")
     sw.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="model/activation dtype (default bf16)")
-    sw.add_argument("--seed", type=int, default=0, help="seed of every generator (default 0)")
+    sw.add_argument("--seed", type=_seed, default=0, help="seed of every generator, 0 .. 2**32-1 (default 0)")
     sw.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when there is one")
-    sw.add_argument("--out", default="dora-verify-report", help="output directory (default ./dora-verify-report)")
+    sw.add_argument("--out", type=_path, default="dora-verify-report",
+                    help="output directory (default ./dora-verify-report)")
     sw.add_argument("--impl", action="append", default=[],
                     help="also measure an implementation beside the forms: kernels, peft (stock PEFT DoRA) or "
-                         "module:callable (dora_verify.adapter); repeatable")
+                         "module:callable (dora_verify.adapter); repeatable; a call that raises or returns no "
+                         "tensor of the right shape is a failed row and the exit status 1")
     sw.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     ce = sub.add_parser("certify", help="targeted hypothesis search for inputs that break the a-priori error bounds")
@@ -112,13 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--seconds", type=_finite_float, default=None, help="time budget for the whole run (split evenly)")
     ce.add_argument("--nightly", action="store_true",
                     help="random seeded rounds (seed, seed+1, ...) instead of the derandomized pre-merge search")
-    ce.add_argument("--seed", type=int, default=0, help="first round's seed with --nightly (default 0)")
+    ce.add_argument("--seed", type=_seed, default=0, help="first round's seed with --nightly (default 0)")
     ce.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when there is one")
     ce.add_argument("--tier", default="auto", choices=["auto", "fused", "eager"],
                     help="kernel tier (auto: fused on CUDA, eager elsewhere; fused without CUDA is the interpreter)")
     ce.add_argument("--keep", type=_positive_int, default=3, help="worst cases kept per (target, dtype) (default 3)")
-    ce.add_argument("--corpus", default=None, help="folder for the worst cases (.npz + .json; default OUT/corpus)")
-    ce.add_argument("--out", default="dora-verify-certify", help="report folder (default ./dora-verify-certify)")
+    ce.add_argument("--corpus", type=_path, default=None, help="folder for the worst cases (.npz + .json; default OUT/corpus)")
+    ce.add_argument("--out", type=_path, default="dora-verify-certify", help="report folder (default ./dora-verify-certify)")
     ce.add_argument("--jobs", type=_positive_int, default=1, help="parallel processes, one per (target, dtype) (default 1)")
     ce.add_argument("--quiet", action="store_true", help="no progress bar")
     ga = sub.add_parser("gate", help="pre-merge numerical CI gate: a fixed seeded suite, hard criteria and a baseline")
@@ -128,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: the GPU when there is one; cpu: the logic-only mode (eager tier, Triton interpreter)")
     ga.add_argument("--require-gpu", action="store_true", help="fail (exit 2) when no CUDA device is present")
     ga.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated subset of bf16, fp16, fp32 (default all)")
-    ga.add_argument("--seed", type=int, default=0, help="suite seed (default 0; the baseline records the suite)")
-    ga.add_argument("--baseline", default=None, help="baseline JSON to compare with (committed in your repository)")
+    ga.add_argument("--seed", type=_seed, default=0, help="suite seed (default 0; the baseline records the suite)")
+    ga.add_argument("--baseline", type=_path, default=None, help="baseline JSON to compare with (committed in your repository)")
     ga.add_argument("--update-baseline", action="store_true",
                     help="write --baseline from this run (only if the hard criteria pass)")
     ga.add_argument("--allow-env-mismatch", action="store_true",
@@ -137,26 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--fa-limit", type=_finite_float, default=None,
                     help="limit of the FlashAttention-style ratio to the plain low-precision baseline (default 2)")
     ga.add_argument("--case", action="append", default=[], help="run only this case id (repeatable; to reproduce)")
-    ga.add_argument("--out", default="dora-verify-gate", help="report folder: gate.md, gate.json, junit.xml")
+    ga.add_argument("--case-timeout", type=_nonnegative_float, default=None, metavar="SECONDS",
+                    help="limit per (implementation, case); a case past it fails as a hang (0: no limit; "
+                         "default: the gate's)")
+    ga.add_argument("--out", type=_path, default="dora-verify-gate", help="report folder: gate.md, gate.json, junit.xml")
     ga.add_argument("--quiet", action="store_true", help="no progress bar")
     be = sub.add_parser("bench", help="speed and memory of the kernels vs eager torch, PEFT DoRA and PEFT LoRA (CUDA)")
     be.add_argument("--quick", action="store_true", help="a small subset of the shapes (about a minute)")
     be.add_argument("--parts", default="compose,norm,layer", help="comma-separated subset of compose, norm, layer")
     be.add_argument("--warmup", type=_positive_int, default=10, help="warm-up calls per measurement (default 10)")
     be.add_argument("--reps", type=_positive_int, default=50, help="timed calls per measurement, median (default 50)")
-    be.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    be.add_argument("--out", default="dora-verify-bench", help="report folder: bench.json, bench.md, plots")
+    be.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs (default 0)")
+    be.add_argument("--out", type=_path, default="dora-verify-bench", help="report folder: bench.json, bench.md, plots")
     be.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    be.add_argument("--render", metavar="BENCH_JSON", default=None,
+    be.add_argument("--render", metavar="BENCH_JSON", type=_path, default=None,
                     help="re-render a saved bench.json into --out instead of measuring (no GPU needed)")
-    be.add_argument("--readme", metavar="README", default=None,
+    be.add_argument("--readme", metavar="README", type=_path, default=None,
                     help="with --render: rewrite the README's generated performance section from that report")
     be.add_argument("--quiet", action="store_true", help="no progress bar")
     ex = sub.add_parser("exhaustive", help="all 2^32 (base, lora) bf16/fp16 pairs through the compose epilogue (CUDA)")
     ex.add_argument("--dtypes", default="bf16,fp16", help="comma-separated subset of bf16, fp16 (default both)")
     ex.add_argument("--g", default=None, help="comma-separated fp32 g values (default: a grid around 1 and far from it)")
     ex.add_argument("--s", default=None, help="comma-separated LoRA scalings s (default 1, 2, 0.25, 16/sqrt(384))")
-    ex.add_argument("--out", default="dora-verify-exhaustive", help="report folder (default ./dora-verify-exhaustive)")
+    ex.add_argument("--out", type=_path, default="dora-verify-exhaustive", help="report folder (default ./dora-verify-exhaustive)")
     ex.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -240,6 +284,7 @@ def _certify(args) -> int:
 
 
 def _gate(args) -> int:
+    import dataclasses
     import os
 
     if args.device != "cuda" and not args.require_gpu and "dora_verify.kernels.compose" not in sys.modules:
@@ -260,6 +305,11 @@ def _gate(args) -> int:
         raise UsageError(f"--fa-limit must be positive, got {fa}")
     if args.update_baseline and not args.baseline:
         raise UsageError("--update-baseline needs --baseline PATH (the file to write)")
+    extra = {}
+    if args.case_timeout is not None:  # passed through where GateConfig has the field
+        if "case_timeout" not in {f.name for f in dataclasses.fields(GateConfig)}:
+            raise UsageError("--case-timeout: this version's gate has no per-case time limit")
+        extra["case_timeout"] = args.case_timeout or None
     try:
         impls = load_impl(args.impl)
     except ImplError as e:
@@ -267,7 +317,7 @@ def _gate(args) -> int:
     check_writable(args.out)
     baseline = load_baseline(args.baseline) if args.baseline and not args.update_baseline else None
     cfg = GateConfig(impls=impls, dtypes=dtypes, device=args.device, require_gpu=args.require_gpu, seed=args.seed,
-                     fa_limit=fa, case_ids=tuple(args.case))
+                     fa_limit=fa, case_ids=tuple(args.case), **extra)
     try:
         rep = run_gate(cfg, progress=_Progress(not args.quiet))
         rep["impl_spec"] = args.impl
@@ -298,8 +348,8 @@ def _bench(args) -> int:
     from pathlib import Path
 
     from .bench import BenchConfig, check_available, run_bench
-    from .bench_report import update_readme, write_bench_report
-    from .report import check_writable
+    from .bench_report import check_report, update_readme, write_bench_report
+    from .report import ReportPathError, check_writable
 
     if args.readme and not args.render:
         raise UsageError("--readme needs --render BENCH_JSON (the README section is generated from a saved report)")
@@ -308,11 +358,18 @@ def _bench(args) -> int:
             rep = json.loads(Path(args.render).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot read bench report {args.render!r}: {e}") from None
-        if rep.get("kind") != "bench":
-            raise UsageError(f"{args.render!r} is not a dora-verify bench report")
+        if not isinstance(rep, dict) or rep.get("kind") != "bench":
+            raise UsageError(f"{args.render!r} is not a dora-verify bench report (no \"kind\": \"bench\")")
         if args.readme and not Path(args.readme).is_file():
             raise UsageError(f"--readme {args.readme!r}: no such file")
-        files = write_bench_report(rep, args.out, plots=not args.no_plots)
+        try:  # rendering reads only the report: what breaks it is the file's, not a bug
+            check_report(rep)  # before anything is written
+            check_writable(args.out)
+            files = write_bench_report(rep, args.out, plots=not args.no_plots)
+        except ReportPathError:
+            raise
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+            raise UsageError(f"{args.render!r} is not a complete bench report: {type(e).__name__}: {e}") from None
         if args.readme:
             md = os.path.relpath(Path(args.out) / "bench.md", Path(args.readme).resolve().parent)
             update_readme(args.readme, rep, md)
@@ -335,53 +392,52 @@ def _bench(args) -> int:
 def _sweep(args) -> int:
     from .cases import REGIMES
     from .report import check_writable, write_report
-    from .sweep import SweepConfig, load_impls, resolve_device, run_sweep
+    from .sweep import SweepConfig, check_memory, failed_rows, load_impls, resolve_device, run_sweep
 
     regimes = tuple(r.strip() for r in args.regimes.split(",") if r.strip())
     unknown = [r for r in regimes if r not in REGIMES]
     if unknown or not regimes:
         raise UsageError(f"unknown regime(s) {unknown or args.regimes!r}; choose from {', '.join(REGIMES)}")
-    resolve_device(args.device)  # raises ValueError for cuda without a GPU
     impls = tuple(dict.fromkeys(args.impl))
-    load_impls(impls)  # an unknown or broken --impl is a usage error before minutes of work
-    check_writable(args.out)  # fail before minutes of work
     cfg = SweepConfig(d_out=args.shape[0], d_in=args.shape[1], tokens=args.tokens, grid_tokens=args.grid_tokens,
                       rank=args.rank, alpha=args.alpha, rslora=args.rslora, dtype=args.dtype, seed=args.seed,
                       device=args.device, ranks=args.ranks, regimes=regimes, impls=impls)
-    cfg.validate()
+    cfg.validate()  # everything below fails before minutes of work
+    check_memory(cfg, resolve_device(args.device))  # cuda without a GPU, a sweep too large for the machine
+    load_impls(impls)  # an unknown or broken --impl
+    check_writable(args.out)
     rep = run_sweep(cfg, progress=_Progress(not args.quiet))
     rep["run_id"] = f"{rep['provenance']['time_utc']}-seed{cfg.seed}"
     files = write_report(rep, args.out, plots=not args.no_plots)
     h = rep["headline"]["paper_figure1"]
+    failed = failed_rows(rep)
     print(f"naive/stable at g=1 (paper protocol): {h['ratio_naive_over_stable_paper_protocol']:.2f}x; "
-          f"wrote {', '.join(str(f) for f in files)} in {rep['timings_s']['total']:.0f} s")
-    return 0
+          f"wrote {', '.join(str(f) for f in files)} in {rep['timings_s']['total']:.0f} s"
+          + (f"; {len(failed)} implementation call(s) FAILED ({failed[0][1]['form']}: {failed[0][1]['failed']})"
+             if failed else ""))
+    return 1 if failed else 0
+
+
+def _error(e: BaseException) -> int:
+    text = " ".join(str(e).split()) or type(e).__name__
+    print(f"dora-verify: error: {text}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
     try:
+        parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        if args.command == "sweep":
-            return _sweep(args)
-        if args.command == "certify":
-            return _certify(args)
-        if args.command == "exhaustive":
-            return _exhaustive(args)
-        if args.command == "gate":
-            return _gate(args)
-        if args.command == "bench":
-            return _bench(args)
-    except UsageError as e:
-        print(f"dora-verify: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except ValueError as e:  # bad configuration found past parsing (device, dtype, path, scaling...)
-        print(f"dora-verify: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    return EXIT_USAGE
+        commands = {"sweep": _sweep, "certify": _certify, "exhaustive": _exhaustive, "gate": _gate, "bench": _bench}
+        return commands[args.command](args)
+    except (UsageError, ValueError) as e:  # ValueError: bad configuration past parsing (device, memory, I/O...)
+        return _error(e)
+    except KeyboardInterrupt:
+        print(f"{chr(10) if sys.stderr.isatty() else ''}dora-verify: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,14 +1,31 @@
-"""Reports: strict JSON, Markdown a person reads first, PNG plots; written atomically.
+"""Reports: strict JSON, Markdown a person reads first, PNG plots; a report set is replaced as a whole.
 
-``write_report(report, out_dir)`` stages every file in a temporary folder beside ``out_dir`` and then
-moves each into place with ``os.replace`` (atomic per file), ``report.json`` last: a crash never leaves
-a half-written file, and a ``report.json`` is only ever next to the Markdown and plots of its own run
-(they carry the same ``run_id``).
+``write_bundle`` (behind ``write_report`` and every other command's report) never edits ``OUT`` in place:
+
+1. it builds the complete new folder ``.OUT.dv-<pid>-<random>`` beside ``OUT`` (same file system): the new
+   set (JSON, Markdown, plots, extra files), every file fsynced, plus hard links (copies where linking
+   fails) of whatever else ``OUT`` holds that the new set does not replace: another command's report
+   written to the same folder, certify's ``corpus/``, a README, logs;
+2. it swaps that folder with ``OUT`` in one step, ``renameat2(RENAME_EXCHANGE)`` on Linux
+   (``renamex_np(RENAME_SWAP)`` on macOS), so ``OUT`` stays a plain directory (as committed report
+   folders must) and a kill at any moment leaves ``OUT`` entirely old or entirely new;
+3. it deletes the staging path, which now holds the previous folder.
+
+Where the file system has no atomic exchange (NFS, Windows), step 2 is two renames, ``OUT`` →
+``.OUT.dv-<pid>-<random>.old`` then the new folder → ``OUT``: a kill between them leaves no ``OUT``, and the
+next write to it (or ``check_writable``) renames the ``.old`` folder back first. Leftovers of killed runs
+(staging folders whose process is gone) are deleted the same way, so a normal run leaves none behind.
+An older version's ``OUT`` (a plain folder, perhaps with ``.staging-*`` leftovers inside) needs no
+migration; those leftovers are dropped. One writer per ``OUT`` at a time; a symlinked ``OUT`` swaps the
+folder it points to. I/O failures (a full disk, permissions) raise :class:`ReportWriteError`, one line.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,10 +37,18 @@ class ReportPathError(ValueError):
     """The output directory cannot be created or written."""
 
 
+class ReportWriteError(ReportPathError, OSError):
+    """Writing a report failed (a full disk, permissions): both a ReportPathError and an OSError."""
+
+
 def check_writable(out_dir: "str | Path") -> Path:
-    """Create ``out_dir`` if needed and prove it is writable (raises ReportPathError otherwise)."""
+    """Create ``out_dir`` if needed and prove it is writable (raises ReportPathError otherwise); first
+    clean up after killed writes to it (see the module doc)."""
+    if not str(out_dir).strip():
+        raise ReportPathError("output path is empty")
     out = Path(out_dir)
     try:
+        recover(out)
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-", delete=True):
             pass
@@ -61,6 +86,40 @@ def _table(headers, rows) -> str:
     return "\n".join(out)
 
 
+def _nonfinite(m) -> str:
+    """'0', '16 NaN', '2 NaN, 3 Inf' of a metrics record; '–' when absent."""
+    if not m or "nan" not in m:
+        return "–"
+    parts = [f"{m[k]} {label}" for k, label in (("nan", "NaN"), ("inf", "Inf")) if m[k]]
+    return ", ".join(parts) or "0"
+
+
+def _failures_section(rep: dict) -> list:
+    """Markdown lines listing the implementation calls that failed (one row per implementation and reason)."""
+    from .sweep import failed_rows
+
+    groups = {}
+    for exp, r in failed_rows(rep):
+        g = groups.setdefault((r["form"], r["failed"]), [0, []])
+        g[0] += 1
+        if exp not in g[1]:
+            g[1].append(exp)
+    if not groups:
+        return []
+    return ["", "## Failed implementation calls", "",
+            "These calls raised or returned something other than the tensor the protocol asks for "
+            "(`dora_verify.adapter`); their rows in the tables below read **failed** and have no metrics.", "",
+            _table(["implementation", "calls", "experiments", "error"],
+                   [[form, n, ", ".join(exps), msg.replace("|", "\\|")] for (form, msg), (n, exps) in groups.items()])]
+
+
+def _cells(r: dict, m, keys) -> list:
+    """Table cells of ``keys`` of metrics ``m``, or 'failed' then blanks for a failed row."""
+    if r.get("failed"):
+        return ["**failed**"] + [None] * (len(keys) - 1)
+    return [m.get(k) if isinstance(k, str) else k(m) for k in keys]
+
+
 def sweep_markdown(rep: dict, plots: list) -> str:
     cfg, prov, h, ex = rep["config"], rep["provenance"], rep["headline"], rep["experiments"]
     git = prov["git"]
@@ -93,27 +152,34 @@ def sweep_markdown(rep: dict, plots: list) -> str:
           "correctly rounded output (which itself cannot carry every sub-resolution scale change): 1 = the whole "
           "magnitude update (g − 1) is lost, 0 = nothing beyond the floor, < 0 = over-applied.", ""]
     rows = [[f, v["g_correction_lost_min"], v["g_correction_lost_max"], v["y_frac_correctly_rounded_min"],
-             v["y_max_ulp_max"], v["delta_normwise_rel_max"]] for f, v in b["by_form"].items()]
+             v["y_max_ulp_max"], v.get("y_nonfinite_max"), v["delta_normwise_rel_max"]] for f, v in b["by_form"].items()]
     L.append(_table(["form", "correction lost (min)", "correction lost (max)", "y correctly rounded (min)",
-                     "y max ulp", "Δ normwise rel. err (max)"], rows))
+                     "y max ulp", "non-finite y (max)", "Δ normwise rel. err (max)"], rows))
     if "g_equals_1" in h:
         L += ["", "**At g = 1 exactly (fresh adapter scale), trained-like lora:**", ""]
         L.append(_table(["form", "y max ulp", "y correctly rounded", "Δ normwise rel. err"],
                         [[f, v["y_max_ulp"], v["y_frac_correctly_rounded"], v["delta_normwise_rel"]] for f, v in h["g_equals_1"].items()]))
+    L += _failures_section(rep)
     L += ["", "## Compose forms by regime", "",
-          "Each regime's own per-feature g. `y max ulp` ≤ 0.5 means every output was correctly rounded.", ""]
-    L.append(_table(["regime", "form", "y max ulp", "y correctly rounded", "y max abs err", "floor ratio", "correction lost", "worst [t, i]"],
-                    [[r["regime"], r["form"], r["y"]["max_ulp"], r["y"]["frac_correctly_rounded"], r["y"]["max_abs"],
-                      r["y"].get("floor_ratio"), r["g_correction_lost"], str(r["y"].get("worst_index"))] for r in ex["compose_regimes"]]))
+          "Each regime's own per-feature g. `y max ulp` ≤ 0.5 means every output was correctly rounded; a NaN or Inf "
+          "output where the exact y is finite makes the error maxima inf and is counted under `non-finite y`.", ""]
+    y_keys = ("max_ulp", "frac_correctly_rounded", "max_abs", "floor_ratio", _nonfinite,
+              lambda m: str(m.get("worst_index")))
+    L.append(_table(["regime", "form", "y max ulp", "y correctly rounded", "y max abs err", "floor ratio", "non-finite y",
+                     "correction lost", "worst [t, i]"],
+                    [[r["regime"], r["form"]] + _cells(r, r["y"], y_keys[:5]) + [r["g_correction_lost"]]
+                     + ([None] if r.get("failed") else _cells(r, r["y"], y_keys[5:])) for r in ex["compose_regimes"]]))
     L += ["", "## Row norm ν by regime", "",
           f"Relative error of ν per row vs the oracle (rank {cfg['rank']}). `special rows` are the regime's adversarial rows "
           "(near-cancelling or zero); `max κ` is the largest row condition number ‖|W_i| + s|B_i||A|‖/ν_i.", ""]
-    L.append(_table(["regime", "form", "ν dtype", "max rel", "p99 rel", "special rows max rel", "max κ", "oracle tier-2 rows"],
-                    [[r["regime"], r["form"], r["nu_dtype"], r["max_rel"], r["p99_rel"], r["special_rows_max_rel"],
-                      r["max_cond"], r["oracle_tier2_rows"]] for r in ex["norm_regimes"]]))
+    L.append(_table(["regime", "form", "ν dtype", "max rel", "p99 rel", "special rows max rel", "non-finite ν", "max κ",
+                     "oracle tier-2 rows"],
+                    [[r["regime"], r["form"]] + _cells(r, r, ("nu_dtype", "max_rel", "p99_rel", "special_rows_max_rel",
+                                                             _nonfinite)) + [r["max_cond"], r["oracle_tier2_rows"]]
+                     for r in ex["norm_regimes"]]))
     L += ["", "## Row norm ν by rank (trained regime, s = 2)", ""]
-    L.append(_table(["rank", "form", "max rel", "p99 rel"],
-                    [[r["rank"], r["form"], r["max_rel"], r["p99_rel"]] for r in ex["norm_rank"]]))
+    L.append(_table(["rank", "form", "max rel", "p99 rel", "non-finite ν"],
+                    [[r["rank"], r["form"]] + _cells(r, r, ("max_rel", "p99_rel", _nonfinite)) for r in ex["norm_rank"]]))
     L += ["", "## Plots", ""] + [f"![{Path(pth).stem}]({Path(pth).name})" for pth in plots]
     L += ["", "## What each experiment means", "",
           "- **paper_figure1**: the paper's own stability protocol, re-measured against the exact answer.",
@@ -141,6 +207,13 @@ def sweep_markdown(rep: dict, plots: list) -> str:
     return "\n".join(L)
 
 
+def _finite(v, floor=None) -> float:
+    """A plotted value: NaN (a gap) for None, NaN and Inf (the tables show those); at least ``floor``."""
+    if v is None or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+        return float("nan")
+    return v if floor is None else max(v, floor)
+
+
 def sweep_plots(rep: dict, folder: Path) -> list:
     import matplotlib
 
@@ -149,17 +222,16 @@ def sweep_plots(rep: dict, folder: Path) -> list:
 
     ex, cfg = rep["experiments"], rep["config"]
     paths = []
-    g = ex["compose_g_sweep"]
+    g = [r for r in ex["compose_g_sweep"] if not r.get("failed")]
     forms = list(dict.fromkeys(r["form"] for r in g))
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     for f in forms:
         rs = sorted((r for r in g if r["form"] == f), key=lambda r: r["g_minus_1"])
         xs = [r["g_minus_1"] for r in rs]
-        axes[0].plot(xs, [max(r["y"]["max_abs"], 1e-12) for r in rs], marker=".", label=f)
+        axes[0].plot(xs, [_finite(r["y"]["max_abs"], 1e-12) for r in rs], marker=".", label=f)
         if all(r["delta"] for r in rs):  # implementations under test return y only
-            axes[1].plot(xs, [max(r["delta"]["normwise_rel"], 1e-12) for r in rs], marker=".", label=f)
-        axes[2].plot(xs, [r["g_correction_lost"] if r["g_correction_lost"] is not None else float("nan") for r in rs],
-                     marker=".", label=f)
+            axes[1].plot(xs, [_finite(r["delta"]["normwise_rel"], 1e-12) for r in rs], marker=".", label=f)
+        axes[2].plot(xs, [_finite(r["g_correction_lost"]) for r in rs], marker=".", label=f)
     rs = sorted((r for r in g if r["form"] == forms[0]), key=lambda r: r["g_minus_1"])
     axes[0].plot([r["g_minus_1"] for r in rs], [r["y"]["floor_max_abs"] for r in rs], "k--", label=f"{cfg['dtype']} floor")
     for ax, title, ylog in ((axes[0], "max |y − y_exact|", True), (axes[1], "‖Δ − Δ_exact‖ / ‖Δ_exact‖", True),
@@ -180,21 +252,22 @@ def sweep_plots(rep: dict, folder: Path) -> list:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
-    nreg = ex["norm_regimes"]
+    nreg = [r for r in ex["norm_regimes"] if not r.get("failed")]
     regimes = list(dict.fromkeys(r["regime"] for r in nreg))
     nforms = list(dict.fromkeys(r["form"] for r in nreg))
     w = 0.8 / len(nforms)
     for j, f in enumerate(nforms):
-        vals = [next(r["max_rel"] for r in nreg if r["regime"] == reg and r["form"] == f) for reg in regimes]
-        axes[0].bar([i + j * w for i in range(len(regimes))], [max(v, 1e-17) for v in vals], w, label=f)
+        vals = [next((r["max_rel"] for r in nreg if r["regime"] == reg and r["form"] == f), float("nan"))
+                for reg in regimes]
+        axes[0].bar([i + j * w for i in range(len(regimes))], [_finite(v, 1e-17) for v in vals], w, label=f)
     axes[0].set_xticks([i + 0.4 - w / 2 for i in range(len(regimes))], regimes, rotation=20)
     axes[0].set_yscale("log")
     axes[0].set_title("max relative error of ν per regime")
     axes[0].legend(fontsize=8)
-    nr = ex["norm_rank"]
+    nr = [r for r in ex["norm_rank"] if not r.get("failed")]
     for f in nforms:
         rs = [r for r in nr if r["form"] == f]
-        axes[1].plot([r["rank"] for r in rs], [max(r["max_rel"], 1e-17) for r in rs], marker="o", label=f)
+        axes[1].plot([r["rank"] for r in rs], [_finite(r["max_rel"], 1e-17) for r in rs], marker="o", label=f)
     axes[1].set_xscale("log", base=2)
     axes[1].set_yscale("log")
     axes[1].set_xlabel("rank r")
@@ -209,46 +282,181 @@ def sweep_plots(rep: dict, folder: Path) -> list:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write a file through ``write(binary file handle)`` into a temporary beside it, fsync, then os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=Path(path).parent)
+    """Write a file through ``write(binary file handle)`` into a temporary beside it, fsync, then os.replace.
+    An OSError (a full disk...) leaves any previous file intact and raises :class:`ReportWriteError`."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=Path(path).parent)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as e:
+        raise ReportWriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    finally:
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_TRANSIENT = (".tmp-", ".probe-", ".staging-")  # in-progress files of atomic_write, check_writable, old versions
+
+
+def _stale(folder: Path) -> list:
+    """Staging paths of ``folder`` left by writes whose process is gone: (path, is_backup) pairs."""
+    pat = re.compile(r"\." + re.escape(folder.name) + r"\.dv-(\d+)-\w+(\.old)?")
+    try:
+        names = os.listdir(folder.parent)
+    except OSError:
+        return []
+    out = []
+    for n in names:
+        m = pat.fullmatch(n)
+        if m and not _alive(int(m.group(1))):
+            out.append((folder.parent / n, bool(m.group(2))))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) is no probe there: keep every staging folder
+        return True
+    if pid == os.getpid():  # an earlier write of this process (or a reused pid): not in progress
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def recover(out_dir: "str | Path") -> None:
+    """Undo what a killed write to ``out_dir`` left: put back the previous folder when ``out_dir`` is missing
+    (the two-rename fallback was killed between its renames), delete stale staging folders."""
+    real = Path(os.path.realpath(out_dir))
+    stale = _stale(real)
+    for path, backup in stale:
+        if backup and not os.path.lexists(real):
+            os.rename(path, real)
+    for path, _ in stale:
+        if os.path.lexists(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` atomically; False where this system or file system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (OSError, TypeError):
+        return False
+    fa, fb = os.fsencode(str(a)), os.fsencode(str(b))
+    if hasattr(libc, "renameat2"):  # Linux (glibc >= 2.28): renameat2(AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE)
+        fn = libc.renameat2
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        rc = fn(-100, fa, -100, fb, 2)
+    elif hasattr(libc, "renamex_np"):  # macOS: renamex_np(a, b, RENAME_SWAP)
+        fn = libc.renamex_np
+        fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+        rc = fn(fa, fb, 2)
+    else:
+        return False
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync(path: Path, folder: bool = False) -> None:
+    """fsync a file (errors raise: a full disk shows here) or a folder (best effort: not every system can)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if folder:
+            return
         raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """Hard-link (copy where that fails) the entries of ``src`` that ``dst`` lacks into ``dst``, recursively."""
+    for entry in os.scandir(src):
+        if entry.name.startswith(_TRANSIENT):
+            continue
+        target = dst / entry.name
+        if os.path.lexists(target):
+            if entry.is_dir(follow_symlinks=False) and target.is_dir() and not target.is_symlink():
+                _carry(Path(entry.path), target)
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), target)
+        elif entry.is_dir():
+            target.mkdir()
+            shutil.copystat(entry.path, target)
+            _carry(Path(entry.path), target)
+        else:
+            try:
+                os.link(entry.path, target)
+            except OSError:
+                shutil.copy2(entry.path, target)
+
+
+def _swap(stage: Path, real: Path) -> Path:
+    """Make ``stage`` the folder at ``real``; return where the previous folder now is (to delete)."""
+    if _exchange(stage, real):
+        return stage
+    backup = stage.with_name(stage.name + ".old")
+    os.rename(real, backup)
+    try:
+        os.rename(stage, real)
+    except BaseException:
+        os.rename(backup, real)  # never leave OUT missing when we can help it
+        raise
+    return backup
 
 
 def write_bundle(rep: dict, out_dir: "str | Path", markdown, extra=None, json_name: str = "report.json",
                  md_name: str = "report.md") -> list:
     """Write ``json_name`` (strict JSON of ``rep``), ``md_name`` (``markdown(files)`` → text, given the staged
-    extra files) and the files ``extra(stage_dir)`` creates (e.g. plots) into ``out_dir`` atomically:
-    everything is staged beside it and moved into place with ``os.replace``, the JSON last."""
+    extra files) and the files ``extra(stage_dir)`` creates (e.g. plots) into ``out_dir``, the whole set in
+    one atomic step (module doc). Returns the paths of the set in ``out_dir``."""
     out = check_writable(out_dir)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    real = Path(os.path.realpath(out))
+    stage, swapped = None, False
     try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{real.name}.dv-{os.getpid()}-", dir=real.parent))
+        os.chmod(stage, os.stat(real).st_mode & 0o7777)
         files = list(extra(stage)) if extra else []
         (stage / md_name).write_text(markdown(files), encoding="utf-8")
         files.append(stage / md_name)
         with open(stage / json_name, "w", encoding="utf-8") as fh:
             json.dump(nan_to_none(rep), fh, indent=1, allow_nan=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        files.append(stage / json_name)  # last: its presence marks a complete set
-        final = []
+        files.append(stage / json_name)
+        _carry(real, stage)
         for f in files:
-            os.replace(f, out / f.name)
-            final.append(out / f.name)
-        return final
+            _fsync(f)
+        _fsync(stage, folder=True)
+        old = _swap(stage, real)
+        swapped = True
+    except OSError as e:
+        raise ReportWriteError(f"cannot write report to {str(out)!r}: {e.strerror or e}") from None
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None and not swapped:
+            shutil.rmtree(stage, ignore_errors=True)
+    _fsync(real.parent, folder=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return [out / f.name for f in files]
 
 
 def write_report(rep: dict, out_dir: "str | Path", plots: bool = True) -> list:
-    """Write report.json, report.md and the plots into ``out_dir`` atomically (see module doc)."""
+    """Write report.json, report.md and the plots into ``out_dir`` as one set (see module doc)."""
     return write_bundle(rep, out_dir, lambda files: sweep_markdown(rep, files),
                         (lambda stage: sweep_plots(rep, stage)) if plots else None)

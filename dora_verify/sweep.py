@@ -16,7 +16,9 @@ Experiments (each record holds the metrics of ``dora_verify.metrics.compare``):
 from __future__ import annotations
 
 import math
+import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -29,6 +31,7 @@ from .oracles import certified_round, compose_truth, row_norm_truth
 
 SCHEMA_VERSION = "1.0"
 PAPER_SCALE = 0.5
+MAX_SEED = 2**32 - 1  # numpy's legacy limit; every generator here (torch, hypothesis, numpy) takes 0 .. 2**32 - 1
 
 
 @dataclass
@@ -60,6 +63,17 @@ class SweepConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if any(int(r) <= 0 for r in self.ranks):
             raise ValueError(f"ranks must be positive, got {self.ranks}")
+        if int(self.seed) != self.seed or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer from 0 to 2**32 - 1, got {self.seed}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            # alpha = 0 switches the adapter off (s = 0, nothing to measure); alpha < 0 only negates B
+            raise ValueError(f"alpha must be a positive finite number, got {self.alpha}")
+        with warnings.catch_warnings():  # numpy warns when alpha/r overflows fp32: the error below says it
+            warnings.simplefilter("ignore")
+            s = self.s
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"LoRA scaling s = alpha/{'sqrt(r)' if self.rslora else 'r'} = {s} in fp32: "
+                             "need a positive finite fp32 value (choose another --alpha)")
         fmt = parse_format(self.dtype)
         if fmt.bits == 64:
             raise ValueError("dtype fp64 is the oracle's own precision: choose bf16, fp16 or fp32")
@@ -73,15 +87,55 @@ def _slim(m: dict, keys) -> dict:
 
 
 Y_KEYS = ("max_abs", "rmse", "max_ulp", "p99_ulp", "mean_signed_ulp", "frac_correctly_rounded", "frac_faithful",
-          "floor_max_abs", "floor_ratio", "bits_lost", "cosine", "normwise_rel", "nonfinite_mismatch", "worst_index",
-          "oracle_bound_max")
-D_KEYS = ("max_abs", "normwise_rel", "max_ulp", "frac_correctly_rounded", "floor_ratio", "cosine", "worst_index")
-N_KEYS = ("max_rel", "normwise_rel", "max_abs", "nonfinite_mismatch", "worst_index")
+          "floor_max_abs", "floor_ratio", "bits_lost", "cosine", "normwise_rel", "nonfinite_mismatch", "nan", "inf",
+          "worst_index", "oracle_bound_max")
+D_KEYS = ("max_abs", "normwise_rel", "max_ulp", "frac_correctly_rounded", "floor_ratio", "cosine", "nan", "inf",
+          "worst_index")
+N_KEYS = ("max_rel", "normwise_rel", "max_abs", "nonfinite_mismatch", "nan", "inf", "worst_index")
+_WORST_KEYS = ("max_abs", "rmse", "max_ulp", "max_rel", "normwise_rel", "bits_lost", "floor_ratio")
+
+
+def _measure(approx: torch.Tensor, ref: Reference, **kw) -> dict:
+    """``compare`` plus NaN/Inf counts of ``approx``. compare leaves non-finite elements out of its metrics;
+    here a non-finite output where the truth is finite makes the error maxima inf, so it never reads as exact."""
+    m = compare(approx, ref, **kw)
+    m["nan"], m["inf"] = int(torch.isnan(approx).sum()), int(torch.isinf(approx).sum())
+    if m.get("nonfinite_mismatch"):
+        m.update({k: math.inf for k in _WORST_KEYS if k in m})
+        a = approx.to(torch.float64)
+        bad = int((torch.isfinite(a) != torch.isfinite(ref.value)).flatten().nonzero()[0])
+        m["worst_index"] = list(divmod(bad, approx.shape[-1])) if approx.dim() == 2 else [bad]
+        if ref.rounded is not None:  # compare counts zeroed-out NaNs as equal to a zero result: count them here
+            r, n = ref.rounded, max(1, a.numel())
+            m["frac_correctly_rounded"] = float((a == r.nearest).sum()) / n
+            m["frac_faithful"] = float(((a == r.down) | (a == r.up)).sum()) / n
+    return m
 
 
 def _impl_rows(impls, kind: str):
     """(label, fn) of the implementations under test that provide ``kind`` ('compose' or 'norm')."""
     return [(f"impl:{im.name}", getattr(im, kind)) for im in impls if getattr(im, kind) is not None]
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def call_impl(kind: str, fn, tensors, s: float, shape: tuple, dtype=None):
+    """Run an implementation under test on its own copies of the inputs (the oracle's stay untouched).
+    Returns (output, None), or (None, a one-line reason) when it raised or returned something other than a
+    floating tensor of ``shape`` (and ``dtype``): a failed row of the report, not a crash of the sweep."""
+    try:
+        out = fn(*(t.clone() for t in tensors), s)
+        if not isinstance(out, torch.Tensor):
+            return None, f"{kind} returned {type(out).__module__}.{type(out).__qualname__}, want a torch.Tensor"
+        if tuple(out.shape) != tuple(shape) or not out.is_floating_point() or (dtype is not None and out.dtype != dtype):
+            want = f"{str(dtype).replace('torch.', '') if dtype is not None else 'a float tensor'} {tuple(shape)}"
+            return None, f"{kind} returned {str(out.dtype).replace('torch.', '')} {tuple(out.shape)}, want {want}"
+        return out.detach().to(tensors[0].device), None
+    except Exception as e:  # noqa: BLE001 - the implementation's failure is a result to report
+        return None, f"{kind} raised {_one_line(e)}"
 
 
 def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
@@ -93,21 +147,26 @@ def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
     # The correctly rounded output itself cannot carry a scale change below the format's resolution
     # everywhere (inputs on rounding midpoints always round one way): measure each form beyond that floor.
     beta_floor = effective_scale_error(truth.y_round.nearest, y_ref, inner)
-    subjects = [(form.name, form.fn) for form in F.COMPOSE_FORMS.values()]
-    subjects += [(label, lambda *a, fn=fn: (fn(*a).to(base.device), None)) for label, fn in _impl_rows(impls, "compose")]
+    oracle = {"oracle_tier2_elements": truth.tier2_elements, "oracle_uncertified": truth.uncertified}
     recs = []
-    for name, run in subjects:  # an implementation returns y only: its Δ columns stay empty
-        y, d = run(base, lora, g, s)
-        if tuple(y.shape) != tuple(base.shape) or y.dtype != base.dtype:
-            raise ValueError(f"{name}: compose returned {y.dtype} {tuple(y.shape)}, want {base.dtype} {tuple(base.shape)}")
+    for name, fn in [(f.name, f.fn) for f in F.COMPOSE_FORMS.values()] + _impl_rows(impls, "compose"):
+        if name.startswith("impl:"):  # an implementation returns y only: its Δ columns stay empty
+            y, failed = call_impl("compose", fn, (base, lora, g), s, base.shape, base.dtype)
+            d = None
+            if failed:
+                recs.append(dict(extra, form=name, failed=failed, y=None, delta=None, g_eff_bias=None, g_eff_rms=None,
+                                 g_correction_lost=None, g_correction_lost_floor=None, **oracle))
+                continue
+        else:
+            y, d = fn(base, lora, g, s)
+            if tuple(y.shape) != tuple(base.shape) or y.dtype != base.dtype:
+                raise ValueError(f"{name}: compose returned {y.dtype} {tuple(y.shape)}, want {base.dtype} {tuple(base.shape)}")
         beta = effective_scale_error(y, y_ref, inner)
-        rec = dict(extra, form=name, y=_slim(compare(y, y_ref), Y_KEYS),
-                   delta=None if d is None else _slim(compare(d, d_ref), D_KEYS),
-                   g_eff_bias=float(beta.mean()), g_eff_rms=float(beta.square().mean().sqrt()),
-                   g_correction_lost=correction_lost(beta - beta_floor, gm1),
-                   g_correction_lost_floor=correction_lost(beta_floor, gm1),
-                   oracle_tier2_elements=truth.tier2_elements, oracle_uncertified=truth.uncertified)
-        recs.append(rec)
+        recs.append(dict(extra, form=name, y=_slim(_measure(y, y_ref), Y_KEYS),
+                         delta=None if d is None else _slim(_measure(d, d_ref), D_KEYS),
+                         g_eff_bias=float(beta.mean()), g_eff_rms=float(beta.square().mean().sqrt()),
+                         g_correction_lost=correction_lost(beta - beta_floor, gm1),
+                         g_correction_lost_floor=correction_lost(beta_floor, gm1), **oracle))
     return recs
 
 
@@ -178,21 +237,27 @@ def _norm_records(case, extra: dict, impls=()) -> list:
     fp32 = parse_format("fp32")
     ref = Reference(truth.nu, torch.zeros_like(truth.nu), truth.bound, fp32,
                     certified_round(truth.nu, torch.zeros_like(truth.nu), truth.bound, fp32))
+    oracle = dict(max_cond=float(truth.cond[torch.isfinite(truth.cond)].max()),
+                  oracle_tier2_rows=len(truth.tier2_rows), oracle_uncertified_rows=len(truth.uncertified_rows),
+                  oracle_max_rel_bound=float(truth.rel_bound.max()))
     recs = []
-    subjects = [(form.name, form.fn) for form in F.NORM_FORMS.values()] + _impl_rows(impls, "norm")
-    for name, fn in subjects:
-        nu = fn(case.W, case.A, case.B, case.s).to(case.W.device)
-        if tuple(nu.shape) != (case.W.shape[0],):
-            raise ValueError(f"{name}: norm returned shape {tuple(nu.shape)}, want ({case.W.shape[0]},)")
-        m = compare(nu, ref, rel_floor=1e-30)
+    for name, fn in [(f.name, f.fn) for f in F.NORM_FORMS.values()] + _impl_rows(impls, "norm"):
+        if name.startswith("impl:"):
+            nu, failed = call_impl("norm", fn, (case.W, case.A, case.B), case.s, (case.W.shape[0],))
+            if failed:
+                recs.append(dict(extra, form=name, failed=failed, nu_dtype=None, **{k: None for k in N_KEYS},
+                                 p99_rel=None, special_rows_max_rel=None, **oracle))
+                continue
+        else:
+            nu = fn(case.W, case.A, case.B, case.s).to(case.W.device)
+            if tuple(nu.shape) != (case.W.shape[0],):
+                raise ValueError(f"{name}: norm returned shape {tuple(nu.shape)}, want ({case.W.shape[0]},)")
+        m = _measure(nu, ref, rel_floor=1e-30)
         rel = ((nu.double() - truth.nu).abs() / truth.nu.clamp_min(1e-30))
         special = case.special_rows
-        rec = dict(extra, form=name, nu_dtype=str(nu.dtype).replace("torch.", ""), **_slim(m, N_KEYS),
-                   p99_rel=_p99(rel), special_rows_max_rel=float(rel[special].max()) if special else None,
-                   max_cond=float(truth.cond[torch.isfinite(truth.cond)].max()),
-                   oracle_tier2_rows=len(truth.tier2_rows), oracle_uncertified_rows=len(truth.uncertified_rows),
-                   oracle_max_rel_bound=float(truth.rel_bound.max()))
-        recs.append(rec)
+        recs.append(dict(extra, form=name, nu_dtype=str(nu.dtype).replace("torch.", ""), **_slim(m, N_KEYS),
+                         p99_rel=_p99(rel), special_rows_max_rel=float(rel[special].max()) if special else None,
+                         **oracle))
     return recs
 
 
@@ -222,8 +287,15 @@ def norm_rank(cfg: SweepConfig, device, tick, impls=()) -> list:
 
 
 def _max_or_none(xs):
-    xs = list(xs)
-    return max(xs) if xs else None
+    return _worst(max, xs)
+
+
+def _worst(fn, xs):
+    """fn (min or max) of the values, NaN when any is NaN (min/max would skip it by order), None when empty."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return math.nan if any(x != x for x in xs) else fn(xs)
 
 
 def _median_or_none(xs):
@@ -239,7 +311,7 @@ def headline(paper: dict, g_recs: list) -> dict:
     h["paper_figure1"]["stable_max_abs_vs_unrounded"] = paper["forms"]["stable_gcast"]["max_abs_vs_unrounded_fp64"]
     # g rounding loss: points with 1e-4 <= |g - 1| < 2^-9: g rounds to exactly 1 in bf16, and the
     # correction is large enough for the per-row regression to resolve it above rounding noise
-    below = [r for r in g_recs if 1e-4 <= abs(r["g_minus_1"]) < 2.0 ** -9]
+    below = [r for r in g_recs if 1e-4 <= abs(r["g_minus_1"]) < 2.0 ** -9 and not r.get("failed")]
     by_form = {}
     for r in below:
         by_form.setdefault(r["form"], []).append(r)
@@ -248,14 +320,15 @@ def headline(paper: dict, g_recs: list) -> dict:
         loss[form] = {
             "delta_normwise_rel_max": _max_or_none(x["delta"]["normwise_rel"] for x in rs if x["delta"]),
             "delta_normwise_rel_median": _median_or_none(x["delta"]["normwise_rel"] for x in rs if x["delta"]),
-            "y_frac_correctly_rounded_min": min(x["y"]["frac_correctly_rounded"] for x in rs),
-            "y_max_ulp_max": max(x["y"]["max_ulp"] for x in rs),
-            "y_mean_signed_ulp_maxabs": max(abs(x["y"]["mean_signed_ulp"]) for x in rs),
-            "g_correction_lost_min": min(x["g_correction_lost"] for x in rs),
-            "g_correction_lost_max": max(x["g_correction_lost"] for x in rs),
+            "y_frac_correctly_rounded_min": _worst(min, (x["y"]["frac_correctly_rounded"] for x in rs)),
+            "y_max_ulp_max": _worst(max, (x["y"]["max_ulp"] for x in rs)),
+            "y_mean_signed_ulp_maxabs": _worst(max, (abs(x["y"]["mean_signed_ulp"]) for x in rs)),
+            "y_nonfinite_max": max(x["y"]["nan"] + x["y"]["inf"] for x in rs),
+            "g_correction_lost_min": _worst(min, (x["g_correction_lost"] for x in rs)),
+            "g_correction_lost_max": _worst(max, (x["g_correction_lost"] for x in rs)),
         }
-    h["below_bf16_resolution"] = {"points": len(below) // max(1, len(by_form)), "by_form": loss}
-    at1 = {r["form"]: r for r in g_recs if r["g_minus_1"] == 0.0}
+    h["below_bf16_resolution"] = {"points": len({r["g_minus_1"] for r in below}), "by_form": loss}
+    at1 = {r["form"]: r for r in g_recs if r["g_minus_1"] == 0.0 and not r.get("failed")}
     if at1:
         h["g_equals_1"] = {f: {"y_max_ulp": r["y"]["max_ulp"], "y_frac_correctly_rounded": r["y"]["frac_correctly_rounded"],
                                "delta_normwise_rel": r["delta"]["normwise_rel"] if r["delta"] else None}
@@ -273,8 +346,75 @@ def load_impls(specs) -> list:
         if spec == "forms" or spec.startswith("form:"):
             raise ImplError(f"--impl {spec!r}: every form is in the sweep already; --impl takes kernels, peft or "
                             "module:callable")
-        out += load_impl(spec)
+        try:
+            out += load_impl(spec)
+        except ImplError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever breaks while loading it is the user's to see, in one line
+            raise ImplError(f"--impl {spec!r}: cannot load it: {_one_line(e)}") from None
     return out
+
+
+class SweepMemoryError(ValueError):
+    """The sweep would need more memory than the device has available (a usage error: exit 2)."""
+
+
+def estimate_peak_bytes(cfg: SweepConfig) -> int:
+    """Upper estimate of a sweep's peak memory, in bytes, on either device::
+
+        400 · max(tokens, grid_tokens) · d_out      activations: the float64 double-double compose oracle and metrics
+      +  96 · d_out · d_in                          W: the float64 row-norm oracle, the dense norm forms
+      +  32 · r · (d_out + d_in + r)                A, B, W·Aᵀ, A·Aᵀ at the largest rank r of --rank and --ranks
+      + 256 MiB                                     fixed
+
+    independent of --dtype (the oracle works in float64 whatever the inputs). The coefficients are measured
+    peaks (CPU, resident set) rounded up: about 1.3-1.5× the peak of the default 8192×2048 sweep and of
+    small ones; an --impl's own temporaries are not counted."""
+    r = max([int(cfg.rank), *(int(x) for x in cfg.ranks)])
+    t = max(int(cfg.tokens), int(cfg.grid_tokens))
+    d_out, d_in = int(cfg.d_out), int(cfg.d_in)
+    return 400 * t * d_out + 96 * d_out * d_in + 32 * r * (d_out + d_in + r) + 256 * 2**20
+
+
+def available_bytes(device: torch.device):
+    """(bytes available, where) for a new allocation: CUDA's free memory (``torch.cuda.mem_get_info``), else
+    /proc/meminfo MemAvailable capped by a cgroup memory limit (``os.sysconf`` where there is no /proc);
+    (None, where) when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]), f"{torch.cuda.get_device_name(device)} ({device})"
+    have = None
+    try:
+        with open("/proc/meminfo") as fh:
+            have = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as a, open(usage) as b:
+                left = int(a.read().strip()) - int(b.read().strip())  # 'max' (no limit) raises ValueError
+        except (OSError, ValueError):
+            continue
+        have = left if have is None else min(have, left)
+        break
+    return have, "this machine"
+
+
+def check_memory(cfg: SweepConfig, device: torch.device) -> int:
+    """Raise :class:`SweepMemoryError` (one line) when :func:`estimate_peak_bytes` exceeds what ``device``
+    has available; return the estimate."""
+    need = estimate_peak_bytes(cfg)
+    have, where = available_bytes(device)
+    if have is not None and need > have:
+        gib = 2.0 ** 30
+        raise SweepMemoryError(
+            f"a sweep of W {cfg.d_out}x{cfg.d_in} with {max(cfg.tokens, cfg.grid_tokens)} tokens needs about "
+            f"{need / gib:.1f} GiB (estimate: sweep.estimate_peak_bytes) but {where} has {have / gib:.1f} GiB "
+            "available: choose a smaller --shape, --tokens or --grid-tokens")
+    return need
 
 
 def resolve_device(device: str) -> torch.device:
@@ -307,6 +447,7 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
     optional callable(done, total, message)."""
     cfg.validate()
     dev = resolve_device(cfg.device)
+    check_memory(cfg, dev)
     cfg.device = str(dev)
     torch.manual_seed(cfg.seed)
     n_g = len(g_offsets())
@@ -356,6 +497,12 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
         "regimes": dict(REGIMES),
         "timings_s": dict(timings, total=round(time.time() - t0, 2)),
     }
+
+
+def failed_rows(rep: dict) -> list:
+    """(experiment, row) of every implementation call that failed (rows with a ``failed`` reason)."""
+    return [(name, r) for name, rows in rep["experiments"].items() if isinstance(rows, list)
+            for r in rows if r.get("failed")]
 
 
 def nan_to_none(obj):

@@ -1,15 +1,26 @@
-"""CLI: bad arguments exit 2 with one line; a small sweep writes a complete, strict-JSON report."""
+"""CLI: every bad input exits 2 with one line (Ctrl-C: 130, one line); a small sweep writes a complete,
+strict-JSON report; an --impl's failures are failed rows, its NaNs are visible."""
+import errno
 import json
 import os
 import stat
+import time
 
 import pytest
 import torch
 
+import dora_verify.sweep as S
 from dora_verify.cli import main
 
 SMALL = ["sweep", "--shape", "64x48", "--tokens", "32", "--grid-tokens", "8", "--rank", "4", "--ranks", "2,4",
          "--quiet"]
+FAST = SMALL + ["--regimes", "trained", "--no-plots"]
+
+
+def one_line_error(capsys, needle):
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and err.startswith("dora-verify: error:"), err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -26,6 +37,14 @@ SMALL = ["sweep", "--shape", "64x48", "--tokens", "32", "--grid-tokens", "8", "-
     (["sweep", "--impl", "forms"], "every form is in the sweep"),
     (["sweep", "--impl", "no_such_module:fn"], "cannot import"),
     (["nosuchcommand"], "invalid choice"),
+    (["gate", "--seed", "-1"], "2**32"),
+    (["certify", "--seed", str(2**63)], "2**32"),
+    (["bench", "--seed", "x"], "integer seed"),
+    (["bench", "--out", ""], "expected a path"),
+    (["certify", "--corpus", " "], "expected a path"),
+    (["gate", "--baseline", ""], "expected a path"),
+    (["gate", "--case-timeout", "-1"], "number >= 0"),
+    (["exhaustive", "--out", ""], "expected a path"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
     assert main(argv) == 2
@@ -113,3 +132,254 @@ def test_sweep_measures_implementations_beside_the_forms(tmp_path):
     norms = {r["form"]: r for r in rep["experiments"]["norm_regimes"] if r["regime"] == "trained"}
     assert norms["impl:kernels"]["max_rel"] < 1e-6 < norms["impl:peft"]["max_rel"]
     assert "impl:peft" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--alpha", "0"], "positive number"),  # s = 0: no adapter (a ZeroDivisionError before)
+    (["--alpha", "-2"], "positive number"),  # s < 0 only negates B
+    (["--alpha", "nan"], "finite"),
+    (["--alpha", "1e-300"], "LoRA scaling s"),  # s underflows to 0 in fp32
+    (["--alpha", "1e300"], "LoRA scaling s"),  # s overflows fp32 (numpy's warning must not add a line)
+    (["--seed", "-1"], "2**32"),
+    (["--seed", str(2**32)], "2**32"),
+    (["--seed", str(2**63)], "2**32"),
+    (["--out", ""], "expected a path"),  # wrote report.json into the working directory before
+])
+def test_bad_sweep_values_exit_2_before_any_work(extra, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(FAST + ["--out", str(tmp_path / "rep")] + extra) == 2
+    one_line_error(capsys, needle)
+    assert os.listdir(tmp_path) == []
+
+
+def test_sweep_too_large_for_the_machine_is_refused_at_once(tmp_path, capsys):
+    t = time.time()
+    assert main(FAST + ["--shape", "100000x100000", "--out", str(tmp_path / "rep")]) == 2
+    assert time.time() - t < 5
+    one_line_error(capsys, "GiB (estimate")
+    assert not (tmp_path / "rep").exists()
+
+
+def test_memory_estimate_accepts_a_small_sweep_and_refuses_past_what_is_available(monkeypatch):
+    cfg = S.SweepConfig(d_out=64, d_in=48, tokens=32, grid_tokens=8, rank=4, ranks=(2, 4))
+    need = 400 * 32 * 64 + 96 * 64 * 48 + 32 * 4 * (64 + 48 + 4) + 256 * 2**20  # the docstring's formula
+    assert S.estimate_peak_bytes(cfg) == need
+    assert S.check_memory(cfg, torch.device("cpu")) == need
+    have, _ = S.available_bytes(torch.device("cpu"))
+    assert have is None or have > need
+    monkeypatch.setattr(S, "available_bytes", lambda device: (need - 1, "a tiny machine"))
+    with pytest.raises(S.SweepMemoryError, match=r"needs about 0.3 GiB .* a tiny machine has 0.3 GiB available"):
+        S.check_memory(cfg, torch.device("cpu"))
+
+
+def test_full_disk_while_writing_the_report_exits_2_and_keeps_the_old_one(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "rep"
+    assert main(FAST + ["--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    def enospc(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", enospc)
+    assert main(FAST + ["--out", str(out), "--seed", "5"]) == 2
+    one_line_error(capsys, "No space left on device")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and os.listdir(tmp_path) == ["rep"]
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "cannot read bench report"),  # no such file
+    ("DIR", "cannot read bench report"),
+    ("not json {", "cannot read bench report"),
+    ("[1, 2]", "is not a dora-verify bench report"),
+    ('{"kind": "sweep"}', "is not a dora-verify bench report"),
+    ('{"kind": "bench"}', "is not a complete bench report: KeyError"),
+    ('{"kind": "bench", "provenance": {"device": 3}, "config": {}}', "is not a complete bench report"),
+])
+def test_bench_render_of_anything_but_a_bench_report_exits_2(content, needle, tmp_path, capsys):
+    src = tmp_path / "bench.json"
+    if content == "DIR":
+        src.mkdir()
+    elif content is not None:
+        src.write_text(content)
+    assert main(["bench", "--render", str(src), "--out", str(tmp_path / "out"), "--no-plots"]) == 2
+    one_line_error(capsys, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S, "run_sweep", interrupted)
+    try:
+        rc = main(FAST + ["--out", str(tmp_path / "rep")])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main")
+    assert rc == 130 and capsys.readouterr().err == "dora-verify: interrupted\n"
+
+
+def test_ctrl_c_while_writing_keeps_the_previous_report(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "rep"
+    assert main(FAST + ["--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    import dora_verify.report as R
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(R, "sweep_markdown", interrupted)
+    try:
+        assert main(FAST + ["--out", str(out), "--seed", "9"]) == 130
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and os.listdir(tmp_path) == ["rep"]
+
+
+def test_gate_case_timeout_is_passed_through(monkeypatch, tmp_path, capsys):
+    import dataclasses
+
+    import dora_verify.gate as G
+
+    seen = {}
+
+    def fake_run_gate(cfg, progress=None):
+        seen["case_timeout"] = cfg.case_timeout
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(G, "run_gate", fake_run_gate)
+    rc = main(["gate", "--impl", "form:naive", "--device", "cpu", "--case-timeout", "12.5", "--quiet",
+               "--out", str(tmp_path / "g")])
+    if "case_timeout" in {f.name for f in dataclasses.fields(G.GateConfig)}:
+        assert rc == 130 and seen["case_timeout"] == 12.5
+    else:
+        assert rc == 2 and "no per-case time limit" in capsys.readouterr().err
+
+
+IMPLS = """
+import numpy as np
+import torch
+from dora_verify.forms import COMPOSE_FORMS
+
+
+def good(base, lora, g, s, bias=None):
+    return COMPOSE_FORMS["single_rounding"].fn(base, lora, g, s)[0]
+
+
+def returns_none(base, lora, g, s, bias=None):
+    return None
+
+
+def returns_ndarray(base, lora, g, s, bias=None):
+    return np.zeros(tuple(base.shape), dtype=np.float32)
+
+
+def returns_tuple(base, lora, g, s, bias=None):
+    return good(base, lora, g, s), None
+
+
+def raises(base, lora, g, s, bias=None):
+    raise RuntimeError("kernel exploded\\n  on a second line")
+
+
+def wrong_dtype(base, lora, g, s, bias=None):
+    return good(base, lora, g, s).float()
+
+
+def all_nan(base, lora, g, s, bias=None):
+    return torch.full_like(base, float("nan"))
+
+
+def vandal(base, lora, g, s, bias=None):
+    y = good(base, lora, g, s)
+    base.zero_(), lora.fill_(float("nan")), g.zero_()
+    return y
+
+
+class BadNorm:
+    compose = staticmethod(good)
+
+    def norm(self, W, A, B, s):
+        return None
+
+
+class NanNorm:
+    def norm(self, W, A, B, s):
+        return torch.full((W.shape[0],), float("nan"))
+
+
+class BrokenAttribute:
+    @property
+    def compose(self):
+        raise RuntimeError("lazy init failed")
+"""
+
+
+@pytest.fixture
+def impls(tmp_path, monkeypatch):
+    (tmp_path / "dv_cli_impls.py").write_text(IMPLS)
+    (tmp_path / "dv_cli_broken.py").write_text("raise RuntimeError('broken at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return lambda *names: sum((["--impl", f"dv_cli_impls:{n}"] for n in names), [])
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("dv_cli_impls:BrokenAttribute", "lazy init failed"),
+    ("dv_cli_broken:fn", "broken at import"),
+    ("dv_cli_impls:nothing", "has no attribute"),
+])
+def test_impl_that_cannot_be_loaded_exits_2(spec, needle, impls, tmp_path, capsys):
+    assert main(FAST + ["--impl", spec, "--out", str(tmp_path / "rep")]) == 2
+    one_line_error(capsys, needle)
+    assert not (tmp_path / "rep").exists()
+
+
+def test_impl_failures_at_run_time_are_failed_rows(impls, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(FAST + impls("returns_none", "returns_ndarray", "returns_tuple", "raises", "wrong_dtype", "BadNorm")
+                + ["--out", str(out)]) == 1
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err and "implementation call(s) FAILED" in cap.out
+    rep = json.loads((out / "report.json").read_text())
+    rows = {}
+    for exp in ("compose_g_sweep", "compose_regimes", "norm_regimes", "norm_rank"):
+        for r in rep["experiments"][exp]:
+            rows.setdefault((exp, r["form"]), set()).add(r.get("failed"))
+    want = {"returns_none": "compose returned builtins.NoneType, want a torch.Tensor",
+            "returns_ndarray": "compose returned numpy.ndarray, want a torch.Tensor",
+            "returns_tuple": "compose returned builtins.tuple, want a torch.Tensor",
+            "raises": "compose raised RuntimeError: kernel exploded on a second line",
+            "wrong_dtype": "compose returned float32 (8, 64), want bfloat16 (8, 64)"}
+    for name, msg in want.items():
+        assert rows[("compose_regimes", f"impl:dv_cli_impls:{name}")] == {msg}
+        assert rows[("compose_g_sweep", f"impl:dv_cli_impls:{name}")] == {msg}
+    assert rows[("compose_regimes", "impl:dv_cli_impls:BadNorm")] == {None}  # its compose is fine
+    assert rows[("norm_rank", "impl:dv_cli_impls:BadNorm")] == {"norm returned builtins.NoneType, want a torch.Tensor"}
+    md = (out / "report.md").read_text()
+    assert "## Failed implementation calls" in md and "**failed**" in md and "kernel exploded" in md
+
+
+def test_nonfinite_results_are_visible_not_exact(impls, tmp_path):
+    out = tmp_path / "rep"
+    assert main(FAST + impls("all_nan", "NanNorm") + ["--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    y = next(r["y"] for r in rep["experiments"]["compose_regimes"] if r["form"] == "impl:dv_cli_impls:all_nan")
+    assert y["max_ulp"] == "inf" and y["max_abs"] == "inf" and y["nan"] == 8 * 64 and y["frac_correctly_rounded"] == 0
+    assert rep["headline"]["below_bf16_resolution"]["by_form"]["impl:dv_cli_impls:all_nan"]["y_max_ulp_max"] == "inf"
+    nu = next(r for r in rep["experiments"]["norm_regimes"] if r["form"] == "impl:dv_cli_impls:NanNorm")
+    assert nu["max_rel"] == "inf" and nu["nan"] == 64
+    md = (out / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| trained | impl:dv_cli_impls:all_nan |"))
+    assert row.split(" | ")[2] == "inf" and "512 NaN" in row
+
+
+def test_impl_gets_its_own_copies_of_the_inputs(impls, tmp_path):
+    assert main(FAST + ["--out", str(tmp_path / "a")]) == 0
+    assert main(FAST + impls("vandal") + ["--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "report.json").read_text())["experiments"] for d in ("a", "b"))
+    for exp in a:
+        mine = [r for r in b[exp] if not str(r.get("form", "")).startswith("impl:")] if isinstance(b[exp], list) else b[exp]
+        assert mine == a[exp], exp
+    rows = b["compose_g_sweep"]
+    vandal = [r["y"] for r in rows if r["form"] == "impl:dv_cli_impls:vandal"]
+    assert len(vandal) > 1 and vandal == [r["y"] for r in rows if r["form"] == "single_rounding"]  # it computes that
