@@ -113,6 +113,7 @@ def compare(approx: torch.Tensor, ref: Reference, bound: "torch.Tensor | None" =
     all_finite = bool(finite_a.all()) and bool(finite_x.all())
     mismatch = 0 if all_finite else int((finite_a != finite_x).sum())
     diff = (a64 - ref.hi) - ref.lo
+    a_given = a64  # NaN/Inf kept: the rounding fractions below count a NaN only where the truth is NaN
     if not all_finite:
         both = finite_a & finite_x
         zero = torch.zeros_like(diff)
@@ -142,8 +143,9 @@ def compare(approx: torch.Tensor, ref: Reference, bound: "torch.Tensor | None" =
     out["bits_lost"] = bits_lost(out["max_ulp"])
     if ref.rounded is not None:
         r = ref.rounded
-        out["frac_correctly_rounded"] = float((a64 == r.nearest).sum()) / max(1, a64.numel())
-        out["frac_faithful"] = float(((a64 == r.down) | (a64 == r.up)).sum()) / max(1, a64.numel())
+        both_nan = torch.isnan(a_given) & torch.isnan(r.nearest)
+        out["frac_correctly_rounded"] = float(((a_given == r.nearest) | both_nan).sum()) / max(1, a64.numel())
+        out["frac_faithful"] = float(((a_given == r.down) | (a_given == r.up) | both_nan).sum()) / max(1, a64.numel())
         floor_err = ((r.nearest - ref.hi) - ref.lo).abs()
         out["floor_max_abs"] = float(floor_err.max()) if floor_err.numel() else 0.0
         out["floor_ratio"] = ratio(out["max_abs"], out["floor_max_abs"])

@@ -70,3 +70,22 @@ def test_effective_scale_error_recovers_a_dropped_correction():
     z = torch.zeros_like(exact)
     beta = effective_scale_error(inner, Reference(exact, z, z, FP32), inner)  # output that ignored g
     assert torch.allclose(beta, -(g - 1), atol=1e-15)
+
+
+def test_nan_output_is_never_counted_correctly_rounded():
+    """An all-NaN output against a finite truth (zeros included): 0 correctly rounded, 0 faithful (NaN elements
+    were once zeroed before the comparison and counted as correct where the exact value is 0)."""
+    import torch
+
+    from dora_verify.formats import parse_format
+    from dora_verify.metrics import Reference, compare
+    from dora_verify.oracles import compose_truth
+
+    base = torch.tensor([[0.0, 1.0, -2.0, 0.0]], dtype=torch.bfloat16)
+    lora = torch.zeros_like(base)
+    g = torch.ones(4)
+    t = compose_truth(base, lora, g, 1.0)
+    ref = Reference(t.y_hi, t.y_lo, t.y_bound, t.fmt, t.y_round)
+    m = compare(torch.full_like(base, float("nan")), ref)
+    assert m["frac_correctly_rounded"] == 0.0 and m["frac_faithful"] == 0.0 and m["nonfinite_mismatch"] == 4
+    assert compare(base, ref)["frac_correctly_rounded"] == 1.0
