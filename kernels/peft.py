@@ -48,7 +48,7 @@ from torch import nn
 
 from .compose import compose
 from .lora_compose import lora_compose
-from .norm import RowNormRunner
+from .norm import RowNormRunner, row_norm_op
 from .scale import dora_scale, round_to_fp32
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -115,6 +115,8 @@ def _kernel_weight(module):
 def _norm(dora, W, A, B, s: float) -> torch.Tensor:
     """ν for one adapter from the current W, A, B (the :class:`RowNormRunner` kept on PEFT's DoraLinearLayer
     replays its CUDA graph; ν is reused only inside :func:`frozen_norms`)."""
+    if torch.compiler.is_compiling():  # compiled graphs call the op (no runner, no CUDA graph: inductor's own)
+        return row_norm_op(W, A, B, s)
     runner = dora.__dict__.get("_dora_verify_norm")
     if runner is None:
         runner = dora.__dict__["_dora_verify_norm"] = RowNormRunner()
