@@ -153,7 +153,8 @@ def train(model, opt_name, impl, batches, device, amp=None, ckpt=None, compile_b
             model.enable_input_require_grads()
     probe = model.base_model.model.model.layers[0].self_attn.q_proj
     count = [0]
-    hook = probe.register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+    # no forward counter under compile: dynamo guards on it and recompiles (the compiled runs never read it)
+    hook = probe.register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1)) if not compile_backend else None
     model.train()
     fn = torch.compile(model, backend=compile_backend) if compile_backend else model
     losses, grads, skipped = [], [], 0
@@ -179,7 +180,8 @@ def train(model, opt_name, impl, batches, device, amp=None, ckpt=None, compile_b
                         p.data.add_(p.grad.data, alpha=-LR["data_sgd"])
                 losses.append(loss.detach())
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
     return {"losses": [float(x) for x in torch.stack(losses).double().cpu()], "grads": grads,
             "params": {n: p.detach().clone() for n, p in trainable(model)}, "forwards": count[0],
             "skipped_steps": skipped, "model": model}
