@@ -184,22 +184,23 @@ def test_state_dict_round_trip_and_copies():
         assert torch.equal(twin(x), y)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
-def test_autocast_keeps_the_norm_and_scale_contract(dtype, adapter_dtype):
+def test_autocast_keeps_the_norm_and_scale_contract(dtype, adapter_dtype, device):
     """Under CPU autocast the layer's GEMMs run in the autocast dtype (as PEFT's do) but ν and g stay the fp32
     contract: the same bits as without autocast (a forward under autocast left a bf16-GEMM ν in the cache,
     later fp32 forwards reused it: 9.6e-5 off), and y is the compose of the autocast GEMMs' outputs."""
     from dora_verify.kernels import compose
 
-    layer = _layer()
+    layer = _layer().to(device)
     if adapter_dtype is None:
         layer = layer.to(torch.bfloat16)
     else:
         layer.base_layer.to(torch.bfloat16)
-    x = torch.randn(6, 24, dtype=torch.bfloat16)
+    x = torch.randn(6, 24, dtype=torch.bfloat16, device=device)
     nu_plain = layer.weight_norm()
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(device, dtype=dtype):
         y = layer(x)
         nu_auto = layer.weight_norm()
         g, _ = layer.scale(g_minus_1=False)
