@@ -677,7 +677,7 @@ def certify_markdown(rep: dict) -> str:
              f"torch {p.get('versions', {}).get('torch', '?')}, triton {p.get('versions', {}).get('triton', '?')}; "
              f"{'derandomized (pre-merge)' if rep['config']['derandomize'] else 'seeded rounds from ' + str(rep['config']['seed'])}.",
              *(["", f"Implementation under test: `--impl {rep['config']['impl']}`, held to the faithful contract "
-                "(DESIGN.md §2): y within 1 ulp of the exact y of the rounded inputs, ν within 1e-6 relative per row."]
+                "(docs/gate.md): y within 1 ulp of the exact y of the rounded inputs, ν within 1e-6 relative per row."]
                if rep["config"].get("impl") else []),
              "", f"**{'CERTIFIED' if rep['certified'] else 'VIOLATION FOUND'}**: largest error/bound ratio "
              f"{_fmt(rep['max_ratio'])} (≤ 1 certifies; ratio = (|error| − oracle bound) / a-priori bound, worst element "
@@ -687,6 +687,11 @@ def certify_markdown(rep: dict) -> str:
             for r in rep["results"]]
     lines += [_table(["target", "dtype", "tier", "examples", "max ratio", "p50", "p99", "max ulp / unit", "violation",
                       "time s"], rows), ""]
+    crashed = [r for r in rep["results"] if isinstance(r.get("info", {}).get("error"), str)]
+    if crashed:
+        lines += ["**Crashes** (anything the implementation raised, `SystemExit` included, or an output that breaks "
+                  "the protocol; each is a finding):", ""]
+        lines += [f"- {r['target']}/{r['dtype']}: {r['info']['error']}" for r in crashed] + [""]
     lines += ["Per output (max ratio):", ""]
     lines += [f"- {r['target']}/{r['dtype']}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r["parts_max"].items())
               for r in rep["results"]]

@@ -277,8 +277,10 @@ def _certify(args) -> int:
     rep = run_certify(cfg, progress=_Progress(not args.quiet))
     files = write_certify_report(rep, args.out)
     worst = max(rep["results"], key=lambda r: r["max_ratio"])
+    crash = next((f"; crashed ({r['target']}/{r['dtype']}): {r['info']['error']}" for r in rep["results"]
+                  if isinstance(r.get("info", {}).get("error"), str)), "")
     print(f"{'certified' if rep['certified'] else 'VIOLATION'}: {sum(r['examples'] for r in rep['results'])} examples, "
-          f"largest error/bound ratio {rep['max_ratio']:.4g} ({worst['target']}/{worst['dtype']}); "
+          f"largest error/bound ratio {rep['max_ratio']:.4g} ({worst['target']}/{worst['dtype']}){crash}; "
           f"wrote {', '.join(str(f) for f in files)}")
     return 0 if rep["certified"] else 1
 

@@ -143,6 +143,9 @@ class DoRALinear(nn.Module):
         if W.dtype not in _KERNEL_DTYPES or self.lora_A.dtype not in _KERNEL_DTYPES:  # e.g. after .double()
             _check_kernel_dtype("base_layer.weight", W.dtype)
             _check_kernel_dtype("lora_A", self.lora_A.dtype)
+        if x.dtype != W.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input has dtype {x.dtype} but the weight is {W.dtype}: cast the input, or run the "
+                            "layer under torch.autocast")
         xd = self.dropout(x)
         xa = F.linear(xd.to(self.lora_A.dtype), self.lora_A)
         peft_dropout = self.training and xd is not x and self.dropout_semantics == "peft"

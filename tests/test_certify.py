@@ -230,3 +230,18 @@ def test_an_impl_that_exits_raises_or_returns_junk_is_a_crash_finding(tmp_path, 
     target = f"planted_impls_{name}.compose" if name in ("exits", "raises") else f"{name}.compose"
     res = _impl_search(name, target, "fp32", tmp_path, examples=3)
     assert res["violation"] and reason in res["info"]["error"] and "\n" not in res["info"]["error"]
+
+
+def test_a_crash_is_named_in_the_summary_and_the_markdown(tmp_path):
+    """An implementation that exits: certify's one-line summary and certify.md say it crashed and why (the reason
+    was in certify.json only; the summary read just 'ratio inf')."""
+    import subprocess
+    import sys
+
+    (tmp_path / "exits_impl.py").write_text("import sys\ndef exiter(base, lora, g, s, bias=None):\n    sys.exit(0)\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "dora_verify", "certify", "--impl", "exits_impl:exiter", "--dtypes", "fp32",
+                        "--examples", "3", "--out", str(tmp_path / "c"), "--quiet"], capture_output=True, text=True,
+                       env=env, cwd=tmp_path)
+    assert r.returncode == 1 and "crashed" in r.stdout and "SystemExit(0)" in r.stdout
+    assert "SystemExit(0)" in (tmp_path / "c" / "certify.md").read_text()

@@ -314,6 +314,11 @@ def test_construction_refuses_silent_garbage(bad):
         DoRALinear(lin, r=r, **kw)
 
 
+def test_forward_refuses_an_input_of_another_dtype():
+    with pytest.raises(TypeError, match="autocast"):
+        _layer()(torch.randn(3, 24, dtype=torch.float64))
+
+
 def test_forward_refuses_a_layer_moved_to_float64():
     layer = _layer().double()
     with pytest.raises(TypeError, match="float64"):
