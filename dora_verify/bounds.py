@@ -31,7 +31,7 @@ U32 = 2.0**-24
 ETA32 = 2.0**-150
 SAFETY = 1 + 2.0**-40
 LAMBDA = 5.0
-FAITHFUL_NORM_REL = 1e-6  # the contract of DESIGN.md §2 for ν (and of a user's 'faithful' norm)
+FAITHFUL_NORM_REL = 1e-6  # the contract of docs/contract.md for ν (and of a user's 'faithful' norm)
 
 
 def gamma(n: float, u: float) -> float:

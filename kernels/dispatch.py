@@ -1,4 +1,4 @@
-"""Three-tier dispatch (DESIGN.md §6); every tier obeys the same numerical contract.
+"""Three-tier dispatch; every tier obeys the same numerical contract (docs/contract.md).
 
 1. ``FUSED_TRAIN``: fused Triton forward (saving ``inner``) and fused backward — CUDA, Triton, gradients
    needed, T·d_out ≥ ``TRAIN_MIN_ELEMENTS``;
@@ -8,7 +8,7 @@
 The crossovers are measured on the GPU (``bench/kernels_gpu.py``, part "perf", recorded in
 ``reports/kernels-h100/report.md``), not guessed. ``DORA_VERIFY_TIER=eager|fused`` overrides the choice
 globally; a ``tier=`` argument overrides it per call. Under ``TRITON_INTERPRET=1`` the fused kernels
-also run on CPU tensors (logic checks only: see REFERENCES.md). Cases whose fused kernels are known to
+also run on CPU tensors (logic checks only). Cases whose fused kernels are known to
 be wrong (:func:`fused_supported`: the interpreter's bf16 ``tl.dot``) take the eager tier, and forcing
 the fused tier there raises ValueError. :func:`no_autocast` keeps autocast out of the ops' torch math.
 """

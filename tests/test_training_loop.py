@@ -47,7 +47,7 @@ steps the integration's deviation must be of the order of stock's: E‖δ_int‖
 * Bitwise checks (checkpointing on vs off) need no tolerance: the recomputation runs the same ops on the
   same data, so loss curves and every gradient must be identical (stock PEFT is; asserted first).
 * ``DoRALinear``: after 5 steps ``weight_norm()`` must equal ‖W + s·BA‖_row of the CURRENT parameters
-  (float64) to 1e-6 relative — the project's ν contract (DESIGN.md §2); factored_row_norm's own error
+  (float64) to 1e-6 relative — the project's ν contract (docs/contract.md); factored_row_norm's own error
   is ½κρ + 2⁻²⁴ ≈ 1e-7 (kernels/norm.py), so 1e-6 leaves ~8×.
 
 The criteria can fail: ``test_criteria_reject_a_stale_nu`` plants a stale ν in STOCK PEFT (its
