@@ -116,6 +116,7 @@ class _Progress:
 
 def build_parser() -> argparse.ArgumentParser:
     from .cases import REGIMES
+    from .sweep import EXPERIMENTS
 
     p = _Parser(prog="dora-verify", description="Numerical verification of DoRA: oracles, error sweeps, reports.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also measure an implementation beside the forms: kernels, peft (stock PEFT DoRA) or "
                          "module:callable (dora_verify.adapter); repeatable; a call that raises or returns no "
                          "tensor of the right shape is a failed row and the exit status 1")
+    sw.add_argument("--experiments", default="none", metavar="NAME[,NAME...]",
+                    help=f"optional experiments run after the standard sweep, each a section of the report: "
+                         f"{', '.join(EXPERIMENTS)}, all or none (default none)")
     sw.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     ce = sub.add_parser("certify", help="targeted hypothesis search for inputs that break the a-priori error bounds")
@@ -394,8 +398,9 @@ def _bench(args) -> int:
 def _sweep(args) -> int:
     from .cases import REGIMES
     from .report import check_writable, write_report
-    from .sweep import SweepConfig, check_memory, failed_rows, load_impls, resolve_device, run_sweep
+    from .sweep import SweepConfig, check_memory, failed_rows, load_impls, parse_experiments, resolve_device, run_sweep
 
+    experiments = parse_experiments(args.experiments)  # an unknown name: ValueError, exit 2
     regimes = tuple(r.strip() for r in args.regimes.split(",") if r.strip())
     unknown = [r for r in regimes if r not in REGIMES]
     if unknown or not regimes:
@@ -403,7 +408,7 @@ def _sweep(args) -> int:
     impls = tuple(dict.fromkeys(args.impl))
     cfg = SweepConfig(d_out=args.shape[0], d_in=args.shape[1], tokens=args.tokens, grid_tokens=args.grid_tokens,
                       rank=args.rank, alpha=args.alpha, rslora=args.rslora, dtype=args.dtype, seed=args.seed,
-                      device=args.device, ranks=args.ranks, regimes=regimes, impls=impls)
+                      device=args.device, ranks=args.ranks, regimes=regimes, impls=impls, experiments=experiments)
     cfg.validate()  # everything below fails before minutes of work
     check_memory(cfg, resolve_device(args.device))  # cuda without a GPU, a sweep too large for the machine
     load_impls(impls)  # an unknown or broken --impl
@@ -413,7 +418,8 @@ def _sweep(args) -> int:
     files = write_report(rep, args.out, plots=not args.no_plots)
     h = rep["headline"]["paper_figure1"]
     failed = failed_rows(rep)
-    print(f"naive/stable at g=1 (paper protocol): {h['ratio_naive_over_stable_paper_protocol']:.2f}x; "
+    ran = "".join(f"; {name} {rep['timings_s'][name]:.0f} s" for name in cfg.experiments)
+    print(f"naive/stable at g=1 (paper protocol): {h['ratio_naive_over_stable_paper_protocol']:.2f}x{ran}; "
           f"wrote {', '.join(str(f) for f in files)} in {rep['timings_s']['total']:.0f} s"
           + (f"; {len(failed)} implementation call(s) FAILED ({failed[0][1]['form']}: {failed[0][1]['failed']})"
              if failed else ""))

@@ -27,9 +27,16 @@ Norm forms take W [d_out, d_in], A [r, d_in], B [d_out, r] (weight dtype) and ``
 ``factored_fp32``        ‖W‖² + 2s·rowsum(B ⊙ WAᵀ) + s²·rowsum((B AAᵀ) ⊙ B), fp32 accumulation and
                          fp32 result (the project's choice).
 ``factored_fp32_castout``  as factored_fp32, result cast to the weight dtype (the paper's code).
-``factored_lowp``        the factored sum with every partial (WAᵀ, AAᵀ, row sums) stored in the
-                         weight dtype, as a naive implementation in the model dtype does.
+``factored_wdtype_partials_fp32_accum``
+                         the factored sum as eager torch computes it in the weight dtype: every
+                         product, partial (WAᵀ, AAᵀ, B·AAᵀ, the row sums) and step of the assembly
+                         rounded to the weight dtype, every reduction *accumulated in fp32* (torch's
+                         accumulator for bf16/fp16 sums and GEMMs, on CPU and in cuBLAS). Formerly
+                         ``factored_lowp``; it is not a low-precision accumulator — those are
+                         emulated exactly in ``dora_verify.accumulation``.
 =======================  =========================================================================
+
+``LEGACY_NAMES`` maps the names older reports used to the current ones.
 """
 from __future__ import annotations
 
@@ -130,8 +137,13 @@ def factored_fp32_castout(W, A, B, s):
     return _factored(W, A, B, s, F32).to(W.dtype)
 
 
-def factored_lowp(W, A, B, s):
+def factored_wdtype_partials_fp32_accum(W, A, B, s):
+    """ν by the factored sum in W's dtype, op by op in eager torch: every product, partial and step of the
+    assembly rounded to W's dtype; every reduction (row sums, GEMMs) accumulated in fp32 by torch."""
     return _factored(W, A, B, s, W.dtype)
+
+
+factored_lowp = factored_wdtype_partials_fp32_accum  # the name before it said what it computes
 
 
 NORM_FORMS = {f.name: f for f in (
@@ -139,5 +151,7 @@ NORM_FORMS = {f.name: f for f in (
     Form("dense_fp32", dense_fp32, "dense W+s·(B@A) in fp32"),
     Form("factored_fp32", factored_fp32, "factored, fp32 accumulation, fp32 result"),
     Form("factored_fp32_castout", factored_fp32_castout, "factored fp32, result cast to the weight dtype (paper)"),
-    Form("factored_lowp", factored_lowp, "factored, every partial stored in the weight dtype"),
+    Form("factored_wdtype_partials_fp32_accum", factored_wdtype_partials_fp32_accum,
+         "factored, every product and partial rounded to the weight dtype, every reduction accumulated in fp32"),
 )}
+LEGACY_NAMES = {"factored_lowp": "factored_wdtype_partials_fp32_accum"}  # report keys of earlier versions

@@ -180,7 +180,11 @@ def sweep_markdown(rep: dict, plots: list) -> str:
     L += ["", "## Row norm ν by rank (trained regime, s = 2)", ""]
     L.append(_table(["rank", "form", "max rel", "p99 rel", "non-finite ν"],
                     [[r["rank"], r["form"]] + _cells(r, r, ("max_rel", "p99_rel", _nonfinite)) for r in ex["norm_rank"]]))
-    L += ["", "## Plots", ""] + [f"![{Path(pth).stem}]({Path(pth).name})" for pth in plots]
+    names = list(cfg.get("experiments") or [])
+    own = tuple(f"{n}_" for n in names)  # an experiment's plots (NAME_*.png) go in its own section
+    L += ["", "## Plots", ""] + [f"![{Path(pth).stem}]({Path(pth).name})" for pth in plots
+                                  if not Path(pth).name.startswith(own)]
+    L += experiment_sections(rep, plots)
     L += ["", "## What each experiment means", "",
           "- **paper_figure1**: the paper's own stability protocol, re-measured against the exact answer.",
           "- **compose_g_sweep**: every compose form with a constant fp32 g = 1 + δ across 1, including offsets far "
@@ -205,6 +209,35 @@ def sweep_markdown(rep: dict, plots: list) -> str:
           f"Norm rows settled exactly: {sum(r['oracle_tier2_rows'] for r in ex['norm_regimes']) // max(1, len(rep['forms']['norm']))}.",
           "", "Reproduce: `" + " ".join(["dora-verify"] + prov["argv"][1:]) + "`", ""]
     return "\n".join(L)
+
+
+def experiment_sections(rep: dict, plots) -> list:
+    """report.md lines of the optional experiments (``sweep.EXPERIMENTS``), in the order they ran: a heading,
+    the time they took, then the module's own ``markdown``."""
+    from .sweep import experiment_module
+
+    names = [Path(p).name for p in plots]
+    L = []
+    for name in rep["config"].get("experiments") or []:
+        t = rep.get("timings_s", {}).get(name)
+        seeds = rep["experiments"][name].get("seeds") or {}
+        seeds = ", ".join(f"{k} {v}" for k, v in seeds.items() if k != "note") or "none"
+        L += ["", f"## Experiment: {name}", "", f"_{'' if t is None else f'{t:.0f} s; '}"
+              f"`dora-verify sweep --experiments {name}`; seeds: {seeds}_", "",
+              experiment_module(name).markdown(rep["experiments"][name], names).rstrip()]
+    return L
+
+
+def experiment_plots(rep: dict, folder: Path) -> list:
+    """The PNGs of the optional experiments that draw any (their module's ``plots``)."""
+    from .sweep import experiment_module
+
+    out = []
+    for name in rep["config"].get("experiments") or []:
+        mod = experiment_module(name)
+        if hasattr(mod, "plots"):
+            out += list(mod.plots(rep["experiments"][name], folder))
+    return out
 
 
 def _finite(v, floor=None) -> float:
@@ -459,4 +492,4 @@ def write_bundle(rep: dict, out_dir: "str | Path", markdown, extra=None, json_na
 def write_report(rep: dict, out_dir: "str | Path", plots: bool = True) -> list:
     """Write report.json, report.md and the plots into ``out_dir`` as one set (see module doc)."""
     return write_bundle(rep, out_dir, lambda files: sweep_markdown(rep, files),
-                        (lambda stage: sweep_plots(rep, stage)) if plots else None)
+                        (lambda stage: sweep_plots(rep, stage) + experiment_plots(rep, stage)) if plots else None)

@@ -12,9 +12,18 @@ Experiments (each record holds the metrics of ``dora_verify.metrics.compare``):
                        all-positive, heavy-tailed, near-cancelling and zero rows).
 * ``norm_regimes``     every norm form on each regime: relative error of ν per row.
 * ``norm_rank``        the norm forms across ranks: does the error grow with r?
+
+Optional experiments (``--experiments NAME[,NAME...]``, registry ``EXPERIMENTS`` below; none by default) add
+one section each to report.json (``experiments[NAME]``) and report.md, plus their plots:
+
+* ``accumulation``     fp32, bf16 and fp16 accumulators emulated exactly (sequential, blocked with fp32 block
+                       sums, pairwise) in ν and the GEMMs, and what they do to g and y (``dora_verify.accumulation``).
+* ``scaling``          each form's and the kernels' error across d_in, d_out, rank and tokens, the bounds
+                       overlaid, growth exponents fitted (``dora_verify.scaling``).
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import time
@@ -52,6 +61,7 @@ class SweepConfig:
     regimes: tuple = tuple(REGIMES)
     adapter_ratio: float = 0.1
     impls: tuple = ()  # --impl specs (peft, kernels, module:callable) measured beside the forms
+    experiments: tuple = ()  # optional experiments (names of EXPERIMENTS), run after the standard ones
 
     @property
     def s(self) -> float:
@@ -80,6 +90,55 @@ class SweepConfig:
         bad = [r for r in self.regimes if r not in REGIMES]
         if bad:
             raise ValueError(f"unknown regime(s) {bad}; choose from {', '.join(REGIMES)}")
+        if isinstance(self.experiments, str):  # the Python API may pass 'accumulation,scaling'
+            self.experiments = parse_experiments(self.experiments)
+        bad = [e for e in self.experiments if e not in EXPERIMENTS]
+        if bad:
+            raise ValueError(f"unknown experiment(s) {', '.join(map(repr, bad))}; choose from {', '.join(EXPERIMENTS)}")
+        self.experiments = tuple(dict.fromkeys(self.experiments))
+
+
+# ----------------------------------------------------------------------------- optional experiments
+EXPERIMENTS = {
+    "accumulation": "dora_verify.accumulation",
+    "scaling": "dora_verify.scaling",
+}
+"""Optional experiments: name -> the module that implements it (imported only when the experiment runs).
+Registering one is one line here (e.g. ``"layer": "dora_verify.layer_experiment"``). A module provides:
+
+* ``run(cfg: SweepConfig, device: torch.device, tick) -> dict``: the experiment at ``cfg`` (shape, rank, dtype,
+  seed...: the fields above; its own grid sizes are its own constants, stated in its section). Returns the
+  report section: JSON-ready (dicts, lists, str, int, float; NaN/inf are mapped by ``nan_to_none``), with a
+  ``"seeds"`` entry naming every seed it used; the same ``cfg`` gives the same numbers (no timings in it: the
+  sweep records ``timings_s[NAME]``). It calls ``tick(label)`` after each of its steps.
+* ``steps(cfg) -> int``: how many times ``run`` calls ``tick`` (the progress bar's total).
+* ``markdown(section: dict, plots: list) -> str``: its report.md text (the sweep writes the heading); ``plots``
+  holds the file names of the report's plots, among them its own to embed.
+* ``plots(section: dict, folder: Path) -> list``: optional; writes its PNGs into ``folder`` and returns their
+  paths. Name them ``NAME_*.png``: the report's general plot list leaves those to the section.
+"""
+
+
+def parse_experiments(text: str) -> tuple:
+    """'accumulation,scaling' -> ('accumulation', 'scaling'); 'all' -> every registered one; 'none' or '' -> ().
+    Unknown names raise ValueError (one line: the CLI exits 2)."""
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    if names == ["none"] or not names:
+        return ()
+    if names == ["all"]:
+        return tuple(EXPERIMENTS)
+    bad = [n for n in names if n not in EXPERIMENTS]
+    if bad:
+        raise ValueError(f"unknown experiment(s) {', '.join(map(repr, bad))}; choose from "
+                         f"{', '.join(EXPERIMENTS)}, all or none")
+    return tuple(dict.fromkeys(names))
+
+
+def experiment_module(name: str):
+    """The module implementing experiment ``name`` (see ``EXPERIMENTS``)."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    return importlib.import_module(EXPERIMENTS[name])
 
 
 def _slim(m: dict, keys) -> dict:
@@ -451,7 +510,9 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
     cfg.device = str(dev)
     torch.manual_seed(cfg.seed)
     n_g = len(g_offsets())
-    steps = _Steps(1 + n_g + 2 * len(cfg.regimes) + len(cfg.ranks), progress)
+    extra = {name: experiment_module(name) for name in cfg.experiments}
+    steps = _Steps(1 + n_g + 2 * len(cfg.regimes) + len(cfg.ranks) + sum(int(m.steps(cfg)) for m in extra.values()),
+                   progress)
     t0 = time.time()
     timings = {}
 
@@ -469,6 +530,7 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
     reg_recs = timed("compose_regimes", compose_regimes, cfg, dev, steps, impls)
     nreg = timed("norm_regimes", norm_regimes, cfg, dev, steps, impls)
     nrank = timed("norm_rank", norm_rank, cfg, dev, steps, impls)
+    sections = {name: timed(name, mod.run, cfg, dev, steps) for name, mod in extra.items()}
     from .provenance import provenance
 
     cfg_dict = asdict(cfg)
@@ -476,6 +538,7 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
     cfg_dict["ranks"] = list(cfg.ranks)
     cfg_dict["regimes"] = list(cfg.regimes)
     cfg_dict["impls"] = list(cfg.impls)
+    cfg_dict["experiments"] = list(cfg.experiments)
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": "dora-verify",
@@ -489,6 +552,7 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
             "compose_regimes": reg_recs,
             "norm_regimes": nreg,
             "norm_rank": nrank,
+            **sections,
         },
         "forms": {"compose": {k: v.summary for k, v in F.COMPOSE_FORMS.items()},
                   "norm": {k: v.summary for k, v in F.NORM_FORMS.items()}},

@@ -35,6 +35,8 @@ def one_line_error(capsys, needle):
     (["sweep", "--regimes", "bogus"], "unknown regime"),
     (["sweep", "--device", "tpu"], "invalid choice"),
     (["sweep", "--impl", "forms"], "every form is in the sweep"),
+    (["sweep", "--experiments", "bogus"], "unknown experiment(s) 'bogus'"),
+    (["sweep", "--experiments", "accumulation,nope"], "choose from accumulation, scaling"),
     (["sweep", "--impl", "no_such_module:fn"], "cannot import"),
     (["nosuchcommand"], "invalid choice"),
     (["gate", "--seed", "-1"], "2**32"),
@@ -89,6 +91,32 @@ def test_small_sweep_writes_complete_report(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "## Headline" in md and "paper" in md
     assert not any(p.name.startswith(".staging") for p in out.iterdir())
+
+
+def test_experiments_flag_runs_them_and_writes_their_sections(tmp_path):
+    out = tmp_path / "rep"
+    argv = [a for a in FAST if a != "--no-plots"]
+    assert main(argv + ["--experiments", "accumulation", "--out", str(out)]) == 0
+    assert {"accumulation_vs_block.png", "compose_error_vs_g.png", "report.json"} <= {p.name for p in out.iterdir()}
+    rep = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+    assert rep["config"]["experiments"] == ["accumulation"] and "accumulation" in rep["timings_s"]
+    acc = rep["experiments"]["accumulation"]
+    assert acc["seeds"]["case"] == 0 and {r["form"] for r in acc["rows"]} >= {"seq_bf16", "pairwise_fp16", "sum2_fp64"}
+    assert acc["headline"]["forms"]["seq_bf16"] == 256.0
+    md = (out / "report.md").read_text()
+    assert "## Experiment: accumulation" in md and "stalls at **256**" in md and "](accumulation_vs_block.png)" in md
+    assert "![accumulation_vs_block]" not in md  # in its own section, not the general plot list
+
+
+def test_experiment_names_parse_and_register_in_one_place():
+    assert S.parse_experiments("none") == () == S.parse_experiments("")
+    assert S.parse_experiments("all") == tuple(S.EXPERIMENTS)
+    assert S.parse_experiments("scaling, accumulation,scaling") == ("scaling", "accumulation")
+    for name in S.EXPERIMENTS:  # the interface sweep.EXPERIMENTS documents
+        mod = S.experiment_module(name)
+        assert all(callable(getattr(mod, f)) for f in ("run", "steps", "markdown"))
+    with pytest.raises(ValueError, match="unknown experiment"):
+        S.SweepConfig(experiments=("layer_typo",)).validate()
 
 
 def test_same_seed_same_numbers(tmp_path):

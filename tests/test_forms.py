@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from dora_verify import forms as F
 from dora_verify.forms import COMPOSE_FORMS, NORM_FORMS
 from dora_verify.formats import BF16, ulp
 from dora_verify.oracles import compose_truth, row_norm_truth
@@ -77,3 +78,22 @@ def test_factored_fp32_loses_accuracy_on_near_cancelling_rows():
     special = c.special_rows
     assert float(rel[special].max()) > 1e-3  # cancellation in ‖W‖² + 2s·cross + s²·gram
     assert float(dense[special].max()) < float(rel[special].max())
+
+
+def test_wdtype_partials_form_rounds_its_partials_but_accumulates_in_fp32():
+    """The form once called factored_lowp: bf16 partials, but torch sums them in fp32 — not a bf16 accumulator."""
+    from dora_verify.accumulation import seq_sum
+
+    form = NORM_FORMS["factored_wdtype_partials_fp32_accum"].fn
+    A, B = torch.zeros(1, 1024, dtype=torch.bfloat16), torch.zeros(1, 1, dtype=torch.bfloat16)
+    W = torch.ones(1, 1024, dtype=torch.bfloat16)
+    assert form(W, A, B, 2.0).item() == 32.0  # ‖W‖² = 1024 summed in fp32
+    assert seq_sum(torch.ones(1024, 1, dtype=torch.float64), "bf16").item() == 256.0  # a bf16 accumulator: ν 16
+    nu = form(torch.ones(1, 257, dtype=torch.bfloat16), A[:, :257], B, 2.0)  # 257 stored in bf16 is 256
+    assert nu.dtype == torch.bfloat16 and nu.item() == 16.0
+
+
+def test_old_report_name_maps_to_the_renamed_form():
+    assert F.LEGACY_NAMES == {"factored_lowp": "factored_wdtype_partials_fp32_accum"}
+    assert all(new in NORM_FORMS for new in F.LEGACY_NAMES.values()) and "factored_lowp" not in NORM_FORMS
+    assert F.factored_lowp is F.factored_wdtype_partials_fp32_accum
