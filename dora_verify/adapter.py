@@ -1,6 +1,6 @@
 """The adapter protocol: how the toolkit reaches an implementation under test.
 
-An implementation is anything with a ``compose`` and/or a ``norm`` callable::
+An implementation is anything with a ``compose`` and/or a ``norm`` callable, and/or a ``layer`` factory::
 
     compose(base, lora, g, s, bias=None) -> y     base, lora [T, d_out] in the activation dtype (bf16/fp16/fp32),
                                                  g [d_out] fp32 (the DoRA scale m / max(ν, ε)), s a float,
@@ -9,11 +9,36 @@ An implementation is anything with a ``compose`` and/or a ``norm`` callable::
     norm(W, A, B, s) -> nu                        W [d_out, d_in], A [r, d_in], B [d_out, r] (weight dtype);
                                                  returns ν = ‖W + s·BA‖ per row [d_out] (any float dtype).
 
+    layer(linear, r, alpha[, adapter_dtype=None]) -> module
+                                                 linear: a torch.nn.Linear (W [d_out, d_in] and bias in the activation
+                                                 dtype, on the device under test); returns a torch.nn.Module with PEFT's
+                                                 parameter names lora_A [r, d_in], lora_B [d_out, r], magnitude [d_out]
+                                                 whose forward(x) returns y [T, d_out] in x's dtype — the whole DoRA
+                                                 layer y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias, g = m / max(ν, ε), ν =
+                                                 ‖W + s·BA‖_row detached, s = alpha / r — differentiable in x,
+                                                 lora_A, lora_B and magnitude.
+
+**Layer factories.** The toolkit builds a fresh module per call, then sets ``lora_A``, ``lora_B`` and
+``magnitude`` to its case's values (``torch.no_grad()``, ``copy_``), runs ``y = module(x)`` and
+``y.backward(dy)``, and grades y and the gradients of x, lora_A, lora_B, magnitude against the exact layer
+(:mod:`dora_verify.layer_oracle`, ν detached). A factory that takes an ``adapter_dtype`` keyword is asked for the
+case's adapter dtype (torch.float32 for PEFT's default bf16 W with fp32 adapters, else W's dtype); one that does
+not gets its lora_A and lora_B converted in place (``param.data = param.data.to(dtype)``, what PEFT's
+``autocast_adapter_dtype`` does). ``magnitude`` may have any float dtype that holds the case's m exactly (the cases'
+m are values of the adapter dtype). A parameter that is missing, of the wrong shape, not requiring grad, unable to
+hold the case's values exactly, or without a gradient after backward fails that case in one line.
+
+**How the loader tells a layer factory from the compose/norm protocol.** A callable — function or class — whose
+first parameter (after ``self``) is named ``linear`` (or ``base_layer``, PEFT's and this project's name) *is* a
+layer factory; an object (or module) may also carry one as its ``layer`` attribute beside ``compose``/``norm``.
+Any other function is taken as ``compose``, any other class is instantiated with no arguments.
+
 Optional attributes: ``name`` (str), ``deterministic`` (bool, default False: when True the gate checks that
 repeated calls give identical bits), ``contract`` ('faithful', the default: y within 1 ulp of the exact y of
-the rounded inputs and ν within 1e-6 relative — DESIGN.md §2; or 'baseline-only': no a-priori bound, only
-the baseline, FlashAttention-style and NaN/Inf criteria). Inputs arrive on the device under test
-(contiguous, finite unless a NaN/Inf case says otherwise); outputs may be on any device.
+the rounded inputs and ν within 1e-6 relative — DESIGN.md §2 —, and a layer within the faithful layer contract
+of :func:`dora_verify.layer_oracle.faithful_layer_bounds`; or 'baseline-only': no a-priori bound, only the
+baseline, FlashAttention-style and NaN/Inf criteria). Inputs arrive on the device under test (contiguous, finite
+unless a NaN/Inf case says otherwise); outputs may be on any device.
 
 What the toolkit guarantees an implementation, and what it holds it to (:func:`check_output`,
 :class:`CaseGuard`): every call gets its own copies of the inputs (it may overwrite them; the oracle never
@@ -22,13 +47,15 @@ anything the code raises — ``SystemExit`` and ``KeyboardInterrupt`` included �
 not the end of the run (only a real Ctrl-C, a SIGINT delivered to the process, still stops the run); and a
 case past its time limit is stopped by SIGALRM (Unix, main thread) with :class:`CaseTimeout`.
 
-``--impl module:callable`` names it: ``callable`` may be a function (taken as ``compose``), a class (called
-with no arguments) or an object/module with the attributes above. Built in: ``kernels`` (this project's
-production kernels, held to their derived bounds), ``forms`` (the formulas under study, each held to its
-bound), ``form:NAME`` (one of them), ``peft`` (stock Hugging Face PEFT's DoRA numerics, see :func:`peft_impl`).
+``--impl module:callable`` names it: ``callable`` may be a layer factory (above), a function (taken as
+``compose``), a class (called with no arguments) or an object/module with the attributes above. Built in:
+``kernels`` (this project's production kernels and DoRALinear, held to their derived bounds), ``forms`` (the
+formulas under study, each held to its bound), ``form:NAME`` (one of them), ``peft`` (stock Hugging Face PEFT's
+DoRA numerics and its DoRA layer, see :func:`peft_impl`).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import signal
@@ -57,6 +84,7 @@ class Implementation:
     form: Optional[str] = None
     backward: bool = False  # the built-in kernels: also gate the compose backward ...
     saves: tuple = ("inputs", "activation")  # ... in these save modes
+    layer: Optional[Callable] = None  # a layer factory (module docstring)
 
 
 class ImplError(ValueError):
@@ -166,8 +194,105 @@ class CaseGuard:
         return False
 
 
+LAYER_PARAMS = ("lora_A", "lora_B", "magnitude")
+
+
+def is_layer_factory(obj) -> bool:
+    """Whether ``obj`` is a layer factory: a callable whose first parameter (after ``self``) is named ``linear`` or
+    ``base_layer``."""
+    if not callable(obj):
+        return False
+    try:
+        params = list(inspect.signature(obj).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0].name in ("linear", "base_layer")
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _dtype_name(dt) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def build_layer(factory: Callable, W, bias, r: int, alpha: float, adapter_dtype, values: dict):
+    """A fresh module from ``factory`` for the case (W, bias [in the activation dtype, on the device under test],
+    r, alpha, the adapter dtype), its lora_A, lora_B and magnitude set to ``values`` (name → tensor) under no_grad
+    with ``copy_``: (module, {name: parameter}). :class:`ImplOutputError` (one line) for a module that breaks the
+    protocol (module docstring)."""
+    import torch
+    from torch import nn
+
+    d_out, d_in = W.shape
+    linear = nn.Linear(d_in, d_out, bias=bias is not None, device=W.device, dtype=W.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(W)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    kwargs = {"adapter_dtype": adapter_dtype} if _accepts(factory, "adapter_dtype") else {}
+    module = factory(linear, r, alpha, **kwargs)
+    if not isinstance(module, nn.Module):
+        kind = type(module)
+        got = "None" if module is None else f"a {kind.__module__.split('.')[0]}.{kind.__qualname__}"
+        raise ImplOutputError(f"the layer factory returned {got}, want a torch.nn.Module")
+    params = {}
+    for name, shape in zip(LAYER_PARAMS, ((r, d_in), (d_out, r), (d_out,))):
+        p = getattr(module, name, None)
+        if not isinstance(p, torch.Tensor) or tuple(p.shape) != shape or not p.is_floating_point():
+            got = "nothing" if p is None else (f"a tensor of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor)
+                                               else f"a {type(p).__qualname__}")
+            raise ImplOutputError(f"the layer's {name} is {got}; want a floating parameter of shape {shape}")
+        if not p.requires_grad:
+            raise ImplOutputError(f"the layer's {name} does not require grad")
+        if name != "magnitude" and p.dtype != adapter_dtype:
+            if kwargs:
+                raise ImplOutputError(f"the layer's {name} is {_dtype_name(p.dtype)} although the factory was asked for "
+                                      f"adapter_dtype={_dtype_name(adapter_dtype)}")
+            p.data = p.data.to(adapter_dtype)  # what PEFT's autocast_adapter_dtype does
+        with torch.no_grad():
+            p.copy_(values[name])
+        if not torch.equal(p.detach().to(torch.float64).cpu(), values[name].detach().to(torch.float64).cpu()):
+            raise ImplOutputError(f"the layer's {name} ({_dtype_name(p.dtype)}) cannot hold the case's "
+                                  f"{_dtype_name(values[name].dtype)} values exactly")
+        params[name] = p
+    return module, params
+
+
+def _kernels_layer(tier: "str | None"):
+    """DoRALinear as a layer factory (its default save='recompute'); ``tier`` forces the compose tier in forward."""
+
+    def factory(linear, r, alpha, adapter_dtype=None):
+        import contextlib
+        import os
+
+        from .kernels import DoRALinear
+
+        layer = DoRALinear(linear, r, alpha, adapter_dtype=adapter_dtype)
+        if tier is not None:
+            forward = layer.forward
+
+            def forced(x):
+                with contextlib.ExitStack() as stack:
+                    old = os.environ.get("DORA_VERIFY_TIER")
+                    os.environ["DORA_VERIFY_TIER"] = tier
+                    stack.callback(lambda: os.environ.pop("DORA_VERIFY_TIER") if old is None
+                                   else os.environ.__setitem__("DORA_VERIFY_TIER", old))
+                    return forward(x)
+            layer.forward = forced
+        return layer
+
+    return factory
+
+
 def kernels_impl(tier: "str | None" = None, dtypes=("bf16", "fp16", "fp32")) -> Implementation:
-    """This project's production kernels (compose at ``tier``, factored_row_norm, the compose backward)."""
+    """This project's production kernels (compose at ``tier``, factored_row_norm, the compose backward) and, for
+    ``tier`` None or 'eager', its DoRALinear layer (the fused tier under the CPU interpreter has no layer entry)."""
     from .kernels import compose, factored_row_norm
 
     def comp(base, lora, g, s, bias=None):
@@ -179,11 +304,62 @@ def kernels_impl(tier: "str | None" = None, dtypes=("bf16", "fp16", "fp32")) -> 
 
     label = f"kernels[{tier}]" if tier else "kernels"
     return Implementation(label, comp, norm, deterministic=True, contract="kernel", dtypes=tuple(dtypes), tier=tier,
-                          backward=True)
+                          backward=True, layer=_kernels_layer(tier) if tier in (None, "eager") else None)
+
+
+def _peft_layer(linear, r, alpha, adapter_dtype=None):
+    """Stock PEFT DoRA around ``linear``: ``get_peft_model(nn.Sequential(linear), LoraConfig(r, lora_alpha,
+    use_dora=True, target_modules=['0']))`` — fp32 adapters (``autocast_adapter_dtype=True``, PEFT's default for a
+    bf16/fp16 W) when ``adapter_dtype`` is torch.float32, else adapters in W's dtype — with its
+    ``lora_A.default.weight``, ``lora_B.default.weight`` and ``lora_magnitude_vector.default.weight`` under the
+    protocol's names."""
+    import torch
+    from torch import nn
+    from peft import LoraConfig, get_peft_model
+
+    wdt = linear.weight.dtype
+    if adapter_dtype not in (None, wdt, torch.float32):
+        raise ValueError(f"stock PEFT keeps adapters in W's dtype or fp32, not {adapter_dtype}")
+    autocast = adapter_dtype == torch.float32 and wdt != torch.float32
+    model = get_peft_model(nn.Sequential(linear), LoraConfig(r=r, lora_alpha=alpha, use_dora=True, target_modules=["0"]),
+                           autocast_adapter_dtype=autocast)
+    return _peft_layer_class()(model)
+
+
+@functools.lru_cache(maxsize=None)
+def _peft_layer_class():
+    from torch import nn
+
+    class PeftDoRALayer(nn.Module):
+        """A PEFT-wrapped ``nn.Sequential(linear)`` exposing the protocol's parameter names."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            self._layer = model.base_model.model[0]
+
+        @property
+        def lora_A(self):
+            return self._layer.lora_A["default"].weight
+
+        @property
+        def lora_B(self):
+            return self._layer.lora_B["default"].weight
+
+        @property
+        def magnitude(self):
+            return self._layer.lora_magnitude_vector["default"].weight
+
+        def forward(self, x):
+            return self.model(x)
+
+    return PeftDoRALayer
 
 
 def peft_impl() -> Implementation:
     """Stock PEFT's DoRA numerics, held to the faithful contract so a report shows what they cost.
+
+    layer: stock PEFT's DoRA Linear itself (:func:`_peft_layer`), held to the faithful layer contract.
 
     norm: PEFT's own code — ``DoraLinearLayer.get_lora_weight`` (BA through the identity matrix and the two
     adapter layers) and ``get_weight_norm`` (W + s·BA and the norm in the weight dtype, rounded to it).
@@ -214,7 +390,7 @@ def peft_impl() -> Implementation:
         mag = g.to(base.dtype).view(1, -1)
         return result + ((mag - 1) * base_result + mag * lora * s)
 
-    return Implementation("peft", comp, norm, deterministic=True, contract="faithful")
+    return Implementation("peft", comp, norm, deterministic=True, contract="faithful", layer=_peft_layer)
 
 
 def form_impl(name: str) -> Implementation:
@@ -259,7 +435,10 @@ def load_impl(spec: str) -> "list[Implementation]":
 
 
 def from_object(obj, default_name: str = "impl") -> Implementation:
-    """Wrap a function (its ``compose``), a class (instantiated) or an object with ``compose``/``norm``."""
+    """Wrap a layer factory, a function (its ``compose``), a class (instantiated) or an object with
+    ``compose``/``norm``/``layer``."""
+    if is_layer_factory(obj):
+        return Implementation(str(getattr(obj, "name", default_name)), layer=obj, **_options(obj, default_name))
     if inspect.isclass(obj):
         guard = CaseGuard()
         try:
@@ -270,21 +449,27 @@ def from_object(obj, default_name: str = "impl") -> Implementation:
                 raise
             raise ImplError(f"{default_name}: cannot instantiate {obj.__name__}(): {crash_reason(e)}") from None
     if inspect.isfunction(obj) or inspect.isbuiltin(obj):
-        comp, norm = obj, None
+        comp, norm, layer = obj, None, None
     else:
-        comp, norm = getattr(obj, "compose", None), getattr(obj, "norm", None)
-    if comp is None and norm is None:
-        raise ImplError(f"{default_name}: neither callable nor an object with compose/norm (see dora_verify.adapter)")
-    for nm, fn in (("compose", comp), ("norm", norm)):
+        comp, norm, layer = getattr(obj, "compose", None), getattr(obj, "norm", None), getattr(obj, "layer", None)
+    if comp is None and norm is None and layer is None:
+        raise ImplError(f"{default_name}: neither callable nor an object with compose/norm/layer "
+                        "(see dora_verify.adapter)")
+    for nm, fn in (("compose", comp), ("norm", norm), ("layer", layer)):
         if fn is not None and not callable(fn):
             raise ImplError(f"{default_name}: {nm} is not callable")
+    return Implementation(str(getattr(obj, "name", default_name)), comp, norm, layer=layer,
+                          **_options(obj, default_name))
+
+
+def _options(obj, default_name: str) -> dict:
     contract = getattr(obj, "contract", "faithful")
     if contract not in CONTRACTS[:2]:  # the toolkit's own contracts ('kernel', 'form') are not for users
         raise ImplError(f"{default_name}: contract must be 'faithful' or 'baseline-only', got {contract!r}")
     dtypes = tuple(getattr(obj, "dtypes", ("bf16", "fp16", "fp32")))
-    return Implementation(str(getattr(obj, "name", default_name)), comp, norm,
-                          deterministic=bool(getattr(obj, "deterministic", False)), contract=contract, dtypes=dtypes)
+    return {"deterministic": bool(getattr(obj, "deterministic", False)), "contract": contract, "dtypes": dtypes}
 
 
-__all__ = ["CONTRACTS", "CaseGuard", "CaseTimeout", "ImplError", "ImplOutputError", "Implementation", "check_output",
-           "crash_reason", "form_impl", "from_object", "kernels_impl", "load_impl"]
+__all__ = ["CONTRACTS", "LAYER_PARAMS", "CaseGuard", "CaseTimeout", "ImplError", "ImplOutputError", "Implementation",
+           "build_layer", "check_output", "crash_reason", "form_impl", "from_object", "is_layer_factory", "kernels_impl",
+           "load_impl"]

@@ -1,20 +1,24 @@
 """``dora-verify gate``: a pre-merge numerical CI gate for DoRA implementations.
 
 It runs a fixed, seeded suite (:func:`build_suite`: compose cases over every regime, g mode, prime and
-block ± 1 shape; factored-norm cases with near-cancelling rows; NaN/Inf and overflow cases) through one or
-more implementations (:mod:`dora_verify.adapter`), scores every output against the exact oracle of the
-rounded inputs and applies two kinds of criteria:
+block ± 1 shape; factored-norm cases with near-cancelling rows; NaN/Inf and overflow cases; whole-layer cases —
+y and the gradients of x, A, B, m of a layer built by the implementation's factory, in the dtype mixes bf16 W with
+fp32 adapters, all bf16, fp16, fp32) through one or more implementations (:mod:`dora_verify.adapter`), scores every
+output against the exact oracle of the rounded inputs (:mod:`dora_verify.layer_oracle` for the layer, ν detached)
+and applies two kinds of criteria:
 
 **Hard** (any one fails the gate): an error/bound ratio above 1 (the implementation's a-priori bound:
-``bounds.compose_kernel_bounds``/``kernel_norm_bound``/``compose_backward_bounds`` for this project's kernels,
-``compose_form_bounds`` for the forms, 1 ulp of the output dtype (y) or 1e-6 relative (ν) for a user's
-'faithful' implementation); a NaN/Inf mismatch with the oracle (a non-finite output where the exact result is
-finite and in range, or not the IEEE ±Inf/NaN where it is not); different bits on a repeated call of an
-implementation that claims determinism; a crash; a FlashAttention-style ratio above ``fa_limit`` — the
-implementation's max error over the plain low-precision baseline's (``forms.stable_gcast`` for y: eager
-DoRA in the activation dtype as PEFT/torchtune compute it; ``forms.peft_dense`` for ν), the denominator floored
-at the error of the correctly rounded result. A suite that could not run (no cases, an implementation no case
-applies to, no GPU when one was required) fails too: the gate never passes on nothing.
+``bounds.compose_kernel_bounds``/``kernel_norm_bound``/``compose_backward_bounds`` for this project's kernels and
+``layer_oracle.layer_step_bounds`` of DoRALinear's stated steps for its layer, ``compose_form_bounds`` for the forms,
+1 ulp of the output dtype (y) or 1e-6 relative (ν) for a user's 'faithful' implementation, and
+``layer_oracle.faithful_layer_bounds`` for a user's layer); a NaN/Inf mismatch with the oracle (a non-finite
+output where the exact result is finite and in range, or not the IEEE ±Inf/NaN where it is not); different bits on
+a repeated call of an implementation that claims determinism; a crash; a FlashAttention-style ratio above
+``fa_limit`` — the implementation's max error over the plain low-precision baseline's (``forms.stable_gcast`` for
+y: eager DoRA in the activation dtype as PEFT/torchtune compute it; ``forms.peft_dense`` for ν), the denominator
+floored at the error of the correctly rounded result (compose and norm outputs only). A suite that could not run
+(no cases, an implementation no case applies to, no GPU when one was required) fails too: the gate never passes on
+nothing.
 
 **Isolation**: every call of an implementation gets its own copies of the inputs, and its outputs are copied
 before they are scored: the oracle, the bounds and the plain baseline only ever see the suite's own tensors.
@@ -31,6 +35,7 @@ unless explicitly allowed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -48,7 +53,7 @@ from .oracles import compose_grad_truth, compose_truth, row_norm_truth
 from .strategies import COMMON_S, COMPOSE_REGIMES, G_MODES, NORM_REGIMES, Example, compose_example, norm_example
 
 F64 = torch.float64
-SUITE_VERSION = 2  # 2: norm cases from ordered float64 sums (the same bits on every CPU)
+SUITE_VERSION = 3  # 2: norm cases from ordered float64 sums (the same bits on every CPU); 3: whole-layer cases
 BASELINE_FORMAT = "dora-verify-gate-baseline/1"
 DEFAULT_SLACK = {"max_ulp": (1e-3, 1e-2), "p99_ratio": (1e-3, 1e-2), "max_ratio": (1e-3, 1e-2),
                  "frac_correctly_rounded": (1e-4, 0.0)}  # (absolute, relative)
@@ -61,12 +66,19 @@ NORM_FAITHFUL_REL = bounds.FAITHFUL_NORM_REL
 COMPOSE_SHAPES = ((1, 1), (3, 13), (16, 256), (17, 257), (33, 129), (64, 509), (31, 127), (15, 255))
 NORM_SHAPES = ((7, 31, 4), (64, 129, 8), (131, 257, 16), (63, 513, 33), (128, 128, 64), (3, 5, 2), (129, 255, 17),
                (65, 511, 7))
+# (T, d_out, d_in, r, alpha) of the layer cases; alpha / r is exact in fp32
+LAYER_SHAPES = ((7, 33, 65, 4, 8.0), (16, 64, 128, 8, 16.0), (33, 129, 257, 16, 8.0), (5, 17, 31, 3, 0.75),
+                (17, 96, 80, 8, 4.0), (9, 65, 129, 7, 14.0), (32, 48, 64, 4, 8.0), (3, 31, 47, 2, 1.0),
+                (11, 80, 96, 8, 16.0))
+LAYER_CASE_REGIMES = ("trained", "exact_one", "cancel", "zero_rows", "below_bf16", "large", "positive", "fresh", "heavy")
+LAYER_MIXES = {"bf16": ("bf16", "fp32"), "fp16": ("fp16",), "fp32": ("fp32",)}  # adapter dtypes per activation dtype
+LAYER_OUTPUTS = ("y", "dx", "dA", "dB", "dm")
 
 
 # ----------------------------------------------------------------------------- the suite
 @dataclass
 class Case:
-    """One suite entry: ``check`` 'compose' | 'nonfinite' | 'norm' | 'backward', a stable ``id``."""
+    """One suite entry: ``check`` 'compose' | 'nonfinite' | 'norm' | 'backward' | 'layer', a stable ``id``."""
 
     id: str
     check: str
@@ -117,8 +129,24 @@ def _norm_cases(dtype: str, n: int, seed: int):
     return out
 
 
+def _layer_cases(dtype: str, n: int, seed: int):
+    """Whole-layer cases (forward and backward) in every dtype mix users run: W, x and bias in ``dtype`` with
+    adapters (and m) in ``dtype`` and, for bf16, in fp32 (PEFT's default autocast_adapter_dtype)."""
+    from .layer_oracle import layer_example
+
+    out = []
+    for adapter in LAYER_MIXES[dtype]:
+        tag = "" if adapter == dtype else f"{adapter}ad-"
+        for i in range(n):
+            T, d_out, d_in, r, alpha = LAYER_SHAPES[i % len(LAYER_SHAPES)]
+            regime = LAYER_CASE_REGIMES[i % len(LAYER_CASE_REGIMES)]
+            ex = layer_example(dtype, adapter, T, d_out, d_in, r, alpha, regime, seed + 200 + i, bias=i % 3 != 2)
+            out.append(Case(f"layer-{dtype}-{tag}{i:02d}", "layer", ex, _shape_class(T, d_out, d_in)))
+    return out
+
+
 def build_suite(dtypes=("bf16", "fp16", "fp32"), seed: int = 0, n_compose: int = 24, n_norm: int = 8,
-                n_backward: int = 8) -> "list[Case]":
+                n_backward: int = 8, n_layer: int = 9) -> "list[Case]":
     """The fixed suite: deterministic in (dtypes, seed, sizes) — no hypothesis, only seeded torch generators."""
     cases = []
     for d in dtypes:
@@ -128,6 +156,7 @@ def build_suite(dtypes=("bf16", "fp16", "fp32"), seed: int = 0, n_compose: int =
                   for c in comp[:n_backward]]
         cases += _nonfinite_cases(d, seed)
         cases += _norm_cases(d, n_norm, seed)
+        cases += _layer_cases(d, n_layer, seed)
     return cases
 
 
@@ -315,8 +344,106 @@ def _score_backward(impl: Implementation, case: Case, device) -> "list[Outcome]"
     return outs
 
 
-_SCORERS = {"compose": _score_compose, "nonfinite": _score_compose, "norm": _score_norm, "backward": _score_backward}
-_CRASH_OUTPUT = {"compose": "y", "nonfinite": "y", "norm": "nu", "backward": "all"}  # the group a crash lands in
+@contextlib.contextmanager
+def _fp32_accumulation(device):
+    """The stated steps of this project's layer assume fp32 GEMM accumulation: on CUDA, torch's reduced-precision
+    (split-K in bf16/fp16) reductions are turned off while a kernel-contract layer case runs, then restored."""
+    if device.type != "cuda":
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    old = (m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction, m.allow_tf32)
+    m.allow_bf16_reduced_precision_reduction = m.allow_fp16_reduced_precision_reduction = m.allow_tf32 = False
+    try:
+        yield
+    finally:
+        m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction, m.allow_tf32 = old
+
+
+def _layer_norm_steps(t: dict, s: float, device):
+    """(backend, densely recomputed rows) of kernels.factored_row_norm on these W, A, B — what DoRALinear ran."""
+    from .kernels import factored_row_norm
+    from .kernels.dispatch import HAS_TRITON, fused_supported
+
+    W, A, B = _fresh(t, ("W", "A", "B"), device)
+    ok = HAS_TRITON and fused_supported("row_norm", (W.dtype, A.dtype, B.dtype), W.device)[0]
+    backend = "triton" if (W.is_cuda and ok) else "torch"
+    _, info = factored_row_norm(W, A, B, s, return_info=True, backend=backend)
+    return backend, info.recomputed_rows
+
+
+def _score_layer(impl: Implementation, case: Case, device) -> "list[Outcome]":
+    """The whole layer through the implementation's factory: y and the gradients of x, lora_A, lora_B, magnitude
+    against the exact layer (ν detached), held to the derived bound of DoRALinear's stated steps ('kernel') or to
+    the faithful layer contract ('faithful')."""
+    from .adapter import ImplOutputError, build_layer
+    from .layer_oracle import faithful_layer_bounds, kernel_layer_steps, layer_step_bounds, layer_truth
+
+    ex = case.example
+    t, sc, adapter = ex.tensors, ex.scalars, ex.params["adapter"]
+    s, r, alpha, eps = sc["s"], sc["r"], sc["alpha"], sc["eps"]
+    ad = parse_format(adapter).torch_dtype
+    T, N = t["dy"].shape
+    suffix = "" if adapter == ex.dtype else f"/{adapter}-adapters"
+    guard = _fp32_accumulation if impl.contract == "kernel" else (lambda dev: contextlib.nullcontext())
+
+    def run():
+        x, W, bias, A, B, m, dy = _fresh(t, ("x", "W", "bias", "A", "B", "m", "dy"), device)
+        with guard(device):
+            module, params = build_layer(impl.layer, W, bias, r, alpha, ad, {"lora_A": A, "lora_B": B, "magnitude": m})
+            x.requires_grad_(True)
+            y = check_output("layer", module(x), (T, N), x.dtype)
+            y.backward(dy)
+        outs = {"y": y}
+        for name, leaf, pname in (("dx", x, "x"), ("dA", params["lora_A"], "lora_A"),
+                                  ("dB", params["lora_B"], "lora_B"), ("dm", params["magnitude"], "magnitude")):
+            if leaf.grad is None:
+                raise ImplOutputError(f"the layer's {pname}.grad is None after y.backward(dy): no gradient reached it")
+            outs[name] = check_output(f"the layer's {pname}.grad", leaf.grad, leaf.shape, leaf.dtype)
+        return {k: _to_cpu(v) for k, v in outs.items()}
+
+    first = run()
+    again = run() if impl.deterministic else None
+    tr = layer_truth(t["x"], t["W"], t["A"], t["B"], t["m"], s, t.get("bias"), eps, dy=t["dy"])
+    if impl.contract == "kernel":
+        backend, dense = _layer_norm_steps(t, s, device)
+        steps = kernel_layer_steps(ex.dtype, adapter, backend, dense)
+        bnd = layer_step_bounds(steps, t["x"], t["W"], t["A"], t["B"], t["m"], s, t.get("bias"), eps, t["dy"], tr)
+    elif impl.contract == "faithful":
+        bnd = faithful_layer_bounds(tr, t["x"], t["W"], t["A"], t["B"], s, t.get("bias"), t["dy"], ex.dtype,
+                                    first["dA"].dtype, first["dm"].dtype)
+    else:
+        bnd = None
+    outs = []
+    zero = torch.zeros((), dtype=F64)
+    for name in LAYER_OUTPUTS:
+        got = first[name]
+        if name == "y":
+            hi, lo, ob = tr.y_hi, tr.y_lo, tr.y_bound
+        else:
+            hi, ob = tr.grads[name]
+            lo = zero
+        o = Outcome(name + suffix)
+        if again is not None:
+            o.nondeterministic = not same_bits(got, again[name])
+        ref = hi + lo
+        fmt = parse_format(got.dtype)
+        o.nonfinite = _nonfinite_mismatch(got, ref.to(got.dtype))
+        in_range = ref.abs() <= fmt.max_finite
+        ok = in_range & torch.isfinite(got.to(F64))
+        err = torch.where(ok, excess_error(got, hi, lo, ob), torch.zeros_like(ref))
+        o.max_ulp = float((err / ulp(ref, fmt)).max()) if err.numel() else 0.0
+        if bnd is not None:
+            o.ratios = torch.where(err == 0, torch.zeros_like(err), err / bnd[name])[in_range]
+        # no 'correctly rounded' fraction for the layer: no implementation that rounds its GEMM outputs is correctly
+        # rounded, and in fp32 the fraction follows the BLAS summation order (threads, CPU), which a baseline must not
+        outs.append(o)
+    return outs
+
+
+_SCORERS = {"compose": _score_compose, "nonfinite": _score_compose, "norm": _score_norm, "backward": _score_backward,
+            "layer": _score_layer}
+_CRASH_OUTPUT = {"compose": "y", "nonfinite": "y", "norm": "nu", "backward": "all", "layer": "all"}  # a crash's group
 
 
 def _applies(impl: Implementation, case: Case) -> bool:
@@ -326,6 +453,8 @@ def _applies(impl: Implementation, case: Case) -> bool:
         return impl.compose is not None
     if case.check == "norm":
         return impl.norm is not None
+    if case.check == "layer":
+        return impl.layer is not None
     return impl.backward
 
 
@@ -339,7 +468,7 @@ class GateConfig:
     seed: int = 0
     fa_limit: float = DEFAULT_FA_LIMIT
     case_ids: tuple = ()
-    sizes: dict = field(default_factory=lambda: {"n_compose": 24, "n_norm": 8, "n_backward": 8})
+    sizes: dict = field(default_factory=lambda: {"n_compose": 24, "n_norm": 8, "n_backward": 8, "n_layer": 9})
     case_timeout: "float | None" = DEFAULT_CASE_TIMEOUT  # seconds per (implementation, case); None: no limit
 
 

@@ -144,3 +144,65 @@ class ExitingFactory:
 
     def __init__(self):
         sys.exit(3)
+
+
+# ----------------------------------------------------------------------------- layers (the layer protocol)
+from dora_verify.kernels import DoRALinear as _DoRALinear  # noqa: E402
+
+
+def good_layer(linear, r, alpha, adapter_dtype=None):
+    """This project's DoRALinear as a user would hand it over: held to the faithful layer contract."""
+    return _DoRALinear(linear, r, alpha, adapter_dtype=adapter_dtype)
+
+
+good_layer.deterministic = True
+
+
+class _NuNotDetached(_DoRALinear):
+    """Planted: ν = ‖W + s·BA‖ left in the autograd graph (no detach): dA and dB get the extra term
+    −(m/ν²)·Σ_T(dy·h)·∂ν/∂(A, B) that DoRA §4.3 drops."""
+
+    def scale(self, g_minus_1: bool = True):
+        W, A, B = self.base_layer.weight, self.lora_A, self.lora_B
+        nu = torch.linalg.vector_norm(W.float() + self.scaling * (B.float() @ A.float()), dim=1)
+        g = self.magnitude.float() / nu.clamp_min(self.eps)
+        return g, (g - 1 if g_minus_1 else None)
+
+
+def nu_not_detached(linear, r, alpha, adapter_dtype=None):
+    """Planted: a DoRA layer whose ν is not detached (gradient flows through ν into A and B)."""
+    return _NuNotDetached(linear, r, alpha, adapter_dtype=adapter_dtype)
+
+
+nu_not_detached.deterministic = True
+
+
+class _GBf16(_DoRALinear):
+    """Planted: g = m/ν rounded to bf16 inside the layer (what PEFT's bf16 magnitude / weight norm does)."""
+
+    def scale(self, g_minus_1: bool = True):
+        g, gm1 = super().scale(g_minus_1)
+        return g.to(torch.bfloat16).to(torch.float32), gm1
+
+
+def g_bf16(linear, r, alpha, adapter_dtype=None):
+    """Planted: a DoRA layer that rounds g to bf16."""
+    return _GBf16(linear, r, alpha, adapter_dtype=adapter_dtype)
+
+
+g_bf16.deterministic = True
+
+
+def layer_returns_none(linear, r, alpha):
+    """Planted: a layer factory that returns None (and takes no adapter_dtype: the toolkit converts adapters)."""
+    return None
+
+
+class _Detached(_DoRALinear):
+    def forward(self, x):
+        return super().forward(x).detach().requires_grad_()
+
+
+def layer_detached(linear, r, alpha, adapter_dtype=None):
+    """Planted: forward cut from the graph (a fresh leaf): no gradient reaches the parameters."""
+    return _Detached(linear, r, alpha, adapter_dtype=adapter_dtype)

@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import torch
 
 from dora_verify import gate
 from dora_verify.adapter import ImplError, from_object, load_impl
@@ -28,7 +29,11 @@ def test_suite_is_deterministic_and_covers_the_adversarial_inputs():
     ids = [c.id for c in a]
     assert len(ids) == len(set(ids))
     checks = {c.check for c in a}
-    assert checks == {"compose", "backward", "nonfinite", "norm"}
+    assert checks == {"compose", "backward", "nonfinite", "norm", "layer"}
+    layer = [c for c in a if c.check == "layer"]
+    assert {c.example.params["regime"] for c in layer} >= {"exact_one", "below_bf16", "cancel", "zero_rows", "large"}
+    mixes = {(c.example.dtype, c.example.params["adapter"]) for c in layer}
+    assert mixes == {("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")}
     regimes = {c.example.params["regime"] for c in a if c.check == "compose"}
     assert {"fresh", "cancel", "heavy", "wide", "tiny"} <= regimes
     assert {c.example.params["g_mode"] for c in a if c.check == "compose"} >= {"one", "below_bf16", "sub_ulp_delta"}
@@ -73,14 +78,132 @@ def test_planted_defects_fail(tmp_path, planted):
 
 
 def test_stock_peft_is_gated_and_its_bf16_numerics_fail(tmp_path):
-    """--impl peft: PEFT's own norm code and its compose arithmetic under the faithful contract. Its bf16 g
-    (magnitude / weight norm in the adapter dtype) and four roundings miss the 1-ulp contract: exit 1."""
+    """--impl peft: PEFT's own norm code and its compose arithmetic under the faithful contract, and its DoRA layer
+    under the faithful layer contract. Its bf16 g (magnitude / weight norm in the adapter dtype) and four roundings
+    miss the 1-ulp compose contract; the layer has no ε (0/0 on a zero row) and its bf16 ν of a near-cancelling row
+    is 0 (m/0): NaN where the exact layer is finite. Exit 1."""
     pytest.importorskip("peft")
     rc, doc, out = _run(tmp_path, "--impl", "peft", "--dtypes", "bf16")
     assert rc == 1
-    text = " ".join(m for msgs in doc["verdict"]["hard"].values() for m in msgs)
-    assert "peft|compose.y|bf16" in " ".join(doc["verdict"]["hard"]) and "error/bound ratio" in text
-    assert any(k.startswith("peft|norm") for k in doc["verdict"]["hard"])  # ν in bf16 misses 1e-6
+    hard = doc["verdict"]["hard"]
+    text = " ".join(m for msgs in hard.values() for m in msgs)
+    assert "peft|compose.y|bf16" in " ".join(hard) and "error/bound ratio" in text
+    assert any(k.startswith("peft|norm") for k in hard)  # ν in bf16 misses 1e-6
+    g = doc["groups"]["peft|layer.y|bf16|cpu|ragged"]
+    assert g["nonfinite"]["nonfinite_where_finite"] > 0 and {"layer-bf16-02", "layer-bf16-03"} <= set(g["failing_cases"])
+    assert doc["groups"]["peft|layer.y|bf16|cpu|aligned"]["max_ratio"] <= 1  # its bf16 g alone fits the contract
+    assert not any(k.startswith("peft|layer") and "fp32-adapters" in k and "aligned" in k for k in hard)
+
+
+def test_stock_peft_layer_in_fp32_loses_dA_on_near_cancelling_rows(tmp_path):
+    """In fp32 stock PEFT's ν (dense W + s·BA in fp32) is off by O(1) relative on a row with W ≈ −s·BA: y hardly moves
+    (h is small there too) but dA and dB, which g multiplies, miss the faithful layer contract by orders of magnitude."""
+    pytest.importorskip("peft")
+    rc, doc, _ = _run(tmp_path, "--impl", "peft", "--dtypes", "fp32", "--case", "layer-fp32-02", "--case", "layer-fp32-00")
+    assert rc == 1
+    groups = doc["groups"]
+    assert groups["peft|layer.y|fp32|cpu|ragged"]["max_ratio"] < 1
+    assert groups["peft|layer.dA|fp32|cpu|ragged"]["max_ratio"] > 10
+    assert groups["peft|layer.dA|fp32|cpu|ragged"]["failing_cases"] == ["layer-fp32-02"]
+
+
+LAYER_SMALL = ("--case", "layer-fp32-00", "--case", "layer-fp16-05", "--case", "layer-bf16-fp32ad-06")
+
+
+@pytest.mark.parametrize("planted,output", [("nu_not_detached", "dA"), ("g_bf16", "y")])
+def test_planted_layers_fail(tmp_path, planted, output):
+    """A DoRA layer whose ν is not detached (dA, dB off), and one that rounds g to bf16 (y off in fp16, fp32 and with
+    fp32 adapters), both fail the faithful layer contract: exit 1, with the failing output named."""
+    rc, doc, out = _run(tmp_path, "--impl", f"planted_impls:{planted}", *LAYER_SMALL)
+    assert rc == 1
+    hard = doc["verdict"]["hard"]
+    assert any(f"|layer.{output}" in k for k in hard), hard
+    assert "error/bound ratio" in _hard_text(doc)
+    md = (out / "gate.md").read_text()
+    assert f"--impl planted_impls:{planted}" in md and "--case layer-" in md
+
+
+def test_nu_not_detached_moves_dA_by_tens_of_percent():
+    """The planted attached-ν layer's dA differs from the detached one's by tens of percent on a realistic (trained)
+    case under the loss ½‖y‖² (dy = y: the extra term grows with Σ_T dy·h; ~33% here, ~7% for a dy independent of y,
+    ~75% on all-positive data)."""
+    import planted_impls
+
+    from dora_verify.adapter import build_layer
+    from dora_verify.layer_oracle import layer_example
+
+    ex = layer_example("fp32", "fp32", 33, 129, 257, 16, 32.0, "trained", 0)
+    t = ex.tensors
+    grads = []
+    for factory in (planted_impls.good_layer, planted_impls.nu_not_detached):
+        module, p = build_layer(factory, t["W"], t["bias"], 16, 32.0, torch.float32,
+                                {"lora_A": t["A"], "lora_B": t["B"], "magnitude": t["m"]})
+        y = module(t["x"])
+        y.backward(y.detach())
+        grads.append(p["lora_A"].grad.double())
+    rel = float((grads[1] - grads[0]).norm() / grads[0].norm())
+    assert 0.2 < rel < 1, rel
+
+
+def test_a_faithful_user_layer_passes(tmp_path):
+    """This project's DoRALinear handed over as a user's layer factory passes the faithful layer contract in every
+    dtype mix (and the rest of the suite does not apply to it)."""
+    rc, doc, _ = _run(tmp_path, "--impl", "planted_impls:good_layer")
+    assert rc == 0 and doc["verdict"]["passed"], doc["verdict"]
+    outputs = {g["output"] for g in doc["groups"].values()}
+    assert outputs == {f"layer.{o}{m}" for o in ("y", "dx", "dA", "dB", "dm") for m in ("", "/fp32-adapters")}
+    assert all(g["max_ratio"] < 1 for g in doc["groups"].values())
+
+
+def test_kernels_layer_is_held_to_its_derived_bound(tmp_path):
+    """--impl kernels: DoRALinear (the eager tier on CPU) in the layer cases under its derived bound; the fused tier
+    under the interpreter has no layer entry."""
+    rc, doc, _ = _run(tmp_path, "--dtypes", "fp16", "--case", "layer-fp16-02", "--case", "layer-fp16-06")
+    assert rc == 0
+    keys = set(doc["groups"])
+    assert {f"kernels[eager]|layer.{o}|fp16|cpu|{c}" for o in ("y", "dA", "dm") for c in ("ragged", "aligned")} <= keys
+    assert not any(k.startswith("kernels[fused]|layer") for k in keys)
+    assert all(g["contract"] == "kernel" and g["max_ratio"] <= 1 for g in doc["groups"].values())
+
+
+@pytest.mark.parametrize("planted,reason", [("layer_returns_none", "the layer factory returned None, want a torch.nn.Module"),
+                                            ("layer_detached", "x.grad is None after y.backward(dy)")])
+def test_a_layer_that_breaks_the_protocol_fails_its_case_in_one_line(tmp_path, planted, reason):
+    rc, doc, _ = _run(tmp_path, "--impl", f"planted_impls:{planted}", "--case", "layer-fp32-00")
+    assert rc == 1
+    g, = doc["groups"].values()
+    msg, = g["crash_messages"]
+    assert reason in msg and "\n" not in msg and g["output"] == "layer.all"
+
+
+def test_layer_factory_detection():
+    """A callable whose first parameter is `linear` (or `base_layer`) is a layer factory; an object may carry one as
+    `layer`; the built-in kernels and peft have one."""
+    import planted_impls
+
+    from dora_verify.adapter import is_layer_factory
+    from dora_verify.kernels import DoRALinear
+
+    assert is_layer_factory(planted_impls.good_layer) and is_layer_factory(DoRALinear)
+    assert not is_layer_factory(planted_impls.naive) and not is_layer_factory(planted_impls.Good)
+    im = from_object(planted_impls.nu_not_detached, "x")
+    assert im.layer is planted_impls.nu_not_detached and im.compose is None and im.deterministic
+    im = from_object(DoRALinear, "dora")
+    assert im.layer is DoRALinear and im.contract == "faithful"
+
+    class WithLayer:
+        deterministic = True
+
+        def compose(self, base, lora, g, s, bias=None):
+            return base
+
+        def layer(self, linear, r, alpha):
+            return None
+    im = from_object(WithLayer, "w")
+    assert im.compose is not None and im.layer is not None
+    assert load_impl("kernels")[0].layer is not None
+    pytest.importorskip("peft")
+    assert load_impl("peft")[0].layer is not None
 
 
 def test_the_good_wrapper_passes_and_a_reproduce_case_runs(tmp_path):
