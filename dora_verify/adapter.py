@@ -35,7 +35,7 @@ Any other function is taken as ``compose``, any other class is instantiated with
 
 Optional attributes: ``name`` (str), ``deterministic`` (bool, default False: when True the gate checks that
 repeated calls give identical bits), ``contract`` ('faithful', the default: y within 1 ulp of the exact y of
-the rounded inputs and ν within 1e-6 relative — DESIGN.md §2 —, and a layer within the faithful layer contract
+the rounded inputs and ν within 1e-6 relative — docs/contract.md —, and a layer within the faithful layer contract
 of :func:`dora_verify.layer_oracle.faithful_layer_bounds`; or 'baseline-only': no a-priori bound, only the
 baseline, FlashAttention-style and NaN/Inf criteria). Inputs arrive on the device under test (contiguous, finite
 unless a NaN/Inf case says otherwise); outputs may be on any device.
@@ -71,7 +71,7 @@ CONTRACTS = ("faithful", "baseline-only", "kernel", "form")
 class Implementation:
     """One implementation under test. ``contract``: 'kernel' and 'form' use the toolkit's derived bounds
     (dora_verify.bounds) for this project's kernels and the forms; 'faithful' holds a user's implementation
-    to the contract of DESIGN.md §2; 'baseline-only' checks no a-priori bound. ``dtypes``: activation
+    to the contract of docs/contract.md; 'baseline-only' checks no a-priori bound. ``dtypes``: activation
     dtypes it supports (names); ``tier``: the kernels' tier (built-in kernels only)."""
 
     name: str

@@ -605,6 +605,8 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
         cr = g.pop("_cr")
         g["frac_correctly_rounded"] = cr[0] / cr[1] if cr[1] else None
         g["hard_failures"] = _hard_failures(g, cfg.fa_limit)
+        if g["crashes"] == g["cases"]:  # nothing was scored: no metric reads as a perfect 0
+            g["max_ulp"] = g["fa_ratio"] = g["nonfinite_mismatch"] = g["nondeterministic"] = None
     return {"kind": "gate", "provenance": provenance(dev), "environment": environment(dev, fingerprint,
                                                                                       [im.name for im in impls]),
             "config": {"impls": [im.name for im in impls], "dtypes": list(cfg.dtypes), "seed": cfg.seed,

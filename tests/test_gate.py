@@ -475,3 +475,16 @@ def test_an_implementation_no_case_applies_to_fails_even_beside_one_that_ran():
     rep = gate.verdict(gate.run_gate(gate.GateConfig(impls=impls[:1], dtypes=("bf16",), device="cpu", sizes=tiny,
                                                      case_ids=("norm-bf16-01",))), None)
     assert rep["evaluations"] == 0 and not rep["groups"] and not rep["verdict"]["passed"]
+
+
+def test_a_group_where_every_case_crashed_reports_no_metrics(tmp_path):
+    """Every case of a group crashed: its metrics are null ('–' in gate.md), not a perfect-looking 0 ulp."""
+    from dora_verify.adapter import load_impl
+    from dora_verify.gate import GateConfig, gate_markdown, run_gate, verdict
+
+    rep = run_gate(GateConfig(impls=tuple(load_impl("planted_impls:exits")), dtypes=("fp32",), device="cpu"))
+    verdict(rep, None)
+    groups = list(rep["groups"].values())
+    assert groups and all(g["crashes"] == g["cases"] and g["max_ulp"] is None and g["fa_ratio"] is None
+                          for g in groups)
+    assert all(g["hard_failures"] for g in groups) and "| 0 |" not in gate_markdown(rep).split("## Groups")[-1]
