@@ -102,6 +102,7 @@ class SweepConfig:
 EXPERIMENTS = {
     "accumulation": "dora_verify.accumulation",
     "scaling": "dora_verify.scaling",
+    "layer": "dora_verify.layer_experiment",
 }
 """Optional experiments: name -> the module that implements it (imported only when the experiment runs).
 Registering one is one line here (e.g. ``"layer": "dora_verify.layer_experiment"``). A module provides:
