@@ -44,7 +44,7 @@ from .formats import parse_format, ulp
 from .metrics import excess_error, same_bits
 from .oracles import compose_grad_truth, compose_truth, row_norm_truth
 from .report import atomic_write
-from .strategies import Example, compose_examples, lora_examples, norm_examples
+from .strategies import Example, compose_examples, layer_examples, lora_examples, norm_examples
 
 F64 = torch.float64
 HIST_EDGES = (-12, -10, -8, -6, -4, -3, -2, -1, -0.5, 0)  # log10(ratio) bin edges; last bin: ratio > 1
@@ -246,6 +246,41 @@ def eval_norm(ex: Example, device, tier) -> Score:
     return Score(max(parts.values()), float(rel.max()) / 2.0**-24, parts, info_)
 
 
+# ----------------------------------------------------------------------------- targets: a whole layer
+def _layer_evaluator(impl) -> Callable:
+    """A whole layer built by ``impl.layer`` (``layer_oracle.layer_example`` cases drawn by hypothesis), scored by the
+    gate's own layer scorer (``gate._score_layer``: fresh input copies, ``build_layer``, ``check_output`` on y and
+    every gradient): y, dx, dA, dB, dm against ``layer_oracle.layer_truth`` (ν detached), held to the bound of
+    DoRALinear's stated steps (contract 'kernel') or to the faithful layer contract — the gate's layer bounds. A
+    non-finite output where the truth is finite, or a bit difference between two runs of a layer that claims
+    determinism, scores inf."""
+    def evaluate(ex: Example, device, tier) -> Score:
+        from .gate import Case, _score_layer
+
+        outs = _score_layer(impl, Case(f"certify-layer-{ex.dtype}", "layer", ex, ""), device)
+        parts, ulp_y = {}, 0.0
+        for o in outs:
+            r = float(o.ratios.max()) if o.ratios is not None and o.ratios.numel() else 0.0
+            if o.nonfinite_mismatch or o.nondeterministic:
+                r = math.inf
+            parts[o.output] = r
+            if o.output.split("/")[0] == "y":
+                ulp_y = o.max_ulp
+        return Score(max(parts.values()), ulp_y, parts)
+    return evaluate
+
+
+def _kernels_layer_impl(tier: "str | None"):
+    """DoRALinear (the project's layer) as the gate runs it: the eager tier, or its default path on CUDA."""
+    from .adapter import kernels_impl
+
+    return kernels_impl(None if tier == "fused" else "eager")
+
+
+def _eval_kernels_layer(ex: Example, device, tier) -> Score:
+    return _layer_evaluator(_kernels_layer_impl(tier))(ex, device, tier)
+
+
 # ----------------------------------------------------------------------------- targets: forms under study
 def _form_evaluator(name: str) -> Callable:
     def evaluate(ex: Example, device, tier) -> Score:
@@ -328,6 +363,9 @@ def _targets() -> dict:
                "compose with the LoRA up-projection fused in"),
         Target("norm", norm_examples, eval_norm, ("bf16", "fp16", "fp32"),
                "factored row norm ν, then g, g − 1 (dora_scale) and d_m"),
+        Target("layer", layer_examples, _eval_kernels_layer, ("bf16", "fp16", "fp32"),
+               "DoRALinear, the whole layer: y, dx, dA, dB, dm (bf16 W with bf16/fp32 adapters, fp16, fp32), "
+               "bound of its stated steps"),
     ]
     ts += [Target(f"form.{n}", compose_examples, _form_evaluator(n), ("bf16", "fp16"), f.summary)
            for n, f in sorted(COMPOSE_FORMS.items())]
@@ -335,12 +373,14 @@ def _targets() -> dict:
 
 
 TARGETS = _targets()
-KERNEL_TARGETS = tuple(n for n in TARGETS if not n.startswith("form."))
+LAYER_TARGETS = ("layer",)  # the whole DoRALinear: --targets layer (or all); not in the default 'kernels' set
+KERNEL_TARGETS = tuple(n for n in TARGETS if not n.startswith("form.") and n not in LAYER_TARGETS)
 
 
 def impl_targets(spec: str) -> dict:
     """The targets of an implementation named as ``--impl`` names it (``peft`` or ``module:callable``; see
-    dora_verify.adapter): ``<name>.compose`` and/or ``<name>.norm`` under the faithful contract. The built-in
+    dora_verify.adapter): ``<name>.compose``, ``<name>.norm`` and/or ``<name>.layer`` (a layer factory: the whole
+    layer, y and its gradients, under the faithful layer contract of the gate's layer cases). The built-in
     kernels and forms have their own targets (with their derived bounds); an implementation with the
     'baseline-only' contract has no a-priori bound to certify against. Raises ``adapter.ImplError``."""
     from .adapter import ImplError, load_impl
@@ -360,6 +400,13 @@ def impl_targets(spec: str) -> dict:
     if impl.norm is not None:
         ts.append(Target(f"{name}.norm", norm_examples, _impl_norm_evaluator(impl), dtypes,
                          f"{impl.name}: row norm ν, faithful contract (≤ 1e-6 relative per row)"))
+    if impl.layer is not None:
+        ts.append(Target(f"{name}.layer", layer_examples, _layer_evaluator(impl), dtypes,
+                         f"{impl.name}: whole layer y, dx, dA, dB, dm, faithful layer contract "
+                         "(layer_oracle.faithful_layer_bounds)"))
+    if not ts:
+        raise ImplError(f"--impl {spec!r}: nothing to certify: certify takes an implementation with a compose, a norm "
+                        "or a layer factory (dora_verify.adapter)")
     return {t.name: t for t in ts}
 
 
@@ -677,7 +724,8 @@ def certify_markdown(rep: dict) -> str:
              f"torch {p.get('versions', {}).get('torch', '?')}, triton {p.get('versions', {}).get('triton', '?')}; "
              f"{'derandomized (pre-merge)' if rep['config']['derandomize'] else 'seeded rounds from ' + str(rep['config']['seed'])}.",
              *(["", f"Implementation under test: `--impl {rep['config']['impl']}`, held to the faithful contract "
-                "(docs/gate.md): y within 1 ulp of the exact y of the rounded inputs, ν within 1e-6 relative per row."]
+                "(docs/gate.md): y within 1 ulp of the exact y of the rounded inputs, ν within 1e-6 relative per row, "
+                "a layer within the faithful layer contract (layer_oracle.faithful_layer_bounds)."]
                if rep["config"].get("impl") else []),
              "", f"**{'CERTIFIED' if rep['certified'] else 'VIOLATION FOUND'}**: largest error/bound ratio "
              f"{_fmt(rep['max_ratio'])} (≤ 1 certifies; ratio = (|error| − oracle bound) / a-priori bound, worst element "
@@ -711,5 +759,5 @@ def write_certify_report(rep: dict, out_dir) -> list:
                         md_name="certify.md")
 
 
-__all__ = ["BoundViolation", "CertifyConfig", "CertifyEnvironmentError", "CertifyError", "check_tier", "KERNEL_TARGETS", "Score", "TARGETS", "impl_targets", "load_case", "replay",
+__all__ = ["BoundViolation", "CertifyConfig", "CertifyEnvironmentError", "CertifyError", "check_tier", "KERNEL_TARGETS", "LAYER_TARGETS", "Score", "TARGETS", "impl_targets", "load_case", "replay",
            "run_certify", "save_case", "search", "write_certify_report"]

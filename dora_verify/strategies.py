@@ -254,5 +254,31 @@ def norm_examples(draw, dtype: str = "bf16"):
     return ex
 
 
-__all__ = ["Example", "compose_example", "compose_examples", "f32", "lora_examples", "norm_example", "norm_examples",
-           "value_from_bits"]
+LAYER_T = (1, 3, 7, 16, 33)
+LAYER_D_OUT = (1, 3, 17, 64, 65)
+LAYER_D_IN = (1, 5, 31, 64, 129)
+LAYER_RANKS = (1, 2, 4, 7, 16)
+LAYER_ADAPTERS = {"bf16": ("bf16", "fp32"), "fp16": ("fp16",), "fp32": ("fp32",)}  # the gate's dtype mixes
+
+
+@st.composite
+def layer_examples(draw, dtype: str = "bf16"):
+    """Hypothesis strategy of :func:`dora_verify.layer_oracle.layer_example`: W, x, bias, dy in ``dtype``, adapters
+    in one of the gate's mixes for it (bf16 W with bf16 or fp32 adapters), a regime of ``LAYER_REGIMES``, s = alpha/r
+    an fp32 value (alpha = s·r, so alpha / r is exact)."""
+    from .layer_oracle import LAYER_REGIMES, layer_example
+
+    adapter = draw(st.sampled_from(LAYER_ADAPTERS[parse_format(dtype).name]))
+    T = draw(st.sampled_from(LAYER_T))
+    d_out = draw(st.sampled_from(LAYER_D_OUT))
+    d_in = draw(st.sampled_from(LAYER_D_IN))
+    r = draw(st.sampled_from(LAYER_RANKS))
+    s = draw(SCALINGS)
+    regime = draw(st.sampled_from(tuple(LAYER_REGIMES)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    bias = draw(st.booleans())
+    return layer_example(dtype, adapter, T, d_out, d_in, r, s * r, regime, seed, bias=bias)
+
+
+__all__ = ["Example", "compose_example", "compose_examples", "f32", "layer_examples", "lora_examples", "norm_example",
+           "norm_examples", "value_from_bits"]

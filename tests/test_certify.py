@@ -168,13 +168,14 @@ def test_certify_an_implementation_under_the_faithful_contract(tmp_path):
 
 
 def test_certify_cli_impl_peft(tmp_path, capsys):
-    """Stock PEFT's DoRA under the faithful contract: its bf16 compose (g rounded to bf16) and its ν (in the
-    weight dtype) both violate it; certify exits 1 and names the targets."""
+    """Stock PEFT's DoRA under the faithful contract: its bf16 compose (g rounded to bf16), its ν (in the
+    weight dtype) and its layer (NaN on zero rows, g in bf16) all violate it; certify exits 1 and names the targets."""
     pytest.importorskip("peft")
     assert main(["certify", "--impl", "peft", "--dtypes", "bf16", "--examples", "40", "--out", str(tmp_path),
                  "--quiet"]) == 1
     rep = json.loads((tmp_path / "certify.json").read_text())
-    assert rep["config"]["impl"] == "peft" and {r["target"] for r in rep["results"]} == {"peft.compose", "peft.norm"}
+    assert rep["config"]["impl"] == "peft" and {r["target"] for r in rep["results"]} == {"peft.compose", "peft.norm",
+                                                                                      "peft.layer"}
     assert all(r["violation"] for r in rep["results"])
     assert "--impl peft" in (tmp_path / "certify.md").read_text()
     for bad, msg in ((["--impl", "kernels"], "certify's own targets"), (["--impl", "peft", "--targets", "compose.y"],
@@ -245,3 +246,34 @@ def test_a_crash_is_named_in_the_summary_and_the_markdown(tmp_path):
                        env=env, cwd=tmp_path)
     assert r.returncode == 1 and "crashed" in r.stdout and "SystemExit(0)" in r.stdout
     assert "SystemExit(0)" in (tmp_path / "c" / "certify.md").read_text()
+
+
+# ----------------------------------------------------------------------------- whole-layer targets
+def test_certify_the_doralinear_layer_target():
+    """--targets layer: DoRALinear's whole layer (y, dx, dA, dB, dm) within the bound of its stated steps."""
+    assert "layer" in certify.TARGETS and "layer" not in certify.KERNEL_TARGETS
+    res = certify.search("layer", "bf16", examples=12, device="cpu")
+    assert res["examples"] == 12 and not res["violation"] and res["max_ratio"] <= 1
+    assert {"y", "dx", "dA", "dB", "dm"} <= {k.split("/")[0] for k in res["parts_max"]}
+
+
+def test_certify_cli_with_a_layer_factory(tmp_path, capsys):
+    """A layer-only factory: its target NAME.layer is the default ('all'), the faithful one certifies."""
+    sys.path.insert(0, str(Path(__file__).parent))  # tests/planted_impls.py
+    assert list(certify.impl_targets("planted_impls:good_layer")) == ["planted_impls_good_layer.layer"]
+    rc = main(["certify", "--impl", "planted_impls:good_layer", "--dtypes", "fp16", "--examples", "8", "--out",
+               str(tmp_path), "--quiet"])
+    assert rc == 0, capsys.readouterr()
+    rep = json.loads((tmp_path / "certify.json").read_text())
+    assert [r["target"] for r in rep["results"]] == ["planted_impls_good_layer.layer"] and rep["certified"]
+    assert "faithful layer contract" in (tmp_path / "certify.md").read_text()
+
+
+@pytest.mark.parametrize("planted", ["nu_not_detached", "g_bf16"])
+def test_certify_finds_planted_layers(tmp_path, planted):
+    """ν left in the graph (dA, dB off) and g rounded to bf16 (y off in fp32): found, and the case replays."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    res = certify.search(f"planted_impls_{planted}.layer", "fp32", examples=40, device="cpu", corpus=tmp_path,
+                         impl=f"planted_impls:{planted}")
+    assert res["violation"] and res["max_ratio"] > 1
+    assert certify.replay(res["corpus"][0]).ratio > 1
