@@ -372,35 +372,45 @@ def _layer_norm_steps(t: dict, s: float, device):
     return backend, info.recomputed_rows
 
 
+def run_layer(impl: Implementation, ex, device):
+    """One call of a layer implementation on a layer example: fresh input copies, ``build_layer``, forward,
+    ``backward(dy)``, ``check_output`` on y and each gradient (fp32 accumulation forced for the 'kernel' contract).
+    Returns (outputs y, dx, dA, dB, dm on the CPU, the module)."""
+    from .adapter import ImplOutputError, build_layer
+
+    t, sc = ex.tensors, ex.scalars
+    ad = parse_format(ex.params["adapter"]).torch_dtype
+    T, N = t["dy"].shape
+    guard = _fp32_accumulation if impl.contract == "kernel" else (lambda dev: contextlib.nullcontext())
+    x, W, bias, A, B, m, dy = _fresh(t, ("x", "W", "bias", "A", "B", "m", "dy"), device)
+    with guard(device):
+        module, params = build_layer(impl.layer, W, bias, sc["r"], sc["alpha"], ad,
+                                     {"lora_A": A, "lora_B": B, "magnitude": m})
+        x.requires_grad_(True)
+        y = check_output("layer", module(x), (T, N), x.dtype)
+        y.backward(dy)
+    outs = {"y": y}
+    for name, leaf, pname in (("dx", x, "x"), ("dA", params["lora_A"], "lora_A"),
+                              ("dB", params["lora_B"], "lora_B"), ("dm", params["magnitude"], "magnitude")):
+        if leaf.grad is None:
+            raise ImplOutputError(f"the layer's {pname}.grad is None after y.backward(dy): no gradient reached it")
+        outs[name] = check_output(f"the layer's {pname}.grad", leaf.grad, leaf.shape, leaf.dtype)
+    return {k: _to_cpu(v) for k, v in outs.items()}, module
+
+
 def _score_layer(impl: Implementation, case: Case, device) -> "list[Outcome]":
     """The whole layer through the implementation's factory: y and the gradients of x, lora_A, lora_B, magnitude
     against the exact layer (ν detached), held to the derived bound of DoRALinear's stated steps ('kernel') or to
     the faithful layer contract ('faithful')."""
-    from .adapter import ImplOutputError, build_layer
     from .layer_oracle import faithful_layer_bounds, kernel_layer_steps, layer_step_bounds, layer_truth
 
     ex = case.example
     t, sc, adapter = ex.tensors, ex.scalars, ex.params["adapter"]
-    s, r, alpha, eps = sc["s"], sc["r"], sc["alpha"], sc["eps"]
-    ad = parse_format(adapter).torch_dtype
-    T, N = t["dy"].shape
+    s, eps = sc["s"], sc["eps"]
     suffix = "" if adapter == ex.dtype else f"/{adapter}-adapters"
-    guard = _fp32_accumulation if impl.contract == "kernel" else (lambda dev: contextlib.nullcontext())
 
     def run():
-        x, W, bias, A, B, m, dy = _fresh(t, ("x", "W", "bias", "A", "B", "m", "dy"), device)
-        with guard(device):
-            module, params = build_layer(impl.layer, W, bias, r, alpha, ad, {"lora_A": A, "lora_B": B, "magnitude": m})
-            x.requires_grad_(True)
-            y = check_output("layer", module(x), (T, N), x.dtype)
-            y.backward(dy)
-        outs = {"y": y}
-        for name, leaf, pname in (("dx", x, "x"), ("dA", params["lora_A"], "lora_A"),
-                                  ("dB", params["lora_B"], "lora_B"), ("dm", params["magnitude"], "magnitude")):
-            if leaf.grad is None:
-                raise ImplOutputError(f"the layer's {pname}.grad is None after y.backward(dy): no gradient reached it")
-            outs[name] = check_output(f"the layer's {pname}.grad", leaf.grad, leaf.shape, leaf.dtype)
-        return {k: _to_cpu(v) for k, v in outs.items()}
+        return run_layer(impl, ex, device)[0]
 
     first = run()
     again = run() if impl.deterministic else None

@@ -80,32 +80,10 @@ def _examples(gr: dict, seed: int) -> list:
 
 
 def _run_layer(impl, ex, device):
-    """The gate's layer call (gate._score_layer): fresh input copies, build_layer, forward, backward(dy),
-    check_output on y and each gradient; returns (outputs on the CPU, the module)."""
-    from .adapter import ImplOutputError, build_layer, check_output
-    from .formats import parse_format
-    from .gate import _fp32_accumulation, _fresh, _to_cpu
+    """The gate's layer call (:func:`dora_verify.gate.run_layer`): the same copies, checks and fp32 guard."""
+    from .gate import run_layer
 
-    t, sc = ex.tensors, ex.scalars
-    ad = parse_format(ex.params["adapter"]).torch_dtype
-    T, N = t["dy"].shape
-    x, W, bias, A, B, m, dy = _fresh(t, ("x", "W", "bias", "A", "B", "m", "dy"), device)
-    guard = _fp32_accumulation if impl.contract == "kernel" else None
-    import contextlib
-
-    with (guard(device) if guard else contextlib.nullcontext()):
-        module, params = build_layer(impl.layer, W, bias, sc["r"], sc["alpha"], ad,
-                                     {"lora_A": A, "lora_B": B, "magnitude": m})
-        x.requires_grad_(True)
-        y = check_output("layer", module(x), (T, N), x.dtype)
-        y.backward(dy)
-    outs = {"y": y}
-    for name, leaf, pname in (("dx", x, "x"), ("dA", params["lora_A"], "lora_A"),
-                              ("dB", params["lora_B"], "lora_B"), ("dm", params["magnitude"], "magnitude")):
-        if leaf.grad is None:
-            raise ImplOutputError(f"the layer's {pname}.grad is None after y.backward(dy): no gradient reached it")
-        outs[name] = check_output(f"the layer's {pname}.grad", leaf.grad, leaf.shape, leaf.dtype)
-    return {k: _to_cpu(v) for k, v in outs.items()}, module
+    return run_layer(impl, ex, device)
 
 
 def _metrics(got, hi, lo, ob, bnd) -> dict:
