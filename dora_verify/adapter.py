@@ -250,11 +250,11 @@ def build_layer(factory: Callable, W, bias, r: int, alpha: float, adapter_dtype,
             raise ImplOutputError(f"the layer's {name} is {got}; want a floating parameter of shape {shape}")
         if not p.requires_grad:
             raise ImplOutputError(f"the layer's {name} does not require grad")
-        if name != "magnitude" and p.dtype != adapter_dtype:
-            if kwargs:
+        if p.dtype != adapter_dtype and not (name == "magnitude" and kwargs):  # a factory told the adapter dtype
+            if kwargs:                                                    # may keep m wider (DoRALinear: fp32)
                 raise ImplOutputError(f"the layer's {name} is {_dtype_name(p.dtype)} although the factory was asked for "
                                       f"adapter_dtype={_dtype_name(adapter_dtype)}")
-            p.data = p.data.to(adapter_dtype)  # what PEFT's autocast_adapter_dtype does
+            p.data = p.data.to(adapter_dtype)  # what PEFT's autocast_adapter_dtype does (A, B and the magnitude)
         with torch.no_grad():
             p.copy_(values[name])
         if not torch.equal(p.detach().to(torch.float64).cpu(), values[name].detach().to(torch.float64).cpu()):

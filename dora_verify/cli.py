@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     ce = sub.add_parser("certify", help="targeted hypothesis search for inputs that break the a-priori error bounds")
     ce.add_argument("--targets", default=None,
                     help="comma-separated targets, or 'kernels' (default: the production kernels), 'forms', 'all'; "
-                         "with --impl: its targets NAME.compose / NAME.norm (default both)")
+                         "with --impl: its targets NAME.compose / NAME.norm / NAME.layer (default: all it provides); "
+                         "layer: DoRALinear's whole layer")
     ce.add_argument("--impl", default=None,
                     help="certify another implementation under the faithful contract: peft (stock PEFT DoRA) or "
                          "module:callable (dora_verify.adapter)")
@@ -421,7 +422,8 @@ def _sweep(args) -> int:
     ran = "".join(f"; {name} {rep['timings_s'][name]:.0f} s" for name in cfg.experiments)
     print(f"naive/stable at g=1 (paper protocol): {h['ratio_naive_over_stable_paper_protocol']:.2f}x{ran}; "
           f"wrote {', '.join(str(f) for f in files)} in {rep['timings_s']['total']:.0f} s"
-          + (f"; {len(failed)} implementation call(s) FAILED ({failed[0][1]['form']}: {failed[0][1]['failed']})"
+          + (f"; {len(failed)} implementation call(s) FAILED "
+             f"({failed[0][1].get('form') or failed[0][1].get('impl')}: {failed[0][1]['failed']})"
              if failed else ""))
     return 1 if failed else 0
 

@@ -100,7 +100,7 @@ def _failures_section(rep: dict) -> list:
 
     groups = {}
     for exp, r in failed_rows(rep):
-        g = groups.setdefault((r["form"], r["failed"]), [0, []])
+        g = groups.setdefault((r.get("form") or r.get("impl"), r["failed"]), [0, []])
         g[0] += 1
         if exp not in g[1]:
             g[1].append(exp)

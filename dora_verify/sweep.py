@@ -565,9 +565,14 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
 
 
 def failed_rows(rep: dict) -> list:
-    """(experiment, row) of every implementation call that failed (rows with a ``failed`` reason)."""
-    return [(name, r) for name, rows in rep["experiments"].items() if isinstance(rows, list)
-            for r in rows if r.get("failed")]
+    """(experiment, row) of every implementation call that failed (rows with a ``failed`` reason), in the sweep's
+    own record lists and in the rows of an experiment section (``{"rows": [...]}``, e.g. the layer experiment)."""
+    out = []
+    for name, rows in rep["experiments"].items():
+        rows = rows.get("rows") if isinstance(rows, dict) else rows
+        if isinstance(rows, list):
+            out += [(name, r) for r in rows if isinstance(r, dict) and r.get("failed")]
+    return out
 
 
 def nan_to_none(obj):

@@ -56,3 +56,16 @@ def test_planted_layer_outside_bound(planted):
     assert le.max_ratio(sec, label) > 1.0
     assert "**" in le.markdown(sec, [])
     assert le.max_ratio(sec, "kernels") <= 1.0
+
+
+def test_failed_layer_rows_count_as_failed_calls():
+    """A layer that raises on every case: its rows are failed calls (the sweep exits 1, the Markdown lists them);
+    they were missed because the layer section keeps its rows under "rows"."""
+    from dora_verify.report import _failures_section
+    from dora_verify.sweep import failed_rows
+
+    rep = {"experiments": {"layer": {"rows": [{"impl": "impl:x:f", "failed": "RuntimeError: boom"},
+                                              {"impl": "kernels", "outputs": {}}]},
+                           "compose_regimes": [{"form": "stable", "y": {}}]}}
+    assert [(e, r["impl"]) for e, r in failed_rows(rep)] == [("layer", "impl:x:f")]
+    assert any("impl:x:f" in line for line in _failures_section(rep))
