@@ -182,8 +182,8 @@ def sweep_markdown(rep: dict, plots: list) -> str:
                     [[r["rank"], r["form"]] + _cells(r, r, ("max_rel", "p99_rel", _nonfinite)) for r in ex["norm_rank"]]))
     names = list(cfg.get("experiments") or [])
     own = tuple(f"{n}_" for n in names)  # an experiment's plots (NAME_*.png) go in its own section
-    L += ["", "## Plots", ""] + [f"![{Path(pth).stem}]({Path(pth).name})" for pth in plots
-                                  if not Path(pth).name.startswith(own)]
+    main_plots = [f"![{Path(pth).stem}]({Path(pth).name})" for pth in plots if not Path(pth).name.startswith(own)]
+    L += ["", "## Plots", ""] + main_plots if main_plots else []  # --no-plots: no empty heading
     L += experiment_sections(rep, plots)
     L += ["", "## What each experiment means", "",
           "- **paper_figure1**: the paper's own stability protocol, re-measured against the exact answer.",
@@ -199,9 +199,10 @@ def sweep_markdown(rep: dict, plots: list) -> str:
     if impls:
         L += ["", "Implementations under test (`--impl`; their rows carry the `impl:` prefix; they return y only, so "
               "their Δ columns are empty):", ""]
-        L += [f"- `{k}`: `--impl {v['spec']}`" + ("" if v["compose"] and v["norm"] else
-                                                   f" ({'compose' if v['compose'] else 'norm'} only)")
-              for k, v in impls.items()]
+        def provides(v):
+            parts = [k for k in ("compose", "norm", "layer") if v.get(k)]
+            return "" if parts == ["compose", "norm"] else f" ({', '.join(parts) or 'nothing the sweep measures'})"
+        L += [f"- `{k}`: `--impl {v['spec']}`{provides(v)}" for k, v in impls.items()]
     n_compose = max(1, len({r["form"] for r in ex["compose_g_sweep"]}))
     L += ["", f"Oracle: compose elements settled by exact rationals: "
           f"{sum(r['oracle_tier2_elements'] for r in ex['compose_g_sweep'] + ex['compose_regimes']) // n_compose}; "

@@ -558,7 +558,9 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
         "forms": {"compose": {k: v.summary for k, v in F.COMPOSE_FORMS.items()},
                   "norm": {k: v.summary for k, v in F.NORM_FORMS.items()}},
         "implementations": {f"impl:{im.name}": {"spec": spec, "compose": im.compose is not None,
-                                                "norm": im.norm is not None} for spec, im in zip(cfg.impls, impls)},
+                                                "norm": im.norm is not None,
+                                                "layer": getattr(im, "layer", None) is not None}
+                            for spec, im in zip(cfg.impls, impls)},
         "regimes": dict(REGIMES),
         "timings_s": dict(timings, total=round(time.time() - t0, 2)),
     }

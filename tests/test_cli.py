@@ -411,3 +411,16 @@ def test_impl_gets_its_own_copies_of_the_inputs(impls, tmp_path):
     rows = b["compose_g_sweep"]
     vandal = [r["y"] for r in rows if r["form"] == "impl:dv_cli_impls:vandal"]
     assert len(vandal) > 1 and vandal == [r["y"] for r in rows if r["form"] == "single_rounding"]  # it computes that
+
+
+def test_no_plots_leaves_no_empty_heading_and_layer_impls_are_named(tmp_path, monkeypatch):
+    """--no-plots: no empty '## Plots' heading; a layer-only --impl is listed as what it is, not '(norm only)'."""
+    (tmp_path / "onlylayer.py").write_text(
+        "from dora_verify.kernels import DoRALinear\n"
+        "def factory(linear, r, alpha):\n    return DoRALinear(linear, r, alpha)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "s"
+    assert main(["sweep", "--shape", "64x32", "--tokens", "16", "--grid-tokens", "16", "--ranks", "4",
+                 "--impl", "onlylayer:factory", "--no-plots", "--quiet", "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Plots" not in md and "`--impl onlylayer:factory` (layer)" in md
