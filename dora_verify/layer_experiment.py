@@ -79,13 +79,6 @@ def _examples(gr: dict, seed: int) -> list:
     return out
 
 
-def _run_layer(impl, ex, device):
-    """The gate's layer call (:func:`dora_verify.gate.run_layer`): the same copies, checks and fp32 guard."""
-    from .gate import run_layer
-
-    return run_layer(impl, ex, device)
-
-
 def _metrics(got, hi, lo, ob, bnd) -> dict:
     from .formats import parse_format, ulp
     from .metrics import excess_error
@@ -115,7 +108,9 @@ def _score(impl, ex, tr, device) -> "tuple[dict, object]":
     from .layer_oracle import faithful_layer_bounds, kernel_layer_steps, layer_step_bounds
 
     t, sc = ex.tensors, ex.scalars
-    got, module = _run_layer(impl, ex, device)
+    from .gate import run_layer
+
+    got, module = run_layer(impl, ex, device)
     if impl.contract == "kernel":
         backend, dense = _layer_norm_steps(t, sc["s"], device)
         steps = kernel_layer_steps(ex.dtype, ex.params["adapter"], backend, dense)

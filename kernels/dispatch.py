@@ -50,7 +50,7 @@ def interpreting() -> bool:
 # G = A Aᵀ, B G). compose's kernels are elementwise.
 DOT_OPS = frozenset({"lora_compose", "row_norm"})
 OPS = frozenset({"compose"}) | DOT_OPS
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what every kernel takes
 
 
 def fused_supported(op: str, dtype, device) -> "tuple[bool, str]":
@@ -69,7 +69,7 @@ def fused_supported(op: str, dtype, device) -> "tuple[bool, str]":
     kind = device.type if isinstance(device, torch.device) else torch.device(device).type
     if not HAS_TRITON:
         return False, "the fused tier needs Triton, which is not installed"
-    bad = [d for d in dtypes if d not in _KERNEL_DTYPES]
+    bad = [d for d in dtypes if d not in KERNEL_DTYPES]
     if bad:
         return False, f"the fused kernels take bf16, fp16 or fp32, got {bad[0]}"
     interp = interpreting()
@@ -151,5 +151,5 @@ def no_autocast(fn):
     return wrapper
 
 
-__all__ = ["DOT_OPS", "HAS_TRITON", "INFER_MIN_ELEMENTS", "OPS", "TRAIN_MIN_ELEMENTS", "Tier", "autocast_off",
+__all__ = ["DOT_OPS", "HAS_TRITON", "INFER_MIN_ELEMENTS", "KERNEL_DTYPES", "OPS", "TRAIN_MIN_ELEMENTS", "Tier", "autocast_off",
            "fused_supported", "interpreting", "no_autocast", "select_tier", "triton_usable"]

@@ -42,12 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compose import compose
+from .dispatch import KERNEL_DTYPES
 from .lora_compose import lora_compose
 from .norm import DEFAULT_KAPPA_MAX, RowNormRunner, check_kappa_max, row_norm_op
 from .scale import DEFAULT_EPS, dora_scale, round_to_fp32
-
-
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -63,7 +61,7 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
 
 
 def _check_kernel_dtype(name: str, dtype: torch.dtype) -> None:
-    if dtype not in _KERNEL_DTYPES:
+    if dtype not in KERNEL_DTYPES:
         raise TypeError(f"{name} has dtype {dtype}; the DoRA kernels take bfloat16, float16 or float32 "
                         "(float64 and integer tensors are not supported)")
 
@@ -140,7 +138,7 @@ class DoRALinear(nn.Module):
         W, bias = self.base_layer.weight, self.base_layer.bias
         if x.shape[-1] != W.shape[1]:
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {W.shape[1]}")
-        if W.dtype not in _KERNEL_DTYPES or self.lora_A.dtype not in _KERNEL_DTYPES:  # e.g. after .double()
+        if W.dtype not in KERNEL_DTYPES or self.lora_A.dtype not in KERNEL_DTYPES:  # e.g. after .double()
             _check_kernel_dtype("base_layer.weight", W.dtype)
             _check_kernel_dtype("lora_A", self.lora_A.dtype)
         if x.dtype != W.dtype and not torch.is_autocast_enabled(x.device.type):

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .dispatch import HAS_TRITON, fused_supported
+from .dispatch import HAS_TRITON, KERNEL_DTYPES, autocast_off, fused_supported
 from .scale import check_scaling
 
 if HAS_TRITON:
@@ -49,7 +49,6 @@ else:
 
 DEFAULT_KAPPA_MAX = 2.0
 DEFAULT_CHUNK_BYTES = 256 << 20
-_SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def check_norm_inputs(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> float:
@@ -59,7 +58,7 @@ def check_norm_inputs(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: floa
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-        if t.dtype not in _SUPPORTED:
+        if t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: bfloat16, float16, float32")
         if t.device != W.device:
             raise ValueError(f"{name} is on {t.device} but W is on {W.device}")
@@ -472,7 +471,7 @@ def factored_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: floa
         raise ValueError("backend='triton' needs Triton installed")
     if backend == "triton" and not ok:
         raise ValueError(f"backend='triton' refused: {why}")
-    with torch.no_grad(), torch.autocast(W.device.type, enabled=False):
+    with torch.no_grad(), autocast_off():
         W, A, B = W.detach(), A.detach(), B.detach()
         if wsq is None:
             wsq = weight_row_sq(W, chunk_bytes)

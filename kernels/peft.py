@@ -47,11 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compose import compose
+from .dispatch import KERNEL_DTYPES
 from .lora_compose import lora_compose
 from .norm import RowNormRunner, row_norm_op
 from .scale import dora_scale, round_to_fp32
 
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ORIGINAL = None  # PEFT's DoraLinearVariant.forward (the staticmethod object) while enabled
 
 
@@ -105,7 +105,7 @@ def _kernel_weight(module):
     """The base weight as [d_out, d_in] if the kernels can take this layer, else None."""
     base = module.get_base_layer()
     W = getattr(base, "weight", None)
-    if not isinstance(W, torch.Tensor) or W.dim() != 2 or W.dtype not in _FLOAT_DTYPES:
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or W.dtype not in KERNEL_DTYPES:
         return None
     if hasattr(W, "quant_state") or type(W.data) is not torch.Tensor:  # quantized or sharded (DTensor) weights
         return None
@@ -131,7 +131,7 @@ def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: to
     W = _kernel_weight(module)
     devices = {t.device for t in (x, result, lora_A.weight, lora_B.weight, dora.weight)}
     if (W is None or getattr(lora_B, "bias", None) is not None or getattr(lora_A, "bias", None) is not None
-            or lora_A.weight.dtype not in _FLOAT_DTYPES or len(devices | {W.device}) != 1):
+            or lora_A.weight.dtype not in KERNEL_DTYPES or len(devices | {W.device}) != 1):
         return _ORIGINAL.__func__(module, active_adapter=active_adapter, x=x, result=result, **kwargs)
     dropout = module.lora_dropout[active_adapter]
     s = round_to_fp32(module.scaling[active_adapter])
