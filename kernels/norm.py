@@ -5,8 +5,8 @@
 Numerical contract (W, A, B in bf16/fp16/fp32, ``s`` fp32-representable; result **fp32**):
 
 * ``‖W‖²_row`` is accumulated in float64 from exactly squared inputs (relative error ≤ γ64_{d_in}, i.e.
-  ~1e-12 at d_in = 8192), on every call: no value of ν or of its terms outlives the call that computed it
-  (:class:`RowNormRunner`), so no writer of W, A or B can leave a stale one behind.
+  ~1e-12 at d_in = 8192), on every call: no value of ν or of its terms outlives the forward that computed it
+  and that forward's own backward (:class:`RowNormRunner`), so no writer of W, A or B can leave a stale one behind.
 * ``U = W Aᵀ``: on CUDA a Triton GEMM whose tensor-core products are summed in fp32 only within chains
   of ≤ 256 products along d_in and across chains in float64 (a long tensor-core accumulation truncates: it measured
   3.1e-5 relative error in U on all-positive 8192×8192 data with cuBLAS, 4.1e-7 here). bf16/fp16 products are exact in
@@ -543,12 +543,14 @@ def _tensor_key(t: torch.Tensor):
 
 
 class RowNormRunner:
-    """ν of one layer's (W, A, B, s), computed from the values it reads on every call (no value outlives a call).
+    """ν of one layer's (W, A, B, s), computed from the values it reads on every forward (a checkpointed forward's
+    recomputation inside the backward reuses its forward's ν; nothing else outlives a call).
 
-    Nothing is cached between calls, so no writer can leave ν stale: autograd-visible in-place ops, for-loop,
+    Nothing is cached between steps, so no writer can leave ν stale: autograd-visible in-place ops, for-loop,
     foreach and fused optimisers (the fused ones write without bumping ``_version``), ``.data`` edits,
     ``load_state_dict``, swapped or re-gathered parameters, ``.to()`` moves. ‖W‖² is recomputed too (one
-    bandwidth pass over W per call). The one exception is opt-in: :func:`frozen_norms` (inference, grad off).
+    bandwidth pass over W per call). The exceptions: checkpointing's recomputation (below) and the opt-in
+    :func:`frozen_norms` (inference, grad off).
 
     What it does keep is *how* to compute: on CUDA the computation is a CUDA graph of :func:`factored_row_norm`'s
     launches (the Triton backend: six kernels and a few small torch ops, no host synchronisation), replayed
@@ -564,14 +566,24 @@ class RowNormRunner:
     layers of a model do; layers run concurrently on several streams would share those temporaries: set
     ``DORA_VERIFY_NORM_GRAPHS=0`` there. Each graph keeps only its ν (d_out fp32), copied out on every replay.
     Inside another capture, on the CPU, under the Triton interpreter or with ``DORA_VERIFY_NORM_GRAPHS=0`` the
-    norm runs eagerly; a failed capture falls back to eager for good (``graph_error`` says why)."""
+    norm runs eagerly; a failed capture falls back to eager for good (``graph_error`` says why).
+
+    Gradient checkpointing (``torch.utils.checkpoint``, reentrant or not; Hugging Face's
+    ``gradient_checkpointing_enable``) reruns the forward inside the backward. That recomputation reads the ν of
+    the forward it repeats instead of computing it again, the way a tensor saved for backward is read: the ν of the
+    last forward run outside a backward is kept (d_out fp32) and returned to a forward run *inside* a backward
+    whose W, A, B are the same storages, shapes, strides, dtypes and in-place versions, with the same s and κ_max;
+    anything else computes. This is exactly the ν the original forward used — the recomputation is bitwise the
+    forward, as checkpointing requires. It could differ from the current values only if a writer ran between a
+    forward and its own backward, which autograd's own saved tensors (W, A, B among them) do not survive either."""
 
     def __init__(self):
         self._graph = self._graph_key = self._graph_nu = None
         self._seen_key = None
         self._frozen = None  # (key, ν) reused inside one frozen_norms() scope only
+        self._forward = None  # (key, ν) of the last forward outside a backward: what its recomputation reads
         self.graph_error: "str | None" = None
-        self.computes = self.replays = self.captures = 0
+        self.computes = self.replays = self.captures = self.recompute_reuses = 0
 
     def __deepcopy__(self, memo):  # a copied layer owns new tensors: it starts with no graph of its own
         return RowNormRunner()
@@ -590,7 +602,15 @@ class RowNormRunner:
         scope = _FROZEN_SCOPE.get()
         if scope is None or torch.is_grad_enabled():
             self._frozen = None
-            return self._compute(W.detach(), A.detach(), B.detach(), s, kappa_max)
+            key = (s, kappa_max) + tuple(_tensor_key(t) + (t._version,) for t in (W, A, B))
+            if torch._C._current_graph_task_id() != -1:  # a forward inside a backward: checkpointing's recompute
+                if self._forward is not None and self._forward[0] == key:
+                    self.recompute_reuses += 1
+                    return self._forward[1]
+                return self._compute(W.detach(), A.detach(), B.detach(), s, kappa_max)
+            nu = self._compute(W.detach(), A.detach(), B.detach(), s, kappa_max)
+            self._forward = (key, nu)
+            return nu
         key = (scope, s, kappa_max) + tuple(_tensor_key(t) + (t._version,) for t in (W, A, B))
         if self._frozen is None or self._frozen[0] != key:
             self._frozen = (key, self._compute(W.detach(), A.detach(), B.detach(), s, kappa_max))

@@ -216,7 +216,8 @@ def test_autocast_keeps_the_norm_and_scale_contract(dtype, adapter_dtype, device
 @pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
 def test_checkpoint_gives_bitwise_the_gradients_of_no_checkpoint(reentrant, adapter_dtype):
     """torch.utils.checkpoint, reentrant and not, over two steps of SGD (the second forward reads parameters the
-    optimiser wrote): loss and gradients of x, A, B, m bitwise equal to the run without checkpointing."""
+    optimiser wrote): loss and gradients of x, A, B, m bitwise equal to the run without checkpointing, and the
+    recomputation inside the backward reads its forward's ν (one norm per step, not two)."""
     import copy
 
     base = _layer()
@@ -231,15 +232,31 @@ def test_checkpoint_gives_bitwise_the_gradients_of_no_checkpoint(reentrant, adap
         out = []
         for step in range(2):
             x = torch.randn(6, 24, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16).requires_grad_()
+            computes = layer.row_norm.computes
             y = checkpoint(layer, x, use_reentrant=reentrant) if ckpt else layer(x)
             loss = y.float().pow(2).sum()
             loss.backward()
+            assert layer.row_norm.computes == computes + 1 and layer.row_norm.recompute_reuses == ckpt * (step + 1)
             out.append([loss.detach(), x.grad] + [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.magnitude)])
             opt.step()
             opt.zero_grad()
         runs.append(out)
     for a, b in zip(*runs):
         assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_recomputes_the_norm_of_parameters_written_before_the_backward(reentrant):
+    """An in-place write of A between a checkpointed forward and its backward (outside autograd's contract) changes
+    A's version: the recomputation computes ν afresh from the values it reads rather than reuse the forward's."""
+    layer = _layer().to(torch.bfloat16)
+    x = torch.randn(6, 24).to(torch.bfloat16).requires_grad_()
+    y = checkpoint(layer, x, use_reentrant=reentrant)
+    with torch.no_grad():
+        layer.lora_A.mul_(2.0)
+    computes = layer.row_norm.computes
+    y.float().sum().backward()
+    assert layer.row_norm.recompute_reuses == 0 and layer.row_norm.computes == computes + 1
 
 
 def test_merged_linear_matches_eval_output():

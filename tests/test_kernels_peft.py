@@ -297,7 +297,8 @@ def test_integration_reads_the_values_every_writer_left(writer, device):
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_hf_gradient_checkpointing_is_bitwise(reentrant):
     """Hugging Face ``gradient_checkpointing_enable`` (reentrant and not): loss and gradients bitwise those of the
-    same model without checkpointing, through two AdamW steps (stock PEFT: bitwise too)."""
+    same model without checkpointing, through two AdamW steps (stock PEFT: bitwise too); the recomputed forward
+    reads its forward's ν: one norm per layer and step either way."""
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(13))
     start = dora_model(tiny_llama, LLAMA_TARGETS)
     runs = []
@@ -313,6 +314,9 @@ def test_hf_gradient_checkpointing_is_bitwise(reentrant):
                 _, loss, grads = loss_and_grads(model, ids, train=True)
                 out.append((loss, grads))
                 opt.step()
+        runners = [m.__dict__["_dora_verify_norm"] for m in model.modules() if "_dora_verify_norm" in m.__dict__]
+        assert len(runners) == 7 * 2 and all(r.computes == 2 for r in runners)  # 7 projections × 2 layers
+        assert all(r.recompute_reuses == 2 * ckpt for r in runners)
         runs.append(out)
     for (l0, g0), (l1, g1) in zip(*runs):
         assert torch.equal(l0, l1) and g0.keys() == g1.keys()
