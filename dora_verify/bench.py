@@ -10,6 +10,8 @@ Parts (each against its alternatives, same process, same inputs):
 * ``norm`` — ν = ‖W + s·BA‖_row: the factored norm (‖W‖² cached, as a layer does; and cold) against PEFT's
   path (BA through an identity matrix and the two adapter layers, W + s·BA and the norm in the weight dtype)
   and a dense fp32 B@A, time and transient peak memory, bf16 and fp32 weights.
+* ``model`` — where users train: a Llama-shaped model's training step (eager, gradient checkpointing, compile) and
+  one layer inside a model (its input requires grad), against PEFT LoRA and stock PEFT DoRA (``bench_model.py``).
 * ``layer`` — a whole DoRA layer (bf16 ``nn.Linear`` d→d, no bias): ours (:class:`DoRALinear`, ν recomputed
   every training step as A and B change) against PEFT DoRA and PEFT LoRA, with PEFT's default fp32 adapters
   and with bf16 adapters; forward (training mode), forward+backward (gradients of A, B, m) and inference
@@ -33,12 +35,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .bench_model import bench_model, model_targets, plan_size
 from .forms import dense_fp32, peft_dense, stable_gcast
 from .sweep import _Steps
 
 SCHEMA_VERSION = "1.0"
 MAX_ROTATE = 16
-PARTS = ("compose", "norm", "layer")
+PARTS = ("compose", "norm", "layer", "model")
 S = 2.0  # the LoRA scaling of the compose and norm parts (alpha = 2r)
 
 # rows × d_out of the compose microbenchmark: decode (1 row) to long prefill, d_out from 512 to 28672 (Llama MLP)
@@ -64,6 +67,11 @@ class BenchConfig:
     warmup: int = 10
     reps: int = 50
     seed: int = 0
+    model_warmup: int = 3  # the model part (bench_model.py): warm-up steps, then rounds × steps per round
+    model_rounds: int = 5
+    model_per_round: int = 2
+    layer_rounds: int = 5  # ... and its layer-in-a-model rows
+    layer_per_round: int = 10
 
     def validate(self) -> None:
         bad = [p for p in self.parts if p not in PARTS]
@@ -338,6 +346,7 @@ def targets(rep: dict) -> list:
             v = ly and ly[f"ours_mem_over_lora_{key}"]
             add(f"layer {key.replace('_', '+')} transient memory / PEFT LoRA's ({adapters} adapters)", "≤ 1.10", v,
                 v is not None and v <= 1.10)
+    model_targets(rep, add)
     return out
 
 
@@ -345,11 +354,13 @@ def targets(rep: dict) -> list:
 def check_available(cfg: BenchConfig) -> None:
     if not torch.cuda.is_available():
         raise BenchUnavailable("bench needs a CUDA device: it measures GPU kernels and reports no numbers without one")
-    if "layer" in cfg.parts:
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("peft") is None:
-            raise BenchUnavailable("the layer part compares with PEFT: install peft, or run --parts compose,norm")
+    for part, needs in (("layer", ("peft",)), ("model", ("peft", "transformers"))):
+        missing = [m for m in needs if part in cfg.parts and importlib.util.find_spec(m) is None]
+        if missing:
+            raise BenchUnavailable(f"the {part} part compares with PEFT: install {' and '.join(missing)}, or leave "
+                                   f"it out (--parts {','.join(p for p in cfg.parts if p not in ('layer', 'model')) or 'compose,norm'})")
     from .kernels import HAS_TRITON
 
     if not HAS_TRITON:
@@ -365,7 +376,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     torch.manual_seed(cfg.seed)
     sizes = {"compose": len(COMPOSE_SHAPES_QUICK if cfg.quick else COMPOSE_SHAPES),
              "norm": 2 * len(NORM_SHAPES_QUICK if cfg.quick else NORM_SHAPES),
-             "layer": 2 * len(LAYER_SHAPES_QUICK if cfg.quick else LAYER_SHAPES)}
+             "layer": 2 * len(LAYER_SHAPES_QUICK if cfg.quick else LAYER_SHAPES), "model": plan_size(cfg)}
     tick = _Steps(1 + sum(sizes[p] for p in cfg.parts), progress)
     t0 = time.time()
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -380,8 +391,10 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
             rep["crossover"] = crossover(rep["compose"])
         elif part == "norm":
             rep["norm"] = bench_norm(cfg, tick)
-        else:
+        elif part == "layer":
             rep["layer"] = bench_layer(cfg, tick)
+        else:
+            rep["model"] = bench_model(cfg, tick)
         rep["timings_s"][part] = round(time.time() - t, 1)
     rep["targets"] = targets(rep)
     rep["timings_s"]["total"] = round(time.time() - t0, 1)

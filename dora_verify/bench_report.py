@@ -71,6 +71,45 @@ def layer_table(rows: list, key: str) -> str:
     return f"**{label}**\n\n" + _table(head, body)
 
 
+def model_step_table(rows: list) -> str:
+    def compiled(r):
+        c = [r.get(f"{i}_compile") for i in ("lora", "peft_dora", "ours")]
+        if not all(c):
+            return "–"
+        return " / ".join(f"{x['graphs']}g {x['graph_breaks']}b {x.get('recompiles_after_first_step', 0)}rc" for x in c)
+    return _table(["model", "r", "adapters", "setting", "LoRA ms", "stock DoRA ms", "ours ms", "ours / LoRA",
+                   "stock / LoRA", "speed-up vs stock", "LoRA MiB", "stock MiB", "ours MiB", "ours mem / LoRA",
+                   "compiled: graphs, breaks, recompiles (LoRA / stock / ours)"],
+                  [[f"{r['widths']} × {r['layers']}", r["r"], r["adapters"], r["setting"], _ms(r["lora"]),
+                    _ms(r["peft_dora"]), _ms(r["ours"]), r["ours_over_lora"], r["peft_dora_over_lora"],
+                    _x(r["speedup_vs_peft_dora"]), r["lora"]["peak_mib"], r["peft_dora"]["peak_mib"],
+                    r["ours"]["peak_mib"], r["ours_mem_over_lora"], compiled(r)] for r in rows])
+
+
+def layer_in_model_table(rows: list) -> str:
+    return _table(["d_in → d_out", "r", "setting", "LoRA ms", "stock DoRA ms", "integration ms", "DoRALinear ms",
+                   "integration / LoRA", "DoRALinear / LoRA", "stock / LoRA"],
+                  [[f"{r['d_in']} → {r['d_out']}", r["r"], r["setting"], _ms(r["lora"]), _ms(r["peft_dora"]),
+                    _ms(r["ours_peft"]), _ms(r["dora_linear"]), r["ours_peft_over_lora"], r["dora_linear_over_lora"],
+                    r["peft_dora_over_lora"]] for r in rows])
+
+
+def model_markdown(part: dict) -> list:
+    steps, layers = part.get("steps") or [], part.get("layers_in_model") or []
+    L = ["## DoRA where users train: a model's training step", "",
+         "A Llama-shaped decoder from a config (random bf16 weights), adapters on all seven projections, "
+         f"{steps[0]['tokens'] if steps else '?'} tokens, vocabulary {steps[0]['vocab'] if steps else '?'}, one "
+         "fused-AdamW step; PEFT LoRA, stock PEFT DoRA and this project (the same PEFT DoRA model with "
+         "`dora_verify.kernels.peft` enabled), timed interleaved in rounds, medians. Settings: eager, Hugging Face "
+         "gradient checkpointing (`gradient_checkpointing_enable()`), `torch.compile` of the whole model (inductor). "
+         "Memory: the step's allocator peak plus the model's own parameters, buffers and optimiser state. Method: "
+         "`dora_verify/bench_model.py`.", "", model_step_table(steps), ""]
+    if layers:
+        L += ["## One layer inside a model (input requires grad, 8192 tokens, bf16 adapters, fwd+bwd)", "",
+              layer_in_model_table(layers), ""]
+    return L
+
+
 def bench_markdown(rep: dict, plots=()) -> str:
     L = ["# dora-verify bench", "", _device_line(rep) + ".", "",
          "Every number is a median of CUDA-event timings of one call after warm-up, with inputs rotated through "
@@ -102,6 +141,8 @@ def bench_markdown(rep: dict, plots=()) -> str:
               "bf16 adapters. Gradients of A, B (and m) only; the base weight is frozen.", ""]
         for key in ("fwd", "fwd_bwd", "infer"):
             L += [layer_table(rep["layer"], key), ""]
+    if rep.get("model"):
+        L += model_markdown(rep["model"])
     if plots:
         L += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     L += [f"Run time {rep['timings_s'].get('total', '?')} s. Reproduce: `" + " ".join(["dora-verify"] + rep["provenance"]["argv"][1:]) + "`", ""]
@@ -127,6 +168,10 @@ def readme_section(rep: dict, report_path: str) -> str:
     layer = [r for r in rep.get("layer") or [] if r["tokens"] == 4096 and r["d"] == 8192]
     if layer:
         L += ["Whole layer, 8192 → 8192, 4096 tokens:", "", layer_table(layer, "fwd_bwd"), ""]
+    steps = [r for r in (rep.get("model") or {}).get("steps") or [] if r["r"] == 16]
+    if steps:
+        L += ["A model's training step (Llama-3-8B widths, r = 16, all seven projections):", "",
+              model_step_table(steps), ""]
     return "\n".join(L)
 
 

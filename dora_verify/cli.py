@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--quiet", action="store_true", help="no progress bar")
     be = sub.add_parser("bench", help="speed and memory of the kernels vs eager torch, PEFT DoRA and PEFT LoRA (CUDA)")
     be.add_argument("--quick", action="store_true", help="a small subset of the shapes (about a minute)")
-    be.add_argument("--parts", default="compose,norm,layer", help="comma-separated subset of compose, norm, layer")
+    be.add_argument("--parts", default="compose,norm,layer,model",
+                    help="comma-separated subset of compose, norm, layer, model")
     be.add_argument("--warmup", type=_positive_int, default=10, help="warm-up calls per measurement (default 10)")
     be.add_argument("--reps", type=_positive_int, default=50, help="timed calls per measurement, median (default 50)")
     be.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs (default 0)")
