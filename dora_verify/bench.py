@@ -68,9 +68,9 @@ class BenchConfig:
     reps: int = 50
     seed: int = 0
     model_warmup: int = 3  # the model part (bench_model.py): warm-up steps, then rounds × steps per round
-    model_rounds: int = 5
-    model_per_round: int = 2
-    layer_rounds: int = 5  # ... and its layer-in-a-model rows
+    model_rounds: int = 7
+    model_per_round: int = 3
+    layer_rounds: int = 9  # ... and its layer-in-a-model rows
     layer_per_round: int = 10
 
     def validate(self) -> None:

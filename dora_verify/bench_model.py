@@ -16,8 +16,10 @@ inside a model — against PEFT LoRA and stock PEFT DoRA, side by side and inter
   4096², 4096 × 14336, 14336 × 4096 and 8192², ranks 16, 64 and 384; at 4096², r = 16 also under
   ``torch.utils.checkpoint`` and ``torch.compile``.
 
-Timing contract: every implementation of a row warms up (compiling, for compile), then ``rounds`` rounds each time
-``per_round`` calls of every implementation in turn (CUDA events around each call); medians over all timed calls.
+Timing contract: every implementation of a row warms up (compiling, for compile), then ``rounds`` rounds, each
+running every implementation in turn: one untimed lead-in call, then ``per_round`` calls between two CUDA events
+(the GPU timeline of back-to-back calls, as a training loop runs them; a host-bound implementation shows its gaps);
+medians over the rounds.
 Memory of a model step: the allocator's peak during one step minus what was allocated before it (gradients freed
 first), plus the model's own parameters, buffers and optimiser state — the peak that model alone would reach.
 Compiled rows record the graphs compiled, the graph breaks, recompiles after warm-up, and whether the compiled
@@ -82,7 +84,10 @@ def _event():
 
 # ----------------------------------------------------------------------------- timing
 def interleaved_ms(calls: dict, warmup: int, rounds: int, per_round: int) -> dict:
-    """{name: {ms, p10, p90, n}} of ``calls[name]()`` timed by CUDA events, interleaved (module docstring)."""
+    """{name: {ms, p10, p90, n}} per call of ``calls[name]()``, interleaved (module docstring): each round runs every
+    implementation in turn — one untimed lead-in call (so the host is as far ahead of the GPU as in a training loop,
+    which never waits for the device), then ``per_round`` calls between two CUDA events; a sample is the events'
+    interval / ``per_round``. Medians over ``rounds`` samples."""
     for name, call in calls.items():
         for _ in range(warmup):
             call()
@@ -90,13 +95,14 @@ def interleaved_ms(calls: dict, warmup: int, rounds: int, per_round: int) -> dic
     times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            ev = [(_event(), _event()) for _ in range(per_round)]
-            for a, b in ev:
-                a.record()
+            start, end = _event(), _event()
+            call()
+            start.record()
+            for _ in range(per_round):
                 call()
-                b.record()
+            end.record()
             _sync()
-            times[name] += [a.elapsed_time(b) for a, b in ev]
+            times[name].append(start.elapsed_time(end) / per_round)
     out = {}
     for name, t in times.items():
         t = sorted(t)

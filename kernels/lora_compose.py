@@ -244,18 +244,30 @@ def _(base, xa, B, g, bias, s, fused):
     return torch.empty_like(base)
 
 
+def lora_compose_backward_eager_all(dy, base, xa, B, g, s: float, need_base: bool, need_g: bool, need_xa: bool,
+                                    need_B: bool):
+    """Eager tier of :func:`lora_compose_backward_fused_all`: (d_base, d_g, d_xa or None, d_B or None)."""
+    d_base, d_g = lora_compose_backward_eager(dy, base, xa, B, g, s, need_base, need_g)
+    return (d_base, d_g) + adapter_grads(dy, xa, B, g, s, need_xa, need_B)
+
+
 @torch.library.custom_op("dora_verify::lora_compose_bwd", mutates_args=())
 def _lora_compose_bwd_op(dy: torch.Tensor, base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch.Tensor,
-                         s: float, need_base: bool, need_g: bool, fused: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    fn = lora_compose_backward_fused if fused else lora_compose_backward_eager
-    return fn(dy.contiguous(), base, xa, B, g, s, need_base, need_g)
+                         s: float, need_base: bool, need_g: bool, need_xa: bool, need_B: bool,
+                         fused: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    fn = lora_compose_backward_fused_all if fused else lora_compose_backward_eager_all
+    d_base, d_g, d_xa, d_B = fn(dy.contiguous(), base, xa, B, g, s, need_base, need_g, need_xa, need_B)
+    empty = dy.new_empty(0)
+    return d_base, d_g, d_xa if d_xa is not None else empty, d_B if d_B is not None else empty
 
 
 @_lora_compose_bwd_op.register_fake
-def _(dy, base, xa, B, g, s, need_base, need_g, fused):
+def _(dy, base, xa, B, g, s, need_base, need_g, need_xa, need_B, fused):
     N = dy.shape[-1]
     return (dy.new_empty(dy.shape if need_base else (0,), dtype=base.dtype),
-            dy.new_empty((N,) if need_g else (0,), dtype=torch.float32))
+            dy.new_empty((N,) if need_g else (0,), dtype=torch.float32),
+            dy.new_empty(xa.shape if need_xa else (0,), dtype=xa.dtype if need_xa else dy.dtype),
+            dy.new_empty(B.shape if need_B else (0,), dtype=B.dtype if need_B else dy.dtype))
 
 
 def _save(ctx, base, xa, B, g, bias, s, fused):
@@ -264,19 +276,17 @@ def _save(ctx, base, xa, B, g, bias, s, fused):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _grads(ctx, dy, backward):
+def _grads(ctx, dy, backward_all):
+    """The five input gradients from ``backward_all(dy, base, xa, B, g, s, need_base, need_g, need_xa, need_B)``
+    (the fused tier's one kernel pass with the adapter epilogues, or the eager tier's)."""
     base, xa, B, g = ctx.saved_tensors
     need_base, need_xa, need_B, need_g, need_bias = ctx.needs_input_grad[:5]
     dy = dy.contiguous()
     base = base if base is not None else dy.new_empty(0)
-    if backward is lora_compose_backward_fused:  # eager mode, fused tier: the adapter epilogues in the kernel
-        d_base, d_g, d_xa, d_B = lora_compose_backward_fused_all(dy, base, xa, B, g, ctx.s, need_base, need_g,
-                                                                 need_xa, need_B)
-    else:
-        d_base, d_g = backward(dy, base, xa, B, g, ctx.s, need_base, need_g)
-        d_xa, d_B = adapter_grads(dy, xa, B, g, ctx.s, need_xa, need_B)
+    d_base, d_g, d_xa, d_B = backward_all(dy, base, xa, B, g, ctx.s, need_base, need_g, need_xa, need_B)
     d_bias = dy.to(torch.float32).reshape(-1, dy.shape[-1]).sum(dim=0).to(ctx.bias_dtype) if need_bias else None
-    return d_base if need_base else None, d_xa, d_B, d_g if need_g else None, d_bias, None, None
+    return (d_base if need_base else None, d_xa if need_xa else None, d_B if need_B else None,
+            d_g if need_g else None, d_bias, None, None)
 
 
 def _setup_context(ctx, inputs, output):
@@ -285,7 +295,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_op(ctx, dy):
-    return _grads(ctx, dy, lambda *a: torch.ops.dora_verify.lora_compose_bwd(*a, ctx.fused))
+    return _grads(ctx, dy, lambda *a: torch.ops.dora_verify.lora_compose_bwd(*a, ctx.fused))  # one op, four grads
 
 
 _lora_compose_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
@@ -302,7 +312,7 @@ class _LoRAComposeFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return _grads(ctx, dy, lora_compose_backward_fused if ctx.fused else lora_compose_backward_eager)
+        return _grads(ctx, dy, lora_compose_backward_fused_all if ctx.fused else lora_compose_backward_eager_all)
 
 
 # ----------------------------------------------------------------------------- public entry point
@@ -351,5 +361,6 @@ def lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch
     return out  # shaped like base and not a view (FSDP2 warns about views: an in-place op on one skips its hooks)
 
 
-__all__ = ["adapter_grads", "lora_compose", "lora_compose_backward_eager", "lora_compose_backward_fused",
+__all__ = ["adapter_grads", "lora_compose", "lora_compose_backward_eager", "lora_compose_backward_eager_all",
+           "lora_compose_backward_fused",
            "lora_compose_backward_fused_all", "lora_compose_forward_eager", "lora_compose_forward_fused"]

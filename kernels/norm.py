@@ -26,14 +26,16 @@ Numerical contract (W, A, B in bf16/fp16/fp32, ``s`` fp32-representable; result 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 
-from .dispatch import HAS_TRITON, KERNEL_DTYPES, autocast_off, fused_supported
+from .dispatch import HAS_TRITON, KERNEL_DTYPES, autocast_off, fused_supported, interpreting
 from .scale import check_scaling
 
 if HAS_TRITON:
@@ -511,10 +513,6 @@ def _graph_pool_and_stream(device: torch.device):
 
 def norm_graphs_enabled() -> bool:
     """CUDA-graph replay of the norm (:class:`RowNormRunner`); ``DORA_VERIFY_NORM_GRAPHS=0`` turns it off."""
-    import os
-
-    from .dispatch import interpreting
-
     return HAS_TRITON and not interpreting() and os.environ.get("DORA_VERIFY_NORM_GRAPHS", "1") != "0"
 
 
@@ -539,7 +537,7 @@ def frozen_norms():
 
 
 def _tensor_key(t: torch.Tensor):
-    return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.device)
+    return (t.data_ptr(), t.dtype, t.shape, t.stride(), t.device)
 
 
 class RowNormRunner:
@@ -599,34 +597,37 @@ class RowNormRunner:
         """ν = ‖W + s·BA‖_row, fp32, detached, of the current values (the contract of :func:`factored_row_norm`;
         no input validation). Autocast is off inside."""
         s, kappa_max = float(s), float(kappa_max)
+        where = (_tensor_key(W), _tensor_key(A), _tensor_key(B), s, kappa_max)  # storages, layouts, s, κ_max
         scope = _FROZEN_SCOPE.get()
         if scope is None or torch.is_grad_enabled():
             self._frozen = None
-            key = (s, kappa_max) + tuple(_tensor_key(t) + (t._version,) for t in (W, A, B))
+            key = (where, W._version, A._version, B._version)
             if torch._C._current_graph_task_id() != -1:  # a forward inside a backward: checkpointing's recompute
                 if self._forward is not None and self._forward[0] == key:
                     self.recompute_reuses += 1
                     return self._forward[1]
-                return self._compute(W.detach(), A.detach(), B.detach(), s, kappa_max)
-            nu = self._compute(W.detach(), A.detach(), B.detach(), s, kappa_max)
+                return self._compute(W, A, B, s, kappa_max, where)
+            nu = self._compute(W, A, B, s, kappa_max, where)
             self._forward = (key, nu)
             return nu
-        key = (scope, s, kappa_max) + tuple(_tensor_key(t) + (t._version,) for t in (W, A, B))
+        key = (scope, where, W._version, A._version, B._version)
         if self._frozen is None or self._frozen[0] != key:
-            self._frozen = (key, self._compute(W.detach(), A.detach(), B.detach(), s, kappa_max))
+            self._frozen = (key, self._compute(W, A, B, s, kappa_max, where))
         return self._frozen[1]
 
-    def _compute(self, W, A, B, s, kappa_max):
+    def _compute(self, W, A, B, s, kappa_max, gkey):
+        """ν of the current values: a replay of this layer's graph if ``gkey`` (storages, layouts, s, κ_max) is the
+        captured one, else eager (capturing on the second sighting in a row of the same ``gkey``)."""
         self.computes += 1
+        if gkey == self._graph_key and norm_graphs_enabled() and not torch.cuda.is_current_stream_capturing():
+            self._graph.replay()
+            self.replays += 1
+            return self._graph_nu.clone()
+        W, A, B = W.detach(), A.detach(), B.detach()
         eager = lambda: factored_row_norm(W, A, B, s, kappa_max=kappa_max, validate=False)  # noqa: E731
         if not (W.is_cuda and self.graph_error is None and norm_graphs_enabled()) \
                 or torch.cuda.is_current_stream_capturing():
             return eager()
-        gkey = tuple(_tensor_key(t) for t in (W, A, B)) + (s, kappa_max)
-        if gkey == self._graph_key:
-            self._graph.replay()
-            self.replays += 1
-            return self._graph_nu.clone()
         nu = eager()  # this call's ν (and the kernels compiled before the capture)
         if gkey != self._seen_key:  # storages seen for the first time: capture only if they come back
             self._seen_key = gkey
@@ -662,9 +663,28 @@ class RowNormRunner:
 
 
 # ----------------------------------------------------------------------------- torch.library custom op
+_OP_RUNNERS: "collections.OrderedDict" = collections.OrderedDict()  # (W, A, B storages and layouts, s) -> runner
+OP_RUNNERS_MAX = 1024  # least recently used first out: parameters re-gathered into fresh buffers make new keys
+
+
+def _op_runner(W, A, B, s) -> RowNormRunner:
+    key = (_tensor_key(W), _tensor_key(A), _tensor_key(B), s)
+    runner = _OP_RUNNERS.get(key)
+    if runner is None:
+        runner = _OP_RUNNERS[key] = RowNormRunner()
+        if len(_OP_RUNNERS) > OP_RUNNERS_MAX:
+            _OP_RUNNERS.popitem(last=False)
+    else:
+        _OP_RUNNERS.move_to_end(key)
+    return runner
+
+
 @torch.library.custom_op("dora_verify::row_norm", mutates_args=())
 def _row_norm_op(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-    return factored_row_norm(W, A, B, s, validate=False)
+    """What a compiled graph runs: the :class:`RowNormRunner` of these storages (a CUDA-graph replay once it has
+    captured; a checkpointed region's recomputation reuses its forward's ν), its ν copied into a tensor the graph
+    owns (inductor may reuse an extern output's memory)."""
+    return _op_runner(W, A, B, float(s)).get(W, A, B, s).clone()
 
 
 @_row_norm_op.register_fake
@@ -673,7 +693,9 @@ def _(W, A, B, s):
 
 
 def row_norm_op(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-    """:func:`factored_row_norm` as a ``torch.library`` op (no cache, no validation): what compiled graphs call."""
+    """ν of the current W, A, B as a ``torch.library`` op (no validation): what compiled graphs call. One
+    :class:`RowNormRunner` per set of storages, kept in a bounded least-recently-used table (the runner keeps no
+    value between steps: nothing can be stale), so compiled training replays the norm's CUDA graph as eager does."""
     return torch.ops.dora_verify.row_norm(W.detach(), A.detach(), B.detach(), float(s))
 
 

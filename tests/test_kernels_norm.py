@@ -290,3 +290,20 @@ def test_triton_backend_refuses_the_interpreters_bf16_dot(monkeypatch):
     with pytest.raises(ValueError, match="tl.dot"):
         factored_row_norm(c.W, c.A.float(), c.B.float(), c.s, backend="triton")
     assert factored_row_norm(c.W, c.A, c.B, c.s).dtype == torch.float32  # the default takes torch
+
+
+def test_row_norm_op_keeps_one_runner_per_storage_and_reads_current_values():
+    """The op compiled graphs call: one RowNormRunner per set of storages (a compiled training step replays the
+    norm's graph on CUDA), ν of the values at each call (a ``.data`` edit between calls is seen), and each call's
+    ν a tensor of its own (a compiled graph may reuse an op output's memory)."""
+    from dora_verify.kernels.norm import _OP_RUNNERS, row_norm_op
+
+    g = torch.Generator().manual_seed(5)
+    W, A, B = (torch.randn(shape, generator=g) for shape in ((24, 40), (4, 40), (24, 4)))
+    before = len(_OP_RUNNERS)
+    nu1 = row_norm_op(W, A, B, 0.5)
+    nu1.zero_()  # the caller's copy: the next call must not see this
+    B.data.add_(0.25)
+    nu2 = row_norm_op(W, A, B, 0.5)
+    assert len(_OP_RUNNERS) == before + 1
+    assert torch.equal(nu2, factored_row_norm(W, A, B, 0.5)) and nu2.data_ptr() != nu1.data_ptr()
