@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("dora-verify", "torch", "triton", "numpy", "mpmath", "scipy", "matplotlib", "peft", "hypothesis")
+PACKAGES = ("dora-verify", "torch", "triton", "numpy", "mpmath", "scipy", "matplotlib", "peft", "transformers",
+            "hypothesis")
 
 
 def _version(name: str):

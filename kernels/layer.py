@@ -20,7 +20,8 @@ Forward (PEFT ``LoraConfig(use_dora=True)`` semantics):
   'inputs' materialises lora and keeps base and lora (measured slower and larger there: fwd+bwd 1.69×,
   peak 1.33× LoRA's; reports/kernels-h100); 'activation'
   keeps only base + s·lora in the activation dtype, bf16 for fp16 (d_m to ~2⁻⁸ relative). fp32 adapters (PEFT's default
-  autocast) and PEFT-style dropout always take :func:`compose` on a materialised lora.
+  autocast) under 'recompute' form lora with torch's GEMM, compose it and free it, and form it again in the backward
+  (compiled graphs keep it); PEFT-style dropout always takes :func:`compose` on a materialised lora.
 * Dropout: with ``dropout_semantics='peft'`` (default) and dropout active (training, p > 0), the layer
   does what PEFT does: ``y = (x Wᵀ + bias) + (g−1) ⊙ (x_d Wᵀ) + g ⊙ s·lora(x_d)`` with x_d the dropped-out
   input, which costs a second base GEMM. ``'clean_base'`` scales the clean base instead
@@ -153,9 +154,9 @@ class DoRALinear(nn.Module):
             delta = compose(F.linear(xd, W), F.linear(xa, self.lora_B), g, self.scaling, g_minus_1=gm1,
                             output="delta", save=self._compose_save)
             return (base + bias if bias is not None else base) + delta
-        if self.lora_B.dtype != torch.float32 and self.save == "recompute" \
-                and not torch.is_autocast_enabled(x.device.type):  # autocast picks the GEMMs' dtype: materialise
-            return lora_compose(base, xa, self.lora_B, g, self.scaling, bias)  # lora never materialised
+        if self.save == "recompute" and not torch.is_autocast_enabled(x.device.type) and (
+                self.lora_B.dtype != torch.float32 or not torch.compiler.is_compiling()):  # autocast: materialise
+            return lora_compose(base, xa, self.lora_B, g, self.scaling, bias)  # lora not kept for backward
         return compose(base, F.linear(xa, self.lora_B), g, self.scaling, bias, save=self._compose_save)
 
     @property

@@ -19,8 +19,9 @@ Semantics (PEFT's ``DoraLinearLayer.forward``, reproduced):
   the adapters before this one, as in PEFT). Without active dropout, base = result − bias (PEFT removes
   the bias before the compose) and the layer returns y = g ⊙ (base + s·lora) + bias in one rounding —
   algebraically PEFT's ``result + (g−1)·base + g·s·lora``. bf16/fp16 adapters take the fused
-  :func:`lora_compose` (lora = xa Bᵀ never materialised); fp32 adapters (PEFT's default autocast) take
-  :func:`compose` on PEFT's fp32 lora.
+  :func:`lora_compose` (lora = xa Bᵀ never materialised); fp32 adapters (PEFT's default autocast) take it too
+  in eager mode (lora formed by the same GEMM as PEFT's ``lora_B(xa)``, composed and freed, formed again in the
+  backward: no fp32 activation kept), and :func:`compose` on PEFT's fp32 lora in compiled graphs.
 * With dropout active (training, p > 0), PEFT recomputes the base on the dropped-out input:
   Δ = (g−1) ⊙ (x_d Wᵀ) + g ⊙ s·lora(x_d) is returned as result + Δ (``compose(output='delta')``).
 * ν = ‖W + s·BA‖_row is detached (DoRA §4.3), from :func:`factored_row_norm`, computed from the current W, A, B
@@ -144,8 +145,9 @@ def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: to
         base = result - bias if bias is not None else result  # PEFT removes the bias before the compose
         xa = lora_A(x)
         b = bias.to(base.dtype) if bias is not None else None
-        if B.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(x.device.type):
-            return lora_compose(base, xa.to(B.dtype), B, g, s, b)
+        if not torch.is_autocast_enabled(x.device.type) and (
+                B.dtype != torch.float32 or not torch.compiler.is_compiling()):
+            return lora_compose(base, xa.to(B.dtype), B, g, s, b)  # lora not kept for backward
         return compose(base, lora_B(xa), g, s, b)
     xd = dropout(x)
     base_d = F.linear(xd, W.to(xd.dtype))

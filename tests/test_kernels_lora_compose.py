@@ -259,3 +259,35 @@ def test_autocast_leaves_the_bits_alone(adapter, act, cast):
             got = run(tier)
         for a, b in zip(ref, got):
             assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.skipif("fused" not in TIERS and not torch.cuda.is_available(), reason="needs the fused tier")
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32], ids=["bf16-base", "fp32-base"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_fp32_adapters_recompute_lora_and_match_compose_bit_for_bit(base_dtype, bias):
+    """fp32 adapters on the fused tier: y and every gradient bitwise those of compose() on the materialised
+    F.linear(xa, B) (the same kernels, the same GEMMs), and of the [T, d_out] tensors only base kept for backward."""
+    from dora_verify.kernels import compose
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(21)
+    T, N, R = 70, 131, 8
+    leaves = [torch.randn(T, N, generator=gen).to(base_dtype), torch.randn(T, R, generator=gen),
+              torch.randn(N, R, generator=gen) * 0.1, 1 + 0.01 * torch.randn(N, generator=gen)]
+    leaves += [torch.randn(N, generator=gen).to(base_dtype)] if bias else [None]
+    dy = torch.randn(T, N, generator=gen).to(base_dtype).to(dev)
+
+    def run(fn):
+        ts = [t.to(dev).requires_grad_() if t is not None else None for t in leaves]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = fn(*ts)
+        grads = torch.autograd.grad(y, [t for t in ts if t is not None], dy)
+        return y, grads, saved
+
+    y1, g1, saved = run(lambda b, xa, B, g, bias: lora_compose(b, xa, B, g, 2.0, bias, tier="fused"))
+    y2, g2, _ = run(lambda b, xa, B, g, bias: compose(b, torch.nn.functional.linear(xa, B), g, 2.0, bias,
+                                                      tier="fused"))
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    big = [(t.dtype, tuple(t.shape)) for t in saved if t.shape == (T, N)]
+    assert big == [(base_dtype, (T, N))], big  # base only: lora is formed again in the backward
