@@ -53,6 +53,13 @@ if HAS_TRITON:
 
 # One tile shape for forward and backward: the lora tiles must come out of the same tensor-core code.
 LC_BLOCK_T, LC_BLOCK_N, LC_BLOCK_R, LC_WARPS, LC_STAGES = 64, 128, 64, 4, 3
+
+
+def lc_block_r(R: int) -> int:
+    """The r-block of the lora tile: the next power of two ≥ r between 16 (the MMA's k) and LC_BLOCK_R. A smaller
+    block only drops masked zero products: fp32 accumulation from +0 of the same nonzero products in the same
+    order, then of exact zeros, gives the same bits — and forward and backward use the same block anyway."""
+    return max(16, min(LC_BLOCK_R, 1 << max(0, int(R) - 1).bit_length()))
 _FUSED_ADAPTER_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -153,8 +160,8 @@ def lora_compose_forward_fused(base, xa, B, g, bias, s: float, write_lora: bool 
         _lora_compose_fwd_kernel[grid](base, xa, B, g, bias if bias is not None else g, out,
                                        lora if write_lora else out, T, N, R, s, HAS_BIAS=bias is not None,
                                        WRITE_LORA=write_lora, ODD=out.dtype != torch.float32, BLOCK_T=LC_BLOCK_T,
-                                       BLOCK_N=LC_BLOCK_N, BLOCK_R=LC_BLOCK_R, num_warps=LC_WARPS, num_stages=LC_STAGES,
-                                       enable_fp_fusion=False)
+                                       BLOCK_N=LC_BLOCK_N, BLOCK_R=lc_block_r(R), num_warps=LC_WARPS,
+                                       num_stages=LC_STAGES, enable_fp_fusion=False)
     return out, lora
 
 
@@ -189,7 +196,8 @@ def lora_compose_backward_fused_all(dy, base, xa, B, g, s: float, need_base: boo
         dy, base if need_g else dy, xa, B, g, d_base if need_base else dy, partial if need_g else g,
         M if need_B else g, d_B if need_B else g, gsB if need_xa else g, T, N, R, s, rows,
         WRITE_DBASE=need_base, WRITE_DG=need_g, WRITE_DB=need_B, WRITE_GSB=need_xa, BLOCK_T=LC_BLOCK_T,
-        BLOCK_N=LC_BLOCK_N, BLOCK_R=LC_BLOCK_R, num_warps=LC_WARPS, num_stages=LC_STAGES, enable_fp_fusion=False)
+        BLOCK_N=LC_BLOCK_N, BLOCK_R=lc_block_r(R), num_warps=LC_WARPS, num_stages=LC_STAGES,
+        enable_fp_fusion=False)
     if need_g:
         _sum_splits_kernel[(triton.cdiv(N, RED_BLOCK),)](partial, d_g, N, splits, BLOCK=RED_BLOCK)
     d_xa = (dy @ gsB).to(xa.dtype) if need_xa else None
