@@ -33,10 +33,11 @@ def _device_line(rep: dict) -> str:
             f"{rep['config']['seed']}; {p.get('time_utc', '?')}")
 
 
-def targets_table(rep: dict) -> str:
+def targets_table(rep: dict, measured_only: bool = False) -> str:
+    rows = [t for t in rep.get("targets", []) if not (measured_only and t["met"] is None)]
     return _table(["target", "limit", "measured", "met"],
                   [[t["target"], t["limit"], t["measured"], "–" if t["met"] is None else ("yes" if t["met"] else "**no**")]
-                   for t in rep.get("targets", [])])
+                   for t in rows])
 
 
 def compose_table(rows: list) -> str:
@@ -157,8 +158,11 @@ def check_report(rep) -> None:
 
 def readme_section(rep: dict, report_path: str) -> str:
     """The README's performance section: the targets and the headline rows, linked to the full report."""
+    skipped = sum(t["met"] is None for t in rep.get("targets", []))
     L = [f"Measured by `dora-verify bench` on {_device_line(rep)}. Full report: [`{report_path}`]({report_path}).", "",
-         targets_table(rep), ""]
+         targets_table(rep, measured_only=True), ""]
+    if skipped:
+        L += [f"({skipped} targets of parts this run did not measure are listed in the full report.)", ""]
     comp = [r for r in rep.get("compose") or [] if r["T"] * r["d_out"] >= 4096 * 8192]
     if comp:
         L += ["Compose (bf16), fused vs eager PyTorch:", "", compose_table(comp), ""]

@@ -13,7 +13,7 @@ from dora_verify.bench_report import README_BEGIN, README_END, bench_markdown, r
 from dora_verify.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ROOT / "reports" / "bench-h100" / "bench.json"
+COMMITTED = ROOT / "reports" / "h200" / "bench" / "bench.json"
 
 
 def _t(ms, peak=None):
@@ -127,13 +127,13 @@ def test_render_a_saved_report_and_its_readme_section(tmp_path):
     assert bench_markdown(rep).count("| target | limit | measured | met |") == 1
 
 
-@pytest.mark.skipif(not COMMITTED.exists(), reason="no committed H100 bench report yet")
+@pytest.mark.skipif(not COMMITTED.exists(), reason="no committed bench report yet")
 def test_readme_performance_section_is_generated_from_the_committed_report():
     rep = json.loads(COMMITTED.read_text())
     text = (ROOT / "README.md").read_text()
     block = text.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
-    assert block.strip() == readme_section(rep, "reports/bench-h100/bench.md").strip(), \
-        "regenerate: dora-verify bench --render reports/bench-h100/bench.json --out reports/bench-h100 --readme README.md"
+    assert block.strip() == readme_section(rep, "reports/h200/bench/bench.md").strip(), \
+        "regenerate: dora-verify bench --render reports/h200/bench/bench.json --out reports/h200/bench --readme README.md"
     assert rep["provenance"]["device"]["name"].startswith("NVIDIA") and not rep["config"]["quick"]
 
 
