@@ -675,7 +675,7 @@ def run_certify(cfg: CertifyConfig, progress=None) -> dict:
     device = resolve_device(cfg.device)
     if cfg.impl is None:
         check_tier(device, cfg.tier or default_tier(device))
-    prov = provenance(device)
+    prov = provenance(device, [cfg.impl] if cfg.impl else ())
     meta = {"commit": prov.get("git", {}).get("commit"), "versions": prov.get("versions"),
             "device_name": prov.get("device", {}).get("name", prov.get("device", {}).get("cpu"))}
     results = []

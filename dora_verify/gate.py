@@ -617,7 +617,7 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
         g["hard_failures"] = _hard_failures(g, cfg.fa_limit)
         if g["crashes"] == g["cases"]:  # nothing was scored: no metric reads as a perfect 0
             g["max_ulp"] = g["fa_ratio"] = g["nonfinite_mismatch"] = g["nondeterministic"] = None
-    return {"kind": "gate", "provenance": provenance(dev), "environment": environment(dev, fingerprint,
+    return {"kind": "gate", "provenance": provenance(dev, [im.name for im in impls]), "environment": environment(dev, fingerprint,
                                                                                       [im.name for im in impls]),
             "config": {"impls": [im.name for im in impls], "dtypes": list(cfg.dtypes), "seed": cfg.seed,
                        "fa_limit": cfg.fa_limit, "case_ids": list(cfg.case_ids), "case_timeout": cfg.case_timeout,

@@ -30,6 +30,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .provenance import png_metadata, stamp_png
 from .sweep import nan_to_none
 
 
@@ -469,6 +470,9 @@ def write_bundle(rep: dict, out_dir: "str | Path", markdown, extra=None, json_na
         stage = Path(tempfile.mkdtemp(prefix=f".{real.name}.dv-{os.getpid()}-", dir=real.parent))
         os.chmod(stage, os.stat(real).st_mode & 0o7777)
         files = list(extra(stage)) if extra else []
+        for f in files:
+            if Path(f).suffix == ".png":
+                stamp_png(f, png_metadata(rep))
         (stage / md_name).write_text(markdown(files), encoding="utf-8")
         files.append(stage / md_name)
         with open(stage / json_name, "w", encoding="utf-8") as fh:

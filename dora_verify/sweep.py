@@ -540,7 +540,7 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
         "schema_version": SCHEMA_VERSION,
         "tool": "dora-verify",
         "kind": "sweep",
-        "provenance": provenance(dev),
+        "provenance": provenance(dev, cfg.impls),
         "config": cfg_dict,
         "headline": headline(paper, g_recs),
         "experiments": {
