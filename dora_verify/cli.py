@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"optional experiments run after the standard sweep, each a section of the report: "
                          f"{', '.join(EXPERIMENTS)}, all or none (default none)")
     sw.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    sw.add_argument("--csv", action="store_true",
+                    help="also write report.csv: every value in long format (section, record, field, value, text)")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     ce = sub.add_parser("certify", help="targeted hypothesis search for inputs that break the a-priori error bounds")
     ce.add_argument("--targets", default=None,
@@ -351,20 +353,19 @@ def _gate(args) -> int:
 
 
 def _bench(args) -> int:
-    import json
     import os
     from pathlib import Path
 
     from .bench import BenchConfig, check_available, run_bench
     from .bench_report import check_report, update_readme, write_bench_report
-    from .report import ReportPathError, check_writable
+    from .report import ReportPathError, check_writable, load_report
 
     if args.readme and not args.render:
         raise UsageError("--readme needs --render BENCH_JSON (the README section is generated from a saved report)")
     if args.render:
         try:
-            rep = json.loads(Path(args.render).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
+            rep = load_report(args.render)
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
             raise UsageError(f"cannot read bench report {args.render!r}: {e}") from None
         if not isinstance(rep, dict) or rep.get("kind") != "bench":
             raise UsageError(f"{args.render!r} is not a dora-verify bench report (no \"kind\": \"bench\")")
@@ -417,7 +418,7 @@ def _sweep(args) -> int:
     check_writable(args.out)
     rep = run_sweep(cfg, progress=_Progress(not args.quiet))
     rep["run_id"] = f"{rep['provenance']['time_utc']}-seed{cfg.seed}"
-    files = write_report(rep, args.out, plots=not args.no_plots)
+    files = write_report(rep, args.out, plots=not args.no_plots, csv=args.csv)
     h = rep["headline"]["paper_figure1"]
     failed = failed_rows(rep)
     ran = "".join(f"; {name} {rep['timings_s'][name]:.0f} s" for name in cfg.experiments)

@@ -140,7 +140,11 @@ def png_metadata(rep: dict) -> dict:
 
 
 def stamp_png(path, metadata: dict) -> None:
-    """Rewrite the PNG at ``path`` with ``metadata`` as text chunks (lossless re-encode)."""
+    """Rewrite the PNG at ``path`` with ``metadata`` as text chunks (lossless re-encode); a file that is not a PNG
+    (no PNG signature) is left alone."""
+    with open(path, "rb") as fh:
+        if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+            return
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -31,7 +32,6 @@ import tempfile
 from pathlib import Path
 
 from .provenance import png_metadata, stamp_png
-from .sweep import nan_to_none
 
 
 class ReportPathError(ValueError):
@@ -458,6 +458,97 @@ def _swap(stage: Path, real: Path) -> Path:
     return backup
 
 
+NONFINITE_KEY = "nonfinite"
+
+
+def _pointer_token(key) -> str:
+    return str(key).replace("~", "~0").replace("/", "~1")  # RFC 6901
+
+
+def strict_json(obj):
+    """``obj`` with every non-finite float replaced by ``null``, and where they were: {JSON Pointer (RFC 6901):
+    "inf" | "-inf" | "nan"}. The report's JSON is strict (RFC 8259: every number finite, no strings standing in for
+    numbers, so numeric columns stay numeric in pandas/Parquet); :func:`load_report` puts the values back."""
+    found = {}
+
+    def walk(o, path):
+        if isinstance(o, float) and not math.isfinite(o):
+            found[path] = "nan" if o != o else ("inf" if o > 0 else "-inf")
+            return None
+        if isinstance(o, dict):
+            return {k: walk(v, f"{path}/{_pointer_token(k)}") for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(o)]
+        return o
+    return walk(obj, ""), found
+
+
+def report_document(rep: dict) -> dict:
+    """What ``report.json`` holds: :func:`strict_json` of ``rep``, plus the top-level ``"nonfinite"`` map when any
+    value was non-finite."""
+    doc, found = strict_json(rep)
+    if found:
+        doc[NONFINITE_KEY] = found
+    return doc
+
+
+def load_report(path: "str | Path") -> dict:
+    """A report.json/bench.json read back with its non-finite values restored (the inverse of
+    :func:`report_document`; reports written before it, with "inf" strings, read as they are)."""
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    for pointer, value in (doc.pop(NONFINITE_KEY, None) or {}).items() if isinstance(doc, dict) else ():
+        *parents, last = [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]]
+        node = doc
+        for t in parents:
+            node = node[int(t)] if isinstance(node, list) else node[t]
+        if isinstance(node, list):
+            node[int(last)] = float(value)
+        else:
+            node[last] = float(value)
+    return doc
+
+
+CSV_COLUMNS = ("section", "record", "field", "value", "text")
+
+
+def long_rows(rep: dict) -> list:
+    """The report's data in long format: one row per leaf — (section, record, field, value, text). A list of records
+    (a table) becomes a section of its own, each record numbered; ``field`` is the dotted path inside the record;
+    numbers go to ``value`` (non-finite ones as inf/-inf/nan), everything else to ``text``."""
+    rows = []
+
+    def walk(o, section, record, field):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, section, record, f"{field}.{k}" if field else str(k))
+        elif isinstance(o, (list, tuple)) and o and all(isinstance(v, dict) for v in o):
+            table = f"{section}.{field}" if field else section
+            for i, v in enumerate(o):
+                walk(v, table, f"{record}/{i}" if record else str(i), "")
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, section, record, f"{field}[{i}]")
+        elif isinstance(o, (int, float)) and not isinstance(o, bool):
+            rows.append((section, record, field, float(o), ""))
+        else:
+            rows.append((section, record, field, None, "" if o is None else str(o)))
+    for name in ("headline", "experiments"):
+        walk(rep.get(name) or {}, name, "", "")
+    return rows
+
+
+def write_csv(rep: dict, path: "str | Path") -> Path:
+    """:func:`long_rows` as CSV (header :data:`CSV_COLUMNS`; pandas reads ``value`` as float, inf/nan included)."""
+    import csv
+
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(CSV_COLUMNS)
+        for sec, rec, field, value, text in long_rows(rep):
+            w.writerow((sec, rec, field, "" if value is None else repr(value), text))
+    return Path(path)
+
+
 def write_bundle(rep: dict, out_dir: "str | Path", markdown, extra=None, json_name: str = "report.json",
                  md_name: str = "report.md") -> list:
     """Write ``json_name`` (strict JSON of ``rep``), ``md_name`` (``markdown(files)`` → text, given the staged
@@ -476,7 +567,7 @@ def write_bundle(rep: dict, out_dir: "str | Path", markdown, extra=None, json_na
         (stage / md_name).write_text(markdown(files), encoding="utf-8")
         files.append(stage / md_name)
         with open(stage / json_name, "w", encoding="utf-8") as fh:
-            json.dump(nan_to_none(rep), fh, indent=1, allow_nan=False)
+            json.dump(report_document(rep), fh, indent=1, allow_nan=False)
         files.append(stage / json_name)
         _carry(real, stage)
         for f in files:
@@ -494,7 +585,15 @@ def write_bundle(rep: dict, out_dir: "str | Path", markdown, extra=None, json_na
     return [out / f.name for f in files]
 
 
-def write_report(rep: dict, out_dir: "str | Path", plots: bool = True) -> list:
-    """Write report.json, report.md and the plots into ``out_dir`` as one set (see module doc)."""
-    return write_bundle(rep, out_dir, lambda files: sweep_markdown(rep, files),
-                        (lambda stage: sweep_plots(rep, stage) + experiment_plots(rep, stage)) if plots else None)
+def write_report(rep: dict, out_dir: "str | Path", plots: bool = True, csv: bool = False) -> list:
+    """Write report.json, report.md, the plots and (``csv``) report.csv (:func:`long_rows`) into ``out_dir`` as one
+    set (see module doc)."""
+    def extra(stage):
+        files = (sweep_plots(rep, stage) + experiment_plots(rep, stage)) if plots else []
+        return files + ([write_csv(rep, stage / "report.csv")] if csv else [])
+    def markdown(files):
+        pngs = [f for f in files if Path(f).suffix == ".png"]
+        md = sweep_markdown(rep, pngs)
+        return md + ("\nData in long format: [`report.csv`](report.csv) (section, record, field, value, text).\n"
+                     if csv else "")
+    return write_bundle(rep, out_dir, markdown, extra if (plots or csv) else None)

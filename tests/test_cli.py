@@ -1,7 +1,9 @@
 """CLI: every bad input exits 2 with one line (Ctrl-C: 130, one line); a small sweep writes a complete,
 strict-JSON report; an --impl's failures are failed rows, its NaNs are visible."""
+import csv
 import errno
 import json
+import math
 import os
 import stat
 import time
@@ -11,6 +13,7 @@ import torch
 
 import dora_verify.sweep as S
 from dora_verify.cli import main
+from dora_verify.report import load_report
 
 SMALL = ["sweep", "--shape", "64x48", "--tokens", "32", "--grid-tokens", "8", "--rank", "4", "--ranks", "2,4",
          "--quiet"]
@@ -389,13 +392,35 @@ def test_impl_failures_at_run_time_are_failed_rows(impls, tmp_path, capsys):
 
 def test_nonfinite_results_are_visible_not_exact(impls, tmp_path):
     out = tmp_path / "rep"
-    assert main(FAST + impls("all_nan", "NanNorm") + ["--out", str(out)]) == 0
-    rep = json.loads((out / "report.json").read_text())
-    y = next(r["y"] for r in rep["experiments"]["compose_regimes"] if r["form"] == "impl:dv_cli_impls:all_nan")
-    assert y["max_ulp"] == "inf" and y["max_abs"] == "inf" and y["nan"] == 8 * 64 and y["frac_correctly_rounded"] == 0
-    assert rep["headline"]["below_bf16_resolution"]["by_form"]["impl:dv_cli_impls:all_nan"]["y_max_ulp_max"] == "inf"
+    assert main(FAST + impls("all_nan", "NanNorm") + ["--out", str(out), "--csv"]) == 0
+    text = (out / "report.json").read_text()
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+    raw = json.loads(text, parse_constant=refuse)  # strict JSON: no NaN/Infinity tokens
+    def strings(o):
+        if isinstance(o, dict):
+            return [x for v in o.values() for x in strings(v)]
+        return [x for v in o for x in strings(v)] if isinstance(o, list) else [o] if isinstance(o, str) else []
+    nonfinite = raw.pop("nonfinite")
+    assert nonfinite and not {"inf", "-inf", "nan"} & set(strings(raw))  # no strings standing in for numbers
+    i = next(i for i, r in enumerate(raw["experiments"]["compose_regimes"]) if r["form"] == "impl:dv_cli_impls:all_nan")
+    assert raw["experiments"]["compose_regimes"][i]["y"]["max_ulp"] is None
+    assert nonfinite[f"/experiments/compose_regimes/{i}/y/max_ulp"] == "inf"
+    rep = load_report(out / "report.json")
+    y = rep["experiments"]["compose_regimes"][i]["y"]
+    assert y["max_ulp"] == math.inf and y["max_abs"] == math.inf and y["nan"] == 8 * 64 and y["frac_correctly_rounded"] == 0
+    assert rep["headline"]["below_bf16_resolution"]["by_form"]["impl:dv_cli_impls:all_nan"]["y_max_ulp_max"] == math.inf
     nu = next(r for r in rep["experiments"]["norm_regimes"] if r["form"] == "impl:dv_cli_impls:NanNorm")
-    assert nu["max_rel"] == "inf" and nu["nan"] == 64
+    assert nu["max_rel"] == math.inf and nu["nan"] == 64
+    with open(out / "report.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    cell = next(r for r in rows if r["section"] == "experiments.compose_regimes" and r["record"] == str(i)
+                and r["field"] == "y.max_ulp")
+    assert float(cell["value"]) == math.inf
+    assert any(r["field"] == "form" and r["text"] == "impl:dv_cli_impls:all_nan" for r in rows)
+    numeric = [float(r["value"]) for r in rows if r["value"]]  # every value column entry parses as a float
+    assert len(numeric) > 100 and "report.csv" in (out / "report.md").read_text()
     md = (out / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| trained | impl:dv_cli_impls:all_nan |"))
     assert row.split(" | ")[2] == "inf" and "512 NaN" in row

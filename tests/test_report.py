@@ -156,3 +156,22 @@ def test_full_disk_keeps_the_previous_set_and_raises_one_error(tmp_path, monkeyp
     with pytest.raises(R.ReportWriteError, match="No space left"):
         R.atomic_write(out / "notes.txt", lambda fh: fh.write(b"new notes"))
     assert snapshot(out) == before and sorted(os.listdir(tmp_path)) == ["rep"]
+
+
+def test_strict_json_round_trips_non_finite_values(tmp_path):
+    """report.json is strict JSON: non-finite floats are null in place and listed under "nonfinite" by JSON
+    Pointer (RFC 6901, keys with '/' and '~' escaped); load_report restores them."""
+    import json
+    import math
+
+    from dora_verify.report import load_report, report_document
+
+    rep = {"a/b": [1.0, math.inf, {"~x": -math.inf}], "n": math.nan, "ok": 2, "s": "inf"}
+    doc = report_document(rep)
+    assert doc["nonfinite"] == {"/a~1b/1": "inf", "/a~1b/2/~0x": "-inf", "/n": "nan"}
+    assert doc["a/b"][1] is None and doc["n"] is None and doc["s"] == "inf"
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(doc, allow_nan=False))
+    back = load_report(path)
+    assert back["a/b"][1] == math.inf and back["a/b"][2]["~x"] == -math.inf and math.isnan(back["n"])
+    assert back["ok"] == 2 and "nonfinite" not in back
