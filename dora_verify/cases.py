@@ -45,13 +45,23 @@ def scaling(alpha: float, rank: int, rslora: bool = False) -> float:
     return float(np.float32(alpha / (math.sqrt(rank) if rslora else rank)))
 
 
-def g_offsets(lo: float = 1e-6, hi: float = 1e-1, per_decade: int = 3) -> list:
-    """g − 1 values for a sweep across 1: ±log-spaced from ``lo`` to ``hi`` (below and above bf16
-    resolution), 0, the bf16 threshold ±2⁻⁹, and the bf16-representable offsets +2⁻⁷, +2⁻⁶, −2⁻⁸, −2⁻⁷."""
+G_GRID = (1e-6, 1e-1, 3)  # default --g-grid: |g − 1| from 1e-6 to 1e-1, 3 points a decade
+
+
+def g_offsets(lo: float = G_GRID[0], hi: float = G_GRID[1], per_decade: int = G_GRID[2], dtype="bf16") -> list:
+    """g − 1 values for a sweep across 1: ±log-spaced from ``lo`` to ``hi`` (``per_decade`` a decade), 0, the
+    format's resolution threshold ±2^-(p+1) (:func:`dora_verify.formats.g_resolution`: bf16 ±2⁻⁹) and its
+    representable offsets +ulp(1), +2·ulp(1), −ulp(1)/2, −ulp(1) (bf16: +2⁻⁷, +2⁻⁶, −2⁻⁸, −2⁻⁷)."""
+    from .formats import parse_format
+
+    if not (0 < lo < hi) or per_decade < 1:
+        raise ValueError(f"g grid needs 0 < lo < hi and per_decade ≥ 1, got {lo}, {hi}, {per_decade}")
     decades = math.log10(hi / lo)
-    n = int(round(decades * per_decade)) + 1
+    n = max(2, int(round(decades * per_decade)) + 1)
     mags = [lo * 10 ** (k * decades / (n - 1)) for k in range(n)]
-    special = [2.0 ** -9, -2.0 ** -9, 2.0 ** -7, 2.0 ** -6, -2.0 ** -8, -2.0 ** -7]
+    p = parse_format(dtype).p
+    u1 = 2.0 ** (1 - p)  # ulp(1)
+    special = [u1 / 4, -u1 / 4, u1, 2 * u1, -u1 / 2, -u1]
     vals = {0.0, *special, *mags, *(-m for m in mags)}
     return sorted(vals)
 

@@ -5,6 +5,7 @@ rows marked) and exits 1. Genuine internal bugs keep their traceback."""
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -49,6 +50,20 @@ def _int_list(text: str):
     if not vals or any(v <= 0 for v in vals):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return tuple(vals)
+
+
+def _g_grid(text: str):
+    """LO:HI:PER_DECADE, 0 < LO < HI ≤ 1, PER_DECADE an integer from 1 to 50 (the g sweep's |g − 1| grid)."""
+    parts = text.split(":")
+    try:
+        lo, hi, per = float(parts[0]), float(parts[1]), int(parts[2])
+        if len(parts) != 3:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"expected LO:HI:PER_DECADE such as 1e-6:1e-1:3, got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi <= 1) or not 1 <= per <= 50:
+        raise argparse.ArgumentTypeError(f"need 0 < LO < HI ≤ 1 and 1 ≤ PER_DECADE ≤ 50, got {text!r}")
+    return lo, hi, per
 
 
 def _seed(text: str) -> int:
@@ -143,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--experiments", default="none", metavar="NAME[,NAME...]",
                     help=f"optional experiments run after the standard sweep, each a section of the report: "
                          f"{', '.join(EXPERIMENTS)}, all or none (default none)")
+    sw.add_argument("--g-grid", type=_g_grid, default=None, metavar="LO:HI:PER_DECADE",
+                    help="|g − 1| of the g sweep: log-spaced from LO to HI, PER_DECADE points a decade, both signs, "
+                         "plus 0 and the dtype's resolution offsets (default 1e-6:1e-1:3)")
     sw.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     sw.add_argument("--csv", action="store_true",
                     help="also write report.csv: every value in long format (section, record, field, value, text)")
@@ -411,7 +429,8 @@ def _sweep(args) -> int:
     impls = tuple(dict.fromkeys(args.impl))
     cfg = SweepConfig(d_out=args.shape[0], d_in=args.shape[1], tokens=args.tokens, grid_tokens=args.grid_tokens,
                       rank=args.rank, alpha=args.alpha, rslora=args.rslora, dtype=args.dtype, seed=args.seed,
-                      device=args.device, ranks=args.ranks, regimes=regimes, impls=impls, experiments=experiments)
+                      device=args.device, ranks=args.ranks, regimes=regimes, impls=impls, experiments=experiments,
+                      **({"g_grid": args.g_grid} if args.g_grid else {}))
     cfg.validate()  # everything below fails before minutes of work
     check_memory(cfg, resolve_device(args.device))  # cuda without a GPU, a sweep too large for the machine
     load_impls(impls)  # an unknown or broken --impl

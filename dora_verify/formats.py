@@ -63,6 +63,12 @@ _ALIASES = {
 _BY_TORCH = {f.torch_dtype: f for f in FORMATS.values()}
 
 
+def g_resolution(fmt: "str | torch.dtype | FloatFormat") -> float:
+    """2^-(p+1): the largest t with RN_fmt(1 + d) = 1 for every |d| ≤ t (ties to even; above 1 the interval reaches
+    2^-p, below 1 only 2^-(p+1)). bf16 2⁻⁹, fp16 2⁻¹², fp32 2⁻²⁵: a DoRA scale g that close to 1 rounds to 1."""
+    return 2.0 ** -(parse_format(fmt).p + 1)
+
+
 def parse_format(name: "str | torch.dtype | FloatFormat") -> FloatFormat:
     """The format for a name (``bf16``, ``bfloat16``, ``fp32``...), a torch dtype or a format.
 

@@ -31,6 +31,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .formats import g_resolution
 from .provenance import png_metadata, stamp_png
 
 
@@ -143,15 +144,19 @@ def sweep_markdown(rep: dict, plots: list) -> str:
     L += ["", f"- naive / stable, paper's protocol: **{_fmt(p['ratio_naive_over_stable_paper_protocol'])}×** "
           "(the paper reports 3.0×: 0.0234 vs 0.0078).",
           f"- naive / stable against the exact Δ of the rounded inputs: **{_fmt(p['ratio_naive_over_stable_exact'])}** — "
-          "at g = 1 the stable form is exact (Δ = s·lora needs no rounding when s is a power of two), so the paper's "
-          "0.0078 'floor' is the quantisation of its *inputs*, not an error of the stable form; the naive form's "
-          f"error ({_fmt(p['forms']['naive']['max_abs_vs_exact'])}) is all cancellation.", ""]
-    b = h["below_bf16_resolution"]
-    L += [f"**What rounding g to {cfg['dtype']} loses when 1e-4 ≤ |g − 1| < 2⁻⁹** ({b['points']} points of the g sweep; g "
-          "rounds to exactly 1). *Correction lost* is the least-squares slope of −β_i on (g_i − 1) across output "
+          + _stable_at_g1_sentence(p, cfg["dtype"]), ""]
+    b = h.get("below_resolution") or h["below_bf16_resolution"]  # reports before schema 1.1 name it for bf16
+    thr, dt = b.get("threshold", 2.0 ** -9), b.get("dtype", cfg["dtype"])
+    L += [f"**What rounding g to {dt} loses when {_fmt(b.get('lo', 1e-4))} ≤ |g − 1| < {_pow2(thr)}** "
+          f"({b['points']} points of the g sweep; there g rounds to exactly 1 in {dt}). *Correction lost* is the "
+          "least-squares slope of −β_i on (g_i − 1) across output "
           "features, where β_i is the error of the scale output feature i effectively applied, measured beyond the "
           "correctly rounded output (which itself cannot carry every sub-resolution scale change): 1 = the whole "
           "magnitude update (g − 1) is lost, 0 = nothing beyond the floor, < 0 = over-applied.", ""]
+    if not b["points"]:
+        L += [f"No point of this g grid lies in that range ({dt}'s resolution {_pow2(thr)} is below "
+              f"{_fmt(b.get('lo', 1e-4))}, or the grid skips it: `--g-grid`); rounding g to {dt} there is not measured.",
+              ""]
     rows = [[f, v["g_correction_lost_min"], v["g_correction_lost_max"], v["y_frac_correctly_rounded_min"],
              v["y_max_ulp_max"], v.get("y_nonfinite_max"), v["delta_normwise_rel_max"]] for f, v in b["by_form"].items()]
     L.append(_table(["form", "correction lost (min)", "correction lost (max)", "y correctly rounded (min)",
@@ -274,8 +279,9 @@ def sweep_plots(rep: dict, folder: Path) -> list:
         ax.set_xscale("symlog", linthresh=1e-6)
         if ylog:
             ax.set_yscale("log")
-        ax.axvspan(-2.0 ** -9, 2.0 ** -9, color="0.9", zorder=0)
-        ax.set_xlabel("g − 1  (shaded: g rounds to 1 in bf16)")
+        thr = g_resolution(cfg["dtype"])
+        ax.axvspan(-thr, thr, color="0.9", zorder=0)
+        ax.set_xlabel(f"g − 1  (shaded: |g − 1| < {_pow2(thr)}, g rounds to 1 in {cfg['dtype']})")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[2].set_ylim(-0.5, 1.5)
@@ -456,6 +462,28 @@ def _swap(stage: Path, real: Path) -> Path:
         os.rename(backup, real)  # never leave OUT missing when we can help it
         raise
     return backup
+
+
+def _pow2(x: float) -> str:
+    """2^-k as '2⁻ᵏ' when x is a power of two, else the plain number."""
+    m, e = math.frexp(x)
+    if m != 0.5:
+        return _fmt(x)
+    sup = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+    return "2" + str(e - 1).translate(sup)
+
+
+def _stable_at_g1_sentence(p: dict, dtype: str) -> str:
+    """What the paper-protocol table shows about the stable form at g = 1, from its own numbers."""
+    naive = _fmt(p["forms"]["naive"]["max_abs_vs_exact"])
+    err = p["forms"]["stable_gcast"]["max_abs_vs_exact"]
+    if err == 0:
+        return ("at g = 1 the stable form is exact (Δ = s·lora needs no rounding when s is a power of two), so the "
+                "paper's 0.0078 'floor' is the quantisation of its *inputs*, not an error of the stable form; the naive "
+                f"form's error ({naive}) is all cancellation.")
+    return (f"at g = 1 the stable form's error against the exact Δ is {_fmt(err)} (its own output rounding in {dtype}), "
+            "so the paper's 'floor' is mostly the quantisation of its *inputs*, not an error of the stable form; the "
+            f"naive form's error ({naive}) is cancellation on top of that.")
 
 
 NONFINITE_KEY = "nonfinite"

@@ -33,12 +33,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import forms as F
-from .cases import REGIMES, g_offsets, make_case, scaling
-from .formats import parse_format
+from .cases import G_GRID, REGIMES, g_offsets, make_case, scaling
+from .formats import g_resolution, parse_format
 from .metrics import Reference, compare, effective_scale_error, ratio
 from .oracles import certified_round, compose_truth, row_norm_truth
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: headline.below_resolution (was below_bf16_resolution), strict JSON "nonfinite"
 PAPER_SCALE = 0.5
 MAX_SEED = 2**32 - 1  # numpy's legacy limit; every generator here (torch, hypothesis, numpy) takes 0 .. 2**32 - 1
 
@@ -62,6 +62,7 @@ class SweepConfig:
     adapter_ratio: float = 0.1
     impls: tuple = ()  # --impl specs (peft, kernels, module:callable) measured beside the forms
     experiments: tuple = ()  # optional experiments (names of EXPERIMENTS), run after the standard ones
+    g_grid: tuple = G_GRID  # (lo, hi, per_decade) of |g − 1| in the g sweep (cases.g_offsets)
 
     @property
     def s(self) -> float:
@@ -84,6 +85,10 @@ class SweepConfig:
         if not (math.isfinite(s) and s > 0):
             raise ValueError(f"LoRA scaling s = alpha/{'sqrt(r)' if self.rslora else 'r'} = {s} in fp32: "
                              "need a positive finite fp32 value (choose another --alpha)")
+        lo, hi, per = self.g_grid
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi <= 1) or int(per) != per or not 1 <= per <= 50:
+            raise ValueError(f"g grid must be LO:HI:PER_DECADE with 0 < LO < HI ≤ 1 and 1 ≤ PER_DECADE ≤ 50, "
+                             f"got {lo}:{hi}:{per}")
         fmt = parse_format(self.dtype)
         if fmt.bits == 64:
             raise ValueError("dtype fp64 is the oracle's own precision: choose bf16, fp16 or fp32")
@@ -268,7 +273,7 @@ def compose_g_sweep(cfg: SweepConfig, device, tick, impls=()) -> list:
                      cfg.adapter_ratio, device)
     base, lora = case.compose_inputs()
     recs = []
-    for delta in g_offsets():
+    for delta in g_offsets(*cfg.g_grid, dtype=cfg.dtype):
         g32 = torch.tensor(1.0 + delta, dtype=torch.float32)
         g = g32.expand(cfg.d_out).contiguous().to(device)
         recs += _compose_records(base, lora, g, case.s, {"g_minus_1": float(g32.double() - 1.0), "g_offset_nominal": delta},
@@ -359,15 +364,19 @@ def _median_or_none(xs):
     return xs[len(xs) // 2] if xs else None
 
 
-def headline(paper: dict, g_recs: list) -> dict:
-    """The numbers the report leads with."""
+BELOW_RESOLUTION_LO = 1e-4  # smallest |g − 1| whose correction the per-row regression resolves above rounding noise
+
+
+def headline(paper: dict, g_recs: list, dtype: str = "bf16") -> dict:
+    """The numbers the report leads with; ``dtype``: the sweep's (its g resolution picks the sub-resolution points)."""
     h = {"paper_figure1": {k: paper[k] for k in ("ratio_naive_over_stable_paper_protocol", "ratio_naive_over_stable_exact",
                                                  "floor_unrounded", "floor_exact")}}
     h["paper_figure1"]["naive_max_abs_vs_unrounded"] = paper["forms"]["naive"]["max_abs_vs_unrounded_fp64"]
     h["paper_figure1"]["stable_max_abs_vs_unrounded"] = paper["forms"]["stable_gcast"]["max_abs_vs_unrounded_fp64"]
-    # g rounding loss: points with 1e-4 <= |g - 1| < 2^-9: g rounds to exactly 1 in bf16, and the
+    # g rounding loss: points with 1e-4 <= |g - 1| < 2^-(p+1): g rounds to exactly 1 in the sweep's dtype, and the
     # correction is large enough for the per-row regression to resolve it above rounding noise
-    below = [r for r in g_recs if 1e-4 <= abs(r["g_minus_1"]) < 2.0 ** -9 and not r.get("failed")]
+    thr = g_resolution(dtype)
+    below = [r for r in g_recs if BELOW_RESOLUTION_LO <= abs(r["g_minus_1"]) < thr and not r.get("failed")]
     by_form = {}
     for r in below:
         by_form.setdefault(r["form"], []).append(r)
@@ -383,7 +392,8 @@ def headline(paper: dict, g_recs: list) -> dict:
             "g_correction_lost_min": _worst(min, (x["g_correction_lost"] for x in rs)),
             "g_correction_lost_max": _worst(max, (x["g_correction_lost"] for x in rs)),
         }
-    h["below_bf16_resolution"] = {"points": len({r["g_minus_1"] for r in below}), "by_form": loss}
+    h["below_resolution"] = {"dtype": dtype, "threshold": thr, "lo": BELOW_RESOLUTION_LO,
+                             "points": len({r["g_minus_1"] for r in below}), "by_form": loss}
     at1 = {r["form"]: r for r in g_recs if r["g_minus_1"] == 0.0 and not r.get("failed")}
     if at1:
         h["g_equals_1"] = {f: {"y_max_ulp": r["y"]["max_ulp"], "y_frac_correctly_rounded": r["y"]["frac_correctly_rounded"],
@@ -506,7 +516,7 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
     check_memory(cfg, dev)
     cfg.device = str(dev)
     torch.manual_seed(cfg.seed)
-    n_g = len(g_offsets())
+    n_g = len(g_offsets(*cfg.g_grid, dtype=cfg.dtype))
     extra = {name: experiment_module(name) for name in cfg.experiments}
     steps = _Steps(1 + n_g + 2 * len(cfg.regimes) + len(cfg.ranks) + sum(int(m.steps(cfg)) for m in extra.values()),
                    progress)
@@ -542,7 +552,7 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
         "kind": "sweep",
         "provenance": provenance(dev, cfg.impls),
         "config": cfg_dict,
-        "headline": headline(paper, g_recs),
+        "headline": headline(paper, g_recs, cfg.dtype),
         "experiments": {
             "paper_figure1": paper,
             "compose_g_sweep": g_recs,

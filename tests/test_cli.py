@@ -85,7 +85,7 @@ def test_small_sweep_writes_complete_report(tmp_path, capsys):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["compose_error_vs_g.png", "norm_error.png", "report.json", "report.md"]
     rep = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
-    assert rep["schema_version"] == "1.0" and rep["config"]["seed"] == 3 and rep["config"]["d_out"] == 64
+    assert rep["schema_version"] == S.SCHEMA_VERSION and rep["config"]["seed"] == 3 and rep["config"]["d_out"] == 64
     assert {"git", "versions", "device", "time_utc"} <= set(rep["provenance"])
     assert set(rep["experiments"]) == {"paper_figure1", "compose_g_sweep", "compose_regimes", "norm_regimes", "norm_rank"}
     forms = {r["form"] for r in rep["experiments"]["compose_g_sweep"]}
@@ -410,7 +410,7 @@ def test_nonfinite_results_are_visible_not_exact(impls, tmp_path):
     rep = load_report(out / "report.json")
     y = rep["experiments"]["compose_regimes"][i]["y"]
     assert y["max_ulp"] == math.inf and y["max_abs"] == math.inf and y["nan"] == 8 * 64 and y["frac_correctly_rounded"] == 0
-    assert rep["headline"]["below_bf16_resolution"]["by_form"]["impl:dv_cli_impls:all_nan"]["y_max_ulp_max"] == math.inf
+    assert rep["headline"]["below_resolution"]["by_form"]["impl:dv_cli_impls:all_nan"]["y_max_ulp_max"] == math.inf
     nu = next(r for r in rep["experiments"]["norm_regimes"] if r["form"] == "impl:dv_cli_impls:NanNorm")
     assert nu["max_rel"] == math.inf and nu["nan"] == 64
     with open(out / "report.csv", newline="") as fh:
@@ -449,3 +449,34 @@ def test_no_plots_leaves_no_empty_heading_and_layer_impls_are_named(tmp_path, mo
                  "--impl", "onlylayer:factory", "--no-plots", "--quiet", "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     assert "## Plots" not in md and "`--impl onlylayer:factory` (layer)" in md
+
+
+@pytest.mark.parametrize("dtype,thr,points", [("fp16", "2⁻¹²", True), ("fp32", "2⁻²⁵", False)])
+def test_report_text_is_true_for_its_dtype(tmp_path, dtype, thr, points):
+    """fp16 and fp32 sweeps say what holds in their format: the resolution below which g rounds to 1 is the
+    format's own (bf16's 2⁻⁹ appears nowhere), fp32's grid has no sub-resolution point ≥ 1e-4 and says so, and the
+    sentence on the stable form at g = 1 follows the measured error."""
+    out = tmp_path / dtype
+    assert main(SMALL + ["--regimes", "trained", "--dtype", dtype, "--out", str(out)]) == 0
+    rep = load_report(out / "report.json")
+    b = rep["headline"]["below_resolution"]
+    assert b["dtype"] == dtype and b["threshold"] == {"fp16": 2.0 ** -12, "fp32": 2.0 ** -25}[dtype]
+    assert bool(b["points"]) == points
+    md = (out / "report.md").read_text()
+    assert f"< {thr}**" in md and f"g rounds to exactly 1 in {dtype}" in md and "2⁻⁹" not in md
+    assert ("No point of this g grid" in md) == (not points)
+    exact = rep["experiments"]["paper_figure1"]["forms"]["stable_gcast"]["max_abs_vs_exact"] == 0
+    assert ("the stable form is exact" in md) == exact
+
+
+def test_g_grid_sets_the_g_sweep(tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(FAST + ["--g-grid", "1e-3:1e-1:2", "--out", str(out)]) == 0
+    rep = load_report(out / "report.json")
+    gs = sorted({r["g_minus_1"] for r in rep["experiments"]["compose_g_sweep"]})
+    mags = [abs(g) for g in gs if g]
+    assert rep["config"]["g_grid"] == [1e-3, 1e-1, 2] and min(mags) <= 1e-3 + 1e-12 and max(mags) == pytest.approx(0.1)
+    assert len([g for g in gs if g > 0]) == 5 + 3  # 1e-3 … 1e-1 at 2 a decade, and bf16's three positive offsets
+    for bad in ("1e-1:1e-3:2", "0:1e-1:2", "1e-3:2:2", "1e-3:1e-1:0", "1e-3:1e-1"):
+        assert main(FAST + ["--g-grid", bad, "--out", str(tmp_path / "x")]) == 2
+        assert "--g-grid" in capsys.readouterr().err
