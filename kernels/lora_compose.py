@@ -23,9 +23,9 @@ Numerical contract (base in bf16/fp16/fp32; xa, B in bf16/fp16 on the fused tier
   and d_xa = dy (RN_adapter(g·s ⊙ B)): the one extra rounding sits on the [d_out, r] operand where PEFT's
   autograd puts it on d_lora = RN(g·s·dy) — the same 2⁻⁹ (bf16) relative perturbation of one GEMM operand.
 * fp32 adapters (PEFT's default autocast): a Triton fp32 dot would run in TF32, so lora = F.linear(xa, B) is formed
-  by torch's GEMM for kernels/compose.py's fused compose and freed; the backward forms it again (the same GEMM on the
-  same operands: the same bits) — y and d_g are compose's on that lora, and what is kept is base, xa and B as for
-  bf16 adapters (not a [T, d_out] fp32 lora). The eager tier and compiled graphs keep the eager tier's behaviour.
+  by torch's GEMM for kernels/compose.py's compose (either tier) and freed; the backward forms it again (the same GEMM
+  on the same operands: the same bits) — y and every gradient are compose's on that lora, and what is kept is base,
+  xa and B as for bf16 adapters (not a [T, d_out] fp32 lora). Compiled graphs take the eager tier here.
 * Non-finite inputs propagate elementwise as in kernels/compose.py (same epilogue); shapes, dtypes, devices
   and ``s`` are checked by :func:`lora_compose` as by :func:`compose` (base's dtype may differ from the
   adapter's; s a float or a one-element tensor that does not require grad).
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .compose import (RED_BLOCK, SAVE_INPUTS, SAVE_NONE, _rows_cols, bwd_splits, check_bias, check_s,
                       compose_backward_eager, compose_backward_fused, compose_forward_eager, compose_forward_fused)
-from .dispatch import HAS_TRITON, Tier, no_autocast, select_tier
+from .dispatch import HAS_TRITON, Tier, autocast_off, no_autocast, select_tier
 
 if HAS_TRITON:
     import triton
@@ -326,16 +326,18 @@ class _LoRAComposeFunction(torch.autograd.Function):
 
 
 class _LoRARecomputeFunction(torch.autograd.Function):
-    """fp32 adapters on the fused tier: lora = F.linear(xa, B) is formed for the fused compose (kernels/compose.py)
-    and freed; the backward forms it again — the same GEMM on the same operands, so the same bits — for d_g, and
-    returns d_xa = d_lora B and d_B = d_loraᵀ xa as autograd through ``F.linear`` does. The forward keeps base, xa
-    and B (what the bf16 path keeps), not an activation-sized fp32 lora."""
+    """fp32 adapters: lora = F.linear(xa, B) is formed for kernels/compose.py's compose (fused or eager tier) and
+    freed; the backward forms it again — the same GEMM on the same operands, so the same bits — for d_g, and returns
+    d_xa = d_lora B and d_B = d_loraᵀ xa as autograd through ``F.linear`` does. The forward keeps base, xa and B
+    (what the bf16 path keeps), not an activation-sized fp32 lora."""
 
     @staticmethod
-    def forward(ctx, base, xa, B, g, bias, s):
-        y, _ = compose_forward_fused(base, F.linear(xa, B), g, None, bias, s, False, SAVE_NONE)
+    def forward(ctx, base, xa, B, g, bias, s, fused):
+        fwd = compose_forward_fused if fused else compose_forward_eager
+        with autocast_off():  # the GEMMs keep the adapters' fp32 under torch.autocast (module contract)
+            y, _ = fwd(base, F.linear(xa, B), g, None, bias, s, False, SAVE_NONE)
         ctx.save_for_backward(base if g.requires_grad else None, xa, B, g)
-        ctx.s, ctx.bias_dtype = s, (bias.dtype if bias is not None else None)
+        ctx.s, ctx.fused, ctx.bias_dtype = s, fused, (bias.dtype if bias is not None else None)
         return y
 
     @staticmethod
@@ -344,15 +346,22 @@ class _LoRARecomputeFunction(torch.autograd.Function):
         need_base, need_xa, need_B, need_g, need_bias = ctx.needs_input_grad[:5]
         dy = dy.contiguous()
         N, R = B.shape
+        with autocast_off():
+            return _LoRARecomputeFunction._grads(ctx, dy, base, xa, B, g, N, R, need_base, need_xa, need_B, need_g,
+                                                 need_bias)
+
+    @staticmethod
+    def _grads(ctx, dy, base, xa, B, g, N, R, need_base, need_xa, need_B, need_g, need_bias):
         lora = F.linear(xa, B) if need_g else dy.new_empty(0)
-        d_base, d_lora, d_g = compose_backward_fused(
-            dy, base if base is not None else dy.new_empty(0), lora, dy.new_empty(0), g, None, ctx.s, False,
-            SAVE_INPUTS if need_g else SAVE_NONE, dy.dtype, xa.dtype, need_base, need_xa or need_B, need_g)
+        bwd = compose_backward_fused if ctx.fused else compose_backward_eager
+        d_base, d_lora, d_g = bwd(dy, base if base is not None else dy.new_empty(0), lora, dy.new_empty(0), g, None,
+                                  ctx.s, False, SAVE_INPUTS if need_g else SAVE_NONE, dy.dtype, xa.dtype, need_base,
+                                  need_xa or need_B, need_g)
         d_lora2 = d_lora.reshape(-1, N) if (need_xa or need_B) else None
         d_xa = (d_lora2 @ B).reshape(xa.shape) if need_xa else None
         d_B = d_lora2.t() @ xa.reshape(-1, R) if need_B else None
         d_bias = dy.to(torch.float32).reshape(-1, N).sum(dim=0).to(ctx.bias_dtype) if need_bias else None
-        return d_base if need_base else None, d_xa, d_B, d_g if need_g else None, d_bias, None
+        return d_base if need_base else None, d_xa, d_B, d_g if need_g else None, d_bias, None, None
 
 
 # ----------------------------------------------------------------------------- public entry point
@@ -389,12 +398,14 @@ def lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch
     s = _check(base, xa, B, g, bias, s)
     b2, x2 = base.contiguous(), xa.contiguous()  # [..., N], [..., R]: the kernels read T rows
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (base, xa, B, g, bias))
-    if xa.dtype == torch.float32 and not torch.compiler.is_compiling() \
-            and select_tier(b2, needs_grad, tier) != Tier.EAGER:  # fp32 adapters: the fused compose, lora recomputed
+    if xa.dtype == torch.float32 and not torch.compiler.is_compiling():  # fp32 adapters: compose, lora recomputed
+        fused = select_tier(b2, needs_grad, tier) != Tier.EAGER
         bias = bias.contiguous() if bias is not None else None
         if needs_grad:
-            return _LoRARecomputeFunction.apply(b2, x2, B.contiguous(), g.contiguous(), bias, s)
-        return compose_forward_fused(b2, F.linear(x2, B), g.contiguous(), None, bias, s, False, SAVE_NONE)[0]
+            return _LoRARecomputeFunction.apply(b2, x2, B.contiguous(), g.contiguous(), bias, s, fused)
+        fwd = compose_forward_fused if fused else compose_forward_eager
+        with autocast_off():
+            return fwd(b2, F.linear(x2, B), g.contiguous(), None, bias, s, False, SAVE_NONE)[0]
     fused = (select_tier(b2, needs_grad, tier, op="lora_compose", dtype=xa.dtype) != Tier.EAGER
              and xa.dtype in _FUSED_ADAPTER_DTYPES)
     args = (b2, x2, B.contiguous(), g.contiguous(), bias.contiguous() if bias is not None else None, s, fused)
