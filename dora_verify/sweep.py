@@ -183,18 +183,36 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
-def call_impl(kind: str, fn, tensors, s: float, shape: tuple, dtype=None):
+def _check_tensor(kind: str, out, shape: tuple, dtype):
+    """None if ``out`` is a floating tensor of ``shape`` (and ``dtype``), else the one-line reason."""
+    if not isinstance(out, torch.Tensor):
+        return f"{kind} returned {type(out).__module__}.{type(out).__qualname__}, want a torch.Tensor"
+    if tuple(out.shape) != tuple(shape) or not out.is_floating_point() or (dtype is not None and out.dtype != dtype):
+        want = f"{str(dtype).replace('torch.', '') if dtype is not None else 'a float tensor'} {tuple(shape)}"
+        return f"{kind} returned {str(out.dtype).replace('torch.', '')} {tuple(out.shape)}, want {want}"
+    return None
+
+
+def call_impl(kind: str, fn, tensors, s: float, shape: tuple, dtype=None, pair: bool = False):
     """Run an implementation under test on its own copies of the inputs (the oracle's stay untouched).
     Returns (output, None), or (None, a one-line reason) when it raised or returned something other than a
-    floating tensor of ``shape`` (and ``dtype``): a failed row of the report, not a crash of the sweep."""
+    floating tensor of ``shape`` (and ``dtype``): a failed row of the report, not a crash of the sweep. ``pair``
+    (compose): a tuple ``(y, Δ)`` is accepted too — the protocol of the package's own forms, Δ = (g − 1)·base +
+    g·s·lora rounded to base's dtype, or None — and returned as ``(y, Δ or None)``."""
     try:
         out = fn(*(t.clone() for t in tensors), s)
-        if not isinstance(out, torch.Tensor):
-            return None, f"{kind} returned {type(out).__module__}.{type(out).__qualname__}, want a torch.Tensor"
-        if tuple(out.shape) != tuple(shape) or not out.is_floating_point() or (dtype is not None and out.dtype != dtype):
-            want = f"{str(dtype).replace('torch.', '') if dtype is not None else 'a float tensor'} {tuple(shape)}"
-            return None, f"{kind} returned {str(out.dtype).replace('torch.', '')} {tuple(out.shape)}, want {want}"
-        return out.detach().to(tensors[0].device), None
+        parts = tuple(out) if pair and isinstance(out, (tuple, list)) else (out,)
+        if pair and len(parts) != (2 if isinstance(out, (tuple, list)) else 1):
+            return None, f"{kind} returned a {type(out).__name__} of {len(parts)}, want y or (y, delta)"
+        if len(parts) == 2 and parts[1] is None:  # (y, None): y without a Δ
+            parts = parts[:1]
+        for name, t in zip((kind, f"{kind}'s delta"), parts):
+            why = _check_tensor(name, t, shape, dtype)
+            if why:
+                return None, why
+        dev = tensors[0].device
+        parts = tuple(t.detach().to(dev) for t in parts)
+        return ((parts + (None,))[:2] if pair else parts[0]), None
     except Exception as e:  # noqa: BLE001 - the implementation's failure is a result to report
         return None, f"{kind} raised {_one_line(e)}"
 
@@ -211,9 +229,9 @@ def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
     oracle = {"oracle_tier2_elements": truth.tier2_elements, "oracle_uncertified": truth.uncertified}
     recs = []
     for name, fn in [(f.name, f.fn) for f in F.COMPOSE_FORMS.values()] + _impl_rows(impls, "compose"):
-        if name.startswith("impl:"):  # an implementation returns y only: its Δ columns stay empty
-            y, failed = call_impl("compose", fn, (base, lora, g), s, base.shape, base.dtype)
-            d = None
+        if name.startswith("impl:"):  # y, or (y, Δ): without a Δ its Δ columns stay empty
+            out, failed = call_impl("compose", fn, (base, lora, g), s, base.shape, base.dtype, pair=True)
+            y, d = out if out is not None else (None, None)
             if failed:
                 recs.append(dict(extra, form=name, failed=failed, y=None, delta=None, g_eff_bias=None, g_eff_rms=None,
                                  g_correction_lost=None, g_correction_lost_floor=None, **oracle))

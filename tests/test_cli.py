@@ -306,7 +306,11 @@ def returns_ndarray(base, lora, g, s, bias=None):
 
 
 def returns_tuple(base, lora, g, s, bias=None):
-    return good(base, lora, g, s), None
+    return good(base, lora, g, s), None, None
+
+
+def returns_pair(base, lora, g, s, bias=None):
+    return COMPOSE_FORMS["stable_gcast"].fn(base, lora, g, s)
 
 
 def raises(base, lora, g, s, bias=None):
@@ -378,7 +382,7 @@ def test_impl_failures_at_run_time_are_failed_rows(impls, tmp_path, capsys):
             rows.setdefault((exp, r["form"]), set()).add(r.get("failed"))
     want = {"returns_none": "compose returned builtins.NoneType, want a torch.Tensor",
             "returns_ndarray": "compose returned numpy.ndarray, want a torch.Tensor",
-            "returns_tuple": "compose returned builtins.tuple, want a torch.Tensor",
+            "returns_tuple": "compose returned a tuple of 3, want y or (y, delta)",
             "raises": "compose raised RuntimeError: kernel exploded on a second line",
             "wrong_dtype": "compose returned float32 (8, 64), want bfloat16 (8, 64)"}
     for name, msg in want.items():
@@ -480,3 +484,14 @@ def test_g_grid_sets_the_g_sweep(tmp_path, capsys):
     for bad in ("1e-1:1e-3:2", "0:1e-1:2", "1e-3:2:2", "1e-3:1e-1:0", "1e-3:1e-1"):
         assert main(FAST + ["--g-grid", bad, "--out", str(tmp_path / "x")]) == 2
         assert "--g-grid" in capsys.readouterr().err
+
+
+def test_an_impl_returning_y_and_delta_gets_delta_metrics(impls, tmp_path):
+    """--impl forms may return (y, Δ), as the package's own forms do: the report then measures Δ too (the same
+    numbers as the form it wraps), and y alone still works (Δ columns empty)."""
+    out = tmp_path / "rep"
+    assert main(FAST + impls("returns_pair", "good") + ["--out", str(out)]) == 0
+    rows = {r["form"]: r for r in load_report(out / "report.json")["experiments"]["compose_regimes"]}
+    pair, form = rows["impl:dv_cli_impls:returns_pair"], rows["stable_gcast"]
+    assert pair["delta"] is not None and pair["delta"] == form["delta"] and pair["y"] == form["y"]
+    assert rows["impl:dv_cli_impls:good"]["delta"] is None
