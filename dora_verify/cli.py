@@ -152,9 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", type=_path, default="dora-verify-report",
                     help="output directory (default ./dora-verify-report)")
     sw.add_argument("--impl", action="append", default=[],
-                    help="also measure an implementation beside the forms: kernels, peft (stock PEFT DoRA) or "
-                         "module:callable (dora_verify.adapter); repeatable; a call that raises or returns no "
-                         "tensor of the right shape is a failed row and the exit status 1")
+                    help="the implementations measured beside the forms: kernels (the default: fused tier on CUDA, "
+                         "eager tier on CPU), peft (stock PEFT DoRA), module:callable (dora_verify.adapter), or none; "
+                         "repeatable; a call that raises or returns no tensor of the right shape is a failed row and "
+                         "the exit status 1")
     sw.add_argument("--experiments", default="none", metavar="NAME[,NAME...]",
                     help=f"optional experiments run after the standard sweep, each a section of the report: "
                          f"{', '.join(EXPERIMENTS)}, all or none (default none)")
@@ -426,17 +427,21 @@ def _sweep(args) -> int:
     unknown = [r for r in regimes if r not in REGIMES]
     if unknown or not regimes:
         raise UsageError(f"unknown regime(s) {unknown or args.regimes!r}; choose from {', '.join(REGIMES)}")
-    impls = tuple(dict.fromkeys(args.impl))
+    impls = tuple(dict.fromkeys(args.impl or ["kernels"]))  # the project's own kernels unless told otherwise
+    if "none" in impls:
+        if len(impls) > 1:
+            raise UsageError(f"--impl none leaves every implementation out; it cannot go with {', '.join(impls)}")
+        impls = ()
     cfg = SweepConfig(d_out=args.shape[0], d_in=args.shape[1], tokens=args.tokens, grid_tokens=args.grid_tokens,
                       rank=args.rank, alpha=args.alpha, rslora=args.rslora, dtype=args.dtype, seed=args.seed,
                       device=args.device, ranks=args.ranks, regimes=regimes, impls=impls, experiments=experiments,
                       **({"g_grid": args.g_grid} if args.g_grid else {}))
     cfg.validate()  # everything below fails before minutes of work
     check_memory(cfg, resolve_device(args.device))  # cuda without a GPU, a sweep too large for the machine
-    load_impls(impls)  # an unknown or broken --impl
+    load_impls(impls, resolve_device(args.device))  # an unknown or broken --impl
     check_writable(args.out)
     rep = run_sweep(cfg, progress=_Progress(not args.quiet))
-    rep["run_id"] = f"{rep['provenance']['time_utc']}-seed{cfg.seed}"
+    rep["run_id"] = rep["provenance"]["run_id"]
     files = write_report(rep, args.out, plots=not args.no_plots, csv=args.csv)
     h = rep["headline"]["paper_figure1"]
     failed = failed_rows(rep)

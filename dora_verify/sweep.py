@@ -60,7 +60,7 @@ class SweepConfig:
     ranks: tuple = (8, 32, 128, 384)
     regimes: tuple = tuple(REGIMES)
     adapter_ratio: float = 0.1
-    impls: tuple = ()  # --impl specs (peft, kernels, module:callable) measured beside the forms
+    impls: tuple = ()  # --impl specs (peft, kernels, module:callable) measured beside the forms (CLI default: kernels)
     experiments: tuple = ()  # optional experiments (names of EXPERIMENTS), run after the standard ones
     g_grid: tuple = G_GRID  # (lo, hi, per_decade) of |g − 1| in the g sweep (cases.g_offsets)
 
@@ -420,13 +420,19 @@ def headline(paper: dict, g_recs: list, dtype: str = "bf16") -> dict:
     return h
 
 
-def load_impls(specs) -> list:
+def load_impls(specs, device="cpu") -> list:
     """The implementations named by ``--impl`` specs (one each: kernels, peft or module:callable); the forms are
-    always in the sweep. Raises ``adapter.ImplError`` (a ValueError) for anything else."""
-    from .adapter import ImplError, load_impl
+    always in the sweep. 'kernels' are the production kernels at the tier this device runs in training: the fused
+    Triton tier on CUDA (``kernels[fused]``), the float64 eager tier elsewhere (``kernels[eager]``; the CPU's Triton
+    interpreter is a logic check, not a tier to measure). Raises ``adapter.ImplError`` (a ValueError) for anything
+    else."""
+    from .adapter import ImplError, kernels_impl, load_impl
 
     out = []
     for spec in specs:
+        if spec == "kernels":
+            out.append(kernels_impl(tier="fused" if torch.device(device).type == "cuda" else "eager"))
+            continue
         if spec == "forms" or spec.startswith("form:"):
             raise ImplError(f"--impl {spec!r}: every form is in the sweep already; --impl takes kernels, peft or "
                             "module:callable")
@@ -548,7 +554,7 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
         timings[name] = round(time.time() - t, 2)
         return out
 
-    impls = load_impls(cfg.impls)
+    impls = load_impls(cfg.impls, dev)
     paper = timed("paper_figure1", paper_figure1, cfg, dev)
     steps("done")
     g_recs = timed("compose_g_sweep", compose_g_sweep, cfg, dev, steps, impls)

@@ -18,6 +18,7 @@ from dora_verify.report import load_report
 SMALL = ["sweep", "--shape", "64x48", "--tokens", "32", "--grid-tokens", "8", "--rank", "4", "--ranks", "2,4",
          "--quiet"]
 FAST = SMALL + ["--regimes", "trained", "--no-plots"]
+KERNELS = "impl:kernels[fused]" if torch.cuda.is_available() else "impl:kernels[eager]"  # the sweep's default impl
 
 
 def one_line_error(capsys, needle):
@@ -88,8 +89,8 @@ def test_small_sweep_writes_complete_report(tmp_path, capsys):
     assert rep["schema_version"] == S.SCHEMA_VERSION and rep["config"]["seed"] == 3 and rep["config"]["d_out"] == 64
     assert {"git", "versions", "device", "time_utc"} <= set(rep["provenance"])
     assert set(rep["experiments"]) == {"paper_figure1", "compose_g_sweep", "compose_regimes", "norm_regimes", "norm_rank"}
-    forms = {r["form"] for r in rep["experiments"]["compose_g_sweep"]}
-    assert forms == {"naive", "stable_gcast", "naive_fp32", "stable_fp32", "single_rounding"}
+    forms = {r["form"] for r in rep["experiments"]["compose_g_sweep"]}  # the kernels are in by default (CPU: eager)
+    assert forms == {"naive", "stable_gcast", "naive_fp32", "stable_fp32", "single_rounding", KERNELS}
     assert rep["headline"]["paper_figure1"]["ratio_naive_over_stable_paper_protocol"] > 1
     md = (out / "report.md").read_text()
     assert "## Headline" in md and "paper" in md
@@ -152,16 +153,16 @@ def test_sweep_measures_implementations_beside_the_forms(tmp_path):
     out = tmp_path / "rep"
     assert main(SMALL + ["--out", str(out), "--no-plots", "--impl", "kernels", "--impl", "peft"]) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep["implementations"]) == {"impl:kernels", "impl:peft"}
+    assert set(rep["implementations"]) == {KERNELS, "impl:peft"}
     for exp in ("compose_g_sweep", "compose_regimes", "norm_regimes", "norm_rank"):
         names = {r["form"] for r in rep["experiments"][exp]}
-        assert {"impl:kernels", "impl:peft"} <= names, exp
-    rows = [r for r in rep["experiments"]["compose_regimes"] if r["form"] == "impl:kernels"]
+        assert {KERNELS, "impl:peft"} <= names, exp
+    rows = [r for r in rep["experiments"]["compose_regimes"] if r["form"] == KERNELS]
     assert rows and all(r["y"]["max_ulp"] <= 1 and r["delta"] is None for r in rows)
     peft = [r for r in rep["experiments"]["compose_regimes"] if r["form"] == "impl:peft"]
     assert max(r["y"]["max_ulp"] for r in peft) > 1  # g rounded to bf16 and three roundings: not faithful
     norms = {r["form"]: r for r in rep["experiments"]["norm_regimes"] if r["regime"] == "trained"}
-    assert norms["impl:kernels"]["max_rel"] < 1e-6 < norms["impl:peft"]["max_rel"]
+    assert norms[KERNELS]["max_rel"] < 1e-6 < norms["impl:peft"]["max_rel"]
     assert "impl:peft" in (out / "report.md").read_text()
 
 
@@ -431,7 +432,7 @@ def test_nonfinite_results_are_visible_not_exact(impls, tmp_path):
 
 
 def test_impl_gets_its_own_copies_of_the_inputs(impls, tmp_path):
-    assert main(FAST + ["--out", str(tmp_path / "a")]) == 0
+    assert main(FAST + ["--impl", "none", "--out", str(tmp_path / "a")]) == 0
     assert main(FAST + impls("vandal") + ["--out", str(tmp_path / "b")]) == 0
     a, b = (json.loads((tmp_path / d / "report.json").read_text())["experiments"] for d in ("a", "b"))
     for exp in a:
@@ -495,3 +496,12 @@ def test_an_impl_returning_y_and_delta_gets_delta_metrics(impls, tmp_path):
     pair, form = rows["impl:dv_cli_impls:returns_pair"], rows["stable_gcast"]
     assert pair["delta"] is not None and pair["delta"] == form["delta"] and pair["y"] == form["y"]
     assert rows["impl:dv_cli_impls:good"]["delta"] is None
+
+
+def test_impl_none_leaves_the_kernels_out(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(FAST + ["--impl", "none", "--out", str(out)]) == 0
+    forms = {r["form"] for r in load_report(out / "report.json")["experiments"]["compose_g_sweep"]}
+    assert not any(f.startswith("impl:") for f in forms) and load_report(out / "report.json")["config"]["impls"] == []
+    assert main(FAST + ["--impl", "none", "--impl", "peft", "--out", str(out)]) == 2
+    assert "--impl none" in capsys.readouterr().err
