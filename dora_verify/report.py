@@ -169,12 +169,14 @@ def sweep_markdown(rep: dict, plots: list) -> str:
     L += ["", "## Compose forms by regime", "",
           "Each regime's own per-feature g. `y max ulp` ≤ 0.5 means every output was correctly rounded; a NaN or Inf "
           "output where the exact y is finite makes the error maxima inf and is counted under `non-finite y`.", ""]
-    y_keys = ("max_ulp", "frac_correctly_rounded", "max_abs", "floor_ratio", _nonfinite,
+    L[-2] += (" `y max ulp vs terms` is the error in ulps of max(|y|, |g·base| + |g·s·lora|): it stays put where y "
+              "cancels to near 0 and the plain ulp error grows with the sample (histograms: `ulp_histogram.png`).")
+    y_keys = ("max_ulp", "max_ulp_terms", "frac_correctly_rounded", "max_abs", "floor_ratio", _nonfinite,
               lambda m: str(m.get("worst_index")))
-    L.append(_table(["regime", "form", "y max ulp", "y correctly rounded", "y max abs err", "floor ratio", "non-finite y",
-                     "correction lost", "worst [t, i]"],
-                    [[r["regime"], r["form"]] + _cells(r, r["y"], y_keys[:5]) + [r["g_correction_lost"]]
-                     + ([None] if r.get("failed") else _cells(r, r["y"], y_keys[5:])) for r in ex["compose_regimes"]]))
+    L.append(_table(["regime", "form", "y max ulp", "y max ulp vs terms", "y correctly rounded", "y max abs err",
+                     "floor ratio", "non-finite y", "correction lost", "worst [t, i]"],
+                    [[r["regime"], r["form"]] + _cells(r, r["y"], y_keys[:6]) + [r["g_correction_lost"]]
+                     + ([None] if r.get("failed") else _cells(r, r["y"], y_keys[6:])) for r in ex["compose_regimes"]]))
     L += ["", "## Row norm ν by regime", "",
           f"Relative error of ν per row vs the oracle (rank {cfg['rank']}). `special rows` are the regime's adversarial rows "
           "(near-cancelling or zero); `max κ` is the largest row condition number ‖|W_i| + s|B_i||A|‖/ν_i.", ""]
@@ -319,7 +321,44 @@ def sweep_plots(rep: dict, folder: Path) -> list:
     paths.append(folder / "norm_error.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    paths += ulp_histogram_plot(ex["compose_regimes"], cfg, folder)
     return paths
+
+
+def ulp_histogram_plot(records: list, cfg: dict, folder: Path) -> list:
+    """ulp_histogram.png: per compose form, the distribution of the y error in ulps (left) and in ulps of the terms
+    (right), summed over the regimes' records."""
+    import matplotlib.pyplot as plt
+
+    from .metrics import ULP_BIN_EDGES
+
+    recs = [r for r in records if not r.get("failed") and r.get("y") and r["y"].get("ulp_hist")]
+    if not recs:
+        return []
+    forms = list(dict.fromkeys(r["form"] for r in recs))
+    labels = ["≤ 0.5"] + [f"≤ {e:g}" for e in ULP_BIN_EDGES[1:]] + [f"> {ULP_BIN_EDGES[-1]:g}"]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.8), sharey=True)
+    w = 0.8 / len(forms)
+    for ax, key, title in ((axes[0], "ulp_hist", "y error in ulps of y"),
+                           (axes[1], "ulp_terms_hist", "y error in ulps of the terms")):
+        for j, f in enumerate(forms):
+            counts = [sum(c) for c in zip(*(r["y"][key] for r in recs if r["form"] == f and r["y"].get(key)))]
+            if not counts:
+                continue
+            total = max(1, sum(counts))
+            ax.bar([i + j * w for i in range(len(counts))], [c / total for c in counts], w, label=f)
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(labels))], labels, rotation=30, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("fraction of outputs")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Compose y error distribution over the regimes — {cfg['d_out']}×{cfg['d_in']}, {cfg['dtype']}")
+    fig.tight_layout()
+    path = folder / "ulp_histogram.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def atomic_write(path: Path, write) -> None:

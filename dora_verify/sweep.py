@@ -153,11 +153,11 @@ def _slim(m: dict, keys) -> dict:
 
 Y_KEYS = ("max_abs", "rmse", "max_ulp", "p99_ulp", "mean_signed_ulp", "frac_correctly_rounded", "frac_faithful",
           "floor_max_abs", "floor_ratio", "bits_lost", "cosine", "normwise_rel", "nonfinite_mismatch", "nan", "inf",
-          "worst_index", "oracle_bound_max")
+          "worst_index", "oracle_bound_max", "max_ulp_terms", "p99_ulp_terms", "ulp_hist", "ulp_terms_hist")
 D_KEYS = ("max_abs", "normwise_rel", "max_ulp", "frac_correctly_rounded", "floor_ratio", "cosine", "nan", "inf",
-          "worst_index")
+          "worst_index", "max_ulp_terms")
 N_KEYS = ("max_rel", "normwise_rel", "max_abs", "nonfinite_mismatch", "nan", "inf", "worst_index")
-_WORST_KEYS = ("max_abs", "rmse", "max_ulp", "max_rel", "normwise_rel", "bits_lost", "floor_ratio")
+_WORST_KEYS = ("max_abs", "rmse", "max_ulp", "max_rel", "normwise_rel", "bits_lost", "floor_ratio", "max_ulp_terms")
 
 
 def _measure(approx: torch.Tensor, ref: Reference, **kw) -> dict:
@@ -223,6 +223,9 @@ def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
     d_ref = Reference(truth.d_hi, truth.d_lo, truth.d_bound, truth.fmt, truth.d_round)
     inner = base.to(torch.float64) + s * lora.to(torch.float64)  # exact (fp32-exact s, <= 48-bit products)
     gm1 = g.to(torch.float64) - 1
+    g64, b_abs, sl_abs = g.to(torch.float64), base.to(torch.float64).abs(), (s * lora.to(torch.float64)).abs()
+    y_terms = g64.abs() * (b_abs + sl_abs)  # the summands of g·base + g·s·lora
+    d_terms = gm1.abs() * b_abs + g64.abs() * sl_abs  # of (g − 1)·base + g·s·lora
     # The correctly rounded output itself cannot carry a scale change below the format's resolution
     # everywhere (inputs on rounding midpoints always round one way): measure each form beyond that floor.
     beta_floor = effective_scale_error(truth.y_round.nearest, y_ref, inner)
@@ -241,8 +244,8 @@ def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
             if tuple(y.shape) != tuple(base.shape) or y.dtype != base.dtype:
                 raise ValueError(f"{name}: compose returned {y.dtype} {tuple(y.shape)}, want {base.dtype} {tuple(base.shape)}")
         beta = effective_scale_error(y, y_ref, inner)
-        recs.append(dict(extra, form=name, y=_slim(_measure(y, y_ref), Y_KEYS),
-                         delta=None if d is None else _slim(_measure(d, d_ref), D_KEYS),
+        recs.append(dict(extra, form=name, y=_slim(_measure(y, y_ref, terms=y_terms), Y_KEYS),
+                         delta=None if d is None else _slim(_measure(d, d_ref, terms=d_terms), D_KEYS),
                          g_eff_bias=float(beta.mean()), g_eff_rms=float(beta.square().mean().sqrt()),
                          g_correction_lost=correction_lost(beta - beta_floor, gm1),
                          g_correction_lost_floor=correction_lost(beta_floor, gm1), **oracle))

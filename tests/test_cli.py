@@ -84,7 +84,7 @@ def test_small_sweep_writes_complete_report(tmp_path, capsys):
     out = tmp_path / "rep"
     assert main(SMALL + ["--out", str(out), "--seed", "3"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["compose_error_vs_g.png", "norm_error.png", "report.json", "report.md"]
+    assert names == ["compose_error_vs_g.png", "norm_error.png", "report.json", "report.md", "ulp_histogram.png"]
     rep = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
     assert rep["schema_version"] == S.SCHEMA_VERSION and rep["config"]["seed"] == 3 and rep["config"]["d_out"] == 64
     assert {"git", "versions", "device", "time_utc"} <= set(rep["provenance"])
@@ -93,7 +93,9 @@ def test_small_sweep_writes_complete_report(tmp_path, capsys):
     assert forms == {"naive", "stable_gcast", "naive_fp32", "stable_fp32", "single_rounding", KERNELS}
     assert rep["headline"]["paper_figure1"]["ratio_naive_over_stable_paper_protocol"] > 1
     md = (out / "report.md").read_text()
-    assert "## Headline" in md and "paper" in md
+    assert "## Headline" in md and "paper" in md and "y max ulp vs terms" in md and "ulp_histogram.png" in md
+    y = rep["experiments"]["compose_regimes"][0]["y"]
+    assert y["max_ulp_terms"] <= y["max_ulp"] and sum(y["ulp_hist"]) == sum(y["ulp_terms_hist"]) == 8 * 64
     assert not any(p.name.startswith(".staging") for p in out.iterdir())
 
 

@@ -89,3 +89,20 @@ def test_nan_output_is_never_counted_correctly_rounded():
     m = compare(torch.full_like(base, float("nan")), ref)
     assert m["frac_correctly_rounded"] == 0.0 and m["frac_faithful"] == 0.0 and m["nonfinite_mismatch"] == 4
     assert compare(base, ref)["frac_correctly_rounded"] == 1.0
+
+
+def test_ulp_relative_to_the_terms_does_not_blow_up_where_the_result_cancels():
+    """x = a − b with |a|, |b| ≈ 1 and x ≈ 1e-6: an error of one ulp of the terms is ~10⁵ ulps of x. The
+    terms-relative ulp error reads ~1 there; the histogram counts every element once."""
+    from dora_verify.metrics import ULP_BIN_EDGES, Reference, compare
+    from dora_verify.formats import parse_format
+
+    fmt = parse_format("bf16")
+    x = torch.tensor([1e-6, 0.5, 0.75], dtype=torch.float64)
+    terms = torch.tensor([2.0, 0.5, 0.75], dtype=torch.float64)  # |a| + |b| of the first element
+    approx = torch.tensor([1e-6 + 2.0 ** -7, 0.5, 0.75]).to(torch.bfloat16)  # off by one ulp of the terms (2 → 2⁻⁶)
+    ref = Reference(x, torch.zeros_like(x), torch.zeros_like(x), fmt)
+    m = compare(approx, ref, terms=terms)
+    assert m["max_ulp"] > 1e3 and m["max_ulp_terms"] <= 1.0
+    assert len(m["ulp_hist"]) == len(ULP_BIN_EDGES) + 1 and sum(m["ulp_hist"]) == 3 == sum(m["ulp_terms_hist"])
+    assert m["ulp_hist"][-1] == 1 and m["ulp_terms_hist"][-1] == 0
