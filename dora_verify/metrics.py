@@ -16,10 +16,10 @@ the approximation is stored in):
   storing the exact answer in fmt).
 * ``bound_ratio``: |a - x| / bound per element for an a-priori bound; reported as max and p99.
 * ``nonfinite_mismatch``: elements where a and x disagree on being finite (NaN/Inf handling).
-* ``max_ulp_terms``, ``p99_ulp_terms`` (given the magnitude of the summands, ``terms``): |a − x| / ulp_fmt(max(|x|,
+* ``max_ulp_terms`` (given the magnitude of the summands, ``terms``): |a − x| / ulp_fmt(max(|x|,
   terms)) — the error in ulps of the largest quantity the computation handles. Where x is near 0 by cancellation the
   plain ulp error grows without bound (and with the number of elements sampled) while this one stays put.
-* ``ulp_hist``: counts of the ulp error in the bins ≤ 0.5, (0.5, 1], (1, 2], ... of :data:`ULP_BIN_EDGES`, the last
+* ``ulp_hist`` (with ``histograms``): counts of the ulp error in the bins ≤ 0.5, (0.5, 1], (1, 2], ... of :data:`ULP_BIN_EDGES`, the last
   bin open; ``ulp_terms_hist`` the same of the terms-relative ulp error.
 """
 from __future__ import annotations
@@ -117,11 +117,11 @@ def ratio(num: float, den: float) -> float:
 
 
 def compare(approx: torch.Tensor, ref: Reference, bound: "torch.Tensor | None" = None,
-            rel_floor: "float | None" = None, terms: "torch.Tensor | None" = None) -> dict:
+            rel_floor: "float | None" = None, terms: "torch.Tensor | None" = None, histograms: bool = False) -> dict:
     """All metrics of ``approx`` against ``ref`` as a flat dict of floats (JSON-ready). Elements where
     approximation or truth is non-finite are counted in ``nonfinite_mismatch`` (when they disagree)
     and left out of the other metrics. ``terms``: the magnitude of the summands (float64, like ``approx``), for the
-    terms-relative ulp metrics."""
+    terms-relative ulp metrics; ``histograms``: add the ulp histograms."""
     fmt = ref.fmt
     a64 = approx.to(torch.float64)
     x = ref.value
@@ -157,15 +157,17 @@ def compare(approx: torch.Tensor, ref: Reference, bound: "torch.Tensor | None" =
         "oracle_bound_max": float(ref.oracle_bound.max()) if ref.oracle_bound.numel() else 0.0,
     }
     out["bits_lost"] = bits_lost(out["max_ulp"])
-    out["ulp_hist"] = ulp_histogram(uerr) if not empty else [0] * (len(ULP_BIN_EDGES) + 1)
+    no_bins = [0] * (len(ULP_BIN_EDGES) + 1)
+    if histograms:
+        out["ulp_hist"] = ulp_histogram(uerr) if not empty else no_bins
     if terms is not None:
         t = terms.to(torch.float64)
         if not all_finite:
             t = torch.where(both, t, torch.zeros_like(t))
         ut = err / ulp(torch.maximum(x.abs(), t.abs()), fmt)
         out["max_ulp_terms"] = 0.0 if empty else float(ut.max())
-        out["p99_ulp_terms"] = quantile(ut, 0.99)
-        out["ulp_terms_hist"] = ulp_histogram(ut) if not empty else [0] * (len(ULP_BIN_EDGES) + 1)
+        if histograms:
+            out["ulp_terms_hist"] = ulp_histogram(ut) if not empty else no_bins
     if ref.rounded is not None:
         r = ref.rounded
         both_nan = torch.isnan(a_given) & torch.isnan(r.nearest)

@@ -153,7 +153,7 @@ def _slim(m: dict, keys) -> dict:
 
 Y_KEYS = ("max_abs", "rmse", "max_ulp", "p99_ulp", "mean_signed_ulp", "frac_correctly_rounded", "frac_faithful",
           "floor_max_abs", "floor_ratio", "bits_lost", "cosine", "normwise_rel", "nonfinite_mismatch", "nan", "inf",
-          "worst_index", "oracle_bound_max", "max_ulp_terms", "p99_ulp_terms", "ulp_hist", "ulp_terms_hist")
+          "worst_index", "oracle_bound_max", "max_ulp_terms", "ulp_hist", "ulp_terms_hist")
 D_KEYS = ("max_abs", "normwise_rel", "max_ulp", "frac_correctly_rounded", "floor_ratio", "cosine", "nan", "inf",
           "worst_index", "max_ulp_terms")
 N_KEYS = ("max_rel", "normwise_rel", "max_abs", "nonfinite_mismatch", "nan", "inf", "worst_index")
@@ -244,7 +244,8 @@ def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
             if tuple(y.shape) != tuple(base.shape) or y.dtype != base.dtype:
                 raise ValueError(f"{name}: compose returned {y.dtype} {tuple(y.shape)}, want {base.dtype} {tuple(base.shape)}")
         beta = effective_scale_error(y, y_ref, inner)
-        recs.append(dict(extra, form=name, y=_slim(_measure(y, y_ref, terms=y_terms), Y_KEYS),
+        hist = "regime" in extra  # the regime grid's records carry the ulp histograms (ulp_histogram.png)
+        recs.append(dict(extra, form=name, y=_slim(_measure(y, y_ref, terms=y_terms, histograms=hist), Y_KEYS),
                          delta=None if d is None else _slim(_measure(d, d_ref, terms=d_terms), D_KEYS),
                          g_eff_bias=float(beta.mean()), g_eff_rms=float(beta.square().mean().sqrt()),
                          g_correction_lost=correction_lost(beta - beta_floor, gm1),

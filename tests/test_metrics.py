@@ -102,7 +102,7 @@ def test_ulp_relative_to_the_terms_does_not_blow_up_where_the_result_cancels():
     terms = torch.tensor([2.0, 0.5, 0.75], dtype=torch.float64)  # |a| + |b| of the first element
     approx = torch.tensor([1e-6 + 2.0 ** -7, 0.5, 0.75]).to(torch.bfloat16)  # off by one ulp of the terms (2 → 2⁻⁶)
     ref = Reference(x, torch.zeros_like(x), torch.zeros_like(x), fmt)
-    m = compare(approx, ref, terms=terms)
+    m = compare(approx, ref, terms=terms, histograms=True)
     assert m["max_ulp"] > 1e3 and m["max_ulp_terms"] <= 1.0
     assert len(m["ulp_hist"]) == len(ULP_BIN_EDGES) + 1 and sum(m["ulp_hist"]) == 3 == sum(m["ulp_terms_hist"])
     assert m["ulp_hist"][-1] == 1 and m["ulp_terms_hist"][-1] == 0
