@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--readme", metavar="README", type=_path, default=None,
                     help="with --render: rewrite the README's generated performance section from that report")
     be.add_argument("--quiet", action="store_true", help="no progress bar")
+    xp = sub.add_parser("explain", help="a certify corpus case's worst element, exactly: inputs, exact result as a "
+                                        "rational, the value returned, its error in ulps, the bound and the ratio")
+    xp.add_argument("case", type=_path, help="a corpus case: CASE.json (its .npz beside it)")
+    xp.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where to run the implementation")
+    xp.add_argument("--tier", default=None, choices=["fused", "eager"], help="default: fused on CUDA, eager elsewhere")
+    xp.add_argument("--json", action="store_true", help="print the explanation as JSON")
     ex = sub.add_parser("exhaustive", help="all 2^32 (base, lora) bf16/fp16 pairs through the compose epilogue (CUDA)")
     ex.add_argument("--dtypes", default="bf16,fp16", help="comma-separated subset of bf16, fp16 (default both)")
     ex.add_argument("--g", default=None, help="comma-separated fp32 g values (default: a grid around 1 and far from it)")
@@ -371,6 +377,23 @@ def _gate(args) -> int:
     return 0 if v["passed"] else 1
 
 
+def _explain(args) -> int:
+    import json
+
+    from .explain import ExplainError, explain_case, explain_text
+    from .report import report_document
+    from .sweep import resolve_device
+
+    if not args.case.endswith(".json"):
+        raise UsageError(f"{args.case!r}: give the case's .json file (its .npz sits beside it)")
+    try:
+        rep = explain_case(args.case, resolve_device(args.device), args.tier)
+    except ExplainError as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps(report_document(rep), indent=1) if args.json else explain_text(rep), end="" if not args.json else "\n")
+    return 0
+
+
 def _bench(args) -> int:
     import os
     from pathlib import Path
@@ -467,7 +490,8 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        commands = {"sweep": _sweep, "certify": _certify, "exhaustive": _exhaustive, "gate": _gate, "bench": _bench}
+        commands = {"sweep": _sweep, "certify": _certify, "exhaustive": _exhaustive, "gate": _gate, "bench": _bench,
+                    "explain": _explain}
         return commands[args.command](args)
     except (UsageError, ValueError) as e:  # ValueError: bad configuration past parsing (device, memory, I/O...)
         return _error(e)
