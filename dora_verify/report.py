@@ -82,9 +82,15 @@ def _fmt(v, digits=3):
     return str(v)
 
 
+def _cell(text: str) -> str:
+    """A table cell's text: '|' escaped and line breaks folded, so a value holding them (a group key, an error
+    message) stays in its cell on GitHub and in any CommonMark table."""
+    return str(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
 def _table(headers, rows) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    out = ["| " + " | ".join(_cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(_cell(_fmt(c)) for c in r) + " |" for r in rows]
     return "\n".join(out)
 
 

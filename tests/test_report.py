@@ -175,3 +175,13 @@ def test_strict_json_round_trips_non_finite_values(tmp_path):
     back = load_report(path)
     assert back["a/b"][1] == math.inf and back["a/b"][2]["~x"] == -math.inf and math.isnan(back["n"])
     assert back["ok"] == 2 and "nonfinite" not in back
+
+
+def test_table_cells_keep_pipes_and_line_breaks_inside_their_cell():
+    """A group key or an error message holding '|' or a line break must not split a Markdown table row (GitHub)."""
+    from dora_verify.report import _table
+
+    md = _table(["group", "note"], [["compose|bf16|64x48", "raised: a\nb"]])
+    row = md.splitlines()[2]
+    assert row == "| compose\\|bf16\\|64x48 | raised: a b |"
+    assert len([c for c in row.replace("\\|", "").split("|") if c.strip()]) == 2
