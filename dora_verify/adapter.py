@@ -466,7 +466,15 @@ def _options(obj, default_name: str) -> dict:
     contract = getattr(obj, "contract", "faithful")
     if contract not in CONTRACTS[:2]:  # the toolkit's own contracts ('kernel', 'form') are not for users
         raise ImplError(f"{default_name}: contract must be 'faithful' or 'baseline-only', got {contract!r}")
-    dtypes = tuple(getattr(obj, "dtypes", ("bf16", "fp16", "fp32")))
+    raw = getattr(obj, "dtypes", ("bf16", "fp16", "fp32"))
+    raw = (raw,) if isinstance(raw, str) else raw
+    try:
+        dtypes = tuple(raw)
+    except TypeError:
+        raise ImplError(f"{default_name}: dtypes must be a sequence of bf16, fp16, fp32, got {raw!r}") from None
+    bad = [d for d in dtypes if d not in ("bf16", "fp16", "fp32")]
+    if bad or not dtypes:  # a misspelt name would otherwise match no case: "nothing ran" instead of this reason
+        raise ImplError(f"{default_name}: dtypes must name some of bf16, fp16, fp32, got {list(dtypes)!r}")
     return {"deterministic": bool(getattr(obj, "deterministic", False)), "contract": contract, "dtypes": dtypes}
 
 

@@ -300,6 +300,16 @@ def test_adapter_protocol():
         from_object(BadContract, "x")
     assert [i.name for i in load_impl("forms")][0].startswith("form:")
 
+    class Misspelt:  # a dtype name the suite has no case for: an error with the reason, not "nothing ran"
+        dtypes = ("bfloat16", "fp32")
+
+        def compose(self, *a):
+            return None
+    with pytest.raises(ImplError, match="dtypes must name some of bf16, fp16, fp32"):
+        from_object(Misspelt, "x")
+    Misspelt.dtypes = "fp32"  # a single name is taken as one dtype
+    assert from_object(Misspelt, "x").dtypes == ("fp32",)
+
 
 # ----------------------------------------------------------------------------- never grade the code on its own output
 SMALL = ("--dtypes", "fp32", "--case", "compose-fp32-01", "--case", "norm-fp32-01")
