@@ -962,7 +962,6 @@ def error_decomposition(truth: LayerTruth, parts: dict, m, s: float, B, bias=Non
     m64 = _f64(m).to(dev)
     B64 = _f64(B).to(dev)
     b_hat, xa_hat, l_hat, y_hat = P["base"], P["xa"], P["lora"], P["y"]
-    b_ex = truth.b[0] + truth.b[1]
     h_ex = truth.h[0] + truth.h[1]
     xa_ex = truth.xa[0] + truth.xa[1]
     gn = (m64 / P["nu"].clamp_min(truth.eps))[None, :]

@@ -207,14 +207,17 @@ def _escalate_compose(truth: ComposeTruth, base, lora, g, s, bias, limit: int, g
     def put(t, key):
         t[ti, ci] = torch.tensor(updates[key], dtype=torch.float64, device=dev)
 
-    put(truth.y_hi, "y_hi"); put(truth.d_hi, "d_hi")
+    put(truth.y_hi, "y_hi")
+    put(truth.d_hi, "d_hi")
     for t in (truth.y_lo, truth.d_lo):
         t[ti, ci] = 0.0
     # after float(Fraction) the residual is <= half an ulp64 of the value
     truth.y_bound[ti, ci] = truth.y_hi[ti, ci].abs() * U64
     truth.d_bound[ti, ci] = truth.d_hi[ti, ci].abs() * U64
-    put(truth.y_round.nearest, "yn"); put(truth.y_round.down, "yd"); put(truth.y_round.up, "yu")
-    put(truth.d_round.nearest, "dn"); put(truth.d_round.down, "dd"); put(truth.d_round.up, "du")
+    for rounded, prefix in ((truth.y_round, "y"), (truth.d_round, "d")):
+        put(rounded.nearest, prefix + "n")
+        put(rounded.down, prefix + "d")
+        put(rounded.up, prefix + "u")
     truth.y_round.certain[ti, ci] = True
     truth.d_round.certain[ti, ci] = True
     truth.tier2_elements = int(idx.shape[0])

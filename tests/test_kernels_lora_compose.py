@@ -78,7 +78,6 @@ def test_backward_against_oracle(tier):
     y.backward(dy)
     _, lora = _forward_with_lora(tier, base, xa, c.B, g.detach(), c.s)
     fmt = parse_format("fp16")
-    f64 = torch.float64
     g64, dy64, s = g.detach().double(), dy.double(), c.s
     # d_base = RN(RN32(g·dy)): faithful
     assert float(ulp_error(b_.grad.double(), g64 * dy64, fmt).max()) <= 1.0

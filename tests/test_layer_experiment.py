@@ -1,6 +1,5 @@
 """dora_verify.layer_experiment: the whole layer of DoRALinear, PEFT and --impl layer factories against the layer
 oracle, on a tiny grid."""
-import math
 import sys
 from pathlib import Path
 

@@ -77,7 +77,6 @@ def test_nan_output_is_never_counted_correctly_rounded():
     were once zeroed before the comparison and counted as correct where the exact value is 0)."""
     import torch
 
-    from dora_verify.formats import parse_format
     from dora_verify.metrics import Reference, compare
     from dora_verify.oracles import compose_truth
 

@@ -332,7 +332,7 @@ class Lab:
         return float(((self.run(cfg, impl).losses - ref).abs() / ref.abs()).max())
 
     def param_dev(self, cfg, impl):
-        ref, t0, got = self.reference(cfg.base, cfg.opt).params, self.theta0(cfg.base), self.run(cfg, impl).params
+        ref, got = self.reference(cfg.base, cfg.opt).params, self.run(cfg, impl).params
         num = math.sqrt(sum(float(((got[n].double() - ref[n]) ** 2).sum()) for n in ref))
         return num / self.update_norm(cfg)
 
