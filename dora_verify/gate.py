@@ -545,6 +545,7 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
     """Run the suite through every implementation; the report dict (groups with metrics and hard failures)."""
     from .provenance import provenance
 
+    started = time.perf_counter()
     dev = resolve(cfg)
     # each configured implementation with what runs for it (the CPU mode splits the kernels in two tiers)
     expanded = [(im, cpu_impls([im]) if dev.type == "cpu" else [im]) for im in cfg.impls]
@@ -617,7 +618,8 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
         g["hard_failures"] = _hard_failures(g, cfg.fa_limit)
         if g["crashes"] == g["cases"]:  # nothing was scored: no metric reads as a perfect 0
             g["max_ulp"] = g["fa_ratio"] = g["nonfinite_mismatch"] = g["nondeterministic"] = None
-    return {"kind": "gate", "provenance": provenance(dev, [im.name for im in impls]), "environment": environment(dev, fingerprint,
+    return {"kind": "gate", "elapsed_s": round(time.perf_counter() - started, 3),
+            "provenance": provenance(dev, [im.name for im in impls]), "environment": environment(dev, fingerprint,
                                                                                       [im.name for im in impls]),
             "config": {"impls": [im.name for im in impls], "dtypes": list(cfg.dtypes), "seed": cfg.seed,
                        "fa_limit": cfg.fa_limit, "case_ids": list(cfg.case_ids), "case_timeout": cfg.case_timeout,
@@ -843,49 +845,88 @@ def gate_markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finding_message(b: dict) -> str:
+    """One line for a baseline finding (what a CI summary shows)."""
+    if b["kind"] == "missing":
+        return "group in the baseline did not run"
+    if b["kind"] == "new" and b["metric"] == "-":
+        return "group not in the baseline (new): accept it with --update-baseline"
+    if b["kind"] == "new":
+        return f"{b['metric']}: not in the baseline, now {b['new']}"
+    if b["new"] is None:
+        return f"{b['metric']}: {b['old']} in the baseline, not measured now"
+    return f"{b['metric']}: baseline {b['old']}, now {b['new']} ({b['kind']})"
+
+
 def junit_xml(rep: dict) -> str:
+    """JUnit XML of the verdict: a testsuite per implementation, per group a 'hard' testcase (an ``<error>`` when
+    cases crashed, a ``<failure>`` for any other hard failure) and a 'baseline' testcase (``<skipped>`` when no
+    baseline was given); one 'gate.suite' testcase when nothing ran and one 'gate.baseline' suite for baseline
+    groups that did not run. Suites and the root carry tests, failures, errors, skipped, time and timestamp."""
     import xml.etree.ElementTree as ET
 
     v = rep["verdict"]
+    stamp = str(rep.get("provenance", {}).get("time_utc", "")).replace("+00:00", "")
+    elapsed = float(rep.get("elapsed_s") or 0.0)
     base_by_group: dict = {}
     for b in v["baseline"]:
         base_by_group.setdefault(b["group"], []).append(b)
     suites = ET.Element("testsuites", name="dora-verify gate")
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+
+    def suite(name: str, share: float):
+        return ET.SubElement(suites, "testsuite", name=name, timestamp=stamp, time=f"{share:.3f}")
+
+    def close(ts, c):
+        for k, n in c.items():
+            ts.set(k, str(n))
+            counts[k] += n
+
     by_impl: dict = {}
     for key, g in rep["groups"].items():
         by_impl.setdefault(g["impl"], []).append((key, g))
-    total = fails = 0
+    n_groups = max(1, len(rep["groups"]))
     for impl, items in by_impl.items():
-        ts = ET.SubElement(suites, "testsuite", name=f"gate.{impl}")
-        n = f = 0
+        ts = suite(f"gate.{impl}", elapsed * len(items) / n_groups)
+        c = dict.fromkeys(counts, 0)
         for key, g in items:
-            for crit, msgs in (("hard", g["hard_failures"]),
-                               ("baseline", [f"{b['metric']}: {b['old']} -> {b['new']} ({b['kind']})"
-                                             for b in base_by_group.get(key, [])])):
-                tc = ET.SubElement(ts, "testcase", classname=f"{impl}.{g['output']}.{g['dtype']}",
-                                   name=f"{g['shape_class']}.{g['device_class']}.{crit}")
-                n += 1
-                if msgs:
-                    f += 1
-                    fe = ET.SubElement(tc, "failure", message="; ".join(msgs)[:500])
-                    fe.text = "reproduce: " + reproduce_command(rep, g["failing_cases"][:3])
-        ts.set("tests", str(n))
-        ts.set("failures", str(f))
-        total, fails = total + n, fails + f
+            cls = f"{impl}.{g['output']}.{g['dtype']}"
+            name = f"{g['shape_class']}.{g['device_class']}"
+            tc = ET.SubElement(ts, "testcase", classname=cls, name=f"{name}.hard", time="0")
+            c["tests"] += 1
+            hard = g["hard_failures"]
+            if hard:
+                kind = "error" if g.get("crashes") else "failure"
+                c["errors" if kind == "error" else "failures"] += 1
+                el = ET.SubElement(tc, kind, message="; ".join(hard)[:500])
+                el.text = "reproduce: " + reproduce_command(rep, g["failing_cases"][:3])
+            tc = ET.SubElement(ts, "testcase", classname=cls, name=f"{name}.baseline", time="0")
+            c["tests"] += 1
+            if not v.get("baseline_used"):
+                ET.SubElement(tc, "skipped", message="no baseline given (--baseline)")
+                c["skipped"] += 1
+            elif base_by_group.get(key):
+                c["failures"] += 1
+                ET.SubElement(tc, "failure",
+                              message="; ".join(finding_message(b) for b in base_by_group[key])[:500])
+        close(ts, c)
     if v.get("nothing_ran"):
-        ts = ET.SubElement(suites, "testsuite", name="gate.suite", tests="1", failures="1")
-        tc = ET.SubElement(ts, "testcase", classname="gate", name="suite_ran")
+        ts = suite("gate.suite", 0.0)
+        tc = ET.SubElement(ts, "testcase", classname="gate", name="suite_ran", time="0")
         who = f" for {', '.join(rep['idle_impls'])}" if rep.get("idle_impls") else ""
         ET.SubElement(tc, "failure", message=f"no case ran{who}: the gate never passes on nothing")
-        total, fails = total + 1, fails + 1
-    for b in v["baseline"]:
-        if b["kind"] == "missing":
-            ts = ET.SubElement(suites, "testsuite", name="gate.baseline", tests="1", failures="1")
-            tc = ET.SubElement(ts, "testcase", classname="baseline", name=b["group"])
-            ET.SubElement(tc, "failure", message="group in the baseline did not run")
-            total, fails = total + 1, fails + 1
-    suites.set("tests", str(total))
-    suites.set("failures", str(fails))
+        close(ts, {"tests": 1, "failures": 1, "errors": 0, "skipped": 0})
+    missing = [b for b in v["baseline"] if b["kind"] == "missing"]
+    if missing:
+        ts = suite("gate.baseline", 0.0)
+        for b in missing:
+            tc = ET.SubElement(ts, "testcase", classname="baseline", name=b["group"], time="0")
+            ET.SubElement(tc, "failure", message=finding_message(b))
+        close(ts, {"tests": len(missing), "failures": len(missing), "errors": 0, "skipped": 0})
+    for k, n in counts.items():
+        suites.set(k, str(n))
+    suites.set("time", f"{elapsed:.3f}")
+    suites.set("timestamp", stamp)
     return ET.tostring(suites, encoding="unicode")
 
 
@@ -914,5 +955,5 @@ def write_baseline(doc: dict, path) -> Path:
 
 __all__ = ["BASELINE_FORMAT", "DEFAULT_CASE_TIMEOUT", "DEFAULT_FA_LIMIT", "DEFAULT_SLACK", "BaselineError", "Case",
            "GateConfig", "GateEnvironmentError", "baseline_problem",
-           "build_suite", "compare_baseline", "gate_markdown", "junit_xml", "load_baseline", "make_baseline",
+           "build_suite", "compare_baseline", "finding_message", "gate_markdown", "junit_xml", "load_baseline", "make_baseline",
            "run_gate", "suite_fingerprint", "verdict", "write_baseline", "write_gate_report"]

@@ -498,3 +498,34 @@ def test_a_group_where_every_case_crashed_reports_no_metrics(tmp_path):
     assert groups and all(g["crashes"] == g["cases"] and g["max_ulp"] is None and g["fa_ratio"] is None
                           for g in groups)
     assert all(g["hard_failures"] for g in groups) and "| 0 |" not in gate_markdown(rep).split("## Groups")[-1]
+
+
+def test_junit_errors_failures_skips_and_times(tmp_path):
+    """JUnit as CI systems read it: a crashing implementation is an <error>, a numerical failure a <failure>, the
+    baseline testcases are <skipped> when no baseline was given, suite names are unique, and the root and every
+    suite carry tests/failures/errors/skipped and a timestamp and time."""
+    roots = {}
+    for name in ("raises", "naive"):
+        rc, doc, out = _run(tmp_path / name, "--impl", f"planted_impls:{name}", *SMALL)
+        assert rc == 1
+        roots[name] = ET.parse(out / "junit.xml").getroot()
+    for root in roots.values():
+        suites = root.findall("testsuite")
+        names = [s.get("name") for s in suites]
+        assert len(names) == len(set(names))
+        for el in [root] + suites:
+            assert {"tests", "failures", "errors", "skipped", "time", "timestamp"} <= set(el.attrib), el.attrib
+        skipped = root.findall(".//testcase/skipped")
+        assert skipped and all(s.get("message") == "no baseline given (--baseline)" for s in skipped)
+        assert int(root.get("skipped")) == len(skipped) and float(root.get("time")) > 0
+        assert int(root.get("tests")) == sum(int(s.get("tests")) for s in suites)
+    crashed, numerics = roots["raises"], roots["naive"]
+    assert crashed.find(".//error") is not None and crashed.find(".//failure") is None and int(crashed.get("errors")) >= 1
+    assert numerics.find(".//failure") is not None and numerics.get("errors") == "0"
+
+
+def test_baseline_finding_messages_read_as_sentences():
+    new_group = {"group": "k", "metric": "-", "old": None, "new": None, "kind": "new"}
+    assert gate.finding_message(new_group) == "group not in the baseline (new): accept it with --update-baseline"
+    assert gate.finding_message({"group": "k", "metric": "max_ulp", "old": 0.5, "new": 2.0, "kind": "regression"}) \
+        == "max_ulp: baseline 0.5, now 2.0 (regression)"
