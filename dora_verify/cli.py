@@ -353,12 +353,15 @@ def _gate(args) -> int:
     baseline = load_baseline(args.baseline) if args.baseline and not args.update_baseline else None
     cfg = GateConfig(impls=impls, dtypes=dtypes, device=args.device, require_gpu=args.require_gpu, seed=args.seed,
                      fa_limit=fa, case_ids=tuple(args.case), **extra)
+    rep = None
     try:
         rep = run_gate(cfg, progress=_Progress(not args.quiet))
         rep["impl_spec"] = args.impl
         verdict(rep, baseline, args.allow_env_mismatch)
-    except GateEnvironmentError as e:
-        print(f"dora-verify: gate FAILED: {e}", file=sys.stderr)
+    except GateEnvironmentError as e:  # a GPU required but absent (no report), or a baseline from elsewhere (reports)
+        files = write_gate_report(rep, args.out) if rep is not None and "verdict" in rep else []
+        wrote = f"; wrote {', '.join(str(f) for f in files)}" if files else ""
+        print(f"dora-verify: gate FAILED: {e}{wrote}", file=sys.stderr)
         return EXIT_USAGE
     files = write_gate_report(rep, args.out)
     v = rep["verdict"]

@@ -545,7 +545,6 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
     """Run the suite through every implementation; the report dict (groups with metrics and hard failures)."""
     from .provenance import provenance
 
-    started = time.perf_counter()
     dev = resolve(cfg)
     # each configured implementation with what runs for it (the CPU mode splits the kernels in two tiers)
     expanded = [(im, cpu_impls([im]) if dev.type == "cpu" else [im]) for im in cfg.impls]
@@ -618,8 +617,7 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
         g["hard_failures"] = _hard_failures(g, cfg.fa_limit)
         if g["crashes"] == g["cases"]:  # nothing was scored: no metric reads as a perfect 0
             g["max_ulp"] = g["fa_ratio"] = g["nonfinite_mismatch"] = g["nondeterministic"] = None
-    return {"kind": "gate", "elapsed_s": round(time.perf_counter() - started, 3),
-            "provenance": provenance(dev, [im.name for im in impls]), "environment": environment(dev, fingerprint,
+    return {"kind": "gate", "provenance": provenance(dev, [im.name for im in impls]), "environment": environment(dev, fingerprint,
                                                                                       [im.name for im in impls]),
             "config": {"impls": [im.name for im in impls], "dtypes": list(cfg.dtypes), "seed": cfg.seed,
                        "fa_limit": cfg.fa_limit, "case_ids": list(cfg.case_ids), "case_timeout": cfg.case_timeout,
@@ -768,7 +766,9 @@ def verdict(rep: dict, baseline: "dict | None", allow_env_mismatch: bool = False
     if baseline is not None:
         mism = env_mismatch(baseline.get("environment", {}), rep["environment"])
         v["environment"] = mism
-        if mism and not allow_env_mismatch:
+        if mism and not allow_env_mismatch:  # the reports are still written (the CLI exits 2 after them)
+            v.update(environment_mismatch=True, passed=False)
+            rep["verdict"] = v
             raise GateEnvironmentError("baseline from a different environment (" + "; ".join(mism) + "): regenerate "
                                        "it here with --update-baseline, or pass --allow-env-mismatch")
         v["baseline"] = [dict(zip(("group", "metric", "old", "new", "kind"), f)) for f in compare_baseline(rep, baseline)]
@@ -792,7 +792,8 @@ def gate_markdown(rep: dict) -> str:
 
     v, env, p = rep["verdict"], rep["environment"], rep["provenance"]
     mode = "GPU" if env["mode"] == "gpu" else "CPU, **logic-only** (eager tier and the Triton interpreter; no GPU evidence)"
-    head = "PASSED" if v["passed"] else "FAILED"
+    head = "PASSED" if v["passed"] else ("NOT COMPARED: environment mismatch" if v.get("environment_mismatch")
+                                         else "FAILED")
     lines = [f"# dora-verify gate: {head}", "",
              f"Mode: {mode}. Device class {env['device_class']}; torch {env['torch']}, triton {env['triton']}; "
              f"commit {p.get('git', {}).get('commit', '?')}; suite {env['suite']} ({rep['cases']} cases, seed "
@@ -826,7 +827,11 @@ def gate_markdown(rep: dict) -> str:
         lines.append(_table(["group", "metric", "baseline", "now", "finding"],
                             [[f"`{b['group']}`", b["metric"], b["old"], b["new"], b["kind"]] for b in v["baseline"]]))
         lines.append("")
-    if v["environment"]:
+    if v.get("environment_mismatch"):
+        lines += ["**The baseline comes from another environment**: " + "; ".join(v["environment"]) + ". Nothing was "
+                  "compared with it (exit 2): regenerate it here with `--update-baseline`, or pass "
+                  "`--allow-env-mismatch` to compare anyway. The hard criteria below were evaluated.", ""]
+    elif v["environment"]:
         lines += ["Environment differs from the baseline's (allowed by --allow-env-mismatch): " + "; ".join(v["environment"]), ""]
     if not v["baseline_used"]:
         lines += ["No baseline compared (hard criteria only).", ""]
@@ -867,7 +872,7 @@ def junit_xml(rep: dict) -> str:
 
     v = rep["verdict"]
     stamp = str(rep.get("provenance", {}).get("time_utc", "")).replace("+00:00", "")
-    elapsed = float(rep.get("elapsed_s") or 0.0)
+    elapsed = float(rep.get("seconds") or 0.0)
     base_by_group: dict = {}
     for b in v["baseline"]:
         base_by_group.setdefault(b["group"], []).append(b)
@@ -916,6 +921,11 @@ def junit_xml(rep: dict) -> str:
         who = f" for {', '.join(rep['idle_impls'])}" if rep.get("idle_impls") else ""
         ET.SubElement(tc, "failure", message=f"no case ran{who}: the gate never passes on nothing")
         close(ts, {"tests": 1, "failures": 1, "errors": 0, "skipped": 0})
+    if v.get("environment_mismatch"):
+        ts = suite("gate.environment", 0.0)
+        tc = ET.SubElement(ts, "testcase", classname="baseline", name="environment", time="0")
+        ET.SubElement(tc, "error", message=("baseline from another environment: " + "; ".join(v["environment"]))[:500])
+        close(ts, {"tests": 1, "failures": 0, "errors": 1, "skipped": 0})
     missing = [b for b in v["baseline"] if b["kind"] == "missing"]
     if missing:
         ts = suite("gate.baseline", 0.0)

@@ -244,8 +244,14 @@ def test_baseline_from_another_environment_is_refused(tmp_path, capsys):
     d["environment"]["device_class"] = "cuda-sm90"
     base.write_text(json.dumps(d))
     capsys.readouterr()
-    rc, _, _ = _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp32", "--baseline", str(base))
-    assert rc == 2 and "different environment" in capsys.readouterr().err
+    rc, doc, out = _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp32", "--baseline", str(base))
+    err = capsys.readouterr().err
+    assert rc == 2 and "different environment" in err and err.count("\n") == 1 and "wrote" in err
+    # the reports are written, so a CI job shows why (a routine torch bump used to leave nothing to read)
+    assert doc["verdict"]["environment_mismatch"] and not doc["verdict"]["passed"]
+    assert "another environment" in (out / "gate.md").read_text()
+    root = ET.parse(out / "junit.xml").getroot()
+    assert root.find(".//testsuite[@name='gate.environment']/testcase/error") is not None and root.get("errors") == "1"
     rc, doc, _ = _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp32", "--baseline", str(base),
                       "--allow-env-mismatch")
     assert rc == 0 and doc["verdict"]["environment"]
