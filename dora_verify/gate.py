@@ -651,11 +651,23 @@ def _hard_failures(g: dict, fa_limit: float) -> list:
 
 
 # ----------------------------------------------------------------------------- the baseline
+def _cwd_commit() -> "str | None":
+    """The commit of the git checkout the gate runs in (the adopting team's repository), or None outside one."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def make_baseline(rep: dict, slack=None) -> dict:
     slack = slack or DEFAULT_SLACK
     return {"format": BASELINE_FORMAT, "environment": rep["environment"], "slack": {k: list(v) for k, v in slack.items()},
+            # no time stamp (it made every regeneration a merge conflict); the commits say what produced it
             "created_by": {"commit": rep["provenance"].get("git", {}).get("commit"),
-                           "time_utc": rep["provenance"].get("time_utc")},
+                           "repository_commit": _cwd_commit()},
             "groups": {k: {m: g[m] for m in LOWER_IS_BETTER} for k, g in sorted(rep["groups"].items())}}
 
 

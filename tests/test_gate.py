@@ -535,3 +535,15 @@ def test_baseline_finding_messages_read_as_sentences():
     assert gate.finding_message(new_group) == "group not in the baseline (new): accept it with --update-baseline"
     assert gate.finding_message({"group": "k", "metric": "max_ulp", "old": 0.5, "new": 2.0, "kind": "regression"}) \
         == "max_ulp: baseline 0.5, now 2.0 (regression)"
+
+
+def test_baseline_regeneration_is_stable(tmp_path, monkeypatch):
+    """The same results give the same baseline file: no time stamp in it (it made every regeneration a merge
+    conflict between pull requests); it records the repository's commit it was made in."""
+    base = tmp_path / "baseline.json"
+    _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp32", "--baseline", str(base), "--update-baseline")
+    first = base.read_text()
+    _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp32", "--baseline", str(base), "--update-baseline")
+    assert base.read_text() == first
+    created = json.loads(first)["created_by"]
+    assert "time_utc" not in created and "repository_commit" in created
