@@ -21,6 +21,7 @@ import torch
 
 from . import bounds
 from .certify import _target_table, default_tier, load_case
+from .exact import compose_exact, round_fraction
 from .formats import parse_format
 from .oracles import compose_truth, row_norm_truth
 
@@ -86,23 +87,9 @@ def _element(name, got, exact: Fraction, bound: float, fmt, where, inputs: dict)
 
 
 def round_exact(x: Fraction, fmt) -> float:
-    """RN_fmt(x) of an exact rational (ties to even; subnormals; overflow to ±inf) — one rounding, no float64
-    detour (whose double rounding would get ties like 8224.00003 → bf16 wrong)."""
-    if x == 0:
-        return 0.0
-    a = abs(x)
-    e = a.numerator.bit_length() - a.denominator.bit_length()
-    if Fraction(2) ** e > a:
-        e -= 1
-    q = Fraction(2) ** (max(e, fmt.emin) - fmt.p + 1)
-    m = a / q
-    n = m.numerator // m.denominator
-    rem = m - n
-    if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and n % 2 == 1):
-        n += 1
-    v = n * q
-    out = math.inf if v > Fraction(fmt.max_finite) else float(v)
-    return -out if x < 0 else out
+    """RN_fmt(x) of an exact rational (:func:`dora_verify.exact.round_fraction`: ties to even, subnormals, ±inf on
+    overflow) — one rounding, no float64 detour (whose double rounding would get ties like 8224.00003 → bf16 wrong)."""
+    return round_fraction(x, fmt)[2]
 
 
 def _f(t: torch.Tensor, *idx) -> Fraction:
@@ -121,15 +108,17 @@ def _compose_outputs(target: str, ex, k, device, tier) -> list:
     t, s = ex.tensors, ex.scalars["s"]
     base, lora, g, bias = t["base"], t["lora"], t["g"], t.get("bias")
     gm1 = t.get("g_minus_1") if target == "compose.delta" else None
-    fs = Fraction(s)
+
+    def exact(ti, i):  # (y, Δ) of the element, exactly (dora_verify.exact.compose_exact)
+        return compose_exact(float(base[ti, i]), float(lora[ti, i]), float(g[i]), s,
+                             float(bias[i]) if bias is not None else 0.0,
+                             float(gm1[i]) if gm1 is not None else None)
 
     def y_exact(ti, i):
-        v = _f(g, i) * (_f(base, ti, i) + fs * _f(lora, ti, i))
-        return v + (_f(bias, i) if bias is not None else 0)
+        return exact(ti, i)[0]
 
     def d_exact(ti, i):
-        gm = _f(gm1, i) if gm1 is not None else _f(g, i) - 1
-        return gm * _f(base, ti, i) + _f(g, i) * fs * _f(lora, ti, i)
+        return exact(ti, i)[1]
 
     def inputs(ti, i):
         out = {"base": _input(base, ti, i), "lora": _input(lora, ti, i), "g": _input(g, i), "s": s}
