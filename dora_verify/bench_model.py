@@ -27,7 +27,6 @@ graphs hold the project's ops (for stock PEFT they must not).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
 import time
@@ -111,17 +110,14 @@ def interleaved_ms(calls: dict, warmup: int, rounds: int, per_round: int) -> dic
     return out
 
 
-@contextlib.contextmanager
-def integration(on: bool):
-    """The PEFT integration on (this project) or off (stock PEFT) inside the block."""
+def use_integration(on: bool) -> None:
+    """The PEFT integration on (this project) or off (stock PEFT) from here on, switched only if it is not already:
+    each timed call sets what it needs, so the switch (a class attribute write) falls in a round's untimed lead-in
+    call, as a user enables the integration once. :func:`bench_model` restores the state it found."""
     import dora_verify.kernels.peft as dv_peft
 
-    was = dv_peft.is_enabled()
-    dv_peft.enable() if on else dv_peft.disable()
-    try:
-        yield
-    finally:
-        dv_peft.enable() if was else dv_peft.disable()
+    if dv_peft.is_enabled() != on:
+        dv_peft.enable() if on else dv_peft.disable()
 
 
 class GraphRecorder:
@@ -195,11 +191,11 @@ class ModelUnderTest:
         self.ids = ids
 
     def step(self):
-        with integration(self.impl == "ours"):
-            self.opt.zero_grad(set_to_none=True)
-            loss = self.fn(input_ids=self.ids, labels=self.ids).loss
-            loss.backward()
-            self.opt.step()
+        use_integration(self.impl == "ours")
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.fn(input_ids=self.ids, labels=self.ids).loss
+        loss.backward()
+        self.opt.step()
 
     def resident_bytes(self) -> int:
         state = [t for s in self.opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
@@ -298,8 +294,8 @@ def layer_in_model_row(d_in, d_out, r, setting, cfg) -> dict:
                if setting == "checkpointing" else f)(fn)
 
         def call(run=run, params=params, impl=impl):
-            with integration(impl == "ours_peft"):
-                return torch.autograd.grad(run(x), [x] + params, dy)
+            use_integration(impl == "ours_peft")
+            return torch.autograd.grad(run(x), [x] + params, dy)
         calls[impl] = call
     with torch._dynamo.config.patch(cache_size_limit=64):
         times = interleaved_ms(calls, cfg.warmup, cfg.layer_rounds, cfg.layer_per_round)
@@ -337,10 +333,15 @@ def plan_size(cfg) -> int:
 
 def bench_model(cfg, tick) -> dict:
     """The model part's rows: {'steps': [...], 'layers_in_model': [...]}."""
-    rows = []
-    for widths, layers, r, adapters, settings in (MODEL_GRID_QUICK if cfg.quick else MODEL_GRID):
-        rows += model_rows(widths, layers, r, adapters, settings, cfg, tick)
-    return {"steps": rows, "layers_in_model": layer_in_model_rows(cfg, tick)}
+    import dora_verify.kernels.peft as dv_peft
+
+    was, rows = dv_peft.is_enabled(), []
+    try:
+        for widths, layers, r, adapters, settings in (MODEL_GRID_QUICK if cfg.quick else MODEL_GRID):
+            rows += model_rows(widths, layers, r, adapters, settings, cfg, tick)
+        return {"steps": rows, "layers_in_model": layer_in_model_rows(cfg, tick)}
+    finally:
+        use_integration(was)
 
 
 def model_targets(rep: dict, add) -> None:

@@ -44,7 +44,7 @@ from torch import nn
 
 from .compose import compose
 from .dispatch import KERNEL_DTYPES
-from .lora_compose import lora_compose
+from .lora_compose import dora_lora_compose
 from .norm import DEFAULT_KAPPA_MAX, RowNormRunner, check_kappa_max, row_norm_op
 from .scale import DEFAULT_EPS, dora_scale, round_to_fp32
 
@@ -148,15 +148,18 @@ class DoRALinear(nn.Module):
         xd = self.dropout(x)
         xa = F.linear(xd.to(self.lora_A.dtype), self.lora_A)
         peft_dropout = self.training and xd is not x and self.dropout_semantics == "peft"
-        g, gm1 = self.scale(g_minus_1=peft_dropout)  # only PEFT's dropout path composes Δ, which needs g − 1
+        nu = self.weight_norm()
         base = F.linear(x, W)
-        if peft_dropout:
+        if peft_dropout:  # only PEFT's dropout path composes Δ, which needs g − 1
+            g, gm1 = dora_scale(self.magnitude, nu, self.eps, g_minus_1=True)
             delta = compose(F.linear(xd, W), F.linear(xa, self.lora_B), g, self.scaling, g_minus_1=gm1,
                             output="delta", save=self._compose_save)
             return (base + bias if bias is not None else base) + delta
         if self.save == "recompute" and not torch.is_autocast_enabled(x.device.type) and (
                 self.lora_B.dtype != torch.float32 or not torch.compiler.is_compiling()):  # autocast: materialise
-            return lora_compose(base, xa, self.lora_B, g, self.scaling, bias)  # lora not kept for backward
+            return dora_lora_compose(base, xa, self.lora_B, self.magnitude, nu, self.scaling, bias,
+                                     eps=self.eps)  # lora not kept for backward; g formed in the kernels
+        g, _ = dora_scale(self.magnitude, nu, self.eps, g_minus_1=False)
         return compose(base, F.linear(xa, self.lora_B), g, self.scaling, bias, save=self._compose_save)
 
     @property

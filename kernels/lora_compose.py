@@ -26,6 +26,11 @@ Numerical contract (base in bf16/fp16/fp32; xa, B in bf16/fp16 on the fused tier
   by torch's GEMM for kernels/compose.py's compose (either tier) and freed; the backward forms it again (the same GEMM
   on the same operands: the same bits) — y and every gradient are compose's on that lora, and what is kept is base,
   xa and B as for bf16 adapters (not a [T, d_out] fp32 lora). Compiled graphs take the eager tier here.
+* :func:`dora_lora_compose` takes the magnitude m and the detached ν instead of g: the kernels form
+  g = RN(m₃₂ / max(ν, ε)) (IEEE division, NaN propagating: :func:`dora_scale`'s bits) and the backward's reduction
+  writes d_m = RN_m(RN32(d_g / max(ν, ε))) (autograd's through dora_scale): y and every gradient are those of
+  ``lora_compose(…, dora_scale(m, ν)[0], …)`` bit for bit, in one autograd node with four fewer host ops (what the
+  layers call; the eager tier, fp32 adapters and compiled graphs take that composition itself).
 * Non-finite inputs propagate elementwise as in kernels/compose.py (same epilogue); shapes, dtypes, devices
   and ``s`` are checked by :func:`lora_compose` as by :func:`compose` (base's dtype may differ from the
   adapter's; s a float or a one-element tensor that does not require grad).
@@ -43,7 +48,8 @@ import torch.nn.functional as F
 
 from .compose import (RED_BLOCK, SAVE_INPUTS, SAVE_NONE, _rows_cols, bwd_splits, check_bias, check_s,
                       compose_backward_eager, compose_backward_fused, compose_forward_eager, compose_forward_fused)
-from .dispatch import HAS_TRITON, Tier, autocast_off, no_autocast, select_tier
+from .dispatch import HAS_TRITON, KERNEL_DTYPES, Tier, autocast_off, no_autocast, select_tier
+from .scale import DEFAULT_EPS, dora_scale
 
 if HAS_TRITON:
     import triton
@@ -74,34 +80,46 @@ if HAS_TRITON:
             rr = r0 + tl.arange(0, BLOCK_R)
             xa = tl.load(xa_ptr + rows.to(tl.int64)[:, None] * R + rr[None, :],
                          mask=(rows < T)[:, None] & (rr < R)[None, :], other=0.0)
-            bt = tl.load(b_ptr + cols.to(tl.int64)[None, :] * R + rr[:, None],
-                         mask=(rr < R)[:, None] & (cols < N)[None, :], other=0.0)
-            acc = tl.dot(xa, bt, acc, out_dtype=tl.float32)
+            b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * R + rr[None, :],  # B's rows as stored: coalesced
+                        mask=(cols < N)[:, None] & (rr < R)[None, :], other=0.0)
+            acc = tl.dot(xa, tl.trans(b), acc, out_dtype=tl.float32)
         return acc.to(xa_ptr.dtype.element_ty).to(tl.float32)
 
     @triton.jit
-    def _lora_compose_fwd_kernel(base_ptr, xa_ptr, b_ptr, g_ptr, bias_ptr, out_ptr, lora_ptr, T, N, R, s,
-                                 HAS_BIAS: tl.constexpr, WRITE_LORA: tl.constexpr, ODD: tl.constexpr, BLOCK_T: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    def _g_cols(g_ptr, m_ptr, cols, cmask, eps, FROM_M: tl.constexpr):
+        """g of columns ``cols``: loaded from g_ptr, or (FROM_M) g = RN(m₃₂ / max(ν, ε)) with ν at g_ptr —
+        :func:`dora_scale`'s bits (IEEE division; a NaN ν or m gives a NaN g, as torch.clamp does)."""
+        if FROM_M:
+            nu = tl.load(g_ptr + cols, mask=cmask, other=1.0)
+            m = tl.load(m_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            return tl.math.div_rn(m, tl.maximum(nu, eps, propagate_nan=tl.PropagateNan.ALL))
+        return tl.load(g_ptr + cols, mask=cmask, other=0.0)
+
+    @triton.jit
+    def _lora_compose_fwd_kernel(base_ptr, xa_ptr, b_ptr, g_ptr, mag_ptr, bias_ptr, out_ptr, lora_ptr, T, N, R, s,
+                                 eps, HAS_BIAS: tl.constexpr, WRITE_LORA: tl.constexpr, ODD: tl.constexpr,
+                                 G_FROM_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_R: tl.constexpr):
         n_n = tl.cdiv(N, BLOCK_N)  # one flat grid, column blocks fastest (as the compose forward)
         rows = (tl.program_id(0) // n_n) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = (tl.program_id(0) % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
         mask = (rows < T)[:, None] & cmask[None, :]
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # issued before the tile's dot
         lo = _lora_tile(xa_ptr, b_ptr, rows, cols, T, N, R, BLOCK_T, BLOCK_N, BLOCK_R)
-        b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + cols, mask=cmask, other=0.0)[None, :]
+        g = _g_cols(g_ptr, mag_ptr, cols, cmask, eps, G_FROM_M)[None, :]
         v = _y_value(b, lo, g, bias_ptr, cols, cmask, s, HAS_BIAS, ODD)
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
         if WRITE_LORA:  # for tests: the lora the forward used
             tl.store(lora_ptr + offs, lo.to(lora_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _lora_compose_bwd_kernel(dy_ptr, base_ptr, xa_ptr, b_ptr, g_ptr, dbase_ptr, partial_ptr, m_ptr, db_ptr,
-                                 gsb_ptr, T, N, R, s, rows_per_split, WRITE_DBASE: tl.constexpr,
+    def _lora_compose_bwd_kernel(dy_ptr, base_ptr, xa_ptr, b_ptr, g_ptr, mag_ptr, dbase_ptr, partial_ptr, m_ptr,
+                                 db_ptr, gsb_ptr, T, N, R, s, eps, rows_per_split, WRITE_DBASE: tl.constexpr,
                                  WRITE_DG: tl.constexpr, WRITE_DB: tl.constexpr, WRITE_GSB: tl.constexpr,
-                                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                                 G_FROM_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_R: tl.constexpr):
         """Per column block and row split: d_base = RN(g·dy), float64 partials of d_g; the first split also
         writes the adapter-gradient epilogues of its columns (the arithmetic of :func:`adapter_grads`, the same
         bits): gsB = RN(RN32(RN32(g·s)·B)) and d_B = RN_B(RN32(g·s)·M) with M = dyᵀxa (fp32)."""
@@ -111,7 +129,7 @@ if HAS_TRITON:
         cmask = cols < N
         if WRITE_DB or WRITE_GSB:
             if pid_s == 0:
-                gs = tl.load(g_ptr + cols, mask=cmask, other=0.0) * s
+                gs = _g_cols(g_ptr, mag_ptr, cols, cmask, eps, G_FROM_M) * s
                 for r0 in range(0, R, BLOCK_R):
                     rr = r0 + tl.arange(0, BLOCK_R)
                     m2 = cmask[:, None] & (rr < R)[None, :]
@@ -122,7 +140,7 @@ if HAS_TRITON:
                     if WRITE_DB:
                         mm = tl.load(m_ptr + o2, mask=m2, other=0.0)
                         tl.store(db_ptr + o2, (gs[:, None] * mm).to(db_ptr.dtype.element_ty), mask=m2)
-        g = tl.load(g_ptr + cols, mask=cmask, other=0.0)[None, :]
+        g = _g_cols(g_ptr, mag_ptr, cols, cmask, eps, G_FROM_M)[None, :]
         acc = tl.zeros([BLOCK_N], dtype=tl.float64)
         t0 = pid_s * rows_per_split  # a multiple of BLOCK_T: the forward's row tiles exactly
         t_end = tl.minimum(t0 + rows_per_split, T)
@@ -149,17 +167,20 @@ def _splits(T: int, N: int) -> Tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- launchers
-def lora_compose_forward_fused(base, xa, B, g, bias, s: float, write_lora: bool = False):
-    """Triton forward on contiguous [T, N] base, [T, r] xa, [N, r] B; returns (y, lora or empty)."""
+def lora_compose_forward_fused(base, xa, B, g, bias, s: float, write_lora: bool = False, m=None,
+                               eps: float = DEFAULT_EPS):
+    """Triton forward on contiguous [T, N] base, [T, r] xa, [N, r] B; returns (y, lora or None). With ``m``
+    (the magnitude), ``g`` holds ν and the kernel forms g = m / max(ν, ε) itself (:func:`dora_lora_compose`)."""
     T, N = _rows_cols(base)
     R = xa.shape[-1]
     out = torch.empty_like(base)
-    lora = torch.empty(base.shape if write_lora else (0,), dtype=xa.dtype, device=base.device)
+    lora = torch.empty(base.shape, dtype=xa.dtype, device=base.device) if write_lora else None  # None: host time
     if T and N:
         grid = (triton.cdiv(T, LC_BLOCK_T) * triton.cdiv(N, LC_BLOCK_N),)
-        _lora_compose_fwd_kernel[grid](base, xa, B, g, bias if bias is not None else g, out,
-                                       lora if write_lora else out, T, N, R, s, HAS_BIAS=bias is not None,
-                                       WRITE_LORA=write_lora, ODD=out.dtype != torch.float32, BLOCK_T=LC_BLOCK_T,
+        _lora_compose_fwd_kernel[grid](base, xa, B, g, m if m is not None else g, bias if bias is not None else g,
+                                       out, lora if write_lora else out, T, N, R, s, eps, HAS_BIAS=bias is not None,
+                                       WRITE_LORA=write_lora, ODD=out.dtype != torch.float32,
+                                       G_FROM_M=m is not None, BLOCK_T=LC_BLOCK_T,
                                        BLOCK_N=LC_BLOCK_N, BLOCK_R=lc_block_r(R), num_warps=LC_WARPS,
                                        num_stages=LC_STAGES, enable_fp_fusion=False)
     return out, lora
@@ -172,16 +193,17 @@ def lora_compose_backward_fused(dy, base, xa, B, g, s: float, need_base: bool, n
 
 @no_autocast
 def lora_compose_backward_fused_all(dy, base, xa, B, g, s: float, need_base: bool, need_g: bool, need_xa: bool,
-                                    need_B: bool):
+                                    need_B: bool, m=None, eps: float = DEFAULT_EPS):
     """Triton backward with the adapter gradients: (d_base, d_g, d_xa, d_B), empties / None for what is not
     needed. d_xa and d_B are :func:`adapter_grads`' values bit for bit: the GEMM dyᵀxa (fp32) runs first, the
     backward kernel writes RN(g·s)-scaled B and d_B in its epilogue, then d_xa = dy·gsB — two host-side ops
-    instead of nine (the eager step is host-bound: reports/kernels-h100/host_bound.md)."""
+    instead of nine (the eager step is host-bound: reports/kernels-h100/host_bound.md). With ``m``, ``g`` holds ν
+    (g = m / max(ν, ε) formed in the kernels) and the second result is d_m (m's dtype) in place of d_g."""
     T, N = _rows_cols(dy)
     R = xa.shape[-1]
     dev = dy.device
     d_base = torch.empty(dy.shape if need_base else (0,), dtype=base.dtype, device=dev)
-    d_g = torch.empty(N if need_g else 0, dtype=torch.float32, device=dev)
+    d_g = torch.empty(N if need_g else 0, dtype=torch.float32 if m is None else m.dtype, device=dev)
     if T == 0 or N == 0:
         d_xa, d_B = adapter_grads(dy, xa, B, g, s, need_xa, need_B)
         return d_base, d_g.zero_(), d_xa, d_B
@@ -193,13 +215,14 @@ def lora_compose_backward_fused_all(dy, base, xa, B, g, s: float, need_base: boo
     d_B = torch.empty((N, R), dtype=B.dtype, device=dev) if need_B else None
     gsB = torch.empty((N, R), dtype=dy.dtype, device=dev) if need_xa else None
     _lora_compose_bwd_kernel[(triton.cdiv(N, LC_BLOCK_N), splits)](
-        dy, base if need_g else dy, xa, B, g, d_base if need_base else dy, partial if need_g else g,
-        M if need_B else g, d_B if need_B else g, gsB if need_xa else g, T, N, R, s, rows,
-        WRITE_DBASE=need_base, WRITE_DG=need_g, WRITE_DB=need_B, WRITE_GSB=need_xa, BLOCK_T=LC_BLOCK_T,
-        BLOCK_N=LC_BLOCK_N, BLOCK_R=lc_block_r(R), num_warps=LC_WARPS, num_stages=LC_STAGES,
+        dy, base if need_g else dy, xa, B, g, m if m is not None else g, d_base if need_base else dy,
+        partial if need_g else g, M if need_B else g, d_B if need_B else g, gsB if need_xa else g, T, N, R, s, eps,
+        rows, WRITE_DBASE=need_base, WRITE_DG=need_g, WRITE_DB=need_B, WRITE_GSB=need_xa, G_FROM_M=m is not None,
+        BLOCK_T=LC_BLOCK_T, BLOCK_N=LC_BLOCK_N, BLOCK_R=lc_block_r(R), num_warps=LC_WARPS, num_stages=LC_STAGES,
         enable_fp_fusion=False)
     if need_g:
-        _sum_splits_kernel[(triton.cdiv(N, RED_BLOCK),)](partial, d_g, N, splits, BLOCK=RED_BLOCK)
+        _sum_splits_kernel[(triton.cdiv(N, RED_BLOCK),)](partial, d_g, N, splits, g, eps, BLOCK=RED_BLOCK,
+                                                         D_M=m is not None)
     d_xa = (dy @ gsB).to(xa.dtype) if need_xa else None
     return d_base, d_g, d_xa, d_B
 
@@ -364,6 +387,31 @@ class _LoRARecomputeFunction(torch.autograd.Function):
         return d_base if need_base else None, d_xa, d_B, d_g if need_g else None, d_bias, None, None
 
 
+class _DoRAComposeFunction(torch.autograd.Function):
+    """:class:`_LoRAComposeFunction` with the DoRA scale inside: inputs m and ν instead of g, the kernels form
+    g = m / max(ν, ε), the backward's reduction writes d_m (one autograd node where the separate scale adds two,
+    and three fewer ops in each direction; fused tier, bf16/fp16 adapters, eager mode)."""
+
+    @staticmethod
+    def forward(ctx, base, xa, B, m, nu, bias, s, eps):
+        y, _ = lora_compose_forward_fused(base, xa, B, nu, bias, s, m=m, eps=eps)
+        ctx.save_for_backward(base if m.requires_grad else None, xa, B, m, nu)
+        ctx.s, ctx.eps, ctx.bias_dtype = s, eps, (bias.dtype if bias is not None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        base, xa, B, m, nu = ctx.saved_tensors
+        need_base, need_xa, need_B, need_m, _, need_bias = ctx.needs_input_grad[:6]
+        dy = dy.contiguous()
+        base = base if base is not None else dy.new_empty(0)
+        d_base, d_m, d_xa, d_B = lora_compose_backward_fused_all(dy, base, xa, B, nu, ctx.s, need_base, need_m,
+                                                                 need_xa, need_B, m=m, eps=ctx.eps)
+        d_bias = dy.to(torch.float32).reshape(-1, dy.shape[-1]).sum(dim=0).to(ctx.bias_dtype) if need_bias else None
+        return (d_base if need_base else None, d_xa if need_xa else None, d_B if need_B else None,
+                d_m if need_m else None, None, d_bias, None, None)
+
+
 # ----------------------------------------------------------------------------- public entry point
 def _check(base, xa, B, g, bias, s):
     for name, t in (("base", base), ("xa", xa), ("B", B), ("g", g)):
@@ -418,6 +466,42 @@ def lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch
     return out  # shaped like base and not a view (FSDP2 warns about views: an in-place op on one skips its hooks)
 
 
-__all__ = ["adapter_grads", "lora_compose", "lora_compose_backward_eager", "lora_compose_backward_eager_all",
+def dora_lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, m: torch.Tensor, nu: torch.Tensor,
+                      s: float, bias: "torch.Tensor | None" = None, *, eps: float = DEFAULT_EPS,
+                      tier: "Tier | str | None" = None) -> torch.Tensor:
+    """``lora_compose(base, xa, B, dora_scale(m, nu, eps)[0], s, bias)`` — the same function and the same bits
+    (y and the gradients of base, xa, B, m and bias) — with the scale g = m / max(ν, ε) formed inside the kernels.
+
+    ``m`` [d_out] the magnitude (bf16/fp16/fp32, differentiable), ``nu`` fp32 [d_out] the detached row norm. On the
+    fused tier with bf16/fp16 adapters outside compiled graphs this is one autograd node and saves the separate
+    scale's host ops (the layer step is host-bound at small shapes); elsewhere it is the composition above."""
+    if not (isinstance(m, torch.Tensor) and isinstance(nu, torch.Tensor)):
+        raise TypeError("m and nu must be torch.Tensors")
+    if nu.requires_grad:
+        raise ValueError("nu must be detached (DoRA's ν carries no gradient)")
+    if isinstance(B, torch.Tensor) and B.dim() == 2 and (nu.dtype != torch.float32 or nu.shape != B.shape[:1]):
+        raise TypeError(f"nu must be float32 [{B.shape[0]}], got {nu.dtype} {tuple(nu.shape)}")
+    fast = xa.dtype in _FUSED_ADAPTER_DTYPES and not torch.compiler.is_compiling()
+    if fast:
+        s = _check(base, xa, B, nu, bias, s)
+        N = B.shape[0]
+        if m.shape != (N,) or m.dtype not in KERNEL_DTYPES or m.device != base.device:
+            raise ValueError(f"m must be [{N}] (bf16, fp16 or fp32) on {base.device}, got {m.dtype} "
+                             f"{tuple(m.shape)} on {m.device}")
+        b2 = base.contiguous()
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (base, xa, B, m, bias))
+        fast = select_tier(b2, needs_grad, tier, op="lora_compose", dtype=xa.dtype) != Tier.EAGER
+    if not fast:
+        return lora_compose(base, xa, B, dora_scale(m, nu, eps, g_minus_1=False)[0], s, bias, tier=tier)
+    eps = float(eps)
+    args = (b2, xa.contiguous(), B.contiguous(), m.contiguous(), nu.contiguous(),
+            bias.contiguous() if bias is not None else None, s, eps)
+    if needs_grad:
+        return _DoRAComposeFunction.apply(*args)
+    return lora_compose_forward_fused(*args[:3], args[4], args[5], s, m=args[3], eps=eps)[0]
+
+
+__all__ = ["adapter_grads", "dora_lora_compose", "lora_compose", "lora_compose_backward_eager", "lora_compose_backward_eager_all",
            "lora_compose_backward_fused",
            "lora_compose_backward_fused_all", "lora_compose_forward_eager", "lora_compose_forward_fused"]

@@ -19,7 +19,7 @@ Semantics (PEFT's ``DoraLinearLayer.forward``, reproduced):
   the adapters before this one, as in PEFT). Without active dropout, base = result − bias (PEFT removes
   the bias before the compose) and the layer returns y = g ⊙ (base + s·lora) + bias in one rounding —
   algebraically PEFT's ``result + (g−1)·base + g·s·lora``. bf16/fp16 adapters take the fused
-  :func:`lora_compose` (lora = xa Bᵀ never materialised); fp32 adapters (PEFT's default autocast) take it too
+  :func:`dora_lora_compose` (lora = xa Bᵀ never materialised, g = m/max(ν, ε) formed in the kernels); fp32 adapters (PEFT's default autocast) take it too
   in eager mode (lora formed by the same GEMM as PEFT's ``lora_B(xa)``, composed and freed, formed again in the
   backward: no fp32 activation kept), and :func:`compose` on PEFT's fp32 lora in compiled graphs.
 * With dropout active (training, p > 0), PEFT recomputes the base on the dropped-out input:
@@ -49,7 +49,7 @@ from torch import nn
 
 from .compose import compose
 from .dispatch import KERNEL_DTYPES
-from .lora_compose import lora_compose
+from .lora_compose import dora_lora_compose
 from .norm import RowNormRunner, row_norm_op
 from .scale import dora_scale, round_to_fp32
 
@@ -117,7 +117,7 @@ def _norm(dora, W, A, B, s: float) -> torch.Tensor:
     """ν for one adapter from the current W, A, B (the :class:`RowNormRunner` kept on PEFT's DoraLinearLayer
     replays its CUDA graph; ν is reused only inside :func:`frozen_norms`)."""
     if torch.compiler.is_compiling():  # compiled graphs call the op (no runner, no CUDA graph: inductor's own)
-        return row_norm_op(W, A, B, s)
+        return row_norm_op(W.detach(), A.detach(), B.detach(), s)
     runner = dora.__dict__.get("_dora_verify_norm")
     if runner is None:
         runner = dora.__dict__["_dora_verify_norm"] = RowNormRunner()
@@ -137,9 +137,8 @@ def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: to
     dropout = module.lora_dropout[active_adapter]
     s = round_to_fp32(module.scaling[active_adapter])
     A, B = lora_A.weight, lora_B.weight
-    nu = _norm(dora, W.detach(), A.detach(), B.detach(), s)
+    nu = _norm(dora, W, A, B, s)  # the runner reads the parameters' storages (no detach: host time)
     y_path = isinstance(dropout, nn.Identity) or not module.training
-    g, g_minus_1 = dora_scale(dora.weight, nu, g_minus_1=not y_path)  # g − 1 only for the Δ of the dropout path
     bias = module.get_base_layer().bias
     if y_path:
         base = result - bias if bias is not None else result  # PEFT removes the bias before the compose
@@ -147,8 +146,9 @@ def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: to
         b = bias.to(base.dtype) if bias is not None else None
         if not torch.is_autocast_enabled(x.device.type) and (
                 B.dtype != torch.float32 or not torch.compiler.is_compiling()):
-            return lora_compose(base, xa.to(B.dtype), B, g, s, b)  # lora not kept for backward
-        return compose(base, lora_B(xa), g, s, b)
+            return dora_lora_compose(base, xa.to(B.dtype), B, dora.weight, nu, s, b)  # g formed in the kernels
+        return compose(base, lora_B(xa), dora_scale(dora.weight, nu, g_minus_1=False)[0], s, b)
+    g, g_minus_1 = dora_scale(dora.weight, nu)  # g − 1 for the Δ of the dropout path
     xd = dropout(x)
     base_d = F.linear(xd, W.to(xd.dtype))
     return result + compose(base_d, lora_B(lora_A(xd)), g, s, g_minus_1=g_minus_1, output="delta")

@@ -290,3 +290,68 @@ def test_fp32_adapters_recompute_lora_and_match_compose_bit_for_bit(base_dtype, 
     assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
     big = [(t.dtype, tuple(t.shape)) for t in saved if t.shape == (T, N)]
     assert big == [(base_dtype, (T, N))], big  # base only: lora is formed again in the backward
+
+
+# ----------------------------------------------------------------------------- dora_lora_compose (scale inside)
+@pytest.mark.skipif("fused" not in TIERS and not torch.cuda.is_available(), reason="needs the fused tier")
+@pytest.mark.parametrize("adapter", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m_dtype", [torch.float32, "adapter"], ids=["fp32-m", "adapter-m"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("special", ["none", "zero-and-nan-rows"])
+def test_dora_lora_compose_is_scale_then_lora_compose_bit_for_bit(adapter, m_dtype, bias, special):
+    """y and the gradients of base, xa, B, m and bias: dora_lora_compose (g = m / max(ν, ε) inside the kernels,
+    d_m from the reduction kernel) gives exactly lora_compose(…, dora_scale(m, ν)[0], …) with autograd through
+    dora_scale — including ν = 0 (g = m/ε), ν = NaN and m = NaN columns. bf16 only on the GPU (the interpreter)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if adapter == torch.bfloat16 and dev == "cpu":
+        pytest.skip("bf16 tl.dot under the interpreter: checked on the GPU")
+    m_dtype = adapter if m_dtype == "adapter" else m_dtype
+    gen = torch.Generator().manual_seed(31)
+    T, N, R = 67, 133, 12
+    nu = (1 + torch.rand(N, generator=gen)) * 3
+    m = (nu * (1 + 0.01 * torch.randn(N, generator=gen))).to(m_dtype)
+    if special != "none":
+        nu[5], m[5], nu[9], m[17] = 0.0, 0.0, float("nan"), float("nan")  # a zero row (m = ν = 0: g = 0)
+    leaves = [torch.randn(T, N, generator=gen).to(adapter), torch.randn(T, R, generator=gen).to(adapter),
+              (torch.randn(N, R, generator=gen) * 0.1).to(adapter), m]
+    leaves += [torch.randn(N, generator=gen).to(adapter)] if bias else [None]
+    dy = torch.randn(T, N, generator=gen).to(adapter).to(dev)
+    nu = nu.to(dev)
+
+    def run(fn):
+        ts = [t.to(dev).requires_grad_() if t is not None else None for t in leaves]
+        y = fn(*ts)
+        return y, torch.autograd.grad(y, [t for t in ts if t is not None], dy)
+
+    y1, g1 = run(lambda b, xa, B, m, bias: lc.dora_lora_compose(b, xa, B, m, nu, 2.0, bias, tier="fused"))
+    y2, g2 = run(lambda b, xa, B, m, bias: lora_compose(b, xa, B, dora_scale(m, nu, g_minus_1=False)[0], 2.0,
+                                                        bias, tier="fused"))
+    def eq(a, b):  # the same bits, NaN where NaN
+        return a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and torch.equal(torch.nan_to_num(a),
+                                                                                       torch.nan_to_num(b))
+    assert eq(y1, y2)
+    assert all(eq(a, b) for a, b in zip(g1, g2))
+    if special != "none":
+        assert y1[:, 9].isnan().all() and y1[:, 17].isnan().all() and torch.isfinite(y1[:, 5]).all()
+    with torch.no_grad():
+        ts = [t.to(dev) if t is not None else None for t in leaves]
+        assert eq(lc.dora_lora_compose(ts[0], ts[1], ts[2], ts[3], nu, 2.0, ts[4], tier="fused"), y1)
+
+
+def test_dora_lora_compose_eager_tier_and_bad_inputs():
+    """The eager tier (and fp32 adapters) is the composition itself; a ν that requires grad, a ν of the wrong
+    dtype or shape and a bad m are one-line errors."""
+    c, base, xa = _inputs("trained", "fp16", T=5, N=40)
+    nu = (c.g * 0 + 2.0).float()
+    m = nu * 1.01
+    y = lc.dora_lora_compose(base, xa, c.B, m, nu, c.s, tier="eager")
+    assert torch.equal(y, lora_compose(base, xa, c.B, dora_scale(m, nu, g_minus_1=False)[0], c.s, tier="eager"))
+    for exc, msg, kw in [(ValueError, "detached", dict(nu=nu.clone().requires_grad_())),
+                         (TypeError, "nu must be float32", dict(nu=nu.half())),
+                         (TypeError, "nu must be float32", dict(nu=nu[:39])),
+                         (ValueError, "m must be", dict(m=m[:39])),
+                         (ValueError, "m must be", dict(m=m.double()))]:
+        args = dict(base=base, xa=xa, B=c.B, m=m, nu=nu, s=c.s) | kw
+        with pytest.raises(exc, match=msg) as e:
+            lc.dora_lora_compose(**args, tier="fused" if "fused" in TIERS else None)
+        assert "\n" not in str(e.value)
