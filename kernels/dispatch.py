@@ -94,8 +94,20 @@ def select_tier(base: torch.Tensor, needs_grad: bool, force: "Tier | str | None"
 
     ``force`` ('fused', 'eager' or a Tier; default ``$DORA_VERIFY_TIER``) overrides the choice. Where
     :func:`fused_supported` refuses the case, the automatic choice is the eager tier and a forced fused tier raises
-    ValueError with the reason: known-wrong results are never returned."""
+    ValueError with the reason: known-wrong results are never returned. The choice is a function of the arguments'
+    kinds and the environment, and is memoised on exactly those (it runs on every layer call)."""
     force = force if force is not None else os.environ.get("DORA_VERIFY_TIER") or None
+    if force is not None and not isinstance(force, (str, Tier)):
+        raise ValueError(f"tier must be 'fused', 'eager' or a Tier, got {force!r}")
+    n = base.numel()
+    return _select_tier(base.dtype, base.device, n >= TRAIN_MIN_ELEMENTS, n >= INFER_MIN_ELEMENTS, bool(needs_grad),
+                        force, op, dtype if isinstance(dtype, (torch.dtype, type(None))) else tuple(dtype),
+                        os.environ.get("TRITON_INTERPRET", "0"), HAS_TRITON)
+
+
+@functools.lru_cache(maxsize=1024)
+def _select_tier(base_dtype, device, train_size, infer_size, needs_grad, force, op, dtype, _interp, _has_triton):
+    """:func:`select_tier` on the facts it depends on (the last two are in the key only to invalidate it)."""
     want = None
     if isinstance(force, str):
         if force not in ("fused", "eager"):
@@ -109,19 +121,18 @@ def select_tier(base: torch.Tensor, needs_grad: bool, force: "Tier | str | None"
         want = force
     elif force is not None:
         raise ValueError(f"tier must be 'fused', 'eager' or a Tier, got {force!r}")
-    ok, why = fused_supported(op, base.dtype if dtype is None else dtype, base.device)
+    ok, why = fused_supported(op, base_dtype if dtype is None else dtype, device)
     if ok and dtype is not None:  # base itself is read elementwise
-        ok, why = fused_supported("compose", base.dtype, base.device)
+        ok, why = fused_supported("compose", base_dtype, device)
     if want is not None:
         if not ok:
             raise ValueError(f"tier {force if isinstance(force, str) else force.name!r} refused: {why}")
         return want
-    if not ok or not base.is_cuda:
+    if not ok or device.type != "cuda":
         return Tier.EAGER
-    n = base.numel()
     if needs_grad:
-        return Tier.FUSED_TRAIN if n >= TRAIN_MIN_ELEMENTS else Tier.EAGER
-    return Tier.FUSED_INFER if n >= INFER_MIN_ELEMENTS else Tier.EAGER
+        return Tier.FUSED_TRAIN if train_size else Tier.EAGER
+    return Tier.FUSED_INFER if infer_size else Tier.EAGER
 
 
 _AUTOCAST_TYPES = ("cpu", "cuda")

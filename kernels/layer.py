@@ -44,7 +44,7 @@ from torch import nn
 
 from .compose import compose
 from .dispatch import KERNEL_DTYPES
-from .lora_compose import dora_lora_compose
+from .lora_compose import dora_lora_compose_unchecked
 from .norm import DEFAULT_KAPPA_MAX, RowNormRunner, check_kappa_max, row_norm_op
 from .scale import DEFAULT_EPS, dora_scale, round_to_fp32
 
@@ -157,8 +157,8 @@ class DoRALinear(nn.Module):
             return (base + bias if bias is not None else base) + delta
         if self.save == "recompute" and not torch.is_autocast_enabled(x.device.type) and (
                 self.lora_B.dtype != torch.float32 or not torch.compiler.is_compiling()):  # autocast: materialise
-            return dora_lora_compose(base, xa, self.lora_B, self.magnitude, nu, self.scaling, bias,
-                                     eps=self.eps)  # lora not kept for backward; g formed in the kernels
+            return dora_lora_compose_unchecked(base, xa, self.lora_B, self.magnitude, nu, self.scaling, bias,
+                                               self.eps)  # lora not kept for backward; g formed in the kernels
         g, _ = dora_scale(self.magnitude, nu, self.eps, g_minus_1=False)
         return compose(base, F.linear(xa, self.lora_B), g, self.scaling, bias, save=self._compose_save)
 

@@ -481,27 +481,32 @@ def dora_lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, m: 
         raise ValueError("nu must be detached (DoRA's ν carries no gradient)")
     if isinstance(B, torch.Tensor) and B.dim() == 2 and (nu.dtype != torch.float32 or nu.shape != B.shape[:1]):
         raise TypeError(f"nu must be float32 [{B.shape[0]}], got {nu.dtype} {tuple(nu.shape)}")
-    fast = xa.dtype in _FUSED_ADAPTER_DTYPES and not torch.compiler.is_compiling()
-    if fast:
-        s = _check(base, xa, B, nu, bias, s)
-        N = B.shape[0]
-        if m.shape != (N,) or m.dtype not in KERNEL_DTYPES or m.device != base.device:
-            raise ValueError(f"m must be [{N}] (bf16, fp16 or fp32) on {base.device}, got {m.dtype} "
-                             f"{tuple(m.shape)} on {m.device}")
+    s = _check(base, xa, B, nu, bias, s)
+    N = B.shape[0]
+    if m.shape != (N,) or m.dtype not in KERNEL_DTYPES or m.device != base.device:
+        raise ValueError(f"m must be [{N}] (bf16, fp16 or fp32) on {base.device}, got {m.dtype} "
+                         f"{tuple(m.shape)} on {m.device}")
+    return dora_lora_compose_unchecked(base, xa, B, m, nu, s, bias, float(eps), tier)
+
+
+def dora_lora_compose_unchecked(base, xa, B, m, nu, s: float, bias, eps: float, tier=None) -> torch.Tensor:
+    """:func:`dora_lora_compose` without its argument checks, for the layers (kernels/layer.py, kernels/peft.py),
+    whose operands are consistent by construction: base = x Wᵀ and xa = x Aᵀ from their own GEMMs, B, m their
+    parameters, ν from their norm runner (fp32 [d_out], detached), s an fp32 float, one device (checked there).
+    The checks cost as much host time as a kernel launch, on every layer call."""
+    if xa.dtype in _FUSED_ADAPTER_DTYPES and not torch.compiler.is_compiling():
+        needs_grad = torch.is_grad_enabled() and (base.requires_grad or xa.requires_grad or B.requires_grad
+                                                  or m.requires_grad or (bias is not None and bias.requires_grad))
         b2 = base.contiguous()
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (base, xa, B, m, bias))
-        fast = select_tier(b2, needs_grad, tier, op="lora_compose", dtype=xa.dtype) != Tier.EAGER
-    if not fast:
-        return lora_compose(base, xa, B, dora_scale(m, nu, eps, g_minus_1=False)[0], s, bias, tier=tier)
-    eps = float(eps)
-    args = (b2, xa.contiguous(), B.contiguous(), m.contiguous(), nu.contiguous(),
-            bias.contiguous() if bias is not None else None, s, eps)
-    if needs_grad:
-        return _DoRAComposeFunction.apply(*args)
-    return lora_compose_forward_fused(*args[:3], args[4], args[5], s, m=args[3], eps=eps)[0]
+        if select_tier(b2, needs_grad, tier, op="lora_compose", dtype=xa.dtype) != Tier.EAGER:
+            args = (b2, xa.contiguous(), B.contiguous(), m.contiguous(), nu.contiguous(),
+                    bias.contiguous() if bias is not None else None, s, eps)
+            if needs_grad:
+                return _DoRAComposeFunction.apply(*args)
+            return lora_compose_forward_fused(*args[:3], args[4], args[5], s, m=args[3], eps=eps)[0]
+    return lora_compose(base, xa, B, dora_scale(m, nu, eps, g_minus_1=False)[0], s, bias, tier=tier)
 
 
-__all__ = ["adapter_grads", "dora_lora_compose", "lora_compose", "lora_compose_backward_eager", "lora_compose_backward_eager_all",
+__all__ = ["adapter_grads", "dora_lora_compose", "dora_lora_compose_unchecked", "lora_compose", "lora_compose_backward_eager", "lora_compose_backward_eager_all",
            "lora_compose_backward_fused",
            "lora_compose_backward_fused_all", "lora_compose_forward_eager", "lora_compose_forward_fused"]

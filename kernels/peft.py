@@ -49,9 +49,9 @@ from torch import nn
 
 from .compose import compose
 from .dispatch import KERNEL_DTYPES
-from .lora_compose import dora_lora_compose
+from .lora_compose import dora_lora_compose_unchecked
 from .norm import RowNormRunner, row_norm_op
-from .scale import dora_scale, round_to_fp32
+from .scale import DEFAULT_EPS, dora_scale, round_to_fp32
 
 _ORIGINAL = None  # PEFT's DoraLinearVariant.forward (the staticmethod object) while enabled
 
@@ -146,7 +146,7 @@ def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: to
         b = bias.to(base.dtype) if bias is not None else None
         if not torch.is_autocast_enabled(x.device.type) and (
                 B.dtype != torch.float32 or not torch.compiler.is_compiling()):
-            return dora_lora_compose(base, xa.to(B.dtype), B, dora.weight, nu, s, b)  # g formed in the kernels
+            return dora_lora_compose_unchecked(base, xa.to(B.dtype), B, dora.weight, nu, s, b, DEFAULT_EPS)
         return compose(base, lora_B(xa), dora_scale(dora.weight, nu, g_minus_1=False)[0], s, b)
     g, g_minus_1 = dora_scale(dora.weight, nu)  # g − 1 for the Δ of the dropout path
     xd = dropout(x)
