@@ -78,13 +78,15 @@ def model_step_table(rows: list) -> str:
         if not all(c):
             return "–"
         return " / ".join(f"{x['graphs']}g {x['graph_breaks']}b {x.get('recompiles_after_first_step', 0)}rc" for x in c)
+    def low_memory(r):  # enable(save="x"), timed in the eager rows
+        return (f"{r['ours_x_over_lora']:.3g} / {r['ours_x_mem_over_lora']:.3g}" if "ours_x_over_lora" in r else "–")
     return _table(["model", "r", "adapters", "setting", "LoRA ms", "stock DoRA ms", "ours ms", "ours / LoRA",
                    "stock / LoRA", "speed-up vs stock", "LoRA MiB", "stock MiB", "ours MiB", "ours mem / LoRA",
-                   "compiled: graphs, breaks, recompiles (LoRA / stock / ours)"],
+                   "save='x': time / LoRA, mem / LoRA", "compiled: graphs, breaks, recompiles (LoRA / stock / ours)"],
                   [[f"{r['widths']} × {r['layers']}", r["r"], r["adapters"], r["setting"], _ms(r["lora"]),
                     _ms(r["peft_dora"]), _ms(r["ours"]), r["ours_over_lora"], r["peft_dora_over_lora"],
                     _x(r["speedup_vs_peft_dora"]), r["lora"]["peak_mib"], r["peft_dora"]["peak_mib"],
-                    r["ours"]["peak_mib"], r["ours_mem_over_lora"], compiled(r)] for r in rows])
+                    r["ours"]["peak_mib"], r["ours_mem_over_lora"], low_memory(r), compiled(r)] for r in rows])
 
 
 def layer_in_model_table(rows: list) -> str:

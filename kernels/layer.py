@@ -13,10 +13,13 @@ Forward (PEFT ``LoraConfig(use_dora=True)`` semantics):
   autocast off); the layer's GEMMs (x Wᵀ, x Aᵀ, xa Bᵀ) run in the autocast dtype, as PEFT's do, and the compose
   then reads a materialised lora in that dtype.
 * g and g − 1 stay fp32 (:func:`dora_scale`); the compose rounds once. ``save`` picks what the
-  training forward keeps for backward (all three give d_m from float64 sums except 'activation'):
+  training forward keeps for backward (all give d_m from float64 sums except 'activation'):
   'recompute' (default) fuses the LoRA up-projection into the compose (:func:`lora_compose`): lora = xa Bᵀ
-  is never written, backward keeps base and xa and recomputes the same lora tiles — the least memory
+  is never written, backward keeps base and xa and recomputes the same lora tiles
   (H100, 8192², r = 384, 4096 tokens: 0.82× PEFT LoRA's peak; fwd+bwd 1.28× LoRA's time, reports/bench-h100);
+  'x' (bf16/fp16 adapters in the input's dtype; otherwise as 'recompute') keeps only x and xa — what LoRA's own
+  down-projection keeps — and forms base = x Wᵀ again in the backward: the same bits, one more GEMM, no
+  activation-sized tensor beyond LoRA's;
   'inputs' materialises lora and keeps base and lora (measured slower and larger there: fwd+bwd 1.69×,
   peak 1.33× LoRA's; reports/kernels-h100); 'activation'
   keeps only base + s·lora in the activation dtype, bf16 for fp16 (d_m to ~2⁻⁸ relative). fp32 adapters (PEFT's default
@@ -44,7 +47,7 @@ from torch import nn
 
 from .compose import compose
 from .dispatch import KERNEL_DTYPES
-from .lora_compose import dora_lora_compose_unchecked
+from .lora_compose import dora_lora_compose_unchecked, lora_compose
 from .norm import DEFAULT_KAPPA_MAX, RowNormRunner, check_kappa_max, row_norm_op
 from .scale import DEFAULT_EPS, dora_scale, round_to_fp32
 
@@ -88,8 +91,8 @@ class DoRALinear(nn.Module):
             raise ValueError(f"eps must be a positive finite number, got {eps!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if save not in ("recompute", "inputs", "activation"):
-            raise ValueError(f"save must be 'recompute', 'inputs' or 'activation', got {save!r}")
+        if save not in ("recompute", "x", "inputs", "activation"):
+            raise ValueError(f"save must be 'recompute', 'x', 'inputs' or 'activation', got {save!r}")
         if dropout_semantics not in ("peft", "clean_base"):
             raise ValueError(f"dropout_semantics must be 'peft' or 'clean_base', got {dropout_semantics!r}")
         self.base_layer = base_layer
@@ -132,7 +135,9 @@ class DoRALinear(nn.Module):
         return self.row_norm.get(W, A, B, self.scaling, self.kappa_max)
 
     def scale(self, g_minus_1: bool = True):
-        """(g, g − 1), fp32, differentiable in the magnitude; (g, None) with ``g_minus_1=False``."""
+        """(g, g − 1), fp32, differentiable in the magnitude; (g, None) with ``g_minus_1=False``. The forward forms
+        this g inside the fused kernels (:func:`dora_lora_compose`, the same bits); a subclass that overrides
+        ``scale`` has its own g composed instead."""
         return dora_scale(self.magnitude, self.weight_norm(), self.eps, g_minus_1=g_minus_1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,18 +153,21 @@ class DoRALinear(nn.Module):
         xd = self.dropout(x)
         xa = F.linear(xd.to(self.lora_A.dtype), self.lora_A)
         peft_dropout = self.training and xd is not x and self.dropout_semantics == "peft"
-        nu = self.weight_norm()
         base = F.linear(x, W)
         if peft_dropout:  # only PEFT's dropout path composes Δ, which needs g − 1
-            g, gm1 = dora_scale(self.magnitude, nu, self.eps, g_minus_1=True)
+            g, gm1 = self.scale(g_minus_1=True)
             delta = compose(F.linear(xd, W), F.linear(xa, self.lora_B), g, self.scaling, g_minus_1=gm1,
                             output="delta", save=self._compose_save)
             return (base + bias if bias is not None else base) + delta
-        if self.save == "recompute" and not torch.is_autocast_enabled(x.device.type) and (
+        if self.save in ("recompute", "x") and not torch.is_autocast_enabled(x.device.type) and (
                 self.lora_B.dtype != torch.float32 or not torch.compiler.is_compiling()):  # autocast: materialise
-            return dora_lora_compose_unchecked(base, xa, self.lora_B, self.magnitude, nu, self.scaling, bias,
-                                               self.eps)  # lora not kept for backward; g formed in the kernels
-        g, _ = dora_scale(self.magnitude, nu, self.eps, g_minus_1=False)
+            if type(self).scale is not DoRALinear.scale:  # a subclass's own g (the toolkit's planted layers)
+                return lora_compose(base, xa, self.lora_B, self.scale(g_minus_1=False)[0], self.scaling, bias)
+            keep_x = self.save == "x" and x.dtype == self.lora_B.dtype  # base formed again in the backward
+            return dora_lora_compose_unchecked(base, xa, self.lora_B, self.magnitude, self.weight_norm(),
+                                               self.scaling, bias, self.eps,
+                                               base_from=(x, W, None) if keep_x else None)  # g formed in the kernels
+        g, _ = self.scale(g_minus_1=False)
         return compose(base, F.linear(xa, self.lora_B), g, self.scaling, bias, save=self._compose_save)
 
     @property

@@ -390,26 +390,42 @@ class _LoRARecomputeFunction(torch.autograd.Function):
 class _DoRAComposeFunction(torch.autograd.Function):
     """:class:`_LoRAComposeFunction` with the DoRA scale inside: inputs m and ν instead of g, the kernels form
     g = m / max(ν, ε), the backward's reduction writes d_m (one autograd node where the separate scale adds two,
-    and three fewer ops in each direction; fused tier, bf16/fp16 adapters, eager mode)."""
+    and three fewer ops in each direction; fused tier, bf16/fp16 adapters, eager mode).
+
+    With ``x`` and ``W`` (the low-memory mode) base is not kept: the backward forms it again as the forward's caller
+    did, ``F.linear(x, W, b) − b`` (b = ``base_bias``; plain ``F.linear(x, W)`` without one) — the same GEMM on the
+    same operands, so the same bits — and what the node keeps is x (which LoRA's own down-projection keeps too),
+    xa, B, m and ν: nothing activation-sized beyond LoRA's. It costs one more base-sized GEMM in the backward."""
 
     @staticmethod
-    def forward(ctx, base, xa, B, m, nu, bias, s, eps):
+    def forward(ctx, base, xa, B, m, nu, bias, s, eps, x=None, W=None, base_bias=None):
         y, _ = lora_compose_forward_fused(base, xa, B, nu, bias, s, m=m, eps=eps)
-        ctx.save_for_backward(base if m.requires_grad else None, xa, B, m, nu)
+        ctx.low_memory = x is not None
+        kept = (x, W, base_bias) if ctx.low_memory else (base if m.requires_grad else None, None, None)
+        ctx.save_for_backward(xa, B, m, nu, *kept)
         ctx.s, ctx.eps, ctx.bias_dtype = s, eps, (bias.dtype if bias is not None else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        base, xa, B, m, nu = ctx.saved_tensors
+        xa, B, m, nu, base, W, base_bias = ctx.saved_tensors
         need_base, need_xa, need_B, need_m, _, need_bias = ctx.needs_input_grad[:6]
         dy = dy.contiguous()
+        if ctx.low_memory:
+            base = _form_base(base, W, base_bias) if need_m else None
         base = base if base is not None else dy.new_empty(0)
         d_base, d_m, d_xa, d_B = lora_compose_backward_fused_all(dy, base, xa, B, nu, ctx.s, need_base, need_m,
                                                                  need_xa, need_B, m=m, eps=ctx.eps)
         d_bias = dy.to(torch.float32).reshape(-1, dy.shape[-1]).sum(dim=0).to(ctx.bias_dtype) if need_bias else None
         return (d_base if need_base else None, d_xa if need_xa else None, d_B if need_B else None,
-                d_m if need_m else None, None, d_bias, None, None)
+                d_m if need_m else None, None, d_bias, None, None, None, None, None)
+
+
+@torch.no_grad()
+def _form_base(x, W, b):
+    """base as the low-memory callers form it in the forward: ``F.linear(x, W, b) − b``, or ``F.linear(x, W)``."""
+    with autocast_off():
+        return (F.linear(x, W, b) - b).contiguous() if b is not None else F.linear(x, W).contiguous()
 
 
 # ----------------------------------------------------------------------------- public entry point
@@ -489,11 +505,16 @@ def dora_lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, m: 
     return dora_lora_compose_unchecked(base, xa, B, m, nu, s, bias, float(eps), tier)
 
 
-def dora_lora_compose_unchecked(base, xa, B, m, nu, s: float, bias, eps: float, tier=None) -> torch.Tensor:
+def dora_lora_compose_unchecked(base, xa, B, m, nu, s: float, bias, eps: float, tier=None,
+                                base_from=None) -> torch.Tensor:
     """:func:`dora_lora_compose` without its argument checks, for the layers (kernels/layer.py, kernels/peft.py),
     whose operands are consistent by construction: base = x Wᵀ and xa = x Aᵀ from their own GEMMs, B, m their
     parameters, ν from their norm runner (fp32 [d_out], detached), s an fp32 float, one device (checked there).
-    The checks cost as much host time as a kernel launch, on every layer call."""
+    The checks cost as much host time as a kernel launch, on every layer call.
+
+    ``base_from`` = (x, W, b): the low-memory mode — base was formed as ``F.linear(x, W, b) − b`` (``F.linear(x, W)``
+    for b None) and the fused training path keeps x instead of base, forming base again in the backward
+    (:class:`_DoRAComposeFunction`); elsewhere it changes nothing."""
     if xa.dtype in _FUSED_ADAPTER_DTYPES and not torch.compiler.is_compiling():
         needs_grad = torch.is_grad_enabled() and (base.requires_grad or xa.requires_grad or B.requires_grad
                                                   or m.requires_grad or (bias is not None and bias.requires_grad))
@@ -502,7 +523,7 @@ def dora_lora_compose_unchecked(base, xa, B, m, nu, s: float, bias, eps: float, 
             args = (b2, xa.contiguous(), B.contiguous(), m.contiguous(), nu.contiguous(),
                     bias.contiguous() if bias is not None else None, s, eps)
             if needs_grad:
-                return _DoRAComposeFunction.apply(*args)
+                return _DoRAComposeFunction.apply(*args, *(base_from or ()))
             return lora_compose_forward_fused(*args[:3], args[4], args[5], s, m=args[3], eps=eps)[0]
     return lora_compose(base, xa, B, dora_scale(m, nu, eps, g_minus_1=False)[0], s, bias, tier=tier)
 

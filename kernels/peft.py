@@ -54,6 +54,8 @@ from .norm import RowNormRunner, row_norm_op
 from .scale import DEFAULT_EPS, dora_scale, round_to_fp32
 
 _ORIGINAL = None  # PEFT's DoraLinearVariant.forward (the staticmethod object) while enabled
+SAVE_MODES = ("recompute", "x")
+_SAVE = "recompute"  # what the training forward keeps for backward (enable's ``save``)
 
 
 def _variant_class():
@@ -73,9 +75,23 @@ def is_enabled() -> bool:
     return _ORIGINAL is not None
 
 
-def enable() -> None:
-    """Route every PEFT DoRA Linear layer (existing and future) through the kernels. Idempotent."""
-    global _ORIGINAL
+def save_mode() -> str:
+    """What an enabled integration's training forward keeps for backward: 'recompute' or 'x' (see :func:`enable`)."""
+    return _SAVE
+
+
+def enable(save: str = "recompute") -> None:
+    """Route every PEFT DoRA Linear layer (existing and future) through the kernels. Idempotent.
+
+    ``save``: what a training forward keeps for backward. 'recompute' (default): base = x Wᵀ (activation-sized) and
+    xa; lora = xa Bᵀ is formed again in the backward. 'x': the least memory — only x (which LoRA's own
+    down-projection keeps anyway) and xa; the backward forms base again with the base layer's GEMM (one more GEMM
+    per layer and step), for plain ``nn.Linear`` base layers with one active adapter and bf16/fp16 adapters in the
+    input's dtype (other layers keep base). The same bits either way."""
+    global _ORIGINAL, _SAVE
+    if save not in SAVE_MODES:
+        raise ValueError(f"save must be one of {SAVE_MODES}, got {save!r}")
+    _SAVE = save
     cls = _variant_class()
     if _ORIGINAL is None:
         _ORIGINAL = cls.__dict__["forward"]
@@ -84,7 +100,8 @@ def enable() -> None:
 
 def disable() -> None:
     """Restore PEFT's own DoRA forward. Idempotent."""
-    global _ORIGINAL
+    global _ORIGINAL, _SAVE
+    _SAVE = "recompute"
     if _ORIGINAL is not None:
         _variant_class().forward = _ORIGINAL
         _ORIGINAL = None
@@ -124,6 +141,16 @@ def _norm(dora, W, A, B, s: float) -> torch.Tensor:
     return runner.get(W, A, B, s)
 
 
+def _base_from(module, x, W, bias, B):
+    """(x, W, bias) where ``save='x'`` applies — the base layer is a plain nn.Linear whose output ``result`` is
+    exactly F.linear(x, W, bias) (one active adapter: with more, result also holds the earlier ones), x in the
+    adapters' dtype (the tensor the base layer read) — else None (base is kept)."""
+    if _SAVE != "x" or type(module.get_base_layer()) is not nn.Linear or len(module.active_adapters) != 1 \
+            or x.dtype != B.dtype or x.dtype != W.dtype or getattr(module, "fan_in_fan_out", False):
+        return None
+    return x, W, bias
+
+
 def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
     """Drop-in for ``DoraLinearVariant.forward(module, active_adapter, x, result)`` (see the module docstring)."""
     lora_A = module.lora_A[active_adapter]
@@ -146,7 +173,8 @@ def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: to
         b = bias.to(base.dtype) if bias is not None else None
         if not torch.is_autocast_enabled(x.device.type) and (
                 B.dtype != torch.float32 or not torch.compiler.is_compiling()):
-            return dora_lora_compose_unchecked(base, xa.to(B.dtype), B, dora.weight, nu, s, b, DEFAULT_EPS)
+            return dora_lora_compose_unchecked(base, xa.to(B.dtype), B, dora.weight, nu, s, b, DEFAULT_EPS,
+                                               base_from=_base_from(module, x, W, bias, B))
         return compose(base, lora_B(xa), dora_scale(dora.weight, nu, g_minus_1=False)[0], s, b)
     g, g_minus_1 = dora_scale(dora.weight, nu)  # g − 1 for the Δ of the dropout path
     xd = dropout(x)
@@ -154,4 +182,4 @@ def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: to
     return result + compose(base_d, lora_B(lora_A(xd)), g, s, g_minus_1=g_minus_1, output="delta")
 
 
-__all__ = ["disable", "dora_linear_forward", "enable", "enabled", "is_enabled"]
+__all__ = ["SAVE_MODES", "disable", "dora_linear_forward", "enable", "enabled", "is_enabled", "save_mode"]

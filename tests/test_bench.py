@@ -58,7 +58,7 @@ def synthetic_report() -> dict:
 def test_targets_follow_the_measurements():
     rep = synthetic_report()
     t = {x["target"]: x for x in rep["targets"]}
-    assert len(t) == 12 + 13  # the kernel targets, then the model part's
+    assert len(t) == 12 + 15  # the kernel targets, then the model part's
     assert t["compose forward, fraction of copy bandwidth (≥ 8192×8192, worst shape)"]["met"] is True
     fp32_fwd = next(x for k, x in t.items() if k.startswith("layer fwd time") and "fp32" in k)
     bf16_fwd = next(x for k, x in t.items() if k.startswith("layer fwd time") and "bf16" in k)

@@ -45,10 +45,13 @@ def test_the_model_part_runs_every_row_and_its_targets_follow(toy):
     assert comp["ours_compile"]["dora_ops"] > 0 and comp["peft_dora_compile"]["dora_ops"] == 0
     assert comp["lora_compile"]["dora_ops"] == 0 and comp["ours_compile"]["graph_breaks"] == 0
     assert all(s[i]["ms"] > 0 for s in steps for i in bench_model.MODEL_IMPLS)
+    low = bench_model.LOW_MEMORY_IMPL  # enable(save="x") is timed in the eager rows only
+    assert [s["setting"] for s in steps if low in s] == ["eager"] and steps[0][low]["ms"] > 0
     rep = {"model": part}
     out = []
     bench_model.model_targets(rep, lambda name, limit, v, ok: out.append((name, v, ok)))
-    assert len(out) == 13
+    assert len(out) == 15
+    assert all(v is not None for name, v, _ in out if "save='x'" in name)
     missing = [name for name, v, _ in out if v is None]  # the toy grid has bf16 adapters only
     assert missing and all("fp32 adapters" in name for name in missing), missing
     md = "\n".join(model_markdown(part))
@@ -70,4 +73,5 @@ def test_model_targets_read_the_rows():
     assert out["model step / LoRA's, eager, bf16 adapters (Llama-3-8B widths, r = 16)"] == (1.05, True)
     assert out["model step / LoRA's, checkpointing, bf16 adapters (Llama-3-8B widths, r = 16)"] == (1.3, False)
     assert out["model peak memory / LoRA's, eager (worst row)"] == (1.0, True)
+    assert out["model peak memory / LoRA's, eager, enable(save='x') (worst row)"] == (None, False)  # no such rows
     assert out["layer in a model / LoRA's, PEFT integration (4096², r = 16, 8192 tokens, fwd+bwd)"] == (None, False)

@@ -397,3 +397,33 @@ def test_output_of_3d_inputs_is_not_a_view(adapter_dtype, grad):
         y = layer(x)
     flat = layer(x.reshape(15, 24))
     assert y.shape == (3, 5, 20) and y._base is None and torch.equal(y.reshape(15, 20), flat)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_save_x_forms_base_again_and_keeps_no_activation(bias, monkeypatch):
+    """save='x' (fp16: the fused tier, under the interpreter on a CPU): y and the gradients of x, A, B, m are
+    save='recompute''s bits, and nothing [T, d_out] is kept for backward."""
+    monkeypatch.setenv("DORA_VERIFY_TIER", "fused")
+    T, d_in, d_out = 29, 40, 72
+    torch.manual_seed(5)
+    lin = nn.Linear(d_in, d_out, bias=bias).half()
+    layer = DoRALinear(lin, r=6, alpha=12)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.05)
+        layer.magnitude.mul_(1.01)
+    x0 = torch.randn(T, d_in).half()
+    dy = torch.randn(T, d_out).half()
+    params = [layer.lora_A, layer.lora_B, layer.magnitude]
+
+    def run(save):
+        layer.save = save
+        x = x0.clone().requires_grad_()
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            y = layer(x)
+        return y, torch.autograd.grad(y, [x] + params, dy), shapes
+
+    y1, g1, kept_default = run("recompute")
+    y2, g2, kept_x = run("x")
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert (T, d_out) in kept_default and (T, d_out) not in kept_x, (kept_default, kept_x)

@@ -345,3 +345,70 @@ def test_norm_contract_under_autocast(dtype, monkeypatch):
         logits, loss, grads = loss_and_grads(model, ids, train=True)
     assert len(seen) == 6 and max(seen) <= 1e-6
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def _seen_saved_shapes(fn):
+    """The shapes of every tensor autograd saves while ``fn()`` runs (the forward's memory for backward)."""
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        out = fn()
+    return out, shapes
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_save_x_keeps_no_base_and_gives_the_same_bits(bias, monkeypatch):
+    """enable(save='x') on fp16 layers (the fused tier, under the interpreter on a CPU): the output and every
+    gradient are the default mode's bits, and no [T, d_out] tensor is kept for backward (x is kept, as LoRA's
+    own down-projection keeps it; base is formed again in the backward)."""
+    monkeypatch.setenv("DORA_VERIFY_TIER", "fused")
+    T, d_in, d_out = 37, 48, 80
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(d_in, d_out, bias=bias).half()
+    model = get_peft_model(torch.nn.Sequential(lin), LoraConfig(r=8, lora_alpha=16, use_dora=True,
+                                                                target_modules=["0"]), autocast_adapter_dtype=False)
+    perturb(model)
+    x0 = torch.randn(T, d_in).half()
+    dy = torch.randn(T, d_out).half()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(save):
+        dv_peft.enable(save=save)
+        x = x0.clone().requires_grad_()
+        y, shapes = _seen_saved_shapes(lambda: model(x))
+        return y, torch.autograd.grad(y, [x] + params, dy), shapes
+
+    y1, g1, kept_default = run("recompute")
+    y2, g2, kept_x = run("x")
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert (T, d_out) in kept_default and (T, d_out) not in kept_x, (kept_default, kept_x)
+    with pytest.raises(ValueError, match="save must be one of"):
+        dv_peft.enable(save="everything")
+
+
+def test_save_x_applies_only_where_base_is_the_base_layers_gemm():
+    """save='x' forms base again as F.linear(x, W, b) − b, so it takes only layers whose ``result`` is exactly that:
+    a plain nn.Linear base layer, one active adapter (with two, result holds the first one's output), adapters in the
+    input's dtype, no fan_in_fan_out (GPT-2's Conv1D). Everywhere else base is kept."""
+    from peft.tuners.lora import LoraLayer
+
+    def decisions(model, x_dtype):
+        out = []
+        for mod in model.modules():
+            if isinstance(mod, LoraLayer) and "default" in mod.lora_A:
+                W = dv_peft._kernel_weight(mod)
+                x = torch.zeros(2, W.shape[1], dtype=x_dtype)
+                out.append(dv_peft._base_from(mod, x, W, mod.get_base_layer().bias, mod.lora_B["default"].weight))
+        return out
+
+    dv_peft.enable(save="x")
+    llama = dora_model(tiny_llama, LLAMA_TARGETS).half()
+    assert all(d is not None for d in decisions(llama, torch.float16))
+    assert all(d is None for d in decisions(llama, torch.float32))  # x not in the adapters' dtype
+    llama.add_adapter("second", LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=LLAMA_TARGETS))
+    llama.base_model.set_adapter(["default", "second"])
+    llama.half()  # both adapters fp16: only the count rules the layer out
+    assert all(d is None for d in decisions(llama, torch.float16))
+    assert all(d is None for d in decisions(dora_model(tiny_gpt2, ["c_attn", "c_proj", "c_fc"]).half(),
+                                            torch.float16))
+    dv_peft.enable()
+    assert all(d is None for d in decisions(dora_model(tiny_llama, LLAMA_TARGETS).half(), torch.float16))
