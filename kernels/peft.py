@@ -4,6 +4,7 @@
     model = get_peft_model(model, LoraConfig(r=16, use_dora=True, target_modules=[...]))
     dv_peft.enable()                 # every PEFT DoRA Linear layer now uses the kernels
     with dv_peft.enabled(): ...      # or only inside a block; dv_peft.disable() restores stock PEFT
+    dv_peft.enable(save="x")         # keep x, not base, for backward (LoRA's memory; one more GEMM)
 
 Nothing about building, saving, loading or merging adapters changes: the integration replaces only
 ``peft.tuners.lora.variants.DoraLinearVariant.forward`` (the per-adapter DoRA forward of a LoRA Linear
@@ -108,14 +109,16 @@ def disable() -> None:
 
 
 @contextlib.contextmanager
-def enabled():
-    """Context manager: the kernels inside the block, the previous state after it."""
-    was = is_enabled()
-    enable()
+def enabled(save: str = "recompute"):
+    """Context manager: the kernels inside the block (``save`` as in :func:`enable`), the previous state after it."""
+    was, was_save = is_enabled(), _SAVE
+    enable(save=save)
     try:
         yield
     finally:
-        if not was:
+        if was:
+            enable(save=was_save)
+        else:
             disable()
 
 

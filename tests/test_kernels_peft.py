@@ -383,6 +383,14 @@ def test_save_x_keeps_no_base_and_gives_the_same_bits(bias, monkeypatch):
     assert (T, d_out) in kept_default and (T, d_out) not in kept_x, (kept_default, kept_x)
     with pytest.raises(ValueError, match="save must be one of"):
         dv_peft.enable(save="everything")
+    dv_peft.enable(save="x")
+    with dv_peft.enabled():
+        assert dv_peft.save_mode() == "recompute"
+    assert dv_peft.is_enabled() and dv_peft.save_mode() == "x"  # the block restores the mode it found
+    dv_peft.disable()
+    with dv_peft.enabled(save="x"):
+        assert dv_peft.save_mode() == "x"
+    assert not dv_peft.is_enabled() and dv_peft.save_mode() == "recompute"
 
 
 def test_save_x_applies_only_where_base_is_the_base_layers_gemm():
