@@ -6,11 +6,13 @@ downstream of it) and the compose forms under study (``form.<name>``). For each 
 (``dora_verify.strategies``) the target is run, compared with the oracle of the *rounded* inputs, and scored:
 
 * ``ratio`` — the largest (|error| − oracle bound)/bound over every output element checked. ≤ 1 certifies;
-  > 1 is a violation (hypothesis then shrinks it to a minimal case). A non-finite output where the truth
+  > 1 is a violation: hypothesis shrinks it to a minimal case, and the search goes on to its budget in new
+  rounds (seeds ``seed + 1``, …), so that ``max_ratio`` and the corpus cover the whole budget and every distinct
+  violation found (``violations`` counts them). A non-finite output where the truth
   is finite, or two runs of a kernel that claims determinism differing in one bit, score ``inf``;
 * ``ulp`` — the largest ULP error of the main output (reported; the bound is the criterion).
 
-``hypothesis.target`` climbs on both. The worst cases found (and any violation) are written to a corpus as
+``hypothesis.target`` climbs on both. The worst distinct cases found (and every violation) are written to a corpus as
 ``<target>-<dtype>-<hash>.npz`` (the exact input tensors) + ``.json`` (target, drawn parameters, scores,
 provenance); ``tests/test_certify.py`` replays every case committed under ``tests/corpus``.
 
@@ -494,15 +496,24 @@ def default_tier(device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------- search
+def _example_key(ex: Example) -> str:
+    """Content hash of an example (tensor bits and scalars): two draws of the same input are one case."""
+    return _case_name("", ex)
+
+
 class _Tracker:
+    """Everything a search saw: every ratio, the largest parts, the top ``keep`` distinct cases, and the distinct
+    violations (each the last — shrunk — violating example of its round)."""
+
     def __init__(self, keep: int):
         self.keep = keep
         self.ratios: list = []
         self.max_ulp = 0.0
         self.parts: dict = {}
         self.info: dict = {}
-        self.top: list = []  # (ratio, Example, Score), highest first
-        self.violation = None
+        self.top: list = []  # (ratio, key, Example, Score), highest first, distinct keys
+        self.violations: list = []  # (key, Example, Score), distinct keys, in the order found
+        self.round_violation = None  # the latest violating example of the running round
         self.rejected = 0
 
     def add(self, ex: Example, score: Score) -> None:
@@ -518,11 +529,22 @@ class _Tracker:
             else:
                 self.info[k] = max(self.info.get(k, v), v)
         if score.ratio > 1:
-            self.violation = (ex, score)  # hypothesis runs the shrunk case last
+            self.round_violation = (ex, score)  # hypothesis runs the shrunk case last
         if len(self.top) < self.keep or score.ratio > self.top[-1][0]:
-            self.top.append((score.ratio, ex, score))
-            self.top.sort(key=lambda e: -e[0])
-            del self.top[self.keep:]
+            key = _example_key(ex)
+            if all(key != t[1] for t in self.top):
+                self.top.append((score.ratio, key, ex, score))
+                self.top.sort(key=lambda e: -e[0])
+                del self.top[self.keep:]
+
+    def end_round(self) -> bool:
+        """Keep the round's (shrunk) violation if it is a new case; whether the round had one."""
+        found, self.round_violation = self.round_violation, None
+        if found is not None:
+            key = _example_key(found[0])
+            if all(key != v[0] for v in self.violations):
+                self.violations.append((key, *found))
+        return found is not None
 
 
 def ratio_summary(ratios: list) -> dict:
@@ -572,7 +594,7 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
     rounds = []
 
     def probe(ex):
-        if tr.violation is None and (time.monotonic() > deadline or len(tr.ratios) >= examples):
+        if tr.round_violation is None and (time.monotonic() > deadline or len(tr.ratios) >= examples):
             return  # budget spent: hypothesis finishes the round on no-ops (not while it shrinks a violation)
         if not all(bool(torch.isfinite(v).all()) for v in ex.tensors.values()):
             tr.rejected += 1
@@ -594,17 +616,20 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
         htarget(min(score.ratio, 1e6), label="bound_ratio")
         htarget(min(score.ulp, 1e6), label="ulp")
         if score.ratio > 1:
-            raise BoundViolation(score)
+            raise BoundViolation(score)  # hypothesis shrinks it; the search goes on in the next round
 
+    # A violation ends its round (after hypothesis shrinks it) but not the search: the next rounds, seeded
+    # seed + k (a fixed function of the seed, so a pre-merge run stays reproducible), spend the rest of the budget.
     k = 0
-    while len(tr.ratios) < examples and time.monotonic() < deadline and tr.violation is None:
-        n = examples - len(tr.ratios) if derandomize else min(200, examples - len(tr.ratios))
-        st_args = dict(max_examples=max(1, n), derandomize=derandomize, database=None, deadline=None,
+    while len(tr.ratios) < examples and time.monotonic() < deadline:
+        fixed = derandomize and k == 0  # the derandomized round: the same examples every run
+        n = examples - len(tr.ratios) if fixed else min(200, examples - len(tr.ratios))
+        st_args = dict(max_examples=max(1, n), derandomize=fixed, database=None, deadline=None,
                        suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet,
                        phases=(Phase.generate, Phase.target, Phase.shrink), report_multiple_bugs=False)
         fn = given(tg.strategy(dtype))(probe)
         fn = settings(**st_args)(fn)
-        if not derandomize:
+        if not fixed:
             fn = hseed(seed + k)(fn)
         before = len(tr.ratios)
         try:
@@ -612,20 +637,24 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
         except BoundViolation:
             pass
         except HypothesisException:  # e.g. a flaky replay of the violation: it is recorded all the same
-            if tr.violation is None:
+            if tr.round_violation is None:
                 raise
-        rounds.append({"seed": None if derandomize else seed + k, "examples": len(tr.ratios) - before})
+        violated = tr.end_round()
+        rounds.append({"seed": None if fixed else seed + k, "examples": len(tr.ratios) - before,
+                       "violation": violated})
         k += 1
-        if derandomize or len(tr.ratios) == before:
-            break
+        if len(tr.ratios) == before or (fixed and not violated):
+            break  # nothing new to draw, or the derandomized round ran its whole budget
     summary = ratio_summary(tr.ratios)
     res = {"target": target, "dtype": dtype, "tier": tier if impl is None else None, "device": str(device), "examples": len(tr.ratios),
            "rejected": tr.rejected, "seconds": round(time.monotonic() - t0, 2), "derandomized": derandomize,
            "rounds": rounds, "max_ratio": summary.get("max", 0.0), "ratio": summary, "max_ulp": tr.max_ulp,
-           "parts_max": tr.parts, "info": tr.info, "violation": tr.violation is not None, "corpus": []}
+           "parts_max": tr.parts, "info": tr.info, "violation": bool(tr.violations),
+           "violations": len(tr.violations), "corpus": []}
     if corpus is not None:
-        cases = ([(tr.violation[0], tr.violation[1], "violation")] if tr.violation else [])
-        cases += [(ex, sc, "worst") for _, ex, sc in tr.top if not (tr.violation and ex is tr.violation[0])]
+        seen = {key for key, _, _ in tr.violations}
+        cases = [(ex, sc, "violation") for _, ex, sc in tr.violations]
+        cases += [(ex, sc, "worst") for _, key, ex, sc in tr.top if key not in seen]
         for ex, sc, why in cases:
             m = {"found_by": why, "tier": tier, "device": str(device), "derandomized": derandomize,
                  "rounds": rounds, **(meta or {}), **({"impl": impl} if impl else {})}
@@ -731,10 +760,10 @@ def certify_markdown(rep: dict) -> str:
              f"{_fmt(rep['max_ratio'])} (≤ 1 certifies; ratio = (|error| − oracle bound) / a-priori bound, worst element "
              f"of each example).", ""]
     rows = [[r["target"], r["dtype"], r["tier"], r["examples"], r["max_ratio"], r["ratio"].get("p50"),
-             r["ratio"].get("p99"), r["max_ulp"], "yes" if r["violation"] else "no", r["seconds"]]
+             r["ratio"].get("p99"), r["max_ulp"], r.get("violations", int(r["violation"])), r["seconds"]]
             for r in rep["results"]]
-    lines += [_table(["target", "dtype", "tier", "examples", "max ratio", "p50", "p99", "max ulp / unit", "violation",
-                      "time s"], rows), ""]
+    lines += [_table(["target", "dtype", "tier", "examples", "max ratio", "p50", "p99", "max ulp / unit",
+                      "violations (distinct, shrunk)", "time s"], rows), ""]
     crashed = [r for r in rep["results"] if isinstance(r.get("info", {}).get("error"), str)]
     if crashed:
         lines += ["**Crashes** (anything the implementation raised, `SystemExit` included, or an output that breaks "

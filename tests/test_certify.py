@@ -80,13 +80,30 @@ def _planted_compose(kind):
 
 @pytest.mark.parametrize("kind,target", [("gcast", "compose.y"), ("gcast", "compose.delta"), ("mask", "compose.y")])
 def test_search_finds_planted_defects(monkeypatch, tmp_path, kind, target):
+    """Found, shrunk, and the search goes on to its budget: every example budgeted runs, the corpus holds each
+    distinct violation (and distinct worst cases) once."""
     monkeypatch.setattr(K, "compose", _planted_compose(kind))
-    res = certify.search(target, "bf16", examples=60, device="cpu", corpus=tmp_path)
-    assert res["violation"], res["parts_max"]
+    res = certify.search(target, "bf16", examples=60, device="cpu", corpus=tmp_path, keep=5)
+    assert res["violation"] and res["violations"] >= 1, res["parts_max"]
+    assert res["examples"] >= 60 and res["rounds"][0]["violation"]  # (shrinking may spend the whole budget)
     doc = json.loads(Path(res["corpus"][0]).read_text())
     assert doc["found_by"] == "violation" and float(doc["score"]["ratio"]) > 1
+    found = [json.loads(Path(c).read_text())["found_by"] for c in res["corpus"]]
+    assert found.count("violation") == res["violations"] and len(set(res["corpus"])) == len(res["corpus"])
     monkeypatch.undo()  # the shrunk case passes with the real kernel
     assert certify.replay(res["corpus"][0]).ratio <= 1.0
+
+
+def test_search_goes_on_after_a_violation_to_its_budget(monkeypatch):
+    """The first violation ends the derandomized round, not the search: seeded rounds spend the rest of the budget,
+    the same ones on every run (a pre-merge search stays a function of the code and the seed)."""
+    monkeypatch.setattr(K, "compose", _planted_compose("gcast"))
+    runs = [certify.search("compose.y", "bf16", examples=400, device="cpu") for _ in range(2)]
+    res = runs[0]
+    assert res["examples"] >= 400 and len(res["rounds"]) >= 2 and res["rounds"][0]["seed"] is None
+    assert [r["seed"] for r in res["rounds"][1:]] == list(range(1, len(res["rounds"])))
+    assert res["max_ratio"] > 1 and res["violations"] >= 1
+    assert runs[1]["rounds"] == res["rounds"] and runs[1]["max_ratio"] == res["max_ratio"]
 
 
 def test_naive_form_breaks_the_kernel_bound(monkeypatch):
