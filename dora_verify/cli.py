@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--fa-limit", type=_finite_float, default=None,
                     help="limit of the FlashAttention-style ratio to the plain low-precision baseline (default 2)")
     ga.add_argument("--case", action="append", default=[], help="run only this case id (repeatable; to reproduce)")
+    ga.add_argument("--list-cases", action="store_true",
+                    help="print the suite's case ids (check, dtype, shape, regime, g mode, bias) and exit")
     ga.add_argument("--case-timeout", type=_nonnegative_float, default=None, metavar="SECONDS",
                     help="limit per (implementation, case); a case past it fails as a hang (0: no limit; "
                          "default: the gate's)")
@@ -225,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--quiet", action="store_true", help="no progress bar")
     xp = sub.add_parser("explain", help="a certify corpus case's worst element, exactly: inputs, exact result as a "
                                         "rational, the value returned, its error in ulps, the bound and the ratio")
-    xp.add_argument("case", type=_path, help="a corpus case: CASE.json (its .npz beside it)")
+    xp.add_argument("case", type=_path, help="a certify corpus case (CASE.json, its .npz beside it) or a gate case id "
+                                             "(compose-bf16-03, norm-fp16-03; `dora-verify gate --list-cases`)")
+    xp.add_argument("--seed", type=_seed, default=0, help="with a gate case id: the gate's suite seed (default 0)")
     xp.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where to run the implementation")
     xp.add_argument("--tier", default=None, choices=["fused", "eager"], help="default: fused on CUDA, eager elsewhere")
     xp.add_argument("--json", action="store_true", help="print the explanation as JSON")
@@ -335,6 +339,12 @@ def _gate(args) -> int:
     dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
     if not dtypes or any(d not in ("bf16", "fp16", "fp32") for d in dtypes):
         raise UsageError(f"bad --dtypes {args.dtypes!r}: a comma-separated subset of bf16, fp16, fp32")
+    if args.list_cases:
+        from .gate import build_suite, case_description
+
+        for c in build_suite(dtypes=dtypes, seed=args.seed):
+            print(f"{c.id:28s} {case_description(c)}")
+        return 0
     fa = DEFAULT_FA_LIMIT if args.fa_limit is None else args.fa_limit
     if fa <= 0:
         raise UsageError(f"--fa-limit must be positive, got {fa}")
@@ -383,14 +393,17 @@ def _gate(args) -> int:
 def _explain(args) -> int:
     import json
 
-    from .explain import ExplainError, explain_case, explain_text
+    from .explain import ExplainError, explain_case, explain_example, explain_text, gate_case
     from .report import report_document
     from .sweep import resolve_device
 
-    if not args.case.endswith(".json"):
-        raise UsageError(f"{args.case!r}: give the case's .json file (its .npz sits beside it)")
     try:
-        rep = explain_case(args.case, resolve_device(args.device), args.tier)
+        if args.case.endswith(".json"):
+            rep = explain_case(args.case, resolve_device(args.device), args.tier)
+        else:
+            target, ex = gate_case(args.case, args.seed)
+            rep = explain_example(f"{args.case} (the gate's suite, seed {args.seed})", target, ex,
+                                  resolve_device(args.device), args.tier)
     except ExplainError as e:
         raise UsageError(str(e)) from None
     print(json.dumps(report_document(rep), indent=1) if args.json else explain_text(rep), end="" if not args.json else "\n")

@@ -1,6 +1,7 @@
-"""``dora-verify explain CASE``: a corpus case's worst element, exactly.
+"""``dora-verify explain CASE``: a corpus case's (or a gate case's) worst element, exactly.
 
-For a case that ``certify`` kept (``CASE.json`` with its ``.npz``), the implementation is run again on the case's
+For a case that ``certify`` kept (``CASE.json`` with its ``.npz``) — or a case of the gate's suite named by its id
+(``compose-bf16-03``: the kernels' y on its inputs; ``norm-fp16-03``: their ν) — the implementation is run again on the case's
 inputs and the element with the largest error-to-bound ratio is shown with everything needed to check it by hand:
 the element's inputs as stored (and as exact rationals m / 2^k), the exact result of those rounded inputs as a
 rational (compose y and Δ: g·(base + s·lora) + bias and (g − 1)·base + g·s·lora, every input a binary float, so the
@@ -212,10 +213,37 @@ def explain_case(path, device="cpu", tier: "str | None" = None) -> dict:
         target, ex, doc = load_case(path)
     except (OSError, KeyError, ValueError) as e:
         raise ExplainError(f"cannot read corpus case {str(path)!r}: {e}") from None
-    dev = torch.device(device)
-    tier = tier or default_tier(dev)
     if target not in _target_table(doc.get("impl")):
         raise ExplainError(f"{path}: unknown target {target!r}")
+    return explain_example(str(path), target, ex, device, tier, doc.get("score"))
+
+
+GATE_TARGETS = {"compose": "compose.y", "norm": "norm"}  # gate check -> the target explained
+
+
+def gate_case(case_id: str, seed: int = 0):
+    """(target, Example) of the gate suite's case ``case_id`` (suite seed ``seed``, the gate's default 0): a
+    ``compose-*`` case is explained as the kernels' y on its inputs, a ``norm-*`` case as their ν."""
+    from .gate import build_suite
+
+    parts = case_id.split("-")
+    if len(parts) < 3 or parts[1] not in ("bf16", "fp16", "fp32"):
+        raise ExplainError(f"{case_id!r} is neither a corpus case (.json) nor a gate case id (e.g. compose-bf16-03, "
+                           "norm-fp16-03; `dora-verify gate --list-cases` lists them)")
+    case = next((c for c in build_suite(dtypes=(parts[1],), seed=seed) if c.id == case_id), None)
+    if case is None:
+        raise ExplainError(f"no gate case {case_id!r} in the suite of seed {seed}")
+    if case.check not in GATE_TARGETS:
+        raise ExplainError(f"gate case {case_id!r} is a {case.check} check, which has no single-element story yet; "
+                           f"explain takes the {' and '.join(GATE_TARGETS)} cases")
+    return GATE_TARGETS[case.check], case.example
+
+
+def explain_example(label: str, target: str, ex, device="cpu", tier: "str | None" = None,
+                    stored_score: "dict | None" = None) -> dict:
+    """:func:`explain_case` of an Example already in hand (``label`` names it in the report)."""
+    dev = torch.device(device)
+    tier = tier or default_tier(dev)
     k = {n: v.to(dev) for n, v in ex.tensors.items()}
     fmt = parse_format(ex.dtype)
     if target in ("compose.y", "compose.delta") or target.startswith("form."):
@@ -224,8 +252,8 @@ def explain_case(path, device="cpu", tier: "str | None" = None) -> dict:
         outs = _lora_compose_outputs(ex, k, tier)
     elif target == "norm":
         el = _norm_element(ex, k, tier)
-        return {"case": str(path), "target": target, "dtype": ex.dtype, "params": ex.params, "tier": tier,
-                "device": str(dev), "stored_score": doc.get("score"), "elements": [el]}
+        return {"case": label, "target": target, "dtype": ex.dtype, "params": ex.params, "tier": tier,
+                "device": str(dev), "stored_score": stored_score, "elements": [el]}
     else:
         raise ExplainError(f"explain supports {', '.join(SUPPORTED)}; {target!r} has no single-element story yet "
                            "(replay it: dora_verify.certify.replay)")
@@ -235,8 +263,8 @@ def explain_case(path, device="cpu", tier: "str | None" = None) -> dict:
         el = _element(name, got[where], exact_fn(*where), float(bound[where]), fmt, where, inputs_fn(*where))
         el["ratio_float64_oracle"] = ratio
         elements.append(el)
-    return {"case": str(path), "target": target, "dtype": ex.dtype, "params": ex.params, "tier": tier,
-            "device": str(dev), "stored_score": doc.get("score"), "elements": elements}
+    return {"case": label, "target": target, "dtype": ex.dtype, "params": ex.params, "tier": tier,
+            "device": str(dev), "stored_score": stored_score, "elements": elements}
 
 
 def explain_text(rep: dict) -> str:

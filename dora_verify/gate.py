@@ -145,6 +145,25 @@ def _layer_cases(dtype: str, n: int, seed: int):
     return out
 
 
+def case_description(case: Case) -> str:
+    """One line naming what a case is: check, dtype, shape, regime, g mode, adapters, bias, planted specials
+    (``gate --list-cases``, gate.md's failures)."""
+    p = case.example.params
+    if case.check == "layer":
+        shape = f"T {p['T']}, {p['d_in']} → {p['d_out']}, r {p['r']}, {p['adapter']} adapters"
+    elif case.check == "norm":
+        shape = f"W {p['d_out']}×{p['d_in']}, r {p['r']}"
+    else:
+        shape = f"{p['T']}×{p['N']}"
+    bits = [case.check, case.example.dtype, shape, case.shape_class, f"regime {p['regime']}"]
+    bits += [f"g {p['g_mode']}"] if "g_mode" in p and case.check != "norm" else []
+    bits += (["bias" if p["bias"] else "no bias"] if "bias" in p else [])
+    for key, what in (("planted", "planted special"), ("cancel_rows", "near-cancelling row")):
+        n = len(p.get(key) or ())
+        bits += [f"{n} {what}{'s' if n > 1 else ''}"] if n else []
+    return ", ".join(bits)
+
+
 def build_suite(dtypes=("bf16", "fp16", "fp32"), seed: int = 0, n_compose: int = 24, n_norm: int = 8,
                 n_backward: int = 8, n_layer: int = 9) -> "list[Case]":
     """The fixed suite: deterministic in (dtypes, seed, sizes) — no hypothesis, only seeded torch generators."""
@@ -582,7 +601,7 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
                                         "deterministic": im.deterministic, "_ratios": [], "cases": 0,
                                         "max_ulp": 0.0, "_cr": [0, 0], "fa_ratio": 0.0, "nonfinite_mismatch": 0,
                                         "nonfinite": {**{k: 0 for k in NONFINITE_KINDS}, "examples": []},
-                                        "nondeterministic": 0, "crashes": 0, "failing_cases": []})
+                                        "nondeterministic": 0, "crashes": 0, "_severity": {}})
             g["cases"] += 1
             bad = False
             if o.crash:
@@ -606,9 +625,19 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
                 g["nonfinite"]["examples"].append(f"{case.id} {o.nonfinite['first']}")
             g["nondeterministic"] += int(o.nondeterministic)
             bad |= o.nonfinite_mismatch > 0 or o.nondeterministic
-            if bad and case.id not in g["failing_cases"]:
-                g["failing_cases"].append(case.id)
+            if bad:
+                sev = _severity(o, cfg.fa_limit)
+                old = g["_severity"].get(case.id)
+                if old is None or sev[0] > old[0]:
+                    g["_severity"][case.id] = sev
+    by_id = {c.id: c for c in suite}
     for g in groups.values():
+        ranked = sorted(g.pop("_severity").items(), key=lambda kv: -kv[1][0])  # worst first (stable: suite order)
+        g["failing_cases"] = [cid for cid, _ in ranked]
+        if ranked:
+            cid, (sev, element) = ranked[0]
+            g["worst_case"] = {"id": cid, "severity": sev, "element": element,
+                               "what": case_description(by_id[cid])}
         r = torch.cat(g.pop("_ratios")) if g["_ratios"] else None
         g["max_ratio"] = float(r.max()) if r is not None and r.numel() else None
         g["p99_ratio"] = quantile(r, 0.99) if r is not None and r.numel() else None
@@ -631,6 +660,23 @@ def _nonfinite_text(nf: dict) -> str:
              f"{nf['finite_where_nonfinite']} finite where the oracle is NaN/Inf",
              f"{nf['wrong_nonfinite']} the wrong NaN/Inf (NaN for ±Inf or the reverse, or the wrong sign)"]
     return ", ".join(parts) + (f"; first: {nf['examples'][0]}" if nf.get("examples") else "")
+
+
+def _severity(o, fa_limit: float) -> tuple:
+    """(how badly one failing outcome fails, the index of its worst element or None): its largest error / bound
+    ratio, or its FA ratio over the limit; ∞ for a crash, a NaN/Inf mismatch or a nondeterministic result."""
+    if o.crash or o.nonfinite_mismatch or o.nondeterministic:
+        first = o.nonfinite.get("first") if o.nonfinite_mismatch else None
+        return math.inf, first
+    sev, element = 0.0, None
+    if o.ratios is not None and o.ratios.numel():
+        r = o.ratios.to(F64)
+        k = int(torch.nan_to_num(r, nan=math.inf).flatten().argmax())
+        sev = float(r.flatten()[k])
+        element = [int(i) for i in np.unravel_index(k, tuple(r.shape))] if r.dim() else []
+    if o.fa_ratio is not None and o.fa_ratio > fa_limit:
+        sev = max(sev, float(o.fa_ratio))
+    return sev, element
 
 
 def _hard_failures(g: dict, fa_limit: float) -> list:
@@ -819,7 +865,11 @@ def gate_markdown(rep: dict) -> str:
         for key, msgs in v["hard"].items():
             g = rep["groups"][key]
             lines.append(f"- `{key}`: " + "; ".join(msgs))
-            lines.append(f"  reproduce: `{reproduce_command(rep, g['failing_cases'][:3])}`")
+            w = g.get("worst_case")
+            if w:
+                at = f" at element {w['element']}" if w.get("element") not in (None, []) else ""
+                lines.append(f"  worst case `{w['id']}` ({w['what']}): {_fmt(w['severity'])}{at}")
+            lines.append(f"  reproduce (worst first): `{reproduce_command(rep, g['failing_cases'][:3])}`")
         lines.append("")
     nonfinite = [g for g in rep["groups"].values() if g["nonfinite_mismatch"]]
     if nonfinite:
@@ -916,7 +966,10 @@ def junit_xml(rep: dict) -> str:
                 kind = "error" if g.get("crashes") else "failure"
                 c["errors" if kind == "error" else "failures"] += 1
                 el = ET.SubElement(tc, kind, message="; ".join(hard)[:500])
-                el.text = "reproduce: " + reproduce_command(rep, g["failing_cases"][:3])
+                w = g.get("worst_case")
+                el.text = ((f"worst case {w['id']} ({w['what']}): {w['severity']:.6g}"
+                            + (f" at element {w['element']}" if w.get("element") not in (None, []) else "") + "\n")
+                           if w else "") + "reproduce (worst first): " + reproduce_command(rep, g["failing_cases"][:3])
             tc = ET.SubElement(ts, "testcase", classname=cls, name=f"{name}.baseline", time="0")
             c["tests"] += 1
             if not v.get("baseline_used"):

@@ -81,3 +81,32 @@ def test_cli_prints_text_and_strict_json(capsys):
     assert main(["explain", "--json", str(case("compose.y-fp32"))]) == 0
     doc = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c))
     assert doc["target"] == "compose.y" and doc["elements"][0]["output"] == "y"
+
+
+def test_gate_case_ids_explain_the_kernels_on_that_case(capsys):
+    """A gate case id (as gate.md and `gate --list-cases` name them) explains the kernels on that case's inputs:
+    compose cases as y, norm cases as ν; the element's exact value is the inputs' exact result."""
+    from dora_verify.explain import explain_example, gate_case
+    from dora_verify.gate import build_suite
+
+    target, ex = gate_case("compose-bf16-03")
+    suite = {c.id: c for c in build_suite(dtypes=("bf16",))}
+    assert target == "compose.y" and ex.params == suite["compose-bf16-03"].example.params
+    rep = explain_example("compose-bf16-03", target, ex)
+    el = rep["elements"][0]
+    assert el["output"] == "y" and el["ratio"] <= 1
+    assert gate_case("norm-fp16-03")[0] == "norm"
+    assert main(["explain", "norm-fp16-03"]) == 0
+    out = capsys.readouterr().out
+    assert "norm-fp16-03 (the gate's suite, seed 0)" in out and "exact ν" in out
+    assert main(["gate", "--list-cases", "--dtypes", "fp16"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == [c.id for c in build_suite(dtypes=("fp16",))]
+    assert any("norm, fp16, W 63×513, r 33" in line for line in listed)
+
+
+def test_gate_case_ids_it_cannot_explain_exit_2(capsys):
+    for bad in ("layer-bf16-00", "backward-fp32-01", "compose-bf16-99", "nonsense"):
+        assert main(["explain", bad]) == 2, bad
+    err = capsys.readouterr().err
+    assert err.count("\n") == 4 and "Traceback" not in err and "no single-element story" in err

@@ -1,6 +1,7 @@
 """dora_verify.gate: the pre-merge gate passes the real kernels, fails planted defects (through the adapter
 protocol), ratchets against a baseline, refuses foreign baselines, never passes on nothing, writes JUnit."""
 import json
+import math
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -72,9 +73,17 @@ def test_planted_defects_fail(tmp_path, planted):
     else:
         assert "error/bound ratio" in text
     md = (out / "gate.md").read_text()
-    assert "FAILED" in md and "reproduce: `dora-verify gate --impl planted_impls:" in md
+    assert "FAILED" in md and "reproduce (worst first): `dora-verify gate --impl planted_impls:" in md
+    for key in hard:  # the worst failing case is named, described, and first in the reproduce command
+        g = doc["groups"][key]
+        w = g["worst_case"]
+        assert g["failing_cases"][0] == w["id"] and f"worst case `{w['id']}` ({w['what']})" in md
+        if g["max_ratio"] is not None and g["max_ratio"] > 1:
+            sev = math.inf if w["severity"] is None else w["severity"]  # strict JSON: ∞ is null (see "nonfinite")
+            assert sev >= g["max_ratio"]  # the reported ratio is the one the first case reproduces
     tree = ET.parse(out / "junit.xml").getroot()
     assert int(tree.get("failures")) >= 1 and tree.find(".//failure") is not None
+    assert "worst case " in tree.find(".//failure").text
 
 
 def test_stock_peft_is_gated_and_its_bf16_numerics_fail(tmp_path):
