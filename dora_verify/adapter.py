@@ -37,7 +37,9 @@ Optional attributes: ``name`` (str), ``deterministic`` (bool, default False: whe
 repeated calls give identical bits), ``contract`` ('faithful', the default: y within 1 ulp of the exact y of
 the rounded inputs and ν within 1e-6 relative — docs/contract.md —, and a layer within the faithful layer contract
 of :func:`dora_verify.layer_oracle.faithful_layer_bounds`; or 'baseline-only': no a-priori bound, only the
-baseline, FlashAttention-style and NaN/Inf criteria). Inputs arrive on the device under test (contiguous, finite
+baseline, FlashAttention-style and NaN/Inf criteria), ``uses_triton`` (bool, default False: set it when the code
+runs Triton kernels, so that the gate's environment key — which a baseline must match — holds triton's minor version;
+a pure-torch implementation's baseline does not go stale on a triton upgrade). Inputs arrive on the device under test (contiguous, finite
 unless a NaN/Inf case says otherwise); outputs may be on any device.
 
 What the toolkit guarantees an implementation, and what it holds it to (:func:`check_output`,
@@ -85,6 +87,7 @@ class Implementation:
     backward: bool = False  # the built-in kernels: also gate the compose backward ...
     saves: tuple = ("inputs", "activation")  # ... in these save modes
     layer: Optional[Callable] = None  # a layer factory (module docstring)
+    uses_triton: bool = False  # whether triton's version is part of the gate's environment key
 
 
 class ImplError(ValueError):
@@ -304,6 +307,7 @@ def kernels_impl(tier: "str | None" = None, dtypes=("bf16", "fp16", "fp32")) -> 
 
     label = f"kernels[{tier}]" if tier else "kernels"
     return Implementation(label, comp, norm, deterministic=True, contract="kernel", dtypes=tuple(dtypes), tier=tier,
+                          uses_triton=True,
                           backward=True, layer=_kernels_layer(tier) if tier in (None, "eager") else None)
 
 
@@ -475,7 +479,8 @@ def _options(obj, default_name: str) -> dict:
     bad = [d for d in dtypes if d not in ("bf16", "fp16", "fp32")]
     if bad or not dtypes:  # a misspelt name would otherwise match no case: "nothing ran" instead of this reason
         raise ImplError(f"{default_name}: dtypes must name some of bf16, fp16, fp32, got {list(dtypes)!r}")
-    return {"deterministic": bool(getattr(obj, "deterministic", False)), "contract": contract, "dtypes": dtypes}
+    return {"deterministic": bool(getattr(obj, "deterministic", False)), "contract": contract, "dtypes": dtypes,
+            "uses_triton": bool(getattr(obj, "uses_triton", False))}
 
 
 __all__ = ["CONTRACTS", "LAYER_PARAMS", "CaseGuard", "CaseTimeout", "ImplError", "ImplOutputError", "Implementation",

@@ -516,13 +516,18 @@ def _minor(v: "str | None") -> "str | None":
     return ".".join(v.split("+")[0].split(".")[:2]) if v else None
 
 
-def environment(device: torch.device, fingerprint: str, impl_names) -> dict:
-    try:
-        import triton
-        tv = triton.__version__
-    except ImportError:  # pragma: no cover
-        tv = None
-    return {"device_class": device_class(device), "torch": _minor(torch.__version__), "triton": _minor(tv),
+def environment(device: torch.device, fingerprint: str, impl_names, uses_triton: bool = True) -> dict:
+    """What a baseline must match: device class, torch's minor version, triton's where an implementation under
+    test runs Triton (``uses_triton``: this project's kernels, or a user's that says so) else 'not used', the suite,
+    the implementations and the mode."""
+    tv = "not used"
+    if uses_triton:
+        try:
+            import triton
+            tv = _minor(triton.__version__)
+        except ImportError:
+            tv = None
+    return {"device_class": device_class(device), "torch": _minor(torch.__version__), "triton": tv,
             "suite": fingerprint, "suite_version": SUITE_VERSION, "impls": sorted(impl_names),
             "mode": "gpu" if device.type == "cuda" else "cpu-logic-only"}
 
@@ -647,7 +652,7 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
         if g["crashes"] == g["cases"]:  # nothing was scored: no metric reads as a perfect 0
             g["max_ulp"] = g["fa_ratio"] = g["nonfinite_mismatch"] = g["nondeterministic"] = None
     return {"kind": "gate", "provenance": provenance(dev, [im.name for im in impls]), "environment": environment(dev, fingerprint,
-                                                                                      [im.name for im in impls]),
+            [im.name for im in impls], any(im.uses_triton for im in impls)),
             "config": {"impls": [im.name for im in impls], "dtypes": list(cfg.dtypes), "seed": cfg.seed,
                        "fa_limit": cfg.fa_limit, "case_ids": list(cfg.case_ids), "case_timeout": cfg.case_timeout,
                        "case_timeout_enforced": bool(cfg.case_timeout) and enforced, **cfg.sizes},

@@ -556,3 +556,21 @@ def test_baseline_regeneration_is_stable(tmp_path, monkeypatch):
     assert base.read_text() == first
     created = json.loads(first)["created_by"]
     assert "time_utc" not in created and "repository_commit" in created
+
+
+def test_triton_is_in_the_environment_key_only_where_it_runs():
+    """A pure-torch implementation's baseline does not go stale on a triton upgrade: its environment key says
+    'not used'; this project's kernels (and a user's implementation that sets uses_triton) record the minor version."""
+    import triton
+
+    suite = gate.build_suite(dtypes=("fp32",), n_compose=1, n_norm=0, n_backward=0, n_layer=0)
+    fp = gate.suite_fingerprint(suite)
+    dev = torch.device("cpu")
+
+    def comp(base, lora, g, s, bias=None):
+        return base
+    plain = from_object(comp, "plain")
+    tagged = from_object(type("Tagged", (), {"compose": staticmethod(comp), "uses_triton": True})(), "tagged")
+    assert not plain.uses_triton and tagged.uses_triton and load_impl("kernels")[0].uses_triton
+    assert gate.environment(dev, fp, ["plain"], plain.uses_triton)["triton"] == "not used"
+    assert gate.environment(dev, fp, ["tagged"], tagged.uses_triton)["triton"] == gate._minor(triton.__version__)
