@@ -431,6 +431,25 @@ def test_nonfinite_results_are_visible_not_exact(impls, tmp_path):
     md = (out / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| trained | impl:dv_cli_impls:all_nan |"))
     assert row.split(" | ")[2] == "inf" and "512 NaN" in row
+    _parquet_round_trip(out, i)
+
+
+def _parquet_round_trip(out, i):
+    """What a researcher does with the data: the CSV into pandas (a float64 value column, ±Inf and NaN as floats)
+    and the JSON records flattened into a frame, each through Parquet and back unchanged."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    frames = {"csv": pd.read_csv(out / "report.csv")}
+    assert frames["csv"]["value"].dtype == "float64"
+    frames["regimes"] = pd.json_normalize(load_report(out / "report.json")["experiments"]["compose_regimes"])
+    assert frames["regimes"].loc[i, "y.max_ulp"] == math.inf
+    for name, df in frames.items():
+        for c in df.columns[df.dtypes == object]:  # missing entries of list/str columns: None (Parquet's null)
+            df[c] = df[c].astype(object).where(df[c].notna(), None)
+        path = out / f"{name}.parquet"
+        df.to_parquet(path)
+        back = pd.read_parquet(path)
+        pd.testing.assert_frame_equal(back, df, check_dtype=True)
 
 
 def test_impl_gets_its_own_copies_of_the_inputs(impls, tmp_path):
