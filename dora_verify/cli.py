@@ -204,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--fa-limit", type=_finite_float, default=None,
                     help="limit of the FlashAttention-style ratio to the plain low-precision baseline (default 2)")
     ga.add_argument("--case", action="append", default=[], help="run only this case id (repeatable; to reproduce)")
+    ga.add_argument("--ops", default="compose,backward,norm,layer",
+                    help="comma-separated subset of compose, backward, norm, layer (default all); a subset compares "
+                         "with the baseline's groups it covers")
+    ga.add_argument("--slack", action="append", default=[], metavar="METRIC=ABS,REL",
+                    help="with --update-baseline: the tolerance |new − old| ≤ ABS + REL·|old| of a baseline metric "
+                         "(max_ulp, p99_ratio, max_ratio, frac_correctly_rounded; repeatable; default: the existing "
+                         "baseline's, else the gate's)")
     ga.add_argument("--list-cases", action="store_true",
                     help="print the suite's case ids (check, dtype, shape, regime, g mode, bias) and exit")
     ga.add_argument("--case-timeout", type=_nonnegative_float, default=None, metavar="SECONDS",
@@ -332,19 +339,27 @@ def _gate(args) -> int:
         if not torch.cuda.is_available():  # the CPU mode runs the fused kernels under the Triton interpreter
             os.environ.setdefault("TRITON_INTERPRET", "1")
     from .adapter import ImplError, load_impl
-    from .gate import (DEFAULT_FA_LIMIT, GateConfig, GateEnvironmentError, load_baseline, make_baseline, run_gate,
-                       verdict, write_baseline, write_gate_report)
+    from .gate import (DEFAULT_FA_LIMIT, GateConfig, GateEnvironmentError, is_subset, load_baseline, make_baseline,
+                       run_gate, verdict, write_baseline, write_gate_report)
     from .report import check_writable
 
     dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
     if not dtypes or any(d not in ("bf16", "fp16", "fp32") for d in dtypes):
         raise UsageError(f"bad --dtypes {args.dtypes!r}: a comma-separated subset of bf16, fp16, fp32")
+    from .gate import OPS
+
+    ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
+    if not ops or any(o not in OPS for o in ops):
+        raise UsageError(f"bad --ops {args.ops!r}: a comma-separated subset of {', '.join(OPS)}")
     if args.list_cases:
-        from .gate import build_suite, case_description
+        from .gate import _op, build_suite, case_description
 
         for c in build_suite(dtypes=dtypes, seed=args.seed):
-            print(f"{c.id:28s} {case_description(c)}")
+            if _op(c.check) in ops:
+                print(f"{c.id:28s} {case_description(c)}")
         return 0
+    if args.slack and not args.update_baseline:
+        raise UsageError("--slack sets the tolerances of a baseline being written: use it with --update-baseline")
     fa = DEFAULT_FA_LIMIT if args.fa_limit is None else args.fa_limit
     if fa <= 0:
         raise UsageError(f"--fa-limit must be positive, got {fa}")
@@ -361,8 +376,11 @@ def _gate(args) -> int:
         raise UsageError(str(e)) from None
     check_writable(args.out)
     baseline = load_baseline(args.baseline) if args.baseline and not args.update_baseline else None
+    slack = _slack(args)
     cfg = GateConfig(impls=impls, dtypes=dtypes, device=args.device, require_gpu=args.require_gpu, seed=args.seed,
-                     fa_limit=fa, case_ids=tuple(args.case), **extra)
+                     fa_limit=fa, case_ids=tuple(args.case), ops=ops, **extra)
+    if args.update_baseline and args.case:
+        raise UsageError("--update-baseline records whole groups: drop --case")
     rep = None
     try:
         rep = run_gate(cfg, progress=_Progress(not args.quiet))
@@ -376,9 +394,8 @@ def _gate(args) -> int:
     files = write_gate_report(rep, args.out)
     v = rep["verdict"]
     if args.update_baseline and not v["hard"] and not v.get("nothing_ran"):
-        if args.case:
-            raise UsageError("--update-baseline runs the whole suite: drop --case")
-        write_baseline(make_baseline(rep), args.baseline)
+        merge = _mergeable_baseline(args.baseline, rep) if is_subset(cfg) else None
+        write_baseline(make_baseline(rep, slack, merge_into=merge), args.baseline)
         print(f"gate: hard criteria passed; baseline written to {args.baseline} ({len(rep['groups'])} groups); "
               f"wrote {', '.join(str(f) for f in files)}")
         return 0
@@ -388,6 +405,50 @@ def _gate(args) -> int:
           f"{len(v['baseline'])} baseline finding(s){'' if v['baseline_used'] else ' (no baseline)'}"
           f"{'; nothing ran' if v.get('nothing_ran') else ''}; wrote {', '.join(str(f) for f in files)}")
     return 0 if v["passed"] else 1
+
+
+def _mergeable_baseline(path, rep) -> "dict | None":
+    """The existing baseline at ``path`` if a subset run may update its part of it (same environment), else None."""
+    from pathlib import Path
+
+    from .gate import BaselineError, env_mismatch, load_baseline
+
+    if not Path(path).exists():
+        return None
+    try:
+        old = load_baseline(path)
+    except BaselineError:
+        return None
+    return None if env_mismatch(old.get("environment", {}), rep["environment"]) else old
+
+
+def _slack(args) -> "dict | None":
+    """The slack of a baseline being written: --slack entries over the existing baseline's (or the gate's
+    defaults); None where neither applies (make_baseline's defaults)."""
+    import math
+    from pathlib import Path
+
+    from .gate import DEFAULT_SLACK, BaselineError, load_baseline
+
+    if not args.update_baseline:
+        return None
+    slack = dict(DEFAULT_SLACK)
+    if args.baseline and Path(args.baseline).exists():
+        try:
+            slack.update({k: tuple(v) for k, v in load_baseline(args.baseline).get("slack", {}).items()})
+        except BaselineError:
+            pass  # a broken file is replaced by this run's
+    for entry in args.slack:
+        metric, _, vals = entry.partition("=")
+        try:
+            a, r = (float(v) for v in vals.split(","))
+        except ValueError:
+            raise UsageError(f"bad --slack {entry!r}: want METRIC=ABS,REL, e.g. max_ulp=1e-3,0.01") from None
+        if metric not in DEFAULT_SLACK or not all(math.isfinite(v) and v >= 0 for v in (a, r)):
+            raise UsageError(f"bad --slack {entry!r}: METRIC one of {', '.join(DEFAULT_SLACK)}, ABS and REL finite "
+                             "and ≥ 0")
+        slack[metric] = (a, r)
+    return slack
 
 
 def _explain(args) -> int:

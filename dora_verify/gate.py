@@ -58,6 +58,8 @@ BASELINE_FORMAT = "dora-verify-gate-baseline/1"
 DEFAULT_SLACK = {"max_ulp": (1e-3, 1e-2), "p99_ratio": (1e-3, 1e-2), "max_ratio": (1e-3, 1e-2),
                  "frac_correctly_rounded": (1e-4, 0.0)}  # (absolute, relative)
 LOWER_IS_BETTER = {"max_ulp": True, "p99_ratio": True, "max_ratio": True, "frac_correctly_rounded": False}
+DTYPES = ("bf16", "fp16", "fp32")
+OPS = ("compose", "backward", "norm", "layer")  # --ops: the checks a subset runs (compose includes the NaN/Inf cases)
 DEFAULT_FA_LIMIT = 2.0
 DEFAULT_CASE_TIMEOUT = 300.0  # seconds per (implementation, case): generous, only a hang reaches it
 ENV_KEYS = ("device_class", "torch", "triton", "suite", "suite_version", "impls", "mode")
@@ -475,6 +477,24 @@ _SCORERS = {"compose": _score_compose, "nonfinite": _score_compose, "norm": _sco
 _CRASH_OUTPUT = {"compose": "y", "nonfinite": "y", "norm": "nu", "backward": "all", "layer": "all"}  # a crash's group
 
 
+def _op(check: str) -> str:
+    """The --ops name of a case's check (the NaN/Inf cases belong to compose: they score compose outputs)."""
+    return "compose" if check == "nonfinite" else check
+
+
+def is_subset(cfg) -> bool:
+    """Whether a run covers only part of the suite (--dtypes, --ops): it compares with the baseline's groups in its
+    scope and cannot rewrite the baseline."""
+    return set(cfg.dtypes) != set(DTYPES) or set(cfg.ops) != set(OPS)
+
+
+def _in_scope(key: str, config: dict) -> bool:
+    """Whether a baseline group (impl|check.output|dtype|device|shapes) falls in a run's --dtypes/--ops scope."""
+    parts = key.split("|")
+    return (len(parts) < 3 or (parts[2] in config.get("dtypes", DTYPES)
+                               and parts[1].split(".")[0] in config.get("ops", OPS)))
+
+
 def _applies(impl: Implementation, case: Case) -> bool:
     if case.example.dtype not in impl.dtypes:
         return False
@@ -491,11 +511,12 @@ def _applies(impl: Implementation, case: Case) -> bool:
 @dataclass
 class GateConfig:
     impls: list
-    dtypes: tuple = ("bf16", "fp16", "fp32")
+    dtypes: tuple = DTYPES
     device: str = "auto"
     require_gpu: bool = False
     seed: int = 0
     fa_limit: float = DEFAULT_FA_LIMIT
+    ops: tuple = OPS
     case_ids: tuple = ()
     sizes: dict = field(default_factory=lambda: {"n_compose": 24, "n_norm": 8, "n_backward": 8, "n_layer": 9})
     case_timeout: "float | None" = DEFAULT_CASE_TIMEOUT  # seconds per (implementation, case); None: no limit
@@ -573,8 +594,9 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
     # each configured implementation with what runs for it (the CPU mode splits the kernels in two tiers)
     expanded = [(im, cpu_impls([im]) if dev.type == "cpu" else [im]) for im in cfg.impls]
     impls = [im for _, ims in expanded for im in ims]
-    suite = build_suite(cfg.dtypes, cfg.seed, **cfg.sizes)
-    fingerprint = suite_fingerprint(suite)
+    full = build_suite(DTYPES, cfg.seed, **cfg.sizes)
+    fingerprint = suite_fingerprint(full)  # of the whole suite: a --dtypes/--ops subset compares with a full baseline
+    suite = [c for c in full if c.example.dtype in cfg.dtypes and _op(c.check) in cfg.ops]
     if cfg.case_ids:
         unknown = sorted(set(cfg.case_ids) - {c.id for c in suite})
         if unknown:
@@ -654,6 +676,7 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
     return {"kind": "gate", "provenance": provenance(dev, [im.name for im in impls]), "environment": environment(dev, fingerprint,
             [im.name for im in impls], any(im.uses_triton for im in impls)),
             "config": {"impls": [im.name for im in impls], "dtypes": list(cfg.dtypes), "seed": cfg.seed,
+                       "ops": list(cfg.ops), "subset": is_subset(cfg),
                        "fa_limit": cfg.fa_limit, "case_ids": list(cfg.case_ids), "case_timeout": cfg.case_timeout,
                        "case_timeout_enforced": bool(cfg.case_timeout) and enforced, **cfg.sizes},
             "cases": len(suite), "evaluations": len(work), "idle_impls": idle, "groups": groups,
@@ -713,13 +736,25 @@ def _cwd_commit() -> "str | None":
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def make_baseline(rep: dict, slack=None) -> dict:
+def make_baseline(rep: dict, slack=None, merge_into: "dict | None" = None) -> dict:
+    """The baseline of a run: its environment, the slack, the scope (dtypes and ops the run covered) and each group's
+    metrics. ``merge_into``: an existing baseline of the same environment whose groups outside this run's scope are
+    kept (a --dtypes/--ops subset updates its part of a baseline and leaves the rest)."""
     slack = slack or DEFAULT_SLACK
+    cfg = rep.get("config", {})
+    scope = {"dtypes": list(cfg.get("dtypes", DTYPES)), "ops": list(cfg.get("ops", OPS))}
+    groups = {k: {m: g[m] for m in LOWER_IS_BETTER} for k, g in rep["groups"].items()}
+    if merge_into is not None:
+        old = merge_into.get("scope", {"dtypes": list(DTYPES), "ops": list(OPS)})
+        groups = {**{k: g for k, g in merge_into["groups"].items() if not _in_scope(k, cfg)}, **groups}
+        scope = {n: [x for x in (DTYPES if n == "dtypes" else OPS) if x in set(scope[n]) | set(old.get(n, []))]
+                 for n in ("dtypes", "ops")}
     return {"format": BASELINE_FORMAT, "environment": rep["environment"], "slack": {k: list(v) for k, v in slack.items()},
+            "scope": scope,
             # no time stamp (it made every regeneration a merge conflict); the commits say what produced it
             "created_by": {"commit": rep["provenance"].get("git", {}).get("commit"),
                            "repository_commit": _cwd_commit()},
-            "groups": {k: {m: g[m] for m in LOWER_IS_BETTER} for k, g in sorted(rep["groups"].items())}}
+            "groups": dict(sorted(groups.items()))}
 
 
 class BaselineError(ValueError):
@@ -762,6 +797,11 @@ def baseline_problem(doc) -> "str | None":
             return f"slack names an unknown metric {m!r} (known: {', '.join(LOWER_IS_BETTER)})"
         if not (isinstance(v, list) and len(v) == 2 and all(_number(x) and x >= 0 for x in v)):
             return f"slack[{m!r}] must be [absolute, relative], two non-negative numbers; got {_short(v)}"
+    scope = doc.get("scope", {"dtypes": list(DTYPES), "ops": list(OPS)})  # absent in older baselines: the whole suite
+    if not (isinstance(scope, dict) and set(scope) == {"dtypes", "ops"}
+            and isinstance(scope["dtypes"], list) and set(scope["dtypes"]) <= set(DTYPES)
+            and isinstance(scope["ops"], list) and set(scope["ops"]) <= set(OPS)):
+        return f"scope must be {{'dtypes': [...], 'ops': [...]}} of {', '.join(DTYPES)} and {', '.join(OPS)}; got {_short(scope)}"
     for key, g in doc["groups"].items():
         if not isinstance(g, dict):
             return f"groups[{key!r}] must be an object, got {_short(g)}"
@@ -816,7 +856,8 @@ def compare_baseline(rep: dict, baseline: dict) -> list:
                 continue
             worse = (new > old) if lower else (new < old)
             found.append((key, m, old, new, "regression" if worse else "improvement"))
-    found += [(key, "-", None, None, "missing") for key in old_groups if key not in rep["groups"]]
+    found += [(key, "-", None, None, "missing") for key in old_groups
+              if key not in rep["groups"] and _in_scope(key, rep.get("config", {}))]
     return found
 
 
@@ -835,6 +876,7 @@ def verdict(rep: dict, baseline: "dict | None", allow_env_mismatch: bool = False
             raise GateEnvironmentError("baseline from a different environment (" + "; ".join(mism) + "): regenerate "
                                        "it here with --update-baseline, or pass --allow-env-mismatch")
         v["baseline"] = [dict(zip(("group", "metric", "old", "new", "kind"), f)) for f in compare_baseline(rep, baseline)]
+        rep["baseline_slack"] = {k: list(x) for k, x in baseline.get("slack", DEFAULT_SLACK).items()}
     v["passed"] = not hard and not v["baseline"] and not v.get("nothing_ran")
     rep["verdict"] = v
     return rep
@@ -902,6 +944,13 @@ def gate_markdown(rep: dict) -> str:
         lines += ["Environment differs from the baseline's (allowed by --allow-env-mismatch): " + "; ".join(v["environment"]), ""]
     if not v["baseline_used"]:
         lines += ["No baseline compared (hard criteria only).", ""]
+    elif rep.get("baseline_slack"):
+        lines += ["Baseline tolerances (stored in the baseline; `--update-baseline --slack METRIC=ABS,REL` sets them): "
+                  + ", ".join(f"{m} |new − old| ≤ {a:g} + {r:g}·|old|" for m, (a, r) in rep["baseline_slack"].items())
+                  + ".", ""]
+    if rep["config"].get("subset"):
+        lines += [f"Subset run: dtypes {', '.join(rep['config']['dtypes'])}; ops {', '.join(rep['config']['ops'])} "
+                  "(compared with the baseline's groups in that scope only).", ""]
     lines += ["## Groups", ""]
     rows = [[g["impl"], g["output"], g["dtype"], g["shape_class"], g["cases"], g["max_ratio"], g["p99_ratio"],
              _fmt(g["max_ulp"], 5), g["frac_correctly_rounded"], g["fa_ratio"], g["nonfinite_mismatch"],

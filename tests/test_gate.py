@@ -574,3 +574,54 @@ def test_triton_is_in_the_environment_key_only_where_it_runs():
     assert not plain.uses_triton and tagged.uses_triton and load_impl("kernels")[0].uses_triton
     assert gate.environment(dev, fp, ["plain"], plain.uses_triton)["triton"] == "not used"
     assert gate.environment(dev, fp, ["tagged"], tagged.uses_triton)["triton"] == gate._minor(triton.__version__)
+
+
+def test_a_subset_compares_with_a_full_baseline_and_updates_only_its_part(tmp_path):
+    """--dtypes/--ops subsets: checked against the full baseline's groups in their scope (no 'missing' for the rest),
+    and --update-baseline from a subset rewrites only its part of an existing baseline of the same environment; a
+    baseline made from a subset records its scope, and a full run against it finds the groups it lacks."""
+    base = tmp_path / "baseline.json"
+    assert _run(tmp_path, "--impl", "planted_impls:Good", "--baseline", str(base), "--update-baseline")[0] == 0
+    full = json.loads(base.read_text())
+    assert full["scope"] == {"dtypes": ["bf16", "fp16", "fp32"], "ops": ["compose", "backward", "norm", "layer"]}
+    rc, doc, out = _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp16", "--baseline", str(base))
+    assert rc == 0 and doc["verdict"]["baseline"] == [] and doc["config"]["subset"]
+    assert "Subset run: dtypes fp16" in (out / "gate.md").read_text()
+    key32 = next(k for k in full["groups"] if "|fp32|" in k and full["groups"][k]["max_ratio"] is not None)
+    edited = json.loads(json.dumps(full))
+    edited["groups"][key32]["max_ratio"] += 0.5  # outside the fp16 subset: kept as it is by a subset update
+    base.write_text(json.dumps(edited))
+    assert _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp16", "--baseline", str(base),
+                "--update-baseline")[0] == 0
+    merged = json.loads(base.read_text())
+    assert merged["groups"][key32] == edited["groups"][key32] and set(merged["groups"]) == set(full["groups"])
+    assert merged["scope"]["dtypes"] == ["bf16", "fp16", "fp32"]
+    part = tmp_path / "part.json"
+    assert _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp16", "--baseline", str(part),
+                "--update-baseline")[0] == 0
+    assert json.loads(part.read_text())["scope"]["dtypes"] == ["fp16"]
+    rc, doc, _ = _run(tmp_path, "--impl", "planted_impls:Good", "--baseline", str(part))
+    assert rc == 1 and {b["kind"] for b in doc["verdict"]["baseline"]} == {"new"}
+
+
+def test_baseline_slack_is_set_kept_and_shown(tmp_path, capsys):
+    base = tmp_path / "baseline.json"
+    args = ("--impl", "planted_impls:Good", "--dtypes", "fp32", "--baseline", str(base))
+    assert _run(tmp_path, *args, "--update-baseline", "--slack", "max_ulp=0.5,0")[0] == 0
+    assert json.loads(base.read_text())["slack"]["max_ulp"] == [0.5, 0.0]
+    assert _run(tmp_path, *args, "--update-baseline")[0] == 0  # a regeneration keeps the tolerances it found
+    assert json.loads(base.read_text())["slack"]["max_ulp"] == [0.5, 0.0]
+    rc, doc, out = _run(tmp_path, *args)
+    assert rc == 0 and "max_ulp |new − old| ≤ 0.5 + 0·|old|" in (out / "gate.md").read_text()
+    capsys.readouterr()
+    for bad in (["--slack", "max_ulp=0.5,0"], ["--update-baseline", "--slack", "ulps=1,0"],
+                ["--update-baseline", "--slack", "max_ulp=-1,0"], ["--update-baseline", "--slack", "max_ulp=1"],
+                ["--ops", "compose,everything"]):
+        assert main(["gate", "--device", "cpu", "--quiet", "--out", str(tmp_path / "g"), *args, *bad]) == 2, bad
+    err = capsys.readouterr().err
+    assert err.count("\n") == 5 and "Traceback" not in err
+    doc = json.loads(base.read_text())
+    doc["scope"] = {"dtypes": ["bf8"], "ops": ["compose"]}
+    base.write_text(json.dumps(doc))
+    assert main(["gate", "--device", "cpu", "--quiet", "--out", str(tmp_path / "g"), *args]) == 2
+    assert "scope must be" in capsys.readouterr().err
