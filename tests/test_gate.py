@@ -537,6 +537,28 @@ def test_junit_errors_failures_skips_and_times(tmp_path):
     crashed, numerics = roots["raises"], roots["naive"]
     assert crashed.find(".//error") is not None and crashed.find(".//failure") is None and int(crashed.get("errors")) >= 1
     assert numerics.find(".//failure") is not None and numerics.get("errors") == "0"
+    _read_with_junitparser(tmp_path / "naive" / "gate" / "junit.xml", tmp_path / "raises" / "gate" / "junit.xml")
+
+
+def _read_with_junitparser(numerics_xml, crashed_xml):
+    """The files as a JUnit consumer library reads them: the counts it computes from the test cases equal the
+    declared ones, and each failing case carries its message and the worst case with its reproduce command."""
+    junitparser = pytest.importorskip("junitparser")
+    for path in (numerics_xml, crashed_xml):
+        xml = junitparser.JUnitXml.fromfile(str(path))
+        for suite in xml:
+            results = [r for case in suite for r in case.result]
+            declared = (suite.tests, suite.failures, suite.errors, suite.skipped)
+            assert declared == (len(list(suite)), sum(isinstance(r, junitparser.Failure) for r in results),
+                                sum(isinstance(r, junitparser.Error) for r in results),
+                                sum(isinstance(r, junitparser.Skipped) for r in results)), (path, suite.name)
+            assert suite.timestamp and suite.time >= 0
+    failures = [r for suite in junitparser.JUnitXml.fromfile(str(numerics_xml)) for case in suite for r in case.result
+                if isinstance(r, junitparser.Failure)]
+    assert failures and all(r.message and "reproduce (worst first): dora-verify gate" in r.text for r in failures)
+    errors = [r for suite in junitparser.JUnitXml.fromfile(str(crashed_xml)) for case in suite for r in case.result
+              if isinstance(r, junitparser.Error)]
+    assert errors and all(r.message for r in errors)
 
 
 def test_baseline_finding_messages_read_as_sentences():
