@@ -8,7 +8,8 @@ downstream of it) and the compose forms under study (``form.<name>``). For each 
 * ``ratio`` — the largest (|error| − oracle bound)/bound over every output element checked. ≤ 1 certifies;
   > 1 is a violation: hypothesis shrinks it to a minimal case, and the search goes on to its budget in new
   rounds (seeds ``seed + 1``, …), so that ``max_ratio`` and the corpus cover the whole budget and every distinct
-  violation found (``violations`` counts them). A non-finite output where the truth
+  violation found (``violations`` counts them). Shrinking is outside the budget: its evaluations
+  (``shrink_evaluations``) enter neither the example count, the ratios nor the top cases. A non-finite output where the truth
   is finite, or two runs of a kernel that claims determinism differing in one bit, score ``inf``;
 * ``ulp`` — the largest ULP error of the main output (reported; the bound is the criterion).
 
@@ -515,6 +516,7 @@ class _Tracker:
         self.violations: list = []  # (key, Example, Score), distinct keys, in the order found
         self.round_violation = None  # the latest violating example of the running round
         self.rejected = 0
+        self.shrink_evaluations = 0  # evaluations hypothesis made while shrinking (outside the budget)
 
     def add(self, ex: Example, score: Score) -> None:
         self.ratios.append(score.ratio)
@@ -610,6 +612,12 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
             if guard.interrupted:  # a real Ctrl-C of the run stops it
                 raise
             score = Score(math.inf, math.inf, {"error": math.inf}, {"error": crash_reason(e)})
+        if tr.round_violation is not None:  # hypothesis is shrinking this round's violation: not the search's
+            tr.shrink_evaluations += 1      # budget, ratios or top cases (its variants are one case)
+            if score.ratio > 1:
+                tr.round_violation = (ex, score)  # the last violating variant is the shrunk case
+                raise BoundViolation(score)
+            return
         tr.add(ex, score)
         if progress and len(tr.ratios) % 50 == 0:
             progress(len(tr.ratios), examples, f"{target}/{dtype} max ratio {max(tr.ratios):.3g}")
@@ -650,7 +658,7 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
            "rejected": tr.rejected, "seconds": round(time.monotonic() - t0, 2), "derandomized": derandomize,
            "rounds": rounds, "max_ratio": summary.get("max", 0.0), "ratio": summary, "max_ulp": tr.max_ulp,
            "parts_max": tr.parts, "info": tr.info, "violation": bool(tr.violations),
-           "violations": len(tr.violations), "corpus": []}
+           "violations": len(tr.violations), "shrink_evaluations": tr.shrink_evaluations, "corpus": []}
     if corpus is not None:
         seen = {key for key, _, _ in tr.violations}
         cases = [(ex, sc, "violation") for _, ex, sc in tr.violations]

@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--readme", metavar="README", type=_path, default=None,
                     help="with --render: rewrite the README's generated performance section from that report")
     be.add_argument("--quiet", action="store_true", help="no progress bar")
-    xp = sub.add_parser("explain", help="a certify corpus case's worst element, exactly: inputs, exact result as a "
-                                        "rational, the value returned, its error in ulps, the bound and the ratio")
+    xp = sub.add_parser("explain", help="this project's kernels on a certify corpus case or a gate case, worst element "
+                                        "exactly: inputs, exact result as a rational, the value returned, its error in "
+                                        "ulps, the bound and the ratio")
     xp.add_argument("case", type=_path, help="a certify corpus case (CASE.json, its .npz beside it) or a gate case id "
                                              "(compose-bf16-03, norm-fp16-03; `dora-verify gate --list-cases`)")
     xp.add_argument("--seed", type=_seed, default=0, help="with a gate case id: the gate's suite seed (default 0)")
@@ -463,7 +464,8 @@ def _explain(args) -> int:
             rep = explain_case(args.case, resolve_device(args.device), args.tier)
         else:
             target, ex = gate_case(args.case, args.seed)
-            rep = explain_example(f"{args.case} (the gate's suite, seed {args.seed})", target, ex,
+            rep = explain_example(f"{args.case} (the gate's suite, seed {args.seed}; this project's kernels on its "
+                                  "inputs)", target, ex,
                                   resolve_device(args.device), args.tier)
     except ExplainError as e:
         raise UsageError(str(e)) from None

@@ -213,7 +213,11 @@ def explain_case(path, device="cpu", tier: "str | None" = None) -> dict:
         target, ex, doc = load_case(path)
     except (OSError, KeyError, ValueError) as e:
         raise ExplainError(f"cannot read corpus case {str(path)!r}: {e}") from None
-    if target not in _target_table(doc.get("impl")):
+    if doc.get("impl"):
+        raise ExplainError(f"{path} is a case of --impl {doc['impl']}: explain shows this project's kernels and forms "
+                           "element by element; run your implementation on it with "
+                           "dora_verify.certify.replay(PATH) (its inputs: dora_verify.certify.load_case(PATH))")
+    if target not in _target_table(None):
         raise ExplainError(f"{path}: unknown target {target!r}")
     return explain_example(str(path), target, ex, device, tier, doc.get("score"))
 

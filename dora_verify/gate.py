@@ -477,6 +477,12 @@ _SCORERS = {"compose": _score_compose, "nonfinite": _score_compose, "norm": _sco
 _CRASH_OUTPUT = {"compose": "y", "nonfinite": "y", "norm": "nu", "backward": "all", "layer": "all"}  # a crash's group
 
 
+def _triton_installed() -> bool:
+    from .kernels.dispatch import HAS_TRITON
+
+    return bool(HAS_TRITON)
+
+
 def _op(check: str) -> str:
     """The --ops name of a case's check (the NaN/Inf cases belong to compose: they score compose outputs)."""
     return "compose" if check == "nonfinite" else check
@@ -598,9 +604,13 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
     fingerprint = suite_fingerprint(full)  # of the whole suite: a --dtypes/--ops subset compares with a full baseline
     suite = [c for c in full if c.example.dtype in cfg.dtypes and _op(c.check) in cfg.ops]
     if cfg.case_ids:
-        unknown = sorted(set(cfg.case_ids) - {c.id for c in suite})
+        unknown = sorted(set(cfg.case_ids) - {c.id for c in full})
         if unknown:
-            raise ValueError(f"unknown case id(s) {', '.join(unknown)}")
+            raise ValueError(f"unknown case id(s) {', '.join(unknown)} (dora-verify gate --list-cases lists them)")
+        outside = sorted(set(cfg.case_ids) - {c.id for c in suite})
+        if outside:
+            raise ValueError(f"case id(s) {', '.join(outside)} outside this run's --dtypes {','.join(cfg.dtypes)} / "
+                             f"--ops {','.join(cfg.ops)}")
         suite = [c for c in suite if c.id in cfg.case_ids]
     dclass = device_class(dev)
     groups: dict = {}
@@ -680,6 +690,7 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
                        "fa_limit": cfg.fa_limit, "case_ids": list(cfg.case_ids), "case_timeout": cfg.case_timeout,
                        "case_timeout_enforced": bool(cfg.case_timeout) and enforced, **cfg.sizes},
             "cases": len(suite), "evaluations": len(work), "idle_impls": idle, "groups": groups,
+            "triton_installed": _triton_installed(),
             "seconds": round(time.monotonic() - t0, 2)}
 
 
@@ -884,9 +895,11 @@ def verdict(rep: dict, baseline: "dict | None", allow_env_mismatch: bool = False
 
 # ----------------------------------------------------------------------------- outputs
 def reproduce_command(rep: dict, case_ids=(), impl_spec: "str | None" = None) -> str:
+    """The command that runs these cases again. ``python -m dora_verify``, not the console script: ``-m`` puts the
+    working directory on sys.path, so an ``--impl`` module next to the caller imports as it did in the run."""
     cfg = rep["config"]
     dev = "cuda" if rep["environment"]["device_class"].startswith("cuda") else "cpu"
-    parts = ["dora-verify gate", f"--impl {impl_spec or rep.get('impl_spec', 'kernels')}", f"--device {dev}",
+    parts = ["python -m dora_verify gate", f"--impl {impl_spec or rep.get('impl_spec', 'kernels')}", f"--device {dev}",
              f"--dtypes {','.join(cfg['dtypes'])}", f"--seed {cfg['seed']}"]
     parts += [f"--case {c}" for c in case_ids]
     return " ".join(parts)
@@ -896,7 +909,9 @@ def gate_markdown(rep: dict) -> str:
     from .report import _fmt, _table
 
     v, env, p = rep["verdict"], rep["environment"], rep["provenance"]
-    mode = "GPU" if env["mode"] == "gpu" else "CPU, **logic-only** (eager tier and the Triton interpreter; no GPU evidence)"
+    cpu_tiers = ("eager tier and the Triton interpreter" if rep.get("triton_installed", True) else
+                 "eager tier only: Triton is not installed, so the fused kernels are not exercised")
+    mode = "GPU" if env["mode"] == "gpu" else f"CPU, **logic-only** ({cpu_tiers}; no GPU evidence)"
     head = "PASSED" if v["passed"] else ("NOT COMPARED: environment mismatch" if v.get("environment_mismatch")
                                          else "FAILED")
     lines = [f"# dora-verify gate: {head}", "",

@@ -17,7 +17,8 @@ Forward (PEFT ``LoraConfig(use_dora=True)`` semantics):
   'recompute' (default) fuses the LoRA up-projection into the compose (:func:`lora_compose`): lora = xa Bᵀ
   is never written, backward keeps base and xa and recomputes the same lora tiles
   (H100, 8192², r = 384, 4096 tokens: 0.82× PEFT LoRA's peak; fwd+bwd 1.28× LoRA's time, reports/bench-h100);
-  'x' (bf16/fp16 adapters in the input's dtype; otherwise as 'recompute') keeps only x and xa — what LoRA's own
+  'x' (the fused tier — CUDA — with bf16/fp16 adapters in the input's dtype; otherwise as 'recompute') keeps only
+  x and xa — what LoRA's own
   down-projection keeps — and forms base = x Wᵀ again in the backward: the same bits, one more GEMM, no
   activation-sized tensor beyond LoRA's;
   'inputs' materialises lora and keeps base and lora (measured slower and larger there: fwd+bwd 1.69×,

@@ -72,6 +72,14 @@ def test_unsupported_targets_and_bad_paths_exit_2(tmp_path, capsys):
     assert main(["explain", "case.npz"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 3 and "Traceback" not in err
+    src = case("compose.y-fp32")  # a case of a user's --impl: refused with what to do instead (no import attempt)
+    doc = json.loads(src.read_text())
+    doc["impl"] = "no_such_module:compose"
+    (tmp_path / "u.json").write_text(json.dumps(doc))
+    (tmp_path / "u.npz").write_bytes(src.with_suffix(".npz").read_bytes())
+    assert main(["explain", str(tmp_path / "u.json")]) == 2
+    err = capsys.readouterr().err
+    assert "is a case of --impl no_such_module:compose" in err and "certify.replay" in err and err.count("\n") == 1
 
 
 def test_cli_prints_text_and_strict_json(capsys):
@@ -98,7 +106,7 @@ def test_gate_case_ids_explain_the_kernels_on_that_case(capsys):
     assert gate_case("norm-fp16-03")[0] == "norm"
     assert main(["explain", "norm-fp16-03"]) == 0
     out = capsys.readouterr().out
-    assert "norm-fp16-03 (the gate's suite, seed 0)" in out and "exact ν" in out
+    assert "norm-fp16-03 (the gate's suite, seed 0; this project's kernels" in out and "exact ν" in out
     assert main(["gate", "--list-cases", "--dtypes", "fp16"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in listed] == [c.id for c in build_suite(dtypes=("fp16",))]

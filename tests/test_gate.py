@@ -73,7 +73,7 @@ def test_planted_defects_fail(tmp_path, planted):
     else:
         assert "error/bound ratio" in text
     md = (out / "gate.md").read_text()
-    assert "FAILED" in md and "reproduce (worst first): `dora-verify gate --impl planted_impls:" in md
+    assert "FAILED" in md and "reproduce (worst first): `python -m dora_verify gate --impl planted_impls:" in md
     for key in hard:  # the worst failing case is named, described, and first in the reproduce command
         g = doc["groups"][key]
         w = g["worst_case"]
@@ -293,7 +293,8 @@ def test_gpu_required_without_a_gpu_exits_2(tmp_path, capsys):
                                       (["--fa-limit", "0"], "--fa-limit"),
                                       (["--update-baseline"], "needs --baseline"),
                                       (["--baseline", "/nonexistent/b.json"], "does not exist"),
-                                      (["--case", "compose-bf16-99"], "unknown case")])
+                                      (["--case", "compose-bf16-99"], "unknown case"),
+                                      (["--dtypes", "bf16", "--case", "compose-fp32-02"], "outside this run's")])
 def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, args, msg):
     rc = main(["gate", "--device", "cpu", "--quiet", "--out", str(tmp_path / "g"), *args])
     err = capsys.readouterr().err
@@ -555,7 +556,7 @@ def _read_with_junitparser(numerics_xml, crashed_xml):
             assert suite.timestamp and suite.time >= 0
     failures = [r for suite in junitparser.JUnitXml.fromfile(str(numerics_xml)) for case in suite for r in case.result
                 if isinstance(r, junitparser.Failure)]
-    assert failures and all(r.message and "reproduce (worst first): dora-verify gate" in r.text for r in failures)
+    assert failures and all(r.message and "reproduce (worst first): python -m dora_verify gate" in r.text for r in failures)
     errors = [r for suite in junitparser.JUnitXml.fromfile(str(crashed_xml)) for case in suite for r in case.result
               if isinstance(r, junitparser.Error)]
     assert errors and all(r.message for r in errors)
