@@ -35,7 +35,8 @@ def gate_check(impl, *, baseline=None, dtypes="bf16,fp16,fp32", ops="compose,bac
     from .gate import write_gate_report
 
     impls = load_impl(impl) if isinstance(impl, str) else [from_object(impl, getattr(impl, "name", type(impl).__name__))]
-    split = (lambda v: tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else tuple(v))
+    def split(v):  # "a,b" or a sequence
+        return tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else tuple(v)
     cfg = GateConfig(impls=impls, dtypes=split(dtypes), ops=split(ops), device=device, seed=seed)
     rep = run_gate(cfg)
     why = []

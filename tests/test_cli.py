@@ -444,7 +444,7 @@ def _parquet_round_trip(out, i):
     frames["regimes"] = pd.json_normalize(load_report(out / "report.json")["experiments"]["compose_regimes"])
     assert frames["regimes"].loc[i, "y.max_ulp"] == math.inf
     for name, df in frames.items():
-        for c in df.columns[df.dtypes == object]:  # missing entries of list/str columns: None (Parquet's null)
+        for c in [c for c in df.columns if df[c].dtype == "object"]:  # missing entries of list/str columns: None (Parquet's null)
             df[c] = df[c].astype(object).where(df[c].notna(), None)
         path = out / f"{name}.parquet"
         df.to_parquet(path)

@@ -2,8 +2,6 @@
 import sys
 from pathlib import Path
 
-import pytest
-
 from dora_verify.pytest_plugin import gate_check
 
 pytest_plugins = ["pytester"]
