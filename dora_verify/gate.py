@@ -663,7 +663,7 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
             g["nondeterministic"] += int(o.nondeterministic)
             bad |= o.nonfinite_mismatch > 0 or o.nondeterministic
             if bad:
-                sev = _severity(o, cfg.fa_limit)
+                sev = _severity(o, cfg.fa_limit, [t.shape for t in case.example.tensors.values()])
                 old = g["_severity"].get(case.id)
                 if old is None or sev[0] > old[0]:
                     g["_severity"][case.id] = sev
@@ -701,9 +701,11 @@ def _nonfinite_text(nf: dict) -> str:
     return ", ".join(parts) + (f"; first: {nf['examples'][0]}" if nf.get("examples") else "")
 
 
-def _severity(o, fa_limit: float) -> tuple:
+def _severity(o, fa_limit: float, shapes=()) -> tuple:
     """(how badly one failing outcome fails, the index of its worst element or None): its largest error / bound
-    ratio, or its FA ratio over the limit; ∞ for a crash, a NaN/Inf mismatch or a nondeterministic result."""
+    ratio, or its FA ratio over the limit; ∞ for a crash, a NaN/Inf mismatch or a nondeterministic result. A
+    flattened ratio tensor's index is given in the first of ``shapes`` (the case's input shapes) of its size and
+    at least two dimensions — the output's own layout ([t, i] for a compose y of [T, d_out])."""
     if o.crash or o.nonfinite_mismatch or o.nondeterministic:
         first = o.nonfinite.get("first") if o.nonfinite_mismatch else None
         return math.inf, first
@@ -712,7 +714,10 @@ def _severity(o, fa_limit: float) -> tuple:
         r = o.ratios.to(F64)
         k = int(torch.nan_to_num(r, nan=math.inf).flatten().argmax())
         sev = float(r.flatten()[k])
-        element = [int(i) for i in np.unravel_index(k, tuple(r.shape))] if r.dim() else []
+        shape = tuple(r.shape)
+        if r.dim() == 1:
+            shape = next((tuple(sh) for sh in shapes if len(sh) >= 2 and math.prod(sh) == r.numel()), shape)
+        element = [int(i) for i in np.unravel_index(k, shape)] if r.dim() else []
     if o.fa_ratio is not None and o.fa_ratio > fa_limit:
         sev = max(sev, float(o.fa_ratio))
     return sev, element
