@@ -672,8 +672,8 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
         ranked = sorted(g.pop("_severity").items(), key=lambda kv: -kv[1][0])  # worst first (stable: suite order)
         g["failing_cases"] = [cid for cid, _ in ranked]
         if ranked:
-            cid, (sev, element) = ranked[0]
-            g["worst_case"] = {"id": cid, "severity": sev, "element": element,
+            cid, (sev, element, kind) = ranked[0]
+            g["worst_case"] = {"id": cid, "severity": sev, "severity_kind": kind, "element": element,
                                "what": case_description(by_id[cid])}
         r = torch.cat(g.pop("_ratios")) if g["_ratios"] else None
         g["max_ratio"] = float(r.max()) if r is not None and r.numel() else None
@@ -708,8 +708,9 @@ def _severity(o, fa_limit: float, shapes=()) -> tuple:
     at least two dimensions — the output's own layout ([t, i] for a compose y of [T, d_out])."""
     if o.crash or o.nonfinite_mismatch or o.nondeterministic:
         first = o.nonfinite.get("first") if o.nonfinite_mismatch else None
-        return math.inf, first
-    sev, element = 0.0, None
+        return math.inf, first, ("crash" if o.crash else "NaN/Inf mismatch" if o.nonfinite_mismatch else
+                                 "nondeterministic")
+    sev, element, kind = 0.0, None, "error/bound ratio"
     if o.ratios is not None and o.ratios.numel():
         r = o.ratios.to(F64)
         k = int(torch.nan_to_num(r, nan=math.inf).flatten().argmax())
@@ -718,9 +719,9 @@ def _severity(o, fa_limit: float, shapes=()) -> tuple:
         if r.dim() == 1:
             shape = next((tuple(sh) for sh in shapes if len(sh) >= 2 and math.prod(sh) == r.numel()), shape)
         element = [int(i) for i in np.unravel_index(k, shape)] if r.dim() else []
-    if o.fa_ratio is not None and o.fa_ratio > fa_limit:
-        sev = max(sev, float(o.fa_ratio))
-    return sev, element
+    if o.fa_ratio is not None and o.fa_ratio > fa_limit and float(o.fa_ratio) > sev:
+        sev, kind = float(o.fa_ratio), "FlashAttention-style ratio"
+    return sev, element, kind
 
 
 def _hard_failures(g: dict, fa_limit: float) -> list:
@@ -935,7 +936,8 @@ def gate_markdown(rep: dict) -> str:
             w = g.get("worst_case")
             if w:
                 at = f" at element {w['element']}" if w.get("element") not in (None, []) else ""
-                lines.append(f"  worst case `{w['id']}` ({w['what']}): {_fmt(w['severity'])}{at}")
+                lines.append(f"  worst case `{w['id']}` ({w['what']}): {w.get('severity_kind', 'ratio')} "
+                             f"{_fmt(w['severity'])}{at}")
             lines.append(f"  reproduce (worst first): `{reproduce_command(rep, g['failing_cases'][:3])}`")
         lines.append("")
     nonfinite = [g for g in rep["groups"].values() if g["nonfinite_mismatch"]]
@@ -1041,7 +1043,7 @@ def junit_xml(rep: dict) -> str:
                 c["errors" if kind == "error" else "failures"] += 1
                 el = ET.SubElement(tc, kind, message="; ".join(hard)[:500])
                 w = g.get("worst_case")
-                el.text = ((f"worst case {w['id']} ({w['what']}): {w['severity']:.6g}"
+                el.text = ((f"worst case {w['id']} ({w['what']}): {w.get('severity_kind', 'ratio')} {w['severity']:.6g}"
                             + (f" at element {w['element']}" if w.get("element") not in (None, []) else "") + "\n")
                            if w else "") + "reproduce (worst first): " + reproduce_command(rep, g["failing_cases"][:3])
             tc = ET.SubElement(ts, "testcase", classname=cls, name=f"{name}.baseline", time="0")
