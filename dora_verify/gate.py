@@ -939,6 +939,9 @@ def gate_markdown(rep: dict) -> str:
                 lines.append(f"  worst case `{w['id']}` ({w['what']}): {w.get('severity_kind', 'ratio')} "
                              f"{_fmt(w['severity'])}{at}")
             lines.append(f"  reproduce (worst first): `{reproduce_command(rep, g['failing_cases'][:3])}`")
+            if w:
+                lines.append(f"  inputs: `cases/{w['id']}.npz` (+ `.json`; `dora_verify.certify.load_case`, "
+                             "`certify.replay` re-runs it)")
         lines.append("")
     nonfinite = [g for g in rep["groups"].values() if g["nonfinite_mismatch"]]
     if nonfinite:
@@ -1081,15 +1084,63 @@ def junit_xml(rep: dict) -> str:
     return ET.tostring(suites, encoding="unicode")
 
 
+_BUILT_IN_TARGETS = {"compose": "compose.y", "nonfinite": "compose.y", "norm": "norm", "backward": "compose.backward",
+                     "layer": "layer"}
+
+
+def _case_target(impl_name: str, check: str, impl_spec: "str | None") -> "tuple[str, str | None]":
+    """(certify target, --impl spec or None) under which certify.replay re-runs a dumped case."""
+    if impl_name.startswith(("kernels", "form")) or impl_spec in (None, "kernels"):
+        return _BUILT_IN_TARGETS[check], None
+    safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in impl_name)
+    return f"{safe}.{_op(check) if check != 'backward' else 'compose'}", impl_spec
+
+
+def dump_worst_cases(rep: dict, folder) -> list:
+    """Write the worst failing case of each failing group as ``cases/<id>.npz`` (its inputs, bit-exact) and
+    ``.json`` (certify's corpus format: ``dora_verify.certify.load_case`` reads it, ``certify.replay`` re-runs the
+    implementation on it): what a team debugs from. The suite is rebuilt from the report's seed and sizes."""
+    import json
+
+    from .certify import _finite_json, _tensor_to_np
+
+    worst = {}
+    for key, g in rep["groups"].items():
+        w = g.get("worst_case")
+        if g.get("hard_failures") and w and w["id"] not in worst:
+            worst[w["id"]] = (key, g, w)
+    if not worst:
+        return []
+    cfg = rep["config"]
+    sizes = {k: cfg[k] for k in ("n_compose", "n_norm", "n_backward", "n_layer") if k in cfg}
+    by_id = {c.id: c for c in build_suite(DTYPES, cfg["seed"], **sizes)}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for cid, (key, g, w) in worst.items():
+        case = by_id[cid]
+        target, spec = _case_target(g["impl"], case.check, rep.get("impl_spec"))
+        ex = case.example
+        doc = {"target": target, "kind": ex.kind, "dtype": ex.dtype, "scalars": ex.scalars, "params": ex.params,
+               "tensors": {k: str(v.dtype).removeprefix("torch.") for k, v in ex.tensors.items()},
+               "score": {"ratio": w["severity"], "kind": w.get("severity_kind"), "element": w.get("element")},
+               "found_by": "gate", "gate_case": cid, "group": key, "what": w["what"],
+               **({"impl": spec} if spec else {})}
+        np.savez(folder / f"{cid}.npz", **{k: _tensor_to_np(v) for k, v in ex.tensors.items()})
+        (folder / f"{cid}.json").write_text(json.dumps(_finite_json(doc), indent=1, allow_nan=False))
+        written += [folder / f"{cid}.json", folder / f"{cid}.npz"]
+    return written
+
+
 def write_gate_report(rep: dict, out_dir) -> list:
     from .report import write_bundle
 
     def extra(stage):
         p = Path(stage) / "junit.xml"
         p.write_text(junit_xml(rep), encoding="utf-8")
-        return [p]
+        return [p] + dump_worst_cases(rep, Path(stage) / "cases")
     return write_bundle(rep, out_dir, lambda files: gate_markdown(rep), extra=extra, json_name="gate.json",
-                        md_name="gate.md")
+                        md_name="gate.md", owned=("cases",))
 
 
 def write_baseline(doc: dict, path) -> Path:

@@ -472,10 +472,11 @@ def _fsync(path: Path, folder: bool = False) -> None:
         os.close(fd)
 
 
-def _carry(src: Path, dst: Path) -> None:
-    """Hard-link (copy where that fails) the entries of ``src`` that ``dst`` lacks into ``dst``, recursively."""
+def _carry(src: Path, dst: Path, skip=frozenset()) -> None:
+    """Hard-link (copy where that fails) the entries of ``src`` that ``dst`` lacks into ``dst``, recursively
+    (top-level names in ``skip`` excepted)."""
     for entry in os.scandir(src):
-        if entry.name.startswith(_TRANSIENT):
+        if entry.name.startswith(_TRANSIENT) or entry.name in skip:
             continue
         target = dst / entry.name
         if os.path.lexists(target):
@@ -623,10 +624,12 @@ def write_csv(rep: dict, path: "str | Path") -> Path:
 
 
 def write_bundle(rep: dict, out_dir: "str | Path", markdown, extra=None, json_name: str = "report.json",
-                 md_name: str = "report.md") -> list:
+                 md_name: str = "report.md", owned=()) -> list:
     """Write ``json_name`` (strict JSON of ``rep``), ``md_name`` (``markdown(files)`` → text, given the staged
     extra files) and the files ``extra(stage_dir)`` creates (e.g. plots) into ``out_dir``, the whole set in
-    one atomic step (module doc). Returns the paths of the set in ``out_dir``."""
+    one atomic step (module doc). Returns the paths of the set in ``out_dir``. ``owned``: names of entries the
+    set owns whole (a folder of this run's files): an old one is dropped, not carried over, even when this run
+    writes none."""
     out = check_writable(out_dir)
     real = Path(os.path.realpath(out))
     stage, swapped = None, False
@@ -642,7 +645,7 @@ def write_bundle(rep: dict, out_dir: "str | Path", markdown, extra=None, json_na
         with open(stage / json_name, "w", encoding="utf-8") as fh:
             json.dump(report_document(rep), fh, indent=1, allow_nan=False)
         files.append(stage / json_name)
-        _carry(real, stage)
+        _carry(real, stage, skip=frozenset(owned))
         for f in files:
             _fsync(f)
         _fsync(stage, folder=True)

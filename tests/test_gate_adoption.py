@@ -49,3 +49,9 @@ def test_the_walkthrough_runs_as_written(tmp_path):
     assert int(next(r for c, r in outputs if c.startswith("grep -c \"worst case")).stdout) >= 1
     assert int(next(r for c, r in outputs if "another environment" in c).stdout) == 1
     assert (tmp_path / "gate-report" / "junit.xml").exists()  # written by the refused (exit 2) run too
+    replayed = next(r for c, r in outputs if "replay(" in c)
+    assert replayed.stdout.strip() == "True"  # the dumped worst case fails again when the team replays it
+    dump = next(r.stdout.split() for c, r in outputs if c.startswith("ls gate-report/cases/"))
+    assert dump and all(f.startswith("compose-fp32-") for f in dump)
+    assert next(r.stdout.split() for c, r in outputs if c.startswith("ls gate-report/ ")) == ["gate.json", "gate.md",
+                                                                                              "junit.xml"]
