@@ -199,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--baseline", type=_path, default=None, help="baseline JSON to compare with (committed in your repository)")
     ga.add_argument("--update-baseline", action="store_true",
                     help="write --baseline from this run (only if the hard criteria pass)")
-    ga.add_argument("--allow-env-mismatch", action="store_true",
-                    help="compare with a baseline made in a different environment instead of refusing it")
+    ga.add_argument("--allow-env-mismatch", nargs="?", const="all", default=None, metavar="KEYS",
+                    type=_env_keys,
+                    help="compare with a baseline made in a different environment instead of refusing it: any difference "
+                         "(no value), or only in these comma-separated keys, e.g. torch,triton (a routine bump)")
     ga.add_argument("--fa-limit", type=_finite_float, default=None,
                     help="limit of the FlashAttention-style ratio to the plain low-precision baseline (default 2)")
     ga.add_argument("--case", action="append", default=[], help="run only this case id (repeatable; to reproduce)")
@@ -386,7 +388,7 @@ def _gate(args) -> int:
     try:
         rep = run_gate(cfg, progress=_Progress(not args.quiet))
         rep["impl_spec"] = args.impl
-        verdict(rep, baseline, args.allow_env_mismatch)
+        verdict(rep, baseline, True if args.allow_env_mismatch == "all" else args.allow_env_mismatch or False)
     except GateEnvironmentError as e:  # a GPU required but absent (no report), or a baseline from elsewhere (reports)
         files = write_gate_report(rep, args.out) if rep is not None and "verdict" in rep else []
         wrote = f"; wrote {', '.join(str(f) for f in files)}" if files else ""
@@ -421,6 +423,19 @@ def _mergeable_baseline(path, rep) -> "dict | None":
     except BaselineError:
         return None
     return None if env_mismatch(old.get("environment", {}), rep["environment"]) else old
+
+
+def _env_keys(text: str):
+    """--allow-env-mismatch's value: 'all', or comma-separated environment keys."""
+    from .gate import ENV_KEYS
+
+    if text == "all":
+        return text
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in keys if k not in ENV_KEYS]
+    if not keys or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated environment keys of {', '.join(ENV_KEYS)}")
+    return keys
 
 
 def _slack(args) -> "dict | None":

@@ -878,8 +878,17 @@ def compare_baseline(rep: dict, baseline: dict) -> list:
     return found
 
 
-def verdict(rep: dict, baseline: "dict | None", allow_env_mismatch: bool = False) -> dict:
-    """Adds ``verdict`` to the report: passed, hard failures, baseline findings, environment notes."""
+def _allowed(mism_keys, allow) -> bool:
+    """Whether ``allow`` (True: any; a collection of ENV_KEYS names; False/None: none) covers every mismatched key."""
+    if allow is True:
+        return True
+    return bool(allow) and set(mism_keys) <= set(allow)
+
+
+def verdict(rep: dict, baseline: "dict | None", allow_env_mismatch=False) -> dict:
+    """Adds ``verdict`` to the report: passed, hard failures, baseline findings, environment notes.
+    ``allow_env_mismatch``: True compares with a baseline from any environment; a collection of environment keys
+    (e.g. ``{'torch', 'triton'}``, a routine version bump) allows differences in those only."""
     hard = {k: g["hard_failures"] for k, g in rep["groups"].items() if g["hard_failures"]}
     v = {"hard": hard, "baseline": [], "environment": [], "baseline_used": baseline is not None}
     if not rep["groups"] or rep["evaluations"] == 0 or rep.get("idle_impls"):
@@ -887,7 +896,8 @@ def verdict(rep: dict, baseline: "dict | None", allow_env_mismatch: bool = False
     if baseline is not None:
         mism = env_mismatch(baseline.get("environment", {}), rep["environment"])
         v["environment"] = mism
-        if mism and not allow_env_mismatch:  # the reports are still written (the CLI exits 2 after them)
+        keys = [k for k in ENV_KEYS if baseline.get("environment", {}).get(k) != rep["environment"].get(k)]
+        if mism and not _allowed(keys, allow_env_mismatch):  # the reports are still written (the CLI exits 2 after)
             v.update(environment_mismatch=True, passed=False)
             rep["verdict"] = v
             raise GateEnvironmentError("baseline from a different environment (" + "; ".join(mism) + "): regenerate "

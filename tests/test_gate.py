@@ -264,6 +264,17 @@ def test_baseline_from_another_environment_is_refused(tmp_path, capsys):
     rc, doc, _ = _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp32", "--baseline", str(base),
                       "--allow-env-mismatch")
     assert rc == 0 and doc["verdict"]["environment"]
+    # only the named keys may differ: a routine torch bump allowed, not another device class
+    d["environment"]["device_class"] = json.loads(json.dumps(doc["environment"]))["device_class"]
+    d["environment"]["torch"] = "1.0"
+    base.write_text(json.dumps(d))
+    common = ("--impl", "planted_impls:Good", "--dtypes", "fp32", "--baseline", str(base), "--allow-env-mismatch")
+    assert _run(tmp_path, *common, "torch,triton")[0] == 0
+    assert _run(tmp_path, *common, "triton")[0] == 2
+    capsys.readouterr()
+    assert _run(tmp_path, *common, "torch,compiler")[0] == 2
+    err = capsys.readouterr().err
+    assert "environment keys of" in err and err.count("\n") == 1
 
 
 def test_update_baseline_refused_when_hard_criteria_fail(tmp_path):
