@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --update-baseline: the tolerance |new − old| ≤ ABS + REL·|old| of a baseline metric "
                          "(max_ulp, p99_ratio, max_ratio, frac_correctly_rounded; repeatable; default: the existing "
                          "baseline's, else the gate's)")
+    ga.add_argument("--docs", action="store_true", help="print docs/gate.md (the gate's manual, shipped with the package) and exit")
     ga.add_argument("--list-cases", action="store_true",
                     help="print the suite's case ids (check, dtype, shape, regime, g mode, bias) and exit")
     ga.add_argument("--case-timeout", type=_nonnegative_float, default=None, metavar="SECONDS",
@@ -346,6 +347,9 @@ def _gate(args) -> int:
                        run_gate, verdict, write_baseline, write_gate_report)
     from .report import check_writable
 
+    if args.docs:
+        print(doc_text("gate.md"), end="")
+        return 0
     dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
     if not dtypes or any(d not in ("bf16", "fp16", "fp32") for d in dtypes):
         raise UsageError(f"bad --dtypes {args.dtypes!r}: a comma-separated subset of bf16, fp16, fp32")
@@ -423,6 +427,17 @@ def _mergeable_baseline(path, rep) -> "dict | None":
     except BaselineError:
         return None
     return None if env_mismatch(old.get("environment", {}), rep["environment"]) else old
+
+
+def doc_text(name: str) -> str:
+    """A page of docs/ as shipped in the package (dora_verify.docs), or from the source tree beside it."""
+    from importlib import resources
+    from pathlib import Path
+
+    try:
+        return resources.files("dora_verify.docs").joinpath(name).read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError, OSError):
+        return (Path(__file__).resolve().parent.parent / "docs" / name).read_text(encoding="utf-8")
 
 
 def _env_keys(text: str):

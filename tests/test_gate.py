@@ -659,3 +659,11 @@ def test_baseline_slack_is_set_kept_and_shown(tmp_path, capsys):
     base.write_text(json.dumps(doc))
     assert main(["gate", "--device", "cpu", "--quiet", "--out", str(tmp_path / "g"), *args]) == 2
     assert "scope must be" in capsys.readouterr().err
+
+
+def test_the_manual_ships_with_the_package(capsys):
+    """docs/ is packaged as dora_verify.docs (an installed copy has no source tree): `gate --docs` prints gate.md."""
+    assert main(["gate", "--docs"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# `dora-verify gate`") and "adoption:begin" in out
+    assert out == (Path(__file__).resolve().parent.parent / "docs" / "gate.md").read_text()
