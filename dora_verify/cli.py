@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--case-timeout", type=_nonnegative_float, default=None, metavar="SECONDS",
                     help="limit per (implementation, case); a case past it fails as a hang (0: no limit; "
                          "default: the gate's)")
-    ga.add_argument("--out", type=_path, default="dora-verify-gate", help="report folder: gate.md, gate.json, junit.xml")
+    ga.add_argument("--out", type=_path, default="dora-verify-gate",
+                    help="report folder: gate.md, gate.json, junit.xml, cases/ (default ./dora-verify-gate)")
     ga.add_argument("--quiet", action="store_true", help="no progress bar")
     be = sub.add_parser("bench", help="speed and memory of the kernels vs eager torch, PEFT DoRA and PEFT LoRA (CUDA)")
     be.add_argument("--quick", action="store_true", help="a small subset of the shapes (about a minute)")
@@ -402,8 +403,10 @@ def _gate(args) -> int:
     v = rep["verdict"]
     if args.update_baseline and not v["hard"] and not v.get("nothing_ran"):
         merge = _mergeable_baseline(args.baseline, rep) if is_subset(cfg) else None
-        write_baseline(make_baseline(rep, slack, merge_into=merge), args.baseline)
-        print(f"gate: hard criteria passed; baseline written to {args.baseline} ({len(rep['groups'])} groups); "
+        doc = make_baseline(rep, slack, merge_into=merge)
+        write_baseline(doc, args.baseline)
+        part = f", {len(rep['groups'])} of them from this subset run" if merge else ""
+        print(f"gate: hard criteria passed; baseline written to {args.baseline} ({len(doc['groups'])} groups{part}); "
               f"wrote {', '.join(str(f) for f in files)}")
         return 0
     n_hard = sum(len(m) for m in v["hard"].values())
@@ -425,8 +428,12 @@ def _mergeable_baseline(path, rep) -> "dict | None":
     try:
         old = load_baseline(path)
     except BaselineError:
-        return None
-    return None if env_mismatch(old.get("environment", {}), rep["environment"]) else old
+        return None  # unreadable: this run's subset replaces it (load_baseline said why when it was read)
+    mism = env_mismatch(old.get("environment", {}), rep["environment"])
+    if mism:
+        raise UsageError(f"a --dtypes/--ops subset updates only its part of a baseline made in this environment; "
+                         f"{path} is from another ({'; '.join(mism)}): regenerate it with the whole suite")
+    return old
 
 
 def doc_text(name: str) -> str:

@@ -93,7 +93,7 @@ def gate_markdown(rep: dict) -> str:
     limit, enforced = rep["config"].get("case_timeout"), rep["config"].get("case_timeout_enforced", True)
     limit_text = "none" if not limit else f"{limit:g} s" + ("" if enforced else " (not enforced here: no SIGALRM)")
     lines += ["", f"Time limit per case: {limit_text}; every call gets its own copies of the inputs."]
-    lines += ["", "Criteria: docs/gate.md. Ratio = (|error| − oracle bound) / a-priori bound of the implementation's "
+    lines += ["", "Criteria: docs/gate.md (`dora-verify gate --docs` prints it). Ratio = (|error| − oracle bound) / a-priori bound of the implementation's "
               "contract; FA ratio = max error / max(plain low-precision baseline's max error, correctly rounded "
               f"result's) with limit {rep['config']['fa_limit']:g}."]
     return "\n".join(lines) + "\n"
@@ -154,13 +154,19 @@ def junit_xml(rep: dict) -> str:
                 c["errors" if kind == "error" else "failures"] += 1
                 el = ET.SubElement(tc, kind, message="; ".join(hard)[:500])
                 w = g.get("worst_case")
-                el.text = ((f"worst case {w['id']} ({w['what']}): {w.get('severity_kind', 'ratio')} {w['severity']:.6g}"
-                            + (f" at element {w['element']}" if w.get("element") not in (None, []) else "") + "\n")
-                           if w else "") + "reproduce (worst first): " + reproduce_command(rep, g["failing_cases"][:3])
+                text = "reproduce (worst first): " + reproduce_command(rep, g["failing_cases"][:3])
+                if w:
+                    at = f" at element {w['element']}" if w.get("element") not in (None, []) else ""
+                    text = (f"worst case {w['id']} ({w['what']}): {w.get('severity_kind', 'ratio')} "
+                            f"{w['severity']:.6g}{at}\n{text}\ninputs: cases/{w['id']}.npz (+ .json)")
+                el.text = text
             tc = ET.SubElement(ts, "testcase", classname=cls, name=f"{name}.baseline", time="0")
             c["tests"] += 1
             if not v.get("baseline_used"):
                 ET.SubElement(tc, "skipped", message="no baseline given (--baseline)")
+                c["skipped"] += 1
+            elif v.get("environment_mismatch"):  # refused: nothing was compared (the gate.environment <error> says why)
+                ET.SubElement(tc, "skipped", message="not compared: the baseline is from another environment")
                 c["skipped"] += 1
             elif base_by_group.get(key):
                 c["failures"] += 1

@@ -658,7 +658,7 @@ def write_bundle(rep: dict, out_dir: "str | Path", markdown, extra=None, json_na
             shutil.rmtree(stage, ignore_errors=True)
     _fsync(real.parent, folder=True)
     shutil.rmtree(old, ignore_errors=True)
-    return [out / f.name for f in files]
+    return [out / Path(f).relative_to(stage) for f in files]  # cases/<id>.json stays under cases/
 
 
 def write_report(rep: dict, out_dir: "str | Path", plots: bool = True, csv: bool = False) -> list:

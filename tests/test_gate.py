@@ -261,6 +261,12 @@ def test_baseline_from_another_environment_is_refused(tmp_path, capsys):
     assert "another environment" in (out / "gate.md").read_text()
     root = ET.parse(out / "junit.xml").getroot()
     assert root.find(".//testsuite[@name='gate.environment']/testcase/error") is not None and root.get("errors") == "1"
+    skipped = [t.find("skipped") for t in root.iter("testcase") if t.get("name").endswith(".baseline")]
+    assert skipped and all(x is not None and "another environment" in x.get("message") for x in skipped)
+    capsys.readouterr()  # a subset may not rewrite its part of a baseline from elsewhere (it would drop the rest)
+    assert main(["gate", "--device", "cpu", "--quiet", "--out", str(tmp_path / "g2"), "--impl", "planted_impls:Good",
+                 "--dtypes", "fp32", "--ops", "compose", "--baseline", str(base), "--update-baseline"]) == 2
+    assert "from another" in capsys.readouterr().err
     rc, doc, _ = _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp32", "--baseline", str(base),
                       "--allow-env-mismatch")
     assert rc == 0 and doc["verdict"]["environment"]

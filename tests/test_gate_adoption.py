@@ -44,6 +44,8 @@ def test_the_walkthrough_runs_as_written(tmp_path):
                            capture_output=True, text=True, timeout=600)
         outputs.append((cmd, r))
         assert r.returncode == want, (cmd, r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    planted = next(r for c, r in outputs if "--out gate-report" in c and r.returncode == 1)
+    assert "gate-report/cases/compose-fp32-" in planted.stdout  # the summary line names the dumped files where they are
     failing = next(r for c, r in outputs if c.startswith("grep -A4"))
     assert "worst case `compose-fp32-" in failing.stdout and "at element [" in failing.stdout
     assert int(next(r for c, r in outputs if c.startswith("grep -c \"worst case")).stdout) >= 1

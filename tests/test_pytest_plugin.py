@@ -16,6 +16,13 @@ def test_gate_check_passes_a_good_kernel_and_explains_a_bad_one(tmp_path):
     assert not ok and "error/bound ratio" in why and "worst case compose-fp32-" in why
     ok, why, _ = gate_check("planted_impls:Fp32Only", dtypes="bf16", device="cpu")
     assert not ok and "nothing ran" in why
+    import planted_impls  # the object itself is named as the command line names it: one baseline serves both
+
+    ok, why, rep = gate_check(planted_impls.gcast, dtypes="fp32", ops="compose", device="cpu", out=tmp_path / "o")
+    assert rep["config"]["impls"] == ["planted_impls:gcast"] and "reproduce: python -m dora_verify gate" in why
+    assert f"inputs: {tmp_path / 'o' / 'cases'}" in why and " at element [" in why
+    ok, why, rep = gate_check("no_such_module_xyz:f", device="cpu")
+    assert not ok and why.startswith("cannot load the implementation") and "\n" not in why
 
 
 def test_the_fixture_fails_the_users_test_with_the_findings(pytester):
