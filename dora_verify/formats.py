@@ -101,10 +101,14 @@ def _grid_scale(x: torch.Tensor, fmt: FloatFormat):
     below emin; the spacing of binade emax+1 beyond the finite range) and its exact reciprocal.
 
     Built from float64 exponent bits: exact, and a few integer passes."""
-    biased = (x.view(torch.int64) >> 52) & 0x7FF  # float64 biased exponent of |x|
-    biased = torch.clamp(biased, min=fmt.emin + 1023, max=fmt.emax + 1024)
-    k = biased - (fmt.p - 1)  # biased exponent of the spacing (>= 1 for bf16/fp16/fp32)
-    return (k << 52).view(torch.float64), ((2046 - k) << 52).view(torch.float64)
+    k = x.view(torch.int64) >> 52  # in place from here: two allocations (the sweep rounds ~10⁸ values)
+    k &= 0x7FF  # float64 biased exponent of |x|
+    k.clamp_(min=fmt.emin + 1023, max=fmt.emax + 1024)
+    k -= fmt.p - 1  # biased exponent of the spacing (>= 1 for bf16/fp16/fp32)
+    inv = torch.sub(2046, k)
+    inv <<= 52
+    k <<= 52
+    return k.view(torch.float64), inv.view(torch.float64)
 
 
 def ulp(x: torch.Tensor, fmt: "FloatFormat | str") -> torch.Tensor:
@@ -118,8 +122,12 @@ def ulp(x: torch.Tensor, fmt: "FloatFormat | str") -> torch.Tensor:
 
 
 def _finish(x: torch.Tensor, y: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
-    y = torch.where(y.abs() > fmt.max_finite, torch.sign(y) * float("inf"), y)
-    return torch.where(torch.isfinite(x), y, x)
+    """Overflow to ±inf, and x's NaN/±inf through (``y`` is a fresh tensor: changed in place)."""
+    over = y.abs() > fmt.max_finite
+    if bool(over.any()):
+        y = torch.where(over, torch.sign(y) * float("inf"), y)
+    fin = torch.isfinite(x)
+    return y if bool(fin.all()) else torch.where(fin, y, x)
 
 
 def round_to(x: torch.Tensor, fmt: "FloatFormat | str") -> torch.Tensor:
@@ -132,7 +140,10 @@ def round_to(x: torch.Tensor, fmt: "FloatFormat | str") -> torch.Tensor:
     if fmt is FP64:
         return x.clone()
     scale, inv = _grid_scale(x, fmt)
-    return _finish(x, torch.round(x * inv) * scale, fmt)  # torch.round: half to even
+    inv *= x  # x / spacing, exactly (a power of two)
+    torch.round(inv, out=inv)  # half to even
+    inv *= scale
+    return _finish(x, inv, fmt)
 
 
 def bracket(x: torch.Tensor, fmt: "FloatFormat | str"):
