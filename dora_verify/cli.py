@@ -336,13 +336,9 @@ def _certify(args) -> int:
 
 def _gate(args) -> int:
     import dataclasses
-    import os
 
-    if args.device != "cuda" and not args.require_gpu and "dora_verify.kernels.compose" not in sys.modules:
-        import torch
-
-        if not torch.cuda.is_available():  # the CPU mode runs the fused kernels under the Triton interpreter
-            os.environ.setdefault("TRITON_INTERPRET", "1")
+    if not args.require_gpu:
+        interpret_without_gpu(args.device)
     from .adapter import ImplError, load_impl
     from .gate import (DEFAULT_FA_LIMIT, GateConfig, GateEnvironmentError, is_subset, load_baseline, make_baseline,
                        run_gate, verdict, write_baseline, write_gate_report)
@@ -434,6 +430,18 @@ def _mergeable_baseline(path, rep) -> "dict | None":
         raise UsageError(f"a --dtypes/--ops subset updates only its part of a baseline made in this environment; "
                          f"{path} is from another ({'; '.join(mism)}): regenerate it with the whole suite")
     return old
+
+
+def interpret_without_gpu(device: str) -> None:
+    """The gate's CPU mode runs the fused kernels under the Triton interpreter: set TRITON_INTERPRET=1 (unless set)
+    when no GPU is used — before the kernels are imported, since triton.jit reads it when they are defined."""
+    import os
+
+    if device != "cuda" and "dora_verify.kernels.compose" not in sys.modules:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def doc_text(name: str) -> str:

@@ -8,6 +8,13 @@ import numpy as np
 
 from .gate import DTYPES, _op, build_suite
 
+def worst_case_text(w: dict, value: str, quote: str = "") -> str:
+    """One line for a group's worst case: its id, what the case is, which ratio, ``value`` (formatted by the
+    caller), and the worst element where there is one (gate.md, junit.xml, the pytest plugin)."""
+    at = f" at element {w['element']}" if w.get("element") not in (None, []) else ""
+    return f"worst case {quote}{w['id']}{quote} ({w['what']}): {w.get('severity_kind', 'ratio')} {value}{at}"
+
+
 def reproduce_command(rep: dict, case_ids=(), impl_spec: "str | None" = None) -> str:
     """The command that runs these cases again. ``python -m dora_verify``, not the console script: ``-m`` puts the
     working directory on sys.path, so an ``--impl`` module next to the caller imports as it did in the run."""
@@ -43,9 +50,7 @@ def gate_markdown(rep: dict) -> str:
             lines.append(f"- `{key}`: " + "; ".join(msgs))
             w = g.get("worst_case")
             if w:
-                at = f" at element {w['element']}" if w.get("element") not in (None, []) else ""
-                lines.append(f"  worst case `{w['id']}` ({w['what']}): {w.get('severity_kind', 'ratio')} "
-                             f"{_fmt(w['severity'])}{at}")
+                lines.append("  " + worst_case_text(w, _fmt(w["severity"]), quote="`"))
             lines.append(f"  reproduce (worst first): `{reproduce_command(rep, g['failing_cases'][:3])}`")
             if w:
                 lines.append(f"  inputs: `cases/{w['id']}.npz` (+ `.json`; `dora_verify.certify.load_case`, "
@@ -156,9 +161,8 @@ def junit_xml(rep: dict) -> str:
                 w = g.get("worst_case")
                 text = "reproduce (worst first): " + reproduce_command(rep, g["failing_cases"][:3])
                 if w:
-                    at = f" at element {w['element']}" if w.get("element") not in (None, []) else ""
-                    text = (f"worst case {w['id']} ({w['what']}): {w.get('severity_kind', 'ratio')} "
-                            f"{w['severity']:.6g}{at}\n{text}\ninputs: cases/{w['id']}.npz (+ .json)")
+                    text = (worst_case_text(w, format(w["severity"], ".6g")) + f"\n{text}\n"
+                            f"inputs: cases/{w['id']}.npz (+ .json)")
                 el.text = text
             tc = ET.SubElement(ts, "testcase", classname=cls, name=f"{name}.baseline", time="0")
             c["tests"] += 1
@@ -257,4 +261,5 @@ def write_gate_report(rep: dict, out_dir) -> list:
                         md_name="gate.md", owned=("cases",))
 
 
-__all__ = ["dump_worst_cases", "finding_message", "gate_markdown", "junit_xml", "reproduce_command", "write_gate_report"]
+__all__ = ["dump_worst_cases", "finding_message", "gate_markdown", "junit_xml", "reproduce_command", "worst_case_text",
+           "write_gate_report"]

@@ -26,18 +26,13 @@ def gate_check(impl, *, baseline=None, dtypes="bf16,fp16,fp32", ops="compose,bac
                seed: int = 0, out=None, allow_env_mismatch: bool = False) -> "tuple[bool, str, dict]":
     """Run the gate on ``impl`` (an ``--impl`` spec such as ``'mypkg:MyDoRA'``, or the object itself);
     (passed, a summary of what failed, the report). Writes the reports into ``out`` when given."""
-    import os
-    import sys
+    from .cli import interpret_without_gpu
 
-    if device != "cuda" and "dora_verify.kernels.compose" not in sys.modules:
-        import torch
-
-        if not torch.cuda.is_available():  # as the CLI: the CPU mode runs the fused kernels under the interpreter
-            os.environ.setdefault("TRITON_INTERPRET", "1")
+    interpret_without_gpu(device)  # as the CLI: the CPU mode runs the fused kernels under the interpreter
     from .adapter import ImplError, from_object, load_impl
     from .gate import GateConfig, GateEnvironmentError, finding_message, load_baseline, run_gate, verdict
     from .gate import write_gate_report
-    from .gate_report import reproduce_command
+    from .gate_report import reproduce_command, worst_case_text
 
     try:
         impls = load_impl(impl) if isinstance(impl, str) else [from_object(impl, _spec_of(impl))]
@@ -58,8 +53,7 @@ def gate_check(impl, *, baseline=None, dtypes="bf16,fp16,fp32", ops="compose,bac
     v = rep["verdict"]
     for key, msgs in v["hard"].items():
         w = rep["groups"][key].get("worst_case") or {}
-        worst = (f"\n  worst case {w['id']} ({w['what']}): {w.get('severity_kind', 'ratio')} {w['severity']:.6g}"
-                 + (f" at element {w['element']}" if w.get("element") not in (None, []) else "")
+        worst = ("\n  " + worst_case_text(w, format(w["severity"], ".6g"))
                  + (f"\n  inputs: {Path(out) / 'cases' / (w['id'] + '.npz')}" if out is not None else "")
                  + f"\n  reproduce: {reproduce_command(rep, rep['groups'][key]['failing_cases'][:3], rep.get('impl_spec'))}"
                  if w else "")
