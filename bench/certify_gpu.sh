@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU certification run behind reports/certify-h100/: a smoke pass, the exhaustive 2^32-pair check of
+# The GPU certification run behind reports/h100/certify/: a smoke pass, the exhaustive 2^32-pair check of
 # the compose epilogue, then the nightly-style targeted search (>= 10,000 examples per kernel and dtype, one
 # process per (target, dtype); kernels on the GPU, oracles on the CPU cores).
 # Usage: bash bench/certify_gpu.sh OUT_DIR [EXAMPLES] [SECONDS]

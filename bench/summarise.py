@@ -1,6 +1,6 @@
 """Markdown summary of bench/kernels_gpu.py's report.json (targets of issue 3 against measurements).
 
-    python3 bench/summarise.py reports/kernels-h100/report.json > reports/kernels-h100/report.md
+    python3 bench/summarise.py reports/h100/kernels/report.json > reports/h100/kernels/report.md
 """
 import json
 import sys

@@ -1,7 +1,7 @@
 """The ``dora-verify bench`` report: Markdown, plots and the README's performance section, from the JSON.
 
 Everything here reads only the report dict (``bench.json``), so a committed report can be re-rendered on any
-machine (``dora-verify bench --render reports/bench-h100/bench.json``) and the README section regenerated from
+machine (``dora-verify bench --render reports/h100/bench/bench.json``) and the README section regenerated from
 it (``--readme README.md`` rewrites the text between :data:`README_BEGIN` and :data:`README_END`).
 """
 from __future__ import annotations

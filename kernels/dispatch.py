@@ -6,7 +6,7 @@
 3. ``EAGER``: float64 torch — CPU, no Triton, below the crossover, or forced.
 
 The crossovers are measured on the GPU (``bench/kernels_gpu.py``, part "perf", recorded in
-``reports/kernels-h100/report.md``), not guessed. ``DORA_VERIFY_TIER=eager|fused`` overrides the choice
+``reports/h100/kernels/report.md``), not guessed. ``DORA_VERIFY_TIER=eager|fused`` overrides the choice
 globally; a ``tier=`` argument overrides it per call. Under ``TRITON_INTERPRET=1`` the fused kernels
 also run on CPU tensors (logic checks only). Cases whose fused kernels are known to
 be wrong (:func:`fused_supported`: the interpreter's bf16 ``tl.dot``) take the eager tier, and forcing
@@ -29,7 +29,7 @@ try:  # Triton is optional: CPU-only installs and non-Linux platforms get the ea
 except Exception:  # pragma: no cover - depends on the platform
     HAS_TRITON = False
 
-# Measured on one H100 (reports/kernels-h100/report.md, crossover table): smallest T·d_out where fused is
+# Measured on one H100 (reports/h100/kernels/report.md, crossover table): smallest T·d_out where fused is
 # not slower than the eager tier. The eager tier computes in float64, so the fused path wins almost
 # everywhere on a GPU; below these sizes launch overhead dominates both.
 INFER_MIN_ELEMENTS = 1

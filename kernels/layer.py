@@ -16,13 +16,13 @@ Forward (PEFT ``LoraConfig(use_dora=True)`` semantics):
   training forward keeps for backward (all give d_m from float64 sums except 'activation'):
   'recompute' (default) fuses the LoRA up-projection into the compose (:func:`lora_compose`): lora = xa Bᵀ
   is never written, backward keeps base and xa and recomputes the same lora tiles
-  (H100, 8192², r = 384, 4096 tokens: 0.82× PEFT LoRA's peak; fwd+bwd 1.28× LoRA's time, reports/bench-h100);
+  (H100, 8192², r = 384, 4096 tokens: 0.82× PEFT LoRA's peak; fwd+bwd 1.28× LoRA's time, reports/h100/bench);
   'x' (the fused tier — CUDA — with bf16/fp16 adapters in the input's dtype; otherwise as 'recompute') keeps only
   x and xa — what LoRA's own
   down-projection keeps — and forms base = x Wᵀ again in the backward: the same bits, one more GEMM, no
   activation-sized tensor beyond LoRA's;
   'inputs' materialises lora and keeps base and lora (measured slower and larger there: fwd+bwd 1.69×,
-  peak 1.33× LoRA's; reports/kernels-h100); 'activation'
+  peak 1.33× LoRA's; reports/h100/kernels); 'activation'
   keeps only base + s·lora in the activation dtype, bf16 for fp16 (d_m to ~2⁻⁸ relative). fp32 adapters (PEFT's default
   autocast) under 'recompute' form lora with torch's GEMM, compose it and free it, and form it again in the backward
   (compiled graphs keep it); PEFT-style dropout always takes :func:`compose` on a materialised lora.

@@ -197,7 +197,7 @@ def lora_compose_backward_fused_all(dy, base, xa, B, g, s: float, need_base: boo
     """Triton backward with the adapter gradients: (d_base, d_g, d_xa, d_B), empties / None for what is not
     needed. d_xa and d_B are :func:`adapter_grads`' values bit for bit: the GEMM dyᵀxa (fp32) runs first, the
     backward kernel writes RN(g·s)-scaled B and d_B in its epilogue, then d_xa = dy·gsB — two host-side ops
-    instead of nine (the eager step is host-bound: reports/kernels-h100/host_bound.md). With ``m``, ``g`` holds ν
+    instead of nine (the eager step is host-bound: reports/h100/kernels/host_bound.md). With ``m``, ``g`` holds ν
     (g = m / max(ν, ε) formed in the kernels) and the second result is d_m (m's dtype) in place of d_g."""
     T, N = _rows_cols(dy)
     R = xa.shape[-1]

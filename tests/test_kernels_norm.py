@@ -17,7 +17,7 @@ BACKENDS = ["torch"] + (["triton"] if HAS_TRITON and os.environ.get("TRITON_INTE
 @pytest.mark.parametrize("regime", ["fresh", "trained", "near_cancel", "zero_rows", "all_positive", "heavy_tailed"])
 def test_row_norm_relative_error(backend, dtype, regime):
     if backend == "triton" and dtype != "fp32":
-        pytest.skip("bf16/fp16 tl.dot is unreliable under the interpreter; checked on the GPU (reports/kernels-h100)")
+        pytest.skip("bf16/fp16 tl.dot is unreliable under the interpreter; checked on the GPU (reports/h100/kernels)")
     c = make_case(regime, 67, 130, 5, 2, dtype=dtype, seed=2)
     nu, info = factored_row_norm(c.W, c.A, c.B, c.s, return_info=True, backend=backend)
     truth = row_norm_truth(c.W, c.A, c.B, c.s)

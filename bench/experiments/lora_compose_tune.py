@@ -1,5 +1,5 @@
 """Tile shapes of kernels/lora_compose.py at the layer benchmark's shape (T=4096, d_out=8192, r=384, bf16),
-and the adapter-gradient GEMM layouts. Run on a GPU: python3 bench/lora_compose_tune.py"""
+and the adapter-gradient GEMM layouts. Run on a GPU: python3 bench/experiments/lora_compose_tune.py"""
 import importlib
 
 import torch

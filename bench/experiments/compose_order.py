@@ -1,6 +1,6 @@
 """Experiment (issue 3): does the compose forward's program order explain its bimodal time at 4096×28672?
 
-    python3 bench/compose_order.py [--fresh-outputs]
+    python3 bench/experiments/compose_order.py [--fresh-outputs]
 
 The shipped forward walks a 2-D grid rows-fastest: the programs in flight share a 256-column strip across many
 rows (addresses one row stride apart). The variant flattens the grid columns-fastest, so the programs in flight

@@ -1,6 +1,6 @@
 """Experiment (issue 3): where does the time of U = W Aᵀ and of the DoRALinear step go on the GPU?
 
-    python3 bench/wa_variants.py --out DIR
+    python3 bench/experiments/wa_variants.py --out DIR
 
 1. Variants of the chained U kernel (kernels/norm.py `_wa_kernel`) at 8192×8192, r = 384, bf16, all-positive
    data (which exposes accumulation error): loop structure (one loop with a conditional flush vs nested

@@ -1,7 +1,7 @@
 """Host cost per call of the kernels' launchers and glue at tiny shapes (GPU work ≪ host work, so wall time per
 call = host time per call). Prints µs per call; the numbers attribute the eager layer's host-bound time.
 
-    python3 bench/launch_overhead.py
+    python3 bench/experiments/launch_overhead.py
 """
 import time
 

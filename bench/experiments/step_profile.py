@@ -1,6 +1,6 @@
 """Where the GPU time of one layer step goes, kernel by kernel (torch.profiler, CUDA activity).
 
-    python3 bench/step_profile.py [--d 8192 --r 384 --tokens 4096] [--out DIR]
+    python3 bench/experiments/step_profile.py [--d 8192 --r 384 --tokens 4096] [--out DIR]
 
 For DoRALinear and PEFT LoRA with bf16 and fp32 adapters, forward (training) and forward+backward: the event
 time per step (median of 30 after warm-up) next to the sum of kernel times per step, and each kernel's share.
