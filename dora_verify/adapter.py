@@ -39,7 +39,10 @@ the rounded inputs and ν within 1e-6 relative — docs/contract.md —, and a l
 of :func:`dora_verify.layer_oracle.faithful_layer_bounds`; or 'baseline-only': no a-priori bound, only the
 baseline, FlashAttention-style and NaN/Inf criteria), ``uses_triton`` (bool, default False: set it when the code
 runs Triton kernels, so that the gate's environment key — which a baseline must match — holds triton's minor version;
-a pure-torch implementation's baseline does not go stale on a triton upgrade). Inputs arrive on the device under test (contiguous, finite
+a pure-torch implementation's baseline does not go stale on a triton upgrade), ``compose_bound`` (a callable
+``compose_bound(base, lora, g, s)`` returning the implementation's own a-priori bound on |ŷ − y| per element — a
+float64 tensor shaped like base — or a pair (bound on |Δ̂ − Δ| or None, that y bound): the sweep reports the error
+against it as ``bound_ratio``, where without one a 'faithful' implementation is held to 1 ulp of the exact y). Inputs arrive on the device under test (contiguous, finite
 unless a NaN/Inf case says otherwise); outputs may be on any device.
 
 What the toolkit guarantees an implementation, and what it holds it to (:func:`check_output`,
@@ -88,6 +91,7 @@ class Implementation:
     saves: tuple = ("inputs", "activation")  # ... in these save modes
     layer: Optional[Callable] = None  # a layer factory (module docstring)
     uses_triton: bool = False  # whether triton's version is part of the gate's environment key
+    compose_bound: Optional[Callable] = None  # the implementation's own a-priori bound (the sweep's bound ratio)
 
 
 class ImplError(ValueError):
@@ -479,8 +483,11 @@ def _options(obj, default_name: str) -> dict:
     bad = [d for d in dtypes if d not in ("bf16", "fp16", "fp32")]
     if bad or not dtypes:  # a misspelt name would otherwise match no case: "nothing ran" instead of this reason
         raise ImplError(f"{default_name}: dtypes must name some of bf16, fp16, fp32, got {list(dtypes)!r}")
+    bound = getattr(obj, "compose_bound", None)
+    if bound is not None and not callable(bound):
+        raise ImplError(f"{default_name}: compose_bound is not callable")
     return {"deterministic": bool(getattr(obj, "deterministic", False)), "contract": contract, "dtypes": dtypes,
-            "uses_triton": bool(getattr(obj, "uses_triton", False))}
+            "uses_triton": bool(getattr(obj, "uses_triton", False)), "compose_bound": bound}
 
 
 __all__ = ["CONTRACTS", "LAYER_PARAMS", "CaseGuard", "CaseTimeout", "ImplError", "ImplOutputError", "Implementation",

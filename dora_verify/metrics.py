@@ -69,6 +69,20 @@ def excess_error(approx: torch.Tensor, hi: torch.Tensor, lo, oracle_bound) -> to
     return (((approx.to(torch.float64) - hi) - lo).abs() - oracle_bound).clamp_min(0)
 
 
+def bound_ratio(approx: torch.Tensor, ref: "Reference", bound: torch.Tensor) -> float:
+    """max_i (|a_i − x_i| − oracle bound_i)⁺ / bound_i over the elements whose exact value x is finite and within
+    the format's range: ≤ 1 means every element is within its a-priori ``bound``; 0 where no error was certainly
+    made (a zero bound included); inf where a non-finite value stands for a finite x, or an error exceeds a zero
+    bound."""
+    x = ref.value
+    in_range = torch.isfinite(x) & (x.abs() <= ref.fmt.max_finite)
+    if bool((in_range & ~torch.isfinite(approx.to(torch.float64))).any()):
+        return math.inf
+    err = excess_error(approx, ref.hi, ref.lo, ref.oracle_bound)
+    ratios = torch.where(err == 0, torch.zeros_like(err), err / bound.to(torch.float64))[in_range]
+    return float(ratios.max()) if ratios.numel() else 0.0
+
+
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (−0 ≠ +0, NaN payloads compared): what a determinism claim promises."""
     if a.shape != b.shape or a.dtype != b.dtype:

@@ -171,6 +171,15 @@ def sweep_markdown(rep: dict, plots: list) -> str:
         L += ["", "**At g = 1 exactly (fresh adapter scale), trained-like lora:**", ""]
         L.append(_table(["form", "y max ulp", "y correctly rounded", "Δ normwise rel. err"],
                         [[f, v["y_max_ulp"], v["y_frac_correctly_rounded"], v["delta_normwise_rel"]] for f, v in h["g_equals_1"].items()]))
+    if h.get("bound_ratio"):
+        L += ["", "**Each form against the bound it is held to.** `bound ratio`: the largest (error − the oracle's own "
+              "uncertainty) / a-priori bound over every element of the g sweep and the regime grid; ≤ 1 means every "
+              "output is within it. The bounds are derived in `proofs/bounds.md` (`dora_verify.bounds`) for the forms "
+              "and the kernels; a user's implementation (`--impl`) is held to 1 ulp of the exact y (the faithful "
+              "contract, `docs/contract.md`) or to its own `compose_bound`.", ""]
+        L.append(_table(["form", "y bound ratio (max)", "Δ bound ratio (max)", "rows over 1"],
+                        [[f, v["y_max"], v["delta_max"], f"{v['rows_over']} of {v['rows']}"]
+                         for f, v in h["bound_ratio"].items()]))
     L += _failures_section(rep)
     L += ["", "## Compose forms by regime", "",
           "Each regime's own per-feature g. `y max ulp` ≤ 0.5 means every output was correctly rounded; a NaN or Inf "
@@ -178,11 +187,11 @@ def sweep_markdown(rep: dict, plots: list) -> str:
     L[-2] += (" `y max ulp vs terms` is the error in ulps of max(|y|, |g·base| + |g·s·lora|): it stays put where y "
               "cancels to near 0 and the plain ulp error grows with the sample (histograms: `ulp_histogram.png`).")
     y_keys = ("max_ulp", "max_ulp_terms", "frac_correctly_rounded", "max_abs", "floor_ratio", _nonfinite,
-              lambda m: str(m.get("worst_index")))
+              lambda m: m.get("bound_ratio"), lambda m: str(m.get("worst_index")))
     L.append(_table(["regime", "form", "y max ulp", "y max ulp vs terms", "y correctly rounded", "y max abs err",
-                     "floor ratio", "non-finite y", "correction lost", "worst [t, i]"],
+                     "floor ratio", "non-finite y", "correction lost", "y bound ratio", "worst [t, i]"],
                     [[r["regime"], r["form"]] + _cells(r, r["y"], y_keys[:6]) + [r["g_correction_lost"]]
-                     + ([None] if r.get("failed") else _cells(r, r["y"], y_keys[6:])) for r in ex["compose_regimes"]]))
+                     + ([None, None] if r.get("failed") else _cells(r, r["y"], y_keys[6:])) for r in ex["compose_regimes"]]))
     L += ["", "## Row norm ν by regime", "",
           f"Relative error of ν per row vs the oracle (rank {cfg['rank']}). `special rows` are the regime's adversarial rows "
           "(near-cancelling or zero); `max κ` is the largest row condition number ‖|W_i| + s|B_i||A|‖/ν_i.", ""]
@@ -211,8 +220,8 @@ def sweep_markdown(rep: dict, plots: list) -> str:
     L += [f"- `{k}`: {v}" for k, v in {**rep["forms"]["compose"], **rep["forms"]["norm"]}.items()]
     impls = rep.get("implementations", {})
     if impls:
-        L += ["", "Implementations under test (`--impl`; their rows carry the `impl:` prefix; they return y only, so "
-              "their Δ columns are empty):", ""]
+        L += ["", "Implementations under test (`--impl`; their rows carry the `impl:` prefix; one that returns y alone, "
+              "not (y, Δ), has empty Δ columns):", ""]
         def provides(v):
             parts = [k for k in ("compose", "norm", "layer") if v.get(k)]
             return "" if parts == ["compose", "norm"] else f" ({', '.join(parts) or 'nothing the sweep measures'})"

@@ -32,10 +32,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import bounds
 from . import forms as F
 from .cases import G_GRID, REGIMES, g_offsets, make_case, scaling
 from .formats import g_resolution, parse_format
-from .metrics import Reference, compare, effective_scale_error, ratio
+from .formats import ulp
+from .metrics import Reference, bound_ratio, compare, effective_scale_error, ratio
 from .oracles import certified_round, compose_truth, row_norm_truth
 
 SCHEMA_VERSION = "1.1"  # 1.1: headline.below_resolution (was below_bf16_resolution), strict JSON "nonfinite"
@@ -153,17 +155,19 @@ def _slim(m: dict, keys) -> dict:
 
 Y_KEYS = ("max_abs", "rmse", "max_ulp", "p99_ulp", "mean_signed_ulp", "frac_correctly_rounded", "frac_faithful",
           "floor_max_abs", "floor_ratio", "bits_lost", "cosine", "normwise_rel", "nonfinite_mismatch", "nan", "inf",
-          "worst_index", "oracle_bound_max", "max_ulp_terms", "ulp_hist", "ulp_terms_hist")
+          "worst_index", "oracle_bound_max", "max_ulp_terms", "ulp_hist", "ulp_terms_hist", "bound_ratio")
 D_KEYS = ("max_abs", "normwise_rel", "max_ulp", "frac_correctly_rounded", "floor_ratio", "cosine", "nan", "inf",
-          "worst_index", "max_ulp_terms")
+          "worst_index", "max_ulp_terms", "bound_ratio")
 N_KEYS = ("max_rel", "normwise_rel", "max_abs", "nonfinite_mismatch", "nan", "inf", "worst_index")
 _WORST_KEYS = ("max_abs", "rmse", "max_ulp", "max_rel", "normwise_rel", "bits_lost", "floor_ratio", "max_ulp_terms")
 
 
-def _measure(approx: torch.Tensor, ref: Reference, **kw) -> dict:
-    """``compare`` plus NaN/Inf counts of ``approx``. compare leaves non-finite elements out of its metrics;
+def _measure(approx: torch.Tensor, ref: Reference, bound=None, **kw) -> dict:
+    """``compare`` plus NaN/Inf counts of ``approx`` and, given an a-priori ``bound``, ``bound_ratio``
+    (:func:`metrics.bound_ratio`: ≤ 1 within it). compare leaves non-finite elements out of its metrics;
     here a non-finite output where the truth is finite makes the error maxima inf, so it never reads as exact."""
     m = compare(approx, ref, **kw)
+    m["bound_ratio"] = None if bound is None else bound_ratio(approx, ref, bound)
     m["nan"], m["inf"] = int(torch.isnan(approx).sum()), int(torch.isinf(approx).sum())
     if m.get("nonfinite_mismatch"):
         m.update({k: math.inf for k in _WORST_KEYS if k in m})
@@ -174,8 +178,35 @@ def _measure(approx: torch.Tensor, ref: Reference, **kw) -> dict:
 
 
 def _impl_rows(impls, kind: str):
-    """(label, fn) of the implementations under test that provide ``kind`` ('compose' or 'norm')."""
-    return [(f"impl:{im.name}", getattr(im, kind)) for im in impls if getattr(im, kind) is not None]
+    """(label, fn, implementation) of the implementations under test that provide ``kind`` ('compose' or 'norm')."""
+    return [(f"impl:{im.name}", getattr(im, kind), im) for im in impls if getattr(im, kind) is not None]
+
+
+def compose_row_bounds(name: str, impl, base, lora, g, s: float, y_exact, fmt):
+    """(Δ bound or None, y bound or None) per element that a sweep row is held to: a package form's and the kernels'
+    derived bounds (``dora_verify.bounds``), a user implementation's own ``compose_bound(base, lora, g, s)`` where it
+    declares one (a y bound, or a pair (Δ bound or None, y bound)), else 1 ulp of the exact y (its 'faithful'
+    contract, docs/contract.md); no bound under 'baseline-only'. Raises what a user's ``compose_bound`` raises."""
+    if impl is None:
+        return bounds.compose_form_bounds(name, base, lora, g, s)
+    if impl.contract == "kernel":
+        return bounds.compose_kernel_bounds(base, lora, g, s)
+    if impl.contract == "form":
+        return bounds.compose_form_bounds(impl.form, base, lora, g, s)
+    if impl.compose_bound is not None:
+        got = impl.compose_bound(base.clone(), lora.clone(), g.clone(), s)
+        pair = tuple(got) if isinstance(got, (tuple, list)) else (None, got)
+        if len(pair) != 2:
+            raise ValueError(f"compose_bound returned {len(pair)} values, want a y bound or (Δ bound, y bound)")
+        out = []
+        for what, b in zip(("Δ", "y"), pair):
+            if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(base.shape)):
+                raise ValueError(f"compose_bound's {what} bound must be a tensor of shape {tuple(base.shape)}")
+            out.append(None if b is None else b.detach().to(device=base.device, dtype=torch.float64))
+        return tuple(out)
+    if impl.contract == "faithful":
+        return None, ulp(y_exact, fmt)
+    return None, None
 
 
 def _one_line(e: BaseException) -> str:
@@ -231,8 +262,8 @@ def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
     beta_floor = effective_scale_error(truth.y_round.nearest, y_ref, inner)
     oracle = {"oracle_tier2_elements": truth.tier2_elements, "oracle_uncertified": truth.uncertified}
     recs = []
-    for name, fn in [(f.name, f.fn) for f in F.COMPOSE_FORMS.values()] + _impl_rows(impls, "compose"):
-        if name.startswith("impl:"):  # y, or (y, Δ): without a Δ its Δ columns stay empty
+    for name, fn, impl in [(f.name, f.fn, None) for f in F.COMPOSE_FORMS.values()] + _impl_rows(impls, "compose"):
+        if impl is not None:  # y, or (y, Δ): without a Δ its Δ columns stay empty
             out, failed = call_impl("compose", fn, (base, lora, g), s, base.shape, base.dtype, pair=True)
             y, d = out if out is not None else (None, None)
             if failed:
@@ -243,10 +274,17 @@ def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
             y, d = fn(base, lora, g, s)
             if tuple(y.shape) != tuple(base.shape) or y.dtype != base.dtype:
                 raise ValueError(f"{name}: compose returned {y.dtype} {tuple(y.shape)}, want {base.dtype} {tuple(base.shape)}")
+        try:
+            d_bound, y_bound = compose_row_bounds(name, impl, base, lora, g, s, y_ref.value, y_ref.fmt)
+        except Exception as e:  # noqa: BLE001 - a user's compose_bound failing is that row's result
+            recs.append(dict(extra, form=name, failed=f"compose_bound raised {_one_line(e)}", y=None, delta=None,
+                             g_eff_bias=None, g_eff_rms=None, g_correction_lost=None, g_correction_lost_floor=None,
+                             **oracle))
+            continue
         beta = effective_scale_error(y, y_ref, inner)
         hist = "regime" in extra  # the regime grid's records carry the ulp histograms (ulp_histogram.png)
-        recs.append(dict(extra, form=name, y=_slim(_measure(y, y_ref, terms=y_terms, histograms=hist), Y_KEYS),
-                         delta=None if d is None else _slim(_measure(d, d_ref, terms=d_terms), D_KEYS),
+        recs.append(dict(extra, form=name, y=_slim(_measure(y, y_ref, y_bound, terms=y_terms, histograms=hist), Y_KEYS),
+                         delta=None if d is None else _slim(_measure(d, d_ref, d_bound, terms=d_terms), D_KEYS),
                          g_eff_bias=float(beta.mean()), g_eff_rms=float(beta.square().mean().sqrt()),
                          g_correction_lost=correction_lost(beta - beta_floor, gm1),
                          g_correction_lost_floor=correction_lost(beta_floor, gm1), **oracle))
@@ -324,8 +362,8 @@ def _norm_records(case, extra: dict, impls=()) -> list:
                   oracle_tier2_rows=len(truth.tier2_rows), oracle_uncertified_rows=len(truth.uncertified_rows),
                   oracle_max_rel_bound=float(truth.rel_bound.max()))
     recs = []
-    for name, fn in [(f.name, f.fn) for f in F.NORM_FORMS.values()] + _impl_rows(impls, "norm"):
-        if name.startswith("impl:"):
+    for name, fn, impl in [(f.name, f.fn, None) for f in F.NORM_FORMS.values()] + _impl_rows(impls, "norm"):
+        if impl is not None:
             nu, failed = call_impl("norm", fn, (case.W, case.A, case.B), case.s, (case.W.shape[0],))
             if failed:
                 recs.append(dict(extra, form=name, failed=failed, nu_dtype=None, **{k: None for k in N_KEYS},
@@ -389,8 +427,9 @@ def _median_or_none(xs):
 BELOW_RESOLUTION_LO = 1e-4  # smallest |g − 1| whose correction the per-row regression resolves above rounding noise
 
 
-def headline(paper: dict, g_recs: list, dtype: str = "bf16") -> dict:
-    """The numbers the report leads with; ``dtype``: the sweep's (its g resolution picks the sub-resolution points)."""
+def headline(paper: dict, g_recs: list, dtype: str = "bf16", other_recs: list = ()) -> dict:
+    """The numbers the report leads with; ``dtype``: the sweep's (its g resolution picks the sub-resolution points);
+    ``other_recs``: the regime grid's records, which join the g sweep's in the bound-ratio summary."""
     h = {"paper_figure1": {k: paper[k] for k in ("ratio_naive_over_stable_paper_protocol", "ratio_naive_over_stable_exact",
                                                  "floor_unrounded", "floor_exact")}}
     h["paper_figure1"]["naive_max_abs_vs_unrounded"] = paper["forms"]["naive"]["max_abs_vs_unrounded_fp64"]
@@ -416,12 +455,32 @@ def headline(paper: dict, g_recs: list, dtype: str = "bf16") -> dict:
         }
     h["below_resolution"] = {"dtype": dtype, "threshold": thr, "lo": BELOW_RESOLUTION_LO,
                              "points": len({r["g_minus_1"] for r in below}), "by_form": loss}
+    h["bound_ratio"] = bound_summary(list(g_recs) + list(other_recs))
     at1 = {r["form"]: r for r in g_recs if r["g_minus_1"] == 0.0 and not r.get("failed")}
     if at1:
         h["g_equals_1"] = {f: {"y_max_ulp": r["y"]["max_ulp"], "y_frac_correctly_rounded": r["y"]["frac_correctly_rounded"],
                                "delta_normwise_rel": r["delta"]["normwise_rel"] if r["delta"] else None}
                            for f, r in at1.items()}
     return h
+
+
+def bound_summary(recs: list) -> dict:
+    """Per form: the largest y and Δ error/bound ratios over ``recs`` (None where the form has no such bound) and
+    how many of its rows exceed 1 — each form against the bound it is held to (:func:`compose_row_bounds`)."""
+    out = {}
+    for r in recs:
+        if r.get("failed"):
+            continue
+        o = out.setdefault(r["form"], {"y_max": None, "delta_max": None, "rows": 0, "rows_over": 0})
+        o["rows"] += 1
+        over = False
+        for key, m in (("y_max", r["y"]), ("delta_max", r["delta"])):
+            v = (m or {}).get("bound_ratio")
+            if v is not None:
+                o[key] = v if o[key] is None else max(o[key], v)
+                over = over or v > 1
+        o["rows_over"] += over
+    return out
 
 
 def load_impls(specs, device="cpu") -> list:
@@ -580,7 +639,7 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
         "kind": "sweep",
         "provenance": provenance(dev, cfg.impls),
         "config": cfg_dict,
-        "headline": headline(paper, g_recs, cfg.dtype),
+        "headline": headline(paper, g_recs, cfg.dtype, reg_recs),
         "experiments": {
             "paper_figure1": paper,
             "compose_g_sweep": g_recs,

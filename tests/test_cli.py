@@ -320,6 +320,28 @@ def raises(base, lora, g, s, bias=None):
     raise RuntimeError("kernel exploded\\n  on a second line")
 
 
+def off_by_2e6(base, lora, g, s, bias=None):
+    return (good(base, lora, g, s).double() * (1 + 2.0**-6)).to(base.dtype)  # >= 2 ulp of bf16 off
+
+
+def _loose_bound(base, lora, g, s):  # covers the 2^-6 relative error and the final rounding
+    return 2.0**-5 * g.double().abs() * (base.double().abs() + abs(s) * lora.double().abs()) + 1e-30
+
+
+def loose(base, lora, g, s, bias=None):
+    return off_by_2e6(base, lora, g, s)
+
+
+loose.compose_bound = _loose_bound
+
+
+def bad_bound(base, lora, g, s, bias=None):
+    return good(base, lora, g, s)
+
+
+bad_bound.compose_bound = lambda base, lora, g, s: base[:1].double()
+
+
 def wrong_dtype(base, lora, g, s, bias=None):
     return good(base, lora, g, s).float()
 
@@ -515,8 +537,31 @@ def test_an_impl_returning_y_and_delta_gets_delta_metrics(impls, tmp_path):
     assert main(FAST + impls("returns_pair", "good") + ["--out", str(out)]) == 0
     rows = {r["form"]: r for r in load_report(out / "report.json")["experiments"]["compose_regimes"]}
     pair, form = rows["impl:dv_cli_impls:returns_pair"], rows["stable_gcast"]
-    assert pair["delta"] is not None and pair["delta"] == form["delta"] and pair["y"] == form["y"]
+    same = lambda m: {k: v for k, v in m.items() if k != "bound_ratio"}  # noqa: E731 - the bounds differ (below)
+    assert pair["delta"] is not None and same(pair["delta"]) == same(form["delta"]) and same(pair["y"]) == same(form["y"])
     assert rows["impl:dv_cli_impls:good"]["delta"] is None
+    # the form is held to its derived bound, the --impl (no compose_bound) to the faithful 1 ulp; no Δ bound for it
+    assert form["y"]["bound_ratio"] <= 1 and form["delta"]["bound_ratio"] <= 1
+    assert pair["y"]["bound_ratio"] is not None and pair["delta"]["bound_ratio"] is None
+
+
+def test_the_sweep_holds_every_row_to_its_bound(impls, tmp_path):
+    """bound_ratio: the forms and the kernels within their derived bounds (proofs/bounds.md) on every row; an --impl
+    two ulps off fails the faithful 1 ulp, the same values pass the implementation's own looser ``compose_bound``,
+    and a compose_bound of the wrong shape fails its row in one line."""
+    out = tmp_path / "rep"
+    assert main(FAST + impls("off_by_2e6", "loose", "bad_bound") + ["--impl", "kernels", "--out", str(out)]) == 1  # bad_bound
+    rep = load_report(out / "report.json")
+    summary = rep["headline"]["bound_ratio"]
+    for form in ("naive", "stable_gcast", "naive_fp32", "stable_fp32", "single_rounding", KERNELS):
+        assert summary[form]["rows"] > 0 and summary[form]["rows_over"] == 0 and 0 < summary[form]["y_max"] <= 1, form
+    off, loose = summary["impl:dv_cli_impls:off_by_2e6"], summary["impl:dv_cli_impls:loose"]
+    assert off["rows_over"] == off["rows"] > 0 and off["y_max"] > 1.5
+    assert loose["rows_over"] == 0 and 0 < loose["y_max"] <= 1
+    bad = [r for r in rep["experiments"]["compose_regimes"] if r["form"] == "impl:dv_cli_impls:bad_bound"]
+    assert bad and all("compose_bound's y bound must be a tensor of shape" in r["failed"] for r in bad)
+    md = (out / "report.md").read_text()
+    assert "against the bound it is held to" in md and "y bound ratio" in md
 
 
 def test_impl_none_leaves_the_kernels_out(tmp_path, capsys):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dora_verify.formats import BF16, FP32
-from dora_verify.metrics import (Reference, bits_lost, compare, cosine, effective_scale_error, flash_ratio, quantile,
+from dora_verify.metrics import (Reference, bits_lost, bound_ratio, compare, cosine, effective_scale_error, flash_ratio, quantile,
                                  ratio, ulp_error)
 from dora_verify.oracles import certified_round
 
@@ -105,3 +105,15 @@ def test_ulp_relative_to_the_terms_does_not_blow_up_where_the_result_cancels():
     assert m["max_ulp"] > 1e3 and m["max_ulp_terms"] <= 1.0
     assert len(m["ulp_hist"]) == len(ULP_BIN_EDGES) + 1 and sum(m["ulp_hist"]) == 3 == sum(m["ulp_terms_hist"])
     assert m["ulp_hist"][-1] == 1 and m["ulp_terms_hist"][-1] == 0
+
+
+def test_bound_ratio_is_the_worst_excess_error_over_its_bound():
+    """Error beyond the oracle's uncertainty, over the bound; exact and zero-bound elements read 0; a non-finite
+    value for a finite truth reads inf, as does an error above a zero bound; out-of-range truths are left out."""
+    x = torch.tensor([1.0, 2.0, 4.0, 1e40], dtype=torch.float64)
+    ref = Reference(x, torch.zeros_like(x), torch.full_like(x, 0.25), BF16)
+    a = torch.tensor([1.0, 3.0, 4.0, 0.0], dtype=torch.float64)  # errors 0, 1 (0.75 beyond the oracle), 0, -
+    assert bound_ratio(a, ref, torch.tensor([0.0, 1.5, 0.0, 1.0], dtype=torch.float64)) == pytest.approx(0.5)
+    assert bound_ratio(a, ref, torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)) == math.inf
+    a[2] = math.nan
+    assert bound_ratio(a, ref, torch.ones(4, dtype=torch.float64)) == math.inf
