@@ -9,7 +9,8 @@ downstream of it) and the compose forms under study (``form.<name>``). For each 
   > 1 is a violation: hypothesis shrinks it to a minimal case, and the search goes on to its budget in new
   rounds (seeds ``seed + 1``, …), so that ``max_ratio`` and the corpus cover the whole budget and every distinct
   violation found (``violations`` counts them). Shrinking is outside the budget: its evaluations
-  (``shrink_evaluations``) enter neither the example count, the ratios nor the top cases. A non-finite output where the truth
+  (``shrink_evaluations``) enter neither the example count, the ratios nor the top cases; before the corpus is written every kept case (a worst
+  case too) is restricted to the smallest block of its rows and columns that keeps its ratio (:func:`shrink_restriction`). A non-finite output where the truth
   is finite, or two runs of a kernel that claims determinism differing in one bit, score ``inf``;
 * ``ulp`` — the largest ULP error of the main output (reported; the bound is the criterion).
 
@@ -502,6 +503,85 @@ def _example_key(ex: Example) -> str:
     return _case_name("", ex)
 
 
+# Which dimension of each tensor runs over the tokens (rows) and over the output features (columns), per example
+# kind: what a restriction slices. A kind not listed (the layer's) is not restricted.
+_AXES = {
+    "compose": {"base": (0, 1), "lora": (0, 1), "dy": (0, 1), "g": (None, 0), "g_minus_1": (None, 0), "bias": (None, 0)},
+    "lora": {"base": (0, 1), "xa": (0, None), "B": (None, 0), "g": (None, 0), "bias": (None, 0)},
+    "norm": {"W": (None, 0), "B": (None, 0), "A": (None, None)},
+}
+
+
+def _extent(ex: Example) -> "tuple[int, int] | None":
+    """(rows, columns) of an example that :func:`restrict` can slice, or None."""
+    axes = _AXES.get(ex.kind)
+    if not axes:
+        return None
+    rows = cols = None
+    for name, (ra, ca) in axes.items():
+        t = ex.tensors.get(name)
+        if t is not None:
+            rows = t.shape[ra] if ra is not None else rows
+            cols = t.shape[ca] if ca is not None else cols
+    return (rows or 1, cols or 1)
+
+
+def restrict(ex: Example, rows: tuple, cols: tuple) -> Example:
+    """The example on rows ``rows`` = (start, stop) of the tokens and columns ``cols`` of the output features: every
+    tensor sliced along its token and feature dimensions (``_AXES``), the rest kept. The kernels are elementwise in
+    the output (compose), per output row (the norm) or per column reduction over the kept rows (the backward's d_g):
+    a restriction evaluates the same function on a sub-problem."""
+    tensors = {}
+    for name, t in ex.tensors.items():
+        ra, ca = _AXES[ex.kind].get(name, (None, None))
+        idx = [slice(None)] * t.dim()
+        if ra is not None:
+            idx[ra] = slice(*rows)
+        if ca is not None:
+            idx[ca] = slice(*cols)
+        tensors[name] = t[tuple(idx)].clone()
+    T, N = _extent(ex)
+    params = dict(ex.params, restricted={"rows": list(rows), "cols": list(cols), "of": [T, N]})  # drawn, then sliced
+    return Example(ex.kind, ex.dtype, tensors, dict(ex.scalars), params)
+
+
+def shrink_restriction(ex: Example, score: Score, evaluate, tol: float = 1e-3, max_evals: int = 64):
+    """Shrink a kept case by halving its rows and columns while its worst error/bound ratio stays within a factor
+    (1 − ``tol``) of ``score.ratio`` (an infinite ratio must stay infinite): the smallest sub-problem that still
+    shows the finding, for a case hypothesis did not shrink (a non-violating worst case) or shrank only within its
+    strategy. ``evaluate(example) -> Score``; a restriction that raises is not taken. Returns (example, score,
+    evaluations)."""
+    ext = _extent(ex)
+    if ext is None:
+        return ex, score, 0
+    keep = (lambda r: math.isinf(r)) if math.isinf(score.ratio) else (lambda r: r >= score.ratio * (1 - tol))
+    rng = [[0, ext[0]], [0, ext[1]]]
+    evals = 0
+    changed = True
+    while changed and evals < max_evals:
+        changed = False
+        for axis in (0, 1):
+            a, b = rng[axis]
+            if b - a < 2:
+                continue
+            mid = (a + b) // 2
+            for half in ((a, mid), (mid, b)):
+                trial = [list(rng[0]), list(rng[1])]
+                trial[axis] = list(half)
+                cand = restrict(ex, tuple(trial[0]), tuple(trial[1]))
+                evals += 1
+                try:
+                    sc = evaluate(cand)
+                except Exception:  # noqa: BLE001 - e.g. an oracle range check on the sub-problem: not taken
+                    continue
+                if keep(sc.ratio):
+                    rng, score, changed = trial, sc, True
+                    break
+    if rng == [[0, ext[0]], [0, ext[1]]]:
+        return ex, score, evals
+    return restrict(ex, tuple(rng[0]), tuple(rng[1])), score, evals
+
+
 class _Tracker:
     """Everything a search saw: every ratio, the largest parts, the top ``keep`` distinct cases, and the distinct
     violations (each the last — shrunk — violating example of its round)."""
@@ -567,6 +647,20 @@ def ratio_summary(ratios: list) -> dict:
     q = lambda p: float(np.quantile(a, p)) if np.isfinite(a).all() else float(np.quantile(fin, p)) if fin.size else math.inf  # noqa: E731
     return {"n": int(a.size), "max": float(a.max()), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99),
             "histogram": dict(zip(labels, hist))}
+
+
+def _evaluate_guarded(tg, ex: Example, device, tier) -> Score:
+    """``tg.evaluate`` for the shrinker: a crash scores inf (as in the search), a rejected input raises."""
+    guard = CaseGuard()
+    try:
+        with guard:
+            return tg.evaluate(ex, device, tier)
+    except Reject:
+        raise
+    except BaseException as e:  # noqa: BLE001 - as the search scores a crash
+        if guard.interrupted:
+            raise
+        return Score(math.inf, math.inf, {"error": math.inf}, {"error": crash_reason(e)})
 
 
 def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | None" = None, seed: int = 0,
@@ -663,7 +757,15 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
         seen = {key for key, _, _ in tr.violations}
         cases = [(ex, sc, "violation") for _, ex, sc in tr.violations]
         cases += [(ex, sc, "worst") for _, key, ex, sc in tr.top if key not in seen]
-        for ex, sc, why in cases:
+        shrunk, keys = [], set()
+        for ex, sc, why in cases:  # every kept case shrunk (outside the budget), then de-duplicated again
+            ex, sc, n = shrink_restriction(ex, sc, lambda e: _evaluate_guarded(tg, e, device, tier))
+            res["shrink_evaluations"] += n
+            key = _example_key(ex)
+            if key not in keys:
+                keys.add(key)
+                shrunk.append((ex, sc, why))
+        for ex, sc, why in shrunk:
             m = {"found_by": why, "tier": tier, "device": str(device), "derandomized": derandomize,
                  "rounds": rounds, **(meta or {}), **({"impl": impl} if impl else {})}
             res["corpus"].append(str(save_case(target, ex, sc, corpus, m)))

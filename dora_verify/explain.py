@@ -10,8 +10,10 @@ mpmath), the value the implementation returned, its error exactly and in ulps of
 bound of ``dora_verify.bounds`` at that element and the ratio error / bound (the number certify ranks by; > 1 is a
 violation).
 
-Targets: ``compose.y``, ``compose.delta``, ``form.NAME`` (y and Δ), ``lora_compose``, ``norm``. The backward and
-layer targets have no single-element story yet and are refused with that reason (exit 2 on the CLI).
+Targets: ``compose.y``, ``compose.delta``, ``form.NAME`` (y and Δ), ``lora_compose``, ``norm``, and
+``compose.backward``: the kernels' d_base = g·dy, d_lora = g·s·dy (activation dtype) and d_g = Σ_t dy·(base + s·lora)
+(fp32; exact as a sum of T dyadic products) under both save modes, each output's worst element. The other targets
+(the scale and the layer's) have no single-element story yet and are refused with that reason (exit 2 on the CLI).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from .formats import parse_format
 from .oracles import compose_truth, row_norm_truth
 
 F64 = torch.float64
-SUPPORTED = ("compose.y", "compose.delta", "form.*", "lora_compose", "norm")
+SUPPORTED = ("compose.y", "compose.delta", "compose.backward", "form.*", "lora_compose", "norm")
 
 
 class ExplainError(ValueError):
@@ -145,6 +147,41 @@ def _compose_outputs(target: str, ex, k, device, tier) -> list:
     return [("y", y, tr.y_hi + tr.y_lo, by, y_exact, inputs), ("delta", d, tr.d_hi + tr.d_lo, bd, d_exact, inputs)]
 
 
+def _compose_backward_outputs(ex, k, tier) -> list:
+    """The compose backward's outputs (save 'inputs' and 'activation'), as :func:`_compose_outputs` plus each
+    output's format: d_base and d_lora in the activation dtype, d_g in fp32."""
+    from .certify import _compose_grads
+    from .oracles import compose_grad_truth
+
+    t, s = ex.tensors, ex.scalars["s"]
+    dy, base, lora, g = t["dy"], t["base"], t["lora"], t["g"]
+    gt = compose_grad_truth(dy, base, lora, g, s)
+    fs, act, f32 = Fraction(s), parse_format(ex.dtype), parse_format("fp32")
+
+    def d_base(ti, i):
+        return _f(g, i) * _f(dy, ti, i)
+
+    def d_lora(ti, i):
+        return _f(g, i) * fs * _f(dy, ti, i)
+
+    def d_g(i):
+        return sum((_f(dy, ti, i) * (_f(base, ti, i) + fs * _f(lora, ti, i)) for ti in range(dy.shape[0])), Fraction(0))
+
+    def at(ti, i):
+        return {"dy": _input(dy, ti, i), "g": _input(g, i), "s": s}
+
+    def column(i):
+        return {"g": _input(g, i), "s": s, "T": int(dy.shape[0]), "column": f"dy, base, lora [:, {i}]"}
+    outs = []
+    for save in ("inputs", "activation"):
+        gb, gl, gg = _compose_grads(k, s, tier, save)
+        eb, el, eg = bounds.compose_backward_bounds(dy, base, lora, g, s, save=save)
+        outs += [(f"d_base/{save}", gb, gt.d_base, eb, d_base, at, act),
+                 (f"d_lora/{save}", gl, gt.d_lora_hi + gt.d_lora_lo, el, d_lora, at, act),
+                 (f"d_g/{save}", gg, gt.d_g, eg, d_g, column, f32)]
+    return outs
+
+
 def _lora_compose_outputs(ex, k, tier) -> list:
     from .kernels import lora_compose
     from .kernels.lora_compose import lora_compose_forward_eager
@@ -222,12 +259,13 @@ def explain_case(path, device="cpu", tier: "str | None" = None) -> dict:
     return explain_example(str(path), target, ex, device, tier, doc.get("score"))
 
 
-GATE_TARGETS = {"compose": "compose.y", "norm": "norm"}  # gate check -> the target explained
+GATE_TARGETS = {"compose": "compose.y", "norm": "norm", "backward": "compose.backward"}  # gate check -> target
 
 
 def gate_case(case_id: str, seed: int = 0):
     """(target, Example) of the gate suite's case ``case_id`` (suite seed ``seed``, the gate's default 0): a
-    ``compose-*`` case is explained as the kernels' y on its inputs, a ``norm-*`` case as their ν."""
+    ``compose-*`` case is explained as the kernels' y on its inputs, a ``backward-*`` case as their compose
+    backward, a ``norm-*`` case as their ν."""
     from .gate import build_suite
 
     parts = case_id.split("-")
@@ -239,7 +277,7 @@ def gate_case(case_id: str, seed: int = 0):
         raise ExplainError(f"no gate case {case_id!r} in the suite of seed {seed}")
     if case.check not in GATE_TARGETS:
         raise ExplainError(f"gate case {case_id!r} is a {case.check} check, which has no single-element story yet; "
-                           f"explain takes the {' and '.join(GATE_TARGETS)} cases")
+                           f"explain takes the {', '.join(GATE_TARGETS)} cases")
     return GATE_TARGETS[case.check], case.example
 
 
@@ -254,6 +292,8 @@ def explain_example(label: str, target: str, ex, device="cpu", tier: "str | None
         outs = _compose_outputs(target, ex, k, dev, tier)
     elif target == "lora_compose":
         outs = _lora_compose_outputs(ex, k, tier)
+    elif target == "compose.backward":
+        outs = _compose_backward_outputs(ex, k, tier)
     elif target == "norm":
         el = _norm_element(ex, k, tier)
         return {"case": label, "target": target, "dtype": ex.dtype, "params": ex.params, "tier": tier,
@@ -262,9 +302,10 @@ def explain_example(label: str, target: str, ex, device="cpu", tier: "str | None
         raise ExplainError(f"explain supports {', '.join(SUPPORTED)}; {target!r} has no single-element story yet "
                            "(replay it: dora_verify.certify.replay)")
     elements = []
-    for name, got, exact64, bound, exact_fn, inputs_fn in outs:
+    for name, got, exact64, bound, exact_fn, inputs_fn, *own_fmt in outs:
         where, ratio = _worst(got, exact64, bound)
-        el = _element(name, got[where], exact_fn(*where), float(bound[where]), fmt, where, inputs_fn(*where))
+        el = _element(name, got[where], exact_fn(*where), float(bound[where]), own_fmt[0] if own_fmt else fmt, where,
+                      inputs_fn(*where))
         el["ratio_float64_oracle"] = ratio
         elements.append(el)
     return {"case": label, "target": target, "dtype": ex.dtype, "params": ex.params, "tier": tier,

@@ -294,3 +294,43 @@ def test_certify_finds_planted_layers(tmp_path, planted):
                          impl=f"planted_impls:{planted}")
     assert res["violation"] and res["max_ratio"] > 1
     assert certify.replay(res["corpus"][0]).ratio > 1
+
+
+def test_kept_worst_cases_are_shrunk_to_the_sub_problem_that_shows_them(tmp_path):
+    """A non-violating worst case is restricted (rows and columns halved) while its ratio holds: the compose is
+    elementwise, so the kept case is far smaller than drawn and replays at the ratio the search found."""
+    res = certify.search("compose.y", "fp32", examples=12, device="cpu", corpus=tmp_path, keep=2)
+    assert not res["violation"] and res["corpus"] and res["shrink_evaluations"] > 0
+    for path in res["corpus"]:
+        doc = json.loads(Path(path).read_text())
+        cut = doc["params"].get("restricted")
+        if cut is None:  # nothing smaller kept the ratio (a 1 x 1 draw, or a ratio spread over the case)
+            continue
+        rows, cols, (T, N) = cut["rows"], cut["cols"], cut["of"]
+        assert (rows[1] - rows[0]) * (cols[1] - cols[0]) < T * N
+        _, ex, _ = certify.load_case(path)
+        assert tuple(ex.tensors["base"].shape) == (rows[1] - rows[0], cols[1] - cols[0])
+        assert certify.replay(path).ratio == pytest.approx(float(doc["score"]["ratio"]), rel=1e-12)
+    assert any("restricted" in json.loads(Path(p).read_text())["params"] for p in res["corpus"])
+
+
+def test_restrict_slices_each_kind_along_its_token_and_feature_axes():
+    from dora_verify.strategies import Example
+
+    t = {"base": torch.ones(6, 4), "lora": torch.ones(6, 4), "dy": torch.ones(6, 4), "g": torch.ones(4),
+         "g_minus_1": torch.zeros(4)}
+    ex = certify.restrict(Example("compose", "fp32", t, {"s": 1.0}), (2, 5), (1, 3))
+    assert ex.tensors["base"].shape == (3, 2) and ex.tensors["g"].shape == (2,)
+    assert ex.params["restricted"] == {"rows": [2, 5], "cols": [1, 3], "of": [6, 4]}
+    n = {"W": torch.ones(5, 7), "B": torch.ones(5, 2), "A": torch.ones(2, 7)}
+    ex = certify.restrict(Example("norm", "fp32", n, {"s": 1.0}), (0, 1), (3, 5))
+    assert ex.tensors["W"].shape == (2, 7) and ex.tensors["B"].shape == (2, 2) and ex.tensors["A"].shape == (2, 7)
+    seen = []
+
+    def evaluate(e):  # the finding lives in column 3 only
+        seen.append(e)
+        return certify.Score(2.0 if e.params["restricted"]["cols"][0] <= 3 < e.params["restricted"]["cols"][1]
+                             else 0.5, 0.0)
+    small, sc, evals = certify.shrink_restriction(Example("norm", "fp32", n, {"s": 1.0}), certify.Score(2.0, 0.0),
+                                                 evaluate)
+    assert small.params["restricted"]["cols"] == [3, 4] and sc.ratio == 2.0 and evals == len(seen)

@@ -47,7 +47,8 @@ def test_compose_y_worst_element_is_exact_and_matches_the_stored_score():
     assert el["ratio"] == pytest.approx(doc["score"]["ratio"], rel=1e-3)
 
 
-@pytest.mark.parametrize("prefix", ["compose.delta-fp16", "form.naive-bf16", "lora_compose-fp16", "norm-fp32"])
+@pytest.mark.parametrize("prefix", ["compose.delta-fp16", "form.naive-bf16", "lora_compose-fp16", "norm-fp32",
+                                    "compose.backward-fp16"])
 def test_every_supported_target_explains_within_its_bound(prefix):
     rep = explain_case(case(prefix))
     assert rep["elements"] and all(el["ratio"] is not None and el["ratio"] <= 1 for el in rep["elements"])
@@ -64,16 +65,50 @@ def test_round_exact_ties_subnormals_and_overflow():
     assert round_exact(Fraction(70000), fp16) == float("inf") and round_exact(Fraction(0), bf16) == 0.0
 
 
+def test_backward_elements_are_exact_per_output_and_save_mode():
+    """compose.backward: d_base, d_lora, d_g under both save modes; each worst element's exact value recomputed
+    here from the stored inputs (d_g: the exact T-sum), the error in ulps of its own format (d_g: fp32)."""
+    path = case("compose.backward-bf16")
+    rep = explain_case(path)
+    names = [el["output"] for el in rep["elements"]]
+    assert names == [f"{o}/{s}" for s in ("inputs", "activation") for o in ("d_base", "d_lora", "d_g")]
+    data, doc = np.load(path.with_suffix(".npz")), json.loads(path.read_text())
+
+    def col(name):
+        a = np.array(data[name])
+        if doc["tensors"][name] == "bfloat16":
+            a = ((a.astype(np.int64) & 0xFFFF).astype(np.uint32) << 16).view(np.float32)
+        return a.astype(np.float64)
+    dy, base, lora, g = col("dy"), col("base"), col("lora"), col("g")
+    s = Fraction(doc["scalars"]["s"])
+    for el in rep["elements"]:
+        got, rat = Fraction(el["got"]["value"]), el["exact"]["rational"]
+        exact = Fraction(*(int(x) for x in rat.split(" / "))) if " / " in rat else Fraction(int(rat))
+        if el["output"].startswith("d_g"):
+            (i,) = el["index"]
+            want = sum(Fraction(dy[t, i]) * (Fraction(base[t, i]) + s * Fraction(lora[t, i])) for t in range(len(dy)))
+        else:
+            t, i = el["index"]
+            want = Fraction(g[i]) * Fraction(dy[t, i]) * (s if el["output"].startswith("d_lora") else 1)
+        assert exact == want, el["output"]
+        assert el["error"]["value"] == pytest.approx(float(got - exact), rel=1e-12, abs=1e-300)
+        assert el["ratio"] is not None and el["ratio"] <= 1
+
+
 def test_unsupported_targets_and_bad_paths_exit_2(tmp_path, capsys):
+    src = case("compose.y-fp32")  # a layer case has no single-element story: refused in one line
+    doc = json.loads(src.read_text())
+    doc["target"] = "layer"
+    (tmp_path / "layer.json").write_text(json.dumps(doc))
+    (tmp_path / "layer.npz").write_bytes(src.with_suffix(".npz").read_bytes())
     with pytest.raises(ExplainError, match="no single-element story"):
-        explain_case(case("compose.backward-bf16"))
-    assert main(["explain", str(case("compose.backward-bf16"))]) == 2
+        explain_case(tmp_path / "layer.json")
+    assert main(["explain", str(tmp_path / "layer.json")]) == 2
     assert main(["explain", str(tmp_path / "missing.json")]) == 2
     assert main(["explain", "case.npz"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 3 and "Traceback" not in err
-    src = case("compose.y-fp32")  # a case of a user's --impl: refused with what to do instead (no import attempt)
-    doc = json.loads(src.read_text())
+    doc = json.loads(src.read_text())  # a case of a user's --impl: refused with what to do instead (no import attempt)
     doc["impl"] = "no_such_module:compose"
     (tmp_path / "u.json").write_text(json.dumps(doc))
     (tmp_path / "u.npz").write_bytes(src.with_suffix(".npz").read_bytes())
@@ -114,7 +149,9 @@ def test_gate_case_ids_explain_the_kernels_on_that_case(capsys):
 
 
 def test_gate_case_ids_it_cannot_explain_exit_2(capsys):
-    for bad in ("layer-bf16-00", "backward-fp32-01", "compose-bf16-99", "nonsense"):
+    for bad in ("layer-bf16-00", "compose-bf16-99", "nonsense"):
         assert main(["explain", bad]) == 2, bad
     err = capsys.readouterr().err
-    assert err.count("\n") == 4 and "Traceback" not in err and "no single-element story" in err
+    assert err.count("\n") == 3 and "Traceback" not in err and "no single-element story" in err
+    assert main(["explain", "backward-fp32-01"]) == 0  # the gate's backward cases: the kernels' compose backward
+    assert "d_g/activation" in capsys.readouterr().out
