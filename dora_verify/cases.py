@@ -17,6 +17,8 @@ Regimes
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,9 +128,38 @@ def ordered_norm(v: torch.Tensor) -> float:
     return math.sqrt(math.fsum(x * x for x in v.tolist()))
 
 
+PARALLEL_DRAW_MIN = 1 << 22  # elements: smaller tensors (the gate's and certify's cases) come straight from gen
+DRAW_CHUNK = 1 << 20
+
+
+def draw(kind: str, shape, gen: torch.Generator) -> torch.Tensor:
+    """float64 ``torch.randn`` (``kind`` 'normal') or ``torch.rand`` ('uniform') of ``shape`` from ``gen``: the same
+    numbers on every machine and thread count. A tensor of ``PARALLEL_DRAW_MIN`` elements or more is drawn in fixed
+    chunks of ``DRAW_CHUNK`` elements, each from its own generator seeded from ``gen`` (one seed per chunk, drawn
+    in order), on a thread pool — one generator's stream is sequential, and the sweep's 8192×2048 cases spent most
+    of a GPU run drawing numbers on one core."""
+    shape = tuple(shape)
+    n = math.prod(shape)
+    if n < PARALLEL_DRAW_MIN:
+        fn = torch.randn if kind == "normal" else torch.rand
+        return fn(shape, generator=gen, dtype=torch.float64)
+    chunks = -(-n // DRAW_CHUNK)
+    seeds = torch.randint(0, 2**62, (chunks,), generator=gen).tolist()
+    out = torch.empty(n, dtype=torch.float64)
+
+    def fill(i):
+        part = out[i * DRAW_CHUNK:min(n, (i + 1) * DRAW_CHUNK)]
+        g = torch.Generator().manual_seed(seeds[i])
+        part.normal_(generator=g) if kind == "normal" else part.uniform_(generator=g)
+
+    with ThreadPoolExecutor(max(1, min(chunks, os.cpu_count() or 1))) as pool:
+        list(pool.map(fill, range(chunks)))
+    return out.view(shape)
+
+
 def _student_t2(shape, gen):
-    z = torch.randn(shape, generator=gen, dtype=torch.float64)
-    e = -torch.log(torch.rand(shape, generator=gen, dtype=torch.float64).clamp_min(1e-300))
+    z = draw("normal", shape, gen)
+    e = -torch.log(draw("uniform", shape, gen).clamp_min(1e-300))
     return z / torch.sqrt(e)
 
 
@@ -151,11 +182,11 @@ def make_case(regime: str, d_out: int, d_in: int, rank: int, tokens: int, dtype=
     s = check_scalar_s(s)
     gen = torch.Generator().manual_seed(int(seed) * 1000003 + sorted(REGIMES).index(regime))
     f64 = torch.float64
-    x = torch.randn(tokens, d_in, generator=gen, dtype=f64)
-    W = torch.randn(d_out, d_in, generator=gen, dtype=f64) / math.sqrt(d_in)
-    A = (torch.rand(rank, d_in, generator=gen, dtype=f64) * 2 - 1) / math.sqrt(d_in)
+    x = draw("normal", (tokens, d_in), gen)
+    W = draw("normal", (d_out, d_in), gen) / math.sqrt(d_in)
+    A = (draw("uniform", (rank, d_in), gen) * 2 - 1) / math.sqrt(d_in)
     sigma_b = adapter_ratio / (abs(s) * math.sqrt(rank / 3.0))
-    B = torch.randn(d_out, rank, generator=gen, dtype=f64) * sigma_b
+    B = draw("normal", (d_out, rank), gen) * sigma_b
     g = 1 + torch.randn(d_out, generator=gen, dtype=f64) * G_SPREAD
     special: list = []
     if regime == "fresh":

@@ -34,7 +34,7 @@ import torch
 
 from . import bounds
 from . import forms as F
-from .cases import G_GRID, REGIMES, g_offsets, make_case, scaling
+from .cases import G_GRID, REGIMES, draw, g_offsets, make_case, scaling
 from .formats import g_resolution, parse_format
 from .formats import ulp
 from .metrics import Reference, bound_ratio, compare, effective_scale_error, ratio
@@ -302,8 +302,8 @@ def paper_figure1(cfg: SweepConfig, gen_device) -> dict:
     """The paper's stability protocol at g = 1, reproduced, then re-measured against the exact Δ."""
     dt = parse_format(cfg.dtype).torch_dtype
     gen = torch.Generator().manual_seed(cfg.seed)
-    lora64 = torch.randn(cfg.tokens, cfg.d_out, generator=gen, dtype=torch.float64).to(gen_device)
-    base64 = torch.randn(cfg.tokens, cfg.d_out, generator=gen, dtype=torch.float64).to(gen_device)
+    lora64 = draw("normal", (cfg.tokens, cfg.d_out), gen).to(gen_device)
+    base64 = draw("normal", (cfg.tokens, cfg.d_out), gen).to(gen_device)
     s = PAPER_SCALE
     ref_unrounded = s * lora64  # (g - 1) base + g s lora at g = 1, in float64 of the unrounded inputs
     lora, base = lora64.to(dt), base64.to(dt)
