@@ -73,5 +73,12 @@ def test_model_targets_read_the_rows():
     assert out["model step / LoRA's, eager, bf16 adapters (Llama-3-8B widths, r = 16)"] == (1.05, True)
     assert out["model step / LoRA's, checkpointing, bf16 adapters (Llama-3-8B widths, r = 16)"] == (1.3, False)
     assert out["model peak memory / LoRA's, eager (worst row)"] == (1.0, True)
-    assert out["model peak memory / LoRA's, eager, enable(save='x') (worst row)"] == (None, False)  # no such rows
+    key = "model peak memory / LoRA's, eager, enable(save='x') (worst bf16-adapter row: the mode's scope)"
+    assert out[key] == (None, False)  # no such rows
+    steps[0].update(ours_x_mem_over_lora=1.0, ours_x_over_lora=1.2)  # eager bf16: in the mode's scope
+    steps[1].update(ours_x_mem_over_lora=1.16, ours_x_over_lora=1.1)  # eager fp32: the mode does not apply there
+    bench_model.model_targets({"model": {"steps": steps, "layers_in_model": []}},
+                              lambda name, limit, v, ok: out.__setitem__(name, (v, ok)))
+    assert out[key] == (1.0, True)
+    assert out["model step / LoRA's, eager, enable(save='x') (its time cost; worst bf16-adapter row)"] == (1.2, False)
     assert out["layer in a model / LoRA's, PEFT integration (4096², r = 16, 8192 tokens, fwd+bwd)"] == (None, False)
