@@ -220,7 +220,7 @@ def dump_worst_cases(rep: dict, folder) -> list:
     implementation on it): what a team debugs from. The suite is rebuilt from the report's seed and sizes."""
     import json
 
-    from .certify import _finite_json, _tensor_to_np
+    from .corpus import _finite_json, _tensor_to_np
 
     worst = {}
     for key, g in rep["groups"].items():
