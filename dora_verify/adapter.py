@@ -5,7 +5,9 @@ An implementation is anything with a ``compose`` and/or a ``norm`` callable, and
     compose(base, lora, g, s, bias=None) -> y     base, lora [T, d_out] in the activation dtype (bf16/fp16/fp32),
                                                  g [d_out] fp32 (the DoRA scale m / max(ν, ε)), s a float,
                                                  bias [d_out] or None; returns y = g·(base + s·lora) + bias
-                                                 [T, d_out] in the activation dtype.
+                                                 [T, d_out] in the activation dtype — or, for the sweep, the
+                                                 pair (y, Δ) with Δ = (g − 1)·base + g·s·lora [T, d_out] in the
+                                                 activation dtype (or None), as the package's own forms return.
     norm(W, A, B, s) -> nu                        W [d_out, d_in], A [r, d_in], B [d_out, r] (weight dtype);
                                                  returns ν = ‖W + s·BA‖ per row [d_out] (any float dtype).
 
@@ -41,7 +43,8 @@ baseline, FlashAttention-style and NaN/Inf criteria), ``uses_triton`` (bool, def
 runs Triton kernels, so that the gate's environment key — which a baseline must match — holds triton's minor version;
 a pure-torch implementation's baseline does not go stale on a triton upgrade), ``compose_bound`` (a callable
 ``compose_bound(base, lora, g, s)`` returning the implementation's own a-priori bound on |ŷ − y| per element — a
-float64 tensor shaped like base — or a pair (bound on |Δ̂ − Δ| or None, that y bound): the sweep reports the error
+float64 tensor shaped like base — or a pair (bound on |Δ̂ − Δ| or None, that y bound; Δ first, in the order of
+``dora_verify.bounds.compose_form_bounds``, not of the (y, Δ) output): the sweep reports the error
 against it as ``bound_ratio``, where without one a 'faithful' implementation is held to 1 ulp of the exact y). Inputs arrive on the device under test (contiguous, finite
 unless a NaN/Inf case says otherwise); outputs may be on any device.
 

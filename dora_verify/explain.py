@@ -23,7 +23,8 @@ from fractions import Fraction
 import torch
 
 from . import bounds
-from .certify import _target_table, default_tier, load_case
+from .certify_targets import _target_table, default_tier
+from .corpus import load_case
 from .exact import compose_exact, round_fraction
 from .formats import parse_format
 from .oracles import compose_truth, row_norm_truth
@@ -150,7 +151,7 @@ def _compose_outputs(target: str, ex, k, device, tier) -> list:
 def _compose_backward_outputs(ex, k, tier) -> list:
     """The compose backward's outputs (save 'inputs' and 'activation'), as :func:`_compose_outputs` plus each
     output's format: d_base and d_lora in the activation dtype, d_g in fp32."""
-    from .certify import _compose_grads
+    from .certify_targets import _compose_grads
     from .oracles import compose_grad_truth
 
     t, s = ex.tensors, ex.scalars["s"]
@@ -256,7 +257,9 @@ def explain_case(path, device="cpu", tier: "str | None" = None) -> dict:
                            "dora_verify.certify.replay(PATH) (its inputs: dora_verify.certify.load_case(PATH))")
     if target not in _target_table(None):
         raise ExplainError(f"{path}: unknown target {target!r}")
-    return explain_example(str(path), target, ex, device, tier, doc.get("score"))
+    rep = explain_example(str(path), target, ex, device, tier, doc.get("score"))
+    rep["stored_on"] = {k: doc.get(k) for k in ("tier", "device", "found_by") if doc.get(k) is not None}
+    return rep
 
 
 GATE_TARGETS = {"compose": "compose.y", "norm": "norm", "backward": "compose.backward"}  # gate check -> target
@@ -318,9 +321,25 @@ def explain_text(rep: dict) -> str:
     L = [f"case {rep['case']}", f"  target {rep['target']}, {rep['dtype']}, tier {rep['tier']} on {rep['device']}; "
          + ", ".join(f"{k} {v}" for k, v in p.items() if k in ("T", "N", "d_out", "d_in", "r", "regime", "g_mode",
                                                                   "bias", "seed"))]
+    cut = p.get("restricted")
+    if cut:
+        L.append(f"  restricted by certify to rows {cut['rows'][0]}:{cut['rows'][1]} and columns "
+                 f"{cut['cols'][0]}:{cut['cols'][1]} (half-open) of the drawn {cut['of'][0]}×{cut['of'][1]}; "
+                 "indices below are in the restricted case (add the starts for the drawn one)")
     sc = rep.get("stored_score") or {}
     if sc:
-        L.append(f"  stored score: ratio {sc.get('ratio')}, ulp {sc.get('ulp')}")
+        where = rep.get("stored_on") or {}
+        at = f" (found by certify on the {where['tier']} tier, {where['device']})" if where.get("tier") else ""
+        L.append(f"  stored score: ratio {sc.get('ratio')}, ulp {sc.get('ulp')}{at}")
+        stored = float(sc.get("ratio", 0) or 0)
+        now = max((el["ratio"] if el["ratio"] is not None else math.inf) for el in rep["elements"]) \
+            if rep["elements"] else 0.0
+        if stored > 1 >= now:
+            L.append(f"  the stored violation does NOT reproduce here (tier {rep['tier']} on {rep['device']}, worst "
+                     f"ratio {now:.3g}): re-run explain with --device/--tier of the stored run")
+    if any("/" in el["output"] for el in rep["elements"]):
+        L.append("  outputs named X/inputs and X/activation: the compose backward under save='inputs' (base and "
+                 "lora kept) and save='activation' (the forward's inner sum kept)")
     for el in rep["elements"]:
         L += ["", f"worst {el['output']} element {el['index']} (largest error / bound):"]
         for name, v in el["inputs"].items():

@@ -201,7 +201,10 @@ def compose_row_bounds(name: str, impl, base, lora, g, s: float, y_exact, fmt):
         out = []
         for what, b in zip(("Δ", "y"), pair):
             if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(base.shape)):
-                raise ValueError(f"compose_bound's {what} bound must be a tensor of shape {tuple(base.shape)}")
+                got = (f"{str(b.dtype).replace('torch.', '')} {tuple(b.shape)}" if isinstance(b, torch.Tensor)
+                       else type(b).__name__)
+                raise ValueError(f"compose_bound's {what} bound must be a tensor of shape {tuple(base.shape)}, "
+                                 f"got {got}")
             out.append(None if b is None else b.detach().to(device=base.device, dtype=torch.float64))
         return tuple(out)
     if impl.contract == "faithful":
@@ -277,7 +280,7 @@ def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
         try:
             d_bound, y_bound = compose_row_bounds(name, impl, base, lora, g, s, y_ref.value, y_ref.fmt)
         except Exception as e:  # noqa: BLE001 - a user's compose_bound failing is that row's result
-            recs.append(dict(extra, form=name, failed=f"compose_bound raised {_one_line(e)}", y=None, delta=None,
+            recs.append(dict(extra, form=name, failed=f"compose_bound failed: {_one_line(e)}", y=None, delta=None,
                              g_eff_bias=None, g_eff_rms=None, g_correction_lost=None, g_correction_lost_floor=None,
                              **oracle))
             continue
@@ -469,6 +472,17 @@ def headline(paper: dict, g_recs: list, dtype: str = "bf16", other_recs: list = 
     return h
 
 
+def held_to(impl) -> str:
+    """The bound a sweep row of ``impl`` is held to (:func:`compose_row_bounds`), in words; None: a package form."""
+    if impl is None or impl.contract == "form":
+        return "its derived bound (proofs/bounds.md)"
+    if impl.contract == "kernel":
+        return "the kernels' derived bound (proofs/bounds.md)"
+    if impl.compose_bound is not None:
+        return "its own compose_bound"
+    return "1 ulp of the exact y (faithful)" if impl.contract == "faithful" else "no bound (baseline-only)"
+
+
 def bound_summary(recs: list) -> dict:
     """Per form: the largest y and Δ error/bound ratios over ``recs`` (None where the form has no such bound) and
     how many of its rows exceed 1 — each form against the bound it is held to (:func:`compose_row_bounds`)."""
@@ -657,7 +671,8 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
                   "norm": {k: v.summary for k, v in F.NORM_FORMS.items()}},
         "implementations": {f"impl:{im.name}": {"spec": spec, "compose": im.compose is not None,
                                                 "norm": im.norm is not None,
-                                                "layer": getattr(im, "layer", None) is not None}
+                                                "layer": getattr(im, "layer", None) is not None,
+                                                "held_to": held_to(im)}
                             for spec, im in zip(cfg.impls, impls)},
         "regimes": dict(REGIMES),
         "timings_s": dict(timings, total=round(time.time() - t0, 2)),

@@ -561,7 +561,8 @@ def test_the_sweep_holds_every_row_to_its_bound(impls, tmp_path):
     assert off["rows_over"] == off["rows"] > 0 and off["y_max"] > 1.5
     assert loose["rows_over"] == 0 and 0 < loose["y_max"] <= 1
     bad = [r for r in rep["experiments"]["compose_regimes"] if r["form"] == "impl:dv_cli_impls:bad_bound"]
-    assert bad and all("compose_bound's y bound must be a tensor of shape" in r["failed"] for r in bad)
+    assert bad and all("compose_bound failed: ValueError: compose_bound's y bound must be a tensor of shape (" in r["failed"]
+                       and "got float64 (1, " in r["failed"] for r in bad)
     md = (out / "report.md").read_text()
     assert "against the bound it is held to" in md and "y bound ratio" in md
 
