@@ -301,6 +301,17 @@ def correction_lost(beta: torch.Tensor, gm1: torch.Tensor):
     return None if den == 0 else float(-(beta * gm1).sum() / den)
 
 
+def paper_metrics(approx: torch.Tensor, ref: Reference) -> dict:
+    """max_abs, max_ulp and frac_correctly_rounded of :func:`metrics.compare` (the same definitions), without its
+    other metrics — the paper point's 2048×8192 comparisons were a sixth of the CPU sweep. Non-finite values: compare."""
+    a = approx.to(torch.float64)
+    if not bool(torch.isfinite(a).all()):
+        return compare(approx, ref)
+    err = ((a - ref.hi) - ref.lo).abs()
+    return {"max_abs": float(err.max()), "max_ulp": float((err / ulp(ref.value, ref.fmt)).max()),
+            "frac_correctly_rounded": float((a == ref.rounded.nearest).sum()) / max(1, a.numel())}
+
+
 def paper_figure1(cfg: SweepConfig, gen_device) -> dict:
     """The paper's stability protocol at g = 1, reproduced, then re-measured against the exact Δ."""
     dt = parse_format(cfg.dtype).torch_dtype
@@ -324,7 +335,7 @@ def paper_figure1(cfg: SweepConfig, gen_device) -> dict:
     for name in ("naive", "stable_gcast", "naive_fp32", "stable_fp32"):  # the forms that output Δ
         _, d = F.COMPOSE_FORMS[name].fn(base, lora, g, s)
         vs_paper = float((d.double() - ref_unrounded).abs().max())
-        exact = compare(d, d_ref)
+        exact = paper_metrics(d, d_ref)
         out["forms"][name] = {"max_abs_vs_unrounded_fp64": vs_paper,
                               "max_abs_vs_exact": exact["max_abs"], "max_ulp_vs_exact": exact["max_ulp"],
                               "frac_correctly_rounded": exact["frac_correctly_rounded"]}
