@@ -64,15 +64,24 @@ def compose_form_bounds(form: str, base, lora, g, s: float, bias=None, dtype=Non
     """(Δ bound, y bound) per element for ``dora_verify.forms.COMPOSE_FORMS[form]`` computed in ``dtype``
     (default base's dtype). Exact references: Δ = (g−1)·base + g·s·lora, y = base + Δ (+ bias), with the
     fp32 g as given (rounding g to the activation dtype is part of the forms that do it)."""
+    return compose_forms_bounds((form,), base, lora, g, s, bias, dtype)[form]
+
+
+def compose_forms_bounds(forms, base, lora, g, s: float, bias=None, dtype=None) -> dict:
+    """{form: :func:`compose_form_bounds` of it} for several forms of the same inputs, their shared terms formed
+    once (the sweep bounds every form at every point)."""
     dtype = dtype or base.dtype
-    uD, ut, etaD = _fmt_params(dtype)
     b, l, g64 = _t(base, lora, g)
     g64 = g64.reshape(1, -1)
     sl = s * l
-    gsl = (g64 * sl).abs()
-    gm1b = ((g64 - 1) * b).abs()
-    delta = (g64 - 1) * b + g64 * sl
-    gd = g.to(dtype).to(F64).reshape(1, -1) if isinstance(g, torch.Tensor) else g64
+    terms = (b, l, g64, sl, (g64 * sl).abs(), ((g64 - 1) * b).abs(), (g64 - 1) * b + g64 * sl,
+             g.to(dtype).to(F64).reshape(1, -1) if isinstance(g, torch.Tensor) else g64)
+    return {f: _form_bound(f, terms, bias, dtype) for f in forms}
+
+
+def _form_bound(form: str, terms, bias, dtype):
+    uD, ut, etaD = _fmt_params(dtype)
+    b, l, g64, sl, gsl, gm1b, delta, gd = terms
     dg = (gd - g64).abs()  # the rounding of g to D, exactly (0 when g is representable, e.g. g = 1)
     # underflow: each rounding adds ≤ η (η_t = η_D + η₃₂ for an eager op on D tensors: fp32, then D);
     # an η made before a multiplication by g is scaled by |g|; (1 + γ₃) covers later relative roundings.

@@ -182,13 +182,14 @@ def _impl_rows(impls, kind: str):
     return [(f"impl:{im.name}", getattr(im, kind), im) for im in impls if getattr(im, kind) is not None]
 
 
-def compose_row_bounds(name: str, impl, base, lora, g, s: float, y_exact, fmt):
+def compose_row_bounds(name: str, impl, base, lora, g, s: float, y_exact, fmt, form_bounds=None):
     """(Δ bound or None, y bound or None) per element that a sweep row is held to: a package form's and the kernels'
     derived bounds (``dora_verify.bounds``), a user implementation's own ``compose_bound(base, lora, g, s)`` where it
     declares one (a y bound, or a pair (Δ bound or None, y bound)), else 1 ulp of the exact y (its 'faithful'
-    contract, docs/contract.md); no bound under 'baseline-only'. Raises what a user's ``compose_bound`` raises."""
+    contract, docs/contract.md); no bound under 'baseline-only'. Raises what a user's ``compose_bound`` raises.
+    ``form_bounds``: the package forms' bounds of these inputs, already formed (:func:`bounds.compose_forms_bounds`)."""
     if impl is None:
-        return bounds.compose_form_bounds(name, base, lora, g, s)
+        return form_bounds[name] if form_bounds is not None else bounds.compose_form_bounds(name, base, lora, g, s)
     if impl.contract == "kernel":
         return bounds.compose_kernel_bounds(base, lora, g, s)
     if impl.contract == "form":
@@ -265,6 +266,7 @@ def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
     beta_floor = effective_scale_error(truth.y_round.nearest, y_ref, inner)
     oracle = {"oracle_tier2_elements": truth.tier2_elements, "oracle_uncertified": truth.uncertified}
     recs = []
+    form_bounds = bounds.compose_forms_bounds(list(F.COMPOSE_FORMS), base, lora, g, s)  # shared terms formed once
     for name, fn, impl in [(f.name, f.fn, None) for f in F.COMPOSE_FORMS.values()] + _impl_rows(impls, "compose"):
         if impl is not None:  # y, or (y, Δ): without a Δ its Δ columns stay empty
             out, failed = call_impl("compose", fn, (base, lora, g), s, base.shape, base.dtype, pair=True)
@@ -278,7 +280,7 @@ def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
             if tuple(y.shape) != tuple(base.shape) or y.dtype != base.dtype:
                 raise ValueError(f"{name}: compose returned {y.dtype} {tuple(y.shape)}, want {base.dtype} {tuple(base.shape)}")
         try:
-            d_bound, y_bound = compose_row_bounds(name, impl, base, lora, g, s, y_ref.value, y_ref.fmt)
+            d_bound, y_bound = compose_row_bounds(name, impl, base, lora, g, s, y_ref.value, y_ref.fmt, form_bounds)
         except Exception as e:  # noqa: BLE001 - a user's compose_bound failing is that row's result
             recs.append(dict(extra, form=name, failed=f"compose_bound failed: {_one_line(e)}", y=None, delta=None,
                              g_eff_bias=None, g_eff_rms=None, g_correction_lost=None, g_correction_lost_floor=None,
