@@ -18,6 +18,7 @@
 
 Rank 0 writes DIR/fsdp2_gpu.json and DIR/fsdp2_gpu.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,17 +50,25 @@ def sharded_norm_part(quick):
         for regime in ("trained", "near_cancel"):
             c = make_case(regime, d_out, d_in, r, 1, dtype="bf16", seed=3, device=DEV)
             for layout in ("rows", "cols"):
-                for det in ((False,) if layout == "rows" else (False, True)):
-                    rows.append(dict(check_sharded_norm(c.W, c.A, c.B, c.s, layout, deterministic=det),
-                                     shape=[d_out, d_in, r], regime=regime))
+                for det in (False,) if layout == "rows" else (False, True):
+                    rows.append(
+                        dict(
+                            check_sharded_norm(c.W, c.A, c.B, c.s, layout, deterministic=det),
+                            shape=[d_out, d_in, r],
+                            regime=regime,
+                        )
+                    )
                     log(rows[-1])
     from dora_verify.kernels.distributed import sharded_row_norm
+
     n = 64 if DEV == "cpu" else 4096
     c = make_case("trained", n, n, 128 if n > 64 else 8, 1, dtype="bf16", seed=4, device=DEV)
     rank, world = dist.get_rank(), dist.get_world_size()
     w, a = shard(c.W, 1, rank, world), shard(c.A, 1, rank, world)
-    bits = {det: [sharded_row_norm(w, a, c.B, c.s, layout="cols", deterministic=det) for _ in range(3)]
-            for det in (False, True)}
+    bits = {
+        det: [sharded_row_norm(w, a, c.B, c.s, layout="cols", deterministic=det) for _ in range(3)]
+        for det in (False, True)
+    }
     same = {str(det): all(torch.equal(v[0], x) for x in v[1:]) for det, v in bits.items()}
     same["shape"] = list(c.W.shape) + [c.A.shape[0]]
     return rows, same
@@ -83,8 +92,11 @@ def shard_model(model):
 def full_grads(model):
     from torch.distributed.tensor import DTensor
 
-    return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).float().clone()
-            for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return {
+        n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).float().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.grad is not None
+    }
 
 
 def _empty_cache():
@@ -110,8 +122,17 @@ def training_part(quick, adapters):
     g = torch.Generator().manual_seed(7 + dist.get_rank())
     ids = torch.randint(0, 32000, (batch, seq), generator=g).to(DEV)
     base = build(torch.bfloat16, adapters, hidden=hidden, layers=layers)
-    out = {"model": {"hidden": hidden, "layers": layers, "seq": seq, "batch_per_rank": batch, "r": 64,
-                     "adapters": adapters, "model_dtype": "bf16"}}
+    out = {
+        "model": {
+            "hidden": hidden,
+            "layers": layers,
+            "seq": seq,
+            "batch_per_rank": batch,
+            "r": 64,
+            "adapters": adapters,
+            "model_dtype": "bf16",
+        }
+    }
     ref = shard_model(build(torch.float32, "fp32", hidden=hidden, layers=layers).to(DEV))
     dv_peft.disable()
     loss = ref(input_ids=ids, labels=ids).loss
@@ -143,10 +164,14 @@ def training_part(quick, adapters):
         dist.all_gather(peaks, torch.tensor([peak], device=DEV))
         common = sorted(set(grads) & set(ref_grads))
         err = {k: max(rel(grads[n], ref_grads[n]) for n in common if k in n) for k in ("lora_A", "lora_B", "magnitude")}
-        out[name] = {"losses": losses, "loss_err_vs_fp32": abs(losses[0] - out["fp32_loss"]) / abs(out["fp32_loss"]),
-                     "grad_err_vs_fp32": err, "step_ms_median": sorted(times[1:])[len(times[1:]) // 2],
-                     "peak_mib_per_rank": [float(p) for p in peaks], "routed_layers": sum(
-                         "_dora_verify_norm" in m.__dict__ for m in model.modules())}
+        out[name] = {
+            "losses": losses,
+            "loss_err_vs_fp32": abs(losses[0] - out["fp32_loss"]) / abs(out["fp32_loss"]),
+            "grad_err_vs_fp32": err,
+            "step_ms_median": sorted(times[1:])[len(times[1:]) // 2],
+            "peak_mib_per_rank": [float(p) for p in peaks],
+            "routed_layers": sum("_dora_verify_norm" in m.__dict__ for m in model.modules()),
+        }
         caches = [m.__dict__["_dora_verify_norm"] for m in model.modules() if "_dora_verify_norm" in m.__dict__]
         out[name]["norm_graph_captures"] = sum(c.captures for c in caches)
         out[name]["norm_graph_replays"] = sum(c.replays for c in caches)
@@ -156,53 +181,79 @@ def training_part(quick, adapters):
         del model, opt
         _empty_cache()
     common = sorted(set(out["ours"]["_grads"]) & set(out["stock"]["_grads"]))
-    out["ours_vs_stock_grad_rel"] = {k: max(rel(out["ours"]["_grads"][n], out["stock"]["_grads"][n])
-                                            for n in common if k in n) for k in ("lora_A", "lora_B", "magnitude")}
+    out["ours_vs_stock_grad_rel"] = {
+        k: max(rel(out["ours"]["_grads"][n], out["stock"]["_grads"][n]) for n in common if k in n)
+        for k in ("lora_A", "lora_B", "magnitude")
+    }
     for name in ("ours", "stock"):
         del out[name]["_grads"]
-    out["fa_criterion"] = {k: out["ours"]["grad_err_vs_fp32"][k] <= 2 * out["stock"]["grad_err_vs_fp32"][k]
-                           for k in ("lora_A", "lora_B", "magnitude")}
+    out["fa_criterion"] = {
+        k: out["ours"]["grad_err_vs_fp32"][k] <= 2 * out["stock"]["grad_err_vs_fp32"][k]
+        for k in ("lora_A", "lora_B", "magnitude")
+    }
     return out
 
 
 def markdown(rep):
     p = rep["provenance"]
-    L = ["# FSDP2: the factored norm on shards and the PEFT integration under fully_shard (2 GPUs, NCCL)", "",
-         f"{p['device'].get('name')} × {rep['world']}, commit `{(p['git'].get('commit') or '?')[:12]}`, torch "
-         f"{p['versions'].get('torch')}, triton {p['versions'].get('triton')}, peft {p['versions'].get('peft')}; "
-         f"{p['time_utc']}. Produced by `torchrun --nproc_per_node 2 bench/fsdp2_gpu.py`.", "",
-         "## Sharded norm vs the single-process oracle (bf16; ratio = excess error / the production bound, ≤ 1)", "",
-         "| shape | regime | layout | deterministic | max ratio | max rel | dense rows | same ν on every rank |",
-         "|---|---|---|---|---|---|---|---|"]
+    L = [
+        "# FSDP2: the factored norm on shards and the PEFT integration under fully_shard (2 GPUs, NCCL)",
+        "",
+        f"{p['device'].get('name')} × {rep['world']}, commit `{(p['git'].get('commit') or '?')[:12]}`, torch "
+        f"{p['versions'].get('torch')}, triton {p['versions'].get('triton')}, peft {p['versions'].get('peft')}; "
+        f"{p['time_utc']}. Produced by `torchrun --nproc_per_node 2 bench/fsdp2_gpu.py`.",
+        "",
+        "## Sharded norm vs the single-process oracle (bf16; ratio = excess error / the production bound, ≤ 1)",
+        "",
+        "| shape | regime | layout | deterministic | max ratio | max rel | dense rows | same ν on every rank |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rep["sharded_norm"]:
-        L.append(f"| {'×'.join(map(str, r['shape']))} | {r['regime']} | {r['layout']} | {r['deterministic']} | "
-                 f"{r['max_ratio']:.3g} | {r['max_rel']:.3g} | {r['dense_rows']} | {r['identical_across_ranks']} |")
-    L += ["", f"Column layout, 3 repeats at {'×'.join(map(str, rep['repeat_bits']['shape']))}: bit-identical with all_reduce: "
-          f"{rep['repeat_bits']['False']}; with deterministic (all_gather, rank order): {rep['repeat_bits']['True']}.", ""]
+        L.append(
+            f"| {'×'.join(map(str, r['shape']))} | {r['regime']} | {r['layout']} | {r['deterministic']} | "
+            f"{r['max_ratio']:.3g} | {r['max_rel']:.3g} | {r['dense_rows']} | {r['identical_across_ranks']} |"
+        )
+    L += [
+        "",
+        f"Column layout, 3 repeats at {'×'.join(map(str, rep['repeat_bits']['shape']))}: bit-identical with all_reduce: "
+        f"{rep['repeat_bits']['False']}; with deterministic (all_gather, rank order): {rep['repeat_bits']['True']}.",
+        "",
+    ]
     for adapters, t in rep["training"].items():
         L += [f"## Training under fully_shard, {adapters} adapters: integration off (stock PEFT) vs on", ""]
         if "error" in t:
             L += [f"Failed: `{t['error']}`", ""]
             continue
         m = t["model"]
-        L += [f"Random Llama-style model, hidden {m['hidden']}, {m['layers']} layers, {m['seq']} tokens × "
-              f"{m['batch_per_rank']} per rank, DoRA r = {m['r']} on every projection, bf16 model, {adapters} adapters; "
-              "AdamW. Errors against the same model in fp32 (stock PEFT, same rounded weights), first step.", "",
-              "| | loss rel err | grad A rel err | grad B rel err | grad m rel err | step ms (median) | peak MiB per rank "
-              "| layers routed |", "|---|---|---|---|---|---|---|---|"]
+        L += [
+            f"Random Llama-style model, hidden {m['hidden']}, {m['layers']} layers, {m['seq']} tokens × "
+            f"{m['batch_per_rank']} per rank, DoRA r = {m['r']} on every projection, bf16 model, {adapters} adapters; "
+            "AdamW. Errors against the same model in fp32 (stock PEFT, same rounded weights), first step.",
+            "",
+            "| | loss rel err | grad A rel err | grad B rel err | grad m rel err | step ms (median) | peak MiB per rank "
+            "| layers routed |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name in ("stock", "ours"):
             x = t[name]
             e = x["grad_err_vs_fp32"]
-            L.append(f"| {name} | {x['loss_err_vs_fp32']:.3g} | {e['lora_A']:.3g} | {e['lora_B']:.3g} | "
-                     f"{e['magnitude']:.3g} | {x['step_ms_median']:.1f} | "
-                     f"{', '.join(f'{v:.0f}' for v in x['peak_mib_per_rank'])} | {x['routed_layers']} |")
-        L += ["", f"Ours: {t['ours']['norm_graph_captures']} norm-graph captures, {t['ours']['norm_graph_replays']} "
-              f"replays over {len(t['ours']['losses'])} steps × {t['ours']['routed_layers']} layers.",
-              "", "Ours vs stock, gradients (rel): "
-              f"{', '.join(f'{k} {v:.3g}' for k, v in t['ours_vs_stock_grad_rel'].items())}. FlashAttention-style "
-              f"criterion (ours' error ≤ 2× stock's): {t['fa_criterion']}.",
-              f"Losses: stock {', '.join(f'{v:.5f}' for v in t['stock']['losses'])}; ours "
-              f"{', '.join(f'{v:.5f}' for v in t['ours']['losses'])}.", ""]
+            L.append(
+                f"| {name} | {x['loss_err_vs_fp32']:.3g} | {e['lora_A']:.3g} | {e['lora_B']:.3g} | "
+                f"{e['magnitude']:.3g} | {x['step_ms_median']:.1f} | "
+                f"{', '.join(f'{v:.0f}' for v in x['peak_mib_per_rank'])} | {x['routed_layers']} |"
+            )
+        L += [
+            "",
+            f"Ours: {t['ours']['norm_graph_captures']} norm-graph captures, {t['ours']['norm_graph_replays']} "
+            f"replays over {len(t['ours']['losses'])} steps × {t['ours']['routed_layers']} layers.",
+            "",
+            "Ours vs stock, gradients (rel): "
+            f"{', '.join(f'{k} {v:.3g}' for k, v in t['ours_vs_stock_grad_rel'].items())}. FlashAttention-style "
+            f"criterion (ours' error ≤ 2× stock's): {t['fa_criterion']}.",
+            f"Losses: stock {', '.join(f'{v:.5f}' for v in t['stock']['losses'])}; ours "
+            f"{', '.join(f'{v:.5f}' for v in t['ours']['losses'])}.",
+            "",
+        ]
     return "\n".join(L)
 
 

@@ -6,6 +6,7 @@ parity, and profiles. Speed and memory side by side with eager torch, PEFT DoRA 
 Writes DIR/report.json (provenance and every number; bench/summarise.py renders it); the U-kernel tile
 timings of part "profile" are triton.testing.do_bench medians.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,11 +68,25 @@ def acc_compose(quick):
                     near = (tr.y_round if output == "y" else tr.d_round).nearest
                     u = ulp_error(got.double(), exact, fmt)
                     wi = int(u.flatten().argmax())
-                    rows.append({"dtype": dt, "regime": regime, "g": gname, "output": output,
-                                 "max_ulp": float(u.max()), "worst": {"base": float(base.flatten()[wi]), "lora": float(lora.flatten()[wi]),
-                                 "g": float(g[wi % d_out]), "bias": float(b[wi % d_out]) if b is not None else None,
-                                 "got": float(got.flatten()[wi]), "exact": float(exact.flatten()[wi])}, "frac_correctly_rounded": float((got.double() == near).float().mean()),
-                                 "uncertified": tr.uncertified})
+                    rows.append(
+                        {
+                            "dtype": dt,
+                            "regime": regime,
+                            "g": gname,
+                            "output": output,
+                            "max_ulp": float(u.max()),
+                            "worst": {
+                                "base": float(base.flatten()[wi]),
+                                "lora": float(lora.flatten()[wi]),
+                                "g": float(g[wi % d_out]),
+                                "bias": float(b[wi % d_out]) if b is not None else None,
+                                "got": float(got.flatten()[wi]),
+                                "exact": float(exact.flatten()[wi]),
+                            },
+                            "frac_correctly_rounded": float((got.double() == near).float().mean()),
+                            "uncertified": tr.uncertified,
+                        }
+                    )
         log(f"compose acc {dt}: worst ulp {max(x.get('max_ulp', 0) for x in rows if x['dtype'] == dt):.4f}")
     return rows
 
@@ -79,11 +94,14 @@ def acc_compose(quick):
 def acc_norm(quick):
     rows = []
     shapes = [(1024, 1024, 16)] if quick else [(2048, 2048, 64), (8192, 8192, 384)]
-    for (d_out, d_in, r) in shapes:
+    for d_out, d_in, r in shapes:
         big = d_out * d_in > 2**24
-        for dt in (("bf16",) if big else ("bf16", "fp16", "fp32")):
-            for regime in (("trained", "all_positive") if big else
-                           ("trained", "near_cancel", "zero_rows", "all_positive", "heavy_tailed", "fresh")):
+        for dt in ("bf16",) if big else ("bf16", "fp16", "fp32"):
+            for regime in (
+                ("trained", "all_positive")
+                if big
+                else ("trained", "near_cancel", "zero_rows", "all_positive", "heavy_tailed", "fresh")
+            ):
                 c = make_case(regime, d_out, d_in, r, 4, dtype=dt, seed=3, device="cuda")
                 nu, info = factored_row_norm(c.W, c.A, c.B, c.s, return_info=True)
                 tr = row_norm_truth(c.W, c.A, c.B, c.s)
@@ -94,19 +112,34 @@ def acc_norm(quick):
                 grel = ((g.double() - g_t).abs() / g_t.abs().clamp_min(1e-300)).max()
                 gm1_t = (m.double() - tr.nu.clamp_min(1e-12)) / tr.nu.clamp_min(1e-12)
                 gm1err = ((gm1.double() - gm1_t).abs() / g_t.abs()).max()  # relative to g: |g-1| can be 0
-                rows.append({"shape": [d_out, d_in, r], "dtype": dt, "regime": regime,
-                             "nu_max_rel": float(rel.max()), "g_max_rel": float(grel), "gm1_err_rel_to_g": float(gm1err),
-                             "recomputed_rows": len(info.recomputed_rows), "max_kappa": float(info.kappa[torch.isfinite(info.kappa)].max()),
-                             "oracle_tier2_rows": len(tr.tier2_rows)})
+                rows.append(
+                    {
+                        "shape": [d_out, d_in, r],
+                        "dtype": dt,
+                        "regime": regime,
+                        "nu_max_rel": float(rel.max()),
+                        "g_max_rel": float(grel),
+                        "gm1_err_rel_to_g": float(gm1err),
+                        "recomputed_rows": len(info.recomputed_rows),
+                        "max_kappa": float(info.kappa[torch.isfinite(info.kappa)].max()),
+                        "oracle_tier2_rows": len(tr.tier2_rows),
+                    }
+                )
             # adapters in fp32 on a bf16 W (PEFT's default): the exact bf16 split of A
             if dt == "bf16":
                 c = make_case("trained", d_out, d_in, r, 4, dtype="bf16", seed=4, device="cuda")
-                A32 = (c.A.float() * (1 + 1e-3 * torch.randn_like(c.A.float())))
+                A32 = c.A.float() * (1 + 1e-3 * torch.randn_like(c.A.float()))
                 B32 = c.B.float() * (1 + 1e-3 * torch.randn_like(c.B.float()))
                 nu = factored_row_norm(c.W, A32, B32, c.s)
                 tr = row_norm_truth(c.W, A32, B32, c.s)
-                rows.append({"shape": [d_out, d_in, r], "dtype": "bf16 W, fp32 A/B", "regime": "trained",
-                             "nu_max_rel": float(((nu.double() - tr.nu).abs() / tr.nu).max())})
+                rows.append(
+                    {
+                        "shape": [d_out, d_in, r],
+                        "dtype": "bf16 W, fp32 A/B",
+                        "regime": "trained",
+                        "nu_max_rel": float(((nu.double() - tr.nu).abs() / tr.nu).max()),
+                    }
+                )
         log(f"norm acc {d_out}x{d_in} r={r}: worst rel {max(x['nu_max_rel'] for x in rows):.3e}")
     return rows
 
@@ -145,10 +178,19 @@ def acc_backward(quick):
                 u_dl = float(ulp_error(d_lora.double(), ex_dl, fmt).max())
                 dg = (dy.double() * (base.double() + c.s * lora.double())).sum(0)
                 dm_t = dg / tr.nu
-                rel_dm = ((d_m.double() - dm_t).abs() / dm_t.abs().clamp_min(1e-300))
-                rows.append({"dtype": dt, "regime": regime, "save": save, "d_base_max_ulp": u_db,
-                             "d_lora_max_ulp": u_dl, "d_m_max_rel": float(rel_dm.max()),
-                             "d_m_median_rel": float(rel_dm.median()), "bitwise_identical_20_runs": bool(same)})
+                rel_dm = (d_m.double() - dm_t).abs() / dm_t.abs().clamp_min(1e-300)
+                rows.append(
+                    {
+                        "dtype": dt,
+                        "regime": regime,
+                        "save": save,
+                        "d_base_max_ulp": u_db,
+                        "d_lora_max_ulp": u_dl,
+                        "d_m_max_rel": float(rel_dm.max()),
+                        "d_m_median_rel": float(rel_dm.median()),
+                        "bitwise_identical_20_runs": bool(same),
+                    }
+                )
                 del g64
         log(f"backward acc {dt} done")
     return rows
@@ -177,8 +219,9 @@ def acc_lora_compose(quick):
             y, lora = lora_compose_forward_fused(base, xa, c.B, c.g, bias, c.s, write_lora=True)
             exact = xa.double() @ c.B.double().t()
             mag = xa.double().abs() @ c.B.double().abs().t()
-            lora_ratio = float(((lora.double() - exact).abs() / (fmt.u * exact.abs() + (r + 1) * u32 * mag)
-                                .clamp_min(1e-300)).max())
+            lora_ratio = float(
+                ((lora.double() - exact).abs() / (fmt.u * exact.abs() + (r + 1) * u32 * mag).clamp_min(1e-300)).max()
+            )
             y_ulp = float(ulp_error(y.double(), compose_truth(base, lora, c.g, c.s, bias).y, fmt).max())
             m = c.magnitude().clone().requires_grad_()
             nu = factored_row_norm(c.W, c.A, c.B, c.s)
@@ -192,21 +235,39 @@ def acc_lora_compose(quick):
                 res.append((x_.grad, B_.grad, m.grad.clone()))
             same = all(torch.equal(a, b) for rr in res[1:] for a, b in zip(rr, res[0]))
             d_xa, d_B, d_m = res[0]
-            gk = (c.magnitude() / nu)
+            gk = c.magnitude() / nu
             dg = (dy.double() * (base.double() + c.s * lora.double())).sum(0)
             dm_t = dg / row_norm_truth(c.W, c.A, c.B, c.s).nu
             rel_dm = float(((d_m.double() - dm_t).abs() / dm_t.abs().clamp_min(1e-300)).max())
             gs = (gk * c.s).double()
             ex_B = gs[:, None] * (dy.double().t() @ xa.double())
             mag_B = gs.abs()[:, None] * (dy.double().abs().t() @ xa.double().abs())
-            ratio_B = float(((d_B.double() - ex_B).abs() / (fmt.u * ex_B.abs() + (T + 2) * u32 * mag_B).clamp_min(1e-300)).max())
+            ratio_B = float(
+                ((d_B.double() - ex_B).abs() / (fmt.u * ex_B.abs() + (T + 2) * u32 * mag_B).clamp_min(1e-300)).max()
+            )
             ex_x = dy.double() @ (gs[:, None] * c.B.double())
             mag_x = dy.double().abs() @ (gs.abs()[:, None] * c.B.double().abs())
-            ratio_x = float(((d_xa.double() - ex_x).abs() / (fmt.u * ex_x.abs() + (fmt.u + (d_out + 2) * u32) * mag_x)
-                             .clamp_min(1e-300)).max())
-            rows.append({"dtype": dt, "regime": regime, "T": T, "d_out": d_out, "r": r, "lora_over_gemm_bound": lora_ratio,
-                         "y_max_ulp": y_ulp, "d_m_max_rel": rel_dm, "d_B_over_bound": ratio_B, "d_xa_over_bound": ratio_x,
-                         "bitwise_identical_20_runs": bool(same)})
+            ratio_x = float(
+                (
+                    (d_xa.double() - ex_x).abs()
+                    / (fmt.u * ex_x.abs() + (fmt.u + (d_out + 2) * u32) * mag_x).clamp_min(1e-300)
+                ).max()
+            )
+            rows.append(
+                {
+                    "dtype": dt,
+                    "regime": regime,
+                    "T": T,
+                    "d_out": d_out,
+                    "r": r,
+                    "lora_over_gemm_bound": lora_ratio,
+                    "y_max_ulp": y_ulp,
+                    "d_m_max_rel": rel_dm,
+                    "d_B_over_bound": ratio_B,
+                    "d_xa_over_bound": ratio_x,
+                    "bitwise_identical_20_runs": bool(same),
+                }
+            )
             log(rows[-1])
     return rows
 
@@ -234,9 +295,18 @@ def acc_parity():
     names = ("y", "d_base", "d_lora", "d_m")
     for a, b in (("fused", "eager"), ("fused", "peft"), ("eager", "peft")):
         for n, x, z in zip(names, outs[a], outs[b]):
-            rows.append({"pair": f"{a} vs {b}", "output": n,
-                         "max_rel": float(((x.double() - z.double()).abs().max() / z.double().abs().max())),
-                         "max_elementwise_rel": float(((x.double() - z.double()).abs() / z.double().abs().clamp_min(1e-30)).quantile(0.999)) if x.numel() < 2**24 else None})
+            rows.append(
+                {
+                    "pair": f"{a} vs {b}",
+                    "output": n,
+                    "max_rel": float(((x.double() - z.double()).abs().max() / z.double().abs().max())),
+                    "max_elementwise_rel": float(
+                        ((x.double() - z.double()).abs() / z.double().abs().clamp_min(1e-30)).quantile(0.999)
+                    )
+                    if x.numel() < 2**24
+                    else None,
+                }
+            )
     return rows
 
 
@@ -253,15 +323,40 @@ def tune_wa():
         ref = W.double() @ A.double().t()
         if mode == 0:
             t_cublas = bench_ms(lambda: torch.mm(W, A.t(), out_dtype=torch.float32))
-            rows.append({"mode": 0, "config": "cublas mm out_dtype=fp32", "ms": t_cublas,
-                         "max_rel": float(((torch.mm(W, A.t(), out_dtype=torch.float32).double() - ref).abs() / ref.abs()).max())})
+            rows.append(
+                {
+                    "mode": 0,
+                    "config": "cublas mm out_dtype=fp32",
+                    "ms": t_cublas,
+                    "max_rel": float(
+                        ((torch.mm(W, A.t(), out_dtype=torch.float32).double() - ref).abs() / ref.abs()).max()
+                    ),
+                }
+            )
             log(rows[-1])
-        cands = ([(64, 128, 128, 2, 4, 3), (128, 128, 128, 1, 8, 3), (64, 128, 64, 4, 4, 4), (128, 128, 128, 2, 8, 3),
-                  (64, 128, 128, 2, 4, 4), (64, 128, 64, 4, 4, 5)]
-                 if mode == 0 else
-                 [(128, 128, 64, 1, 8, 2), (64, 128, 64, 1, 4, 3), (64, 128, 32, 2, 4, 4), (128, 128, 32, 2, 8, 3),
-                  (64, 64, 64, 1, 4, 3), (64, 128, 64, 1, 4, 4), (128, 64, 64, 1, 4, 3), (64, 128, 64, 1, 4, 5),
-                  (128, 128, 64, 1, 8, 3), (64, 256, 64, 1, 8, 3)])
+        cands = (
+            [
+                (64, 128, 128, 2, 4, 3),
+                (128, 128, 128, 1, 8, 3),
+                (64, 128, 64, 4, 4, 4),
+                (128, 128, 128, 2, 8, 3),
+                (64, 128, 128, 2, 4, 4),
+                (64, 128, 64, 4, 4, 5),
+            ]
+            if mode == 0
+            else [
+                (128, 128, 64, 1, 8, 2),
+                (64, 128, 64, 1, 4, 3),
+                (64, 128, 32, 2, 4, 4),
+                (128, 128, 32, 2, 8, 3),
+                (64, 64, 64, 1, 4, 3),
+                (64, 128, 64, 1, 4, 4),
+                (128, 64, 64, 1, 4, 3),
+                (64, 128, 64, 1, 4, 5),
+                (128, 128, 64, 1, 8, 3),
+                (64, 256, 64, 1, 8, 3),
+            ]
+        )
         for tma, table in ((False, nm.WA_CONFIG), (True, nm.WA_TMA_CONFIG)):
             keep = table[mode]
             for cfg in cands:
@@ -290,9 +385,11 @@ def profile_pieces():
     layer = DoRALinear(lin, r, 2 * r)
     x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
     tables = {}
-    for name, fn in (("norm", lambda: factored_row_norm(W, A, B, 2.0, wsq=wsq, validate=False)),
-                     ("layer_fwd", lambda: layer(x)),
-                     ("layer_fwdbwd", lambda: layer(x).sum().backward())):
+    for name, fn in (
+        ("norm", lambda: factored_row_norm(W, A, B, 2.0, wsq=wsq, validate=False)),
+        ("layer_fwd", lambda: layer(x)),
+        ("layer_fwdbwd", lambda: layer(x).sum().backward()),
+    ):
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
@@ -316,22 +413,34 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     parts = set(a.parts.split(","))
     torch.manual_seed(0)
-    rep = {"provenance": provenance.provenance(torch.device("cuda")), "seed": 0, "quick": a.quick, "has_mm_out_dtype": None}
+    rep = {
+        "provenance": provenance.provenance(torch.device("cuda")),
+        "seed": 0,
+        "quick": a.quick,
+        "has_mm_out_dtype": None,
+    }
     try:
-        torch.mm(torch.ones(2, 2, device="cuda", dtype=torch.bfloat16), torch.ones(2, 2, device="cuda", dtype=torch.bfloat16), out_dtype=torch.float32)
+        torch.mm(
+            torch.ones(2, 2, device="cuda", dtype=torch.bfloat16),
+            torch.ones(2, 2, device="cuda", dtype=torch.bfloat16),
+            out_dtype=torch.float32,
+        )
         rep["has_mm_out_dtype"] = True
     except Exception as e:  # noqa: BLE001
         rep["has_mm_out_dtype"] = repr(e)[:200]
     t0 = time.time()
+
     def part(name, fn, *args):
         try:
             rep[name] = fn(*args)
         except Exception as e:  # noqa: BLE001 - record and go on: one failure must not lose the rest
             import traceback
+
             rep[name] = {"error": traceback.format_exc()}
             log(f"PART {name} FAILED: {e!r}")
         with open(os.path.join(a.out, "report.json"), "w") as f:  # after every part: a timeout keeps the rest
             json.dump(rep, f, indent=1, default=str)
+
     if "acc" in parts:
         part("compose_accuracy", acc_compose, a.quick)
         for x in rep["compose_accuracy"] if isinstance(rep["compose_accuracy"], list) else []:

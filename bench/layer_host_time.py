@@ -4,6 +4,7 @@ integration's functions timed by wrappers. Run on a GPU from outside the reposit
 
     python3 /path/to/bench/layer_host_time.py [--tokens 256 --d 4096 --r 16]
 """
+
 import argparse
 import collections
 import functools
@@ -61,6 +62,7 @@ def main():
                 return fn(*args, **kwargs)
             finally:
                 spent[label] += time.perf_counter() - t
+
         setattr(owner, name, staticmethod(timed) if isinstance(raw, staticmethod) else timed)
 
     wrap(peft_layer.Linear, "forward", "PEFT Linear.forward (the layer's forward)")
@@ -82,8 +84,10 @@ def main():
         torch.autograd.grad(y, [x] + params, dy)
         grad_s += time.perf_counter() - t
     torch.cuda.synchronize()
-    print(f"wrapped: {(time.perf_counter() - t0) / n * 1e6:.0f} µs per forward+backward, of which "
-          f"autograd.grad {grad_s / n * 1e6:.0f}")
+    print(
+        f"wrapped: {(time.perf_counter() - t0) / n * 1e6:.0f} µs per forward+backward, of which "
+        f"autograd.grad {grad_s / n * 1e6:.0f}"
+    )
     for label, s in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"  {label:44s} {s / n * 1e6:7.1f} µs")
     bm.use_integration(False)

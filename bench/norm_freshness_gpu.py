@@ -9,6 +9,7 @@ against float64, for ``DoRALinear`` and the PEFT integration, and HF gradient ch
 
     python3 bench/norm_freshness_gpu.py --out $OUT/freshness.json     # about 2 minutes on an H200
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,18 +79,34 @@ def layer_costs(d_out: int, d_in: int, r: int, adapters: str, tokens: int) -> di
     with torch.no_grad(), frozen_norms():  # a long-lived scope: every call after the first reuses ν
         layer(x1)
         frozen_decode = interleaved({"decode_frozen": lambda: layer(x1), "prefill_frozen": lambda: layer(x)})
-    t = interleaved({"wsq_pass": lambda: weight_row_sq(W), "norm": layer.weight_norm, "step": step,
-                     "step_ckpt": step_ckpt, "decode_fresh": lambda: infer(x1), "prefill_fresh": lambda: infer(x)})
+    t = interleaved(
+        {
+            "wsq_pass": lambda: weight_row_sq(W),
+            "norm": layer.weight_norm,
+            "step": step,
+            "step_ckpt": step_ckpt,
+            "decode_fresh": lambda: infer(x1),
+            "prefill_fresh": lambda: infer(x),
+        }
+    )
     t.update(frozen_decode)
     w_bytes = W.numel() * W.element_size()
-    return {"d_out": d_out, "d_in": d_in, "r": r, "adapters": adapters, "tokens": tokens, "ms": t,
-            "wsq_TBps": round(w_bytes / (t["wsq_pass"] * 1e-3) / 1e12, 3),
-            "wsq_over_step": round(t["wsq_pass"] / t["step"], 4),
-            "norm_over_step": round(t["norm"] / t["step"], 4),  # what the recompute's second norm costs
-            "ckpt_step_over_step": round(t["step_ckpt"] / t["step"], 3),
-            "decode_fresh_over_frozen": round(t["decode_fresh"] / t["decode_frozen"], 3),
-            "prefill_fresh_over_frozen": round(t["prefill_fresh"] / t["prefill_frozen"], 3),
-            "graph_captures": layer.row_norm.captures, "graph_error": layer.row_norm.graph_error}
+    return {
+        "d_out": d_out,
+        "d_in": d_in,
+        "r": r,
+        "adapters": adapters,
+        "tokens": tokens,
+        "ms": t,
+        "wsq_TBps": round(w_bytes / (t["wsq_pass"] * 1e-3) / 1e12, 3),
+        "wsq_over_step": round(t["wsq_pass"] / t["step"], 4),
+        "norm_over_step": round(t["norm"] / t["step"], 4),  # what the recompute's second norm costs
+        "ckpt_step_over_step": round(t["step_ckpt"] / t["step"], 3),
+        "decode_fresh_over_frozen": round(t["decode_fresh"] / t["decode_frozen"], 3),
+        "prefill_fresh_over_frozen": round(t["prefill_fresh"] / t["prefill_frozen"], 3),
+        "graph_captures": layer.row_norm.captures,
+        "graph_error": layer.row_norm.graph_error,
+    }
 
 
 def nu_rel_err(W, A, B, s, nu) -> float:
@@ -110,16 +127,27 @@ def fused_adamw_layer(adapters: str) -> dict:
         opt.step()
         opt.zero_grad()
     nu = layer.weight_norm()
-    return {"adapters": adapters, "nu_rel_err": nu_rel_err(lin.weight, layer.lora_A, layer.lora_B, layer.scaling, nu),
-            "graph_replays": layer.row_norm.replays, "graph_error": layer.row_norm.graph_error}
+    return {
+        "adapters": adapters,
+        "nu_rel_err": nu_rel_err(lin.weight, layer.lora_A, layer.lora_B, layer.scaling, nu),
+        "graph_replays": layer.row_norm.replays,
+        "graph_error": layer.row_norm.graph_error,
+    }
 
 
 def _tiny_llama(dtype, seed=0):
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
-                                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
     return transformers.LlamaForCausalLM(cfg).to(device="cuda", dtype=dtype)
 
 
@@ -127,8 +155,11 @@ def _peft_model(dtype, autocast_adapter_dtype):
     from peft import LoraConfig, get_peft_model
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(_tiny_llama(dtype), LoraConfig(r=16, lora_alpha=32, use_dora=True, target_modules=targets),
-                           autocast_adapter_dtype=autocast_adapter_dtype)
+    model = get_peft_model(
+        _tiny_llama(dtype),
+        LoraConfig(r=16, lora_alpha=32, use_dora=True, target_modules=targets),
+        autocast_adapter_dtype=autocast_adapter_dtype,
+    )
     g = torch.Generator(device="cuda").manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -175,7 +206,9 @@ def hf_checkpointing_bitwise(dtype, autocast_adapter_dtype) -> dict:
         for mode in ("none", "reentrant", "non_reentrant"):
             model = copy.deepcopy(start)
             if mode != "none":
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"}
+                )
                 model.enable_input_require_grads()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
             out = []
@@ -189,8 +222,10 @@ def hf_checkpointing_bitwise(dtype, autocast_adapter_dtype) -> dict:
                     opt.zero_grad()
             runs[mode] = out
         for mode in ("reentrant", "non_reentrant"):
-            same = all(torch.equal(a[0], b[0]) and all(torch.equal(u, v) for u, v in zip(a[1], b[1]))
-                       for a, b in zip(runs["none"], runs[mode]))
+            same = all(
+                torch.equal(a[0], b[0]) and all(torch.equal(u, v) for u, v in zip(a[1], b[1]))
+                for a, b in zip(runs["none"], runs[mode])
+            )
             res[f"{impl}_{mode}_bitwise"] = same
             res[f"{impl}_{mode}_losses"] = [float(a[0]) for a in runs[mode]]
         res[f"{impl}_none_losses"] = [float(a[0]) for a in runs["none"]]
@@ -213,8 +248,14 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("norm_freshness_gpu.py: needs a CUDA GPU", file=sys.stderr)
         return 2
-    shapes = [(4096, 4096, 16, "bf16"), (4096, 4096, 16, "fp32"), (14336, 4096, 16, "bf16"),
-              (4096, 14336, 64, "bf16"), (8192, 8192, 64, "bf16"), (8192, 8192, 384, "bf16")]
+    shapes = [
+        (4096, 4096, 16, "bf16"),
+        (4096, 4096, 16, "fp32"),
+        (14336, 4096, 16, "bf16"),
+        (4096, 14336, 64, "bf16"),
+        (8192, 8192, 64, "bf16"),
+        (8192, 8192, 384, "bf16"),
+    ]
     if args.quick:
         shapes = shapes[:2]
     rep = {"kind": "norm_freshness", "provenance": provenance(torch.device("cuda")), "tokens": 8192, "layers": []}
@@ -223,9 +264,15 @@ def main(argv=None) -> int:
         rep["layers"].append(row)
         print(json.dumps(row), flush=True)
     rep["fused_adamw_layer"] = [fused_adamw_layer(a) for a in ("bf16", "fp32")]
-    rep["fused_adamw_peft"] = [fused_adamw_peft(torch.bfloat16, True), fused_adamw_peft(torch.bfloat16, False),
-                               fused_adamw_peft(torch.float32, True)]
-    rep["hf_checkpointing"] = [hf_checkpointing_bitwise(torch.bfloat16, True), hf_checkpointing_bitwise(torch.bfloat16, False)]
+    rep["fused_adamw_peft"] = [
+        fused_adamw_peft(torch.bfloat16, True),
+        fused_adamw_peft(torch.bfloat16, False),
+        fused_adamw_peft(torch.float32, True),
+    ]
+    rep["hf_checkpointing"] = [
+        hf_checkpointing_bitwise(torch.bfloat16, True),
+        hf_checkpointing_bitwise(torch.bfloat16, False),
+    ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(rep, indent=1))
@@ -234,8 +281,10 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for row in rep["layers"]:
         t = row["ms"]
-        print(f"| {row['d_out']}×{row['d_in']} | {row['r']} | {row['adapters']} | {t['step']:.3f} | {t['wsq_pass']:.4f} "
-              f"| {row['wsq_over_step']:.2%} | {row['norm_over_step']:.2%} | {row['decode_fresh_over_frozen']:.2f} |")
+        print(
+            f"| {row['d_out']}×{row['d_in']} | {row['r']} | {row['adapters']} | {t['step']:.3f} | {t['wsq_pass']:.4f} "
+            f"| {row['wsq_over_step']:.2%} | {row['norm_over_step']:.2%} | {row['decode_fresh_over_frozen']:.2f} |"
+        )
     for k in ("fused_adamw_layer", "fused_adamw_peft", "hf_checkpointing"):
         for row in rep[k]:
             print(k, json.dumps(row))

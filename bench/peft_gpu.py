@@ -10,6 +10,7 @@ backward, AdamW) timed with CUDA events, median of repeats after warm-up; peak m
 during the step minus memory allocated before it. Both for PEFT's default fp32 adapters and bf16 adapters.
 Writes DIR/peft_gpu.json and DIR/peft_gpu.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,22 @@ def llama_with_dora(hidden, intermediate, layers, adapters, dtype=torch.bfloat16
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate,
-                                   num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16,
-                                   max_position_embeddings=4096)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=4096,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     model = (model.to(torch.bfloat16) if via_bf16 else model).to(dtype)
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, use_dora=True, target_modules=TARGETS),
-                           autocast_adapter_dtype=adapters == "fp32")
+    model = get_peft_model(
+        model,
+        LoraConfig(r=64, lora_alpha=128, use_dora=True, target_modules=TARGETS),
+        autocast_adapter_dtype=adapters == "fp32",
+    )
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -53,8 +63,9 @@ def llama_with_dora(hidden, intermediate, layers, adapters, dtype=torch.bfloat16
 
 
 def build(quick, adapters, dtype=torch.bfloat16, seed=0):
-    return llama_with_dora(1024 if quick else 2048, 2816 if quick else 5632, 2 if quick else 4, adapters, dtype,
-                           seed).cuda()
+    return llama_with_dora(
+        1024 if quick else 2048, 2816 if quick else 5632, 2 if quick else 4, adapters, dtype, seed
+    ).cuda()
 
 
 def run_step(model, ids, opt=None):
@@ -84,7 +95,7 @@ def parity(quick, log):
         res = {}
         for name, m, use in (("ref64", ref, False), ("stock", model, False), ("ours", model, True)):
             m.zero_grad(set_to_none=True)
-            with (dv_peft.enabled() if use else torch.enable_grad()):
+            with dv_peft.enabled() if use else torch.enable_grad():
                 out = run_step(m, ids)
             res[name] = (out.logits.detach().double(), float(out.loss), grads(m))
         rec = {"adapters": adapters, "tokens": bs * T}
@@ -114,7 +125,7 @@ def speed(quick, log):
             model = build(quick, adapters)
             model.train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            with (dv_peft.enabled() if use else torch.enable_grad()):
+            with dv_peft.enabled() if use else torch.enable_grad():
                 step = functools.partial(run_step, model, ids, opt)
                 for _ in range(3):
                     step()
@@ -136,27 +147,35 @@ def speed(quick, log):
 
 def markdown(res):
     p = res["provenance"]
-    lines = ["# PEFT integration on one GPU: parity and training-step speed\n",
-             f"Commit `{p.get('git', {}).get('commit')}`; device {p.get('device', {}).get('name')}; "
-             f"torch {p.get('versions', {}).get('torch')}, peft {res['peft']}, transformers {res['transformers']}; "
-             f"produced by `python3 bench/peft_gpu.py` in {res['seconds']:.0f} s.\n",
-             f"Model: random Llama-style ({res['model']}), DoRA r = 64 on all seven projections, B ~ N(0, 1e-3), "
-             "m perturbed by 1%. Errors against the same model in float64 (stock PEFT), max-abs normalised.\n",
-             "## Parity (bf16 base model)\n",
-             "| adapters | logits err: stock / ours | grad A err: stock / ours | grad B: stock / ours | grad m: stock / ours | ours vs stock logits |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# PEFT integration on one GPU: parity and training-step speed\n",
+        f"Commit `{p.get('git', {}).get('commit')}`; device {p.get('device', {}).get('name')}; "
+        f"torch {p.get('versions', {}).get('torch')}, peft {res['peft']}, transformers {res['transformers']}; "
+        f"produced by `python3 bench/peft_gpu.py` in {res['seconds']:.0f} s.\n",
+        f"Model: random Llama-style ({res['model']}), DoRA r = 64 on all seven projections, B ~ N(0, 1e-3), "
+        "m perturbed by 1%. Errors against the same model in float64 (stock PEFT), max-abs normalised.\n",
+        "## Parity (bf16 base model)\n",
+        "| adapters | logits err: stock / ours | grad A err: stock / ours | grad B: stock / ours | grad m: stock / ours | ours vs stock logits |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res["parity"]:
-        lines.append(f"| {r['adapters']} | {r['stock_logits_rel_err']:.3g} / {r['ours_logits_rel_err']:.3g} | "
-                     f"{r['stock_grad_lora_A_rel_err_max']:.3g} / {r['ours_grad_lora_A_rel_err_max']:.3g} | "
-                     f"{r['stock_grad_lora_B_rel_err_max']:.3g} / {r['ours_grad_lora_B_rel_err_max']:.3g} | "
-                     f"{r['stock_grad_lora_magnitude_vector_rel_err_max']:.3g} / {r['ours_grad_lora_magnitude_vector_rel_err_max']:.3g} | "
-                     f"{r['ours_vs_stock_logits_rel']:.3g} |")
-    lines += ["\n## Training step (forward, backward, AdamW; median of CUDA-event timings)\n",
-              "| adapters | batch × seq | stock PEFT ms | with integration ms | speed-up | peak GiB stock / ours |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['adapters']} | {r['stock_logits_rel_err']:.3g} / {r['ours_logits_rel_err']:.3g} | "
+            f"{r['stock_grad_lora_A_rel_err_max']:.3g} / {r['ours_grad_lora_A_rel_err_max']:.3g} | "
+            f"{r['stock_grad_lora_B_rel_err_max']:.3g} / {r['ours_grad_lora_B_rel_err_max']:.3g} | "
+            f"{r['stock_grad_lora_magnitude_vector_rel_err_max']:.3g} / {r['ours_grad_lora_magnitude_vector_rel_err_max']:.3g} | "
+            f"{r['ours_vs_stock_logits_rel']:.3g} |"
+        )
+    lines += [
+        "\n## Training step (forward, backward, AdamW; median of CUDA-event timings)\n",
+        "| adapters | batch × seq | stock PEFT ms | with integration ms | speed-up | peak GiB stock / ours |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res["speed"]:
-        lines.append(f"| {r['adapters']} | {r['batch']}×{r['seq']} | {r['stock_step_ms']:.2f} | {r['ours_step_ms']:.2f} | "
-                     f"{r['speedup']:.2f}× | {r['stock_peak_gib']:.2f} / {r['ours_peak_gib']:.2f} |")
+        lines.append(
+            f"| {r['adapters']} | {r['batch']}×{r['seq']} | {r['stock_step_ms']:.2f} | {r['ours_step_ms']:.2f} | "
+            f"{r['speedup']:.2f}× | {r['stock_peak_gib']:.2f} / {r['ours_peak_gib']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -171,9 +190,14 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     log = lambda *a: print(*a, flush=True)  # noqa: E731
-    res = {"provenance": provenance.provenance(torch.device("cuda")), "seed": 0, "quick": args.quick,
-           "peft": peft.__version__, "transformers": transformers.__version__,
-           "model": "hidden 1024, 2 layers" if args.quick else "hidden 2048, intermediate 5632, 4 layers, vocab 32000"}
+    res = {
+        "provenance": provenance.provenance(torch.device("cuda")),
+        "seed": 0,
+        "quick": args.quick,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "model": "hidden 1024, 2 layers" if args.quick else "hidden 2048, intermediate 5632, 4 layers, vocab 32000",
+    }
     res["parity"] = parity(args.quick, log)
     res["speed"] = speed(args.quick, log)
     res["seconds"] = time.time() - t0

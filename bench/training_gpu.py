@@ -26,6 +26,7 @@ checkpointing checks, seeds, sizes, versions of torch / peft / transformers / tr
 (``DORA_VERIFY_COMMIT`` overrides it on a copied tree), and prints a table. Exit status 0 when every check passes,
 1 otherwise (the JSON is written either way), 2 when the device is missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,15 +45,35 @@ import torch.nn.functional as F
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIZES = {
-    "full": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=4, vocab_size=2048, max_position_embeddings=256, r=16, batch=4, seq=128),
-    "quick": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, r=8, batch=2, seq=16),
+    "full": dict(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=2048,
+        max_position_embeddings=256,
+        r=16,
+        batch=4,
+        seq=128,
+    ),
+    "quick": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        r=8,
+        batch=2,
+        seq=16,
+    ),
 }
 SEEDS = {"model": 0, "lora_B": 1, "data": 2, "eval": 3}
 B_STD = 0.02
 LR = {"sgd": 0.1, "adamw": 1e-2, "data_sgd": 0.1}
-U = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float64: 2.0 ** -53}
+U = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
 F_VEC, F_LOSS = 2.0, 8.0
 PRECISIONS = {  # name: (model kind, autocast dtype or None)
     "fp32": ("fp32", None),
@@ -78,15 +99,18 @@ def build(kind: str, size: dict, device):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(SEEDS["model"])
-    cfg = transformers.LlamaConfig(**{k: v for k, v in size.items() if k not in ("r", "batch", "seq")},
-                                   attn_implementation="eager")
+    cfg = transformers.LlamaConfig(
+        **{k: v for k, v in size.items() if k not in ("r", "batch", "seq")}, attn_implementation="eager"
+    )
     model = transformers.LlamaForCausalLM(cfg)
     assert model.config._attn_implementation == "eager"
     if kind != "fp32":
         model = model.to(torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(r=size["r"], lora_alpha=2 * size["r"], use_dora=True,
-                                             target_modules=TARGETS, lora_dropout=0.0),
-                           autocast_adapter_dtype=kind != "bf16_all")
+    model = get_peft_model(
+        model,
+        LoraConfig(r=size["r"], lora_alpha=2 * size["r"], use_dora=True, target_modules=TARGETS, lora_dropout=0.0),
+        autocast_adapter_dtype=kind != "bf16_all",
+    )
     g = torch.Generator().manual_seed(SEEDS["lora_B"])
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -98,8 +122,9 @@ def build(kind: str, size: dict, device):
 def data(size, steps, device):
     g = torch.Generator().manual_seed(SEEDS["data"])
     ids = [torch.randint(0, size["vocab_size"], (size["batch"], size["seq"]), generator=g) for _ in range(steps)]
-    ev = torch.randint(0, size["vocab_size"], (size["batch"], size["seq"]),
-                       generator=torch.Generator().manual_seed(SEEDS["eval"]))
+    ev = torch.randint(
+        0, size["vocab_size"], (size["batch"], size["seq"]), generator=torch.Generator().manual_seed(SEEDS["eval"])
+    )
     return [t.to(device) for t in ids], ev.to(device)
 
 
@@ -131,6 +156,7 @@ def ref_opt(name):
 def implementation(impl):
     if impl == "integration":
         from dora_verify.kernels import peft as dv_peft
+
         with dv_peft.enabled():
             yield
     else:
@@ -145,8 +171,9 @@ def train(model, opt_name, impl, batches, device, amp=None, ckpt=None, compile_b
     """K steps; returns losses (float64 list), per-step gradients, final parameters, recompute count, skipped steps."""
     params = [p for _, p in trainable(model)]
     opt = make_opt(opt_name, params)
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 12, growth_interval=10 ** 6) \
-        if amp == torch.float16 else None
+    scaler = (
+        torch.amp.GradScaler(device.type, init_scale=2.0**12, growth_interval=10**6) if amp == torch.float16 else None
+    )
     if ckpt is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": ckpt})
         if ckpt:
@@ -182,9 +209,14 @@ def train(model, opt_name, impl, batches, device, amp=None, ckpt=None, compile_b
     finally:
         if hook is not None:
             hook.remove()
-    return {"losses": [float(x) for x in torch.stack(losses).double().cpu()], "grads": grads,
-            "params": {n: p.detach().clone() for n, p in trainable(model)}, "forwards": count[0],
-            "skipped_steps": skipped, "model": model}
+    return {
+        "losses": [float(x) for x in torch.stack(losses).double().cpu()],
+        "grads": grads,
+        "params": {n: p.detach().clone() for n, p in trainable(model)},
+        "forwards": count[0],
+        "skipped_steps": skipped,
+        "model": model,
+    }
 
 
 def logits_at(model, impl, ev, device, amp):
@@ -239,24 +271,32 @@ class Bench:
             out["error_in"] = "integration" if "error" in ours else "stock"
             out["passed"] = {"runs": False}
             return out
-        tol = {"D_L": F_LOSS * st["D_L"] + 6 * U[torch.float32],
-               "D_theta": F_VEC * st["D_theta"] + self.steps * u_theta * sq(ref["params"]) / upd,
-               "D_z": F_VEC * ours["D_z_stock_same_params"] + ours["u_out"] / 2}
+        tol = {
+            "D_L": F_LOSS * st["D_L"] + 6 * U[torch.float32],
+            "D_theta": F_VEC * st["D_theta"] + self.steps * u_theta * sq(ref["params"]) / upd,
+            "D_z": F_VEC * ours["D_z_stock_same_params"] + ours["u_out"] / 2,
+        }
         out.update(tolerance=tol, passed={k: ours[k] <= tol[k] for k in tol})
         return out
 
     def _one(self, kind, amp, opt, impl, ref, upd, compile_backend):
-        r = train(copy.deepcopy(self.init(kind)), opt, impl, self.batches, self.device, amp,
-                  compile_backend=compile_backend)
+        r = train(
+            copy.deepcopy(self.init(kind)), opt, impl, self.batches, self.device, amp, compile_backend=compile_backend
+        )
         z = logits_at(r["model"], impl, self.ev, self.device, amp)
         z_stock = logits_at(r["model"], "stock", self.ev, self.device, amp)
         z64 = logits_at(copy.deepcopy(r["model"]).double(), "stock", self.ev, self.device, None).double()
         rel = lambda a: float((a.double() - z64).norm() / z64.norm())  # noqa: E731
         l64 = torch.tensor(ref["losses"], dtype=torch.float64)
-        return {"losses": r["losses"], "skipped_steps": r["skipped_steps"],
-                "D_L": float(((torch.tensor(r["losses"], dtype=torch.float64) - l64).abs() / l64.abs()).max()),
-                "D_theta": sq(r["params"], ref["params"]) / upd,
-                "D_z": rel(z), "D_z_stock_same_params": rel(z_stock), "u_out": U[z.dtype]}
+        return {
+            "losses": r["losses"],
+            "skipped_steps": r["skipped_steps"],
+            "D_L": float(((torch.tensor(r["losses"], dtype=torch.float64) - l64).abs() / l64.abs()).max()),
+            "D_theta": sq(r["params"], ref["params"]) / upd,
+            "D_z": rel(z),
+            "D_z_stock_same_params": rel(z_stock),
+            "u_out": U[z.dtype],
+        }
 
     def checkpointing(self, precision, opt, reentrant):
         kind, amp = PRECISIONS[precision]
@@ -264,11 +304,13 @@ class Bench:
         for impl in ("stock", "integration"):
             a = train(copy.deepcopy(self.init(kind)), opt, impl, self.batches, self.device, amp)
             b = train(copy.deepcopy(self.init(kind)), opt, impl, self.batches, self.device, amp, ckpt=reentrant)
-            res[impl] = {"recomputed": b["forwards"] == 2 * a["forwards"],
-                         "bitwise_losses": a["losses"] == b["losses"],
-                         "bitwise_grads": all(torch.equal(ga[n], gb[n]) for ga, gb in zip(a["grads"], b["grads"])
-                                              for n in ga),
-                         "losses": a["losses"], "losses_ckpt": b["losses"]}
+            res[impl] = {
+                "recomputed": b["forwards"] == 2 * a["forwards"],
+                "bitwise_losses": a["losses"] == b["losses"],
+                "bitwise_grads": all(torch.equal(ga[n], gb[n]) for ga, gb in zip(a["grads"], b["grads"]) for n in ga),
+                "losses": a["losses"],
+                "losses_ckpt": b["losses"],
+            }
         st, ours = res["stock"], res["integration"]
         stock_bitwise = st["bitwise_losses"] and st["bitwise_grads"]
         res["stock_bitwise"] = stock_bitwise
@@ -336,8 +378,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip remaining configurations past this time")
-    ap.add_argument("--compile-reserve-s", type=float, default=120.0,
-                    help="start the compiled configuration only with this much of the budget left")
+    ap.add_argument(
+        "--compile-reserve-s",
+        type=float,
+        default=120.0,
+        help="start the compiled configuration only with this much of the budget left",
+    )
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -354,12 +400,24 @@ def main(argv=None) -> int:
     steps = args.steps or (4 if args.quick else 6)
     bench = Bench(size, steps, device)
     cfgs, ckpts, compiled = grid()
-    res = {"format": "dora-verify-training/1", "provenance": provenance.provenance(device), "versions": versions(),
-           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-           "commit": provenance.git_state().get("commit"), "seeds": SEEDS, "size": size, "steps": steps,
-           "lr": LR, "b_std": B_STD, "attention": "eager", "tf32": False,
-           "factors": {"F_vec": F_VEC, "F_loss": F_LOSS, "loss_floor_u32": 6}, "configs": [], "checkpointing": [],
-           "skipped": []}
+    res = {
+        "format": "dora-verify-training/1",
+        "provenance": provenance.provenance(device),
+        "versions": versions(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "commit": provenance.git_state().get("commit"),
+        "seeds": SEEDS,
+        "size": size,
+        "steps": steps,
+        "lr": LR,
+        "b_std": B_STD,
+        "attention": "eager",
+        "tf32": False,
+        "factors": {"F_vec": F_VEC, "F_loss": F_LOSS, "loss_floor_u32": 6},
+        "configs": [],
+        "checkpointing": [],
+        "skipped": [],
+    }
 
     def guarded(fn, label, *a, _reserve=0.0, **k):
         if time.time() - t0 > args.budget_s - _reserve:
@@ -381,14 +439,19 @@ def main(argv=None) -> int:
             res["checkpointing"].append({"precision": prec, "optimizer": opt, "use_reentrant": reentrant, **r})
             print(f"[{time.time() - t0:6.1f}s] checkpointing {prec}/{opt}/reentrant={reentrant}", flush=True)
     if not args.no_compile:  # last, and only with time left for two compilations (stock and integration)
-        r = guarded(bench.compare, "compile", *compiled, compile_backend=args.compile_backend,
-                    _reserve=args.compile_reserve_s)
+        r = guarded(
+            bench.compare, "compile", *compiled, compile_backend=args.compile_backend, _reserve=args.compile_reserve_s
+        )
         if r is not None:
-            res["configs"].append({"precision": compiled[0], "optimizer": compiled[1],
-                                   "compile": args.compile_backend, **r})
+            res["configs"].append(
+                {"precision": compiled[0], "optimizer": compiled[1], "compile": args.compile_backend, **r}
+            )
             print(f"[{time.time() - t0:6.1f}s] compile {compiled}", flush=True)
-    res["ok"] = (all("error" not in c and all(c["passed"].values()) for c in res["configs"])
-                 and all("error" not in c and c["passed"] for c in res["checkpointing"]) and not res["skipped"])
+    res["ok"] = (
+        all("error" not in c and all(c["passed"].values()) for c in res["configs"])
+        and all("error" not in c and c["passed"] for c in res["checkpointing"])
+        and not res["skipped"]
+    )
     res["seconds"] = round(time.time() - t0, 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -10,6 +10,7 @@ Public API (stable once documented in the README):
 * ``dora_verify.forms``: the compose and norm formulas under study, in any dtype.
 * ``dora_verify.kernels``: the production kernels (see kernels/).
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

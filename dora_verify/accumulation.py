@@ -63,6 +63,7 @@ of the magnitude update g − 1 the output lost (1 = all of it, < 0 over-applied
 error. ``update_rel_err`` = ‖ĝ − g‖₂/‖g − 1‖₂: above 1 the error of g is larger than the update itself.
 The headline sums ``HEADLINE_N`` bf16 values drawn U(0, 1) with the sweep's seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,7 +76,7 @@ from .eft import gamma, sum2
 from .formats import BF16, FP32, FloatFormat, parse_format, round_to
 
 ACCUMULATORS = ("fp32", "bf16", "fp16")
-BLOCKS = tuple(2 ** k for k in range(4, 13))  # 16 … 4096
+BLOCKS = tuple(2**k for k in range(4, 13))  # 16 … 4096
 ACC_TOKENS = 16  # activation rows of the GEMMs and y
 ACC_FEATURES = 1024  # output features of the GEMMs and y (ν and g: every row of W)
 HEADLINE_N = 4096
@@ -121,8 +122,9 @@ def _pad(terms: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([terms, terms.new_zeros((n - terms.shape[0],) + tuple(terms.shape[1:]))])
 
 
-def blocked_sum(terms: torch.Tensor, fmt: "FloatFormat | str", block: int,
-                outer: "FloatFormat | str" = FP32) -> torch.Tensor:
+def blocked_sum(
+    terms: torch.Tensor, fmt: "FloatFormat | str", block: int, outer: "FloatFormat | str" = FP32
+) -> torch.Tensor:
     """Σ terms along dim 0 in blocks of ``block`` consecutive terms, each block by ``seq_sum`` in ``fmt``,
     the block sums by ``seq_sum`` in ``outer`` (fp32): exact emulation. ``block`` ≥ n is ``seq_sum`` (then
     rounded to ``outer``, which holds every fmt value unchanged when fmt ⊂ outer)."""
@@ -185,8 +187,9 @@ class Method:
         if self.order == "seq":
             return f"one sequential {self.acc} accumulator, every partial sum rounded to {self.acc}"
         if self.order == "blocked":
-            return (f"blocks of {self.block} terms summed sequentially in {self.acc}, the block sums "
-                    "sequentially in fp32")
+            return (
+                f"blocks of {self.block} terms summed sequentially in {self.acc}, the block sums sequentially in fp32"
+            )
         if self.order == "pairwise":
             return f"pairwise tree, every node rounded to {self.acc}"
         return "float64 compensated sum (Sum2): exact to ~2⁻⁵², the floor (only the storing roundings)"
@@ -256,8 +259,20 @@ def fit_update(beta: torch.Tensor, gm1: torch.Tensor):
     return -slope, float(b.mean()) - slope * float(x.mean())
 
 
-def _metrics(approx, ref, keys=("max_rel", "max_ulp", "p99_ulp", "mean_signed_ulp", "frac_correctly_rounded",
-                                "normwise_rel", "nonfinite_mismatch"), **kw) -> dict:
+def _metrics(
+    approx,
+    ref,
+    keys=(
+        "max_rel",
+        "max_ulp",
+        "p99_ulp",
+        "mean_signed_ulp",
+        "frac_correctly_rounded",
+        "normwise_rel",
+        "nonfinite_mismatch",
+    ),
+    **kw,
+) -> dict:
     from .metrics import compare
 
     m = compare(approx, ref, **kw)
@@ -277,7 +292,7 @@ def _truths(case, feats: int, m: torch.Tensor):
     z = torch.zeros_like(nu.nu)
     nu_ref = Reference(nu.nu, z, nu.bound, FP32, certified_round(nu.nu, z, nu.bound, FP32))
     g = m.to(F64) / nu.nu
-    g_bound = g.abs() * (nu.rel_bound * 1.0001 + 4 * 2.0 ** -53)
+    g_bound = g.abs() * (nu.rel_bound * 1.0001 + 4 * 2.0**-53)
     g_ref = Reference(g, z, g_bound, FP32, certified_round(g, z, g_bound, FP32))
     Wf, Bf = W[:feats], B[:feats]
     base = x @ Wf.t()
@@ -288,19 +303,25 @@ def _truths(case, feats: int, m: torch.Tensor):
     lora_b = (xa_b + gamma(r + 2) * xa.abs()) @ Bf.abs().t() * (1 + 1e-12)
     gf, gbf = g[:feats], g_bound[:feats]
     inner = base + s * lora
-    inner_b = base_b + abs(s) * lora_b + 2.0 ** -52 * (base.abs() + abs(s) * lora.abs())  # s·lora and + rounded
+    inner_b = base_b + abs(s) * lora_b + 2.0**-52 * (base.abs() + abs(s) * lora.abs())  # s·lora and + rounded
     y = gf * inner
-    y_b = (gf.abs() * inner_b + gbf * (inner.abs() + inner_b) + 2.0 ** -52 * y.abs()) * (1 + 1e-12)
+    y_b = (gf.abs() * inner_b + gbf * (inner.abs() + inner_b) + 2.0**-52 * y.abs()) * (1 + 1e-12)
 
     def ref(hi, b, fmt):
         zz = torch.zeros_like(hi)
         return Reference(hi, zz, b, fmt, certified_round(hi, zz, b, fmt))
 
-    refs = dict(nu=nu_ref, g=g_ref, base=ref(base, base_b, D), xa=ref(xa, xa_b, D), lora=ref(lora, lora_b, D),
-                y=ref(y, y_b, D))
-    return dict(refs, inner=inner, gm1=g - 1, V=_f32(W + s * (B @ A)),
-                uncertified={k: int((~v.rounded.certain).sum()) for k, v in refs.items()},
-                nu_tier2_rows=len(nu.tier2_rows))
+    refs = dict(
+        nu=nu_ref, g=g_ref, base=ref(base, base_b, D), xa=ref(xa, xa_b, D), lora=ref(lora, lora_b, D), y=ref(y, y_b, D)
+    )
+    return dict(
+        refs,
+        inner=inner,
+        gm1=g - 1,
+        V=_f32(W + s * (B @ A)),
+        uncertified={k: int((~v.rounded.certain).sum()) for k, v in refs.items()},
+        nu_tier2_rows=len(nu.tier2_rows),
+    )
 
 
 def _form_record(method: Method, case, feats: int, m: torch.Tensor, T: dict) -> dict:
@@ -317,16 +338,27 @@ def _form_record(method: Method, case, feats: int, m: torch.Tensor, T: dict) -> 
     lora = round_to(matmul_t(xa, case.B[:feats], method), D)
     dt = D.torch_dtype
     y = compose_truth(base.to(dt), lora.to(dt), g[:feats].to(torch.float32), s).y_round.nearest
-    rec = {"form": method.name, "order": method.order, "accumulator": method.acc, "block": method.block,
-           "nu": _metrics(nu, T["nu"], rel_floor=1e-30), "g": _metrics(g, T["g"]),
-           "base": _metrics(base, T["base"]), "xa": _metrics(xa, T["xa"]), "lora": _metrics(lora, T["lora"]),
-           "y": _metrics(y, T["y"])}
+    rec = {
+        "form": method.name,
+        "order": method.order,
+        "accumulator": method.acc,
+        "block": method.block,
+        "nu": _metrics(nu, T["nu"], rel_floor=1e-30),
+        "g": _metrics(g, T["g"]),
+        "base": _metrics(base, T["base"]),
+        "xa": _metrics(xa, T["xa"]),
+        "lora": _metrics(lora, T["lora"]),
+        "y": _metrics(y, T["y"]),
+    }
     gx, gm1 = T["g"].value, T["gm1"]
     beta_g = g / gx - 1
     floor_g = T["g"].rounded.nearest / gx - 1
     lost, bias = fit_update(beta_g - floor_g, gm1)
-    rec["g"].update(correction_lost=lost, scale_bias=bias,
-                    update_rel_err=float(torch.linalg.vector_norm(g - gx) / torch.linalg.vector_norm(gm1)))
+    rec["g"].update(
+        correction_lost=lost,
+        scale_bias=bias,
+        update_rel_err=float(torch.linalg.vector_norm(g - gx) / torch.linalg.vector_norm(gm1)),
+    )
     beta_y = effective_scale_error(y, T["y"], T["inner"])
     floor_y = effective_scale_error(T["y"].rounded.nearest, T["y"], T["inner"])
     lost, bias = fit_update(beta_y - floor_y, gm1[:feats])
@@ -342,11 +374,22 @@ def headline(seed: int, n: "int | None" = None) -> dict:
     v = torch.rand(n, generator=gen, dtype=torch.float32).to(torch.bfloat16)
     t = v.to(F64)[:, None]
     exact = math.fsum(v.double().tolist())
-    out = {"n": n, "values": "U(0, 1) rounded to bf16", "seed": int(seed), "exact": exact,
-           "RN_bf16_exact": float(round_to(torch.tensor([exact], dtype=F64), BF16)[0]),
-           "torch_bf16_sum": float(v.sum()), "forms": {}}
-    for meth in (Method("seq", "bf16"), Method("seq", "fp16"), Method("pairwise", "bf16"),
-                 Method("blocked", "bf16", 64), Method("seq", "fp32")):
+    out = {
+        "n": n,
+        "values": "U(0, 1) rounded to bf16",
+        "seed": int(seed),
+        "exact": exact,
+        "RN_bf16_exact": float(round_to(torch.tensor([exact], dtype=F64), BF16)[0]),
+        "torch_bf16_sum": float(v.sum()),
+        "forms": {},
+    }
+    for meth in (
+        Method("seq", "bf16"),
+        Method("seq", "fp16"),
+        Method("pairwise", "bf16"),
+        Method("blocked", "bf16", 64),
+        Method("seq", "fp32"),
+    ):
         out["forms"][meth.name] = float(meth.reduce(t)[0])
     return out
 
@@ -356,8 +399,9 @@ def run(cfg, device, tick) -> dict:
     from .cases import make_case
 
     feats = min(cfg.d_out, ACC_FEATURES)
-    case = make_case("trained", cfg.d_out, cfg.d_in, cfg.rank, ACC_TOKENS, cfg.dtype, cfg.seed, cfg.s,
-                     cfg.adapter_ratio, device)
+    case = make_case(
+        "trained", cfg.d_out, cfg.d_in, cfg.rank, ACC_TOKENS, cfg.dtype, cfg.seed, cfg.s, cfg.adapter_ratio, device
+    )
     m = case.magnitude()
     T = _truths(case, feats, m)
     tick("oracle")
@@ -367,13 +411,25 @@ def run(cfg, device, tick) -> dict:
         rows.append(_form_record(meth, case, feats, m, T))
         tick(meth.name)
     return {
-        "seeds": {"case": int(cfg.seed), "headline": int(cfg.seed),
-                  "note": "cases.make_case('trained', ..., seed) and torch.Generator().manual_seed(seed); "
-                          "nothing else is random"},
-        "setup": {"regime": "trained", "d_out": cfg.d_out, "d_in": cfg.d_in, "rank": cfg.rank, "s": cfg.s,
-                  "dtype": cfg.dtype, "tokens": ACC_TOKENS, "gemm_features": feats, "nu_rows": cfg.d_out,
-                  "blocks": [L for L in BLOCKS if L < cfg.d_in],
-                  "blocks_equal_to_seq": [L for L in BLOCKS if L >= cfg.d_in]},
+        "seeds": {
+            "case": int(cfg.seed),
+            "headline": int(cfg.seed),
+            "note": "cases.make_case('trained', ..., seed) and torch.Generator().manual_seed(seed); "
+            "nothing else is random",
+        },
+        "setup": {
+            "regime": "trained",
+            "d_out": cfg.d_out,
+            "d_in": cfg.d_in,
+            "rank": cfg.rank,
+            "s": cfg.s,
+            "dtype": cfg.dtype,
+            "tokens": ACC_TOKENS,
+            "gemm_features": feats,
+            "nu_rows": cfg.d_out,
+            "blocks": [L for L in BLOCKS if L < cfg.d_in],
+            "blocks_equal_to_seq": [L for L in BLOCKS if L >= cfg.d_in],
+        },
         "headline": headline(cfg.seed),
         "forms": {mm.name: mm.summary for mm in forms},
         "oracle": {"uncertified": T["uncertified"], "nu_tier2_rows": T["nu_tier2_rows"]},
@@ -387,40 +443,83 @@ def markdown(section: dict, plots=()) -> str:
     from .report import _table
 
     st, h = section["setup"], section["headline"]
-    L = [f"Trained regime, W {st['d_out']}×{st['d_in']}, r = {st['rank']}, s = {st['s']:g}, {st['dtype']} inputs; "
-         f"seed {section['seeds']['case']}. ν and g over all {st['nu_rows']} rows; the GEMMs and y over "
-         f"{st['tokens']} tokens × the first {st['gemm_features']} output features. Every accumulator is emulated "
-         "exactly (`dora_verify.accumulation`: TwoSum, round to odd, one rounding per step); each GEMM result is "
-         f"stored in {st['dtype']}, ν and g in fp32, y is the correctly rounded compose of the form's own g, base "
-         "and lora. `sum2_fp64` is the floor: exact sums, only the storing roundings.", "",
-         f"**A true bf16 accumulator stalls.** {h['n']} bf16 values U(0, 1) (seed {h['seed']}): exact sum "
-         f"{h['exact']:.6g}, RN_bf16 of it {h['RN_bf16_exact']:g}; torch's `x.sum()` on the bf16 tensor gives "
-         f"**{h['torch_bf16_sum']:g}** (it accumulates in fp32 and rounds once); a true bf16 accumulator "
-         f"(`seq_bf16`) stalls at **{h['forms']['seq_bf16']:g}** (once the sum reaches 256 the bf16 spacing is 2 "
-         "and every term < 1 rounds away). Other accumulators: "
-         + ", ".join(f"`{k}` {v:.6g}" for k, v in h["forms"].items() if k != "seq_bf16") + ".", ""]
+    L = [
+        f"Trained regime, W {st['d_out']}×{st['d_in']}, r = {st['rank']}, s = {st['s']:g}, {st['dtype']} inputs; "
+        f"seed {section['seeds']['case']}. ν and g over all {st['nu_rows']} rows; the GEMMs and y over "
+        f"{st['tokens']} tokens × the first {st['gemm_features']} output features. Every accumulator is emulated "
+        "exactly (`dora_verify.accumulation`: TwoSum, round to odd, one rounding per step); each GEMM result is "
+        f"stored in {st['dtype']}, ν and g in fp32, y is the correctly rounded compose of the form's own g, base "
+        "and lora. `sum2_fp64` is the floor: exact sums, only the storing roundings.",
+        "",
+        f"**A true bf16 accumulator stalls.** {h['n']} bf16 values U(0, 1) (seed {h['seed']}): exact sum "
+        f"{h['exact']:.6g}, RN_bf16 of it {h['RN_bf16_exact']:g}; torch's `x.sum()` on the bf16 tensor gives "
+        f"**{h['torch_bf16_sum']:g}** (it accumulates in fp32 and rounds once); a true bf16 accumulator "
+        f"(`seq_bf16`) stalls at **{h['forms']['seq_bf16']:g}** (once the sum reaches 256 the bf16 spacing is 2 "
+        "and every term < 1 rounds away). Other accumulators: "
+        + ", ".join(f"`{k}` {v:.6g}" for k, v in h["forms"].items() if k != "seq_bf16")
+        + ".",
+        "",
+    ]
     if st["blocks_equal_to_seq"]:
-        L += [f"Block lengths {', '.join(map(str, st['blocks_equal_to_seq']))} ≥ d_in = {st['d_in']} are one block: "
-              "the sequential sum (rows not repeated).", ""]
-    keys = [("nu", "max_rel"), ("nu", "frac_correctly_rounded"), ("g", "max_ulp"), ("g", "frac_correctly_rounded"),
-            ("g", "update_rel_err"), ("g", "correction_lost"), ("base", "p99_ulp"), ("base", "frac_correctly_rounded"),
-            ("lora", "p99_ulp"), ("lora", "frac_correctly_rounded"), ("y", "p99_ulp"), ("y", "normwise_rel"),
-            ("y", "frac_correctly_rounded"), ("y", "correction_lost"), ("y", "scale_bias")]
-    heads = ["form", "ν max rel", "ν c.r.", "g max ulp", "g c.r.", "‖ĝ−g‖/‖g−1‖", "g corr. lost", "base p99 ulp",
-             "base c.r.", "lora p99 ulp", "lora c.r.", "y p99 ulp", "y normwise rel", "y c.r.", "y corr. lost",
-             "y scale bias"]
+        L += [
+            f"Block lengths {', '.join(map(str, st['blocks_equal_to_seq']))} ≥ d_in = {st['d_in']} are one block: "
+            "the sequential sum (rows not repeated).",
+            "",
+        ]
+    keys = [
+        ("nu", "max_rel"),
+        ("nu", "frac_correctly_rounded"),
+        ("g", "max_ulp"),
+        ("g", "frac_correctly_rounded"),
+        ("g", "update_rel_err"),
+        ("g", "correction_lost"),
+        ("base", "p99_ulp"),
+        ("base", "frac_correctly_rounded"),
+        ("lora", "p99_ulp"),
+        ("lora", "frac_correctly_rounded"),
+        ("y", "p99_ulp"),
+        ("y", "normwise_rel"),
+        ("y", "frac_correctly_rounded"),
+        ("y", "correction_lost"),
+        ("y", "scale_bias"),
+    ]
+    heads = [
+        "form",
+        "ν max rel",
+        "ν c.r.",
+        "g max ulp",
+        "g c.r.",
+        "‖ĝ−g‖/‖g−1‖",
+        "g corr. lost",
+        "base p99 ulp",
+        "base c.r.",
+        "lora p99 ulp",
+        "lora c.r.",
+        "y p99 ulp",
+        "y normwise rel",
+        "y c.r.",
+        "y corr. lost",
+        "y scale bias",
+    ]
     L.append(_table(heads, [[r["form"]] + [r[q].get(k) for q, k in keys] for r in section["rows"]]))
-    L += ["", "c.r.: fraction correctly rounded. ulp: of the exact value, in fp32 (ν, g) or "
-          f"{st['dtype']} (base, lora, y); p99 for the GEMMs and y, whose maxima sit on near-cancelling elements "
-          "(report.json has every maximum). lora and y include the rounding of x Aᵀ to "
-          f"{st['dtype']} before the second GEMM, as a layer stores it: the `sum2_fp64` row is that floor. corr. lost: least-squares β ≈ bias − lost·(g − 1) of the per-feature "
-          "relative scale error β beyond the correctly rounded value's (1 = the whole magnitude update lost, "
-          "< 0 over-applied); scale bias: the fit's common scale error. ‖ĝ−g‖/‖g−1‖ > 1: g's error exceeds the "
-          "update itself.", ""]
+    L += [
+        "",
+        "c.r.: fraction correctly rounded. ulp: of the exact value, in fp32 (ν, g) or "
+        f"{st['dtype']} (base, lora, y); p99 for the GEMMs and y, whose maxima sit on near-cancelling elements "
+        "(report.json has every maximum). lora and y include the rounding of x Aᵀ to "
+        f"{st['dtype']} before the second GEMM, as a layer stores it: the `sum2_fp64` row is that floor. corr. lost: least-squares β ≈ bias − lost·(g − 1) of the per-feature "
+        "relative scale error β beyond the correctly rounded value's (1 = the whole magnitude update lost, "
+        "< 0 over-applied); scale bias: the fit's common scale error. ‖ĝ−g‖/‖g−1‖ > 1: g's error exceeds the "
+        "update itself.",
+        "",
+    ]
     L += [f"- `{k}`: {v}" for k, v in section["forms"].items()]
     unc = section["oracle"]["uncertified"]
-    L += ["", f"Oracle: uncertified roundings {unc} (0 = every correct rounding decided); ν rows settled exactly: "
-          f"{section['oracle']['nu_tier2_rows']}."]
+    L += [
+        "",
+        f"Oracle: uncertified roundings {unc} (0 = every correct rounding decided); ν rows settled exactly: "
+        f"{section['oracle']['nu_tier2_rows']}.",
+    ]
     L += [f"\n![{p}]({p})" for p in plots if p.startswith("accumulation")]
     return "\n".join(L) + "\n"
 
@@ -437,18 +536,33 @@ def plots(section: dict, folder) -> list:
 
     rows = section["rows"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.4))
-    for ax, (q, k, title) in zip(axes, (("nu", "max_rel", "ν: max relative error"), ("base", "p99_ulp",
-                                        "base = x Wᵀ: p99 ulp error"), ("y", "p99_ulp", "y: p99 ulp error"))):
+    for ax, (q, k, title) in zip(
+        axes,
+        (
+            ("nu", "max_rel", "ν: max relative error"),
+            ("base", "p99_ulp", "base = x Wᵀ: p99 ulp error"),
+            ("y", "p99_ulp", "y: p99 ulp error"),
+        ),
+    ):
         for j, acc in enumerate(ACCUMULATORS):
             rs = [r for r in rows if r["accumulator"] == acc]
             bl = sorted((r for r in rs if r["order"] == "blocked"), key=lambda r: r["block"])
-            line = ax.plot([r["block"] for r in bl], [_finite(r[q][k], 1e-17) for r in bl], marker="o",
-                           label=f"blocked, {acc} in-block")[0] if bl else None
+            line = (
+                ax.plot(
+                    [r["block"] for r in bl],
+                    [_finite(r[q][k], 1e-17) for r in bl],
+                    marker="o",
+                    label=f"blocked, {acc} in-block",
+                )[0]
+                if bl
+                else None
+            )
             c = line.get_color() if line else f"C{j}"
             for r in rs:
                 if r["order"] in ("seq", "pairwise"):
-                    ax.axhline(_finite(r[q][k], 1e-17), color=c, ls="--" if r["order"] == "seq" else ":",
-                               label=r["form"])
+                    ax.axhline(
+                        _finite(r[q][k], 1e-17), color=c, ls="--" if r["order"] == "seq" else ":", label=r["form"]
+                    )
         ref = next(r for r in rows if r["order"] == "sum2")
         ax.axhline(_finite(ref[q][k], 1e-17), color="k", lw=0.8, label="sum2_fp64 (floor)")
         ax.set_xscale("log", base=2)
@@ -467,6 +581,23 @@ def plots(section: dict, folder) -> list:
     return [path]
 
 
-__all__ = ["ACCUMULATORS", "BLOCKS", "Method", "blocked_sum", "fit_update", "fraction_seq_sum", "headline",
-           "markdown", "matmul_t", "methods", "pairwise_sum", "plots", "rn_add", "rowdot", "run", "seq_sum", "steps",
-           "sum2_fp64"]
+__all__ = [
+    "ACCUMULATORS",
+    "BLOCKS",
+    "Method",
+    "blocked_sum",
+    "fit_update",
+    "fraction_seq_sum",
+    "headline",
+    "markdown",
+    "matmul_t",
+    "methods",
+    "pairwise_sum",
+    "plots",
+    "rn_add",
+    "rowdot",
+    "run",
+    "seq_sum",
+    "steps",
+    "sum2_fp64",
+]

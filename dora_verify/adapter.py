@@ -61,6 +61,7 @@ case past its time limit is stopped by SIGALRM (Unix, main thread) with :class:`
 formulas under study, each held to its bound), ``form:NAME`` (one of them), ``peft`` (stock Hugging Face PEFT's
 DoRA numerics and its DoRA layer, see :func:`peft_impl`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -137,15 +138,24 @@ def check_output(what: str, out, shape, dtype=None):
     :class:`ImplOutputError` with a one-line reason, e.g. 'compose returned None, want ...'."""
     import torch
 
-    want = f"a torch.Tensor of {str(dtype).removeprefix('torch.') if dtype else 'a floating dtype'}, shape {tuple(shape)}"
+    want = (
+        f"a torch.Tensor of {str(dtype).removeprefix('torch.') if dtype else 'a floating dtype'}, shape {tuple(shape)}"
+    )
     if not isinstance(out, torch.Tensor):
         kind = type(out)
-        got = "None" if out is None else f"a {kind.__qualname__}" if kind.__module__ == "builtins" else \
-            f"a {kind.__module__.split('.')[0]}.{kind.__qualname__}"
+        got = (
+            "None"
+            if out is None
+            else f"a {kind.__qualname__}"
+            if kind.__module__ == "builtins"
+            else f"a {kind.__module__.split('.')[0]}.{kind.__qualname__}"
+        )
         raise ImplOutputError(f"{what} returned {got}, want {want}")
     if tuple(out.shape) != tuple(shape) or (out.dtype != dtype if dtype else not out.is_floating_point()):
-        raise ImplOutputError(f"{what} returned a torch.Tensor of {str(out.dtype).removeprefix('torch.')}, shape "
-                              f"{tuple(out.shape)}; want {want}")
+        raise ImplOutputError(
+            f"{what} returned a torch.Tensor of {str(out.dtype).removeprefix('torch.')}, shape "
+            f"{tuple(out.shape)}; want {want}"
+        )
     return out
 
 
@@ -165,8 +175,11 @@ class CaseGuard:
     def __init__(self, seconds: "float | None" = None):
         self.seconds = seconds if seconds and seconds > 0 else None
         self.interrupted = False
-        self.enforced = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-                         and signal.getsignal(signal.SIGINT) is not None)  # None: a handler set outside Python
+        self.enforced = (
+            hasattr(signal, "setitimer")
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is not None
+        )  # None: a handler set outside Python
         self._old_int = self._old_alarm = self._old_timer = None
 
     def _on_alarm(self, signum, frame):
@@ -255,21 +268,32 @@ def build_layer(factory: Callable, W, bias, r: int, alpha: float, adapter_dtype,
     for name, shape in zip(LAYER_PARAMS, ((r, d_in), (d_out, r), (d_out,))):
         p = getattr(module, name, None)
         if not isinstance(p, torch.Tensor) or tuple(p.shape) != shape or not p.is_floating_point():
-            got = "nothing" if p is None else (f"a tensor of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor)
-                                               else f"a {type(p).__qualname__}")
+            got = (
+                "nothing"
+                if p is None
+                else (
+                    f"a tensor of shape {tuple(p.shape)}"
+                    if isinstance(p, torch.Tensor)
+                    else f"a {type(p).__qualname__}"
+                )
+            )
             raise ImplOutputError(f"the layer's {name} is {got}; want a floating parameter of shape {shape}")
         if not p.requires_grad:
             raise ImplOutputError(f"the layer's {name} does not require grad")
         if p.dtype != adapter_dtype and not (name == "magnitude" and kwargs):  # a factory told the adapter dtype
-            if kwargs:                                                    # may keep m wider (DoRALinear: fp32)
-                raise ImplOutputError(f"the layer's {name} is {_dtype_name(p.dtype)} although the factory was asked for "
-                                      f"adapter_dtype={_dtype_name(adapter_dtype)}")
+            if kwargs:  # may keep m wider (DoRALinear: fp32)
+                raise ImplOutputError(
+                    f"the layer's {name} is {_dtype_name(p.dtype)} although the factory was asked for "
+                    f"adapter_dtype={_dtype_name(adapter_dtype)}"
+                )
             p.data = p.data.to(adapter_dtype)  # what PEFT's autocast_adapter_dtype does (A, B and the magnitude)
         with torch.no_grad():
             p.copy_(values[name])
         if not torch.equal(p.detach().to(torch.float64).cpu(), values[name].detach().to(torch.float64).cpu()):
-            raise ImplOutputError(f"the layer's {name} ({_dtype_name(p.dtype)}) cannot hold the case's "
-                                  f"{_dtype_name(values[name].dtype)} values exactly")
+            raise ImplOutputError(
+                f"the layer's {name} ({_dtype_name(p.dtype)}) cannot hold the case's "
+                f"{_dtype_name(values[name].dtype)} values exactly"
+            )
         params[name] = p
     return module, params
 
@@ -291,9 +315,15 @@ def _kernels_layer(tier: "str | None"):
                 with contextlib.ExitStack() as stack:
                     old = os.environ.get("DORA_VERIFY_TIER")
                     os.environ["DORA_VERIFY_TIER"] = tier
-                    stack.callback(lambda: os.environ.pop("DORA_VERIFY_TIER") if old is None
-                                   else os.environ.__setitem__("DORA_VERIFY_TIER", old))
+                    stack.callback(
+                        lambda: (
+                            os.environ.pop("DORA_VERIFY_TIER")
+                            if old is None
+                            else os.environ.__setitem__("DORA_VERIFY_TIER", old)
+                        )
+                    )
                     return forward(x)
+
             layer.forward = forced
         return layer
 
@@ -313,9 +343,18 @@ def kernels_impl(tier: "str | None" = None, dtypes=("bf16", "fp16", "fp32")) -> 
         return factored_row_norm(W, A, B, s, backend=backend)
 
     label = f"kernels[{tier}]" if tier else "kernels"
-    return Implementation(label, comp, norm, deterministic=True, contract="kernel", dtypes=tuple(dtypes), tier=tier,
-                          uses_triton=True,
-                          backward=True, layer=_kernels_layer(tier) if tier in (None, "eager") else None)
+    return Implementation(
+        label,
+        comp,
+        norm,
+        deterministic=True,
+        contract="kernel",
+        dtypes=tuple(dtypes),
+        tier=tier,
+        uses_triton=True,
+        backward=True,
+        layer=_kernels_layer(tier) if tier in (None, "eager") else None,
+    )
 
 
 def _peft_layer(linear, r, alpha, adapter_dtype=None):
@@ -332,8 +371,11 @@ def _peft_layer(linear, r, alpha, adapter_dtype=None):
     if adapter_dtype not in (None, wdt, torch.float32):
         raise ValueError(f"stock PEFT keeps adapters in W's dtype or fp32, not {adapter_dtype}")
     autocast = adapter_dtype == torch.float32 and wdt != torch.float32
-    model = get_peft_model(nn.Sequential(linear), LoraConfig(r=r, lora_alpha=alpha, use_dora=True, target_modules=["0"]),
-                           autocast_adapter_dtype=autocast)
+    model = get_peft_model(
+        nn.Sequential(linear),
+        LoraConfig(r=r, lora_alpha=alpha, use_dora=True, target_modules=["0"]),
+        autocast_adapter_dtype=autocast,
+    )
     return _peft_layer_class()(model)
 
 
@@ -410,8 +452,14 @@ def form_impl(name: str) -> Implementation:
     if name not in COMPOSE_FORMS:
         raise ImplError(f"unknown form {name!r}; choose from {', '.join(COMPOSE_FORMS)}")
     fn = COMPOSE_FORMS[name].fn
-    return Implementation(f"form:{name}", lambda b, lo, g, s, bias=None: fn(b, lo, g, s, bias)[0], None,
-                          deterministic=True, contract="form", form=name)
+    return Implementation(
+        f"form:{name}",
+        lambda b, lo, g, s, bias=None: fn(b, lo, g, s, bias)[0],
+        None,
+        deterministic=True,
+        contract="form",
+        form=name,
+    )
 
 
 def load_impl(spec: str) -> "list[Implementation]":
@@ -464,13 +512,15 @@ def from_object(obj, default_name: str = "impl") -> Implementation:
     else:
         comp, norm, layer = getattr(obj, "compose", None), getattr(obj, "norm", None), getattr(obj, "layer", None)
     if comp is None and norm is None and layer is None:
-        raise ImplError(f"{default_name}: neither callable nor an object with compose/norm/layer "
-                        "(see dora_verify.adapter)")
+        raise ImplError(
+            f"{default_name}: neither callable nor an object with compose/norm/layer (see dora_verify.adapter)"
+        )
     for nm, fn in (("compose", comp), ("norm", norm), ("layer", layer)):
         if fn is not None and not callable(fn):
             raise ImplError(f"{default_name}: {nm} is not callable")
-    return Implementation(str(getattr(obj, "name", default_name)), comp, norm, layer=layer,
-                          **_options(obj, default_name))
+    return Implementation(
+        str(getattr(obj, "name", default_name)), comp, norm, layer=layer, **_options(obj, default_name)
+    )
 
 
 def _options(obj, default_name: str) -> dict:
@@ -489,10 +539,29 @@ def _options(obj, default_name: str) -> dict:
     bound = getattr(obj, "compose_bound", None)
     if bound is not None and not callable(bound):
         raise ImplError(f"{default_name}: compose_bound is not callable")
-    return {"deterministic": bool(getattr(obj, "deterministic", False)), "contract": contract, "dtypes": dtypes,
-            "uses_triton": bool(getattr(obj, "uses_triton", False)), "compose_bound": bound}
+    return {
+        "deterministic": bool(getattr(obj, "deterministic", False)),
+        "contract": contract,
+        "dtypes": dtypes,
+        "uses_triton": bool(getattr(obj, "uses_triton", False)),
+        "compose_bound": bound,
+    }
 
 
-__all__ = ["CONTRACTS", "LAYER_PARAMS", "CaseGuard", "CaseTimeout", "ImplError", "ImplOutputError", "Implementation",
-           "build_layer", "check_output", "crash_reason", "form_impl", "from_object", "is_layer_factory", "kernels_impl",
-           "load_impl"]
+__all__ = [
+    "CONTRACTS",
+    "LAYER_PARAMS",
+    "CaseGuard",
+    "CaseTimeout",
+    "ImplError",
+    "ImplOutputError",
+    "Implementation",
+    "build_layer",
+    "check_output",
+    "crash_reason",
+    "form_impl",
+    "from_object",
+    "is_layer_factory",
+    "kernels_impl",
+    "load_impl",
+]

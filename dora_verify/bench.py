@@ -27,6 +27,7 @@ Transient peak memory = allocator peak during the call − memory allocated befo
 
 No GPU, no numbers: :func:`run_bench` raises ``BenchUnavailable`` (the CLI exits 2).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,21 @@ PARTS = ("compose", "norm", "layer", "model")
 S = 2.0  # the LoRA scaling of the compose and norm parts (alpha = 2r)
 
 # rows × d_out of the compose microbenchmark: decode (1 row) to long prefill, d_out from 512 to 28672 (Llama MLP)
-COMPOSE_SHAPES = ((1, 512), (1, 4096), (16, 4096), (128, 4096), (512, 4096), (2048, 4096), (2048, 8192),
-                  (4096, 8192), (8192, 8192), (2048, 14336), (8192, 14336), (4096, 28672), (8192, 28672))
+COMPOSE_SHAPES = (
+    (1, 512),
+    (1, 4096),
+    (16, 4096),
+    (128, 4096),
+    (512, 4096),
+    (2048, 4096),
+    (2048, 8192),
+    (4096, 8192),
+    (8192, 8192),
+    (2048, 14336),
+    (8192, 14336),
+    (4096, 28672),
+    (8192, 28672),
+)
 COMPOSE_SHAPES_QUICK = ((1, 4096), (512, 4096), (4096, 8192), (8192, 8192))
 NORM_SHAPES = tuple((d, r) for d in (4096, 8192) for r in (64, 384, 768))
 NORM_SHAPES_QUICK = ((4096, 64), (8192, 384))
@@ -133,8 +147,12 @@ def _backward_ms(fn, base, lora, g, dy, cfg) -> dict:
     for b, lo in zip(base, lora):
         inputs = (b.detach().requires_grad_(), lo.detach().requires_grad_(), g.clone().requires_grad_())
         graphs.append((fn(*inputs), inputs))
-    return time_ms(lambda i: torch.autograd.grad(graphs[i][0], graphs[i][1], dy[i], retain_graph=True),
-                   len(graphs), cfg.warmup, cfg.reps)
+    return time_ms(
+        lambda i: torch.autograd.grad(graphs[i][0], graphs[i][1], dy[i], retain_graph=True),
+        len(graphs),
+        cfg.warmup,
+        cfg.reps,
+    )
 
 
 def compose_row(T: int, N: int, cfg: BenchConfig, bw_TBps: float) -> dict:
@@ -143,8 +161,9 @@ def compose_row(T: int, N: int, cfg: BenchConfig, bw_TBps: float) -> dict:
 
     n = rotation(3 * 2 * T * N)
     gen = torch.Generator(device="cuda").manual_seed(cfg.seed)
-    base, lora, dy = ([torch.randn(T, N, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(n)]
-                      for _ in range(3))
+    base, lora, dy = (
+        [torch.randn(T, N, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(n)] for _ in range(3)
+    )
     g = (1 + 1e-3 * torch.randn(N, device="cuda", generator=gen)).float()
     fused = lambda b, lo, gg: compose(b, lo, gg, S, tier="fused")  # noqa: E731
     eager_tier = lambda b, lo, gg: compose(b, lo, gg, S, tier="eager")  # noqa: E731
@@ -163,12 +182,14 @@ def compose_row(T: int, N: int, cfg: BenchConfig, bw_TBps: float) -> dict:
 
 def bench_compose(cfg: BenchConfig, bw_TBps: float, tick) -> list:
     rows = []
-    for T, N in (COMPOSE_SHAPES_QUICK if cfg.quick else COMPOSE_SHAPES):
+    for T, N in COMPOSE_SHAPES_QUICK if cfg.quick else COMPOSE_SHAPES:
         rows.append(compose_row(T, N, cfg, bw_TBps))
         torch.cuda.empty_cache()
         r = rows[-1]
-        tick(f"compose {T}x{N}: fwd {r['fused_fwd']['ms']:.4f} ms ({r['fused_fwd_bw_frac']:.0%} of copy bw), "
-             f"bwd ×{r['bwd_speedup_vs_eager']:.2f} vs eager")
+        tick(
+            f"compose {T}x{N}: fwd {r['fused_fwd']['ms']:.4f} ms ({r['fused_fwd_bw_frac']:.0%} of copy bw), "
+            f"bwd ×{r['bwd_speedup_vs_eager']:.2f} vs eager"
+        )
     return rows
 
 
@@ -186,11 +207,15 @@ def crossover(rows: list) -> dict:
         return next((e for e, _, _ in pts if e > max(losing)), None)
 
     ms = lambda r, k: r[k]["ms"]  # noqa: E731
-    return {"infer_min_elements_measured": threshold(lambda r: ms(r, "fused_fwd"), lambda r: ms(r, "eager_tier_fwd")),
-            "train_min_elements_measured": threshold(lambda r: ms(r, "fused_fwd") + ms(r, "fused_bwd"),
-                                                     lambda r: ms(r, "eager_tier_fwd") + ms(r, "eager_tier_bwd")),
-            "infer_min_elements_shipped": dispatch.INFER_MIN_ELEMENTS,
-            "train_min_elements_shipped": dispatch.TRAIN_MIN_ELEMENTS}
+    return {
+        "infer_min_elements_measured": threshold(lambda r: ms(r, "fused_fwd"), lambda r: ms(r, "eager_tier_fwd")),
+        "train_min_elements_measured": threshold(
+            lambda r: ms(r, "fused_fwd") + ms(r, "fused_bwd"),
+            lambda r: ms(r, "eager_tier_fwd") + ms(r, "eager_tier_bwd"),
+        ),
+        "infer_min_elements_shipped": dispatch.INFER_MIN_ELEMENTS,
+        "train_min_elements_shipped": dispatch.TRAIN_MIN_ELEMENTS,
+    }
 
 
 # ----------------------------------------------------------------------------- norm
@@ -220,13 +245,15 @@ def norm_row(d: int, r: int, wdt: torch.dtype, cfg: BenchConfig) -> dict:
 
 def bench_norm(cfg: BenchConfig, tick) -> list:
     rows = []
-    for d, r in (NORM_SHAPES_QUICK if cfg.quick else NORM_SHAPES):
+    for d, r in NORM_SHAPES_QUICK if cfg.quick else NORM_SHAPES:
         for wdt in (torch.bfloat16, torch.float32):
             rows.append(norm_row(d, r, wdt, cfg))
             torch.cuda.empty_cache()
             x = rows[-1]
-            tick(f"norm d={d} r={r} {x['W_dtype']}: ×{x['speedup_vs_peft']:.2f} vs PEFT, "
-                 f"{x['memory_vs_peft']:.3f} of its memory")
+            tick(
+                f"norm d={d} r={r} {x['W_dtype']}: ×{x['speedup_vs_peft']:.2f} vs PEFT, "
+                f"{x['memory_vs_peft']:.3f} of its memory"
+            )
     return rows
 
 
@@ -248,6 +275,7 @@ def _build_layer(impl: str, d: int, r: int, adapters: str, seed: int):
 
         def step():  # ν is computed on every forward (RowNormRunner): nothing to reset between steps
             pass
+
         return layer, [layer.lora_A, layer.lora_B, layer.magnitude], step
     from peft import LoraConfig, get_peft_model
 
@@ -275,9 +303,13 @@ def layer_times(impl: str, d: int, r: int, adapters: str, xs: list, dy, cfg: Ben
     def infer(i):
         with torch.no_grad():
             return layer(xs[i])
+
     n = len(xs)
-    res = {"fwd": time_ms(fwd, n, cfg.warmup, cfg.reps), "fwd_bwd": time_ms(fwd_bwd, n, cfg.warmup, cfg.reps),
-           "infer": time_ms(infer, n, cfg.warmup, cfg.reps)}
+    res = {
+        "fwd": time_ms(fwd, n, cfg.warmup, cfg.reps),
+        "fwd_bwd": time_ms(fwd_bwd, n, cfg.warmup, cfg.reps),
+        "infer": time_ms(infer, n, cfg.warmup, cfg.reps),
+    }
     res["fwd"]["peak_mib"] = transient_peak_mib(lambda: fwd(0))
     res["fwd_bwd"]["peak_mib"] = transient_peak_mib(lambda: fwd_bwd(0))
     return res
@@ -306,11 +338,13 @@ def layer_rows(d: int, r: int, T: int, cfg: BenchConfig) -> list:
 
 def bench_layer(cfg: BenchConfig, tick) -> list:
     rows = []
-    for d, r, T in (LAYER_SHAPES_QUICK if cfg.quick else LAYER_SHAPES):
+    for d, r, T in LAYER_SHAPES_QUICK if cfg.quick else LAYER_SHAPES:
         for rec in layer_rows(d, r, T, cfg):
             rows.append(rec)
-            tick(f"layer d={d} r={r} T={T} {rec['adapters']}: ours/LoRA fwd {rec['ours_over_lora_fwd']:.2f} "
-                 f"fwd+bwd {rec['ours_over_lora_fwd_bwd']:.2f}; ×{rec['speedup_vs_peft_dora_fwd_bwd']:.2f} vs PEFT DoRA")
+            tick(
+                f"layer d={d} r={r} T={T} {rec['adapters']}: ours/LoRA fwd {rec['ours_over_lora_fwd']:.2f} "
+                f"fwd+bwd {rec['ours_over_lora_fwd_bwd']:.2f}; ×{rec['speedup_vs_peft_dora_fwd_bwd']:.2f} vs PEFT DoRA"
+            )
         torch.cuda.empty_cache()
     return rows
 
@@ -326,26 +360,55 @@ def targets(rep: dict) -> list:
     comp = {(r["T"], r["d_out"]): r for r in rep.get("compose") or []}
     big = [r for (T, N), r in comp.items() if T * N >= 8192 * 8192]
     v = min((r["fused_fwd_bw_frac"] for r in big), default=None)
-    add("compose forward, fraction of copy bandwidth (≥ 8192×8192, worst shape)", "≥ 0.90", v, v is not None and v >= 0.9)
+    add(
+        "compose forward, fraction of copy bandwidth (≥ 8192×8192, worst shape)",
+        "≥ 0.90",
+        v,
+        v is not None and v >= 0.9,
+    )
     r88 = comp.get((8192, 8192))
     v = r88["bwd_speedup_vs_eager"] if r88 else None
     add("compose backward incl. d_g, speed-up over eager autograd (8192×8192)", "≥ 2.5", v, v is not None and v >= 2.5)
-    nm = next((r for r in rep.get("norm") or [] if (r["d"], r["r"]) == TARGET_NORM and r["W_dtype"] == "bfloat16"), None)
-    add("factored norm, speed-up over PEFT (8192², r = 384, bf16)", "> 1", nm and nm["speedup_vs_peft"],
-        nm and nm["speedup_vs_peft"] > 1)
-    add("factored norm, transient memory / PEFT's (8192², r = 384, bf16)", "≤ 0.125", nm and nm["memory_vs_peft"],
-        nm and nm["memory_vs_peft"] <= 0.125)
+    nm = next(
+        (r for r in rep.get("norm") or [] if (r["d"], r["r"]) == TARGET_NORM and r["W_dtype"] == "bfloat16"), None
+    )
+    add(
+        "factored norm, speed-up over PEFT (8192², r = 384, bf16)",
+        "> 1",
+        nm and nm["speedup_vs_peft"],
+        nm and nm["speedup_vs_peft"] > 1,
+    )
+    add(
+        "factored norm, transient memory / PEFT's (8192², r = 384, bf16)",
+        "≤ 0.125",
+        nm and nm["memory_vs_peft"],
+        nm and nm["memory_vs_peft"] <= 0.125,
+    )
     for adapters in ("fp32", "bf16"):
-        ly = next((r for r in rep.get("layer") or [] if (r["d"], r["r"], r["tokens"]) == TARGET_LAYER
-                   and r["adapters"] == adapters), None)
+        ly = next(
+            (
+                r
+                for r in rep.get("layer") or []
+                if (r["d"], r["r"], r["tokens"]) == TARGET_LAYER and r["adapters"] == adapters
+            ),
+            None,
+        )
         for key, limit in (("fwd", 1.10), ("fwd_bwd", 1.15)):
             v = ly and ly[f"ours_over_lora_{key}"]
-            add(f"layer {key.replace('_', '+')} time / PEFT LoRA's ({adapters} adapters, 8192², r = 384, 4096 tokens)",
-                f"≤ {limit}", v, v is not None and v <= limit)
+            add(
+                f"layer {key.replace('_', '+')} time / PEFT LoRA's ({adapters} adapters, 8192², r = 384, 4096 tokens)",
+                f"≤ {limit}",
+                v,
+                v is not None and v <= limit,
+            )
         for key in ("fwd", "fwd_bwd"):
             v = ly and ly[f"ours_mem_over_lora_{key}"]
-            add(f"layer {key.replace('_', '+')} transient memory / PEFT LoRA's ({adapters} adapters)", "≤ 1.10", v,
-                v is not None and v <= 1.10)
+            add(
+                f"layer {key.replace('_', '+')} transient memory / PEFT LoRA's ({adapters} adapters)",
+                "≤ 1.10",
+                v,
+                v is not None and v <= 1.10,
+            )
     model_targets(rep, add)
     return out
 
@@ -359,8 +422,10 @@ def check_available(cfg: BenchConfig) -> None:
     for part, needs in (("layer", ("peft",)), ("model", ("peft", "transformers"))):
         missing = [m for m in needs if part in cfg.parts and importlib.util.find_spec(m) is None]
         if missing:
-            raise BenchUnavailable(f"the {part} part compares with PEFT: install {' and '.join(missing)}, or leave "
-                                   f"it out (--parts {','.join(p for p in cfg.parts if p not in ('layer', 'model')) or 'compose,norm'})")
+            raise BenchUnavailable(
+                f"the {part} part compares with PEFT: install {' and '.join(missing)}, or leave "
+                f"it out (--parts {','.join(p for p in cfg.parts if p not in ('layer', 'model')) or 'compose,norm'})"
+            )
     from .kernels import HAS_TRITON
 
     if not HAS_TRITON:
@@ -374,14 +439,23 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     cfg.validate()
     check_available(cfg)
     torch.manual_seed(cfg.seed)
-    sizes = {"compose": len(COMPOSE_SHAPES_QUICK if cfg.quick else COMPOSE_SHAPES),
-             "norm": 2 * len(NORM_SHAPES_QUICK if cfg.quick else NORM_SHAPES),
-             "layer": 2 * len(LAYER_SHAPES_QUICK if cfg.quick else LAYER_SHAPES), "model": plan_size(cfg)}
+    sizes = {
+        "compose": len(COMPOSE_SHAPES_QUICK if cfg.quick else COMPOSE_SHAPES),
+        "norm": 2 * len(NORM_SHAPES_QUICK if cfg.quick else NORM_SHAPES),
+        "layer": 2 * len(LAYER_SHAPES_QUICK if cfg.quick else LAYER_SHAPES),
+        "model": plan_size(cfg),
+    }
     tick = _Steps(1 + sum(sizes[p] for p in cfg.parts), progress)
     t0 = time.time()
     dev = torch.device("cuda", torch.cuda.current_device())
-    rep = {"schema_version": SCHEMA_VERSION, "tool": "dora-verify", "kind": "bench", "provenance": provenance(dev),
-           "config": dict(asdict(cfg), parts=list(cfg.parts)), "timings_s": {}}
+    rep = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "dora-verify",
+        "kind": "bench",
+        "provenance": provenance(dev),
+        "config": dict(asdict(cfg), parts=list(cfg.parts)),
+        "timings_s": {},
+    }
     rep["copy_bandwidth"] = copy_bandwidth(cfg)
     tick(f"copy bandwidth {rep['copy_bandwidth']['TBps']:.2f} TB/s")
     for part in cfg.parts:

@@ -25,6 +25,7 @@ first), plus the model's own parameters, buffers and optimiser state — the pea
 Compiled rows record the graphs compiled, the graph breaks, recompiles after warm-up, and whether the compiled
 graphs hold the project's ops (for stock PEFT they must not).
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,11 @@ MODEL_IMPLS = ("lora", "peft_dora", "ours")
 LOW_MEMORY_IMPL = "ours_x"  # the integration with enable(save="x"), timed in the eager rows
 SETTINGS = ("eager", "checkpointing", "compile")
 # (widths, layers, r, adapters, settings)
-MODEL_GRID = tuple(("llama3-8b", 4, r, ad, SETTINGS if r == 16 else ("eager", "checkpointing"))
-                   for r in (16, 64) for ad in ("bf16", "fp32")) + (("llama3-70b", 2, 384, "bf16", ("eager", "checkpointing")),)
+MODEL_GRID = tuple(
+    ("llama3-8b", 4, r, ad, SETTINGS if r == 16 else ("eager", "checkpointing"))
+    for r in (16, 64)
+    for ad in ("bf16", "fp32")
+) + (("llama3-70b", 2, 384, "bf16", ("eager", "checkpointing")),)
 MODEL_GRID_QUICK = (("llama3-8b", 2, 16, "bf16", SETTINGS),)
 LAYER_IMPLS = ("lora", "peft_dora", "ours_peft", "dora_linear")
 LAYER_TOKENS = 8192
@@ -134,8 +138,12 @@ class GraphRecorder:
         from torch._inductor.compile_fx import compile_fx
 
         self.graphs += 1
-        self.dora_ops += sum("dora_verify" in str(n.target) for m in gm.modules() if isinstance(m, torch.fx.GraphModule)
-                             for n in m.graph.nodes)
+        self.dora_ops += sum(
+            "dora_verify" in str(n.target)
+            for m in gm.modules()
+            if isinstance(m, torch.fx.GraphModule)
+            for n in m.graph.nodes
+        )
         return (self.inner or compile_fx)(gm, example_inputs)
 
 
@@ -149,8 +157,9 @@ def graph_breaks() -> int:
 def llama_base(widths: str, layers: int, seed: int):
     import transformers
 
-    cfg = transformers.LlamaConfig(**WIDTHS[widths], num_hidden_layers=layers, vocab_size=VOCAB,
-                                   max_position_embeddings=SEQ, use_cache=False)
+    cfg = transformers.LlamaConfig(
+        **WIDTHS[widths], num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=SEQ, use_cache=False
+    )
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -225,8 +234,15 @@ def model_rows(widths, layers, r, adapters, settings, cfg, tick) -> list:
         torch._dynamo.reset()
         impls = MODEL_IMPLS + ((LOW_MEMORY_IMPL,) if setting == "eager" else ())
         units = {impl: ModelUnderTest(base, impl, r, adapters, setting, ids, cfg.seed) for impl in impls}
-        rec = {"widths": widths, "layers": layers, "r": r, "adapters": adapters, "setting": setting,
-               "tokens": BATCH * SEQ, "vocab": VOCAB}
+        rec = {
+            "widths": widths,
+            "layers": layers,
+            "r": r,
+            "adapters": adapters,
+            "setting": setting,
+            "tokens": BATCH * SEQ,
+            "vocab": VOCAB,
+        }
         if setting == "compile":
             from torch._dynamo.utils import counters
 
@@ -235,12 +251,17 @@ def model_rows(widths, layers, r, adapters, settings, cfg, tick) -> list:
                 t = time.time()
                 u.step()
                 _sync()
-                rec[f"{impl}_compile"] = {"first_step_s": round(time.time() - t, 1), "graphs": u.recorder.graphs,
-                                          "graph_breaks": graph_breaks(), "dora_ops": u.recorder.dora_ops}
+                rec[f"{impl}_compile"] = {
+                    "first_step_s": round(time.time() - t, 1),
+                    "graphs": u.recorder.graphs,
+                    "graph_breaks": graph_breaks(),
+                    "dora_ops": u.recorder.dora_ops,
+                }
         with torch._dynamo.config.patch(cache_size_limit=64):
             warm_graphs = {impl: u.recorder.graphs for impl, u in units.items() if u.recorder}
-            times = interleaved_ms({impl: u.step for impl, u in units.items()}, cfg.model_warmup, cfg.model_rounds,
-                                   cfg.model_per_round)
+            times = interleaved_ms(
+                {impl: u.step for impl, u in units.items()}, cfg.model_warmup, cfg.model_rounds, cfg.model_per_round
+            )
         for impl, u in units.items():
             rec[impl] = dict(times[impl], **u.peak_mib())
             if u.recorder:
@@ -250,10 +271,15 @@ def model_rows(widths, layers, r, adapters, settings, cfg, tick) -> list:
             rec[f"{impl}_mem_over_lora"] = rec[impl]["peak_mib"] / rec["lora"]["peak_mib"]
         rec["speedup_vs_peft_dora"] = rec["peft_dora"]["ms"] / rec["ours"]["ms"]
         rows.append(rec)
-        low = (f", save='x' {rec[LOW_MEMORY_IMPL + '_over_lora']:.3f} (memory {rec[LOW_MEMORY_IMPL + '_mem_over_lora']:.3f})"
-               if LOW_MEMORY_IMPL in units else "")
-        tick(f"model {widths}×{layers} r={r} {adapters} {setting}: ours/LoRA {rec['ours_over_lora']:.3f}, "
-             f"stock/LoRA {rec['peft_dora_over_lora']:.3f}, memory ours/LoRA {rec['ours_mem_over_lora']:.3f}{low}")
+        low = (
+            f", save='x' {rec[LOW_MEMORY_IMPL + '_over_lora']:.3f} (memory {rec[LOW_MEMORY_IMPL + '_mem_over_lora']:.3f})"
+            if LOW_MEMORY_IMPL in units
+            else ""
+        )
+        tick(
+            f"model {widths}×{layers} r={r} {adapters} {setting}: ours/LoRA {rec['ours_over_lora']:.3f}, "
+            f"stock/LoRA {rec['peft_dora_over_lora']:.3f}, memory ours/LoRA {rec['ours_mem_over_lora']:.3f}{low}"
+        )
         del units
         _empty_cache()
     del base
@@ -295,12 +321,18 @@ def layer_in_model_row(d_in, d_out, r, setting, cfg) -> dict:
         if setting == "compile":
             recorders[impl] = GraphRecorder(COMPILE_INNER)
         fn = torch.compile(layer, backend=recorders[impl]) if setting == "compile" else layer
-        run = (lambda f: (lambda x: torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False))
-               if setting == "checkpointing" else f)(fn)
+        run = (
+            lambda f: (
+                (lambda x: torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False))
+                if setting == "checkpointing"
+                else f
+            )
+        )(fn)
 
         def call(run=run, params=params, impl=impl):
             use_integration(impl == "ours_peft")
             return torch.autograd.grad(run(x), [x] + params, dy)
+
         calls[impl] = call
     with torch._dynamo.config.patch(cache_size_limit=64):
         times = interleaved_ms(calls, cfg.warmup, cfg.layer_rounds, cfg.layer_per_round)
@@ -324,8 +356,10 @@ def layer_in_model_rows(cfg, tick) -> list:
     for d_in, d_out, r, setting in plan:
         rec = layer_in_model_row(d_in, d_out, r, setting, cfg)
         rows.append(rec)
-        tick(f"layer in model {d_in}→{d_out} r={r} {setting}: integration/LoRA {rec['ours_peft_over_lora']:.3f}, "
-             f"DoRALinear/LoRA {rec['dora_linear_over_lora']:.3f}, stock/LoRA {rec['peft_dora_over_lora']:.3f}")
+        tick(
+            f"layer in model {d_in}→{d_out} r={r} {setting}: integration/LoRA {rec['ours_peft_over_lora']:.3f}, "
+            f"DoRALinear/LoRA {rec['dora_linear_over_lora']:.3f}, stock/LoRA {rec['peft_dora_over_lora']:.3f}"
+        )
         _empty_cache()
     return rows
 
@@ -342,7 +376,7 @@ def bench_model(cfg, tick) -> dict:
 
     was, rows = dv_peft.is_enabled(), []
     try:
-        for widths, layers, r, adapters, settings in (MODEL_GRID_QUICK if cfg.quick else MODEL_GRID):
+        for widths, layers, r, adapters, settings in MODEL_GRID_QUICK if cfg.quick else MODEL_GRID:
             rows += model_rows(widths, layers, r, adapters, settings, cfg, tick)
         return {"steps": rows, "layers_in_model": layer_in_model_rows(cfg, tick)}
     finally:
@@ -355,11 +389,24 @@ def model_targets(rep: dict, add) -> None:
     steps = part.get("steps") or []
     for setting in SETTINGS:
         for adapters in ("bf16", "fp32"):
-            row = next((s for s in steps if s["setting"] == setting and s["adapters"] == adapters
-                        and s["r"] == TARGET_RANK and s["widths"] == "llama3-8b"), None)
+            row = next(
+                (
+                    s
+                    for s in steps
+                    if s["setting"] == setting
+                    and s["adapters"] == adapters
+                    and s["r"] == TARGET_RANK
+                    and s["widths"] == "llama3-8b"
+                ),
+                None,
+            )
             v = row and row["ours_over_lora"]
-            add(f"model step / LoRA's, {setting}, {adapters} adapters (Llama-3-8B widths, r = 16)", "≤ 1.10", v,
-                v is not None and v <= 1.10)
+            add(
+                f"model step / LoRA's, {setting}, {adapters} adapters (Llama-3-8B widths, r = 16)",
+                "≤ 1.10",
+                v,
+                v is not None and v <= 1.10,
+            )
     v = min((s["speedup_vs_peft_dora"] for s in steps), default=None)
     add("model step, speed-up over stock PEFT DoRA (every row, worst)", "> 1", v, v is not None and v > 1)
     eager = [s for s in steps if s["setting"] == "eager"]
@@ -370,11 +417,19 @@ def model_targets(rep: dict, add) -> None:
     # save='x' acts on the fused path only (bf16/fp16 adapters): on fp32-adapter rows it changes nothing
     low = [s for s in eager if f"{LOW_MEMORY_IMPL}_mem_over_lora" in s and s["adapters"] != "fp32"]
     v = max((s[f"{LOW_MEMORY_IMPL}_mem_over_lora"] for s in low), default=None)
-    add("model peak memory / LoRA's, eager, enable(save='x') (worst bf16-adapter row: the mode's scope)", "≤ 1.02",
-        v, v is not None and v <= 1.02)
+    add(
+        "model peak memory / LoRA's, eager, enable(save='x') (worst bf16-adapter row: the mode's scope)",
+        "≤ 1.02",
+        v,
+        v is not None and v <= 1.02,
+    )
     v = max((s[f"{LOW_MEMORY_IMPL}_over_lora"] for s in low), default=None)
-    add("model step / LoRA's, eager, enable(save='x') (its time cost; worst bf16-adapter row)", "≤ 1.15", v,
-        v is not None and v <= 1.15)
+    add(
+        "model step / LoRA's, eager, enable(save='x') (its time cost; worst bf16-adapter row)",
+        "≤ 1.15",
+        v,
+        v is not None and v <= 1.15,
+    )
     ck = [s for s in steps if s["setting"] == "checkpointing"]
     v = max((s["ours_mem_over_lora"] for s in ck), default=None)
     add("model peak memory / LoRA's, gradient checkpointing (worst row)", "≤ 1.01", v, v is not None and v <= 1.01)
@@ -386,16 +441,32 @@ def model_targets(rep: dict, add) -> None:
             ratio = c["ours"]["ms"] / s["ours"]["ms"]
             worst = ratio if worst is None else max(worst, ratio)
     add("model step, compiled / eager (ours; worst row)", "≤ 1", worst, worst is not None and worst <= 1)
-    v = max((c.get("ours_compile", {}).get("graph_breaks", 0) + c.get("ours_compile", {}).get(
-        "recompiles_after_first_step", 0) - c.get("lora_compile", {}).get("graph_breaks", 0) for c in comp.values()),
-        default=None)
+    v = max(
+        (
+            c.get("ours_compile", {}).get("graph_breaks", 0)
+            + c.get("ours_compile", {}).get("recompiles_after_first_step", 0)
+            - c.get("lora_compile", {}).get("graph_breaks", 0)
+            for c in comp.values()
+        ),
+        default=None,
+    )
     add("compiled model: graph breaks + recompiles beyond LoRA's", "0", v, v is not None and v <= 0)
     (d_in, d_out), r = LAYER_SETTINGS_AT
-    lay = next((x for x in part.get("layers_in_model") or [] if (x["d_in"], x["d_out"], x["r"], x["setting"])
-                == (d_in, d_out, r, "eager")), None)
+    lay = next(
+        (
+            x
+            for x in part.get("layers_in_model") or []
+            if (x["d_in"], x["d_out"], x["r"], x["setting"]) == (d_in, d_out, r, "eager")
+        ),
+        None,
+    )
     v = lay and lay["ours_peft_over_lora"]
-    add("layer in a model / LoRA's, PEFT integration (4096², r = 16, 8192 tokens, fwd+bwd)", "≤ 1.15", v,
-        v is not None and v <= 1.15)
+    add(
+        "layer in a model / LoRA's, PEFT integration (4096², r = 16, 8192 tokens, fwd+bwd)",
+        "≤ 1.15",
+        v,
+        v is not None and v <= 1.15,
+    )
 
 
 __all__ = ["bench_model", "interleaved_ms", "model_targets", "plan_size"]

@@ -4,6 +4,7 @@ Everything here reads only the report dict (``bench.json``), so a committed repo
 machine (``dora-verify bench --render reports/h100/bench/bench.json``) and the README section regenerated from
 it (``--readme README.md`` rewrites the text between :data:`README_BEGIN` and :data:`README_END`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,44 +27,120 @@ def _device_line(rep: dict) -> str:
     p = rep["provenance"]
     dev, v = p.get("device", {}), p.get("versions", {})
     commit = (p.get("git", {}).get("commit") or "unknown")[:12]
-    return (f"{dev.get('name', '?')} (driver {dev.get('driver', '?')}, CUDA {dev.get('cuda', '?')}), commit `{commit}`, "
-            f"torch {v.get('torch')}, triton {v.get('triton')}, peft {v.get('peft')}; measured copy bandwidth "
-            f"{rep['copy_bandwidth']['TBps']:.2f} TB/s; {'quick subset; ' if rep['config']['quick'] else ''}"
-            f"{rep['config']['reps']} timed calls after {rep['config']['warmup']} warm-up, medians; seed "
-            f"{rep['config']['seed']}; {p.get('time_utc', '?')}")
+    return (
+        f"{dev.get('name', '?')} (driver {dev.get('driver', '?')}, CUDA {dev.get('cuda', '?')}), commit `{commit}`, "
+        f"torch {v.get('torch')}, triton {v.get('triton')}, peft {v.get('peft')}; measured copy bandwidth "
+        f"{rep['copy_bandwidth']['TBps']:.2f} TB/s; {'quick subset; ' if rep['config']['quick'] else ''}"
+        f"{rep['config']['reps']} timed calls after {rep['config']['warmup']} warm-up, medians; seed "
+        f"{rep['config']['seed']}; {p.get('time_utc', '?')}"
+    )
 
 
 def targets_table(rep: dict, measured_only: bool = False) -> str:
     rows = [t for t in rep.get("targets", []) if not (measured_only and t["met"] is None)]
-    return _table(["target", "limit", "measured", "met"],
-                  [[t["target"], t["limit"], t["measured"], "–" if t["met"] is None else ("yes" if t["met"] else "**no**")]
-                   for t in rows])
+    return _table(
+        ["target", "limit", "measured", "met"],
+        [
+            [t["target"], t["limit"], t["measured"], "–" if t["met"] is None else ("yes" if t["met"] else "**no**")]
+            for t in rows
+        ],
+    )
 
 
 def compose_table(rows: list) -> str:
-    return _table(["T × d_out", "fused fwd ms", "of copy bw", "eager bf16 fwd ms", "fwd speed-up", "fused bwd ms",
-                   "of copy bw", "eager autograd bwd ms", "bwd speed-up", "eager tier (fp64) fwd ms"],
-                  [[f"{r['T']}×{r['d_out']}", _ms(r["fused_fwd"]), f"{r['fused_fwd_bw_frac']:.0%}", _ms(r["eager_fwd"]),
-                    _x(r["fwd_speedup_vs_eager"]), _ms(r["fused_bwd"]), f"{r['fused_bwd_bw_frac']:.0%}",
-                    _ms(r["eager_bwd"]), _x(r["bwd_speedup_vs_eager"]), _ms(r["eager_tier_fwd"])] for r in rows])
+    return _table(
+        [
+            "T × d_out",
+            "fused fwd ms",
+            "of copy bw",
+            "eager bf16 fwd ms",
+            "fwd speed-up",
+            "fused bwd ms",
+            "of copy bw",
+            "eager autograd bwd ms",
+            "bwd speed-up",
+            "eager tier (fp64) fwd ms",
+        ],
+        [
+            [
+                f"{r['T']}×{r['d_out']}",
+                _ms(r["fused_fwd"]),
+                f"{r['fused_fwd_bw_frac']:.0%}",
+                _ms(r["eager_fwd"]),
+                _x(r["fwd_speedup_vs_eager"]),
+                _ms(r["fused_bwd"]),
+                f"{r['fused_bwd_bw_frac']:.0%}",
+                _ms(r["eager_bwd"]),
+                _x(r["bwd_speedup_vs_eager"]),
+                _ms(r["eager_tier_fwd"]),
+            ]
+            for r in rows
+        ],
+    )
 
 
 def norm_table(rows: list) -> str:
-    return _table(["d", "r", "W", "factored ms", "factored cold ms", "PEFT ms", "dense fp32 ms", "speed-up vs PEFT",
-                   "factored MiB", "PEFT MiB", "dense fp32 MiB", "memory / PEFT"],
-                  [[r["d"], r["r"], r["W_dtype"], _ms(r["factored"]), _ms(r["factored_cold"]), _ms(r["peft"]),
-                    _ms(r["dense_fp32"]), _x(r["speedup_vs_peft"]), r["factored"]["peak_mib"], r["peft"]["peak_mib"],
-                    r["dense_fp32"]["peak_mib"], r["memory_vs_peft"]] for r in rows])
+    return _table(
+        [
+            "d",
+            "r",
+            "W",
+            "factored ms",
+            "factored cold ms",
+            "PEFT ms",
+            "dense fp32 ms",
+            "speed-up vs PEFT",
+            "factored MiB",
+            "PEFT MiB",
+            "dense fp32 MiB",
+            "memory / PEFT",
+        ],
+        [
+            [
+                r["d"],
+                r["r"],
+                r["W_dtype"],
+                _ms(r["factored"]),
+                _ms(r["factored_cold"]),
+                _ms(r["peft"]),
+                _ms(r["dense_fp32"]),
+                _x(r["speedup_vs_peft"]),
+                r["factored"]["peak_mib"],
+                r["peft"]["peak_mib"],
+                r["dense_fp32"]["peak_mib"],
+                r["memory_vs_peft"],
+            ]
+            for r in rows
+        ],
+    )
 
 
 def layer_table(rows: list, key: str) -> str:
     label = {"fwd": "forward (training)", "fwd_bwd": "forward+backward", "infer": "inference forward"}[key]
-    head = ["d", "r", "tokens", "adapters", "PEFT LoRA ms", "PEFT DoRA ms", "ours ms", "ours / LoRA",
-            "speed-up vs PEFT DoRA"]
+    head = [
+        "d",
+        "r",
+        "tokens",
+        "adapters",
+        "PEFT LoRA ms",
+        "PEFT DoRA ms",
+        "ours ms",
+        "ours / LoRA",
+        "speed-up vs PEFT DoRA",
+    ]
     body = []
     for r in rows:
-        row = [r["d"], r["r"], r["tokens"], r["adapters"], _ms(r["peft_lora"][key]), _ms(r["peft_dora"][key]),
-               _ms(r["ours"][key]), r[f"ours_over_lora_{key}"], _x(r[f"speedup_vs_peft_dora_{key}"])]
+        row = [
+            r["d"],
+            r["r"],
+            r["tokens"],
+            r["adapters"],
+            _ms(r["peft_lora"][key]),
+            _ms(r["peft_dora"][key]),
+            _ms(r["ours"][key]),
+            r[f"ours_over_lora_{key}"],
+            _x(r[f"speedup_vs_peft_dora_{key}"]),
+        ]
         if key != "infer":
             row += [r["peft_lora"][key]["peak_mib"], r["peft_dora"][key]["peak_mib"], r["ours"][key]["peak_mib"]]
         body.append(row)
@@ -78,77 +155,178 @@ def model_step_table(rows: list) -> str:
         if not all(c):
             return "–"
         return " / ".join(f"{x['graphs']}g {x['graph_breaks']}b {x.get('recompiles_after_first_step', 0)}rc" for x in c)
+
     def low_memory(r):  # enable(save="x"), timed in the eager rows
-        return (f"{r['ours_x_over_lora']:.3g} / {r['ours_x_mem_over_lora']:.3g}" if "ours_x_over_lora" in r else "–")
-    return _table(["model", "r", "adapters", "setting", "LoRA ms", "stock DoRA ms", "ours ms", "ours / LoRA",
-                   "stock / LoRA", "speed-up vs stock", "LoRA MiB", "stock MiB", "ours MiB", "ours mem / LoRA",
-                   "save='x': time / LoRA, mem / LoRA", "compiled: graphs, breaks, recompiles (LoRA / stock / ours)"],
-                  [[f"{r['widths']} × {r['layers']}", r["r"], r["adapters"], r["setting"], _ms(r["lora"]),
-                    _ms(r["peft_dora"]), _ms(r["ours"]), r["ours_over_lora"], r["peft_dora_over_lora"],
-                    _x(r["speedup_vs_peft_dora"]), r["lora"]["peak_mib"], r["peft_dora"]["peak_mib"],
-                    r["ours"]["peak_mib"], r["ours_mem_over_lora"], low_memory(r), compiled(r)] for r in rows])
+        return f"{r['ours_x_over_lora']:.3g} / {r['ours_x_mem_over_lora']:.3g}" if "ours_x_over_lora" in r else "–"
+
+    return _table(
+        [
+            "model",
+            "r",
+            "adapters",
+            "setting",
+            "LoRA ms",
+            "stock DoRA ms",
+            "ours ms",
+            "ours / LoRA",
+            "stock / LoRA",
+            "speed-up vs stock",
+            "LoRA MiB",
+            "stock MiB",
+            "ours MiB",
+            "ours mem / LoRA",
+            "save='x': time / LoRA, mem / LoRA",
+            "compiled: graphs, breaks, recompiles (LoRA / stock / ours)",
+        ],
+        [
+            [
+                f"{r['widths']} × {r['layers']}",
+                r["r"],
+                r["adapters"],
+                r["setting"],
+                _ms(r["lora"]),
+                _ms(r["peft_dora"]),
+                _ms(r["ours"]),
+                r["ours_over_lora"],
+                r["peft_dora_over_lora"],
+                _x(r["speedup_vs_peft_dora"]),
+                r["lora"]["peak_mib"],
+                r["peft_dora"]["peak_mib"],
+                r["ours"]["peak_mib"],
+                r["ours_mem_over_lora"],
+                low_memory(r),
+                compiled(r),
+            ]
+            for r in rows
+        ],
+    )
 
 
 def layer_in_model_table(rows: list) -> str:
-    return _table(["d_in → d_out", "r", "setting", "LoRA ms", "stock DoRA ms", "integration ms", "DoRALinear ms",
-                   "integration / LoRA", "DoRALinear / LoRA", "stock / LoRA"],
-                  [[f"{r['d_in']} → {r['d_out']}", r["r"], r["setting"], _ms(r["lora"]), _ms(r["peft_dora"]),
-                    _ms(r["ours_peft"]), _ms(r["dora_linear"]), r["ours_peft_over_lora"], r["dora_linear_over_lora"],
-                    r["peft_dora_over_lora"]] for r in rows])
+    return _table(
+        [
+            "d_in → d_out",
+            "r",
+            "setting",
+            "LoRA ms",
+            "stock DoRA ms",
+            "integration ms",
+            "DoRALinear ms",
+            "integration / LoRA",
+            "DoRALinear / LoRA",
+            "stock / LoRA",
+        ],
+        [
+            [
+                f"{r['d_in']} → {r['d_out']}",
+                r["r"],
+                r["setting"],
+                _ms(r["lora"]),
+                _ms(r["peft_dora"]),
+                _ms(r["ours_peft"]),
+                _ms(r["dora_linear"]),
+                r["ours_peft_over_lora"],
+                r["dora_linear_over_lora"],
+                r["peft_dora_over_lora"],
+            ]
+            for r in rows
+        ],
+    )
 
 
 def model_markdown(part: dict) -> list:
     steps, layers = part.get("steps") or [], part.get("layers_in_model") or []
-    L = ["## DoRA where users train: a model's training step", "",
-         "A Llama-shaped decoder from a config (random bf16 weights), adapters on all seven projections, "
-         f"{steps[0]['tokens'] if steps else '?'} tokens, vocabulary {steps[0]['vocab'] if steps else '?'}, one "
-         "fused-AdamW step; PEFT LoRA, stock PEFT DoRA and this project (the same PEFT DoRA model with "
-         "`dora_verify.kernels.peft` enabled), timed interleaved in rounds, medians. Settings: eager, Hugging Face "
-         "gradient checkpointing (`gradient_checkpointing_enable()`), `torch.compile` of the whole model (inductor). "
-         "Memory: the step's allocator peak plus the model's own parameters, buffers and optimiser state. Method: "
-         "`dora_verify/bench_model.py`.", "", model_step_table(steps), ""]
+    L = [
+        "## DoRA where users train: a model's training step",
+        "",
+        "A Llama-shaped decoder from a config (random bf16 weights), adapters on all seven projections, "
+        f"{steps[0]['tokens'] if steps else '?'} tokens, vocabulary {steps[0]['vocab'] if steps else '?'}, one "
+        "fused-AdamW step; PEFT LoRA, stock PEFT DoRA and this project (the same PEFT DoRA model with "
+        "`dora_verify.kernels.peft` enabled), timed interleaved in rounds, medians. Settings: eager, Hugging Face "
+        "gradient checkpointing (`gradient_checkpointing_enable()`), `torch.compile` of the whole model (inductor). "
+        "Memory: the step's allocator peak plus the model's own parameters, buffers and optimiser state. Method: "
+        "`dora_verify/bench_model.py`.",
+        "",
+        model_step_table(steps),
+        "",
+    ]
     if layers:
-        L += ["## One layer inside a model (input requires grad, 8192 tokens, bf16 adapters, fwd+bwd)", "",
-              layer_in_model_table(layers), ""]
+        L += [
+            "## One layer inside a model (input requires grad, 8192 tokens, bf16 adapters, fwd+bwd)",
+            "",
+            layer_in_model_table(layers),
+            "",
+        ]
     return L
 
 
 def bench_markdown(rep: dict, plots=()) -> str:
-    L = ["# dora-verify bench", "", _device_line(rep) + ".", "",
-         "Every number is a median of CUDA-event timings of one call after warm-up, with inputs rotated through "
-         "copies that together exceed twice the L2 cache; memory is the allocator's transient peak during the call "
-         "(output included) minus what was allocated before it. Method: `dora_verify/bench.py`.", "",
-         "## Targets (the kernels issue)", "", targets_table(rep), ""]
+    L = [
+        "# dora-verify bench",
+        "",
+        _device_line(rep) + ".",
+        "",
+        "Every number is a median of CUDA-event timings of one call after warm-up, with inputs rotated through "
+        "copies that together exceed twice the L2 cache; memory is the allocator's transient peak during the call "
+        "(output included) minus what was allocated before it. Method: `dora_verify/bench.py`.",
+        "",
+        "## Targets (the kernels issue)",
+        "",
+        targets_table(rep),
+        "",
+    ]
     if rep.get("compose"):
         c = rep["crossover"]
-        L += ["## Compose (bf16 activations, s = 2, fp32 g)", "",
-              "Fused: this project's Triton kernels (y rounded once; backward gives d_base, d_lora and d_g in one pass "
-              "with a deterministic two-stage reduction). Eager bf16: `base + ((g−1)·base + g·s·lora)` in bf16, as PEFT "
-              "computes it (its backward through autograd, d_g included). Eager tier: this project's float64 fallback. "
-              "Copy-bandwidth fraction counts the bytes the kernel must move (fwd: base, lora in, y out; bwd: dy, base, "
-              "lora in, d_base, d_lora out).", "", compose_table(rep["compose"]), "",
-              f"Dispatch crossover measured here: fused wins from T·d_out = {_fmt(c['infer_min_elements_measured'])} "
-              f"(inference) and {_fmt(c['train_min_elements_measured'])} (training); shipped thresholds "
-              f"{c['infer_min_elements_shipped']} and {c['train_min_elements_shipped']} "
-              "(`dora_verify/kernels/dispatch.py`).", ""]
+        L += [
+            "## Compose (bf16 activations, s = 2, fp32 g)",
+            "",
+            "Fused: this project's Triton kernels (y rounded once; backward gives d_base, d_lora and d_g in one pass "
+            "with a deterministic two-stage reduction). Eager bf16: `base + ((g−1)·base + g·s·lora)` in bf16, as PEFT "
+            "computes it (its backward through autograd, d_g included). Eager tier: this project's float64 fallback. "
+            "Copy-bandwidth fraction counts the bytes the kernel must move (fwd: base, lora in, y out; bwd: dy, base, "
+            "lora in, d_base, d_lora out).",
+            "",
+            compose_table(rep["compose"]),
+            "",
+            f"Dispatch crossover measured here: fused wins from T·d_out = {_fmt(c['infer_min_elements_measured'])} "
+            f"(inference) and {_fmt(c['train_min_elements_measured'])} (training); shipped thresholds "
+            f"{c['infer_min_elements_shipped']} and {c['train_min_elements_shipped']} "
+            "(`dora_verify/kernels/dispatch.py`).",
+            "",
+        ]
     if rep.get("norm"):
-        L += ["## Row norm ν = ‖W + s·BA‖ (s = 2)", "",
-              "Factored: this project's norm (U = W·Aᵀ on tensor cores with fp32 chains, G = A·Aᵀ, fp32 result, "
-              "ill-conditioned rows recomputed; ‖W‖² cached as a layer caches it; *cold* computes it too). PEFT: BA "
-              "through an identity matrix and the two adapter layers, W + s·BA and the norm in W's dtype. Dense fp32: "
-              "W + s·(B@A) in fp32.", "", norm_table(rep["norm"]), ""]
+        L += [
+            "## Row norm ν = ‖W + s·BA‖ (s = 2)",
+            "",
+            "Factored: this project's norm (U = W·Aᵀ on tensor cores with fp32 chains, G = A·Aᵀ, fp32 result, "
+            "ill-conditioned rows recomputed; ‖W‖² cached as a layer caches it; *cold* computes it too). PEFT: BA "
+            "through an identity matrix and the two adapter layers, W + s·BA and the norm in W's dtype. Dense fp32: "
+            "W + s·(B@A) in fp32.",
+            "",
+            norm_table(rep["norm"]),
+            "",
+        ]
     if rep.get("layer"):
-        L += ["## Whole layer (bf16 Linear d → d, no bias)", "",
-              "Ours: `DoRALinear` (ν recomputed every training call, as A and B change every step; cached in inference). "
-              "PEFT: `LoraConfig(use_dora=...)` with PEFT's default fp32 adapters (`autocast_adapter_dtype=True`) and with "
-              "bf16 adapters. Gradients of A, B (and m) only; the base weight is frozen.", ""]
+        L += [
+            "## Whole layer (bf16 Linear d → d, no bias)",
+            "",
+            "Ours: `DoRALinear` (ν recomputed every training call, as A and B change every step; cached in inference). "
+            "PEFT: `LoraConfig(use_dora=...)` with PEFT's default fp32 adapters (`autocast_adapter_dtype=True`) and with "
+            "bf16 adapters. Gradients of A, B (and m) only; the base weight is frozen.",
+            "",
+        ]
         for key in ("fwd", "fwd_bwd", "infer"):
             L += [layer_table(rep["layer"], key), ""]
     if rep.get("model"):
         L += model_markdown(rep["model"])
     if plots:
         L += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
-    L += [f"Run time {rep['timings_s'].get('total', '?')} s. Reproduce: `" + " ".join(["dora-verify"] + rep["provenance"]["argv"][1:]) + "`", ""]
+    L += [
+        f"Run time {rep['timings_s'].get('total', '?')} s. Reproduce: `"
+        + " ".join(["dora-verify"] + rep["provenance"]["argv"][1:])
+        + "`",
+        "",
+    ]
     return "\n".join(L)
 
 
@@ -161,8 +339,12 @@ def check_report(rep) -> None:
 def readme_section(rep: dict, report_path: str) -> str:
     """The README's performance section: the targets and the headline rows, linked to the full report."""
     skipped = sum(t["met"] is None for t in rep.get("targets", []))
-    L = [f"Measured by `dora-verify bench` on {_device_line(rep)}. Full report: [`{report_path}`]({report_path}).", "",
-         targets_table(rep, measured_only=True), ""]
+    L = [
+        f"Measured by `dora-verify bench` on {_device_line(rep)}. Full report: [`{report_path}`]({report_path}).",
+        "",
+        targets_table(rep, measured_only=True),
+        "",
+    ]
     if skipped:
         L += [f"({skipped} targets of parts this run did not measure are listed in the full report.)", ""]
     comp = [r for r in rep.get("compose") or [] if r["T"] * r["d_out"] >= 4096 * 8192]
@@ -176,8 +358,12 @@ def readme_section(rep: dict, report_path: str) -> str:
         L += ["Whole layer, 8192 → 8192, 4096 tokens:", "", layer_table(layer, "fwd_bwd"), ""]
     steps = [r for r in (rep.get("model") or {}).get("steps") or [] if r["r"] == 16]
     if steps:
-        L += ["A model's training step (Llama-3-8B widths, r = 16, all seven projections):", "",
-              model_step_table(steps), ""]
+        L += [
+            "A model's training step (Llama-3-8B widths, r = 16, all seven projections):",
+            "",
+            model_step_table(steps),
+            "",
+        ]
     return "\n".join(L)
 
 
@@ -204,10 +390,19 @@ def bench_plots(rep: dict, folder: Path) -> list:
         for adapters, marker in (("fp32", "o"), ("bf16", "s")):
             rs = [r for r in layer if r["adapters"] == adapters]
             labels = [f"{r['d']}/{r['r']}/{r['tokens']}" for r in rs]
-            axes[1].plot(range(len(rs)), [r["speedup_vs_peft_dora_fwd_bwd"] for r in rs], marker,
-                         label=f"vs PEFT DoRA, {adapters} adapters")
-            axes[1].plot(range(len(rs)), [1 / r["ours_over_lora_fwd_bwd"] for r in rs], marker, mfc="none",
-                         label=f"vs PEFT LoRA, {adapters} adapters")
+            axes[1].plot(
+                range(len(rs)),
+                [r["speedup_vs_peft_dora_fwd_bwd"] for r in rs],
+                marker,
+                label=f"vs PEFT DoRA, {adapters} adapters",
+            )
+            axes[1].plot(
+                range(len(rs)),
+                [1 / r["ours_over_lora_fwd_bwd"] for r in rs],
+                marker,
+                mfc="none",
+                label=f"vs PEFT LoRA, {adapters} adapters",
+            )
             axes[1].set_xticks(range(len(rs)), labels, rotation=70, fontsize=7)
         axes[1].axhline(1, color="k", lw=0.8)
         axes[1].set_title("layer forward+backward speed-up (d/r/tokens)")
@@ -240,8 +435,9 @@ def bench_plots(rep: dict, folder: Path) -> list:
             labels = [f"{r['d']}/{r['r']}/{r['W_dtype'][:4]}" for r in norm]
             w = 0.27
             for j, (k, name) in enumerate((("factored", "factored"), ("peft", "PEFT"), ("dense_fp32", "dense fp32"))):
-                axes[0].bar([i + j * w for i in range(len(norm))], [max(r[k]["peak_mib"], 1e-3) for r in norm], w,
-                            label=name)
+                axes[0].bar(
+                    [i + j * w for i in range(len(norm))], [max(r[k]["peak_mib"], 1e-3) for r in norm], w, label=name
+                )
             axes[0].set_xticks([i + w for i in range(len(norm))], labels, rotation=45, fontsize=7)
             axes[0].set_yscale("log")
             axes[0].set_ylabel("transient peak (MiB)")
@@ -252,7 +448,9 @@ def bench_plots(rep: dict, folder: Path) -> list:
             labels = [f"{r['d']}/{r['r']}/{r['adapters']}" for r in rs]
             w = 0.27
             for j, (k, name) in enumerate((("peft_lora", "PEFT LoRA"), ("peft_dora", "PEFT DoRA"), ("ours", "ours"))):
-                axes[1].bar([i + j * w for i in range(len(rs))], [r[k]["fwd_bwd"]["peak_mib"] for r in rs], w, label=name)
+                axes[1].bar(
+                    [i + j * w for i in range(len(rs))], [r[k]["fwd_bwd"]["peak_mib"] for r in rs], w, label=name
+                )
             axes[1].set_xticks([i + w for i in range(len(rs))], labels, rotation=45, fontsize=7)
             axes[1].set_ylabel("transient peak (MiB)")
             axes[1].set_title("layer forward+backward memory (d/r/adapters)")
@@ -268,9 +466,14 @@ def bench_plots(rep: dict, folder: Path) -> list:
 
 def write_bench_report(rep: dict, out_dir, plots: bool = True) -> list:
     """bench.json, bench.md and the plots into ``out_dir``, atomically (JSON last)."""
-    return write_bundle(rep, out_dir, lambda files: bench_markdown(rep, files),
-                        (lambda stage: bench_plots(rep, stage)) if plots else None,
-                        json_name="bench.json", md_name="bench.md")
+    return write_bundle(
+        rep,
+        out_dir,
+        lambda files: bench_markdown(rep, files),
+        (lambda stage: bench_plots(rep, stage)) if plots else None,
+        json_name="bench.json",
+        md_name="bench.md",
+    )
 
 
 def update_readme(readme: "str | Path", rep: dict, report_path: str) -> None:
@@ -285,5 +488,12 @@ def update_readme(readme: "str | Path", rep: dict, report_path: str) -> None:
     atomic_write(path, lambda fh: fh.write(new.encode("utf-8")))
 
 
-__all__ = ["README_BEGIN", "README_END", "bench_markdown", "check_report", "readme_section", "update_readme",
-           "write_bench_report"]
+__all__ = [
+    "README_BEGIN",
+    "README_END",
+    "bench_markdown",
+    "check_report",
+    "readme_section",
+    "update_readme",
+    "write_bench_report",
+]

@@ -18,6 +18,7 @@ Norm bounds come in two kinds (``kind``): 'worst' uses γ_n = n·u/(1 − n·u);
 Higham–Mary's γ̃_n(λ) = exp(λ·√n·u + n·u²/(1 − u)) − 1 with λ = 5 (holds with probability
 ≥ 1 − 2n·exp(−λ²/2)… per inner product for independent mean-zero rounding errors; a model, not a proof).
 """
+
 from __future__ import annotations
 
 import math
@@ -74,8 +75,16 @@ def compose_forms_bounds(forms, base, lora, g, s: float, bias=None, dtype=None) 
     b, l, g64 = _t(base, lora, g)
     g64 = g64.reshape(1, -1)
     sl = s * l
-    terms = (b, l, g64, sl, (g64 * sl).abs(), ((g64 - 1) * b).abs(), (g64 - 1) * b + g64 * sl,
-             g.to(dtype).to(F64).reshape(1, -1) if isinstance(g, torch.Tensor) else g64)
+    terms = (
+        b,
+        l,
+        g64,
+        sl,
+        (g64 * sl).abs(),
+        ((g64 - 1) * b).abs(),
+        (g64 - 1) * b + g64 * sl,
+        g.to(dtype).to(F64).reshape(1, -1) if isinstance(g, torch.Tensor) else g64,
+    )
     return {f: _form_bound(f, terms, bias, dtype) for f in forms}
 
 
@@ -88,14 +97,20 @@ def _form_bound(form: str, terms, bias, dtype):
     hD, h32 = (etaD + ETA32) * (1 + gamma(3, ut)), ETA32 * (1 + gamma(3, U32))
     if form == "stable_gcast":
         # Δ̂ = fl(fl(fl(gd − 1)·b) + fl(gd·fl(l·s))), gd = RN_D(g): the g rounding costs |gd − g|·(|b| + |s·l|)
-        e = (b.abs() * (dg + (gd - 1).abs() * gamma(2, ut)) + sl.abs() * (dg + gd.abs() * gamma(2, ut))
-             + (gd.abs() + 2) * hD)
+        e = (
+            b.abs() * (dg + (gd - 1).abs() * gamma(2, ut))
+            + sl.abs() * (dg + gd.abs() * gamma(2, ut))
+            + (gd.abs() + 2) * hD
+        )
         eD = e * (1 + ut) + ut * delta.abs() + hD
     elif form == "naive":
         # Δ̂ = fl(fl(gd·fl(fl(l·s) + b)) − b): error ∝ |g|·|base + s·lora|, however small Δ is
         inner = (b + sl).abs()
-        e = (dg * inner + gd.abs() * (gamma(2, ut) * inner + (1 + gamma(2, ut)) * ut * sl.abs())
-             + (2 * gd.abs() + 1) * hD)
+        e = (
+            dg * inner
+            + gd.abs() * (gamma(2, ut) * inner + (1 + gamma(2, ut)) * ut * sl.abs())
+            + (2 * gd.abs() + 1) * hD
+        )
         eD = e * (1 + ut) + ut * delta.abs() + hD
     elif form == "naive_fp32":
         inner = (b + sl).abs()
@@ -188,8 +203,7 @@ def factored_norm_bound(W, A, B, s: float, nu, kind: str = "worst"):
     w2 = (W64 * W64).sum(1)
     cross_mag = (aB * (aW @ aA.t())).sum(1)
     gram_mag = ((aB @ aA) ** 2).sum(1)
-    E = (gam(n + 1, U32) * w2 + 2 * abs(s) * gam(n + r + 1, U32) * cross_mag
-         + s * s * gam(n + 2 * r + 2, U32) * gram_mag)
+    E = gam(n + 1, U32) * w2 + 2 * abs(s) * gam(n + r + 1, U32) * cross_mag + s * s * gam(n + 2 * r + 2, U32) * gram_mag
     E = E + gamma(3, U32) * (w2 + 2 * abs(s) * cross_mag + s * s * gram_mag)
     nu = nu.to(F64)
     lin = torch.where(nu > 0, E / nu.clamp_min(1e-300), torch.full_like(nu, math.inf))
@@ -243,8 +257,11 @@ def kernel_norm_bound(W, A, B, s: float, nu, backend: str = "triton", dense_rows
     w2 = (W64 * W64).sum(1)
     cross_mag = (aB * (WA + eU)).sum(1)
     gram_mag = (aB * (aB @ AA + eBG)).sum(1)
-    E = (2 * abs(s) * (aB * eU).sum(1) + s * s * (aB * eBG).sum(1)
-         + g64 * (w2 + 2 * abs(s) * cross_mag + s * s * gram_mag))
+    E = (
+        2 * abs(s) * (aB * eU).sum(1)
+        + s * s * (aB * eBG).sum(1)
+        + g64 * (w2 + 2 * abs(s) * cross_mag + s * s * gram_mag)
+    )
     nu = nu.to(F64)
     lin = torch.where(nu > 0, E / nu.clamp_min(1e-300), torch.full_like(nu, math.inf))
     err = torch.minimum(lin, E.sqrt())
@@ -365,7 +382,12 @@ def dora_layer_bound(x, W, bias, A, B, g, s: float, g_rel: float):
     xa = x64 @ A64.t()
     e_xa = gK * (x64.abs() @ A64.abs().t()) + ua * xa.abs() + etaa
     lora = xa @ B64.t()
-    e_lora = e_xa @ B64.abs().t() + gr * ((xa.abs() + e_xa) @ B64.abs().t()) + ua * (lora.abs() + e_xa @ B64.abs().t()) + etaa
+    e_lora = (
+        e_xa @ B64.abs().t()
+        + gr * ((xa.abs() + e_xa) @ B64.abs().t())
+        + ua * (lora.abs() + e_xa @ B64.abs().t())
+        + etaa
+    )
     inner = base + s * lora
     e_inner = e_base + abs(s) * e_lora
     y = g64 * inner + b64
@@ -373,5 +395,17 @@ def dora_layer_bound(x, W, bias, A, B, g, s: float, g_rel: float):
     return (e * (1 + u) + u * y.abs() + eta) * SAFETY
 
 
-__all__ = ["compose_backward_bounds", "compose_epilogue_slack", "compose_form_bounds", "compose_kernel_bounds",
-           "dm_bound", "dora_layer_bound", "factored_norm_bound", "gamma", "gamma_prob", "kernel_norm_bound", "lora_compose_bounds", "scale_bounds"]
+__all__ = [
+    "compose_backward_bounds",
+    "compose_epilogue_slack",
+    "compose_form_bounds",
+    "compose_kernel_bounds",
+    "dm_bound",
+    "dora_layer_bound",
+    "factored_norm_bound",
+    "gamma",
+    "gamma_prob",
+    "kernel_norm_bound",
+    "lora_compose_bounds",
+    "scale_bounds",
+]

@@ -14,6 +14,7 @@ Regimes
   near_cancel        trained, with rows W_i = RN(−s(BA)_i + η·noise), η ∈ {0, 1e-6, 1e-4, 1e-2}: ν_i ≪ ‖W_i‖
   zero_rows          trained, with rows W_i = 0 and B_i = 0: ν_i = 0 exactly, g = m / ε
 """
+
 from __future__ import annotations
 
 import math
@@ -148,7 +149,7 @@ def draw(kind: str, shape, gen: torch.Generator) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float64)
 
     def fill(i):
-        part = out[i * DRAW_CHUNK:min(n, (i + 1) * DRAW_CHUNK)]
+        part = out[i * DRAW_CHUNK : min(n, (i + 1) * DRAW_CHUNK)]
         g = torch.Generator().manual_seed(seeds[i])
         part.normal_(generator=g) if kind == "normal" else part.uniform_(generator=g)
 
@@ -168,8 +169,18 @@ def _rows(d_out: int, count: int = 16):
     return list(range(step // 2, d_out, step))[:count]
 
 
-def make_case(regime: str, d_out: int, d_in: int, rank: int, tokens: int, dtype="bf16", seed: int = 0,
-              s: float = 2.0, adapter_ratio: float = 0.1, device="cpu") -> LayerCase:
+def make_case(
+    regime: str,
+    d_out: int,
+    d_in: int,
+    rank: int,
+    tokens: int,
+    dtype="bf16",
+    seed: int = 0,
+    s: float = 2.0,
+    adapter_ratio: float = 0.1,
+    device="cpu",
+) -> LayerCase:
     """Generate the inputs of one regime. Sizes must be positive; ``s`` must be fp32-representable."""
     if regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}; choose from {', '.join(REGIMES)}")
@@ -214,8 +225,7 @@ def make_case(regime: str, d_out: int, d_in: int, rank: int, tokens: int, dtype=
         B[special] = 0.0
     W, x = rnd(W), rnd(x)
     dt = fmt.torch_dtype
-    case = LayerCase(regime, int(seed), dt, s, x.to(dt), W.to(dt), A.to(dt), B.to(dt),
-                     g.to(torch.float32), special)
+    case = LayerCase(regime, int(seed), dt, s, x.to(dt), W.to(dt), A.to(dt), B.to(dt), g.to(torch.float32), special)
     if device != "cpu":
         for name in ("x", "W", "A", "B", "g"):
             setattr(case, name, getattr(case, name).to(device))

@@ -31,6 +31,7 @@ requested tier cannot run here (``tier='fused'`` with neither a GPU nor ``TRITON
 of the code under test gets its own copies of the example's tensors (the oracle, the bounds and the corpus
 keep the drawn ones), and anything the call raises (``SystemExit`` included) is a crash finding.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,15 +44,33 @@ import numpy as np
 import torch
 
 from .adapter import CaseGuard, crash_reason
-from .certify_targets import (KERNEL_TARGETS, LAYER_TARGETS, TARGETS, CertifyEnvironmentError, Reject, Score,  # noqa: F401
-                              Target, _compose_grads, _target_table, check_tier, default_tier, eval_compose_backward,
-                              eval_compose_delta, eval_compose_y, eval_lora_compose, eval_norm, excess_ratio,
-                              impl_targets)
+from .certify_targets import (
+    KERNEL_TARGETS,
+    LAYER_TARGETS,
+    TARGETS,
+    CertifyEnvironmentError,
+    Reject,
+    Score,  # noqa: F401
+    Target,
+    _compose_grads,
+    _target_table,
+    check_tier,
+    default_tier,
+    eval_compose_backward,
+    eval_compose_delta,
+    eval_compose_y,
+    eval_lora_compose,
+    eval_norm,
+    excess_ratio,
+    impl_targets,
+)
 from .corpus import _case_name, _example_key, _finite_json, _tensor_to_np, load_case, replay, save_case  # noqa: F401
 from .strategies import Example
 
 F64 = torch.float64
 HIST_EDGES = (-12, -10, -8, -6, -4, -3, -2, -1, -0.5, 0)  # log10(ratio) bin edges; last bin: ratio > 1
+
+
 class CertifyError(ValueError):
     """Nothing was certified (e.g. no example ran within the budget): a usage error, exit 2."""
 
@@ -66,7 +85,14 @@ class BoundViolation(AssertionError):
 # Which dimension of each tensor runs over the tokens (rows) and over the output features (columns), per example
 # kind: what a restriction slices. A kind not listed (the layer's) is not restricted.
 _AXES = {
-    "compose": {"base": (0, 1), "lora": (0, 1), "dy": (0, 1), "g": (None, 0), "g_minus_1": (None, 0), "bias": (None, 0)},
+    "compose": {
+        "base": (0, 1),
+        "lora": (0, 1),
+        "dy": (0, 1),
+        "g": (None, 0),
+        "g_minus_1": (None, 0),
+        "bias": (None, 0),
+    },
     "lora": {"base": (0, 1), "xa": (0, None), "B": (None, 0), "g": (None, 0), "bias": (None, 0)},
     "norm": {"W": (None, 0), "B": (None, 0), "A": (None, None)},
 }
@@ -177,7 +203,7 @@ class _Tracker:
             if all(key != t[1] for t in self.top):
                 self.top.append((score.ratio, key, ex, score))
                 self.top.sort(key=lambda e: -e[0])
-                del self.top[self.keep:]
+                del self.top[self.keep :]
 
     def end_round(self) -> bool:
         """Keep the round's (shrunk) violation if it is a new case; whether the round had one."""
@@ -199,14 +225,27 @@ def ratio_summary(ratios: list) -> dict:
     hist, labels = [], []
     lo = -math.inf
     for e in HIST_EDGES:
-        hist.append(int(((pos > lo) & (pos <= e) & (fin > 0)).sum()) if lo > -math.inf else int(((pos <= e) | (fin == 0)).sum()))
+        hist.append(
+            int(((pos > lo) & (pos <= e) & (fin > 0)).sum()) if lo > -math.inf else int(((pos <= e) | (fin == 0)).sum())
+        )
         labels.append(f"≤{10.0**e:.0e}" if lo == -math.inf else f"({10.0**lo:.2g}, {10.0**e:.2g}]")
         lo = e
     hist.append(int((a > 1).sum()))
     labels.append(">1")
-    q = lambda p: float(np.quantile(a, p)) if np.isfinite(a).all() else float(np.quantile(fin, p)) if fin.size else math.inf  # noqa: E731
-    return {"n": int(a.size), "max": float(a.max()), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99),
-            "histogram": dict(zip(labels, hist))}
+
+    def q(p):
+        return (
+            float(np.quantile(a, p)) if np.isfinite(a).all() else float(np.quantile(fin, p)) if fin.size else math.inf
+        )
+
+    return {
+        "n": int(a.size),
+        "max": float(a.max()),
+        "p50": q(0.5),
+        "p90": q(0.9),
+        "p99": q(0.99),
+        "histogram": dict(zip(labels, hist)),
+    }
 
 
 def _evaluate_guarded(tg, ex: Example, device, tier) -> Score:
@@ -223,10 +262,22 @@ def _evaluate_guarded(tg, ex: Example, device, tier) -> Score:
         return Score(math.inf, math.inf, {"error": math.inf}, {"error": crash_reason(e)})
 
 
-def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | None" = None, seed: int = 0,
-           derandomize: bool = True, device="cpu", tier: "str | None" = None, keep: int = 3,
-           corpus: "str | Path | None" = None, meta: "dict | None" = None, progress=None,
-           impl: "str | None" = None) -> dict:
+def search(
+    target: str,
+    dtype: str,
+    *,
+    examples: int = 200,
+    seconds: "float | None" = None,
+    seed: int = 0,
+    derandomize: bool = True,
+    device="cpu",
+    tier: "str | None" = None,
+    keep: int = 3,
+    corpus: "str | Path | None" = None,
+    meta: "dict | None" = None,
+    progress=None,
+    impl: "str | None" = None,
+) -> dict:
     """Targeted search on one (target, dtype); returns its result dict (see :func:`run_certify`). ``impl``: the
     ``--impl`` spec whose targets (:func:`impl_targets`) ``target`` names; None for the built-in targets."""
     from hypothesis import HealthCheck, Phase, Verbosity, given, reject, settings
@@ -267,7 +318,7 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
                 raise
             score = Score(math.inf, math.inf, {"error": math.inf}, {"error": crash_reason(e)})
         if tr.round_violation is not None:  # hypothesis is shrinking this round's violation: not the search's
-            tr.shrink_evaluations += 1      # budget, ratios or top cases (its variants are one case)
+            tr.shrink_evaluations += 1  # budget, ratios or top cases (its variants are one case)
             if score.ratio > 1:
                 tr.round_violation = (ex, score)  # the last violating variant is the shrunk case
                 raise BoundViolation(score)
@@ -286,9 +337,16 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
     while len(tr.ratios) < examples and time.monotonic() < deadline:
         fixed = derandomize and k == 0  # the derandomized round: the same examples every run
         n = examples - len(tr.ratios) if fixed else min(200, examples - len(tr.ratios))
-        st_args = dict(max_examples=max(1, n), derandomize=fixed, database=None, deadline=None,
-                       suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet,
-                       phases=(Phase.generate, Phase.target, Phase.shrink), report_multiple_bugs=False)
+        st_args = dict(
+            max_examples=max(1, n),
+            derandomize=fixed,
+            database=None,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            verbosity=Verbosity.quiet,
+            phases=(Phase.generate, Phase.target, Phase.shrink),
+            report_multiple_bugs=False,
+        )
         fn = given(tg.strategy(dtype))(probe)
         fn = settings(**st_args)(fn)
         if not fixed:
@@ -302,17 +360,31 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
             if tr.round_violation is None:
                 raise
         violated = tr.end_round()
-        rounds.append({"seed": None if fixed else seed + k, "examples": len(tr.ratios) - before,
-                       "violation": violated})
+        rounds.append({"seed": None if fixed else seed + k, "examples": len(tr.ratios) - before, "violation": violated})
         k += 1
         if len(tr.ratios) == before or (fixed and not violated):
             break  # nothing new to draw, or the derandomized round ran its whole budget
     summary = ratio_summary(tr.ratios)
-    res = {"target": target, "dtype": dtype, "tier": tier if impl is None else None, "device": str(device), "examples": len(tr.ratios),
-           "rejected": tr.rejected, "seconds": round(time.monotonic() - t0, 2), "derandomized": derandomize,
-           "rounds": rounds, "max_ratio": summary.get("max", 0.0), "ratio": summary, "max_ulp": tr.max_ulp,
-           "parts_max": tr.parts, "info": tr.info, "violation": bool(tr.violations),
-           "violations": len(tr.violations), "shrink_evaluations": tr.shrink_evaluations, "corpus": []}
+    res = {
+        "target": target,
+        "dtype": dtype,
+        "tier": tier if impl is None else None,
+        "device": str(device),
+        "examples": len(tr.ratios),
+        "rejected": tr.rejected,
+        "seconds": round(time.monotonic() - t0, 2),
+        "derandomized": derandomize,
+        "rounds": rounds,
+        "max_ratio": summary.get("max", 0.0),
+        "ratio": summary,
+        "max_ulp": tr.max_ulp,
+        "parts_max": tr.parts,
+        "info": tr.info,
+        "violation": bool(tr.violations),
+        "violations": len(tr.violations),
+        "shrink_evaluations": tr.shrink_evaluations,
+        "corpus": [],
+    }
     if corpus is not None:
         seen = {key for key, _, _ in tr.violations}
         cases = [(ex, sc, "violation") for _, ex, sc in tr.violations]
@@ -326,8 +398,15 @@ def search(target: str, dtype: str, *, examples: int = 200, seconds: "float | No
                 keys.add(key)
                 shrunk.append((ex, sc, why))
         for ex, sc, why in shrunk:
-            m = {"found_by": why, "tier": tier, "device": str(device), "derandomized": derandomize,
-                 "rounds": rounds, **(meta or {}), **({"impl": impl} if impl else {})}
+            m = {
+                "found_by": why,
+                "tier": tier,
+                "device": str(device),
+                "derandomized": derandomize,
+                "rounds": rounds,
+                **(meta or {}),
+                **({"impl": impl} if impl else {}),
+            }
             res["corpus"].append(str(save_case(target, ex, sc, corpus, m)))
     return res
 
@@ -375,23 +454,39 @@ def run_certify(cfg: CertifyConfig, progress=None) -> dict:
     if cfg.impl is None:
         check_tier(device, cfg.tier or default_tier(device))
     prov = provenance(device, [cfg.impl] if cfg.impl else ())
-    meta = {"commit": prov.get("git", {}).get("commit"), "versions": prov.get("versions"),
-            "device_name": prov.get("device", {}).get("name", prov.get("device", {}).get("cpu"))}
+    meta = {
+        "commit": prov.get("git", {}).get("commit"),
+        "versions": prov.get("versions"),
+        "device_name": prov.get("device", {}).get("name", prov.get("device", {}).get("cpu")),
+    }
     results = []
     table = _target_table(cfg.impl)
     pairs = [(t, d) for t in cfg.targets for d in cfg.dtypes if d in table[t].dtypes]
     if not pairs:
         raise ValueError("no (target, dtype) pair to run: the chosen targets support none of the chosen dtypes")
-    kw = dict(examples=cfg.examples, seed=cfg.seed, derandomize=cfg.derandomize, device=str(device), tier=cfg.tier,
-              keep=cfg.keep, corpus=cfg.corpus, meta=meta, impl=cfg.impl)
+    kw = dict(
+        examples=cfg.examples,
+        seed=cfg.seed,
+        derandomize=cfg.derandomize,
+        device=str(device),
+        tier=cfg.tier,
+        keep=cfg.keep,
+        corpus=cfg.corpus,
+        meta=meta,
+        impl=cfg.impl,
+    )
     if cfg.jobs > 1:  # one process per (target, dtype): spawn, so CUDA initialises cleanly in each
         import concurrent.futures as cf
         import multiprocessing as mp
 
         secs = cfg.seconds and cfg.seconds * min(cfg.jobs, len(pairs)) / len(pairs)
         threads = max(1, (os.cpu_count() or 1) // min(cfg.jobs, len(pairs)))  # the CPU oracles: no oversubscription
-        with cf.ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=mp.get_context("spawn"),
-                                    initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        with cf.ProcessPoolExecutor(
+            max_workers=cfg.jobs,
+            mp_context=mp.get_context("spawn"),
+            initializer=torch.set_num_threads,
+            initargs=(threads,),
+        ) as pool:
             futs = [pool.submit(search, t, d, seconds=secs, **kw) for t, d in pairs]
             for i, f in enumerate(cf.as_completed(futs)):
                 if progress:
@@ -405,58 +500,140 @@ def run_certify(cfg: CertifyConfig, progress=None) -> dict:
         progress(len(pairs), len(pairs), "done")
     empty = [r for r in results if r["examples"] == 0]
     if empty:
-        raise CertifyError("nothing certified: 0 examples ran for " + ", ".join(
-            f"{r['target']}/{r['dtype']} ({r['rejected']} drawn inputs rejected)" for r in empty)
-            + "; raise --seconds (or --examples) so that every target runs an example")
-    return {"kind": "certify", "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
-            "provenance": prov, "results": results,
-            "certified": not any(r["violation"] for r in results),
-            "max_ratio": max(r["max_ratio"] for r in results)}
+        raise CertifyError(
+            "nothing certified: 0 examples ran for "
+            + ", ".join(f"{r['target']}/{r['dtype']} ({r['rejected']} drawn inputs rejected)" for r in empty)
+            + "; raise --seconds (or --examples) so that every target runs an example"
+        )
+    return {
+        "kind": "certify",
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+        "provenance": prov,
+        "results": results,
+        "certified": not any(r["violation"] for r in results),
+        "max_ratio": max(r["max_ratio"] for r in results),
+    }
 
 
 def certify_markdown(rep: dict) -> str:
     from .report import _fmt, _table
 
     p = rep["provenance"]
-    lines = ["# dora-verify certify", "",
-             f"Device: {p.get('device', {}).get('name', p.get('device', {}).get('cpu', '?'))}; commit {p.get('git', {}).get('commit', '?')}; "
-             f"torch {p.get('versions', {}).get('torch', '?')}, triton {p.get('versions', {}).get('triton', '?')}; "
-             f"{'derandomized (pre-merge)' if rep['config']['derandomize'] else 'seeded rounds from ' + str(rep['config']['seed'])}.",
-             *(["", f"Implementation under test: `--impl {rep['config']['impl']}`, held to the faithful contract "
+    lines = [
+        "# dora-verify certify",
+        "",
+        f"Device: {p.get('device', {}).get('name', p.get('device', {}).get('cpu', '?'))}; commit {p.get('git', {}).get('commit', '?')}; "
+        f"torch {p.get('versions', {}).get('torch', '?')}, triton {p.get('versions', {}).get('triton', '?')}; "
+        f"{'derandomized (pre-merge)' if rep['config']['derandomize'] else 'seeded rounds from ' + str(rep['config']['seed'])}.",
+        *(
+            [
+                "",
+                f"Implementation under test: `--impl {rep['config']['impl']}`, held to the faithful contract "
                 "(docs/gate.md): y within 1 ulp of the exact y of the rounded inputs, ν within 1e-6 relative per row, "
-                "a layer within the faithful layer contract (layer_oracle.faithful_layer_bounds)."]
-               if rep["config"].get("impl") else []),
-             "", f"**{'CERTIFIED' if rep['certified'] else 'VIOLATION FOUND'}**: largest error/bound ratio "
-             f"{_fmt(rep['max_ratio'])} (≤ 1 certifies; ratio = (|error| − oracle bound) / a-priori bound, worst element "
-             f"of each example).", ""]
-    rows = [[r["target"], r["dtype"], r["tier"], r["examples"], r["max_ratio"], r["ratio"].get("p50"),
-             r["ratio"].get("p99"), r["max_ulp"], r.get("violations", int(r["violation"])), r["seconds"]]
-            for r in rep["results"]]
-    lines += [_table(["target", "dtype", "tier", "examples", "max ratio", "p50", "p99", "max ulp / unit",
-                      "violations (distinct, shrunk)", "time s"], rows), ""]
+                "a layer within the faithful layer contract (layer_oracle.faithful_layer_bounds).",
+            ]
+            if rep["config"].get("impl")
+            else []
+        ),
+        "",
+        f"**{'CERTIFIED' if rep['certified'] else 'VIOLATION FOUND'}**: largest error/bound ratio "
+        f"{_fmt(rep['max_ratio'])} (≤ 1 certifies; ratio = (|error| − oracle bound) / a-priori bound, worst element "
+        f"of each example).",
+        "",
+    ]
+    rows = [
+        [
+            r["target"],
+            r["dtype"],
+            r["tier"],
+            r["examples"],
+            r["max_ratio"],
+            r["ratio"].get("p50"),
+            r["ratio"].get("p99"),
+            r["max_ulp"],
+            r.get("violations", int(r["violation"])),
+            r["seconds"],
+        ]
+        for r in rep["results"]
+    ]
+    lines += [
+        _table(
+            [
+                "target",
+                "dtype",
+                "tier",
+                "examples",
+                "max ratio",
+                "p50",
+                "p99",
+                "max ulp / unit",
+                "violations (distinct, shrunk)",
+                "time s",
+            ],
+            rows,
+        ),
+        "",
+    ]
     crashed = [r for r in rep["results"] if isinstance(r.get("info", {}).get("error"), str)]
     if crashed:
-        lines += ["**Crashes** (anything the implementation raised, `SystemExit` included, or an output that breaks "
-                  "the protocol; each is a finding):", ""]
+        lines += [
+            "**Crashes** (anything the implementation raised, `SystemExit` included, or an output that breaks "
+            "the protocol; each is a finding):",
+            "",
+        ]
         lines += [f"- {r['target']}/{r['dtype']}: {r['info']['error']}" for r in crashed] + [""]
     lines += ["Per output (max ratio):", ""]
-    lines += [f"- {r['target']}/{r['dtype']}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r["parts_max"].items())
-              for r in rep["results"]]
+    lines += [
+        f"- {r['target']}/{r['dtype']}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r["parts_max"].items())
+        for r in rep["results"]
+    ]
     lines += ["", "Histogram of per-example worst ratios (how tight the bounds are):", ""]
     labels = next((list(r["ratio"]["histogram"]) for r in rep["results"] if "histogram" in r["ratio"]), [])
-    lines += [_table(["target", "dtype"] + labels,
-                     [[r["target"], r["dtype"]] + list(r["ratio"].get("histogram", {}).values()) for r in rep["results"]])]
-    lines += ["", "`max ulp / unit`: max ULP error of the main output (compose, forms), or for `norm` the max relative "
-              "error of ν in units of 2⁻²⁴."]
+    lines += [
+        _table(
+            ["target", "dtype"] + labels,
+            [[r["target"], r["dtype"]] + list(r["ratio"].get("histogram", {}).values()) for r in rep["results"]],
+        )
+    ]
+    lines += [
+        "",
+        "`max ulp / unit`: max ULP error of the main output (compose, forms), or for `norm` the max relative "
+        "error of ν in units of 2⁻²⁴.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def write_certify_report(rep: dict, out_dir) -> list:
     from .report import write_bundle
 
-    return write_bundle(rep, out_dir, lambda files: certify_markdown(rep), json_name="certify.json",
-                        md_name="certify.md")
+    return write_bundle(
+        rep, out_dir, lambda files: certify_markdown(rep), json_name="certify.json", md_name="certify.md"
+    )
 
 
-__all__ = ["BoundViolation", "CertifyConfig", "CertifyEnvironmentError", "CertifyError", "check_tier", "KERNEL_TARGETS", "LAYER_TARGETS", "Score", "TARGETS", "impl_targets", "load_case", "replay",
-           "run_certify", "save_case", "search", "write_certify_report"]
+__all__ = [  # the search's own names, then what it re-exports from certify_targets and corpus
+    "BoundViolation",
+    "CertifyConfig",
+    "CertifyEnvironmentError",
+    "CertifyError",
+    "check_tier",
+    "KERNEL_TARGETS",
+    "LAYER_TARGETS",
+    "Score",
+    "TARGETS",
+    "impl_targets",
+    "load_case",
+    "replay",
+    "run_certify",
+    "save_case",
+    "search",
+    "write_certify_report",
+    "Target",
+    "eval_compose_backward",
+    "eval_compose_delta",
+    "eval_compose_y",
+    "eval_lora_compose",
+    "eval_norm",
+    "excess_ratio",
+    "_compose_grads",
+]

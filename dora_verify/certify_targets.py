@@ -8,6 +8,7 @@ under test on its own copies of an example's tensors and returns a :class:`Score
 error, the per-output parts and facts such as determinism. The search over examples is :mod:`dora_verify.certify`;
 the corpus files are :mod:`dora_verify.corpus`.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,7 +85,7 @@ def eval_compose_y(ex: Example, device, tier) -> Score:
     t, k, s = ex.tensors, _on(ex, device), ex.scalars["s"]
     tr = compose_truth(t["base"], t["lora"], t["g"], s, t.get("bias"))
     _check_range(tr.y, ex.dtype)
-    y, = _cpu(compose(k["base"], k["lora"], k["g"], s, k.get("bias"), tier=tier))
+    (y,) = _cpu(compose(k["base"], k["lora"], k["g"], s, k.get("bias"), tier=tier))
     _, by = bounds.compose_kernel_bounds(t["base"], t["lora"], t["g"], s, t.get("bias"))
     r = excess_ratio(y, tr.y_hi, tr.y_lo, tr.y_bound, by)
     return Score(r, _max_ulp(y, tr.y, ex.dtype), {"y": r})
@@ -97,7 +98,7 @@ def eval_compose_delta(ex: Example, device, tier) -> Score:
     gm1 = t["g_minus_1"]
     tr = compose_truth(t["base"], t["lora"], t["g"], s, g_minus_1=gm1)
     _check_range(tr.y, ex.dtype)
-    d, = _cpu(compose(k["base"], k["lora"], k["g"], s, g_minus_1=k["g_minus_1"], output="delta", tier=tier))
+    (d,) = _cpu(compose(k["base"], k["lora"], k["g"], s, g_minus_1=k["g_minus_1"], output="delta", tier=tier))
     bd, _ = bounds.compose_kernel_bounds(t["base"], t["lora"], t["g"], s, g_minus_1=gm1)
     r = excess_ratio(d, tr.d_hi, tr.d_lo, tr.d_bound, bd)
     return Score(r, _max_ulp(d, tr.delta, ex.dtype), {"delta": r})
@@ -147,13 +148,20 @@ def eval_lora_compose(ex: Example, device, tier) -> Score:
     lora = xa64 @ B64.t()
     y_true = g64 * (b64 + s * lora) + (bias.to(F64)[None, :] if bias is not None else 0)
     _check_range(y_true, ex.dtype)
-    oracle_b = bounds.gamma(xa.shape[1] + 6, 2.0**-53) * (g64.abs() * (b64.abs() + abs(s) * (xa64.abs() @ B64.abs().t()))
-                                                           + (bias.to(F64).abs()[None, :] if bias is not None else 0))
-    y, = _cpu(lora_compose(*kargs, s, k.get("bias"), tier=tier))
-    fused = (select_tier(k["base"], False, tier, op="lora_compose", dtype=k["xa"].dtype) != Tier.EAGER
-             and k["xa"].dtype in _FUSED_ADAPTER_DTYPES)  # lora_compose's own choice of launcher
-    y2, lora_hat = _cpu(*(lora_compose_forward_fused if fused else lora_compose_forward_eager)(
-        *kargs, k.get("bias"), s, write_lora=True))
+    oracle_b = bounds.gamma(xa.shape[1] + 6, 2.0**-53) * (
+        g64.abs() * (b64.abs() + abs(s) * (xa64.abs() @ B64.abs().t()))
+        + (bias.to(F64).abs()[None, :] if bias is not None else 0)
+    )
+    (y,) = _cpu(lora_compose(*kargs, s, k.get("bias"), tier=tier))
+    fused = (
+        select_tier(k["base"], False, tier, op="lora_compose", dtype=k["xa"].dtype) != Tier.EAGER
+        and k["xa"].dtype in _FUSED_ADAPTER_DTYPES
+    )  # lora_compose's own choice of launcher
+    y2, lora_hat = _cpu(
+        *(lora_compose_forward_fused if fused else lora_compose_forward_eager)(
+            *kargs, k.get("bias"), s, write_lora=True
+        )
+    )
     bd = bounds.lora_compose_bounds(base, xa, B, g, s, lora_hat, bias)
     zero = torch.zeros((), dtype=F64, device=bd.device)
     parts = {"y": excess_ratio(y, y_true, zero, oracle_b, bd)}
@@ -181,7 +189,7 @@ def eval_norm(ex: Example, device, tier) -> Score:
     W, A, B = t["W"], t["A"], t["B"]
     backend = "triton" if (HAS_TRITON and k["W"].is_cuda and tier != "eager") else "torch"
     nu_k, info = factored_row_norm(k["W"], k["A"], k["B"], s, return_info=True, backend=backend)
-    nu, = _cpu(nu_k)
+    (nu,) = _cpu(nu_k)
     tr = row_norm_truth(W, A, B, s)
     if tr.uncertified_rows:
         raise Reject("oracle could not certify every row")
@@ -220,6 +228,7 @@ def _layer_evaluator(impl) -> Callable:
     DoRALinear's stated steps (contract 'kernel') or to the faithful layer contract — the gate's layer bounds. A
     non-finite output where the truth is finite, or a bit difference between two runs of a layer that claims
     determinism, scores inf."""
+
     def evaluate(ex: Example, device, tier) -> Score:
         from .gate import Case, _score_layer
 
@@ -233,6 +242,7 @@ def _layer_evaluator(impl) -> Callable:
             if o.output.split("/")[0] == "y":
                 ulp_y = o.max_ulp
         return Score(max(parts.values()), ulp_y, parts)
+
     return evaluate
 
 
@@ -257,9 +267,12 @@ def _form_evaluator(name: str) -> Callable:
         _check_range(tr.y, ex.dtype)
         y, d = _cpu(*COMPOSE_FORMS[name].fn(k["base"], k["lora"], k["g"], s, k.get("bias")))
         bd, by = bounds.compose_form_bounds(name, t["base"], t["lora"], t["g"], s, t.get("bias"))
-        parts = {"y": excess_ratio(y, tr.y_hi, tr.y_lo, tr.y_bound, by),
-                 "delta": excess_ratio(d, tr.d_hi, tr.d_lo, tr.d_bound, bd)}
+        parts = {
+            "y": excess_ratio(y, tr.y_hi, tr.y_lo, tr.y_bound, by),
+            "delta": excess_ratio(d, tr.d_hi, tr.d_lo, tr.d_bound, bd),
+        }
         return Score(max(parts.values()), _max_ulp(y, tr.y, ex.dtype), parts)
+
     return evaluate
 
 
@@ -267,6 +280,7 @@ def _form_evaluator(name: str) -> Callable:
 def _impl_compose_evaluator(impl) -> Callable:
     """A user's (or PEFT's) compose under the faithful contract: y within 1 ulp of the exact y (beyond the
     oracle's own bound); repeated calls bit-identical when it claims determinism."""
+
     def call(ex, device):
         k, t, s = _on(ex, device), ex.tensors, ex.scalars["s"]
         y = impl.compose(k["base"], k["lora"], k["g"], s, k.get("bias"))
@@ -281,11 +295,13 @@ def _impl_compose_evaluator(impl) -> Callable:
         if impl.deterministic and not same_bits(y, call(ex, device)):
             parts["determinism"] = math.inf
         return Score(max(parts.values()), _max_ulp(y, tr.y, ex.dtype), parts)
+
     return evaluate
 
 
 def _impl_norm_evaluator(impl) -> Callable:
     """A user's (or PEFT's) row norm under the faithful contract: ν within 1e-6 relative on every row."""
+
     def call(ex, device):
         k = _on(ex, device)
         nu = impl.norm(k["W"], k["A"], k["B"], ex.scalars["s"])
@@ -303,6 +319,7 @@ def _impl_norm_evaluator(impl) -> Callable:
             parts["determinism"] = math.inf
         rel = (nu.to(F64) - tr.nu).abs() / tr.nu.clamp_min(2.0**-126)
         return Score(max(parts.values()), float(rel.max()) / 2.0**-24, parts, {"max_rel_nu": float(rel.max())})
+
     return evaluate
 
 
@@ -319,22 +336,54 @@ def _targets() -> dict:
     from .forms import COMPOSE_FORMS
 
     ts = [
-        Target("compose.y", compose_examples, eval_compose_y, ("bf16", "fp16", "fp32"),
-               "fused compose, y = g·(base + s·lora) + bias, one rounding"),
-        Target("compose.delta", compose_examples, eval_compose_delta, ("bf16", "fp16", "fp32"),
-               "fused compose, Δ = (g−1)·base + g·s·lora with fp32 g − 1"),
-        Target("compose.backward", compose_examples, eval_compose_backward, ("bf16", "fp16", "fp32"),
-               "compose backward: d_base, d_lora, d_g (save inputs/activation), bitwise determinism"),
-        Target("lora_compose", lora_examples, eval_lora_compose, ("bf16", "fp16"),
-               "compose with the LoRA up-projection fused in"),
-        Target("norm", norm_examples, eval_norm, ("bf16", "fp16", "fp32"),
-               "factored row norm ν, then g, g − 1 (dora_scale) and d_m"),
-        Target("layer", layer_examples, _eval_kernels_layer, ("bf16", "fp16", "fp32"),
-               "DoRALinear, the whole layer: y, dx, dA, dB, dm (bf16 W with bf16/fp32 adapters, fp16, fp32), "
-               "bound of its stated steps"),
+        Target(
+            "compose.y",
+            compose_examples,
+            eval_compose_y,
+            ("bf16", "fp16", "fp32"),
+            "fused compose, y = g·(base + s·lora) + bias, one rounding",
+        ),
+        Target(
+            "compose.delta",
+            compose_examples,
+            eval_compose_delta,
+            ("bf16", "fp16", "fp32"),
+            "fused compose, Δ = (g−1)·base + g·s·lora with fp32 g − 1",
+        ),
+        Target(
+            "compose.backward",
+            compose_examples,
+            eval_compose_backward,
+            ("bf16", "fp16", "fp32"),
+            "compose backward: d_base, d_lora, d_g (save inputs/activation), bitwise determinism",
+        ),
+        Target(
+            "lora_compose",
+            lora_examples,
+            eval_lora_compose,
+            ("bf16", "fp16"),
+            "compose with the LoRA up-projection fused in",
+        ),
+        Target(
+            "norm",
+            norm_examples,
+            eval_norm,
+            ("bf16", "fp16", "fp32"),
+            "factored row norm ν, then g, g − 1 (dora_scale) and d_m",
+        ),
+        Target(
+            "layer",
+            layer_examples,
+            _eval_kernels_layer,
+            ("bf16", "fp16", "fp32"),
+            "DoRALinear, the whole layer: y, dx, dA, dB, dm (bf16 W with bf16/fp32 adapters, fp16, fp32), "
+            "bound of its stated steps",
+        ),
     ]
-    ts += [Target(f"form.{n}", compose_examples, _form_evaluator(n), ("bf16", "fp16"), f.summary)
-           for n, f in sorted(COMPOSE_FORMS.items())]
+    ts += [
+        Target(f"form.{n}", compose_examples, _form_evaluator(n), ("bf16", "fp16"), f.summary)
+        for n, f in sorted(COMPOSE_FORMS.items())
+    ]
     return {t.name: t for t in ts}
 
 
@@ -352,27 +401,52 @@ def impl_targets(spec: str) -> dict:
     from .adapter import ImplError, load_impl
 
     if spec in ("kernels", "forms") or spec.startswith("form:"):
-        raise ImplError(f"--impl {spec!r}: the built-in kernels and forms are certify's own targets "
-                        "(--targets kernels / forms); --impl takes peft or module:callable")
-    impl, = load_impl(spec)
+        raise ImplError(
+            f"--impl {spec!r}: the built-in kernels and forms are certify's own targets "
+            "(--targets kernels / forms); --impl takes peft or module:callable"
+        )
+    (impl,) = load_impl(spec)
     if impl.contract != "faithful":
         raise ImplError(f"--impl {spec!r}: contract {impl.contract!r} has no a-priori bound to certify against")
     name = "".join(c if c.isalnum() or c in "_-" else "_" for c in impl.name)
     dtypes = tuple(d for d in ("bf16", "fp16", "fp32") if d in impl.dtypes)
     ts = []
     if impl.compose is not None:
-        ts.append(Target(f"{name}.compose", compose_examples, _impl_compose_evaluator(impl), dtypes,
-                         f"{impl.name}: compose y, faithful contract (≤ 1 ulp of the exact y)"))
+        ts.append(
+            Target(
+                f"{name}.compose",
+                compose_examples,
+                _impl_compose_evaluator(impl),
+                dtypes,
+                f"{impl.name}: compose y, faithful contract (≤ 1 ulp of the exact y)",
+            )
+        )
     if impl.norm is not None:
-        ts.append(Target(f"{name}.norm", norm_examples, _impl_norm_evaluator(impl), dtypes,
-                         f"{impl.name}: row norm ν, faithful contract (≤ 1e-6 relative per row)"))
+        ts.append(
+            Target(
+                f"{name}.norm",
+                norm_examples,
+                _impl_norm_evaluator(impl),
+                dtypes,
+                f"{impl.name}: row norm ν, faithful contract (≤ 1e-6 relative per row)",
+            )
+        )
     if impl.layer is not None:
-        ts.append(Target(f"{name}.layer", layer_examples, _layer_evaluator(impl), dtypes,
-                         f"{impl.name}: whole layer y, dx, dA, dB, dm, faithful layer contract "
-                         "(layer_oracle.faithful_layer_bounds)"))
+        ts.append(
+            Target(
+                f"{name}.layer",
+                layer_examples,
+                _layer_evaluator(impl),
+                dtypes,
+                f"{impl.name}: whole layer y, dx, dA, dB, dm, faithful layer contract "
+                "(layer_oracle.faithful_layer_bounds)",
+            )
+        )
     if not ts:
-        raise ImplError(f"--impl {spec!r}: nothing to certify: certify takes an implementation with a compose, a norm "
-                        "or a layer factory (dora_verify.adapter)")
+        raise ImplError(
+            f"--impl {spec!r}: nothing to certify: certify takes an implementation with a compose, a norm "
+            "or a layer factory (dora_verify.adapter)"
+        )
     return {t.name: t for t in ts}
 
 

@@ -2,6 +2,7 @@
 written, a run too large for the machine, an --impl that cannot be loaded) exits with code 2 and one line on
 stderr; Ctrl-C exits with 130 and one line. A sweep whose --impl failed at run time writes its report (the failed
 rows marked) and exits 1. Genuine internal bugs keep their traceback."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,9 @@ def parse_shape(text: str):
     """'8192x2048' -> (8192, 2048): d_out × d_in of W, both positive integers."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text or "")
     if not m or int(m.group(1)) == 0 or int(m.group(2)) == 0:
-        raise argparse.ArgumentTypeError(f"malformed shape {text!r}: expected D_OUTxD_IN with positive integers, e.g. 8192x2048")
+        raise argparse.ArgumentTypeError(
+            f"malformed shape {text!r}: expected D_OUTxD_IN with positive integers, e.g. 8192x2048"
+        )
     return int(m.group(1)), int(m.group(2))
 
 
@@ -137,119 +140,243 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     sw = sub.add_parser("sweep", help="error sweep of the DoRA compose and norm forms against the exact oracle")
     sw.add_argument("--shape", type=parse_shape, default=(8192, 2048), help="D_OUTxD_IN of W (default 8192x2048)")
-    sw.add_argument("--tokens", type=_positive_int, default=2048, help="activation rows of the paper-protocol headline (default 2048)")
-    sw.add_argument("--grid-tokens", type=_positive_int, default=128, help="activation rows per point of the g sweep and regime grid (default 128)")
+    sw.add_argument(
+        "--tokens",
+        type=_positive_int,
+        default=2048,
+        help="activation rows of the paper-protocol headline (default 2048)",
+    )
+    sw.add_argument(
+        "--grid-tokens",
+        type=_positive_int,
+        default=128,
+        help="activation rows per point of the g sweep and regime grid (default 128)",
+    )
     sw.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r (default 16)")
-    sw.add_argument("--alpha", type=_positive_float, default=None,
-                    help="LoRA alpha, positive (default 2·r, so s = 2; 0 would switch the adapter off, a negative "
-                         "alpha only negates B)")
+    sw.add_argument(
+        "--alpha",
+        type=_positive_float,
+        default=None,
+        help="LoRA alpha, positive (default 2·r, so s = 2; 0 would switch the adapter off, a negative "
+        "alpha only negates B)",
+    )
     sw.add_argument("--rslora", action="store_true", help="s = alpha/sqrt(r) instead of alpha/r")
-    sw.add_argument("--ranks", type=_int_list, default=(8, 32, 128, 384), help="ranks of the norm-vs-rank experiment (default 8,32,128,384)")
+    sw.add_argument(
+        "--ranks",
+        type=_int_list,
+        default=(8, 32, 128, 384),
+        help="ranks of the norm-vs-rank experiment (default 8,32,128,384)",
+    )
     sw.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated subset of: {', '.join(REGIMES)}")
-    sw.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="model/activation dtype (default bf16)")
+    sw.add_argument(
+        "--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="model/activation dtype (default bf16)"
+    )
     sw.add_argument("--seed", type=_seed, default=0, help="seed of every generator, 0 .. 2**32-1 (default 0)")
     sw.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when there is one")
-    sw.add_argument("--out", type=_path, default="dora-verify-report",
-                    help="output directory (default ./dora-verify-report)")
-    sw.add_argument("--impl", action="append", default=[],
-                    help="the implementations measured beside the forms: kernels (the default: fused tier on CUDA, "
-                         "eager tier on CPU), peft (stock PEFT DoRA), module:callable (dora_verify.adapter), or none; "
-                         "repeatable; a call that raises or returns no tensor of the right shape is a failed row and "
-                         "the exit status 1")
-    sw.add_argument("--experiments", default="none", metavar="NAME[,NAME...]",
-                    help=f"optional experiments run after the standard sweep, each a section of the report: "
-                         f"{', '.join(EXPERIMENTS)}, all or none (default none)")
-    sw.add_argument("--g-grid", type=_g_grid, default=None, metavar="LO:HI:PER_DECADE",
-                    help="|g − 1| of the g sweep: log-spaced from LO to HI, PER_DECADE points a decade, both signs, "
-                         "plus 0 and the dtype's resolution offsets (default 1e-6:1e-1:3)")
+    sw.add_argument(
+        "--out", type=_path, default="dora-verify-report", help="output directory (default ./dora-verify-report)"
+    )
+    sw.add_argument(
+        "--impl",
+        action="append",
+        default=[],
+        help="the implementations measured beside the forms: kernels (the default: fused tier on CUDA, "
+        "eager tier on CPU), peft (stock PEFT DoRA), module:callable (dora_verify.adapter), or none; "
+        "repeatable; a call that raises or returns no tensor of the right shape is a failed row and "
+        "the exit status 1",
+    )
+    sw.add_argument(
+        "--experiments",
+        default="none",
+        metavar="NAME[,NAME...]",
+        help=f"optional experiments run after the standard sweep, each a section of the report: "
+        f"{', '.join(EXPERIMENTS)}, all or none (default none)",
+    )
+    sw.add_argument(
+        "--g-grid",
+        type=_g_grid,
+        default=None,
+        metavar="LO:HI:PER_DECADE",
+        help="|g − 1| of the g sweep: log-spaced from LO to HI, PER_DECADE points a decade, both signs, "
+        "plus 0 and the dtype's resolution offsets (default 1e-6:1e-1:3)",
+    )
     sw.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    sw.add_argument("--csv", action="store_true",
-                    help="also write report.csv: every value in long format (section, record, field, value, text)")
+    sw.add_argument(
+        "--csv",
+        action="store_true",
+        help="also write report.csv: every value in long format (section, record, field, value, text)",
+    )
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     ce = sub.add_parser("certify", help="targeted hypothesis search for inputs that break the a-priori error bounds")
-    ce.add_argument("--targets", default=None,
-                    help="comma-separated targets, or 'kernels' (default: the production kernels), 'forms', 'all'; "
-                         "with --impl: its targets NAME.compose / NAME.norm / NAME.layer (default: all it provides); "
-                         "layer: DoRALinear's whole layer")
-    ce.add_argument("--impl", default=None,
-                    help="certify another implementation under the faithful contract: peft (stock PEFT DoRA) or "
-                         "module:callable (dora_verify.adapter)")
-    ce.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated subset of bf16, fp16, fp32 (default all)")
+    ce.add_argument(
+        "--targets",
+        default=None,
+        help="comma-separated targets, or 'kernels' (default: the production kernels), 'forms', 'all'; "
+        "with --impl: its targets NAME.compose / NAME.norm / NAME.layer (default: all it provides); "
+        "layer: DoRALinear's whole layer",
+    )
+    ce.add_argument(
+        "--impl",
+        default=None,
+        help="certify another implementation under the faithful contract: peft (stock PEFT DoRA) or "
+        "module:callable (dora_verify.adapter)",
+    )
+    ce.add_argument(
+        "--dtypes", default="bf16,fp16,fp32", help="comma-separated subset of bf16, fp16, fp32 (default all)"
+    )
     ce.add_argument("--examples", type=_positive_int, default=200, help="examples per (target, dtype) (default 200)")
     ce.add_argument("--seconds", type=_finite_float, default=None, help="time budget for the whole run (split evenly)")
-    ce.add_argument("--nightly", action="store_true",
-                    help="random seeded rounds (seed, seed+1, ...) instead of the derandomized pre-merge search")
+    ce.add_argument(
+        "--nightly",
+        action="store_true",
+        help="random seeded rounds (seed, seed+1, ...) instead of the derandomized pre-merge search",
+    )
     ce.add_argument("--seed", type=_seed, default=0, help="first round's seed with --nightly (default 0)")
     ce.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when there is one")
-    ce.add_argument("--tier", default="auto", choices=["auto", "fused", "eager"],
-                    help="kernel tier (auto: fused on CUDA, eager elsewhere; fused without CUDA is the interpreter)")
+    ce.add_argument(
+        "--tier",
+        default="auto",
+        choices=["auto", "fused", "eager"],
+        help="kernel tier (auto: fused on CUDA, eager elsewhere; fused without CUDA is the interpreter)",
+    )
     ce.add_argument("--keep", type=_positive_int, default=3, help="worst cases kept per (target, dtype) (default 3)")
-    ce.add_argument("--corpus", type=_path, default=None, help="folder for the worst cases (.npz + .json; default OUT/corpus)")
-    ce.add_argument("--out", type=_path, default="dora-verify-certify", help="report folder (default ./dora-verify-certify)")
-    ce.add_argument("--jobs", type=_positive_int, default=1, help="parallel processes, one per (target, dtype) (default 1)")
+    ce.add_argument(
+        "--corpus", type=_path, default=None, help="folder for the worst cases (.npz + .json; default OUT/corpus)"
+    )
+    ce.add_argument(
+        "--out", type=_path, default="dora-verify-certify", help="report folder (default ./dora-verify-certify)"
+    )
+    ce.add_argument(
+        "--jobs", type=_positive_int, default=1, help="parallel processes, one per (target, dtype) (default 1)"
+    )
     ce.add_argument("--quiet", action="store_true", help="no progress bar")
     ga = sub.add_parser("gate", help="pre-merge numerical CI gate: a fixed seeded suite, hard criteria and a baseline")
-    ga.add_argument("--impl", default="kernels",
-                    help="kernels (default), forms, form:NAME, peft (stock PEFT DoRA), or module:callable (docs/gate.md, dora_verify.adapter)")
-    ga.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                    help="auto: the GPU when there is one; cpu: the logic-only mode (eager tier, Triton interpreter)")
+    ga.add_argument(
+        "--impl",
+        default="kernels",
+        help="kernels (default), forms, form:NAME, peft (stock PEFT DoRA), or module:callable (docs/gate.md, dora_verify.adapter)",
+    )
+    ga.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: the GPU when there is one; cpu: the logic-only mode (eager tier, Triton interpreter)",
+    )
     ga.add_argument("--require-gpu", action="store_true", help="fail (exit 2) when no CUDA device is present")
-    ga.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated subset of bf16, fp16, fp32 (default all)")
+    ga.add_argument(
+        "--dtypes", default="bf16,fp16,fp32", help="comma-separated subset of bf16, fp16, fp32 (default all)"
+    )
     ga.add_argument("--seed", type=_seed, default=0, help="suite seed (default 0; the baseline records the suite)")
-    ga.add_argument("--baseline", type=_path, default=None, help="baseline JSON to compare with (committed in your repository)")
-    ga.add_argument("--update-baseline", action="store_true",
-                    help="write --baseline from this run (only if the hard criteria pass)")
-    ga.add_argument("--allow-env-mismatch", nargs="?", const="all", default=None, metavar="KEYS",
-                    type=_env_keys,
-                    help="compare with a baseline made in a different environment instead of refusing it: any difference "
-                         "(no value), or only in these comma-separated keys, e.g. torch,triton (a routine bump)")
-    ga.add_argument("--fa-limit", type=_finite_float, default=None,
-                    help="limit of the FlashAttention-style ratio to the plain low-precision baseline (default 2)")
+    ga.add_argument(
+        "--baseline", type=_path, default=None, help="baseline JSON to compare with (committed in your repository)"
+    )
+    ga.add_argument(
+        "--update-baseline", action="store_true", help="write --baseline from this run (only if the hard criteria pass)"
+    )
+    ga.add_argument(
+        "--allow-env-mismatch",
+        nargs="?",
+        const="all",
+        default=None,
+        metavar="KEYS",
+        type=_env_keys,
+        help="compare with a baseline made in a different environment instead of refusing it: any difference "
+        "(no value), or only in these comma-separated keys, e.g. torch,triton (a routine bump)",
+    )
+    ga.add_argument(
+        "--fa-limit",
+        type=_finite_float,
+        default=None,
+        help="limit of the FlashAttention-style ratio to the plain low-precision baseline (default 2)",
+    )
     ga.add_argument("--case", action="append", default=[], help="run only this case id (repeatable; to reproduce)")
-    ga.add_argument("--ops", default="compose,backward,norm,layer",
-                    help="comma-separated subset of compose, backward, norm, layer (default all); a subset compares "
-                         "with the baseline's groups it covers")
-    ga.add_argument("--slack", action="append", default=[], metavar="METRIC=ABS,REL",
-                    help="with --update-baseline: the tolerance |new − old| ≤ ABS + REL·|old| of a baseline metric "
-                         "(max_ulp, p99_ratio, max_ratio, frac_correctly_rounded; repeatable; default: the existing "
-                         "baseline's, else the gate's)")
-    ga.add_argument("--docs", action="store_true", help="print docs/gate.md (the gate's manual, shipped with the package) and exit")
-    ga.add_argument("--list-cases", action="store_true",
-                    help="print the suite's case ids (check, dtype, shape, regime, g mode, bias) and exit")
-    ga.add_argument("--case-timeout", type=_nonnegative_float, default=None, metavar="SECONDS",
-                    help="limit per (implementation, case); a case past it fails as a hang (0: no limit; "
-                         "default: the gate's)")
-    ga.add_argument("--out", type=_path, default="dora-verify-gate",
-                    help="report folder: gate.md, gate.json, junit.xml, cases/ (default ./dora-verify-gate)")
+    ga.add_argument(
+        "--ops",
+        default="compose,backward,norm,layer",
+        help="comma-separated subset of compose, backward, norm, layer (default all); a subset compares "
+        "with the baseline's groups it covers",
+    )
+    ga.add_argument(
+        "--slack",
+        action="append",
+        default=[],
+        metavar="METRIC=ABS,REL",
+        help="with --update-baseline: the tolerance |new − old| ≤ ABS + REL·|old| of a baseline metric "
+        "(max_ulp, p99_ratio, max_ratio, frac_correctly_rounded; repeatable; default: the existing "
+        "baseline's, else the gate's)",
+    )
+    ga.add_argument(
+        "--docs", action="store_true", help="print docs/gate.md (the gate's manual, shipped with the package) and exit"
+    )
+    ga.add_argument(
+        "--list-cases",
+        action="store_true",
+        help="print the suite's case ids (check, dtype, shape, regime, g mode, bias) and exit",
+    )
+    ga.add_argument(
+        "--case-timeout",
+        type=_nonnegative_float,
+        default=None,
+        metavar="SECONDS",
+        help="limit per (implementation, case); a case past it fails as a hang (0: no limit; default: the gate's)",
+    )
+    ga.add_argument(
+        "--out",
+        type=_path,
+        default="dora-verify-gate",
+        help="report folder: gate.md, gate.json, junit.xml, cases/ (default ./dora-verify-gate)",
+    )
     ga.add_argument("--quiet", action="store_true", help="no progress bar")
     be = sub.add_parser("bench", help="speed and memory of the kernels vs eager torch, PEFT DoRA and PEFT LoRA (CUDA)")
     be.add_argument("--quick", action="store_true", help="a small subset of the shapes (about a minute)")
-    be.add_argument("--parts", default="compose,norm,layer,model",
-                    help="comma-separated subset of compose, norm, layer, model")
+    be.add_argument(
+        "--parts", default="compose,norm,layer,model", help="comma-separated subset of compose, norm, layer, model"
+    )
     be.add_argument("--warmup", type=_positive_int, default=10, help="warm-up calls per measurement (default 10)")
     be.add_argument("--reps", type=_positive_int, default=50, help="timed calls per measurement, median (default 50)")
     be.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs (default 0)")
     be.add_argument("--out", type=_path, default="dora-verify-bench", help="report folder: bench.json, bench.md, plots")
     be.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    be.add_argument("--render", metavar="BENCH_JSON", type=_path, default=None,
-                    help="re-render a saved bench.json into --out instead of measuring (no GPU needed)")
-    be.add_argument("--readme", metavar="README", type=_path, default=None,
-                    help="with --render: rewrite the README's generated performance section from that report")
+    be.add_argument(
+        "--render",
+        metavar="BENCH_JSON",
+        type=_path,
+        default=None,
+        help="re-render a saved bench.json into --out instead of measuring (no GPU needed)",
+    )
+    be.add_argument(
+        "--readme",
+        metavar="README",
+        type=_path,
+        default=None,
+        help="with --render: rewrite the README's generated performance section from that report",
+    )
     be.add_argument("--quiet", action="store_true", help="no progress bar")
-    xp = sub.add_parser("explain", help="this project's kernels on a certify corpus case or a gate case, worst element "
-                                        "exactly: inputs, exact result as a rational, the value returned, its error in "
-                                        "ulps, the bound and the ratio")
-    xp.add_argument("case", type=_path, help="a certify corpus case (CASE.json, its .npz beside it) or a gate case id "
-                                             "(compose-bf16-03, norm-fp16-03; `dora-verify gate --list-cases`)")
+    xp = sub.add_parser(
+        "explain",
+        help="this project's kernels on a certify corpus case or a gate case, worst element "
+        "exactly: inputs, exact result as a rational, the value returned, its error in "
+        "ulps, the bound and the ratio",
+    )
+    xp.add_argument(
+        "case",
+        type=_path,
+        help="a certify corpus case (CASE.json, its .npz beside it) or a gate case id "
+        "(compose-bf16-03, norm-fp16-03; `dora-verify gate --list-cases`)",
+    )
     xp.add_argument("--seed", type=_seed, default=0, help="with a gate case id: the gate's suite seed (default 0)")
     xp.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where to run the implementation")
     xp.add_argument("--tier", default=None, choices=["fused", "eager"], help="default: fused on CUDA, eager elsewhere")
     xp.add_argument("--json", action="store_true", help="print the explanation as JSON")
     ex = sub.add_parser("exhaustive", help="all 2^32 (base, lora) bf16/fp16 pairs through the compose epilogue (CUDA)")
     ex.add_argument("--dtypes", default="bf16,fp16", help="comma-separated subset of bf16, fp16 (default both)")
-    ex.add_argument("--g", default=None, help="comma-separated fp32 g values (default: a grid around 1 and far from it)")
+    ex.add_argument(
+        "--g", default=None, help="comma-separated fp32 g values (default: a grid around 1 and far from it)"
+    )
     ex.add_argument("--s", default=None, help="comma-separated LoRA scalings s (default 1, 2, 0.25, 16/sqrt(384))")
-    ex.add_argument("--out", type=_path, default="dora-verify-exhaustive", help="report folder (default ./dora-verify-exhaustive)")
+    ex.add_argument(
+        "--out", type=_path, default="dora-verify-exhaustive", help="report folder (default ./dora-verify-exhaustive)"
+    )
     ex.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -276,13 +403,17 @@ def _exhaustive(args) -> int:
     gs = _float_list(args.g, "g") if args.g else DEFAULT_G
     ss = _float_list(args.s, "s") if args.s else DEFAULT_S
     if not torch.cuda.is_available():
-        raise UsageError("exhaustive needs a CUDA device (2^32 pairs per point); on a CPU the test suite runs the "
-                         "exhaustive one-operand slices (tests/test_exhaustive.py)")
+        raise UsageError(
+            "exhaustive needs a CUDA device (2^32 pairs per point); on a CPU the test suite runs the "
+            "exhaustive one-operand slices (tests/test_exhaustive.py)"
+        )
     check_writable(args.out)
     rep = run_exhaustive(dtypes, gs, ss, progress=_Progress(not args.quiet))
     files = write_exhaustive_report(rep, args.out)
-    print(f"{'certified' if rep['certified'] else 'VIOLATION'}: {rep['pairs']:.3e} pairs, largest error/bound ratio "
-          f"{rep['max_ratio']:.4g}, max {rep['max_ulp']:.4g} ulp; wrote {', '.join(str(f) for f in files)}")
+    print(
+        f"{'certified' if rep['certified'] else 'VIOLATION'}: {rep['pairs']:.3e} pairs, largest error/bound ratio "
+        f"{rep['max_ratio']:.4g}, max {rep['max_ulp']:.4g} ulp; wrote {', '.join(str(f) for f in files)}"
+    )
     return 0 if rep["certified"] else 1
 
 
@@ -295,8 +426,11 @@ def _certify(args) -> int:
 
     if args.impl is None:
         table = TARGETS
-        groups = {"kernels": KERNEL_TARGETS, "forms": tuple(t for t in TARGETS if t.startswith("form.")),
-                  "all": tuple(TARGETS)}
+        groups = {
+            "kernels": KERNEL_TARGETS,
+            "forms": tuple(t for t in TARGETS if t.startswith("form.")),
+            "all": tuple(TARGETS),
+        }
         spec = args.targets or "kernels"
     else:
         try:
@@ -319,18 +453,36 @@ def _certify(args) -> int:
     check_writable(args.out)
     corpus = args.corpus or str(Path(args.out) / "corpus")
     check_writable(corpus)
-    cfg = CertifyConfig(targets=tuple(dict.fromkeys(names)), dtypes=dtypes, examples=args.examples, seconds=args.seconds,
-                        seed=args.seed, derandomize=not args.nightly, device=args.device,
-                        tier=None if args.tier == "auto" else args.tier, keep=args.keep, corpus=corpus, jobs=args.jobs,
-                        impl=args.impl)
+    cfg = CertifyConfig(
+        targets=tuple(dict.fromkeys(names)),
+        dtypes=dtypes,
+        examples=args.examples,
+        seconds=args.seconds,
+        seed=args.seed,
+        derandomize=not args.nightly,
+        device=args.device,
+        tier=None if args.tier == "auto" else args.tier,
+        keep=args.keep,
+        corpus=corpus,
+        jobs=args.jobs,
+        impl=args.impl,
+    )
     rep = run_certify(cfg, progress=_Progress(not args.quiet))
     files = write_certify_report(rep, args.out)
     worst = max(rep["results"], key=lambda r: r["max_ratio"])
-    crash = next((f"; crashed ({r['target']}/{r['dtype']}): {r['info']['error']}" for r in rep["results"]
-                  if isinstance(r.get("info", {}).get("error"), str)), "")
-    print(f"{'certified' if rep['certified'] else 'VIOLATION'}: {sum(r['examples'] for r in rep['results'])} examples, "
-          f"largest error/bound ratio {rep['max_ratio']:.4g} ({worst['target']}/{worst['dtype']}){crash}; "
-          f"wrote {', '.join(str(f) for f in files)}")
+    crash = next(
+        (
+            f"; crashed ({r['target']}/{r['dtype']}): {r['info']['error']}"
+            for r in rep["results"]
+            if isinstance(r.get("info", {}).get("error"), str)
+        ),
+        "",
+    )
+    print(
+        f"{'certified' if rep['certified'] else 'VIOLATION'}: {sum(r['examples'] for r in rep['results'])} examples, "
+        f"largest error/bound ratio {rep['max_ratio']:.4g} ({worst['target']}/{worst['dtype']}){crash}; "
+        f"wrote {', '.join(str(f) for f in files)}"
+    )
     return 0 if rep["certified"] else 1
 
 
@@ -340,8 +492,18 @@ def _gate(args) -> int:
     if not args.require_gpu:
         interpret_without_gpu(args.device)
     from .adapter import ImplError, load_impl
-    from .gate import (DEFAULT_FA_LIMIT, GateConfig, GateEnvironmentError, is_subset, load_baseline, make_baseline,
-                       run_gate, verdict, write_baseline, write_gate_report)
+    from .gate import (
+        DEFAULT_FA_LIMIT,
+        GateConfig,
+        GateEnvironmentError,
+        is_subset,
+        load_baseline,
+        make_baseline,
+        run_gate,
+        verdict,
+        write_baseline,
+        write_gate_report,
+    )
     from .report import check_writable
 
     if args.docs:
@@ -381,8 +543,17 @@ def _gate(args) -> int:
     check_writable(args.out)
     baseline = load_baseline(args.baseline) if args.baseline and not args.update_baseline else None
     slack = _slack(args)
-    cfg = GateConfig(impls=impls, dtypes=dtypes, device=args.device, require_gpu=args.require_gpu, seed=args.seed,
-                     fa_limit=fa, case_ids=tuple(args.case), ops=ops, **extra)
+    cfg = GateConfig(
+        impls=impls,
+        dtypes=dtypes,
+        device=args.device,
+        require_gpu=args.require_gpu,
+        seed=args.seed,
+        fa_limit=fa,
+        case_ids=tuple(args.case),
+        ops=ops,
+        **extra,
+    )
     if args.update_baseline and args.case:
         raise UsageError("--update-baseline records whole groups: drop --case")
     rep = None
@@ -402,14 +573,18 @@ def _gate(args) -> int:
         doc = make_baseline(rep, slack, merge_into=merge)
         write_baseline(doc, args.baseline)
         part = f", {len(rep['groups'])} of them from this subset run" if merge else ""
-        print(f"gate: hard criteria passed; baseline written to {args.baseline} ({len(doc['groups'])} groups{part}); "
-              f"wrote {', '.join(str(f) for f in files)}")
+        print(
+            f"gate: hard criteria passed; baseline written to {args.baseline} ({len(doc['groups'])} groups{part}); "
+            f"wrote {', '.join(str(f) for f in files)}"
+        )
         return 0
     n_hard = sum(len(m) for m in v["hard"].values())
     status = "PASSED" if v["passed"] else "FAILED"
-    print(f"gate {status}: {rep['evaluations']} evaluations, {len(rep['groups'])} groups, {n_hard} hard failure(s), "
-          f"{len(v['baseline'])} baseline finding(s){'' if v['baseline_used'] else ' (no baseline)'}"
-          f"{'; nothing ran' if v.get('nothing_ran') else ''}; wrote {', '.join(str(f) for f in files)}")
+    print(
+        f"gate {status}: {rep['evaluations']} evaluations, {len(rep['groups'])} groups, {n_hard} hard failure(s), "
+        f"{len(v['baseline'])} baseline finding(s){'' if v['baseline_used'] else ' (no baseline)'}"
+        f"{'; nothing ran' if v.get('nothing_ran') else ''}; wrote {', '.join(str(f) for f in files)}"
+    )
     return 0 if v["passed"] else 1
 
 
@@ -427,8 +602,10 @@ def _mergeable_baseline(path, rep) -> "dict | None":
         return None  # unreadable: this run's subset replaces it (load_baseline said why when it was read)
     mism = env_mismatch(old.get("environment", {}), rep["environment"])
     if mism:
-        raise UsageError(f"a --dtypes/--ops subset updates only its part of a baseline made in this environment; "
-                         f"{path} is from another ({'; '.join(mism)}): regenerate it with the whole suite")
+        raise UsageError(
+            f"a --dtypes/--ops subset updates only its part of a baseline made in this environment; "
+            f"{path} is from another ({'; '.join(mism)}): regenerate it with the whole suite"
+        )
     return old
 
 
@@ -491,8 +668,9 @@ def _slack(args) -> "dict | None":
         except ValueError:
             raise UsageError(f"bad --slack {entry!r}: want METRIC=ABS,REL, e.g. max_ulp=1e-3,0.01") from None
         if metric not in DEFAULT_SLACK or not all(math.isfinite(v) and v >= 0 for v in (a, r)):
-            raise UsageError(f"bad --slack {entry!r}: METRIC one of {', '.join(DEFAULT_SLACK)}, ABS and REL finite "
-                             "and ≥ 0")
+            raise UsageError(
+                f"bad --slack {entry!r}: METRIC one of {', '.join(DEFAULT_SLACK)}, ABS and REL finite and ≥ 0"
+            )
         slack[metric] = (a, r)
     return slack
 
@@ -509,12 +687,19 @@ def _explain(args) -> int:
             rep = explain_case(args.case, resolve_device(args.device), args.tier)
         else:
             target, ex = gate_case(args.case, args.seed)
-            rep = explain_example(f"{args.case} (the gate's suite, seed {args.seed}; this project's kernels on its "
-                                  "inputs)", target, ex,
-                                  resolve_device(args.device), args.tier)
+            rep = explain_example(
+                f"{args.case} (the gate's suite, seed {args.seed}; this project's kernels on its inputs)",
+                target,
+                ex,
+                resolve_device(args.device),
+                args.tier,
+            )
     except ExplainError as e:
         raise UsageError(str(e)) from None
-    print(json.dumps(report_document(rep), indent=1) if args.json else explain_text(rep), end="" if not args.json else "\n")
+    print(
+        json.dumps(report_document(rep), indent=1) if args.json else explain_text(rep),
+        end="" if not args.json else "\n",
+    )
     return 0
 
 
@@ -548,8 +733,10 @@ def _bench(args) -> int:
         if args.readme:
             md = os.path.relpath(Path(args.out) / "bench.md", Path(args.readme).resolve().parent)
             update_readme(args.readme, rep, md)
-        print(f"rendered {args.render}; wrote {', '.join(str(f) for f in files)}"
-              f"{'; updated ' + args.readme if args.readme else ''}")
+        print(
+            f"rendered {args.render}; wrote {', '.join(str(f) for f in files)}"
+            f"{'; updated ' + args.readme if args.readme else ''}"
+        )
         return 0
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     cfg = BenchConfig(quick=args.quick, parts=parts, warmup=args.warmup, reps=args.reps, seed=args.seed)
@@ -559,8 +746,10 @@ def _bench(args) -> int:
     rep = run_bench(cfg, progress=_Progress(not args.quiet))
     files = write_bench_report(rep, args.out, plots=not args.no_plots)
     met = [t for t in rep["targets"] if t["met"] is not None]
-    print(f"bench: {sum(t['met'] for t in met)}/{len(met)} kernel targets met on "
-          f"{rep['provenance']['device'].get('name')}; wrote {', '.join(str(f) for f in files)}")
+    print(
+        f"bench: {sum(t['met'] for t in met)}/{len(met)} kernel targets met on "
+        f"{rep['provenance']['device'].get('name')}; wrote {', '.join(str(f) for f in files)}"
+    )
     return 0
 
 
@@ -579,10 +768,23 @@ def _sweep(args) -> int:
         if len(impls) > 1:
             raise UsageError(f"--impl none leaves every implementation out; it cannot go with {', '.join(impls)}")
         impls = ()
-    cfg = SweepConfig(d_out=args.shape[0], d_in=args.shape[1], tokens=args.tokens, grid_tokens=args.grid_tokens,
-                      rank=args.rank, alpha=args.alpha, rslora=args.rslora, dtype=args.dtype, seed=args.seed,
-                      device=args.device, ranks=args.ranks, regimes=regimes, impls=impls, experiments=experiments,
-                      **({"g_grid": args.g_grid} if args.g_grid else {}))
+    cfg = SweepConfig(
+        d_out=args.shape[0],
+        d_in=args.shape[1],
+        tokens=args.tokens,
+        grid_tokens=args.grid_tokens,
+        rank=args.rank,
+        alpha=args.alpha,
+        rslora=args.rslora,
+        dtype=args.dtype,
+        seed=args.seed,
+        device=args.device,
+        ranks=args.ranks,
+        regimes=regimes,
+        impls=impls,
+        experiments=experiments,
+        **({"g_grid": args.g_grid} if args.g_grid else {}),
+    )
     cfg.validate()  # everything below fails before minutes of work
     check_memory(cfg, resolve_device(args.device))  # cuda without a GPU, a sweep too large for the machine
     load_impls(impls, resolve_device(args.device))  # an unknown or broken --impl
@@ -593,11 +795,16 @@ def _sweep(args) -> int:
     h = rep["headline"]["paper_figure1"]
     failed = failed_rows(rep)
     ran = "".join(f"; {name} {rep['timings_s'][name]:.0f} s" for name in cfg.experiments)
-    print(f"naive/stable at g=1 (paper protocol): {h['ratio_naive_over_stable_paper_protocol']:.2f}x{ran}; "
-          f"wrote {', '.join(str(f) for f in files)} in {rep['timings_s']['total']:.0f} s"
-          + (f"; {len(failed)} implementation call(s) FAILED "
-             f"({failed[0][1].get('form') or failed[0][1].get('impl')}: {failed[0][1]['failed']})"
-             if failed else ""))
+    print(
+        f"naive/stable at g=1 (paper protocol): {h['ratio_naive_over_stable_paper_protocol']:.2f}x{ran}; "
+        f"wrote {', '.join(str(f) for f in files)} in {rep['timings_s']['total']:.0f} s"
+        + (
+            f"; {len(failed)} implementation call(s) FAILED "
+            f"({failed[0][1].get('form') or failed[0][1].get('impl')}: {failed[0][1]['failed']})"
+            if failed
+            else ""
+        )
+    )
     return 1 if failed else 0
 
 
@@ -614,8 +821,14 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        commands = {"sweep": _sweep, "certify": _certify, "exhaustive": _exhaustive, "gate": _gate, "bench": _bench,
-                    "explain": _explain}
+        commands = {
+            "sweep": _sweep,
+            "certify": _certify,
+            "exhaustive": _exhaustive,
+            "gate": _gate,
+            "bench": _bench,
+            "explain": _explain,
+        }
         return commands[args.command](args)
     except (UsageError, ValueError) as e:  # ValueError: bad configuration past parsing (device, memory, I/O...)
         return _error(e)

@@ -2,6 +2,7 @@
 bits) + ``.json`` (target, kind, dtype, scalars, drawn parameters, its score and provenance), read back bit-exactly
 and replayed; ``tests/test_certify.py`` replays every case committed under ``tests/corpus``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,12 +39,20 @@ def save_case(target: str, ex: Example, score: Score, corpus: "str | Path", meta
     folder.mkdir(parents=True, exist_ok=True)
     name = _case_name(target, ex)
     arrays = {k: _tensor_to_np(v) for k, v in ex.tensors.items()}
-    doc = {"target": target, "kind": ex.kind, "dtype": ex.dtype, "scalars": ex.scalars, "params": ex.params,
-           "tensors": {k: str(v.dtype).removeprefix("torch.") for k, v in ex.tensors.items()},
-           "score": {"ratio": score.ratio, "ulp": score.ulp, "parts": score.parts, "info": score.info}, **(meta or {})}
+    doc = {
+        "target": target,
+        "kind": ex.kind,
+        "dtype": ex.dtype,
+        "scalars": ex.scalars,
+        "params": ex.params,
+        "tensors": {k: str(v.dtype).removeprefix("torch.") for k, v in ex.tensors.items()},
+        "score": {"ratio": score.ratio, "ulp": score.ulp, "parts": score.parts, "info": score.info},
+        **(meta or {}),
+    }
     atomic_write(folder / f"{name}.npz", lambda fh: np.savez(fh, **arrays))
-    atomic_write(folder / f"{name}.json",
-                  lambda fh: fh.write(json.dumps(_finite_json(doc), indent=1, allow_nan=False).encode()))
+    atomic_write(
+        folder / f"{name}.json", lambda fh: fh.write(json.dumps(_finite_json(doc), indent=1, allow_nan=False).encode())
+    )
     return folder / f"{name}.json"
 
 
@@ -72,8 +81,9 @@ def load_case(path: "str | Path"):
 def replay(path: "str | Path", device="cpu", tier=None) -> Score:
     """Re-run a corpus case on ``device`` (default tier: fused on CUDA, eager elsewhere)."""
     target, ex, doc = load_case(path)
-    return _target_table(doc.get("impl"))[target].evaluate(ex, torch.device(device),
-                                                           tier or default_tier(torch.device(device)))
+    return _target_table(doc.get("impl"))[target].evaluate(
+        ex, torch.device(device), tier or default_tier(torch.device(device))
+    )
 
 
 def _example_key(ex: Example) -> str:

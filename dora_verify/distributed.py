@@ -7,6 +7,7 @@ which covers the sharded path (proofs/bounds.md, "Sharded norm"): the float64 su
 of the magnitudes, inside the bound's γ64_{n+2r+8} term for any P ≤ n; the P fp32 stores of the partial U_p (Triton
 backend) are charged as one more product per tensor-core chain.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,10 +28,10 @@ def _gather_rows(nu: torch.Tensor, world: int, group) -> torch.Tensor:
     dist.all_gather(all_sizes, sizes, group=group)
     n_max = int(max(int(x) for x in all_sizes))
     padded = torch.zeros(n_max, dtype=nu.dtype, device=nu.device)
-    padded[:nu.numel()] = nu
+    padded[: nu.numel()] = nu
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:int(n)] for p, n in zip(parts, all_sizes)])
+    return torch.cat([p[: int(n)] for p, n in zip(parts, all_sizes)])
 
 
 def check_sharded_norm(W, A, B, s: float, layout: str, group=None, deterministic: bool = False) -> dict:
@@ -45,8 +46,9 @@ def check_sharded_norm(W, A, B, s: float, layout: str, group=None, deterministic
         w, a, b = shard(W, 0, rank, world), A, shard(B, 0, rank, world)
     else:
         w, a, b = shard(W, 1, rank, world), shard(A, 1, rank, world), B
-    nu_local, kappa = sharded_row_norm(w, a, b, s, layout=layout, group=group, deterministic=deterministic,
-                                       return_kappa=True)
+    nu_local, kappa = sharded_row_norm(
+        w, a, b, s, layout=layout, group=group, deterministic=deterministic, return_kappa=True
+    )
     if layout == "rows":
         nu, kappa = _gather_rows(nu_local, world, group), _gather_rows(kappa, world, group)
         same = True
@@ -66,9 +68,16 @@ def check_sharded_norm(W, A, B, s: float, layout: str, group=None, deterministic
     err = ((nuc.double() - truth.nu).abs() - truth.bound).clamp_min(0)
     ratio = torch.where(err == 0, torch.zeros_like(err), err / bound)
     rel = (nuc.double() - truth.nu).abs() / truth.nu.clamp_min(1e-300)
-    return {"layout": layout, "world": world, "max_ratio": float(ratio.max()), "max_rel": float(rel.max()),
-            "identical_across_ranks": same, "dense_rows": len(dense), "backend": backend,
-            "deterministic": deterministic}
+    return {
+        "layout": layout,
+        "world": world,
+        "max_ratio": float(ratio.max()),
+        "max_rel": float(rel.max()),
+        "identical_across_ranks": same,
+        "dense_rows": len(dense),
+        "backend": backend,
+        "deterministic": deterministic,
+    }
 
 
 __all__ = ["check_sharded_norm", "shard"]

@@ -5,6 +5,7 @@ requirement). ``two_prod(a, b) -> (p, e)`` with ``p = fl(a * b)`` and ``a * b = 
 Veltkamp splitting; no FMA needed). Both are exact barring overflow, and ``two_prod`` barring underflow
 of the partial products (|a*b| above ~2**-969); callers state where their inputs live.
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,10 +51,10 @@ def sum2(x: torch.Tensor, dim: int = 0):
         depth += 1
     total = (x[0] if x.shape[0] else torch.zeros_like(err)) + err
     L = depth + 2
-    return total, 2.0 ** -53 * total.abs() + (gamma(L) ** 2 + gamma(L) * 2.0 ** -53) * mag * 2
+    return total, 2.0**-53 * total.abs() + (gamma(L) ** 2 + gamma(L) * 2.0**-53) * mag * 2
 
 
-def gamma(n: int, u: float = 2.0 ** -53) -> float:
+def gamma(n: int, u: float = 2.0**-53) -> float:
     """Higham's gamma_n = n u / (1 - n u): the bound on the relative error of n chained roundings."""
     if n * u >= 1:
         raise ValueError("gamma_n undefined for n*u >= 1")

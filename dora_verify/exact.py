@@ -6,6 +6,7 @@ in Python's ``Fraction``/``int``, and the row norm is exact up to one square roo
 float64). This tier is slow (Python integers) and used on sampled rows, small cases and every element
 that tier 1 could not certify.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,7 +63,7 @@ def _dyadic_ints(values: np.ndarray):
     if not np.all(np.isfinite(v)):
         raise ValueError("exact arithmetic needs finite inputs")
     mant, ex = np.frexp(v)
-    m53 = (mant * 2.0 ** 53).astype(np.int64)  # exact: |mant| < 1 has <= 53 significant bits
+    m53 = (mant * 2.0**53).astype(np.int64)  # exact: |mant| < 1 has <= 53 significant bits
     ex = ex.astype(np.int64) - 53
     nz = m53 != 0
     E = int(ex[nz].min()) if nz.any() else 0

@@ -15,6 +15,7 @@
   pairs outside the contract's domain (s·lora or base + s·lora beyond fp32's range: bf16 values near 3e38,
   where the fp32 epilogue itself overflows).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,7 @@ F64 = torch.float64
 U32, ETA32 = 2.0**-24, 2.0**-150
 DEFAULT_G = (1.0, 1 + 2.0**-23, 1 - 2.0**-24, 1 + 2.0**-10, 1 - 2.0**-9, 1.0015, 0.999, 0.5, 2.0, 1 / 3, 3.7, 1e-3)
 DEFAULT_S = (1.0, 2.0, 0.25, 16 / math.sqrt(384))
-SLICE_GRID = (0.0, -0.0, 1.0, -1.5, 3.140625, -1e-3, 7e-6, 65504.0 / 64, -2.0**-14, 2.0**-24)
+SLICE_GRID = (0.0, -0.0, 1.0, -1.5, 3.140625, -1e-3, 7e-6, 65504.0 / 64, -(2.0**-14), 2.0**-24)
 
 
 def all_values(dtype) -> torch.Tensor:
@@ -57,16 +58,28 @@ def _score(y, base, lora, g, s, fmt) -> dict:
     # correct rounding is owed except where x lies within the epilogue's slack E of a rounding boundary
     _, slack = bounds.compose_epilogue_slack(base, lora, g, s)
     not_cr = ok & (y.to(F64) != tr.y_round.nearest)
-    return {"elements": int(ok.sum()), "out_of_range": int((~ok).sum()), "max_ratio": float(ratio.max()),
-            "violations": int((ratio > 1).sum()), "max_ulp": float(u.max()),
-            "not_correctly_rounded": int(not_cr.sum()),
-            "not_cr_off_tie": int((not_cr & ((err - half_ulp).abs() > slack + tr.y_bound)).sum()),
-            "not_faithful": int((ok & (y.to(F64) != tr.y_round.down) & (y.to(F64) != tr.y_round.up)).sum()),
-            "uncertified": tr.uncertified}
+    return {
+        "elements": int(ok.sum()),
+        "out_of_range": int((~ok).sum()),
+        "max_ratio": float(ratio.max()),
+        "violations": int((ratio > 1).sum()),
+        "max_ulp": float(u.max()),
+        "not_correctly_rounded": int(not_cr.sum()),
+        "not_cr_off_tie": int((not_cr & ((err - half_ulp).abs() > slack + tr.y_bound)).sum()),
+        "not_faithful": int((ok & (y.to(F64) != tr.y_round.down) & (y.to(F64) != tr.y_round.up)).sum()),
+        "uncertified": tr.uncertified,
+    }
 
 
-def epilogue_slice(dtype, sweep: str = "base", grid=SLICE_GRID, g_values=DEFAULT_G, s_values=(2.0, 0.25),
-                   tier: str = "eager", device="cpu") -> dict:
+def epilogue_slice(
+    dtype,
+    sweep: str = "base",
+    grid=SLICE_GRID,
+    g_values=DEFAULT_G,
+    s_values=(2.0, 0.25),
+    tier: str = "eager",
+    device="cpu",
+) -> dict:
     """Every finite value of ``sweep`` ('base' or 'lora') × ``grid`` of the other × ``g_values`` × ``s_values``.
     Layout: the swept values run down the rows; each column is one (other value, g) pair, one launch per s."""
     from .kernels import compose
@@ -87,8 +100,16 @@ def epilogue_slice(dtype, sweep: str = "base", grid=SLICE_GRID, g_values=DEFAULT
         sc = _score(y, base, lora, col_g, s, fmt)
         for k, v in sc.items():
             total[k] = max(total.get(k, 0), v) if k.startswith("max") else total.get(k, 0) + v
-    return {"dtype": fmt.name, "sweep": sweep, "tier": tier, "values": int(vals.numel()), "grid": list(grid),
-            "g": [f32(g) for g in g_values], "s": [f32(s) for s in s_values], **total}
+    return {
+        "dtype": fmt.name,
+        "sweep": sweep,
+        "tier": tier,
+        "values": int(vals.numel()),
+        "grid": list(grid),
+        "g": [f32(g) for g in g_values],
+        "s": [f32(s) for s in s_values],
+        **total,
+    }
 
 
 # ----------------------------------------------------------------------------- all 2³² pairs on the GPU
@@ -97,6 +118,7 @@ try:
     import triton.language as tl
 
     from .kernels.compose import _y_value
+
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover - Triton is a dependency on Linux x86-64
     _HAS_TRITON = False
@@ -112,9 +134,20 @@ if _HAS_TRITON:
     FP32_MAX_C = tl.constexpr(FP32_MAX)
 
     @triton.jit
-    def _pairs_kernel(stats_ptr, g, s, start, IS_BF16: tl.constexpr, P: tl.constexpr, EMIN: tl.constexpr,
-                      MAX_FINITE: tl.constexpr, U_D: tl.constexpr, ETA_D: tl.constexpr, NS: tl.constexpr,
-                      BLOCK: tl.constexpr):
+    def _pairs_kernel(
+        stats_ptr,
+        g,
+        s,
+        start,
+        IS_BF16: tl.constexpr,
+        P: tl.constexpr,
+        EMIN: tl.constexpr,
+        MAX_FINITE: tl.constexpr,
+        U_D: tl.constexpr,
+        ETA_D: tl.constexpr,
+        NS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         idx = start + pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         hb = ((idx >> 16) & 0xFFFF).to(tl.int32)
@@ -195,18 +228,43 @@ def all_pairs(dtype, g: float, s: float, device="cuda", start: int = 0, count: i
     g, s = f32(g), f32(s)
     n_prog = count // PAIRS_BLOCK
     stats = torch.empty((n_prog, N_STATS), dtype=torch.float32, device=device)
-    _pairs_kernel[(n_prog,)](stats, g, s, start, IS_BF16=fmt.name == "bf16", P=fmt.p, EMIN=fmt.emin,
-                             MAX_FINITE=fmt.max_finite, U_D=fmt.u, ETA_D=fmt.min_normal * fmt.u, NS=N_STATS,
-                             BLOCK=PAIRS_BLOCK, num_warps=8, enable_fp_fusion=False)
+    _pairs_kernel[(n_prog,)](
+        stats,
+        g,
+        s,
+        start,
+        IS_BF16=fmt.name == "bf16",
+        P=fmt.p,
+        EMIN=fmt.emin,
+        MAX_FINITE=fmt.max_finite,
+        U_D=fmt.u,
+        ETA_D=fmt.min_normal * fmt.u,
+        NS=N_STATS,
+        BLOCK=PAIRS_BLOCK,
+        num_warps=8,
+        enable_fp_fusion=False,
+    )
     col = stats.to(F64)
-    return {"dtype": fmt.name, "g": g, "s": s, "pairs": count, "max_ratio": float(col[:, 0].max()),
-            "max_ulp": float(col[:, 1].max()), "violations": int(col[:, 2].sum()),
-            "not_correctly_rounded": int(col[:, 3].sum()), "not_faithful": int(col[:, 4].sum()),
-            "overflow_mismatch": int(col[:, 5].sum()), "skipped_nonfinite": int(col[:, 6].sum()),
-            "out_of_domain": int(col[:, 7].sum()), "not_cr_off_tie": int(col[:, 8].sum())}
+    return {
+        "dtype": fmt.name,
+        "g": g,
+        "s": s,
+        "pairs": count,
+        "max_ratio": float(col[:, 0].max()),
+        "max_ulp": float(col[:, 1].max()),
+        "violations": int(col[:, 2].sum()),
+        "not_correctly_rounded": int(col[:, 3].sum()),
+        "not_faithful": int(col[:, 4].sum()),
+        "overflow_mismatch": int(col[:, 5].sum()),
+        "skipped_nonfinite": int(col[:, 6].sum()),
+        "out_of_domain": int(col[:, 7].sum()),
+        "not_cr_off_tie": int(col[:, 8].sum()),
+    }
 
 
-def run_exhaustive(dtypes=("bf16", "fp16"), g_values=DEFAULT_G, s_values=DEFAULT_S, device="cuda", progress=None) -> dict:
+def run_exhaustive(
+    dtypes=("bf16", "fp16"), g_values=DEFAULT_G, s_values=DEFAULT_S, device="cuda", progress=None
+) -> dict:
     """:func:`all_pairs` over the full 2³² range for every (dtype, g, s); the report dict."""
     from .provenance import provenance
 
@@ -226,43 +284,96 @@ def run_exhaustive(dtypes=("bf16", "fp16"), g_values=DEFAULT_G, s_values=DEFAULT
     if progress:
         progress(len(points), len(points), "done")
     bad = sum(r["violations"] + r["not_faithful"] + r["overflow_mismatch"] + r["not_cr_off_tie"] for r in rows)
-    return {"kind": "exhaustive", "provenance": provenance(dev), "points": rows, "pairs": sum(r["pairs"] for r in rows),
-            "max_ratio": max(r["max_ratio"] for r in rows), "max_ulp": max(r["max_ulp"] for r in rows),
-            "certified": bad == 0, "seconds": round(time.monotonic() - t0, 2)}
+    return {
+        "kind": "exhaustive",
+        "provenance": provenance(dev),
+        "points": rows,
+        "pairs": sum(r["pairs"] for r in rows),
+        "max_ratio": max(r["max_ratio"] for r in rows),
+        "max_ulp": max(r["max_ulp"] for r in rows),
+        "certified": bad == 0,
+        "seconds": round(time.monotonic() - t0, 2),
+    }
 
 
 def exhaustive_markdown(rep: dict) -> str:
     from .report import _fmt, _table
 
     p = rep["provenance"]
-    lines = ["# dora-verify exhaustive: every (base, lora) pair through the compose epilogue", "",
-             f"Device: {p.get('device', {}).get('name', '?')}; commit {p.get('git', {}).get('commit', '?')}; "
-             f"torch {p.get('versions', {}).get('torch', '?')}, triton {p.get('versions', {}).get('triton', '?')}.", "",
-             f"**{'CERTIFIED' if rep['certified'] else 'VIOLATION FOUND'}**: {rep['pairs']:.4e} pairs; largest "
-             f"error/bound ratio {_fmt(rep['max_ratio'])}; largest error {_fmt(rep['max_ulp'], 7)} ulp; "
-             f"{rep['seconds']} s.", "",
-             "Per point: all 2³² bit patterns of (base, lora) (NaN/Inf inputs skipped), y = RN(g·(base + s·lora)) by "
-             "kernels.compose._y_value, exact value in float64 double-double. 'not CR' = |err| > ½ ulp (not correctly "
-             "rounded), 'not CR off tie' = not CR although the exact value is farther than the epilogue's slack E "
-             "(bounds.compose_epilogue_slack) from a rounding boundary (the contract promises 0), 'not faithful' = "
-             "|err| ≥ 1 ulp, 'overflow' = a result beyond the format's range that is not the right ±Inf/±max; "
-             "'out of domain' = pairs where s·lora or base + s·lora exceeds fp32's range (≈3.4e38, bf16 only), "
-             "which the fp32 epilogue cannot represent (the contract's stated domain).", ""]
-    rows = [[r["dtype"], f"{r['g']:.9g}", f"{r['s']:.7g}", r["max_ratio"], _fmt(r["max_ulp"], 7), r["violations"], r["not_correctly_rounded"],
-             r.get("not_cr_off_tie", "—"), r["not_faithful"], r["overflow_mismatch"], r["skipped_nonfinite"],
-             r["out_of_domain"], r["seconds"]]
-            for r in rep["points"]]
-    lines.append(_table(["dtype", "g", "s", "max ratio", "max ulp", "ratio > 1", "not CR", "not CR off tie",
-                         "not faithful", "overflow", "skipped (NaN/Inf in)", "out of domain", "time s"], rows))
+    lines = [
+        "# dora-verify exhaustive: every (base, lora) pair through the compose epilogue",
+        "",
+        f"Device: {p.get('device', {}).get('name', '?')}; commit {p.get('git', {}).get('commit', '?')}; "
+        f"torch {p.get('versions', {}).get('torch', '?')}, triton {p.get('versions', {}).get('triton', '?')}.",
+        "",
+        f"**{'CERTIFIED' if rep['certified'] else 'VIOLATION FOUND'}**: {rep['pairs']:.4e} pairs; largest "
+        f"error/bound ratio {_fmt(rep['max_ratio'])}; largest error {_fmt(rep['max_ulp'], 7)} ulp; "
+        f"{rep['seconds']} s.",
+        "",
+        "Per point: all 2³² bit patterns of (base, lora) (NaN/Inf inputs skipped), y = RN(g·(base + s·lora)) by "
+        "kernels.compose._y_value, exact value in float64 double-double. 'not CR' = |err| > ½ ulp (not correctly "
+        "rounded), 'not CR off tie' = not CR although the exact value is farther than the epilogue's slack E "
+        "(bounds.compose_epilogue_slack) from a rounding boundary (the contract promises 0), 'not faithful' = "
+        "|err| ≥ 1 ulp, 'overflow' = a result beyond the format's range that is not the right ±Inf/±max; "
+        "'out of domain' = pairs where s·lora or base + s·lora exceeds fp32's range (≈3.4e38, bf16 only), "
+        "which the fp32 epilogue cannot represent (the contract's stated domain).",
+        "",
+    ]
+    rows = [
+        [
+            r["dtype"],
+            f"{r['g']:.9g}",
+            f"{r['s']:.7g}",
+            r["max_ratio"],
+            _fmt(r["max_ulp"], 7),
+            r["violations"],
+            r["not_correctly_rounded"],
+            r.get("not_cr_off_tie", "—"),
+            r["not_faithful"],
+            r["overflow_mismatch"],
+            r["skipped_nonfinite"],
+            r["out_of_domain"],
+            r["seconds"],
+        ]
+        for r in rep["points"]
+    ]
+    lines.append(
+        _table(
+            [
+                "dtype",
+                "g",
+                "s",
+                "max ratio",
+                "max ulp",
+                "ratio > 1",
+                "not CR",
+                "not CR off tie",
+                "not faithful",
+                "overflow",
+                "skipped (NaN/Inf in)",
+                "out of domain",
+                "time s",
+            ],
+            rows,
+        )
+    )
     return "\n".join(lines) + "\n"
 
 
 def write_exhaustive_report(rep: dict, out_dir) -> list:
     from .report import write_bundle
 
-    return write_bundle(rep, out_dir, lambda files: exhaustive_markdown(rep), json_name="exhaustive.json",
-                        md_name="exhaustive.md")
+    return write_bundle(
+        rep, out_dir, lambda files: exhaustive_markdown(rep), json_name="exhaustive.json", md_name="exhaustive.md"
+    )
 
 
-__all__ = ["DEFAULT_G", "DEFAULT_S", "all_pairs", "all_values", "epilogue_slice", "run_exhaustive",
-           "write_exhaustive_report"]
+__all__ = [
+    "DEFAULT_G",
+    "DEFAULT_S",
+    "all_pairs",
+    "all_values",
+    "epilogue_slice",
+    "run_exhaustive",
+    "write_exhaustive_report",
+]

@@ -15,6 +15,7 @@ Targets: ``compose.y``, ``compose.delta``, ``form.NAME`` (y and Δ), ``lora_comp
 (fp32; exact as a sum of T dyadic products) under both save modes, each output's worst element. The other targets
 (the scale and the layer's) have no single-element story yet and are refused with that reason (exit 2 on the CLI).
 """
+
 from __future__ import annotations
 
 import math
@@ -79,15 +80,23 @@ def _element(name, got, exact: Fraction, bound: float, fmt, where, inputs: dict)
     err = Fraction(g) - exact if math.isfinite(g) else None
     ex_f = float(exact)
     u = _ulp(ex_f, fmt)
-    return {"output": name, "index": list(where), "inputs": inputs,
-            "exact": {"rational": f"{exact.numerator} / {exact.denominator}" if exact.denominator != 1 else
-                      str(exact.numerator), "digits": _digits(exact)},
-            "got": {"value": g, "exact": dyadic(g) if math.isfinite(g) else str(g)},
-            "error": None if err is None else {"exact": f"{err.numerator} / {err.denominator}",
-                                               "value": float(err), "ulp": abs(float(err)) / u},
-            "ulp_of_exact": u, "bound": bound,
-            "ratio": None if err is None else (0.0 if err == 0 else abs(float(err)) / bound),
-            "correctly_rounded_value": round_exact(exact, fmt)}
+    return {
+        "output": name,
+        "index": list(where),
+        "inputs": inputs,
+        "exact": {
+            "rational": f"{exact.numerator} / {exact.denominator}" if exact.denominator != 1 else str(exact.numerator),
+            "digits": _digits(exact),
+        },
+        "got": {"value": g, "exact": dyadic(g) if math.isfinite(g) else str(g)},
+        "error": None
+        if err is None
+        else {"exact": f"{err.numerator} / {err.denominator}", "value": float(err), "ulp": abs(float(err)) / u},
+        "ulp_of_exact": u,
+        "bound": bound,
+        "ratio": None if err is None else (0.0 if err == 0 else abs(float(err)) / bound),
+        "correctly_rounded_value": round_exact(exact, fmt),
+    }
 
 
 def round_exact(x: Fraction, fmt) -> float:
@@ -114,9 +123,14 @@ def _compose_outputs(target: str, ex, k, device, tier) -> list:
     gm1 = t.get("g_minus_1") if target == "compose.delta" else None
 
     def exact(ti, i):  # (y, Δ) of the element, exactly (dora_verify.exact.compose_exact)
-        return compose_exact(float(base[ti, i]), float(lora[ti, i]), float(g[i]), s,
-                             float(bias[i]) if bias is not None else 0.0,
-                             float(gm1[i]) if gm1 is not None else None)
+        return compose_exact(
+            float(base[ti, i]),
+            float(lora[ti, i]),
+            float(g[i]),
+            s,
+            float(bias[i]) if bias is not None else 0.0,
+            float(gm1[i]) if gm1 is not None else None,
+        )
 
     def y_exact(ti, i):
         return exact(ti, i)[0]
@@ -131,6 +145,7 @@ def _compose_outputs(target: str, ex, k, device, tier) -> list:
         if gm1 is not None:
             out["g_minus_1"] = _input(gm1, i)
         return out
+
     tr = compose_truth(base, lora, g, s, bias if target != "compose.delta" else None, g_minus_1=gm1)
     if target == "compose.y":
         y = compose(k["base"], k["lora"], k["g"], s, k.get("bias"), tier=tier).cpu()
@@ -173,13 +188,16 @@ def _compose_backward_outputs(ex, k, tier) -> list:
 
     def column(i):
         return {"g": _input(g, i), "s": s, "T": int(dy.shape[0]), "column": f"dy, base, lora [:, {i}]"}
+
     outs = []
     for save in ("inputs", "activation"):
         gb, gl, gg = _compose_grads(k, s, tier, save)
         eb, el, eg = bounds.compose_backward_bounds(dy, base, lora, g, s, save=save)
-        outs += [(f"d_base/{save}", gb, gt.d_base, eb, d_base, at, act),
-                 (f"d_lora/{save}", gl, gt.d_lora_hi + gt.d_lora_lo, el, d_lora, at, act),
-                 (f"d_g/{save}", gg, gt.d_g, eg, d_g, column, f32)]
+        outs += [
+            (f"d_base/{save}", gb, gt.d_base, eb, d_base, at, act),
+            (f"d_lora/{save}", gl, gt.d_lora_hi + gt.d_lora_lo, el, d_lora, at, act),
+            (f"d_g/{save}", gg, gt.d_g, eg, d_g, column, f32),
+        ]
     return outs
 
 
@@ -205,6 +223,7 @@ def _lora_compose_outputs(ex, k, tier) -> list:
         if bias is not None:
             out["bias"] = _input(bias, i)
         return out
+
     return [("y", y, x64, bd, exact, inputs)]
 
 
@@ -233,15 +252,28 @@ def _norm_element(ex, k, tier) -> dict:
         err = mpmath.mpf(got) - exact
         fmt = parse_format("fp32")
         u = _ulp(float(exact), fmt)
-        return {"output": "nu", "index": [i],
-                "inputs": {"d_in": int(W.shape[1]), "r": int(A.shape[0]), "s": s, "row_kappa": float(info.kappa[i]),
-                           "recomputed_densely": i in info.recomputed_rows},
-                "exact": {"nu_squared": f"{nu2.numerator} / {nu2.denominator}", "digits": mpmath.nstr(exact, 40)},
-                "got": {"value": got, "exact": dyadic(got)},
-                "error": {"value": float(err), "relative": float(abs(err) / exact) if exact else float(abs(err)),
-                          "ulp": float(abs(err)) / u},
-                "ulp_of_exact": u, "bound": float(nb[i]), "ratio": ratio,
-                "correctly_rounded_value": round_exact(Fraction(mpmath.nstr(exact, 50)), fmt)}
+        return {
+            "output": "nu",
+            "index": [i],
+            "inputs": {
+                "d_in": int(W.shape[1]),
+                "r": int(A.shape[0]),
+                "s": s,
+                "row_kappa": float(info.kappa[i]),
+                "recomputed_densely": i in info.recomputed_rows,
+            },
+            "exact": {"nu_squared": f"{nu2.numerator} / {nu2.denominator}", "digits": mpmath.nstr(exact, 40)},
+            "got": {"value": got, "exact": dyadic(got)},
+            "error": {
+                "value": float(err),
+                "relative": float(abs(err) / exact) if exact else float(abs(err)),
+                "ulp": float(abs(err)) / u,
+            },
+            "ulp_of_exact": u,
+            "bound": float(nb[i]),
+            "ratio": ratio,
+            "correctly_rounded_value": round_exact(Fraction(mpmath.nstr(exact, 50)), fmt),
+        }
 
 
 def explain_case(path, device="cpu", tier: "str | None" = None) -> dict:
@@ -252,9 +284,11 @@ def explain_case(path, device="cpu", tier: "str | None" = None) -> dict:
     except (OSError, KeyError, ValueError) as e:
         raise ExplainError(f"cannot read corpus case {str(path)!r}: {e}") from None
     if doc.get("impl"):
-        raise ExplainError(f"{path} is a case of --impl {doc['impl']}: explain shows this project's kernels and forms "
-                           "element by element; run your implementation on it with "
-                           "dora_verify.certify.replay(PATH) (its inputs: dora_verify.certify.load_case(PATH))")
+        raise ExplainError(
+            f"{path} is a case of --impl {doc['impl']}: explain shows this project's kernels and forms "
+            "element by element; run your implementation on it with "
+            "dora_verify.certify.replay(PATH) (its inputs: dora_verify.certify.load_case(PATH))"
+        )
     if target not in _target_table(None):
         raise ExplainError(f"{path}: unknown target {target!r}")
     rep = explain_example(str(path), target, ex, device, tier, doc.get("score"))
@@ -273,19 +307,24 @@ def gate_case(case_id: str, seed: int = 0):
 
     parts = case_id.split("-")
     if len(parts) < 3 or parts[1] not in ("bf16", "fp16", "fp32"):
-        raise ExplainError(f"{case_id!r} is neither a corpus case (.json) nor a gate case id (e.g. compose-bf16-03, "
-                           "norm-fp16-03; `dora-verify gate --list-cases` lists them)")
+        raise ExplainError(
+            f"{case_id!r} is neither a corpus case (.json) nor a gate case id (e.g. compose-bf16-03, "
+            "norm-fp16-03; `dora-verify gate --list-cases` lists them)"
+        )
     case = next((c for c in build_suite(dtypes=(parts[1],), seed=seed) if c.id == case_id), None)
     if case is None:
         raise ExplainError(f"no gate case {case_id!r} in the suite of seed {seed}")
     if case.check not in GATE_TARGETS:
-        raise ExplainError(f"gate case {case_id!r} is a {case.check} check, which has no single-element story yet; "
-                           f"explain takes the {', '.join(GATE_TARGETS)} cases")
+        raise ExplainError(
+            f"gate case {case_id!r} is a {case.check} check, which has no single-element story yet; "
+            f"explain takes the {', '.join(GATE_TARGETS)} cases"
+        )
     return GATE_TARGETS[case.check], case.example
 
 
-def explain_example(label: str, target: str, ex, device="cpu", tier: "str | None" = None,
-                    stored_score: "dict | None" = None) -> dict:
+def explain_example(
+    label: str, target: str, ex, device="cpu", tier: "str | None" = None, stored_score: "dict | None" = None
+) -> dict:
     """:func:`explain_case` of an Example already in hand (``label`` names it in the report)."""
     dev = torch.device(device)
     tier = tier or default_tier(dev)
@@ -299,52 +338,95 @@ def explain_example(label: str, target: str, ex, device="cpu", tier: "str | None
         outs = _compose_backward_outputs(ex, k, tier)
     elif target == "norm":
         el = _norm_element(ex, k, tier)
-        return {"case": label, "target": target, "dtype": ex.dtype, "params": ex.params, "tier": tier,
-                "device": str(dev), "stored_score": stored_score, "elements": [el]}
+        return {
+            "case": label,
+            "target": target,
+            "dtype": ex.dtype,
+            "params": ex.params,
+            "tier": tier,
+            "device": str(dev),
+            "stored_score": stored_score,
+            "elements": [el],
+        }
     else:
-        raise ExplainError(f"explain supports {', '.join(SUPPORTED)}; {target!r} has no single-element story yet "
-                           "(replay it: dora_verify.certify.replay)")
+        raise ExplainError(
+            f"explain supports {', '.join(SUPPORTED)}; {target!r} has no single-element story yet "
+            "(replay it: dora_verify.certify.replay)"
+        )
     elements = []
     for name, got, exact64, bound, exact_fn, inputs_fn, *own_fmt in outs:
         where, ratio = _worst(got, exact64, bound)
-        el = _element(name, got[where], exact_fn(*where), float(bound[where]), own_fmt[0] if own_fmt else fmt, where,
-                      inputs_fn(*where))
+        el = _element(
+            name,
+            got[where],
+            exact_fn(*where),
+            float(bound[where]),
+            own_fmt[0] if own_fmt else fmt,
+            where,
+            inputs_fn(*where),
+        )
         el["ratio_float64_oracle"] = ratio
         elements.append(el)
-    return {"case": label, "target": target, "dtype": ex.dtype, "params": ex.params, "tier": tier,
-            "device": str(dev), "stored_score": stored_score, "elements": elements}
+    return {
+        "case": label,
+        "target": target,
+        "dtype": ex.dtype,
+        "params": ex.params,
+        "tier": tier,
+        "device": str(dev),
+        "stored_score": stored_score,
+        "elements": elements,
+    }
 
 
 def explain_text(rep: dict) -> str:
     """The explanation as text a person reads (the CLI's output)."""
     p = rep["params"]
-    L = [f"case {rep['case']}", f"  target {rep['target']}, {rep['dtype']}, tier {rep['tier']} on {rep['device']}; "
-         + ", ".join(f"{k} {v}" for k, v in p.items() if k in ("T", "N", "d_out", "d_in", "r", "regime", "g_mode",
-                                                                  "bias", "seed"))]
+    L = [
+        f"case {rep['case']}",
+        f"  target {rep['target']}, {rep['dtype']}, tier {rep['tier']} on {rep['device']}; "
+        + ", ".join(
+            f"{k} {v}"
+            for k, v in p.items()
+            if k in ("T", "N", "d_out", "d_in", "r", "regime", "g_mode", "bias", "seed")
+        ),
+    ]
     cut = p.get("restricted")
     if cut:
-        L.append(f"  restricted by certify to rows {cut['rows'][0]}:{cut['rows'][1]} and columns "
-                 f"{cut['cols'][0]}:{cut['cols'][1]} (half-open) of the drawn {cut['of'][0]}×{cut['of'][1]}; "
-                 "indices below are in the restricted case (add the starts for the drawn one)")
+        L.append(
+            f"  restricted by certify to rows {cut['rows'][0]}:{cut['rows'][1]} and columns "
+            f"{cut['cols'][0]}:{cut['cols'][1]} (half-open) of the drawn {cut['of'][0]}×{cut['of'][1]}; "
+            "indices below are in the restricted case (add the starts for the drawn one)"
+        )
     sc = rep.get("stored_score") or {}
     if sc:
         where = rep.get("stored_on") or {}
         at = f" (found by certify on the {where['tier']} tier, {where['device']})" if where.get("tier") else ""
         L.append(f"  stored score: ratio {sc.get('ratio')}, ulp {sc.get('ulp')}{at}")
         stored = float(sc.get("ratio", 0) or 0)
-        now = max((el["ratio"] if el["ratio"] is not None else math.inf) for el in rep["elements"]) \
-            if rep["elements"] else 0.0
+        now = (
+            max((el["ratio"] if el["ratio"] is not None else math.inf) for el in rep["elements"])
+            if rep["elements"]
+            else 0.0
+        )
         if stored > 1 >= now:
-            L.append(f"  the stored violation does NOT reproduce here (tier {rep['tier']} on {rep['device']}, worst "
-                     f"ratio {now:.3g}): re-run explain with --device/--tier of the stored run")
+            L.append(
+                f"  the stored violation does NOT reproduce here (tier {rep['tier']} on {rep['device']}, worst "
+                f"ratio {now:.3g}): re-run explain with --device/--tier of the stored run"
+            )
     if any("/" in el["output"] for el in rep["elements"]):
-        L.append("  outputs named X/inputs and X/activation: the compose backward under save='inputs' (base and "
-                 "lora kept) and save='activation' (the forward's inner sum kept)")
+        L.append(
+            "  outputs named X/inputs and X/activation: the compose backward under save='inputs' (base and "
+            "lora kept) and save='activation' (the forward's inner sum kept)"
+        )
     for el in rep["elements"]:
         L += ["", f"worst {el['output']} element {el['index']} (largest error / bound):"]
         for name, v in el["inputs"].items():
-            L.append(f"  {name:10s} = {v['value']!r} = {v['exact']} ({v['dtype']})" if isinstance(v, dict)
-                     else f"  {name:10s} = {v!r}")
+            L.append(
+                f"  {name:10s} = {v['value']!r} = {v['exact']} ({v['dtype']})"
+                if isinstance(v, dict)
+                else f"  {name:10s} = {v!r}"
+            )
         ex = el["exact"]
         if "nu_squared" in ex:
             L.append(f"  exact ν²   = {ex['nu_squared']}")
@@ -358,10 +440,14 @@ def explain_text(rep: dict) -> str:
         if e is None:
             L.append("  error      = non-finite output")
         else:
-            L.append(f"  error      = {e['value']:.6g} = {e['ulp']:.4g} ulp of the exact value (ulp {el['ulp_of_exact']:.6g})")
+            L.append(
+                f"  error      = {e['value']:.6g} = {e['ulp']:.4g} ulp of the exact value (ulp {el['ulp_of_exact']:.6g})"
+            )
         L.append(f"  bound      = {el['bound']:.6g} (dora_verify.bounds, a priori at this element)")
-        L.append(f"  ratio      = {el['ratio'] if el['ratio'] is not None else 'inf'}"
-                 + ("  — VIOLATION (> 1)" if el["ratio"] is None or el["ratio"] > 1 else "  (≤ 1: within the bound)"))
+        L.append(
+            f"  ratio      = {el['ratio'] if el['ratio'] is not None else 'inf'}"
+            + ("  — VIOLATION (> 1)" if el["ratio"] is None or el["ratio"] > 1 else "  (≤ 1: within the bound)")
+        )
     return "\n".join(L) + "\n"
 
 

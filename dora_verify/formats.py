@@ -12,6 +12,7 @@ Everything here is exact arithmetic on float64 tensors, on any torch device:
   representable values between them (+0 and -0 map to the same integer). NumPy's ulp helpers reject
   bf16; this works through integer bit views.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,15 +35,15 @@ class FloatFormat:
     @property
     def u(self) -> float:
         """Unit roundoff of round-to-nearest: 2**-p."""
-        return 2.0 ** -self.p
+        return 2.0**-self.p
 
     @property
     def max_finite(self) -> float:
-        return (2.0 - 2.0 ** (1 - self.p)) * 2.0 ** self.emax
+        return (2.0 - 2.0 ** (1 - self.p)) * 2.0**self.emax
 
     @property
     def min_normal(self) -> float:
-        return 2.0 ** self.emin
+        return 2.0**self.emin
 
     def __str__(self) -> str:  # pragma: no cover - cosmetic
         return self.name
@@ -55,10 +56,20 @@ FP64 = FloatFormat("fp64", torch.float64, 53, -1022, 1023, 64)
 
 FORMATS = {f.name: f for f in (BF16, FP16, FP32, FP64)}
 _ALIASES = {
-    "bf16": BF16, "bfloat16": BF16,
-    "fp16": FP16, "float16": FP16, "half": FP16, "f16": FP16,
-    "fp32": FP32, "float32": FP32, "float": FP32, "f32": FP32,
-    "fp64": FP64, "float64": FP64, "double": FP64, "f64": FP64,
+    "bf16": BF16,
+    "bfloat16": BF16,
+    "fp16": FP16,
+    "float16": FP16,
+    "half": FP16,
+    "f16": FP16,
+    "fp32": FP32,
+    "float32": FP32,
+    "float": FP32,
+    "f32": FP32,
+    "fp64": FP64,
+    "float64": FP64,
+    "double": FP64,
+    "f64": FP64,
 }
 _BY_TORCH = {f.torch_dtype: f for f in FORMATS.values()}
 

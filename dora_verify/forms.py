@@ -38,6 +38,7 @@ Norm forms take W [d_out, d_in], A [r, d_in], B [d_out, r] (weight dtype) and ``
 
 ``LEGACY_NAMES`` maps the names older reports used to the current ones.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -97,13 +98,20 @@ def single_rounding(base, lora, g, s, bias=None):
     return y, (y - base if bias is None else y - base - bias.to(dt))
 
 
-COMPOSE_FORMS = {f.name: f for f in (
-    Form("naive", naive, "g·(s·lora+base)−base in the activation dtype, g rounded to it"),
-    Form("stable_gcast", stable_gcast, "(g−1)·base+g·s·lora in the activation dtype, g rounded to it (PEFT bf16, torchtune, axolotl, paper's fused)"),
-    Form("naive_fp32", naive_fp32, "naive Δ in fp32 registers, rounded once"),
-    Form("stable_fp32", stable_fp32, "stable Δ in fp32 registers with fp32 g, rounded once; y = base + Δ"),
-    Form("single_rounding", single_rounding, "y = g·(base+s·lora) in fp32, rounded once"),
-)}
+COMPOSE_FORMS = {
+    f.name: f
+    for f in (
+        Form("naive", naive, "g·(s·lora+base)−base in the activation dtype, g rounded to it"),
+        Form(
+            "stable_gcast",
+            stable_gcast,
+            "(g−1)·base+g·s·lora in the activation dtype, g rounded to it (PEFT bf16, torchtune, axolotl, paper's fused)",
+        ),
+        Form("naive_fp32", naive_fp32, "naive Δ in fp32 registers, rounded once"),
+        Form("stable_fp32", stable_fp32, "stable Δ in fp32 registers with fp32 g, rounded once; y = base + Δ"),
+        Form("single_rounding", single_rounding, "y = g·(base+s·lora) in fp32, rounded once"),
+    )
+}
 
 
 # ----------------------------------------------------------------------------- norm forms
@@ -146,12 +154,18 @@ def factored_wdtype_partials_fp32_accum(W, A, B, s):
 factored_lowp = factored_wdtype_partials_fp32_accum  # the name before it said what it computes
 
 
-NORM_FORMS = {f.name: f for f in (
-    Form("peft_dense", peft_dense, "PEFT: identity-matrix BA, W+s·BA and norm in the weight dtype"),
-    Form("dense_fp32", dense_fp32, "dense W+s·(B@A) in fp32"),
-    Form("factored_fp32", factored_fp32, "factored, fp32 accumulation, fp32 result"),
-    Form("factored_fp32_castout", factored_fp32_castout, "factored fp32, result cast to the weight dtype (paper)"),
-    Form("factored_wdtype_partials_fp32_accum", factored_wdtype_partials_fp32_accum,
-         "factored, every product and partial rounded to the weight dtype, every reduction accumulated in fp32"),
-)}
+NORM_FORMS = {
+    f.name: f
+    for f in (
+        Form("peft_dense", peft_dense, "PEFT: identity-matrix BA, W+s·BA and norm in the weight dtype"),
+        Form("dense_fp32", dense_fp32, "dense W+s·(B@A) in fp32"),
+        Form("factored_fp32", factored_fp32, "factored, fp32 accumulation, fp32 result"),
+        Form("factored_fp32_castout", factored_fp32_castout, "factored fp32, result cast to the weight dtype (paper)"),
+        Form(
+            "factored_wdtype_partials_fp32_accum",
+            factored_wdtype_partials_fp32_accum,
+            "factored, every product and partial rounded to the weight dtype, every reduction accumulated in fp32",
+        ),
+    )
+}
 LEGACY_NAMES = {"factored_lowp": "factored_wdtype_partials_fp32_accum"}  # report keys of earlier versions

@@ -33,6 +33,7 @@ regenerate the baseline with ``--update-baseline``, never by hand). A baseline m
 environment (device class, torch/triton minor version, suite fingerprint, implementation) is refused
 unless explicitly allowed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,12 @@ from .strategies import COMMON_S, COMPOSE_REGIMES, G_MODES, NORM_REGIMES, Exampl
 F64 = torch.float64
 SUITE_VERSION = 3  # 2: norm cases from ordered float64 sums (the same bits on every CPU); 3: whole-layer cases
 BASELINE_FORMAT = "dora-verify-gate-baseline/1"
-DEFAULT_SLACK = {"max_ulp": (1e-3, 1e-2), "p99_ratio": (1e-3, 1e-2), "max_ratio": (1e-3, 1e-2),
-                 "frac_correctly_rounded": (1e-4, 0.0)}  # (absolute, relative)
+DEFAULT_SLACK = {
+    "max_ulp": (1e-3, 1e-2),
+    "p99_ratio": (1e-3, 1e-2),
+    "max_ratio": (1e-3, 1e-2),
+    "frac_correctly_rounded": (1e-4, 0.0),
+}  # (absolute, relative)
 LOWER_IS_BETTER = {"max_ulp": True, "p99_ratio": True, "max_ratio": True, "frac_correctly_rounded": False}
 DTYPES = ("bf16", "fp16", "fp32")
 OPS = ("compose", "backward", "norm", "layer")  # --ops: the checks a subset runs (compose includes the NaN/Inf cases)
@@ -65,13 +70,39 @@ ENV_KEYS = ("device_class", "torch", "triton", "suite", "suite_version", "impls"
 NONFINITE_KINDS = ("nonfinite_where_finite", "finite_where_nonfinite", "wrong_nonfinite")
 NORM_FAITHFUL_REL = bounds.FAITHFUL_NORM_REL
 COMPOSE_SHAPES = ((1, 1), (3, 13), (16, 256), (17, 257), (33, 129), (64, 509), (31, 127), (15, 255))
-NORM_SHAPES = ((7, 31, 4), (64, 129, 8), (131, 257, 16), (63, 513, 33), (128, 128, 64), (3, 5, 2), (129, 255, 17),
-               (65, 511, 7))
+NORM_SHAPES = (
+    (7, 31, 4),
+    (64, 129, 8),
+    (131, 257, 16),
+    (63, 513, 33),
+    (128, 128, 64),
+    (3, 5, 2),
+    (129, 255, 17),
+    (65, 511, 7),
+)
 # (T, d_out, d_in, r, alpha) of the layer cases; alpha / r is exact in fp32
-LAYER_SHAPES = ((7, 33, 65, 4, 8.0), (16, 64, 128, 8, 16.0), (33, 129, 257, 16, 8.0), (5, 17, 31, 3, 0.75),
-                (17, 96, 80, 8, 4.0), (9, 65, 129, 7, 14.0), (32, 48, 64, 4, 8.0), (3, 31, 47, 2, 1.0),
-                (11, 80, 96, 8, 16.0))
-LAYER_CASE_REGIMES = ("trained", "exact_one", "cancel", "zero_rows", "below_bf16", "large", "positive", "fresh", "heavy")
+LAYER_SHAPES = (
+    (7, 33, 65, 4, 8.0),
+    (16, 64, 128, 8, 16.0),
+    (33, 129, 257, 16, 8.0),
+    (5, 17, 31, 3, 0.75),
+    (17, 96, 80, 8, 4.0),
+    (9, 65, 129, 7, 14.0),
+    (32, 48, 64, 4, 8.0),
+    (3, 31, 47, 2, 1.0),
+    (11, 80, 96, 8, 16.0),
+)
+LAYER_CASE_REGIMES = (
+    "trained",
+    "exact_one",
+    "cancel",
+    "zero_rows",
+    "below_bf16",
+    "large",
+    "positive",
+    "fresh",
+    "heavy",
+)
 LAYER_MIXES = {"bf16": ("bf16", "fp32"), "fp16": ("fp16",), "fp32": ("fp32",)}  # adapter dtypes per activation dtype
 LAYER_OUTPUTS = ("y", "dx", "dA", "dB", "dm")
 
@@ -98,8 +129,20 @@ def _compose_cases(dtype: str, n: int, seed: int):
         regime = COMPOSE_REGIMES[i % len(COMPOSE_REGIMES)]
         g_mode = G_MODES[(i // len(COMPOSE_REGIMES) + i) % len(G_MODES)]
         planted = [(i, 3 * i, 0x0001, 0x8001), (i + 1, i, 0x8000, 0x0003)] if i % 5 == 0 and dtype != "fp32" else []
-        ex = compose_example(dtype, COMMON_S[i % len(COMMON_S)], T, N, regime, seed + i, (-6, 0, 3, 9)[i % 4],
-                             (-4, 2, -9, 0)[i % 4], g_mode, 3 * i, planted, bias=i % 2 == 1)
+        ex = compose_example(
+            dtype,
+            COMMON_S[i % len(COMMON_S)],
+            T,
+            N,
+            regime,
+            seed + i,
+            (-6, 0, 3, 9)[i % 4],
+            (-4, 2, -9, 0)[i % 4],
+            g_mode,
+            3 * i,
+            planted,
+            bias=i % 2 == 1,
+        )
         out.append(Case(f"compose-{dtype}-{i:02d}", "compose", ex, _shape_class(T, N)))
     return out
 
@@ -158,22 +201,29 @@ def case_description(case: Case) -> str:
         shape = f"{p['T']}×{p['N']}"
     bits = [case.check, case.example.dtype, shape, case.shape_class, f"regime {p['regime']}"]
     bits += [f"g {p['g_mode']}"] if "g_mode" in p and case.check != "norm" else []
-    bits += (["bias" if p["bias"] else "no bias"] if "bias" in p else [])
+    bits += ["bias" if p["bias"] else "no bias"] if "bias" in p else []
     for key, what in (("planted", "planted special"), ("cancel_rows", "near-cancelling row")):
         n = len(p.get(key) or ())
         bits += [f"{n} {what}{'s' if n > 1 else ''}"] if n else []
     return ", ".join(bits)
 
 
-def build_suite(dtypes=("bf16", "fp16", "fp32"), seed: int = 0, n_compose: int = 24, n_norm: int = 8,
-                n_backward: int = 8, n_layer: int = 9) -> "list[Case]":
+def build_suite(
+    dtypes=("bf16", "fp16", "fp32"),
+    seed: int = 0,
+    n_compose: int = 24,
+    n_norm: int = 8,
+    n_backward: int = 8,
+    n_layer: int = 9,
+) -> "list[Case]":
     """The fixed suite: deterministic in (dtypes, seed, sizes) — no hypothesis, only seeded torch generators."""
     cases = []
     for d in dtypes:
         comp = _compose_cases(d, n_compose, seed)
         cases += comp
-        cases += [Case(c.id.replace("compose", "backward"), "backward", c.example, c.shape_class)
-                  for c in comp[:n_backward]]
+        cases += [
+            Case(c.id.replace("compose", "backward"), "backward", c.example, c.shape_class) for c in comp[:n_backward]
+        ]
         cases += _nonfinite_cases(d, seed)
         cases += _norm_cases(d, n_norm, seed)
         cases += _layer_cases(d, n_layer, seed)
@@ -238,7 +288,11 @@ def _nonfinite_mismatch(y: torch.Tensor, expect: torch.Tensor) -> dict:
     e, y = expect.to(F64), y.to(F64)
     yf, ef = torch.isfinite(y), torch.isfinite(e)
     wrong = (torch.isnan(y) != torch.isnan(e)) | (torch.isinf(y) & torch.isinf(e) & (y != e))
-    kinds = {"nonfinite_where_finite": ~yf & ef, "finite_where_nonfinite": yf & ~ef, "wrong_nonfinite": ~yf & ~ef & wrong}
+    kinds = {
+        "nonfinite_where_finite": ~yf & ef,
+        "finite_where_nonfinite": yf & ~ef,
+        "wrong_nonfinite": ~yf & ~ef & wrong,
+    }
     out = {k: int(m.sum()) for k, m in kinds.items()}
     bad = kinds["nonfinite_where_finite"] | kinds["finite_where_nonfinite"] | kinds["wrong_nonfinite"]
     out["first"] = None
@@ -288,7 +342,9 @@ def _score_compose(impl: Implementation, case: Case, device) -> "list[Outcome]":
     if bound is not None:
         out.ratios = torch.where(err == 0, torch.zeros_like(err), err / bound)[in_range]
     plain = stable_gcast(t["base"], t["lora"], t["g"], s, t.get("bias"))[0]
-    plain_err = torch.where(in_range & torch.isfinite(plain.to(F64)), excess_error(plain, tr.y_hi, tr.y_lo, tr.y_bound), 0)
+    plain_err = torch.where(
+        in_range & torch.isfinite(plain.to(F64)), excess_error(plain, tr.y_hi, tr.y_lo, tr.y_bound), 0
+    )
     floor = excess_error(tr.y_round.nearest, tr.y_hi, tr.y_lo, tr.y_bound)[in_range]
     out.fa_ratio = _fa_ratio(err, plain_err, floor)
     return [out]
@@ -341,17 +397,21 @@ def _score_backward(impl: Implementation, case: Case, device) -> "list[Outcome]"
     gt = compose_grad_truth(t["dy"], t["base"], t["lora"], t["g"], s)
     outs = []
     for save in impl.saves:
+
         def grads():
             b, lo, g, dy = _fresh(t, ("base", "lora", "g", "dy"), device)
             b, lo, g = (x.requires_grad_() for x in (b, lo, g))
             compose(b, lo, g, s, tier=impl.tier, save=save).backward(dy)
             return [_to_cpu(x) for x in (b.grad, lo.grad, g.grad)]
+
         first, again = grads(), grads()
         eb, el, eg = bounds.compose_backward_bounds(t["dy"], t["base"], t["lora"], t["g"], s, save=save)
         zero = torch.zeros((), dtype=F64)
-        refs = {"d_base": (first[0], gt.d_base, zero, zero, eb, t["base"].dtype),
-                "d_lora": (first[1], gt.d_lora_hi, gt.d_lora_lo, zero, el, t["lora"].dtype),
-                "d_g": (first[2], gt.d_g, zero, gt.d_g_bound, eg, torch.float32)}
+        refs = {
+            "d_base": (first[0], gt.d_base, zero, zero, eb, t["base"].dtype),
+            "d_lora": (first[1], gt.d_lora_hi, gt.d_lora_lo, zero, el, t["lora"].dtype),
+            "d_g": (first[2], gt.d_g, zero, gt.d_g_bound, eg, torch.float32),
+        }
         for i, (name, (got, hi, lo, ob, bound, dt)) in enumerate(refs.items()):
             o = Outcome(f"{name}/{save}")
             o.nondeterministic = not same_bits(first[i], again[i])
@@ -404,14 +464,19 @@ def run_layer(impl: Implementation, ex, device):
     guard = _fp32_accumulation if impl.contract == "kernel" else (lambda dev: contextlib.nullcontext())
     x, W, bias, A, B, m, dy = _fresh(t, ("x", "W", "bias", "A", "B", "m", "dy"), device)
     with guard(device):
-        module, params = build_layer(impl.layer, W, bias, sc["r"], sc["alpha"], ad,
-                                     {"lora_A": A, "lora_B": B, "magnitude": m})
+        module, params = build_layer(
+            impl.layer, W, bias, sc["r"], sc["alpha"], ad, {"lora_A": A, "lora_B": B, "magnitude": m}
+        )
         x.requires_grad_(True)
         y = check_output("layer", module(x), (T, N), x.dtype)
         y.backward(dy)
     outs = {"y": y}
-    for name, leaf, pname in (("dx", x, "x"), ("dA", params["lora_A"], "lora_A"),
-                              ("dB", params["lora_B"], "lora_B"), ("dm", params["magnitude"], "magnitude")):
+    for name, leaf, pname in (
+        ("dx", x, "x"),
+        ("dA", params["lora_A"], "lora_A"),
+        ("dB", params["lora_B"], "lora_B"),
+        ("dm", params["magnitude"], "magnitude"),
+    ):
         if leaf.grad is None:
             raise ImplOutputError(f"the layer's {pname}.grad is None after y.backward(dy): no gradient reached it")
         outs[name] = check_output(f"the layer's {pname}.grad", leaf.grad, leaf.shape, leaf.dtype)
@@ -440,8 +505,19 @@ def _score_layer(impl: Implementation, case: Case, device) -> "list[Outcome]":
         steps = kernel_layer_steps(ex.dtype, adapter, backend, dense)
         bnd = layer_step_bounds(steps, t["x"], t["W"], t["A"], t["B"], t["m"], s, t.get("bias"), eps, t["dy"], tr)
     elif impl.contract == "faithful":
-        bnd = faithful_layer_bounds(tr, t["x"], t["W"], t["A"], t["B"], s, t.get("bias"), t["dy"], ex.dtype,
-                                    first["dA"].dtype, first["dm"].dtype)
+        bnd = faithful_layer_bounds(
+            tr,
+            t["x"],
+            t["W"],
+            t["A"],
+            t["B"],
+            s,
+            t.get("bias"),
+            t["dy"],
+            ex.dtype,
+            first["dA"].dtype,
+            first["dm"].dtype,
+        )
     else:
         bnd = None
     outs = []
@@ -471,8 +547,13 @@ def _score_layer(impl: Implementation, case: Case, device) -> "list[Outcome]":
     return outs
 
 
-_SCORERS = {"compose": _score_compose, "nonfinite": _score_compose, "norm": _score_norm, "backward": _score_backward,
-            "layer": _score_layer}
+_SCORERS = {
+    "compose": _score_compose,
+    "nonfinite": _score_compose,
+    "norm": _score_norm,
+    "backward": _score_backward,
+    "layer": _score_layer,
+}
 _CRASH_OUTPUT = {"compose": "y", "nonfinite": "y", "norm": "nu", "backward": "all", "layer": "all"}  # a crash's group
 
 
@@ -496,8 +577,9 @@ def is_subset(cfg) -> bool:
 def _in_scope(key: str, config: dict) -> bool:
     """Whether a baseline group (impl|check.output|dtype|device|shapes) falls in a run's --dtypes/--ops scope."""
     parts = key.split("|")
-    return (len(parts) < 3 or (parts[2] in config.get("dtypes", DTYPES)
-                               and parts[1].split(".")[0] in config.get("ops", OPS)))
+    return len(parts) < 3 or (
+        parts[2] in config.get("dtypes", DTYPES) and parts[1].split(".")[0] in config.get("ops", OPS)
+    )
 
 
 def _applies(impl: Implementation, case: Case) -> bool:
@@ -550,20 +632,29 @@ def environment(device: torch.device, fingerprint: str, impl_names, uses_triton:
     if uses_triton:
         try:
             import triton
+
             tv = _minor(triton.__version__)
         except ImportError:
             tv = None
-    return {"device_class": device_class(device), "torch": _minor(torch.__version__), "triton": tv,
-            "suite": fingerprint, "suite_version": SUITE_VERSION, "impls": sorted(impl_names),
-            "mode": "gpu" if device.type == "cuda" else "cpu-logic-only"}
+    return {
+        "device_class": device_class(device),
+        "torch": _minor(torch.__version__),
+        "triton": tv,
+        "suite": fingerprint,
+        "suite_version": SUITE_VERSION,
+        "impls": sorted(impl_names),
+        "mode": "gpu" if device.type == "cuda" else "cpu-logic-only",
+    }
 
 
 def resolve(cfg: GateConfig) -> torch.device:
     has_cuda = torch.cuda.is_available()
     if cfg.device == "cuda" or cfg.require_gpu:
         if not has_cuda:
-            raise GateEnvironmentError("no CUDA device: the gate was asked for a GPU run and cannot run here "
-                                       "(it never passes on nothing; use --device cpu for the logic-only mode)")
+            raise GateEnvironmentError(
+                "no CUDA device: the gate was asked for a GPU run and cannot run here "
+                "(it never passes on nothing; use --device cpu for the logic-only mode)"
+            )
         return torch.device("cuda")
     if cfg.device == "cpu":
         return torch.device("cpu")
@@ -608,8 +699,10 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
             raise ValueError(f"unknown case id(s) {', '.join(unknown)} (dora-verify gate --list-cases lists them)")
         outside = sorted(set(cfg.case_ids) - {c.id for c in suite})
         if outside:
-            raise ValueError(f"case id(s) {', '.join(outside)} outside this run's --dtypes {','.join(cfg.dtypes)} / "
-                             f"--ops {','.join(cfg.ops)}")
+            raise ValueError(
+                f"case id(s) {', '.join(outside)} outside this run's --dtypes {','.join(cfg.dtypes)} / "
+                f"--ops {','.join(cfg.ops)}"
+            )
         suite = [c for c in suite if c.id in cfg.case_ids]
     dclass = device_class(dev)
     groups: dict = {}
@@ -632,12 +725,28 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
         for o in outcomes:
             check = "compose" if case.check == "nonfinite" else case.check
             key = "|".join((im.name, f"{check}.{o.output}", case.example.dtype, dclass, case.shape_class))
-            g = groups.setdefault(key, {"impl": im.name, "output": f"{check}.{o.output}", "dtype": case.example.dtype,
-                                        "device_class": dclass, "shape_class": case.shape_class, "contract": im.contract,
-                                        "deterministic": im.deterministic, "_ratios": [], "cases": 0,
-                                        "max_ulp": 0.0, "_cr": [0, 0], "fa_ratio": 0.0, "nonfinite_mismatch": 0,
-                                        "nonfinite": {**{k: 0 for k in NONFINITE_KINDS}, "examples": []},
-                                        "nondeterministic": 0, "crashes": 0, "_severity": {}})
+            g = groups.setdefault(
+                key,
+                {
+                    "impl": im.name,
+                    "output": f"{check}.{o.output}",
+                    "dtype": case.example.dtype,
+                    "device_class": dclass,
+                    "shape_class": case.shape_class,
+                    "contract": im.contract,
+                    "deterministic": im.deterministic,
+                    "_ratios": [],
+                    "cases": 0,
+                    "max_ulp": 0.0,
+                    "_cr": [0, 0],
+                    "fa_ratio": 0.0,
+                    "nonfinite_mismatch": 0,
+                    "nonfinite": {**{k: 0 for k in NONFINITE_KINDS}, "examples": []},
+                    "nondeterministic": 0,
+                    "crashes": 0,
+                    "_severity": {},
+                },
+            )
             g["cases"] += 1
             bad = False
             if o.crash:
@@ -672,8 +781,13 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
         g["failing_cases"] = [cid for cid, _ in ranked]
         if ranked:
             cid, (sev, element, kind) = ranked[0]
-            g["worst_case"] = {"id": cid, "severity": sev, "severity_kind": kind, "element": element,
-                               "what": case_description(by_id[cid])}
+            g["worst_case"] = {
+                "id": cid,
+                "severity": sev,
+                "severity_kind": kind,
+                "element": element,
+                "what": case_description(by_id[cid]),
+            }
         r = torch.cat(g.pop("_ratios")) if g["_ratios"] else None
         g["max_ratio"] = float(r.max()) if r is not None and r.numel() else None
         g["p99_ratio"] = quantile(r, 0.99) if r is not None and r.numel() else None
@@ -682,21 +796,37 @@ def run_gate(cfg: GateConfig, progress=None) -> dict:
         g["hard_failures"] = _hard_failures(g, cfg.fa_limit)
         if g["crashes"] == g["cases"]:  # nothing was scored: no metric reads as a perfect 0
             g["max_ulp"] = g["fa_ratio"] = g["nonfinite_mismatch"] = g["nondeterministic"] = None
-    return {"kind": "gate", "provenance": provenance(dev, [im.name for im in impls]), "environment": environment(dev, fingerprint,
-            [im.name for im in impls], any(im.uses_triton for im in impls)),
-            "config": {"impls": [im.name for im in impls], "dtypes": list(cfg.dtypes), "seed": cfg.seed,
-                       "ops": list(cfg.ops), "subset": is_subset(cfg),
-                       "fa_limit": cfg.fa_limit, "case_ids": list(cfg.case_ids), "case_timeout": cfg.case_timeout,
-                       "case_timeout_enforced": bool(cfg.case_timeout) and enforced, **cfg.sizes},
-            "cases": len(suite), "evaluations": len(work), "idle_impls": idle, "groups": groups,
-            "triton_installed": _triton_installed(),
-            "seconds": round(time.monotonic() - t0, 2)}
+    return {
+        "kind": "gate",
+        "provenance": provenance(dev, [im.name for im in impls]),
+        "environment": environment(dev, fingerprint, [im.name for im in impls], any(im.uses_triton for im in impls)),
+        "config": {
+            "impls": [im.name for im in impls],
+            "dtypes": list(cfg.dtypes),
+            "seed": cfg.seed,
+            "ops": list(cfg.ops),
+            "subset": is_subset(cfg),
+            "fa_limit": cfg.fa_limit,
+            "case_ids": list(cfg.case_ids),
+            "case_timeout": cfg.case_timeout,
+            "case_timeout_enforced": bool(cfg.case_timeout) and enforced,
+            **cfg.sizes,
+        },
+        "cases": len(suite),
+        "evaluations": len(work),
+        "idle_impls": idle,
+        "groups": groups,
+        "triton_installed": _triton_installed(),
+        "seconds": round(time.monotonic() - t0, 2),
+    }
 
 
 def _nonfinite_text(nf: dict) -> str:
-    parts = [f"{nf['nonfinite_where_finite']} NaN/Inf where the oracle is finite",
-             f"{nf['finite_where_nonfinite']} finite where the oracle is NaN/Inf",
-             f"{nf['wrong_nonfinite']} the wrong NaN/Inf (NaN for ±Inf or the reverse, or the wrong sign)"]
+    parts = [
+        f"{nf['nonfinite_where_finite']} NaN/Inf where the oracle is finite",
+        f"{nf['finite_where_nonfinite']} finite where the oracle is NaN/Inf",
+        f"{nf['wrong_nonfinite']} the wrong NaN/Inf (NaN for ±Inf or the reverse, or the wrong sign)",
+    ]
     return ", ".join(parts) + (f"; first: {nf['examples'][0]}" if nf.get("examples") else "")
 
 
@@ -707,8 +837,11 @@ def _severity(o, fa_limit: float, shapes=()) -> tuple:
     at least two dimensions — the output's own layout ([t, i] for a compose y of [T, d_out])."""
     if o.crash or o.nonfinite_mismatch or o.nondeterministic:
         first = o.nonfinite.get("first") if o.nonfinite_mismatch else None
-        return math.inf, first, ("crash" if o.crash else "NaN/Inf mismatch" if o.nonfinite_mismatch else
-                                 "nondeterministic")
+        return (
+            math.inf,
+            first,
+            ("crash" if o.crash else "NaN/Inf mismatch" if o.nonfinite_mismatch else "nondeterministic"),
+        )
     sev, element, kind = 0.0, None, "error/bound ratio"
     if o.ratios is not None and o.ratios.numel():
         r = o.ratios.to(F64)
@@ -730,24 +863,63 @@ def _hard_failures(g: dict, fa_limit: float) -> list:
     if g["max_ratio"] is not None and g["max_ratio"] > 1:
         out.append(f"error/bound ratio {g['max_ratio']:.6g} > 1")
     if g["nonfinite_mismatch"]:
-        out.append(f"{g['nonfinite_mismatch']} NaN/Inf mismatch(es) with the oracle in {g['output']}: "
-                   + _nonfinite_text(g["nonfinite"]))
+        out.append(
+            f"{g['nonfinite_mismatch']} NaN/Inf mismatch(es) with the oracle in {g['output']}: "
+            + _nonfinite_text(g["nonfinite"])
+        )
     if g["nondeterministic"]:
         out.append(f"{g['nondeterministic']} case(s) with different bits on a repeated call (claims determinism)")
     if g["fa_ratio"] > fa_limit:
-        out.append(f"FlashAttention-style ratio {g['fa_ratio']:.4g} > limit {fa_limit:g} (error over the plain "
-                   "low-precision baseline's)")
+        out.append(
+            f"FlashAttention-style ratio {g['fa_ratio']:.4g} > limit {fa_limit:g} (error over the plain "
+            "low-precision baseline's)"
+        )
     return out
 
 
 # The baseline and the outputs live in their own modules; their names stay importable from here.
-from .gate_baseline import (BaselineError, baseline_problem, compare_baseline, env_mismatch, load_baseline,  # noqa: E402
-                            make_baseline, verdict, write_baseline)
-from .gate_report import (dump_worst_cases, finding_message, gate_markdown, junit_xml, reproduce_command,  # noqa: E402
-                          write_gate_report)
+from .gate_baseline import (  # noqa: E402
+    BaselineError,
+    baseline_problem,
+    compare_baseline,
+    env_mismatch,
+    load_baseline,
+    make_baseline,
+    verdict,
+    write_baseline,
+)
+from .gate_report import (  # noqa: E402
+    dump_worst_cases,
+    finding_message,
+    gate_markdown,
+    junit_xml,
+    reproduce_command,
+    write_gate_report,
+)
 
-__all__ = ["BASELINE_FORMAT", "DEFAULT_CASE_TIMEOUT", "DEFAULT_FA_LIMIT", "DEFAULT_SLACK", "BaselineError", "Case",
-           "GateConfig", "GateEnvironmentError", "baseline_problem", "build_suite", "compare_baseline",
-           "dump_worst_cases", "env_mismatch", "finding_message", "gate_markdown", "junit_xml", "load_baseline",
-           "make_baseline", "reproduce_command", "run_gate", "suite_fingerprint", "verdict", "write_baseline",
-           "write_gate_report"]
+__all__ = [
+    "BASELINE_FORMAT",
+    "DEFAULT_CASE_TIMEOUT",
+    "DEFAULT_FA_LIMIT",
+    "DEFAULT_SLACK",
+    "BaselineError",
+    "Case",
+    "GateConfig",
+    "GateEnvironmentError",
+    "baseline_problem",
+    "build_suite",
+    "compare_baseline",
+    "dump_worst_cases",
+    "env_mismatch",
+    "finding_message",
+    "gate_markdown",
+    "junit_xml",
+    "load_baseline",
+    "make_baseline",
+    "reproduce_command",
+    "run_gate",
+    "suite_fingerprint",
+    "verdict",
+    "write_baseline",
+    "write_gate_report",
+]

@@ -1,12 +1,22 @@
 """The gate's baseline: its format and validation, the comparison of a run with it within its slack, and the
 verdict (hard criteria, baseline findings, environment) — :mod:`dora_verify.gate` runs the suite, this judges it."""
+
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from .gate import (BASELINE_FORMAT, DEFAULT_SLACK, DTYPES, ENV_KEYS, LOWER_IS_BETTER, OPS, GateEnvironmentError,
-                   _in_scope)
+from .gate import (
+    BASELINE_FORMAT,
+    DEFAULT_SLACK,
+    DTYPES,
+    ENV_KEYS,
+    LOWER_IS_BETTER,
+    OPS,
+    GateEnvironmentError,
+    _in_scope,
+)
+
 
 def _cwd_commit() -> "str | None":
     """The commit of the git checkout the gate runs in (the adopting team's repository), or None outside one."""
@@ -30,14 +40,19 @@ def make_baseline(rep: dict, slack=None, merge_into: "dict | None" = None) -> di
     if merge_into is not None:
         old = merge_into.get("scope", {"dtypes": list(DTYPES), "ops": list(OPS)})
         groups = {**{k: g for k, g in merge_into["groups"].items() if not _in_scope(k, cfg)}, **groups}
-        scope = {n: [x for x in (DTYPES if n == "dtypes" else OPS) if x in set(scope[n]) | set(old.get(n, []))]
-                 for n in ("dtypes", "ops")}
-    return {"format": BASELINE_FORMAT, "environment": rep["environment"], "slack": {k: list(v) for k, v in slack.items()},
-            "scope": scope,
-            # no time stamp (it made every regeneration a merge conflict); the commits say what produced it
-            "created_by": {"commit": rep["provenance"].get("git", {}).get("commit"),
-                           "repository_commit": _cwd_commit()},
-            "groups": dict(sorted(groups.items()))}
+        scope = {
+            n: [x for x in (DTYPES if n == "dtypes" else OPS) if x in set(scope[n]) | set(old.get(n, []))]
+            for n in ("dtypes", "ops")
+        }
+    return {
+        "format": BASELINE_FORMAT,
+        "environment": rep["environment"],
+        "slack": {k: list(v) for k, v in slack.items()},
+        "scope": scope,
+        # no time stamp (it made every regeneration a merge conflict); the commits say what produced it
+        "created_by": {"commit": rep["provenance"].get("git", {}).get("commit"), "repository_commit": _cwd_commit()},
+        "groups": dict(sorted(groups.items())),
+    }
 
 
 class BaselineError(ValueError):
@@ -58,8 +73,10 @@ def baseline_problem(doc) -> "str | None":
     if not isinstance(doc, dict):
         return f"is not a JSON object (got {type(doc).__name__})"
     if doc.get("format") != BASELINE_FORMAT:
-        return (f"has format {_short(doc.get('format'))}; this dora-verify reads {BASELINE_FORMAT!r} "
-                "(regenerate it with --update-baseline)")
+        return (
+            f"has format {_short(doc.get('format'))}; this dora-verify reads {BASELINE_FORMAT!r} "
+            "(regenerate it with --update-baseline)"
+        )
     for key in ("environment", "slack", "groups"):
         if key not in doc:
             return f"lacks the key {key!r}"
@@ -70,9 +87,13 @@ def baseline_problem(doc) -> "str | None":
         if k not in env:
             return f"environment lacks {k!r}"
         v = env[k]
-        ok = (isinstance(v, int) and not isinstance(v, bool) if k == "suite_version" else
-              isinstance(v, list) and all(isinstance(x, str) for x in v) if k == "impls" else
-              v is None or isinstance(v, str))
+        ok = (
+            isinstance(v, int) and not isinstance(v, bool)
+            if k == "suite_version"
+            else isinstance(v, list) and all(isinstance(x, str) for x in v)
+            if k == "impls"
+            else v is None or isinstance(v, str)
+        )
         if not ok:
             return f"environment[{k!r}] has the wrong type: {_short(v)}"
     for m, v in doc["slack"].items():
@@ -81,9 +102,14 @@ def baseline_problem(doc) -> "str | None":
         if not (isinstance(v, list) and len(v) == 2 and all(_number(x) and x >= 0 for x in v)):
             return f"slack[{m!r}] must be [absolute, relative], two non-negative numbers; got {_short(v)}"
     scope = doc.get("scope", {"dtypes": list(DTYPES), "ops": list(OPS)})  # absent in older baselines: the whole suite
-    if not (isinstance(scope, dict) and set(scope) == {"dtypes", "ops"}
-            and isinstance(scope["dtypes"], list) and set(scope["dtypes"]) <= set(DTYPES)
-            and isinstance(scope["ops"], list) and set(scope["ops"]) <= set(OPS)):
+    if not (
+        isinstance(scope, dict)
+        and set(scope) == {"dtypes", "ops"}
+        and isinstance(scope["dtypes"], list)
+        and set(scope["dtypes"]) <= set(DTYPES)
+        and isinstance(scope["ops"], list)
+        and set(scope["ops"]) <= set(OPS)
+    ):
         return f"scope must be {{'dtypes': [...], 'ops': [...]}} of {', '.join(DTYPES)} and {', '.join(OPS)}; got {_short(scope)}"
     for key, g in doc["groups"].items():
         if not isinstance(g, dict):
@@ -114,7 +140,9 @@ def load_baseline(path) -> dict:
 
 
 def env_mismatch(base_env: dict, env: dict) -> list:
-    return [f"{k}: baseline {base_env.get(k)!r}, here {env.get(k)!r}" for k in ENV_KEYS if base_env.get(k) != env.get(k)]
+    return [
+        f"{k}: baseline {base_env.get(k)!r}, here {env.get(k)!r}" for k in ENV_KEYS if base_env.get(k) != env.get(k)
+    ]
 
 
 def compare_baseline(rep: dict, baseline: dict) -> list:
@@ -139,8 +167,11 @@ def compare_baseline(rep: dict, baseline: dict) -> list:
                 continue
             worse = (new > old) if lower else (new < old)
             found.append((key, m, old, new, "regression" if worse else "improvement"))
-    found += [(key, "-", None, None, "missing") for key in old_groups
-              if key not in rep["groups"] and _in_scope(key, rep.get("config", {}))]
+    found += [
+        (key, "-", None, None, "missing")
+        for key in old_groups
+        if key not in rep["groups"] and _in_scope(key, rep.get("config", {}))
+    ]
     return found
 
 
@@ -166,9 +197,13 @@ def verdict(rep: dict, baseline: "dict | None", allow_env_mismatch=False) -> dic
         if mism and not _allowed(keys, allow_env_mismatch):  # the reports are still written (the CLI exits 2 after)
             v.update(environment_mismatch=True, passed=False)
             rep["verdict"] = v
-            raise GateEnvironmentError("baseline from a different environment (" + "; ".join(mism) + "): regenerate "
-                                       "it here with --update-baseline, or pass --allow-env-mismatch")
-        v["baseline"] = [dict(zip(("group", "metric", "old", "new", "kind"), f)) for f in compare_baseline(rep, baseline)]
+            raise GateEnvironmentError(
+                "baseline from a different environment (" + "; ".join(mism) + "): regenerate "
+                "it here with --update-baseline, or pass --allow-env-mismatch"
+            )
+        v["baseline"] = [
+            dict(zip(("group", "metric", "old", "new", "kind"), f)) for f in compare_baseline(rep, baseline)
+        ]
         rep["baseline_slack"] = {k: list(x) for k, x in baseline.get("slack", DEFAULT_SLACK).items()}
     v["passed"] = not hard and not v["baseline"] and not v.get("nothing_ran")
     rep["verdict"] = v
@@ -187,5 +222,13 @@ def write_baseline(doc: dict, path) -> Path:
     return path
 
 
-__all__ = ["BaselineError", "baseline_problem", "compare_baseline", "env_mismatch", "load_baseline", "make_baseline",
-           "verdict", "write_baseline"]
+__all__ = [
+    "BaselineError",
+    "baseline_problem",
+    "compare_baseline",
+    "env_mismatch",
+    "load_baseline",
+    "make_baseline",
+    "verdict",
+    "write_baseline",
+]

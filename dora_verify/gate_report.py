@@ -1,5 +1,6 @@
 """The gate's outputs: gate.md (what failed, its worst case, the command that reproduces it), junit.xml, the dump of
 each failing group's worst case (``cases/``) and the atomic write of the set."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .gate import DTYPES, _op, build_suite
+
 
 def worst_case_text(w: dict, value: str, quote: str = "") -> str:
     """One line for a group's worst case: its id, what the case is, which ratio, ``value`` (formatted by the
@@ -20,8 +22,13 @@ def reproduce_command(rep: dict, case_ids=(), impl_spec: "str | None" = None) ->
     working directory on sys.path, so an ``--impl`` module next to the caller imports as it did in the run."""
     cfg = rep["config"]
     dev = "cuda" if rep["environment"]["device_class"].startswith("cuda") else "cpu"
-    parts = ["python -m dora_verify gate", f"--impl {impl_spec or rep.get('impl_spec', 'kernels')}", f"--device {dev}",
-             f"--dtypes {','.join(cfg['dtypes'])}", f"--seed {cfg['seed']}"]
+    parts = [
+        "python -m dora_verify gate",
+        f"--impl {impl_spec or rep.get('impl_spec', 'kernels')}",
+        f"--device {dev}",
+        f"--dtypes {','.join(cfg['dtypes'])}",
+        f"--seed {cfg['seed']}",
+    ]
     parts += [f"--case {c}" for c in case_ids]
     return " ".join(parts)
 
@@ -30,19 +37,32 @@ def gate_markdown(rep: dict) -> str:
     from .report import _fmt, _table
 
     v, env, p = rep["verdict"], rep["environment"], rep["provenance"]
-    cpu_tiers = ("eager tier and the Triton interpreter" if rep.get("triton_installed", True) else
-                 "eager tier only: Triton is not installed, so the fused kernels are not exercised")
+    cpu_tiers = (
+        "eager tier and the Triton interpreter"
+        if rep.get("triton_installed", True)
+        else "eager tier only: Triton is not installed, so the fused kernels are not exercised"
+    )
     mode = "GPU" if env["mode"] == "gpu" else f"CPU, **logic-only** ({cpu_tiers}; no GPU evidence)"
-    head = "PASSED" if v["passed"] else ("NOT COMPARED: environment mismatch" if v.get("environment_mismatch")
-                                         else "FAILED")
-    lines = [f"# dora-verify gate: {head}", "",
-             f"Mode: {mode}. Device class {env['device_class']}; torch {env['torch']}, triton {env['triton']}; "
-             f"commit {p.get('git', {}).get('commit', '?')}; suite {env['suite']} ({rep['cases']} cases, seed "
-             f"{rep['config']['seed']}); {rep['evaluations']} evaluations in {rep['seconds']} s.", ""]
+    head = (
+        "PASSED"
+        if v["passed"]
+        else ("NOT COMPARED: environment mismatch" if v.get("environment_mismatch") else "FAILED")
+    )
+    lines = [
+        f"# dora-verify gate: {head}",
+        "",
+        f"Mode: {mode}. Device class {env['device_class']}; torch {env['torch']}, triton {env['triton']}; "
+        f"commit {p.get('git', {}).get('commit', '?')}; suite {env['suite']} ({rep['cases']} cases, seed "
+        f"{rep['config']['seed']}); {rep['evaluations']} evaluations in {rep['seconds']} s.",
+        "",
+    ]
     if v.get("nothing_ran"):
         who = f" for {', '.join(f'`{n}`' for n in rep['idle_impls'])}" if rep.get("idle_impls") else ""
-        lines += [f"**Nothing ran**{who} (no case applies to the implementation): the gate fails rather than pass on "
-                  "nothing.", ""]
+        lines += [
+            f"**Nothing ran**{who} (no case applies to the implementation): the gate fails rather than pass on "
+            "nothing.",
+            "",
+        ]
     if v["hard"]:
         lines += ["## Hard failures", ""]
         for key, msgs in v["hard"].items():
@@ -53,54 +73,138 @@ def gate_markdown(rep: dict) -> str:
                 lines.append("  " + worst_case_text(w, _fmt(w["severity"]), quote="`"))
             lines.append(f"  reproduce (worst first): `{reproduce_command(rep, g['failing_cases'][:3])}`")
             if w:
-                lines.append(f"  inputs: `cases/{w['id']}.npz` (+ `.json`; `dora_verify.certify.load_case`, "
-                             "`certify.replay` re-runs it)")
+                lines.append(
+                    f"  inputs: `cases/{w['id']}.npz` (+ `.json`; `dora_verify.certify.load_case`, "
+                    "`certify.replay` re-runs it)"
+                )
         lines.append("")
     nonfinite = [g for g in rep["groups"].values() if g["nonfinite_mismatch"]]
     if nonfinite:
-        lines += ["## NaN/Inf mismatches", "", "Elements whose NaN/±Inf pattern differs from the oracle's (the IEEE "
-                  "evaluation of the rounded inputs, rounded to the output's dtype).", ""]
-        lines.append(_table(["impl", "output", "dtype", "shapes", "NaN/Inf where the oracle is finite",
-                             "finite where the oracle is NaN/Inf", "wrong NaN/Inf", "first elements"],
-                            [[g["impl"], g["output"], g["dtype"], g["shape_class"],
-                              g["nonfinite"]["nonfinite_where_finite"], g["nonfinite"]["finite_where_nonfinite"],
-                              g["nonfinite"]["wrong_nonfinite"], "; ".join(g["nonfinite"]["examples"])]
-                             for g in nonfinite]))
+        lines += [
+            "## NaN/Inf mismatches",
+            "",
+            "Elements whose NaN/±Inf pattern differs from the oracle's (the IEEE "
+            "evaluation of the rounded inputs, rounded to the output's dtype).",
+            "",
+        ]
+        lines.append(
+            _table(
+                [
+                    "impl",
+                    "output",
+                    "dtype",
+                    "shapes",
+                    "NaN/Inf where the oracle is finite",
+                    "finite where the oracle is NaN/Inf",
+                    "wrong NaN/Inf",
+                    "first elements",
+                ],
+                [
+                    [
+                        g["impl"],
+                        g["output"],
+                        g["dtype"],
+                        g["shape_class"],
+                        g["nonfinite"]["nonfinite_where_finite"],
+                        g["nonfinite"]["finite_where_nonfinite"],
+                        g["nonfinite"]["wrong_nonfinite"],
+                        "; ".join(g["nonfinite"]["examples"]),
+                    ]
+                    for g in nonfinite
+                ],
+            )
+        )
         lines.append("")
     if v["baseline"]:
-        lines += ["## Baseline differences (beyond the slack)", "",
-                  "A regression fails; an improvement fails too until the baseline is regenerated with "
-                  "`--update-baseline` (the ratchet).", ""]
-        lines.append(_table(["group", "metric", "baseline", "now", "finding"],
-                            [[f"`{b['group']}`", b["metric"], b["old"], b["new"], b["kind"]] for b in v["baseline"]]))
+        lines += [
+            "## Baseline differences (beyond the slack)",
+            "",
+            "A regression fails; an improvement fails too until the baseline is regenerated with "
+            "`--update-baseline` (the ratchet).",
+            "",
+        ]
+        lines.append(
+            _table(
+                ["group", "metric", "baseline", "now", "finding"],
+                [[f"`{b['group']}`", b["metric"], b["old"], b["new"], b["kind"]] for b in v["baseline"]],
+            )
+        )
         lines.append("")
     if v.get("environment_mismatch"):
-        lines += ["**The baseline comes from another environment**: " + "; ".join(v["environment"]) + ". Nothing was "
-                  "compared with it (exit 2): regenerate it here with `--update-baseline`, or pass "
-                  "`--allow-env-mismatch` to compare anyway. The hard criteria below were evaluated.", ""]
+        lines += [
+            "**The baseline comes from another environment**: " + "; ".join(v["environment"]) + ". Nothing was "
+            "compared with it (exit 2): regenerate it here with `--update-baseline`, or pass "
+            "`--allow-env-mismatch` to compare anyway. The hard criteria below were evaluated.",
+            "",
+        ]
     elif v["environment"]:
-        lines += ["Environment differs from the baseline's (allowed by --allow-env-mismatch): " + "; ".join(v["environment"]), ""]
+        lines += [
+            "Environment differs from the baseline's (allowed by --allow-env-mismatch): " + "; ".join(v["environment"]),
+            "",
+        ]
     if not v["baseline_used"]:
         lines += ["No baseline compared (hard criteria only).", ""]
     elif rep.get("baseline_slack"):
-        lines += ["Baseline tolerances (stored in the baseline; `--update-baseline --slack METRIC=ABS,REL` sets them): "
-                  + ", ".join(f"{m} |new − old| ≤ {a:g} + {r:g}·|old|" for m, (a, r) in rep["baseline_slack"].items())
-                  + ".", ""]
+        lines += [
+            "Baseline tolerances (stored in the baseline; `--update-baseline --slack METRIC=ABS,REL` sets them): "
+            + ", ".join(f"{m} |new − old| ≤ {a:g} + {r:g}·|old|" for m, (a, r) in rep["baseline_slack"].items())
+            + ".",
+            "",
+        ]
     if rep["config"].get("subset"):
-        lines += [f"Subset run: dtypes {', '.join(rep['config']['dtypes'])}; ops {', '.join(rep['config']['ops'])} "
-                  "(compared with the baseline's groups in that scope only).", ""]
+        lines += [
+            f"Subset run: dtypes {', '.join(rep['config']['dtypes'])}; ops {', '.join(rep['config']['ops'])} "
+            "(compared with the baseline's groups in that scope only).",
+            "",
+        ]
     lines += ["## Groups", ""]
-    rows = [[g["impl"], g["output"], g["dtype"], g["shape_class"], g["cases"], g["max_ratio"], g["p99_ratio"],
-             _fmt(g["max_ulp"], 5), g["frac_correctly_rounded"], g["fa_ratio"], g["nonfinite_mismatch"],
-             g["nondeterministic"], "FAIL" if g["hard_failures"] else "ok"] for g in rep["groups"].values()]
-    lines.append(_table(["impl", "output", "dtype", "shapes", "cases", "max ratio", "p99 ratio", "max ulp",
-                         "correctly rounded", "FA ratio", "NaN/Inf mismatch", "non-det.", "hard"], rows))
+    rows = [
+        [
+            g["impl"],
+            g["output"],
+            g["dtype"],
+            g["shape_class"],
+            g["cases"],
+            g["max_ratio"],
+            g["p99_ratio"],
+            _fmt(g["max_ulp"], 5),
+            g["frac_correctly_rounded"],
+            g["fa_ratio"],
+            g["nonfinite_mismatch"],
+            g["nondeterministic"],
+            "FAIL" if g["hard_failures"] else "ok",
+        ]
+        for g in rep["groups"].values()
+    ]
+    lines.append(
+        _table(
+            [
+                "impl",
+                "output",
+                "dtype",
+                "shapes",
+                "cases",
+                "max ratio",
+                "p99 ratio",
+                "max ulp",
+                "correctly rounded",
+                "FA ratio",
+                "NaN/Inf mismatch",
+                "non-det.",
+                "hard",
+            ],
+            rows,
+        )
+    )
     limit, enforced = rep["config"].get("case_timeout"), rep["config"].get("case_timeout_enforced", True)
     limit_text = "none" if not limit else f"{limit:g} s" + ("" if enforced else " (not enforced here: no SIGALRM)")
     lines += ["", f"Time limit per case: {limit_text}; every call gets its own copies of the inputs."]
-    lines += ["", "Criteria: docs/gate.md (`dora-verify gate --docs` prints it). Ratio = (|error| − oracle bound) / a-priori bound of the implementation's "
-              "contract; FA ratio = max error / max(plain low-precision baseline's max error, correctly rounded "
-              f"result's) with limit {rep['config']['fa_limit']:g}."]
+    lines += [
+        "",
+        "Criteria: docs/gate.md (`dora-verify gate --docs` prints it). Ratio = (|error| − oracle bound) / a-priori bound of the implementation's "
+        "contract; FA ratio = max error / max(plain low-precision baseline's max error, correctly rounded "
+        f"result's) with limit {rep['config']['fa_limit']:g}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -161,8 +265,10 @@ def junit_xml(rep: dict) -> str:
                 w = g.get("worst_case")
                 text = "reproduce (worst first): " + reproduce_command(rep, g["failing_cases"][:3])
                 if w:
-                    text = (worst_case_text(w, format(w["severity"], ".6g")) + f"\n{text}\n"
-                            f"inputs: cases/{w['id']}.npz (+ .json)")
+                    text = (
+                        worst_case_text(w, format(w["severity"], ".6g")) + f"\n{text}\n"
+                        f"inputs: cases/{w['id']}.npz (+ .json)"
+                    )
                 el.text = text
             tc = ET.SubElement(ts, "testcase", classname=cls, name=f"{name}.baseline", time="0")
             c["tests"] += 1
@@ -174,8 +280,7 @@ def junit_xml(rep: dict) -> str:
                 c["skipped"] += 1
             elif base_by_group.get(key):
                 c["failures"] += 1
-                ET.SubElement(tc, "failure",
-                              message="; ".join(finding_message(b) for b in base_by_group[key])[:500])
+                ET.SubElement(tc, "failure", message="; ".join(finding_message(b) for b in base_by_group[key])[:500])
         close(ts, c)
     if v.get("nothing_ran"):
         ts = suite("gate.suite", 0.0)
@@ -202,8 +307,13 @@ def junit_xml(rep: dict) -> str:
     return ET.tostring(suites, encoding="unicode")
 
 
-_BUILT_IN_TARGETS = {"compose": "compose.y", "nonfinite": "compose.y", "norm": "norm", "backward": "compose.backward",
-                     "layer": "layer"}
+_BUILT_IN_TARGETS = {
+    "compose": "compose.y",
+    "nonfinite": "compose.y",
+    "norm": "norm",
+    "backward": "compose.backward",
+    "layer": "layer",
+}
 
 
 def _case_target(impl_name: str, check: str, impl_spec: "str | None") -> "tuple[str, str | None]":
@@ -239,11 +349,20 @@ def dump_worst_cases(rep: dict, folder) -> list:
         case = by_id[cid]
         target, spec = _case_target(g["impl"], case.check, rep.get("impl_spec"))
         ex = case.example
-        doc = {"target": target, "kind": ex.kind, "dtype": ex.dtype, "scalars": ex.scalars, "params": ex.params,
-               "tensors": {k: str(v.dtype).removeprefix("torch.") for k, v in ex.tensors.items()},
-               "score": {"ratio": w["severity"], "kind": w.get("severity_kind"), "element": w.get("element")},
-               "found_by": "gate", "gate_case": cid, "group": key, "what": w["what"],
-               **({"impl": spec} if spec else {})}
+        doc = {
+            "target": target,
+            "kind": ex.kind,
+            "dtype": ex.dtype,
+            "scalars": ex.scalars,
+            "params": ex.params,
+            "tensors": {k: str(v.dtype).removeprefix("torch.") for k, v in ex.tensors.items()},
+            "score": {"ratio": w["severity"], "kind": w.get("severity_kind"), "element": w.get("element")},
+            "found_by": "gate",
+            "gate_case": cid,
+            "group": key,
+            "what": w["what"],
+            **({"impl": spec} if spec else {}),
+        }
         np.savez(folder / f"{cid}.npz", **{k: _tensor_to_np(v) for k, v in ex.tensors.items()})
         (folder / f"{cid}.json").write_text(json.dumps(_finite_json(doc), indent=1, allow_nan=False))
         written += [folder / f"{cid}.json", folder / f"{cid}.npz"]
@@ -257,9 +376,24 @@ def write_gate_report(rep: dict, out_dir) -> list:
         p = Path(stage) / "junit.xml"
         p.write_text(junit_xml(rep), encoding="utf-8")
         return [p] + dump_worst_cases(rep, Path(stage) / "cases")
-    return write_bundle(rep, out_dir, lambda files: gate_markdown(rep), extra=extra, json_name="gate.json",
-                        md_name="gate.md", owned=("cases",))
+
+    return write_bundle(
+        rep,
+        out_dir,
+        lambda files: gate_markdown(rep),
+        extra=extra,
+        json_name="gate.json",
+        md_name="gate.md",
+        owned=("cases",),
+    )
 
 
-__all__ = ["dump_worst_cases", "finding_message", "gate_markdown", "junit_xml", "reproduce_command", "worst_case_text",
-           "write_gate_report"]
+__all__ = [
+    "dump_worst_cases",
+    "finding_message",
+    "gate_markdown",
+    "junit_xml",
+    "reproduce_command",
+    "worst_case_text",
+    "write_gate_report",
+]

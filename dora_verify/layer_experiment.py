@@ -21,6 +21,7 @@ error of y is also decomposed by step (:func:`layer_oracle.error_decomposition` 
 :func:`layer_oracle.doralinear_parts`): the max |share| in ulp of y that each of base, xa, lora, norm, scale and
 compose adds, beside the total.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,11 +30,20 @@ import numpy as np
 import torch
 
 D_OUT, D_IN, RANK, TOKENS, ALPHA = 256, 512, 16, 32, 32.0
-MIXES = {"bf16 W + fp32 adapters": ("bf16", "fp32"), "bf16": ("bf16", "bf16"), "fp16": ("fp16", "fp16"),
-         "fp32": ("fp32", "fp32")}
+MIXES = {
+    "bf16 W + fp32 adapters": ("bf16", "fp32"),
+    "bf16": ("bf16", "bf16"),
+    "fp16": ("fp16", "fp16"),
+    "fp32": ("fp32", "fp32"),
+}
 REGIMES = ("exact_one", "trained", "cancel", "zero_rows", "large")
-REGIME_LABELS = {"exact_one": "g = 1", "trained": "trained", "cancel": "near-cancelling rows",
-                 "zero_rows": "zero rows", "large": "large activations"}
+REGIME_LABELS = {
+    "exact_one": "g = 1",
+    "trained": "trained",
+    "cancel": "near-cancelling rows",
+    "zero_rows": "zero rows",
+    "large": "large activations",
+}
 OUTPUTS = ("y", "dx", "dA", "dB", "dm")
 DECOMP_STEPS = ("base", "xa", "lora", "norm", "scale", "compose")
 REL_FLOOR = 1e-3
@@ -42,8 +52,15 @@ F64 = torch.float64
 
 def grid(cfg=None, **over) -> dict:
     """The experiment's grid (``over`` replaces entries: tests use a tiny one)."""
-    g = {"d_out": D_OUT, "d_in": D_IN, "rank": RANK, "tokens": TOKENS, "alpha": ALPHA,
-         "mixes": list(MIXES), "regimes": list(REGIMES)}
+    g = {
+        "d_out": D_OUT,
+        "d_in": D_IN,
+        "rank": RANK,
+        "tokens": TOKENS,
+        "alpha": ALPHA,
+        "mixes": list(MIXES),
+        "regimes": list(REGIMES),
+    }
     g.update(over)
     return g
 
@@ -74,8 +91,24 @@ def _examples(gr: dict, seed: int) -> list:
     for mix in gr["mixes"]:
         act, adapter = MIXES[mix]
         for regime in gr["regimes"]:
-            out.append((mix, regime, layer_example(act, adapter, gr["tokens"], gr["d_out"], gr["d_in"], gr["rank"],
-                                                   gr["alpha"], regime, seed, bias=True)))
+            out.append(
+                (
+                    mix,
+                    regime,
+                    layer_example(
+                        act,
+                        adapter,
+                        gr["tokens"],
+                        gr["d_out"],
+                        gr["d_in"],
+                        gr["rank"],
+                        gr["alpha"],
+                        regime,
+                        seed,
+                        bias=True,
+                    ),
+                )
+            )
     return out
 
 
@@ -114,11 +147,23 @@ def _score(impl, ex, tr, device) -> "tuple[dict, object]":
     if impl.contract == "kernel":
         backend, dense = _layer_norm_steps(t, sc["s"], device)
         steps = kernel_layer_steps(ex.dtype, ex.params["adapter"], backend, dense)
-        bnd = layer_step_bounds(steps, t["x"], t["W"], t["A"], t["B"], t["m"], sc["s"], t.get("bias"), sc["eps"],
-                                t["dy"], tr)
+        bnd = layer_step_bounds(
+            steps, t["x"], t["W"], t["A"], t["B"], t["m"], sc["s"], t.get("bias"), sc["eps"], t["dy"], tr
+        )
     elif impl.contract == "faithful":
-        bnd = faithful_layer_bounds(tr, t["x"], t["W"], t["A"], t["B"], sc["s"], t.get("bias"), t["dy"], ex.dtype,
-                                    got["dA"].dtype, got["dm"].dtype)
+        bnd = faithful_layer_bounds(
+            tr,
+            t["x"],
+            t["W"],
+            t["A"],
+            t["B"],
+            sc["s"],
+            t.get("bias"),
+            t["dy"],
+            ex.dtype,
+            got["dA"].dtype,
+            got["dm"].dtype,
+        )
     else:
         bnd = None
     zero = torch.zeros((), dtype=F64)
@@ -152,8 +197,13 @@ def run(cfg, device, tick, gr: "dict | None" = None) -> dict:
         for label, im in impls:
             if ex.dtype not in im.dtypes:
                 continue
-            row = {"impl": label, "mix": mix, "regime": regime, "contract": im.contract,
-                   "bound": {"kernel": "stated steps", "faithful": "faithful layer"}.get(im.contract, "none")}
+            row = {
+                "impl": label,
+                "mix": mix,
+                "regime": regime,
+                "contract": im.contract,
+                "bound": {"kernel": "stated steps", "faithful": "faithful layer"}.get(im.contract, "none"),
+            }
             guard = CaseGuard()
             try:
                 with guard, np.errstate(all="ignore"):
@@ -169,13 +219,24 @@ def run(cfg, device, tick, gr: "dict | None" = None) -> dict:
                 x = t["x"].to(device, copy=True)
                 parts = doralinear_parts(module, x)
                 d = error_decomposition(tr, parts, t["m"], sc["s"], t["B"], t.get("bias"))
-                decomp.append({"mix": mix, "regime": regime, "ulp": {k: d["ulp"][k] for k in
-                                                                     (*DECOMP_STEPS, "total", "cross")},
-                               "residual_ulp": float((d["residual"].abs() / _ulp_y(tr)).max())})
+                decomp.append(
+                    {
+                        "mix": mix,
+                        "regime": regime,
+                        "ulp": {k: d["ulp"][k] for k in (*DECOMP_STEPS, "total", "cross")},
+                        "residual_ulp": float((d["residual"].abs() / _ulp_y(tr)).max()),
+                    }
+                )
         tick(f"{mix} {regime}")
-    return {"grid": gr, "seeds": {"cases": int(cfg.seed)}, "device": str(device),
-            "impls": [label for label, _ in impls], "rows": rows, "decomposition": decomp,
-            "regime_notes": {k: REGIME_LABELS[k] for k in gr["regimes"]}}
+    return {
+        "grid": gr,
+        "seeds": {"cases": int(cfg.seed)},
+        "device": str(device),
+        "impls": [label for label, _ in impls],
+        "rows": rows,
+        "decomposition": decomp,
+        "regime_notes": {k: REGIME_LABELS[k] for k in gr["regimes"]},
+    }
 
 
 def _ulp_y(tr):
@@ -222,16 +283,20 @@ def markdown(section: dict, plots=()) -> str:
     from .report import _table
 
     gr = section["grid"]
-    L = [f"Whole layer y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias and its gradients dx, dA, dB, dm (ν detached) against the "
-         f"exact layer oracle (`layer_oracle.layer_truth`). Grid: d_out = {gr['d_out']}, d_in = {gr['d_in']}, "
-         f"rank = {gr['rank']}, tokens = {gr['tokens']}, alpha = {gr['alpha']:g} (s = {gr['alpha'] / gr['rank']:g}), "
-         f"bias on; cases `layer_oracle.layer_example(..., seed={section['seeds']['cases']})`; device "
-         f"{section['device']}. Layers: {', '.join(f'`{i}`' for i in section['impls'])}.", "",
-         "Each cell: max ulp / max rel / bound ratio. max ulp: max (|computed − exact| − oracle bound)⁺ / ulp(exact); "
-         f"max rel: the same error / |exact| over elements with |exact| ≥ {REL_FLOOR:g}·max|exact|; bound ratio: "
-         "max error / bound — the bound of DoRALinear's stated steps for `kernels`, the faithful layer contract "
-         "(`faithful_layer_bounds`) for the others; **bold** above 1 (outside the bound). NaN/Inf: elements the layer "
-         "returned non-finite where the exact value is finite (left out of the three numbers).", ""]
+    L = [
+        f"Whole layer y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias and its gradients dx, dA, dB, dm (ν detached) against the "
+        f"exact layer oracle (`layer_oracle.layer_truth`). Grid: d_out = {gr['d_out']}, d_in = {gr['d_in']}, "
+        f"rank = {gr['rank']}, tokens = {gr['tokens']}, alpha = {gr['alpha']:g} (s = {gr['alpha'] / gr['rank']:g}), "
+        f"bias on; cases `layer_oracle.layer_example(..., seed={section['seeds']['cases']})`; device "
+        f"{section['device']}. Layers: {', '.join(f'`{i}`' for i in section['impls'])}.",
+        "",
+        "Each cell: max ulp / max rel / bound ratio. max ulp: max (|computed − exact| − oracle bound)⁺ / ulp(exact); "
+        f"max rel: the same error / |exact| over elements with |exact| ≥ {REL_FLOOR:g}·max|exact|; bound ratio: "
+        "max error / bound — the bound of DoRALinear's stated steps for `kernels`, the faithful layer contract "
+        "(`faithful_layer_bounds`) for the others; **bold** above 1 (outside the bound). NaN/Inf: elements the layer "
+        "returned non-finite where the exact value is finite (left out of the three numbers).",
+        "",
+    ]
     for mix in gr["mixes"]:
         L += [f"**{mix}**", ""]
         rows = []
@@ -242,20 +307,46 @@ def markdown(section: dict, plots=()) -> str:
             if r.get("failed"):
                 rows.append(head + [f"failed: {r['failed']}"] + [""] * (len(OUTPUTS) - 1))
                 continue
-            rows.append(head + [" / ".join((_num(m["max_ulp"]), _num(m["max_rel"]), _ratio(m["max_ratio"])))
-                                + (f" **({m['nonfinite']} NaN/Inf)**" if m.get("nonfinite") else "")
-                                for m in (r["outputs"][o] for o in OUTPUTS)])
+            rows.append(
+                head
+                + [
+                    " / ".join((_num(m["max_ulp"]), _num(m["max_rel"]), _ratio(m["max_ratio"])))
+                    + (f" **({m['nonfinite']} NaN/Inf)**" if m.get("nonfinite") else "")
+                    for m in (r["outputs"][o] for o in OUTPUTS)
+                ]
+            )
         L += [_table(["layer", "regime", *OUTPUTS], rows), ""]
     if section["decomposition"]:
-        L += ["**DoRALinear: the error of y by step** (`layer_oracle.error_decomposition`): max |share| in ulp of y "
-              "each step adds with every other step exact — base = x Wᵀ, xa = x Aᵀ, lora = xa Bᵀ (their roundings), "
-              "norm = ν̂, scale = g = RN₃₂(m / ν̂), compose = the epilogue's rounding of y; total = the measured "
-              "error; cross = the second-order (ĝ − g)(ĥ − h).", ""]
-        rows = [[d["mix"], REGIME_LABELS.get(d["regime"], d["regime"]),
-                 *(_num(d["ulp"][k]) for k in (*DECOMP_STEPS, "total", "cross"))] for d in section["decomposition"]]
+        L += [
+            "**DoRALinear: the error of y by step** (`layer_oracle.error_decomposition`): max |share| in ulp of y "
+            "each step adds with every other step exact — base = x Wᵀ, xa = x Aᵀ, lora = xa Bᵀ (their roundings), "
+            "norm = ν̂, scale = g = RN₃₂(m / ν̂), compose = the epilogue's rounding of y; total = the measured "
+            "error; cross = the second-order (ĝ − g)(ĥ − h).",
+            "",
+        ]
+        rows = [
+            [
+                d["mix"],
+                REGIME_LABELS.get(d["regime"], d["regime"]),
+                *(_num(d["ulp"][k]) for k in (*DECOMP_STEPS, "total", "cross")),
+            ]
+            for d in section["decomposition"]
+        ]
         L += [_table(["mix", "regime", *DECOMP_STEPS, "total", "cross"], rows), ""]
     return "\n".join(L)
 
 
-__all__ = ["D_IN", "D_OUT", "MIXES", "RANK", "REGIMES", "TOKENS", "grid", "layer_impls", "markdown", "max_ratio",
-           "run", "steps"]
+__all__ = [
+    "D_IN",
+    "D_OUT",
+    "MIXES",
+    "RANK",
+    "REGIMES",
+    "TOKENS",
+    "grid",
+    "layer_impls",
+    "markdown",
+    "max_ratio",
+    "run",
+    "steps",
+]

@@ -43,6 +43,7 @@ measures how much of y's error each step of an implementation added. Derivations
 Assumptions: finite inputs; no float64 overflow or underflow in the products (inputs of bf16/fp16/fp32 tensors of
 moderate range); s and ε fp32-representable (ε is rounded to fp32, as the kernels' clamp does).
 """
+
 from __future__ import annotations
 
 import math
@@ -117,15 +118,16 @@ def _dd_matmul_t(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = CHUNK_ELEM
     step = max(1, chunk_elems // max(1, M * K))
     at = a.t()[:, :, None]
     for j0 in range(0, N, step):
-        terms = at * b[j0:j0 + step].t()[:, None, :]  # [K, M, n]: exact products
+        terms = at * b[j0 : j0 + step].t()[:, None, :]  # [K, M, n]: exact products
         for o, v in zip(out, _sum_dd(terms)):
-            o[:, j0:j0 + step] = v
+            o[:, j0 : j0 + step] = v
         del terms
     return tuple(out)
 
 
-def _dd_times_matrix_t(hi: torch.Tensor, lo: torch.Tensor, bnd: torch.Tensor, b: torch.Tensor,
-                       chunk_elems: int = CHUNK_ELEMS):
+def _dd_times_matrix_t(
+    hi: torch.Tensor, lo: torch.Tensor, bnd: torch.Tensor, b: torch.Tensor, chunk_elems: int = CHUNK_ELEMS
+):
     """(hi + lo ± bnd) bᵀ for a double-double [M, r] and float64 b [N, r] (≤ 24 significant bits): (hi, lo, bound).
     hi·b is split exactly (TwoProduct), lo·b rounded once (u of it), the uncertainty bnd propagates through |b|."""
     M, r = hi.shape
@@ -133,12 +135,12 @@ def _dd_times_matrix_t(hi: torch.Tensor, lo: torch.Tensor, bnd: torch.Tensor, b:
     out = [torch.empty(M, N, dtype=F64, device=hi.device) for _ in range(3)]
     step = max(1, chunk_elems // max(1, 3 * M * max(r, 1)))
     for j0 in range(0, N, step):
-        bc = b[j0:j0 + step]
+        bc = b[j0 : j0 + step]
         p, e = two_prod(hi.t()[:, :, None], bc.t()[:, None, :])  # [r, M, n]
         q = lo.t()[:, :, None] * bc.t()[:, None, :]
         h_, l_, b_ = _sum_dd(torch.cat([p, e, q], 0))
-        out[0][:, j0:j0 + step], out[1][:, j0:j0 + step] = h_, l_
-        out[2][:, j0:j0 + step] = b_ + U64 * q.abs().sum(0) + bnd @ bc.abs().t()
+        out[0][:, j0 : j0 + step], out[1][:, j0 : j0 + step] = h_, l_
+        out[2][:, j0 : j0 + step] = b_ + U64 * q.abs().sum(0) + bnd @ bc.abs().t()
     return tuple(out)
 
 
@@ -211,8 +213,10 @@ def _validate(x, W, A, B, m, s, bias, dy):
     N = W.shape[0]
     r = A.shape[0]
     if W.shape[1] != K or A.shape[1] != K or tuple(B.shape) != (N, r) or tuple(m.shape) != (N,):
-        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, W {tuple(W.shape)}, A {tuple(A.shape)}, "
-                         f"B {tuple(B.shape)}, m {tuple(m.shape)}")
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, W {tuple(W.shape)}, A {tuple(A.shape)}, "
+            f"B {tuple(B.shape)}, m {tuple(m.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias must be [d_out]={N}, got {tuple(bias.shape)}")
     if dy is not None and tuple(dy.shape) != (T, N):
@@ -241,8 +245,20 @@ def _exact_g_rows(nu: NormTruth, W, A, B, m64, s, eps):
     return rows
 
 
-def layer_truth(x, W, A, B, m, s: float, bias=None, eps: float = DEFAULT_EPS, dy=None, out_fmt=None,
-                tier2_limit: int = MAX_TIER2_ELEMENTS, chunk_elems: int = CHUNK_ELEMS) -> LayerTruth:
+def layer_truth(
+    x,
+    W,
+    A,
+    B,
+    m,
+    s: float,
+    bias=None,
+    eps: float = DEFAULT_EPS,
+    dy=None,
+    out_fmt=None,
+    tier2_limit: int = MAX_TIER2_ELEMENTS,
+    chunk_elems: int = CHUNK_ELEMS,
+) -> LayerTruth:
     """Tier-1 truth of the layer (module docstring) with tier 2 for every y element tier 1 cannot round; with
     ``dy`` also the gradients dx, dA, dB, dm (ν detached). ``out_fmt``: the format y is rounded into (default x's
     dtype). Values are taken exactly as stored, in whatever dtypes (bf16/fp16/fp32) they come."""
@@ -270,8 +286,9 @@ def layer_truth(x, W, A, B, m, s: float, bias=None, eps: float = DEFAULT_EPS, dy
     h1, c1 = two_sum(b[0], p2)
     tail = ((c1 + b[1]) + e2) + r2
     h_hi, h_lo = two_sum(h1, tail)
-    h_b = (b[2] + abs(s) * l[2] + U64 * r2.abs() + _gam(4, U64) * (c1.abs() + b[1].abs() + e2.abs() + r2.abs())) \
-        * (1 + 1e-12)
+    h_b = (b[2] + abs(s) * l[2] + U64 * r2.abs() + _gam(4, U64) * (c1.abs() + b[1].abs() + e2.abs() + r2.abs())) * (
+        1 + 1e-12
+    )
     h = (h_hi, h_lo, h_b)
     # y = g h + bias
     gr = g[None, :]
@@ -288,8 +305,25 @@ def layer_truth(x, W, A, B, m, s: float, bias=None, eps: float = DEFAULT_EPS, dy
         y_b = U64 * q.abs() + _gam(2, U64) * (ep.abs() + q.abs() + e1.abs())
     h_abs = h_hi.abs() + h_lo.abs() + h_b
     y_b = (y_b + gr.abs() * h_b + g_bound[None, :] * h_abs) * (1 + 1e-12)
-    truth = LayerTruth(y_hi, y_lo, y_b, fmt, certified_round(y_hi, y_lo, y_b, fmt), b, xa, l, h, norm, nuc, g, g_bound,
-                       inv_err, s, e32, exact_g_rows=exact_rows)
+    truth = LayerTruth(
+        y_hi,
+        y_lo,
+        y_b,
+        fmt,
+        certified_round(y_hi, y_lo, y_b, fmt),
+        b,
+        xa,
+        l,
+        h,
+        norm,
+        nuc,
+        g,
+        g_bound,
+        inv_err,
+        s,
+        e32,
+        exact_g_rows=exact_rows,
+    )
     _escalate_y(truth, x, W, A, B, m, s, bias, e32, tier2_limit)
     if dy is not None:
         truth.grads = _grad_truth(truth, x64, W64, A64, B64, _f64(dy), s)
@@ -346,8 +380,12 @@ def _grad_truth(tr: LayerTruth, x64, W64, A64, B64, dy, s: float) -> dict:
     dm = S / tr.nu_c
     e_dm = S_b / tr.nu_c + (S.abs() + S_b) * tr.inv_err + U64 * dm.abs()
     k = 1 + 1e-12
-    return {"dx": (dx, e_dx * k), "dA": (dA, (abs(s) * e3 + U64 * dA.abs()) * k),
-            "dB": (dB, (abs(s) * e4 + U64 * dB.abs()) * k), "dm": (dm, e_dm * k)}
+    return {
+        "dx": (dx, e_dx * k),
+        "dA": (dA, (abs(s) * e3 + U64 * dA.abs()) * k),
+        "dB": (dB, (abs(s) * e4 + U64 * dB.abs()) * k),
+        "dm": (dm, e_dm * k),
+    }
 
 
 # ----------------------------------------------------------------------------- tier 2: exact rationals
@@ -423,7 +461,9 @@ class ExactLayer:
         if key not in self._h:
             bi = int(np.dot(self.xi[t], self.Wi[j]))
             li = sum((a * int(b) for a, b in zip(self._xa_int(t), self.Bi[j])), 0)
-            self._h[key] = Fraction(bi) * _pow2(self.ex + self.ew) + self.s * Fraction(li) * _pow2(self.ex + self.ea + self.eb)
+            self._h[key] = Fraction(bi) * _pow2(self.ex + self.ew) + self.s * Fraction(li) * _pow2(
+                self.ex + self.ea + self.eb
+            )
         return self._h[key]
 
     def V(self, j: int, k: int) -> Fraction:
@@ -495,8 +535,21 @@ class ExactLayer:
 
 
 # ----------------------------------------------------------------------------- mpmath cross-check
-def crosscheck_mpmath(x, W, A, B, m, s: float, bias=None, eps: float = DEFAULT_EPS, dy=None, samples: int = 6,
-                      dps: int = 60, seed: int = 0, fmt=None) -> dict:
+def crosscheck_mpmath(
+    x,
+    W,
+    A,
+    B,
+    m,
+    s: float,
+    bias=None,
+    eps: float = DEFAULT_EPS,
+    dy=None,
+    samples: int = 6,
+    dps: int = 60,
+    seed: int = 0,
+    fmt=None,
+) -> dict:
     """Recompute ``samples`` sampled elements of y (and of dx, dA, dB, dm with ``dy``) in mpmath at ``dps``
     decimal digits, straight from the formulas (mpf of the stored values, mpmath's own √), and compare them with
     tier 2 (:class:`ExactLayer`): the mpmath value must lie inside tier 2's enclosure widened by mpmath's own
@@ -537,8 +590,9 @@ def crosscheck_mpmath(x, W, A, B, m, s: float, bias=None, eps: float = DEFAULT_E
             return nuc[j]
 
         def hval(t, j):
-            return mpmath.fsum(X[t][k] * Wm[j][k] for k in range(K)) + S * mpmath.fsum(XA[t][q] * Bm[j][q]
-                                                                                         for q in range(r))
+            return mpmath.fsum(X[t][k] * Wm[j][k] for k in range(K)) + S * mpmath.fsum(
+                XA[t][q] * Bm[j][q] for q in range(r)
+            )
 
         def check(what, mpv, iv, mag, nearest=None):
             out["checked"] += 1
@@ -553,15 +607,19 @@ def crosscheck_mpmath(x, W, A, B, m, s: float, bias=None, eps: float = DEFAULT_E
                 rn = round_fraction((1 if mpv >= 0 else -1) * Fraction(int(man)) * _pow2(int(e)), fmt)[2]
                 bad |= rn != nearest
             if bad:
-                out["mismatches"].append(f"{what}: mpmath {mpmath.nstr(mpv, 20)}, tier 2 [{float(iv[0])!r}, "
-                                         f"{float(iv[1])!r}]" + (f", RN {nearest!r}" if nearest is not None else ""))
+                out["mismatches"].append(
+                    f"{what}: mpmath {mpmath.nstr(mpv, 20)}, tier 2 [{float(iv[0])!r}, "
+                    f"{float(iv[1])!r}]" + (f", RN {nearest!r}" if nearest is not None else "")
+                )
 
         for _ in range(samples):
             t, j = int(gen.integers(T)), int(gen.integers(N))
             hv = hval(t, j)
             y = M[j] * hv * inv(j) + (mp(float(ex.bias[j])) if ex.bias is not None else 0)
-            mag = abs(M[j] * inv(j)) * (mpmath.fsum(abs(X[t][k] * Wm[j][k]) for k in range(K))
-                                        + abs(S) * mpmath.fsum(abs(XA[t][q] * Bm[j][q]) for q in range(r)))
+            mag = abs(M[j] * inv(j)) * (
+                mpmath.fsum(abs(X[t][k] * Wm[j][k]) for k in range(K))
+                + abs(S) * mpmath.fsum(abs(XA[t][q] * Bm[j][q]) for q in range(r))
+            )
             check(f"y[{t}, {j}]", y, ex.y_interval(t, j, 4 * dps), mag, ex.y_round(t, j, fmt)[2])
         if dy is not None:
             DY = [[mp(float(v)) for v in row] for row in _f64(dy).cpu().numpy()]
@@ -569,18 +627,34 @@ def crosscheck_mpmath(x, W, A, B, m, s: float, bias=None, eps: float = DEFAULT_E
             for _ in range(samples):
                 t, k, j, rho = (int(gen.integers(n)) for n in (T, K, N, max(r, 1)))
                 terms = [DY[t][jj] * G(jj) * v_row(jj)[k] for jj in range(N)]
-                check(f"dx[{t}, {k}]", mpmath.fsum(terms), ex.grad_interval("dx", (t, k), 4 * dps),
-                      mpmath.fsum(abs(v) for v in terms))
+                check(
+                    f"dx[{t}, {k}]",
+                    mpmath.fsum(terms),
+                    ex.grad_interval("dx", (t, k), 4 * dps),
+                    mpmath.fsum(abs(v) for v in terms),
+                )
                 if r:
                     terms = [S * Bm[jj][rho] * G(jj) * DY[tt][jj] * X[tt][k] for jj in range(N) for tt in range(T)]
-                    check(f"dA[{rho}, {k}]", mpmath.fsum(terms), ex.grad_interval("dA", (rho, k), 4 * dps),
-                          mpmath.fsum(abs(v) for v in terms))
+                    check(
+                        f"dA[{rho}, {k}]",
+                        mpmath.fsum(terms),
+                        ex.grad_interval("dA", (rho, k), 4 * dps),
+                        mpmath.fsum(abs(v) for v in terms),
+                    )
                     terms = [S * G(j) * DY[tt][j] * XA[tt][rho] for tt in range(T)]
-                    check(f"dB[{j}, {rho}]", mpmath.fsum(terms), ex.grad_interval("dB", (j, rho), 4 * dps),
-                          mpmath.fsum(abs(v) for v in terms))
+                    check(
+                        f"dB[{j}, {rho}]",
+                        mpmath.fsum(terms),
+                        ex.grad_interval("dB", (j, rho), 4 * dps),
+                        mpmath.fsum(abs(v) for v in terms),
+                    )
                 terms = [DY[tt][j] * hval(tt, j) * inv(j) for tt in range(T)]
-                check(f"dm[{j}]", mpmath.fsum(terms), ex.grad_interval("dm", (j,), 4 * dps),
-                      mpmath.fsum(abs(v) for v in terms))
+                check(
+                    f"dm[{j}]",
+                    mpmath.fsum(terms),
+                    ex.grad_interval("dm", (j,), 4 * dps),
+                    mpmath.fsum(abs(v) for v in terms),
+                )
     return out
 
 
@@ -644,9 +718,20 @@ def kernel_layer_steps(act, adapter, norm_backend: str = "torch", dense_rows=())
     fp32. The GEMM accumulation model (2u₃₂ per addition, any order) covers CPU BLAS and GPU tensor cores alike —
     given fp32 accumulation: on CUDA torch's allow_{bf16,fp16}_reduced_precision_reduction must be off."""
     act, adapter = parse_format(act).name, parse_format(adapter).name
-    return LayerSteps("kernels", act, adapter, "fp32", Gemm(act), Gemm(adapter), Gemm(adapter), "kernel",
-                      norm_backend=norm_backend, dense_rows=tuple(dense_rows), compose="kernel",
-                      backward="compose" if adapter == "fp32" else "lora_compose")
+    return LayerSteps(
+        "kernels",
+        act,
+        adapter,
+        "fp32",
+        Gemm(act),
+        Gemm(adapter),
+        Gemm(adapter),
+        "kernel",
+        norm_backend=norm_backend,
+        dense_rows=tuple(dense_rows),
+        compose="kernel",
+        backward="compose" if adapter == "fp32" else "lora_compose",
+    )
 
 
 @dataclass
@@ -751,8 +836,21 @@ def _scale_ev(truth: LayerTruth, m64, inv: _EV, on_scale: bool) -> _EV:
     return _round(g, "fp32", on_scale)
 
 
-def layer_step_bounds(steps: LayerSteps, x, W, A, B, m, s: float, bias=None, eps: float = DEFAULT_EPS, dy=None,
-                      truth: "LayerTruth | None" = None, only: "str | None" = None, nu_error=None) -> dict:
+def layer_step_bounds(
+    steps: LayerSteps,
+    x,
+    W,
+    A,
+    B,
+    m,
+    s: float,
+    bias=None,
+    eps: float = DEFAULT_EPS,
+    dy=None,
+    truth: "LayerTruth | None" = None,
+    only: "str | None" = None,
+    nu_error=None,
+) -> dict:
     """Bounds on |computed − exact| of the implementation ``steps`` describes, for y and — with ``dy`` and
     ``steps.backward`` — dx, dA, dB, dm (ν detached), against the exact layer of the rounded inputs. ``only``: one of
     :data:`STEPS` — that step's local error alone, every other step exact (its share of the bound); None: all.
@@ -846,12 +944,25 @@ def _backward_bounds(steps: LayerSteps, X, xc, Wv, Av, Bv, dy, b, xa, l, g, inv,
     return {"dx": dx.e * SAFETY, "dA": dA.e * SAFETY, "dB": dB.e * SAFETY, "dm": dm.e * SAFETY}
 
 
-def layer_bound_decomposition(steps: LayerSteps, x, W, A, B, m, s: float, bias=None, eps: float = DEFAULT_EPS,
-                              truth: "LayerTruth | None" = None, nu_error=None) -> dict:
+def layer_bound_decomposition(
+    steps: LayerSteps,
+    x,
+    W,
+    A,
+    B,
+    m,
+    s: float,
+    bias=None,
+    eps: float = DEFAULT_EPS,
+    truth: "LayerTruth | None" = None,
+    nu_error=None,
+) -> dict:
     """Each forward step's share of the bound on y (that step's local error alone) and the total: step → [T, d_out]."""
     truth = truth if truth is not None else layer_truth(x, W, A, B, m, s, bias, eps)
-    out = {k: layer_step_bounds(steps, x, W, A, B, m, s, bias, eps, truth=truth, only=k, nu_error=nu_error)["y"]
-           for k in STEPS[:-1]}
+    out = {
+        k: layer_step_bounds(steps, x, W, A, B, m, s, bias, eps, truth=truth, only=k, nu_error=nu_error)["y"]
+        for k in STEPS[:-1]
+    }
     out["total"] = layer_step_bounds(steps, x, W, A, B, m, s, bias, eps, truth=truth, nu_error=nu_error)["y"]
     return out
 
@@ -863,8 +974,9 @@ def _ut(name: str) -> float:
     return U32 if u == U32 else u + U32 + u * U32
 
 
-def faithful_layer_bounds(truth: LayerTruth, x, W, A, B, s: float, bias=None, dy=None, act=None, adapter=None,
-                          magnitude=None) -> dict:
+def faithful_layer_bounds(
+    truth: LayerTruth, x, W, A, B, s: float, bias=None, dy=None, act=None, adapter=None, magnitude=None
+) -> dict:
     """The 'faithful layer' contract a user's layer is held to (docs/gate.md; derivation: proofs/bounds.md, "The
     whole layer"): bounds on |computed − exact| for y and, with ``dy``, dx, dA, dB, dm, in the exact parts of the
     layer — b = x Wᵀ, xa = x Aᵀ, l = xa Bᵀ, g, dh = g ⊙ dy, dxa = s·dh B, dxW = dh W, dxA = dxa A — and the GEMM
@@ -924,20 +1036,33 @@ def faithful_layer_bounds(truth: LayerTruth, x, W, A, B, s: float, bias=None, dy
     dxa = s * (dh @ Bs)
     dxW, dxA = dh @ Ws, dxa @ As
     QB = Q @ aB
-    out["dx"] = (tD * truth.grads["dx"][0].abs()
-                 + (1 + tau) * ((rho + tD + gam(N)) * (Q @ aW) + tD * dxW.abs()
-                                + abs(s) * (rho + 2 * U32 + tA + gam(N)) * (QB @ aA)
-                                + (tA + gam(r)) * (dxa.abs() @ aA) + (tA + tD) * dxA.abs())
-                 + 8 * (etaD + etaA)) * SAFETY
-    out["dA"] = (tA * truth.grads["dA"][0].abs()
-                 + (1 + tau) * (abs(s) * (rho + 2 * U32 + tA + gam(N)) * (QB.t() @ ax) + (tA + gam(T)) * (dxa.abs().t() @ ax))
-                 + 8 * etaA) * SAFETY
-    out["dB"] = (tA * truth.grads["dB"][0].abs()
-                 + (1 + tau) * abs(s) * ((rho + 2 * U32 + tA + gam(T)) * (Q.t() @ xa) + Q.t() @ (gam(K) * Pxa + tA * xa))
-                 + 8 * etaA) * SAFETY
-    out["dm"] = (tm * truth.grads["dm"][0].abs()
-                 + (1 + tau) * (dy64.abs() * (e_h + (rho + U32 + gam(T)) * hm)).sum(0) / truth.nu_c
-                 + 8 * etam) * SAFETY
+    out["dx"] = (
+        tD * truth.grads["dx"][0].abs()
+        + (1 + tau)
+        * (
+            (rho + tD + gam(N)) * (Q @ aW)
+            + tD * dxW.abs()
+            + abs(s) * (rho + 2 * U32 + tA + gam(N)) * (QB @ aA)
+            + (tA + gam(r)) * (dxa.abs() @ aA)
+            + (tA + tD) * dxA.abs()
+        )
+        + 8 * (etaD + etaA)
+    ) * SAFETY
+    out["dA"] = (
+        tA * truth.grads["dA"][0].abs()
+        + (1 + tau) * (abs(s) * (rho + 2 * U32 + tA + gam(N)) * (QB.t() @ ax) + (tA + gam(T)) * (dxa.abs().t() @ ax))
+        + 8 * etaA
+    ) * SAFETY
+    out["dB"] = (
+        tA * truth.grads["dB"][0].abs()
+        + (1 + tau) * abs(s) * ((rho + 2 * U32 + tA + gam(T)) * (Q.t() @ xa) + Q.t() @ (gam(K) * Pxa + tA * xa))
+        + 8 * etaA
+    ) * SAFETY
+    out["dm"] = (
+        tm * truth.grads["dm"][0].abs()
+        + (1 + tau) * (dy64.abs() * (e_h + (rho + U32 + gam(T)) * hm)).sum(0) / truth.nu_c
+        + 8 * etam
+    ) * SAFETY
     return out
 
 
@@ -981,8 +1106,9 @@ def error_decomposition(truth: LayerTruth, parts: dict, m, s: float, B, bias=Non
     out["cross"] = cross
     out["residual"] = total - sum(out[k] for k in STEPS[:-1]) - cross
     u = ulp(truth.y, truth.fmt)
-    out["ulp"] = {k: float((out[k].abs() / u).max()) if out[k].numel() else 0.0
-                  for k in (*STEPS[:-1], "total", "cross")}
+    out["ulp"] = {
+        k: float((out[k].abs() / u).max()) if out[k].numel() else 0.0 for k in (*STEPS[:-1], "total", "cross")
+    }
     return out
 
 
@@ -1028,8 +1154,18 @@ LAYER_REGIMES = {
 }
 
 
-def layer_example(act: str, adapter: str, T: int, d_out: int, d_in: int, r: int, alpha: float, regime: str,
-                  seed: int, bias: bool = True):
+def layer_example(
+    act: str,
+    adapter: str,
+    T: int,
+    d_out: int,
+    d_in: int,
+    r: int,
+    alpha: float,
+    regime: str,
+    seed: int,
+    bias: bool = True,
+):
     """One layer case (deterministic, the same bits on every CPU: elementwise ops, exact rounding and ordered sums):
     x [T, d_in], W [d_out, d_in], bias [d_out] and dy [T, d_out] in ``act``; A [r, d_in], B [d_out, r] and m
     [d_out] in ``adapter`` (PEFT's magnitude dtype); s = alpha / r, which must be exact in fp32. Regimes:
@@ -1083,7 +1219,7 @@ def layer_example(act: str, adapter: str, T: int, d_out: int, d_in: int, r: int,
         special = _rows(N, 4)
         for j, i in enumerate(special):
             eta = (0.0, 1e-6, 1e-4, 1e-2)[j % 4]
-            target = -s * ordered_matmul_t(B[i:i + 1], A.t())[0]
+            target = -s * ordered_matmul_t(B[i : i + 1], A.t())[0]
             noise = torch.randn(K, generator=gen, dtype=F64) * ordered_norm(target) / math.sqrt(K)
             W[i] = target + eta * noise
     elif regime == "zero_rows":
@@ -1098,17 +1234,49 @@ def layer_example(act: str, adapter: str, T: int, d_out: int, d_in: int, r: int,
         m[i] = v
     if regime == "zero_rows":
         m[special] = 0.0
-    tensors = {"x": x.to(fd.torch_dtype), "W": W.to(fd.torch_dtype), "A": A.to(fa.torch_dtype),
-               "B": B.to(fa.torch_dtype), "m": m.to(fa.torch_dtype),
-               "dy": rd(torch.randn(T, N, generator=gen, dtype=F64)).to(fd.torch_dtype)}
+    tensors = {
+        "x": x.to(fd.torch_dtype),
+        "W": W.to(fd.torch_dtype),
+        "A": A.to(fa.torch_dtype),
+        "B": B.to(fa.torch_dtype),
+        "m": m.to(fa.torch_dtype),
+        "dy": rd(torch.randn(T, N, generator=gen, dtype=F64)).to(fd.torch_dtype),
+    }
     if bias:
         tensors["bias"] = rd(torch.randn(N, generator=gen, dtype=F64) * 0.1).to(fd.torch_dtype)
-    params = {"T": T, "d_out": N, "d_in": K, "r": r, "alpha": alpha, "regime": regime, "seed": seed,
-              "adapter": fa.name, "bias": bias, "special_rows": special}
+    params = {
+        "T": T,
+        "d_out": N,
+        "d_in": K,
+        "r": r,
+        "alpha": alpha,
+        "regime": regime,
+        "seed": seed,
+        "adapter": fa.name,
+        "bias": bias,
+        "special_rows": special,
+    }
     return Example("layer", fd.name, tensors, {"s": s, "r": r, "alpha": alpha, "eps": DEFAULT_EPS}, params)
 
 
-__all__ = ["DEFAULT_EPS", "GRADS", "LAYER_REGIMES", "STEPS", "ExactLayer", "Gemm", "LayerSteps", "LayerTruth",
-           "crosscheck_mpmath", "doralinear_parts", "eps32", "error_decomposition", "faithful_layer_bounds",
-           "kernel_layer_steps", "layer_bound_decomposition", "layer_example", "layer_step_bounds", "layer_truth",
-           "sqrt_enclosure"]
+__all__ = [
+    "DEFAULT_EPS",
+    "GRADS",
+    "LAYER_REGIMES",
+    "STEPS",
+    "ExactLayer",
+    "Gemm",
+    "LayerSteps",
+    "LayerTruth",
+    "crosscheck_mpmath",
+    "doralinear_parts",
+    "eps32",
+    "error_decomposition",
+    "faithful_layer_bounds",
+    "kernel_layer_steps",
+    "layer_bound_decomposition",
+    "layer_example",
+    "layer_step_bounds",
+    "layer_truth",
+    "sqrt_enclosure",
+]

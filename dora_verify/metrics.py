@@ -22,6 +22,7 @@ the approximation is stored in):
 * ``ulp_hist`` (with ``histograms``): counts of the ulp error in the bins ≤ 0.5, (0.5, 1], (1, 2], ... of :data:`ULP_BIN_EDGES`, the last
   bin open; ``ulp_terms_hist`` the same of the terms-relative ulp error.
 """
+
 from __future__ import annotations
 
 import math
@@ -132,8 +133,14 @@ def ratio(num: float, den: float) -> float:
     return num / den
 
 
-def compare(approx: torch.Tensor, ref: Reference, bound: "torch.Tensor | None" = None,
-            rel_floor: "float | None" = None, terms: "torch.Tensor | None" = None, histograms: bool = False) -> dict:
+def compare(
+    approx: torch.Tensor,
+    ref: Reference,
+    bound: "torch.Tensor | None" = None,
+    rel_floor: "float | None" = None,
+    terms: "torch.Tensor | None" = None,
+    histograms: bool = False,
+) -> dict:
     """All metrics of ``approx`` against ``ref`` as a flat dict of floats (JSON-ready). Elements where
     approximation or truth is non-finite are counted in ``nonfinite_mismatch`` (when they disagree)
     and left out of the other metrics. ``terms``: the magnitude of the summands (float64, like ``approx``), for the

@@ -17,6 +17,7 @@ Tier 2 (exact rationals, ``dora_verify.exact``) takes over automatically:
 Assumptions: finite inputs, no float64 overflow/underflow of intermediate products (inputs from
 bf16/fp16/fp32 tensors and |s|, |g| < 2**100 satisfy this), ``s`` an fp32-representable scalar.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,8 +29,8 @@ from .eft import gamma, sum2, two_prod, two_sum
 from .exact import ExactRowNorm, compose_exact, round_fraction
 from .formats import FP32, FloatFormat, bracket, parse_format, round_to, ulp
 
-U64 = 2.0 ** -53
-DEFAULT_ESCALATE_REL = 2.0 ** -40
+U64 = 2.0**-53
+DEFAULT_ESCALATE_REL = 2.0**-40
 MAX_TIER2_ELEMENTS = 20000
 MAX_TIER2_ROWS = 64
 
@@ -126,7 +127,9 @@ class ComposeTruth:
 
 def _validate_compose(base, lora, g, s, bias):
     if base.shape != lora.shape or base.dim() != 2:
-        raise ValueError(f"base and lora must be [T, d_out] of one shape, got {tuple(base.shape)} and {tuple(lora.shape)}")
+        raise ValueError(
+            f"base and lora must be [T, d_out] of one shape, got {tuple(base.shape)} and {tuple(lora.shape)}"
+        )
     if g.shape != (base.shape[1],):
         raise ValueError(f"g must be [d_out]={base.shape[1]}, got {tuple(g.shape)}")
     if bias is not None and bias.shape != (base.shape[1],):
@@ -137,8 +140,9 @@ def _validate_compose(base, lora, g, s, bias):
     return check_scalar_s(s)
 
 
-def compose_truth(base, lora, g, s, bias=None, out_fmt=None, tier2_limit: int = MAX_TIER2_ELEMENTS,
-                  g_minus_1=None) -> ComposeTruth:
+def compose_truth(
+    base, lora, g, s, bias=None, out_fmt=None, tier2_limit: int = MAX_TIER2_ELEMENTS, g_minus_1=None
+) -> ComposeTruth:
     """Tier-1 truth of y and Δ for [T, d_out] ``base``/``lora`` and [d_out] ``g`` (any float dtypes; the
     values are taken exactly as stored), escalating undecided elements to exact rationals.
 
@@ -175,8 +179,17 @@ def compose_truth(base, lora, g, s, bias=None, out_fmt=None, tier2_limit: int = 
     d_hi, d_lo = two_sum(dh0, td)
     d_b = U64 * a2.abs() + gamma(3) * (ea1.abs() + ec1.abs() + de0.abs() + a2.abs())
     y_b, d_b = y_b * (1 + 1e-12), d_b * (1 + 1e-12)  # dominate the bound's own evaluation error
-    truth = ComposeTruth(y_hi, y_lo, y_b, d_hi, d_lo, d_b, fmt,
-                         certified_round(y_hi, y_lo, y_b, fmt), certified_round(d_hi, d_lo, d_b, fmt))
+    truth = ComposeTruth(
+        y_hi,
+        y_lo,
+        y_b,
+        d_hi,
+        d_lo,
+        d_b,
+        fmt,
+        certified_round(y_hi, y_lo, y_b, fmt),
+        certified_round(d_hi, d_lo, d_b, fmt),
+    )
     _escalate_compose(truth, base, lora, g, s, bias, tier2_limit, g_minus_1)
     return truth
 
@@ -194,9 +207,14 @@ def _escalate_compose(truth: ComposeTruth, base, lora, g, s, bias, limit: int, g
     gmc = g_minus_1.detach().cpu().double() if g_minus_1 is not None else None
     updates = {k: [] for k in ("y_hi", "d_hi", "yn", "yd", "yu", "dn", "dd", "du")}
     for t_i, c_i in idx.tolist():
-        y, d = compose_exact(float(bc[t_i, c_i]), float(lc[t_i, c_i]), float(gc[c_i]), s,
-                             float(bic[c_i]) if bic is not None else 0.0,
-                             float(gmc[c_i]) if gmc is not None else None)
+        y, d = compose_exact(
+            float(bc[t_i, c_i]),
+            float(lc[t_i, c_i]),
+            float(gc[c_i]),
+            s,
+            float(bic[c_i]) if bic is not None else 0.0,
+            float(gmc[c_i]) if gmc is not None else None,
+        )
         ydn, yup, ynear = round_fraction(y, truth.fmt)
         ddn, dup, dnear = round_fraction(d, truth.fmt)
         for k, v in zip(updates, (float(y), float(d), ynear, ydn, yup, dnear, ddn, dup)):
@@ -241,8 +259,10 @@ def compose_grad_truth(dy, base, lora, g, s, g_minus_1=None) -> ComposeGradTruth
     TwoProduct, and the T-sum is compensated (:func:`dora_verify.eft.sum2`)."""
     s = check_scalar_s(s)
     if dy.shape != base.shape or base.shape != lora.shape or dy.dim() != 2:
-        raise ValueError(f"dy, base, lora must be [T, d_out] of one shape, got {tuple(dy.shape)}, "
-                         f"{tuple(base.shape)}, {tuple(lora.shape)}")
+        raise ValueError(
+            f"dy, base, lora must be [T, d_out] of one shape, got {tuple(dy.shape)}, "
+            f"{tuple(base.shape)}, {tuple(lora.shape)}"
+        )
     for name, t in (("dy", dy), ("base", base), ("lora", lora), ("g", g)):
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} contains NaN/Inf: the oracle is defined on finite inputs")
@@ -289,8 +309,15 @@ def _validate_norm(W, A, B, s):
     return check_scalar_s(s)
 
 
-def row_norm_truth(W, A, B, s, escalate_rel: float = DEFAULT_ESCALATE_REL, max_tier2_rows: int = MAX_TIER2_ROWS,
-                   chunk_elems: int = 1 << 24) -> NormTruth:
+def row_norm_truth(
+    W,
+    A,
+    B,
+    s,
+    escalate_rel: float = DEFAULT_ESCALATE_REL,
+    max_tier2_rows: int = MAX_TIER2_ROWS,
+    chunk_elems: int = 1 << 24,
+) -> NormTruth:
     """Truth of ν_i = ‖W_i + s (B A)_i‖₂ for every row (values of W, A, B taken exactly as stored).
 
     Rows whose tier-1 relative bound exceeds ``escalate_rel`` are recomputed exactly (tier 2), up to
@@ -303,10 +330,10 @@ def row_norm_truth(W, A, B, s, escalate_rel: float = DEFAULT_ESCALATE_REL, max_t
     rows = max(1, chunk_elems // max(1, d_in))
     nus, sens = [], []
     for i0 in range(0, d_out, rows):
-        Bc = B64[i0:i0 + rows]
-        V = W64[i0:i0 + rows] + s * (Bc @ A64)
+        Bc = B64[i0 : i0 + rows]
+        V = W64[i0 : i0 + rows] + s * (Bc @ A64)
         nus.append(torch.linalg.vector_norm(V, dim=1))
-        sens.append(torch.linalg.vector_norm(W64[i0:i0 + rows].abs() + abs(s) * (Bc.abs() @ absA), dim=1))
+        sens.append(torch.linalg.vector_norm(W64[i0 : i0 + rows].abs() + abs(s) * (Bc.abs() @ absA), dim=1))
         del V
     nu = torch.cat(nus) if nus else torch.zeros(0, dtype=torch.float64, device=W64.device)
     sen = torch.cat(sens) if sens else torch.zeros_like(nu)
@@ -354,6 +381,17 @@ def quantisation_floor(truth_hi: torch.Tensor, truth_lo: torch.Tensor, nearest: 
 
 
 __all__ = [
-    "ComposeGradTruth", "ComposeTruth", "NormTruth", "compose_grad_truth", "Rounded", "ScaleTruth", "certified_round", "check_scalar_s",
-    "compose_truth", "quantisation_floor", "row_norm_truth", "scale_truth", "FP32",
+    "ComposeGradTruth",
+    "ComposeTruth",
+    "NormTruth",
+    "compose_grad_truth",
+    "Rounded",
+    "ScaleTruth",
+    "certified_round",
+    "check_scalar_s",
+    "compose_truth",
+    "quantisation_floor",
+    "row_norm_truth",
+    "scale_truth",
+    "FP32",
 ]

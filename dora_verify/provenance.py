@@ -1,5 +1,6 @@
 """Provenance of a report: git commit (and whether the tree differs from it), package versions, device (CPU model
 and ISA flags, GPU), the source hash of user modules named by ``--impl``, time, run id and command line."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -14,8 +15,18 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("dora-verify", "torch", "triton", "numpy", "mpmath", "scipy", "matplotlib", "peft", "transformers",
-            "hypothesis")
+PACKAGES = (
+    "dora-verify",
+    "torch",
+    "triton",
+    "numpy",
+    "mpmath",
+    "scipy",
+    "matplotlib",
+    "peft",
+    "transformers",
+    "hypothesis",
+)
 
 
 def _version(name: str):
@@ -29,8 +40,11 @@ def git_state(path: "Path | None" = None) -> dict:
     """Commit of the checkout holding this package; ``dirty`` when any tracked file is modified or any untracked
     (not ignored) file exists, with the two counts. Outside a git checkout (a copied tree on a GPU host, an
     installed wheel) the commit comes from $DORA_VERIFY_COMMIT, else None."""
-    fallback = {"commit": os.environ.get("DORA_VERIFY_COMMIT") or None, "dirty": None,
-                "source": "DORA_VERIFY_COMMIT" if os.environ.get("DORA_VERIFY_COMMIT") else None}
+    fallback = {
+        "commit": os.environ.get("DORA_VERIFY_COMMIT") or None,
+        "dirty": None,
+        "source": "DORA_VERIFY_COMMIT" if os.environ.get("DORA_VERIFY_COMMIT") else None,
+    }
     root = Path(path or Path(__file__).resolve().parent.parent)
 
     def git(*args):
@@ -44,14 +58,35 @@ def git_state(path: "Path | None" = None) -> dict:
             return fallback
         status = git("status", "--porcelain", "--untracked-files=normal").stdout.splitlines()
         untracked = sum(line.startswith("??") for line in status)
-        return {"commit": head.stdout.strip(), "dirty": bool(status), "modified": len(status) - untracked,
-                "untracked": untracked}
+        return {
+            "commit": head.stdout.strip(),
+            "dirty": bool(status),
+            "modified": len(status) - untracked,
+            "untracked": untracked,
+        }
     except (OSError, subprocess.TimeoutExpired):
         return fallback
 
 
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
-             "avx512_fp16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
+ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx512_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "sve",
+    "sve2",
+)
 
 
 def cpu_info() -> dict:
@@ -98,16 +133,25 @@ def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(idx)
-        info.update(name=props.name, capability=f"{props.major}.{props.minor}",
-                    memory_gib=round(props.total_memory / 2 ** 30, 1), multiprocessors=props.multi_processor_count,
-                    cuda=torch.version.cuda, driver=_driver())
+        info.update(
+            name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+            cuda=torch.version.cuda,
+            driver=_driver(),
+        )
     return info
 
 
 def _driver():
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.TimeoutExpired, IndexError):
         return None
@@ -132,11 +176,16 @@ def png_metadata(rep: dict) -> dict:
     p = rep.get("provenance") or {}
     cfg = rep.get("config") or {}
     git = p.get("git") or {}
-    return {"Software": f"dora-verify {rep.get('kind', '')}".strip(), "Source": str(git.get("commit")),
-            "dora-verify:run_id": str(p.get("run_id")), "dora-verify:commit": str(git.get("commit")),
-            "dora-verify:dirty": str(git.get("dirty")), "dora-verify:seed": str(cfg.get("seed")),
-            "dora-verify:argv": " ".join(str(a) for a in p.get("argv", [])),
-            "Creation Time": str(p.get("time_utc"))}
+    return {
+        "Software": f"dora-verify {rep.get('kind', '')}".strip(),
+        "Source": str(git.get("commit")),
+        "dora-verify:run_id": str(p.get("run_id")),
+        "dora-verify:commit": str(git.get("commit")),
+        "dora-verify:dirty": str(git.get("dirty")),
+        "dora-verify:seed": str(cfg.get("seed")),
+        "dora-verify:argv": " ".join(str(a) for a in p.get("argv", [])),
+        "Creation Time": str(p.get("time_utc")),
+    }
 
 
 def stamp_png(path, metadata: dict) -> None:

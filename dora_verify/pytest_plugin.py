@@ -15,6 +15,7 @@ line names it, so that one baseline serves both); a spec's module must be import
 pytest`` puts the working directory on sys.path, plain ``pytest`` does not). Pass ``out=`` to keep the reports
 (and ``cases/``) where CI uploads them. The plugin imports nothing heavy until the fixture is used.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,17 @@ from pathlib import Path
 import pytest
 
 
-def gate_check(impl, *, baseline=None, dtypes="bf16,fp16,fp32", ops="compose,backward,norm,layer", device="auto",
-               seed: int = 0, out=None, allow_env_mismatch: bool = False) -> "tuple[bool, str, dict]":
+def gate_check(
+    impl,
+    *,
+    baseline=None,
+    dtypes="bf16,fp16,fp32",
+    ops="compose,backward,norm,layer",
+    device="auto",
+    seed: int = 0,
+    out=None,
+    allow_env_mismatch: bool = False,
+) -> "tuple[bool, str, dict]":
     """Run the gate on ``impl`` (an ``--impl`` spec such as ``'mypkg:MyDoRA'``, or the object itself);
     (passed, a summary of what failed, the report). Writes the reports into ``out`` when given."""
     from .cli import interpret_without_gpu
@@ -38,8 +48,10 @@ def gate_check(impl, *, baseline=None, dtypes="bf16,fp16,fp32", ops="compose,bac
         impls = load_impl(impl) if isinstance(impl, str) else [from_object(impl, _spec_of(impl))]
     except ImplError as e:  # one line, as the command line gives it
         return False, f"cannot load the implementation: {e}", {}
+
     def split(v):  # "a,b" or a sequence
         return tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else tuple(v)
+
     cfg = GateConfig(impls=impls, dtypes=split(dtypes), ops=split(ops), device=device, seed=seed)
     rep = run_gate(cfg)
     rep["impl_spec"] = impl if isinstance(impl, str) else _spec_of(impl)
@@ -47,16 +59,22 @@ def gate_check(impl, *, baseline=None, dtypes="bf16,fp16,fp32", ops="compose,bac
     try:
         verdict(rep, load_baseline(baseline) if baseline else None, allow_env_mismatch)
     except GateEnvironmentError as e:
-        why.append(f"environment mismatch: {str(e).replace('--allow-env-mismatch', 'allow_env_mismatch=True (or a set of keys)')}")
+        why.append(
+            f"environment mismatch: {str(e).replace('--allow-env-mismatch', 'allow_env_mismatch=True (or a set of keys)')}"
+        )
     if out is not None:
         write_gate_report(rep, out)
     v = rep["verdict"]
     for key, msgs in v["hard"].items():
         w = rep["groups"][key].get("worst_case") or {}
-        worst = ("\n  " + worst_case_text(w, format(w["severity"], ".6g"))
-                 + (f"\n  inputs: {Path(out) / 'cases' / (w['id'] + '.npz')}" if out is not None else "")
-                 + f"\n  reproduce: {reproduce_command(rep, rep['groups'][key]['failing_cases'][:3], rep.get('impl_spec'))}"
-                 if w else "")
+        worst = (
+            "\n  "
+            + worst_case_text(w, format(w["severity"], ".6g"))
+            + (f"\n  inputs: {Path(out) / 'cases' / (w['id'] + '.npz')}" if out is not None else "")
+            + f"\n  reproduce: {reproduce_command(rep, rep['groups'][key]['failing_cases'][:3], rep.get('impl_spec'))}"
+            if w
+            else ""
+        )
         why.append(f"{key}: {'; '.join(msgs)}{worst}")
     why += [f"{b['group']}: {finding_message(b)}" for b in v["baseline"]]
     if v.get("nothing_ran"):

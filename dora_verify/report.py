@@ -19,6 +19,7 @@ An older version's ``OUT`` (a plain folder, perhaps with ``.staging-*`` leftover
 migration; those leftovers are dropped. One writer per ``OUT`` at a time; a symlinked ``OUT`` swaps the
 folder it points to. I/O failures (a full disk, permissions) raise :class:`ReportWriteError`, one line.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -114,11 +115,18 @@ def _failures_section(rep: dict) -> list:
             g[1].append(exp)
     if not groups:
         return []
-    return ["", "## Failed implementation calls", "",
-            "These calls raised or returned something other than the tensor the protocol asks for "
-            "(`dora_verify.adapter`); their rows in the tables below read **failed** and have no metrics.", "",
-            _table(["implementation", "calls", "experiments", "error"],
-                   [[form, n, ", ".join(exps), msg.replace("|", "\\|")] for (form, msg), (n, exps) in groups.items()])]
+    return [
+        "",
+        "## Failed implementation calls",
+        "",
+        "These calls raised or returned something other than the tensor the protocol asks for "
+        "(`dora_verify.adapter`); their rows in the tables below read **failed** and have no metrics.",
+        "",
+        _table(
+            ["implementation", "calls", "experiments", "error"],
+            [[form, n, ", ".join(exps), msg.replace("|", "\\|")] for (form, msg), (n, exps) in groups.items()],
+        ),
+    ]
 
 
 def _cells(r: dict, m, keys) -> list:
@@ -133,114 +141,269 @@ def sweep_markdown(rep: dict, plots: list) -> str:
     git = prov["git"]
     dev = prov["device"]
     devname = dev.get("name") or f"CPU ({dev.get('cpu')}, {dev.get('torch_threads')} threads)"
-    L = [f"# dora-verify sweep — W {cfg['d_out']}×{cfg['d_in']}, {cfg['dtype']}, r = {cfg['rank']}, s = {cfg['s']:g}", ""]
-    L.append(f"Run `{rep['run_id']}` on **{devname}**, commit `{(git.get('commit') or 'unknown')[:12]}`"
-             f"{' (dirty)' if git.get('dirty') else ''}, torch {prov['versions'].get('torch')}, seed {cfg['seed']}, "
-             f"{rep['timings_s']['total']:.0f} s. All errors are against the exact result of the rounded inputs "
-             "(float64 double-double oracle with exact-rational escalation) unless a column says otherwise.")
+    L = [
+        f"# dora-verify sweep — W {cfg['d_out']}×{cfg['d_in']}, {cfg['dtype']}, r = {cfg['rank']}, s = {cfg['s']:g}",
+        "",
+    ]
+    L.append(
+        f"Run `{rep['run_id']}` on **{devname}**, commit `{(git.get('commit') or 'unknown')[:12]}`"
+        f"{' (dirty)' if git.get('dirty') else ''}, torch {prov['versions'].get('torch')}, seed {cfg['seed']}, "
+        f"{rep['timings_s']['total']:.0f} s. All errors are against the exact result of the rounded inputs "
+        "(float64 double-double oracle with exact-rational escalation) unless a column says otherwise."
+    )
     p = ex["paper_figure1"]
-    L += ["", "## Headline", "",
-          f"**Naive vs stable at g = 1 (the paper's Figure 1 point).** Protocol of the paper: base, lora ~ N(0,1) of "
-          f"{p['shape'][0]}×{p['shape'][1]}, s = {p['s']}, g = 1, error of Δ in {cfg['dtype']}.", ""]
-    rows = [[f, v["max_abs_vs_unrounded_fp64"], v["max_abs_vs_exact"], v["max_ulp_vs_exact"], v["frac_correctly_rounded"]]
-            for f, v in p["forms"].items()]
+    L += [
+        "",
+        "## Headline",
+        "",
+        f"**Naive vs stable at g = 1 (the paper's Figure 1 point).** Protocol of the paper: base, lora ~ N(0,1) of "
+        f"{p['shape'][0]}×{p['shape'][1]}, s = {p['s']}, g = 1, error of Δ in {cfg['dtype']}.",
+        "",
+    ]
+    rows = [
+        [f, v["max_abs_vs_unrounded_fp64"], v["max_abs_vs_exact"], v["max_ulp_vs_exact"], v["frac_correctly_rounded"]]
+        for f, v in p["forms"].items()
+    ]
     rows.append(["quantisation floor", p["floor_unrounded"], p["floor_exact"], None, None])
-    L.append(_table(["form", "max abs err vs fp64 of unrounded inputs (paper)", "max abs err vs exact (rounded inputs)",
-                     "max ulp vs exact", "correctly rounded"], rows))
+    L.append(
+        _table(
+            [
+                "form",
+                "max abs err vs fp64 of unrounded inputs (paper)",
+                "max abs err vs exact (rounded inputs)",
+                "max ulp vs exact",
+                "correctly rounded",
+            ],
+            rows,
+        )
+    )
     paper_setting = cfg["dtype"] == "bf16" and list(p["shape"]) == [2048, 8192]
-    L += ["", f"- naive / stable, paper's protocol: **{_fmt(p['ratio_naive_over_stable_paper_protocol'])}×** "
-          + ("(the paper reports 3.0×: 0.0234 vs 0.0078)." if paper_setting else
-             f"(the paper's 3.0×, 0.0234 vs 0.0078, is for bf16 at 2048×8192; this run: {cfg['dtype']} at "
-             f"{p['shape'][0]}×{p['shape'][1]}: {_fmt(p['forms']['naive']['max_abs_vs_unrounded_fp64'])} vs "
-             f"{_fmt(p['forms']['stable_gcast']['max_abs_vs_unrounded_fp64'])})."),
-          f"- naive / stable against the exact Δ of the rounded inputs: **{_fmt(p['ratio_naive_over_stable_exact'])}** — "
-          + _stable_at_g1_sentence(p, cfg["dtype"]), ""]
+    L += [
+        "",
+        f"- naive / stable, paper's protocol: **{_fmt(p['ratio_naive_over_stable_paper_protocol'])}×** "
+        + (
+            "(the paper reports 3.0×: 0.0234 vs 0.0078)."
+            if paper_setting
+            else f"(the paper's 3.0×, 0.0234 vs 0.0078, is for bf16 at 2048×8192; this run: {cfg['dtype']} at "
+            f"{p['shape'][0]}×{p['shape'][1]}: {_fmt(p['forms']['naive']['max_abs_vs_unrounded_fp64'])} vs "
+            f"{_fmt(p['forms']['stable_gcast']['max_abs_vs_unrounded_fp64'])})."
+        ),
+        f"- naive / stable against the exact Δ of the rounded inputs: **{_fmt(p['ratio_naive_over_stable_exact'])}** — "
+        + _stable_at_g1_sentence(p, cfg["dtype"]),
+        "",
+    ]
     b = h.get("below_resolution") or h["below_bf16_resolution"]  # reports before schema 1.1 name it for bf16
-    thr, dt = b.get("threshold", 2.0 ** -9), b.get("dtype", cfg["dtype"])
-    L += [f"**What rounding g to {dt} loses when {_fmt(b.get('lo', 1e-4))} ≤ |g − 1| < {_pow2(thr)}** "
-          f"({b['points']} points of the g sweep; there g rounds to exactly 1 in {dt}). *Correction lost* is the "
-          "least-squares slope of −β_i on (g_i − 1) across output "
-          "features, where β_i is the error of the scale output feature i effectively applied, measured beyond the "
-          "correctly rounded output (which itself cannot carry every sub-resolution scale change): 1 = the whole "
-          "magnitude update (g − 1) is lost, 0 = nothing beyond the floor, < 0 = over-applied.", ""]
+    thr, dt = b.get("threshold", 2.0**-9), b.get("dtype", cfg["dtype"])
+    L += [
+        f"**What rounding g to {dt} loses when {_fmt(b.get('lo', 1e-4))} ≤ |g − 1| < {_pow2(thr)}** "
+        f"({b['points']} points of the g sweep; there g rounds to exactly 1 in {dt}). *Correction lost* is the "
+        "least-squares slope of −β_i on (g_i − 1) across output "
+        "features, where β_i is the error of the scale output feature i effectively applied, measured beyond the "
+        "correctly rounded output (which itself cannot carry every sub-resolution scale change): 1 = the whole "
+        "magnitude update (g − 1) is lost, 0 = nothing beyond the floor, < 0 = over-applied.",
+        "",
+    ]
     if not b["points"]:
-        L += [f"No point of this g grid lies in that range ({dt}'s resolution {_pow2(thr)} is below "
-              f"{_fmt(b.get('lo', 1e-4))}, or the grid skips it: `--g-grid`); rounding g to {dt} there is not measured.",
-              ""]
-    rows = [[f, v["g_correction_lost_min"], v["g_correction_lost_max"], v["y_frac_correctly_rounded_min"],
-             v["y_max_ulp_max"], v.get("y_nonfinite_max"), v["delta_normwise_rel_max"]] for f, v in b["by_form"].items()]
-    L.append(_table(["form", "correction lost (min)", "correction lost (max)", "y correctly rounded (min)",
-                     "y max ulp", "non-finite y (max)", "Δ normwise rel. err (max)"], rows))
+        L += [
+            f"No point of this g grid lies in that range ({dt}'s resolution {_pow2(thr)} is below "
+            f"{_fmt(b.get('lo', 1e-4))}, or the grid skips it: `--g-grid`); rounding g to {dt} there is not measured.",
+            "",
+        ]
+    rows = [
+        [
+            f,
+            v["g_correction_lost_min"],
+            v["g_correction_lost_max"],
+            v["y_frac_correctly_rounded_min"],
+            v["y_max_ulp_max"],
+            v.get("y_nonfinite_max"),
+            v["delta_normwise_rel_max"],
+        ]
+        for f, v in b["by_form"].items()
+    ]
+    L.append(
+        _table(
+            [
+                "form",
+                "correction lost (min)",
+                "correction lost (max)",
+                "y correctly rounded (min)",
+                "y max ulp",
+                "non-finite y (max)",
+                "Δ normwise rel. err (max)",
+            ],
+            rows,
+        )
+    )
     if "g_equals_1" in h:
         L += ["", "**At g = 1 exactly (fresh adapter scale), trained-like lora:**", ""]
-        L.append(_table(["form", "y max ulp", "y correctly rounded", "Δ normwise rel. err"],
-                        [[f, v["y_max_ulp"], v["y_frac_correctly_rounded"], v["delta_normwise_rel"]] for f, v in h["g_equals_1"].items()]))
+        L.append(
+            _table(
+                ["form", "y max ulp", "y correctly rounded", "Δ normwise rel. err"],
+                [
+                    [f, v["y_max_ulp"], v["y_frac_correctly_rounded"], v["delta_normwise_rel"]]
+                    for f, v in h["g_equals_1"].items()
+                ],
+            )
+        )
     if h.get("bound_ratio"):
-        L += ["", "**Each form against the bound it is held to.** `bound ratio`: the largest (error − the oracle's own "
-              "uncertainty) / a-priori bound over every element of the g sweep and the regime grid; ≤ 1 means every "
-              "output is within that bound — a statement about the bound's validity, not about accuracy (a form with a "
-              "loose bound reads ≤ 1 with large errors: the ulp columns say how accurate it is). A row is one point "
-              "of the g sweep or one regime. The forms and the kernels are held to the bounds derived in "
-              "`proofs/bounds.md` (`dora_verify.bounds`); a user's implementation (`--impl`) to 1 ulp of the exact y "
-              "(the faithful contract, `docs/contract.md`) or to its own `compose_bound`.", ""]
+        L += [
+            "",
+            "**Each form against the bound it is held to.** `bound ratio`: the largest (error − the oracle's own "
+            "uncertainty) / a-priori bound over every element of the g sweep and the regime grid; ≤ 1 means every "
+            "output is within that bound — a statement about the bound's validity, not about accuracy (a form with a "
+            "loose bound reads ≤ 1 with large errors: the ulp columns say how accurate it is). A row is one point "
+            "of the g sweep or one regime. The forms and the kernels are held to the bounds derived in "
+            "`proofs/bounds.md` (`dora_verify.bounds`); a user's implementation (`--impl`) to 1 ulp of the exact y "
+            "(the faithful contract, `docs/contract.md`) or to its own `compose_bound`.",
+            "",
+        ]
         impls = rep.get("implementations", {})
-        L.append(_table(["form", "held to", "y bound ratio (max)", "Δ bound ratio (max)", "rows over 1"],
-                        [[f, (impls.get(f) or {}).get("held_to") or "its derived bound", v["y_max"], v["delta_max"],
-                          f"{v['rows_over']} of {v['rows']}"] for f, v in h["bound_ratio"].items()]))
+        L.append(
+            _table(
+                ["form", "held to", "y bound ratio (max)", "Δ bound ratio (max)", "rows over 1"],
+                [
+                    [
+                        f,
+                        (impls.get(f) or {}).get("held_to") or "its derived bound",
+                        v["y_max"],
+                        v["delta_max"],
+                        f"{v['rows_over']} of {v['rows']}",
+                    ]
+                    for f, v in h["bound_ratio"].items()
+                ],
+            )
+        )
     L += _failures_section(rep)
-    L += ["", "## Compose forms by regime", "",
-          "Each regime's own per-feature g. `y max ulp` ≤ 0.5 means every output was correctly rounded; a NaN or Inf "
-          "output where the exact y is finite makes the error maxima inf and is counted under `non-finite y`.", ""]
-    L[-2] += (" `y max ulp vs terms` is the error in ulps of max(|y|, |g·base| + |g·s·lora|): it stays put where y "
-              "cancels to near 0 and the plain ulp error grows with the sample"
-              + (" (histograms: `ulp_histogram.png`)." if any(Path(x).name == "ulp_histogram.png" for x in plots)
-                 else "."))
-    y_keys = ("max_ulp", "max_ulp_terms", "frac_correctly_rounded", "max_abs", "floor_ratio", _nonfinite,
-              lambda m: m.get("bound_ratio"), lambda m: str(m.get("worst_index")))
-    L.append(_table(["regime", "form", "y max ulp", "y max ulp vs terms", "y correctly rounded", "y max abs err",
-                     "floor ratio", "non-finite y", "correction lost", "y bound ratio", "worst [t, i]"],
-                    [[r["regime"], r["form"]] + _cells(r, r["y"], y_keys[:6]) + [r["g_correction_lost"]]
-                     + ([None, None] if r.get("failed") else _cells(r, r["y"], y_keys[6:])) for r in ex["compose_regimes"]]))
-    L += ["", "## Row norm ν by regime", "",
-          f"Relative error of ν per row vs the oracle (rank {cfg['rank']}). `special rows` are the regime's adversarial rows "
-          "(near-cancelling or zero); `max κ` is the largest row condition number ‖|W_i| + s|B_i||A|‖/ν_i.", ""]
-    L.append(_table(["regime", "form", "ν dtype", "max rel", "p99 rel", "special rows max rel", "non-finite ν", "max κ",
-                     "oracle tier-2 rows"],
-                    [[r["regime"], r["form"]] + _cells(r, r, ("nu_dtype", "max_rel", "p99_rel", "special_rows_max_rel",
-                                                             _nonfinite)) + [r["max_cond"], r["oracle_tier2_rows"]]
-                     for r in ex["norm_regimes"]]))
+    L += [
+        "",
+        "## Compose forms by regime",
+        "",
+        "Each regime's own per-feature g. `y max ulp` ≤ 0.5 means every output was correctly rounded; a NaN or Inf "
+        "output where the exact y is finite makes the error maxima inf and is counted under `non-finite y`.",
+        "",
+    ]
+    L[-2] += (
+        " `y max ulp vs terms` is the error in ulps of max(|y|, |g·base| + |g·s·lora|): it stays put where y "
+        "cancels to near 0 and the plain ulp error grows with the sample"
+        + (" (histograms: `ulp_histogram.png`)." if any(Path(x).name == "ulp_histogram.png" for x in plots) else ".")
+    )
+    y_keys = (
+        "max_ulp",
+        "max_ulp_terms",
+        "frac_correctly_rounded",
+        "max_abs",
+        "floor_ratio",
+        _nonfinite,
+        lambda m: m.get("bound_ratio"),
+        lambda m: str(m.get("worst_index")),
+    )
+    L.append(
+        _table(
+            [
+                "regime",
+                "form",
+                "y max ulp",
+                "y max ulp vs terms",
+                "y correctly rounded",
+                "y max abs err",
+                "floor ratio",
+                "non-finite y",
+                "correction lost",
+                "y bound ratio",
+                "worst [t, i]",
+            ],
+            [
+                [r["regime"], r["form"]]
+                + _cells(r, r["y"], y_keys[:6])
+                + [r["g_correction_lost"]]
+                + ([None, None] if r.get("failed") else _cells(r, r["y"], y_keys[6:]))
+                for r in ex["compose_regimes"]
+            ],
+        )
+    )
+    L += [
+        "",
+        "## Row norm ν by regime",
+        "",
+        f"Relative error of ν per row vs the oracle (rank {cfg['rank']}). `special rows` are the regime's adversarial rows "
+        "(near-cancelling or zero); `max κ` is the largest row condition number ‖|W_i| + s|B_i||A|‖/ν_i.",
+        "",
+    ]
+    L.append(
+        _table(
+            [
+                "regime",
+                "form",
+                "ν dtype",
+                "max rel",
+                "p99 rel",
+                "special rows max rel",
+                "non-finite ν",
+                "max κ",
+                "oracle tier-2 rows",
+            ],
+            [
+                [r["regime"], r["form"]]
+                + _cells(r, r, ("nu_dtype", "max_rel", "p99_rel", "special_rows_max_rel", _nonfinite))
+                + [r["max_cond"], r["oracle_tier2_rows"]]
+                for r in ex["norm_regimes"]
+            ],
+        )
+    )
     L += ["", "## Row norm ν by rank (trained regime, s = 2)", ""]
-    L.append(_table(["rank", "form", "max rel", "p99 rel", "non-finite ν"],
-                    [[r["rank"], r["form"]] + _cells(r, r, ("max_rel", "p99_rel", _nonfinite)) for r in ex["norm_rank"]]))
+    L.append(
+        _table(
+            ["rank", "form", "max rel", "p99 rel", "non-finite ν"],
+            [[r["rank"], r["form"]] + _cells(r, r, ("max_rel", "p99_rel", _nonfinite)) for r in ex["norm_rank"]],
+        )
+    )
     names = list(cfg.get("experiments") or [])
     own = tuple(f"{n}_" for n in names)  # an experiment's plots (NAME_*.png) go in its own section
     main_plots = [f"![{Path(pth).stem}]({Path(pth).name})" for pth in plots if not Path(pth).name.startswith(own)]
     L += ["", "## Plots", ""] + main_plots if main_plots else []  # --no-plots: no empty heading
     L += experiment_sections(rep, plots)
-    L += ["", "## What each experiment means", "",
-          "- **paper_figure1**: the paper's own stability protocol, re-measured against the exact answer.",
-          "- **compose_g_sweep**: every compose form with a constant fp32 g = 1 + δ across 1, including offsets far "
-          "below bf16 resolution; `g_correction_lost` shows whether the magnitude update survives.",
-          "- **compose_regimes**: fresh adapters, trained-like scales, ×62 activations, all-positive, heavy-tailed, "
-          "near-cancelling and zero rows.",
-          "- **norm_regimes / norm_rank**: PEFT's dense path, dense fp32, the factored norm in fp32 and in the model "
-          "dtype; near-cancelling rows (W_i ≈ −s(BA)_i) are where the factored sum loses relative accuracy.",
-          "", "Forms:", ""]
+    L += [
+        "",
+        "## What each experiment means",
+        "",
+        "- **paper_figure1**: the paper's own stability protocol, re-measured against the exact answer.",
+        "- **compose_g_sweep**: every compose form with a constant fp32 g = 1 + δ across 1, including offsets far "
+        "below bf16 resolution; `g_correction_lost` shows whether the magnitude update survives.",
+        "- **compose_regimes**: fresh adapters, trained-like scales, ×62 activations, all-positive, heavy-tailed, "
+        "near-cancelling and zero rows.",
+        "- **norm_regimes / norm_rank**: PEFT's dense path, dense fp32, the factored norm in fp32 and in the model "
+        "dtype; near-cancelling rows (W_i ≈ −s(BA)_i) are where the factored sum loses relative accuracy.",
+        "",
+        "Forms:",
+        "",
+    ]
     L += [f"- `{k}`: {v}" for k, v in {**rep["forms"]["compose"], **rep["forms"]["norm"]}.items()]
     impls = rep.get("implementations", {})
     if impls:
-        L += ["", "Implementations under test (`--impl`; their rows carry the `impl:` prefix; one that returns y alone, "
-              "not (y, Δ), has empty Δ columns):", ""]
+        L += [
+            "",
+            "Implementations under test (`--impl`; their rows carry the `impl:` prefix; one that returns y alone, "
+            "not (y, Δ), has empty Δ columns):",
+            "",
+        ]
+
         def provides(v):
             parts = [k for k in ("compose", "norm", "layer") if v.get(k)]
             return "" if parts == ["compose", "norm"] else f" ({', '.join(parts) or 'nothing the sweep measures'})"
+
         L += [f"- `{k}`: `--impl {v['spec']}`{provides(v)}" for k, v in impls.items()]
     n_compose = max(1, len({r["form"] for r in ex["compose_g_sweep"]}))
-    L += ["", f"Oracle: compose elements settled by exact rationals: "
-          f"{sum(r['oracle_tier2_elements'] for r in ex['compose_g_sweep'] + ex['compose_regimes']) // n_compose}; "
-          f"uncertified: {sum(r['oracle_uncertified'] for r in ex['compose_g_sweep'] + ex['compose_regimes'])}. "
-          f"Norm rows settled exactly: {sum(r['oracle_tier2_rows'] for r in ex['norm_regimes']) // max(1, len(rep['forms']['norm']))}.",
-          "", "Reproduce: `" + " ".join(["dora-verify"] + prov["argv"][1:]) + "`", ""]
+    L += [
+        "",
+        f"Oracle: compose elements settled by exact rationals: "
+        f"{sum(r['oracle_tier2_elements'] for r in ex['compose_g_sweep'] + ex['compose_regimes']) // n_compose}; "
+        f"uncertified: {sum(r['oracle_uncertified'] for r in ex['compose_g_sweep'] + ex['compose_regimes'])}. "
+        f"Norm rows settled exactly: {sum(r['oracle_tier2_rows'] for r in ex['norm_regimes']) // max(1, len(rep['forms']['norm']))}.",
+        "",
+        "Reproduce: `" + " ".join(["dora-verify"] + prov["argv"][1:]) + "`",
+        "",
+    ]
     return "\n".join(L)
 
 
@@ -255,9 +418,14 @@ def experiment_sections(rep: dict, plots) -> list:
         t = rep.get("timings_s", {}).get(name)
         seeds = rep["experiments"][name].get("seeds") or {}
         seeds = ", ".join(f"{k} {v}" for k, v in seeds.items() if k != "note") or "none"
-        L += ["", f"## Experiment: {name}", "", f"_{'' if t is None else f'{t:.0f} s; '}"
-              f"`dora-verify sweep --experiments {name}`; seeds: {seeds}_", "",
-              experiment_module(name).markdown(rep["experiments"][name], names).rstrip()]
+        L += [
+            "",
+            f"## Experiment: {name}",
+            "",
+            f"_{'' if t is None else f'{t:.0f} s; '}`dora-verify sweep --experiments {name}`; seeds: {seeds}_",
+            "",
+            experiment_module(name).markdown(rep["experiments"][name], names).rstrip(),
+        ]
     return L
 
 
@@ -299,9 +467,14 @@ def sweep_plots(rep: dict, folder: Path) -> list:
             axes[1].plot(xs, [_finite(r["delta"]["normwise_rel"], 1e-12) for r in rs], marker=".", label=f)
         axes[2].plot(xs, [_finite(r["g_correction_lost"]) for r in rs], marker=".", label=f)
     rs = sorted((r for r in g if r["form"] == forms[0]), key=lambda r: r["g_minus_1"])
-    axes[0].plot([r["g_minus_1"] for r in rs], [r["y"]["floor_max_abs"] for r in rs], "k--", label=f"{cfg['dtype']} floor")
-    for ax, title, ylog in ((axes[0], "max |y − y_exact|", True), (axes[1], "‖Δ − Δ_exact‖ / ‖Δ_exact‖", True),
-                            (axes[2], "fraction of (g − 1) lost", False)):
+    axes[0].plot(
+        [r["g_minus_1"] for r in rs], [r["y"]["floor_max_abs"] for r in rs], "k--", label=f"{cfg['dtype']} floor"
+    )
+    for ax, title, ylog in (
+        (axes[0], "max |y − y_exact|", True),
+        (axes[1], "‖Δ − Δ_exact‖ / ‖Δ_exact‖", True),
+        (axes[2], "fraction of (g − 1) lost", False),
+    ):
         ax.set_xscale("symlog", linthresh=1e-6)
         if ylog:
             ax.set_yscale("log")
@@ -312,7 +485,9 @@ def sweep_plots(rep: dict, folder: Path) -> list:
         ax.grid(alpha=0.3)
     axes[2].set_ylim(-0.5, 1.5)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Compose forms across g = 1 — {cfg['d_out']}×{cfg['d_in']}, {cfg['dtype']}, {cfg['grid_tokens']} tokens")
+    fig.suptitle(
+        f"Compose forms across g = 1 — {cfg['d_out']}×{cfg['d_in']}, {cfg['dtype']}, {cfg['grid_tokens']} tokens"
+    )
     fig.tight_layout()
     paths.append(folder / "compose_error_vs_g.png")
     fig.savefig(paths[-1], dpi=110)
@@ -324,8 +499,9 @@ def sweep_plots(rep: dict, folder: Path) -> list:
     nforms = list(dict.fromkeys(r["form"] for r in nreg))
     w = 0.8 / len(nforms)
     for j, f in enumerate(nforms):
-        vals = [next((r["max_rel"] for r in nreg if r["regime"] == reg and r["form"] == f), float("nan"))
-                for reg in regimes]
+        vals = [
+            next((r["max_rel"] for r in nreg if r["regime"] == reg and r["form"] == f), float("nan")) for reg in regimes
+        ]
         axes[0].bar([i + j * w for i in range(len(regimes))], [_finite(v, 1e-17) for v in vals], w, label=f)
     axes[0].set_xticks([i + 0.4 - w / 2 for i in range(len(regimes))], regimes, rotation=20)
     axes[0].set_yscale("log")
@@ -363,8 +539,10 @@ def ulp_histogram_plot(records: list, cfg: dict, folder: Path) -> list:
     labels = ["≤ 0.5"] + [f"≤ {e:g}" for e in ULP_BIN_EDGES[1:]] + [f"> {ULP_BIN_EDGES[-1]:g}"]
     fig, axes = plt.subplots(1, 2, figsize=(15, 4.8), sharey=True)
     w = 0.8 / len(forms)
-    for ax, key, title in ((axes[0], "ulp_hist", "y error in ulps of y"),
-                           (axes[1], "ulp_terms_hist", "y error in ulps of the terms")):
+    for ax, key, title in (
+        (axes[0], "ulp_hist", "y error in ulps of y"),
+        (axes[1], "ulp_terms_hist", "y error in ulps of the terms"),
+    ):
         for j, f in enumerate(forms):
             counts = [sum(c) for c in zip(*(r["y"][key] for r in recs if r["form"] == f and r["y"].get(key)))]
             if not counts:
@@ -542,13 +720,17 @@ def _stable_at_g1_sentence(p: dict, dtype: str) -> str:
     naive = _fmt(p["forms"]["naive"]["max_abs_vs_exact"])
     err = p["forms"]["stable_gcast"]["max_abs_vs_exact"]
     if err == 0:
-        return ("at g = 1 the stable form is exact (Δ = s·lora needs no rounding when s is a power of two), so the "
-                f"paper-protocol 'floor' ({_fmt(p['forms']['stable_gcast']['max_abs_vs_unrounded_fp64'])} here) is the "
-                "quantisation of its *inputs*, not an error of the stable form; the naive "
-                f"form's error ({naive}) is all cancellation.")
-    return (f"at g = 1 the stable form's error against the exact Δ is {_fmt(err)} (its own output rounding in {dtype}), "
-            "so the paper's 'floor' is mostly the quantisation of its *inputs*, not an error of the stable form; the "
-            f"naive form's error ({naive}) is cancellation on top of that.")
+        return (
+            "at g = 1 the stable form is exact (Δ = s·lora needs no rounding when s is a power of two), so the "
+            f"paper-protocol 'floor' ({_fmt(p['forms']['stable_gcast']['max_abs_vs_unrounded_fp64'])} here) is the "
+            "quantisation of its *inputs*, not an error of the stable form; the naive "
+            f"form's error ({naive}) is all cancellation."
+        )
+    return (
+        f"at g = 1 the stable form's error against the exact Δ is {_fmt(err)} (its own output rounding in {dtype}), "
+        "so the paper's 'floor' is mostly the quantisation of its *inputs*, not an error of the stable form; the "
+        f"naive form's error ({naive}) is cancellation on top of that."
+    )
 
 
 NONFINITE_KEY = "nonfinite"
@@ -573,6 +755,7 @@ def strict_json(obj):
         if isinstance(o, (list, tuple)):
             return [walk(v, f"{path}/{i}") for i, v in enumerate(o)]
         return o
+
     return walk(obj, ""), found
 
 
@@ -625,6 +808,7 @@ def long_rows(rep: dict) -> list:
             rows.append((section, record, field, float(o), ""))
         else:
             rows.append((section, record, field, None, "" if o is None else str(o)))
+
     for name in ("headline", "experiments"):
         walk(rep.get(name) or {}, name, "", "")
     return rows
@@ -642,8 +826,15 @@ def write_csv(rep: dict, path: "str | Path") -> Path:
     return Path(path)
 
 
-def write_bundle(rep: dict, out_dir: "str | Path", markdown, extra=None, json_name: str = "report.json",
-                 md_name: str = "report.md", owned=()) -> list:
+def write_bundle(
+    rep: dict,
+    out_dir: "str | Path",
+    markdown,
+    extra=None,
+    json_name: str = "report.json",
+    md_name: str = "report.md",
+    owned=(),
+) -> list:
     """Write ``json_name`` (strict JSON of ``rep``), ``md_name`` (``markdown(files)`` → text, given the staged
     extra files) and the files ``extra(stage_dir)`` creates (e.g. plots) into ``out_dir``, the whole set in
     one atomic step (module doc). Returns the paths of the set in ``out_dir``. ``owned``: names of entries the
@@ -683,12 +874,16 @@ def write_bundle(rep: dict, out_dir: "str | Path", markdown, extra=None, json_na
 def write_report(rep: dict, out_dir: "str | Path", plots: bool = True, csv: bool = False) -> list:
     """Write report.json, report.md, the plots and (``csv``) report.csv (:func:`long_rows`) into ``out_dir`` as one
     set (see module doc)."""
+
     def extra(stage):
         files = (sweep_plots(rep, stage) + experiment_plots(rep, stage)) if plots else []
         return files + ([write_csv(rep, stage / "report.csv")] if csv else [])
+
     def markdown(files):
         pngs = [f for f in files if Path(f).suffix == ".png"]
         md = sweep_markdown(rep, pngs)
-        return md + ("\nData in long format: [`report.csv`](report.csv) (section, record, field, value, text).\n"
-                     if csv else "")
+        return md + (
+            "\nData in long format: [`report.csv`](report.csv) (section, record, field, value, text).\n" if csv else ""
+        )
+
     return write_bundle(rep, out_dir, markdown, extra if (plots or csv) else None)

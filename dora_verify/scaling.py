@@ -19,6 +19,7 @@ Growth exponents: ``fit_exponent`` fits log(error) = a + k·log(n) by least squa
 over an axis' points; the worst-case bound grows like n (k = 1), the probabilistic one like √n (k = ½); an
 elementwise op (the compose) has no n in its bound (k = 0; its maximum over more elements still creeps up).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,12 @@ def sizes(lo: int, hi: int) -> list:
 def grid(cfg) -> dict:
     """axis -> its sizes, and the base point, for a SweepConfig."""
     top = {"d_in": cfg.d_in, "d_out": cfg.d_out, "rank": max([cfg.rank, *cfg.ranks]), "tokens": cfg.tokens}
-    base = {"d_in": cfg.d_in, "d_out": min(cfg.d_out, BASE_D_OUT), "rank": cfg.rank,
-            "tokens": min(cfg.grid_tokens, BASE_TOKENS)}
+    base = {
+        "d_in": cfg.d_in,
+        "d_out": min(cfg.d_out, BASE_D_OUT),
+        "rank": cfg.rank,
+        "tokens": min(cfg.grid_tokens, BASE_TOKENS),
+    }
     return {"axes": {a: sizes(min(AXIS_MIN[a], top[a]), top[a]) for a in AXES}, "base": base}
 
 
@@ -67,13 +72,15 @@ def fit_exponent(ns, errs) -> dict:
     ``linregress``): {'exponent', 'stderr', 'r2', 'points'}; exponent None with fewer than 3 points or a single n."""
     from scipy.stats import linregress
 
-    pts = [(float(n), float(e)) for n, e in zip(ns, errs)
-           if e is not None and isinstance(e, (int, float)) and math.isfinite(e) and e > 0]
+    pts = [
+        (float(n), float(e))
+        for n, e in zip(ns, errs)
+        if e is not None and isinstance(e, (int, float)) and math.isfinite(e) and e > 0
+    ]
     if len(pts) < 3 or len({n for n, _ in pts}) < 2:
         return {"exponent": None, "stderr": None, "r2": None, "points": len(pts)}
     fit = linregress([math.log(n) for n, _ in pts], [math.log(e) for _, e in pts])
-    return {"exponent": float(fit.slope), "stderr": float(fit.stderr), "r2": float(fit.rvalue ** 2),
-            "points": len(pts)}
+    return {"exponent": float(fit.slope), "stderr": float(fit.stderr), "r2": float(fit.rvalue**2), "points": len(pts)}
 
 
 def _kernels(device):
@@ -91,8 +98,10 @@ def _kernels(device):
     def comp(base, lora, g, s):
         return compose(base, lora, g, s, tier=tier)
 
-    labels = {"norm": f"kernel:factored_row_norm[{backend or 'default'}]",
-              "compose": f"kernel:compose[{tier or 'default'}]"}
+    labels = {
+        "norm": f"kernel:factored_row_norm[{backend or 'default'}]",
+        "compose": f"kernel:compose[{tier or 'default'}]",
+    }
     return norm, comp, labels, None
 
 
@@ -154,17 +163,33 @@ def run(cfg, device, tick) -> dict:
     for axis in AXES:
         for n in gr["axes"][axis]:
             shape = dict(gr["base"], **{axis: n})
-            case = make_case("trained", shape["d_out"], shape["d_in"], shape["rank"], shape["tokens"], cfg.dtype,
-                             cfg.seed, cfg.s if axis != "rank" else _s_for(cfg, n), cfg.adapter_ratio, device)
+            case = make_case(
+                "trained",
+                shape["d_out"],
+                shape["d_in"],
+                shape["rank"],
+                shape["tokens"],
+                cfg.dtype,
+                cfg.seed,
+                cfg.s if axis != "rank" else _s_for(cfg, n),
+                cfg.adapter_ratio,
+                device,
+            )
             pt = {"axis": axis, "n": n, "shape": shape, "s": case.s}
             if axis in NORM_AXES:
                 pt["norm"] = _norm_point(case, kn, labels.get("norm"))
             pt["compose"] = _compose_point(case, kc, labels.get("compose"))
             points.append(pt)
             tick(f"{axis}={n}")
-    return {"seeds": {"cases": int(cfg.seed), "note": "every point: cases.make_case('trained', ..., seed)"},
-            "grid": gr, "dtype": cfg.dtype, "kernels": labels or None, "kernels_note": note,
-            "points": points, "fits": fits(points)}
+    return {
+        "seeds": {"cases": int(cfg.seed), "note": "every point: cases.make_case('trained', ..., seed)"},
+        "grid": gr,
+        "dtype": cfg.dtype,
+        "kernels": labels or None,
+        "kernels_note": note,
+        "points": points,
+        "fits": fits(points),
+    }
 
 
 def _s_for(cfg, rank: int) -> float:
@@ -187,13 +212,33 @@ def fits(points: list) -> list:
             for form in pts[0][family]["forms"]:
                 mx = [p[family]["forms"][form]["max"] for p in pts]
                 rms = [p[family]["forms"][form]["rms"] for p in pts]
-                out.append({"family": family, "axis": axis, "form": form, "n": [ns[0], ns[-1]],
-                            "first": mx[0], "last": mx[-1], "max": fit_exponent(ns, mx), "rms": fit_exponent(ns, rms)})
+                out.append(
+                    {
+                        "family": family,
+                        "axis": axis,
+                        "form": form,
+                        "n": [ns[0], ns[-1]],
+                        "first": mx[0],
+                        "last": mx[-1],
+                        "max": fit_exponent(ns, mx),
+                        "rms": fit_exponent(ns, rms),
+                    }
+                )
             if family == "norm":
                 for kind in ("worst", "probabilistic"):
                     b = [p["norm"]["bounds"][kind] for p in pts]
-                    out.append({"family": family, "axis": axis, "form": f"bound:{kind}", "n": [ns[0], ns[-1]],
-                                "first": b[0], "last": b[-1], "max": fit_exponent(ns, b), "rms": None})
+                    out.append(
+                        {
+                            "family": family,
+                            "axis": axis,
+                            "form": f"bound:{kind}",
+                            "n": [ns[0], ns[-1]],
+                            "first": b[0],
+                            "last": b[-1],
+                            "max": fit_exponent(ns, b),
+                            "rms": None,
+                        }
+                    )
     return out
 
 
@@ -210,19 +255,39 @@ def markdown(section: dict, plots=()) -> str:
 
     gr = section["grid"]
     b = gr["base"]
-    L = [f"Trained regime, {section['dtype']}, seed {section['seeds']['cases']}. Base point d_out = {b['d_out']}, "
-         f"d_in = {b['d_in']}, rank = {b['rank']}, tokens = {b['tokens']}; each axis varied alone: "
-         + "; ".join(f"{a} ∈ {{{', '.join(map(str, v))}}}" for a, v in gr["axes"].items()) + ".", "",
-         "Norm: relative error of ν per row (max over rows); bounds: `bounds.factored_norm_bound` of factored_fp32 "
-         "relative to ν, max over rows (worst case γ_n·condition; probabilistic λ√n·u·condition). Compose: ulp "
-         "error of y (max over elements). Exponent k of error ∝ n^k, least squares on log–log over the axis' "
-         "points (± standard error); rms: the same fit of the rms error.", ""]
+    L = [
+        f"Trained regime, {section['dtype']}, seed {section['seeds']['cases']}. Base point d_out = {b['d_out']}, "
+        f"d_in = {b['d_in']}, rank = {b['rank']}, tokens = {b['tokens']}; each axis varied alone: "
+        + "; ".join(f"{a} ∈ {{{', '.join(map(str, v))}}}" for a, v in gr["axes"].items())
+        + ".",
+        "",
+        "Norm: relative error of ν per row (max over rows); bounds: `bounds.factored_norm_bound` of factored_fp32 "
+        "relative to ν, max over rows (worst case γ_n·condition; probabilistic λ√n·u·condition). Compose: ulp "
+        "error of y (max over elements). Exponent k of error ∝ n^k, least squares on log–log over the axis' "
+        "points (± standard error); rms: the same fit of the rms error.",
+        "",
+    ]
     if section.get("kernels_note"):
         L += [section["kernels_note"], ""]
-    rows = [[f["family"], f["axis"], f["form"], f"{f['n'][0]}–{f['n'][1]}", f["first"], f["last"], _exp(f["max"]),
-             _exp(f["rms"])] for f in section["fits"]]
-    L.append(_table(["family", "axis", "form", "n", "error at min n", "error at max n", "exponent (max)",
-                     "exponent (rms)"], rows))
+    rows = [
+        [
+            f["family"],
+            f["axis"],
+            f["form"],
+            f"{f['n'][0]}–{f['n'][1]}",
+            f["first"],
+            f["last"],
+            _exp(f["max"]),
+            _exp(f["rms"]),
+        ]
+        for f in section["fits"]
+    ]
+    L.append(
+        _table(
+            ["family", "axis", "form", "n", "error at min n", "error at max n", "exponent (max)", "exponent (rms)"],
+            rows,
+        )
+    )
     L += [f"\n![{p}]({p})" for p in plots if p.startswith("scaling")]
     return "\n".join(L) + "\n"
 
@@ -239,7 +304,10 @@ def plots(section: dict, folder) -> list:
 
     pts = section["points"]
     paths = []
-    for family, axes, ylabel in (("norm", NORM_AXES, "max relative error of ν"), ("compose", AXES, "max ulp error of y")):
+    for family, axes, ylabel in (
+        ("norm", NORM_AXES, "max relative error of ν"),
+        ("compose", AXES, "max ulp error of y"),
+    ):
         fig, axs = plt.subplots(1, len(axes), figsize=(5.2 * len(axes), 4.4))
         for ax, axis in zip(axs, axes):
             ps = [p for p in pts if p["axis"] == axis and family in p]
@@ -250,8 +318,12 @@ def plots(section: dict, folder) -> list:
                 ax.plot(ns, [_finite(p[family]["forms"][form]["max"], 1e-17) for p in ps], marker=".", label=form)
             if family == "norm":
                 for kind, ls in (("worst", "--"), ("probabilistic", ":")):
-                    ax.plot(ns, [_finite(p["norm"]["bounds"][kind], 1e-17) for p in ps], "k" + ls,
-                            label=f"bound of factored_fp32: {kind}")
+                    ax.plot(
+                        ns,
+                        [_finite(p["norm"]["bounds"][kind], 1e-17) for p in ps],
+                        "k" + ls,
+                        label=f"bound of factored_fp32: {kind}",
+                    )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel(axis)

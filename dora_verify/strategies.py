@@ -14,6 +14,7 @@ What is drawn (hypothesis shrinks and targets every choice):
   resolution, DoRA's training spread, far from 1; g − 1 separately (its sub-2⁻²⁴ part is what the Δ output
   keeps); s from common LoRA scalings or any fp32 in [2⁻⁸, 16].
 """
+
 from __future__ import annotations
 
 import math
@@ -128,8 +129,20 @@ def _plant(t: torch.Tensor, planted, dtype: str, which: int):
         t[i, j] = value_from_bits(entry[2 + which], dtype)
 
 
-def compose_example(dtype: str, s: float, T: int, N: int, regime: str, seed: int, exp_base: int, exp_lora: int,
-                    g_mode: str, k: int, planted=(), bias: bool = False) -> Example:
+def compose_example(
+    dtype: str,
+    s: float,
+    T: int,
+    N: int,
+    regime: str,
+    seed: int,
+    exp_base: int,
+    exp_lora: int,
+    g_mode: str,
+    k: int,
+    planted=(),
+    bias: bool = False,
+) -> Example:
     """The compose example of these parameters (deterministic: what :func:`compose_examples` draws, and what
     ``dora-verify gate`` enumerates): [T, N] base, lora, dy (activation dtype), g and g − 1 (fp32), optional bias."""
     fmt = parse_format(dtype)
@@ -148,12 +161,27 @@ def compose_example(dtype: str, s: float, T: int, N: int, regime: str, seed: int
     _plant(base, planted, dtype, 0)
     _plant(lora, planted, dtype, 1)
     g, gm1 = _g_values(g_mode, N, gen, k)
-    tensors = {"base": base, "lora": lora, "g": g, "g_minus_1": gm1,
-               "dy": rnd(torch.randn(T, N, generator=gen, dtype=F64) * 2.0 ** (-exp_base % 8))}
+    tensors = {
+        "base": base,
+        "lora": lora,
+        "g": g,
+        "g_minus_1": gm1,
+        "dy": rnd(torch.randn(T, N, generator=gen, dtype=F64) * 2.0 ** (-exp_base % 8)),
+    }
     if bias:
         tensors["bias"] = rnd(torch.randn(N, generator=gen, dtype=F64) * 2.0**exp_base)
-    params = {"T": T, "N": N, "regime": regime, "seed": seed, "exp_base": exp_base, "exp_lora": exp_lora,
-              "g_mode": g_mode, "k": k, "planted": [list(p) for p in planted], "bias": bias}
+    params = {
+        "T": T,
+        "N": N,
+        "regime": regime,
+        "seed": seed,
+        "exp_base": exp_base,
+        "exp_lora": exp_lora,
+        "g_mode": g_mode,
+        "k": k,
+        "planted": [list(p) for p in planted],
+        "bias": bias,
+    }
     return Example("compose", fmt.name, tensors, {"s": s}, params)
 
 
@@ -169,8 +197,9 @@ def compose_examples(draw, dtype: str = "bf16"):
     s = draw(SCALINGS)
     g_mode = "one" if regime == "fresh" else draw(st.sampled_from(G_MODES))
     k = draw(st.integers(0, 64))
-    planted = draw(st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 1 << 16), _bits(dtype), _bits(dtype)),
-                            max_size=8))
+    planted = draw(
+        st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 1 << 16), _bits(dtype), _bits(dtype)), max_size=8)
+    )
     has_bias = draw(st.booleans())
     return compose_example(dtype, s, T, N, regime, seed, eb, el, g_mode, k, planted, has_bias)
 
@@ -203,13 +232,33 @@ def lora_examples(draw, dtype: str = "bf16"):
     tensors = {"base": base, "xa": xa, "B": B, "g": g}
     if has_bias:
         tensors["bias"] = rnd(torch.randn(N, generator=gen, dtype=F64))
-    params = {"T": T, "N": N, "r": r, "regime": regime, "seed": seed, "exp_base": eb, "g_mode": g_mode, "k": k,
-              "bias": has_bias}
+    params = {
+        "T": T,
+        "N": N,
+        "r": r,
+        "regime": regime,
+        "seed": seed,
+        "exp_base": eb,
+        "g_mode": g_mode,
+        "k": k,
+        "bias": has_bias,
+    }
     return Example("lora", fmt.name, tensors, {"s": s}, params)
 
 
-def norm_example(dtype: str, s: float, d_out: int, d_in: int, r: int, T: int, regime: str, seed: int,
-                 cancel_rows=(), m_mode: str = "spread", k: int = 0) -> "Example | None":
+def norm_example(
+    dtype: str,
+    s: float,
+    d_out: int,
+    d_in: int,
+    r: int,
+    T: int,
+    regime: str,
+    seed: int,
+    cancel_rows=(),
+    m_mode: str = "spread",
+    k: int = 0,
+) -> "Example | None":
     """The norm example of these parameters (deterministic; None when its fp16 GEMMs overflow): W [d_out, d_in],
     A [r, d_in], B [d_out, r] from a case-generator regime, extra near-cancelling rows, and base, lora, dy
     [T, d_out] for the d_m check."""
@@ -222,7 +271,7 @@ def norm_example(dtype: str, s: float, d_out: int, d_in: int, r: int, T: int, re
     gen = torch.Generator().manual_seed(seed + 17)
     for row, e in cancel_rows:  # W_i = RN(−s(BA)_i + 2^e·noise·‖s(BA)_i‖/√d_in)
         i = row % d_out
-        target = -s * ordered_matmul_t(c.B[i:i + 1], c.A.t())[0]
+        target = -s * ordered_matmul_t(c.B[i : i + 1], c.A.t())[0]
         noise = torch.randn(d_in, generator=gen, dtype=F64) * ordered_norm(target) / math.sqrt(d_in)
         W[i] = round_to(target + 2.0**e * noise, fmt).to(fmt.torch_dtype)
     c.W = W
@@ -231,8 +280,17 @@ def norm_example(dtype: str, s: float, d_out: int, d_in: int, r: int, T: int, re
         return None
     dy = round_to(torch.randn(T, d_out, generator=gen, dtype=F64), fmt).to(fmt.torch_dtype)
     tensors = {"W": W, "A": c.A, "B": c.B, "g_case": c.g, "base": base, "lora": lora, "dy": dy}
-    params = {"d_out": d_out, "d_in": d_in, "r": r, "T": T, "regime": regime, "seed": seed,
-              "cancel_rows": [list(x) for x in cancel_rows], "m_mode": m_mode, "k": k}
+    params = {
+        "d_out": d_out,
+        "d_in": d_in,
+        "r": r,
+        "T": T,
+        "regime": regime,
+        "seed": seed,
+        "cancel_rows": [list(x) for x in cancel_rows],
+        "m_mode": m_mode,
+        "k": k,
+    }
     return Example("norm", fmt.name, tensors, {"s": s, "eps": 1e-12}, params)
 
 
@@ -280,5 +338,14 @@ def layer_examples(draw, dtype: str = "bf16"):
     return layer_example(dtype, adapter, T, d_out, d_in, r, s * r, regime, seed, bias=bias)
 
 
-__all__ = ["Example", "compose_example", "compose_examples", "f32", "layer_examples", "lora_examples", "norm_example",
-           "norm_examples", "value_from_bits"]
+__all__ = [
+    "Example",
+    "compose_example",
+    "compose_examples",
+    "f32",
+    "layer_examples",
+    "lora_examples",
+    "norm_example",
+    "norm_examples",
+    "value_from_bits",
+]

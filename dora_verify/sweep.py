@@ -21,6 +21,7 @@ one section each to report.json (``experiments[NAME]``) and report.md, plus thei
 * ``scaling``          each form's and the kernels' error across d_in, d_out, rank and tokens, the bounds
                        overlaid, growth exponents fitted (``dora_verify.scaling``).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -85,12 +86,15 @@ class SweepConfig:
             warnings.simplefilter("ignore")
             s = self.s
         if not (math.isfinite(s) and s > 0):
-            raise ValueError(f"LoRA scaling s = alpha/{'sqrt(r)' if self.rslora else 'r'} = {s} in fp32: "
-                             "need a positive finite fp32 value (choose another --alpha)")
+            raise ValueError(
+                f"LoRA scaling s = alpha/{'sqrt(r)' if self.rslora else 'r'} = {s} in fp32: "
+                "need a positive finite fp32 value (choose another --alpha)"
+            )
         lo, hi, per = self.g_grid
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi <= 1) or int(per) != per or not 1 <= per <= 50:
-            raise ValueError(f"g grid must be LO:HI:PER_DECADE with 0 < LO < HI ≤ 1 and 1 ≤ PER_DECADE ≤ 50, "
-                             f"got {lo}:{hi}:{per}")
+            raise ValueError(
+                f"g grid must be LO:HI:PER_DECADE with 0 < LO < HI ≤ 1 and 1 ≤ PER_DECADE ≤ 50, got {lo}:{hi}:{per}"
+            )
         fmt = parse_format(self.dtype)
         if fmt.bits == 64:
             raise ValueError("dtype fp64 is the oracle's own precision: choose bf16, fp16 or fp32")
@@ -137,8 +141,9 @@ def parse_experiments(text: str) -> tuple:
         return tuple(EXPERIMENTS)
     bad = [n for n in names if n not in EXPERIMENTS]
     if bad:
-        raise ValueError(f"unknown experiment(s) {', '.join(map(repr, bad))}; choose from "
-                         f"{', '.join(EXPERIMENTS)}, all or none")
+        raise ValueError(
+            f"unknown experiment(s) {', '.join(map(repr, bad))}; choose from {', '.join(EXPERIMENTS)}, all or none"
+        )
     return tuple(dict.fromkeys(names))
 
 
@@ -153,11 +158,42 @@ def _slim(m: dict, keys) -> dict:
     return {k: m[k] for k in keys if k in m}
 
 
-Y_KEYS = ("max_abs", "rmse", "max_ulp", "p99_ulp", "mean_signed_ulp", "frac_correctly_rounded", "frac_faithful",
-          "floor_max_abs", "floor_ratio", "bits_lost", "cosine", "normwise_rel", "nonfinite_mismatch", "nan", "inf",
-          "worst_index", "oracle_bound_max", "max_ulp_terms", "ulp_hist", "ulp_terms_hist", "bound_ratio")
-D_KEYS = ("max_abs", "normwise_rel", "max_ulp", "frac_correctly_rounded", "floor_ratio", "cosine", "nan", "inf",
-          "worst_index", "max_ulp_terms", "bound_ratio")
+Y_KEYS = (
+    "max_abs",
+    "rmse",
+    "max_ulp",
+    "p99_ulp",
+    "mean_signed_ulp",
+    "frac_correctly_rounded",
+    "frac_faithful",
+    "floor_max_abs",
+    "floor_ratio",
+    "bits_lost",
+    "cosine",
+    "normwise_rel",
+    "nonfinite_mismatch",
+    "nan",
+    "inf",
+    "worst_index",
+    "oracle_bound_max",
+    "max_ulp_terms",
+    "ulp_hist",
+    "ulp_terms_hist",
+    "bound_ratio",
+)
+D_KEYS = (
+    "max_abs",
+    "normwise_rel",
+    "max_ulp",
+    "frac_correctly_rounded",
+    "floor_ratio",
+    "cosine",
+    "nan",
+    "inf",
+    "worst_index",
+    "max_ulp_terms",
+    "bound_ratio",
+)
 N_KEYS = ("max_rel", "normwise_rel", "max_abs", "nonfinite_mismatch", "nan", "inf", "worst_index")
 _WORST_KEYS = ("max_abs", "rmse", "max_ulp", "max_rel", "normwise_rel", "bits_lost", "floor_ratio", "max_ulp_terms")
 
@@ -202,10 +238,14 @@ def compose_row_bounds(name: str, impl, base, lora, g, s: float, y_exact, fmt, f
         out = []
         for what, b in zip(("Δ", "y"), pair):
             if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(base.shape)):
-                got = (f"{str(b.dtype).replace('torch.', '')} {tuple(b.shape)}" if isinstance(b, torch.Tensor)
-                       else type(b).__name__)
-                raise ValueError(f"compose_bound's {what} bound must be a tensor of shape {tuple(base.shape)}, "
-                                 f"got {got}")
+                got = (
+                    f"{str(b.dtype).replace('torch.', '')} {tuple(b.shape)}"
+                    if isinstance(b, torch.Tensor)
+                    else type(b).__name__
+                )
+                raise ValueError(
+                    f"compose_bound's {what} bound must be a tensor of shape {tuple(base.shape)}, got {got}"
+                )
             out.append(None if b is None else b.detach().to(device=base.device, dtype=torch.float64))
         return tuple(out)
     if impl.contract == "faithful":
@@ -272,27 +312,60 @@ def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
             out, failed = call_impl("compose", fn, (base, lora, g), s, base.shape, base.dtype, pair=True)
             y, d = out if out is not None else (None, None)
             if failed:
-                recs.append(dict(extra, form=name, failed=failed, y=None, delta=None, g_eff_bias=None, g_eff_rms=None,
-                                 g_correction_lost=None, g_correction_lost_floor=None, **oracle))
+                recs.append(
+                    dict(
+                        extra,
+                        form=name,
+                        failed=failed,
+                        y=None,
+                        delta=None,
+                        g_eff_bias=None,
+                        g_eff_rms=None,
+                        g_correction_lost=None,
+                        g_correction_lost_floor=None,
+                        **oracle,
+                    )
+                )
                 continue
         else:
             y, d = fn(base, lora, g, s)
             if tuple(y.shape) != tuple(base.shape) or y.dtype != base.dtype:
-                raise ValueError(f"{name}: compose returned {y.dtype} {tuple(y.shape)}, want {base.dtype} {tuple(base.shape)}")
+                raise ValueError(
+                    f"{name}: compose returned {y.dtype} {tuple(y.shape)}, want {base.dtype} {tuple(base.shape)}"
+                )
         try:
             d_bound, y_bound = compose_row_bounds(name, impl, base, lora, g, s, y_ref.value, y_ref.fmt, form_bounds)
         except Exception as e:  # noqa: BLE001 - a user's compose_bound failing is that row's result
-            recs.append(dict(extra, form=name, failed=f"compose_bound failed: {_one_line(e)}", y=None, delta=None,
-                             g_eff_bias=None, g_eff_rms=None, g_correction_lost=None, g_correction_lost_floor=None,
-                             **oracle))
+            recs.append(
+                dict(
+                    extra,
+                    form=name,
+                    failed=f"compose_bound failed: {_one_line(e)}",
+                    y=None,
+                    delta=None,
+                    g_eff_bias=None,
+                    g_eff_rms=None,
+                    g_correction_lost=None,
+                    g_correction_lost_floor=None,
+                    **oracle,
+                )
+            )
             continue
         beta = effective_scale_error(y, y_ref, inner)
         hist = "regime" in extra  # the regime grid's records carry the ulp histograms (ulp_histogram.png)
-        recs.append(dict(extra, form=name, y=_slim(_measure(y, y_ref, y_bound, terms=y_terms, histograms=hist), Y_KEYS),
-                         delta=None if d is None else _slim(_measure(d, d_ref, d_bound, terms=d_terms), D_KEYS),
-                         g_eff_bias=float(beta.mean()), g_eff_rms=float(beta.square().mean().sqrt()),
-                         g_correction_lost=correction_lost(beta - beta_floor, gm1),
-                         g_correction_lost_floor=correction_lost(beta_floor, gm1), **oracle))
+        recs.append(
+            dict(
+                extra,
+                form=name,
+                y=_slim(_measure(y, y_ref, y_bound, terms=y_terms, histograms=hist), Y_KEYS),
+                delta=None if d is None else _slim(_measure(d, d_ref, d_bound, terms=d_terms), D_KEYS),
+                g_eff_bias=float(beta.mean()),
+                g_eff_rms=float(beta.square().mean().sqrt()),
+                g_correction_lost=correction_lost(beta - beta_floor, gm1),
+                g_correction_lost_floor=correction_lost(beta_floor, gm1),
+                **oracle,
+            )
+        )
     return recs
 
 
@@ -310,8 +383,11 @@ def paper_metrics(approx: torch.Tensor, ref: Reference) -> dict:
     if not bool(torch.isfinite(a).all()):
         return compare(approx, ref)
     err = ((a - ref.hi) - ref.lo).abs()
-    return {"max_abs": float(err.max()), "max_ulp": float((err / ulp(ref.value, ref.fmt)).max()),
-            "frac_correctly_rounded": float((a == ref.rounded.nearest).sum()) / max(1, a.numel())}
+    return {
+        "max_abs": float(err.max()),
+        "max_ulp": float((err / ulp(ref.value, ref.fmt)).max()),
+        "frac_correctly_rounded": float((a == ref.rounded.nearest).sum()) / max(1, a.numel()),
+    }
 
 
 def paper_figure1(cfg: SweepConfig, gen_device) -> dict:
@@ -338,27 +414,34 @@ def paper_figure1(cfg: SweepConfig, gen_device) -> dict:
         _, d = F.COMPOSE_FORMS[name].fn(base, lora, g, s)
         vs_paper = float((d.double() - ref_unrounded).abs().max())
         exact = paper_metrics(d, d_ref)
-        out["forms"][name] = {"max_abs_vs_unrounded_fp64": vs_paper,
-                              "max_abs_vs_exact": exact["max_abs"], "max_ulp_vs_exact": exact["max_ulp"],
-                              "frac_correctly_rounded": exact["frac_correctly_rounded"]}
+        out["forms"][name] = {
+            "max_abs_vs_unrounded_fp64": vs_paper,
+            "max_abs_vs_exact": exact["max_abs"],
+            "max_ulp_vs_exact": exact["max_ulp"],
+            "frac_correctly_rounded": exact["frac_correctly_rounded"],
+        }
     out["floor_unrounded"] = floor_unrounded
     out["floor_exact"] = float((d_ref.rounded.nearest - d_hi).abs().max())
     nf, sf = out["forms"]["naive"], out["forms"]["stable_gcast"]
-    out["ratio_naive_over_stable_paper_protocol"] = ratio(nf["max_abs_vs_unrounded_fp64"], sf["max_abs_vs_unrounded_fp64"])
+    out["ratio_naive_over_stable_paper_protocol"] = ratio(
+        nf["max_abs_vs_unrounded_fp64"], sf["max_abs_vs_unrounded_fp64"]
+    )
     out["ratio_naive_over_stable_exact"] = ratio(nf["max_abs_vs_exact"], sf["max_abs_vs_exact"])
     return out
 
 
 def compose_g_sweep(cfg: SweepConfig, device, tick, impls=()) -> list:
-    case = make_case("trained", cfg.d_out, cfg.d_in, cfg.rank, cfg.grid_tokens, cfg.dtype, cfg.seed, cfg.s,
-                     cfg.adapter_ratio, device)
+    case = make_case(
+        "trained", cfg.d_out, cfg.d_in, cfg.rank, cfg.grid_tokens, cfg.dtype, cfg.seed, cfg.s, cfg.adapter_ratio, device
+    )
     base, lora = case.compose_inputs()
     recs = []
     for delta in g_offsets(*cfg.g_grid, dtype=cfg.dtype):
         g32 = torch.tensor(1.0 + delta, dtype=torch.float32)
         g = g32.expand(cfg.d_out).contiguous().to(device)
-        recs += _compose_records(base, lora, g, case.s, {"g_minus_1": float(g32.double() - 1.0), "g_offset_nominal": delta},
-                                 impls)
+        recs += _compose_records(
+            base, lora, g, case.s, {"g_minus_1": float(g32.double() - 1.0), "g_offset_nominal": delta}, impls
+        )
         tick(f"g-1={delta:+.1e}")
     return recs
 
@@ -366,8 +449,18 @@ def compose_g_sweep(cfg: SweepConfig, device, tick, impls=()) -> list:
 def compose_regimes(cfg: SweepConfig, device, tick, impls=()) -> list:
     recs = []
     for regime in cfg.regimes:
-        case = make_case(regime, cfg.d_out, cfg.d_in, cfg.rank, cfg.grid_tokens, cfg.dtype, cfg.seed, cfg.s,
-                         cfg.adapter_ratio, device)
+        case = make_case(
+            regime,
+            cfg.d_out,
+            cfg.d_in,
+            cfg.rank,
+            cfg.grid_tokens,
+            cfg.dtype,
+            cfg.seed,
+            cfg.s,
+            cfg.adapter_ratio,
+            device,
+        )
         base, lora = case.compose_inputs()
         recs += _compose_records(base, lora, case.g, case.s, {"regime": regime}, impls)
         tick(regime)
@@ -377,29 +470,55 @@ def compose_regimes(cfg: SweepConfig, device, tick, impls=()) -> list:
 def _norm_records(case, extra: dict, impls=()) -> list:
     truth = row_norm_truth(case.W, case.A, case.B, case.s)
     fp32 = parse_format("fp32")
-    ref = Reference(truth.nu, torch.zeros_like(truth.nu), truth.bound, fp32,
-                    certified_round(truth.nu, torch.zeros_like(truth.nu), truth.bound, fp32))
-    oracle = dict(max_cond=float(truth.cond[torch.isfinite(truth.cond)].max()),
-                  oracle_tier2_rows=len(truth.tier2_rows), oracle_uncertified_rows=len(truth.uncertified_rows),
-                  oracle_max_rel_bound=float(truth.rel_bound.max()))
+    ref = Reference(
+        truth.nu,
+        torch.zeros_like(truth.nu),
+        truth.bound,
+        fp32,
+        certified_round(truth.nu, torch.zeros_like(truth.nu), truth.bound, fp32),
+    )
+    oracle = dict(
+        max_cond=float(truth.cond[torch.isfinite(truth.cond)].max()),
+        oracle_tier2_rows=len(truth.tier2_rows),
+        oracle_uncertified_rows=len(truth.uncertified_rows),
+        oracle_max_rel_bound=float(truth.rel_bound.max()),
+    )
     recs = []
     for name, fn, impl in [(f.name, f.fn, None) for f in F.NORM_FORMS.values()] + _impl_rows(impls, "norm"):
         if impl is not None:
             nu, failed = call_impl("norm", fn, (case.W, case.A, case.B), case.s, (case.W.shape[0],))
             if failed:
-                recs.append(dict(extra, form=name, failed=failed, nu_dtype=None, **{k: None for k in N_KEYS},
-                                 p99_rel=None, special_rows_max_rel=None, **oracle))
+                recs.append(
+                    dict(
+                        extra,
+                        form=name,
+                        failed=failed,
+                        nu_dtype=None,
+                        **{k: None for k in N_KEYS},
+                        p99_rel=None,
+                        special_rows_max_rel=None,
+                        **oracle,
+                    )
+                )
                 continue
         else:
             nu = fn(case.W, case.A, case.B, case.s).to(case.W.device)
             if tuple(nu.shape) != (case.W.shape[0],):
                 raise ValueError(f"{name}: norm returned shape {tuple(nu.shape)}, want ({case.W.shape[0]},)")
         m = _measure(nu, ref, rel_floor=1e-30)
-        rel = ((nu.double() - truth.nu).abs() / truth.nu.clamp_min(1e-30))
+        rel = (nu.double() - truth.nu).abs() / truth.nu.clamp_min(1e-30)
         special = case.special_rows
-        recs.append(dict(extra, form=name, nu_dtype=str(nu.dtype).replace("torch.", ""), **_slim(m, N_KEYS),
-                         p99_rel=_p99(rel), special_rows_max_rel=float(rel[special].max()) if special else None,
-                         **oracle))
+        recs.append(
+            dict(
+                extra,
+                form=name,
+                nu_dtype=str(nu.dtype).replace("torch.", ""),
+                **_slim(m, N_KEYS),
+                p99_rel=_p99(rel),
+                special_rows_max_rel=float(rel[special].max()) if special else None,
+                **oracle,
+            )
+        )
     return recs
 
 
@@ -412,7 +531,9 @@ def _p99(t: torch.Tensor) -> float:
 def norm_regimes(cfg: SweepConfig, device, tick, impls=()) -> list:
     recs = []
     for regime in cfg.regimes:
-        case = make_case(regime, cfg.d_out, cfg.d_in, cfg.rank, 1, cfg.dtype, cfg.seed, cfg.s, cfg.adapter_ratio, device)
+        case = make_case(
+            regime, cfg.d_out, cfg.d_in, cfg.rank, 1, cfg.dtype, cfg.seed, cfg.s, cfg.adapter_ratio, device
+        )
         recs += _norm_records(case, {"regime": regime, "rank": cfg.rank}, impls)
         tick(regime)
     return recs
@@ -451,8 +572,17 @@ BELOW_RESOLUTION_LO = 1e-4  # smallest |g − 1| whose correction the per-row re
 def headline(paper: dict, g_recs: list, dtype: str = "bf16", other_recs: list = ()) -> dict:
     """The numbers the report leads with; ``dtype``: the sweep's (its g resolution picks the sub-resolution points);
     ``other_recs``: the regime grid's records, which join the g sweep's in the bound-ratio summary."""
-    h = {"paper_figure1": {k: paper[k] for k in ("ratio_naive_over_stable_paper_protocol", "ratio_naive_over_stable_exact",
-                                                 "floor_unrounded", "floor_exact")}}
+    h = {
+        "paper_figure1": {
+            k: paper[k]
+            for k in (
+                "ratio_naive_over_stable_paper_protocol",
+                "ratio_naive_over_stable_exact",
+                "floor_unrounded",
+                "floor_exact",
+            )
+        }
+    }
     h["paper_figure1"]["naive_max_abs_vs_unrounded"] = paper["forms"]["naive"]["max_abs_vs_unrounded_fp64"]
     h["paper_figure1"]["stable_max_abs_vs_unrounded"] = paper["forms"]["stable_gcast"]["max_abs_vs_unrounded_fp64"]
     # g rounding loss: points with 1e-4 <= |g - 1| < 2^-(p+1): g rounds to exactly 1 in the sweep's dtype, and the
@@ -474,14 +604,24 @@ def headline(paper: dict, g_recs: list, dtype: str = "bf16", other_recs: list = 
             "g_correction_lost_min": _worst(min, (x["g_correction_lost"] for x in rs)),
             "g_correction_lost_max": _worst(max, (x["g_correction_lost"] for x in rs)),
         }
-    h["below_resolution"] = {"dtype": dtype, "threshold": thr, "lo": BELOW_RESOLUTION_LO,
-                             "points": len({r["g_minus_1"] for r in below}), "by_form": loss}
+    h["below_resolution"] = {
+        "dtype": dtype,
+        "threshold": thr,
+        "lo": BELOW_RESOLUTION_LO,
+        "points": len({r["g_minus_1"] for r in below}),
+        "by_form": loss,
+    }
     h["bound_ratio"] = bound_summary(list(g_recs) + list(other_recs))
     at1 = {r["form"]: r for r in g_recs if r["g_minus_1"] == 0.0 and not r.get("failed")}
     if at1:
-        h["g_equals_1"] = {f: {"y_max_ulp": r["y"]["max_ulp"], "y_frac_correctly_rounded": r["y"]["frac_correctly_rounded"],
-                               "delta_normwise_rel": r["delta"]["normwise_rel"] if r["delta"] else None}
-                           for f, r in at1.items()}
+        h["g_equals_1"] = {
+            f: {
+                "y_max_ulp": r["y"]["max_ulp"],
+                "y_frac_correctly_rounded": r["y"]["frac_correctly_rounded"],
+                "delta_normwise_rel": r["delta"]["normwise_rel"] if r["delta"] else None,
+            }
+            for f, r in at1.items()
+        }
     return h
 
 
@@ -529,8 +669,9 @@ def load_impls(specs, device="cpu") -> list:
             out.append(kernels_impl(tier="fused" if torch.device(device).type == "cuda" else "eager"))
             continue
         if spec == "forms" or spec.startswith("form:"):
-            raise ImplError(f"--impl {spec!r}: every form is in the sweep already; --impl takes kernels, peft or "
-                            "module:callable")
+            raise ImplError(
+                f"--impl {spec!r}: every form is in the sweep already; --impl takes kernels, peft or module:callable"
+            )
         try:
             out += load_impl(spec)
         except ImplError:
@@ -576,8 +717,10 @@ def available_bytes(device: torch.device):
             have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, AttributeError):
             pass
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             with open(limit) as a, open(usage) as b:
                 left = int(a.read().strip()) - int(b.read().strip())  # 'max' (no limit) raises ValueError
@@ -594,11 +737,12 @@ def check_memory(cfg: SweepConfig, device: torch.device) -> int:
     need = estimate_peak_bytes(cfg)
     have, where = available_bytes(device)
     if have is not None and need > have:
-        gib = 2.0 ** 30
+        gib = 2.0**30
         raise SweepMemoryError(
             f"a sweep of W {cfg.d_out}x{cfg.d_in} with {max(cfg.tokens, cfg.grid_tokens)} tokens needs about "
             f"{need / gib:.1f} GiB (estimate: sweep.estimate_peak_bytes) but {where} has {have / gib:.1f} GiB "
-            "available: choose a smaller --shape, --tokens or --grid-tokens")
+            "available: choose a smaller --shape, --tokens or --grid-tokens"
+        )
     return need
 
 
@@ -637,8 +781,9 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
     torch.manual_seed(cfg.seed)
     n_g = len(g_offsets(*cfg.g_grid, dtype=cfg.dtype))
     extra = {name: experiment_module(name) for name in cfg.experiments}
-    steps = _Steps(1 + n_g + 2 * len(cfg.regimes) + len(cfg.ranks) + sum(int(m.steps(cfg)) for m in extra.values()),
-                   progress)
+    steps = _Steps(
+        1 + n_g + 2 * len(cfg.regimes) + len(cfg.ranks) + sum(int(m.steps(cfg)) for m in extra.values()), progress
+    )
     t0 = time.time()
     timings = {}
 
@@ -680,13 +825,20 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
             "norm_rank": nrank,
             **sections,
         },
-        "forms": {"compose": {k: v.summary for k, v in F.COMPOSE_FORMS.items()},
-                  "norm": {k: v.summary for k, v in F.NORM_FORMS.items()}},
-        "implementations": {f"impl:{im.name}": {"spec": spec, "compose": im.compose is not None,
-                                                "norm": im.norm is not None,
-                                                "layer": getattr(im, "layer", None) is not None,
-                                                "held_to": held_to(im)}
-                            for spec, im in zip(cfg.impls, impls)},
+        "forms": {
+            "compose": {k: v.summary for k, v in F.COMPOSE_FORMS.items()},
+            "norm": {k: v.summary for k, v in F.NORM_FORMS.items()},
+        },
+        "implementations": {
+            f"impl:{im.name}": {
+                "spec": spec,
+                "compose": im.compose is not None,
+                "norm": im.norm is not None,
+                "layer": getattr(im, "layer", None) is not None,
+                "held_to": held_to(im),
+            }
+            for spec, im in zip(cfg.impls, impls)
+        },
         "regimes": dict(REGIMES),
         "timings_s": dict(timings, total=round(time.time() - t0, 2)),
     }

@@ -12,6 +12,7 @@
 Ships as ``dora_verify.kernels`` (pyproject maps the top-level ``kernels/`` folder to it); no top-level
 module named ``kernels`` is installed. Each module's docstring states its numerical contract.
 """
+
 from .compose import compose
 from .dispatch import HAS_TRITON, Tier, select_tier
 from .layer import DoRALinear, lora_scaling
@@ -19,5 +20,17 @@ from .lora_compose import dora_lora_compose, lora_compose
 from .norm import factored_row_norm, frozen_norms, weight_row_sq
 from .scale import dora_scale
 
-__all__ = ["DoRALinear", "HAS_TRITON", "Tier", "compose", "dora_lora_compose", "dora_scale", "factored_row_norm", "frozen_norms",
-           "lora_compose", "lora_scaling", "select_tier", "weight_row_sq"]
+__all__ = [
+    "DoRALinear",
+    "HAS_TRITON",
+    "Tier",
+    "compose",
+    "dora_lora_compose",
+    "dora_scale",
+    "factored_row_norm",
+    "frozen_norms",
+    "lora_compose",
+    "lora_scaling",
+    "select_tier",
+    "weight_row_sq",
+]

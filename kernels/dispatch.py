@@ -12,6 +12,7 @@ also run on CPU tensors (logic checks only). Cases whose fused kernels are known
 be wrong (:func:`fused_supported`: the interpreter's bf16 ``tl.dot``) take the eager tier, and forcing
 the fused tier there raises ValueError. :func:`no_autocast` keeps autocast out of the ops' torch math.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,11 +75,14 @@ def fused_supported(op: str, dtype, device) -> "tuple[bool, str]":
         return False, f"the fused kernels take bf16, fp16 or fp32, got {bad[0]}"
     interp = interpreting()
     if not (kind == "cuda" or (interp and kind == "cpu")):
-        return False, (f"the fused tier needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU), "
-                       f"got a {device} tensor")
+        return False, (
+            f"the fused tier needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU), got a {device} tensor"
+        )
     if interp and op in DOT_OPS and torch.bfloat16 in dtypes:
-        return False, (f"{op} uses tl.dot, which the Triton interpreter evaluates on bf16's raw uint16 bits "
-                       f"(garbage); use the eager tier, fp16, or a GPU without TRITON_INTERPRET")
+        return False, (
+            f"{op} uses tl.dot, which the Triton interpreter evaluates on bf16's raw uint16 bits "
+            f"(garbage); use the eager tier, fp16, or a GPU without TRITON_INTERPRET"
+        )
     return True, ""
 
 
@@ -87,8 +91,9 @@ def triton_usable(t: torch.Tensor) -> bool:
     return fused_supported("compose", t.dtype, t.device)[0]
 
 
-def select_tier(base: torch.Tensor, needs_grad: bool, force: "Tier | str | None" = None, *, op: str = "compose",
-                dtype=None) -> Tier:
+def select_tier(
+    base: torch.Tensor, needs_grad: bool, force: "Tier | str | None" = None, *, op: str = "compose", dtype=None
+) -> Tier:
     """Pick the tier for ``op`` on ``base``'s shape and device; ``dtype``: the dtype(s) of the op's tl.dot
     operands (lora_compose: the adapter's; default ``base.dtype``; see :func:`fused_supported`).
 
@@ -100,9 +105,18 @@ def select_tier(base: torch.Tensor, needs_grad: bool, force: "Tier | str | None"
     if force is not None and not isinstance(force, (str, Tier)):
         raise ValueError(f"tier must be 'fused', 'eager' or a Tier, got {force!r}")
     n = base.numel()
-    return _select_tier(base.dtype, base.device, n >= TRAIN_MIN_ELEMENTS, n >= INFER_MIN_ELEMENTS, bool(needs_grad),
-                        force, op, dtype if isinstance(dtype, (torch.dtype, type(None))) else tuple(dtype),
-                        os.environ.get("TRITON_INTERPRET", "0"), HAS_TRITON)
+    return _select_tier(
+        base.dtype,
+        base.device,
+        n >= TRAIN_MIN_ELEMENTS,
+        n >= INFER_MIN_ELEMENTS,
+        bool(needs_grad),
+        force,
+        op,
+        dtype if isinstance(dtype, (torch.dtype, type(None))) else tuple(dtype),
+        os.environ.get("TRITON_INTERPRET", "0"),
+        HAS_TRITON,
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -137,7 +151,8 @@ def _select_tier(base_dtype, device, train_size, infer_size, needs_grad, force, 
 
 _AUTOCAST_TYPES = ("cpu", "cuda")
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
-    lambda: any(torch.is_autocast_enabled(k) for k in _AUTOCAST_TYPES))
+    lambda: any(torch.is_autocast_enabled(k) for k in _AUTOCAST_TYPES)
+)
 
 
 @contextlib.contextmanager
@@ -153,14 +168,29 @@ def autocast_off():
 
 def no_autocast(fn):
     """Decorator: run ``fn`` under :func:`autocast_off` (costs < 1 µs a call where autocast is off)."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if not _any_autocast():
             return fn(*args, **kwargs)
         with autocast_off():
             return fn(*args, **kwargs)
+
     return wrapper
 
 
-__all__ = ["DOT_OPS", "HAS_TRITON", "INFER_MIN_ELEMENTS", "KERNEL_DTYPES", "OPS", "TRAIN_MIN_ELEMENTS", "Tier", "autocast_off",
-           "fused_supported", "interpreting", "no_autocast", "select_tier", "triton_usable"]
+__all__ = [
+    "DOT_OPS",
+    "HAS_TRITON",
+    "INFER_MIN_ELEMENTS",
+    "KERNEL_DTYPES",
+    "OPS",
+    "TRAIN_MIN_ELEMENTS",
+    "Tier",
+    "autocast_off",
+    "fused_supported",
+    "interpreting",
+    "no_autocast",
+    "select_tier",
+    "triton_usable",
+]

@@ -25,13 +25,22 @@ all-gathers the partials instead and sums them in rank order on every rank — t
 whatever the collective's algorithm, for P times the partials' memory (P·(d_out·r + r² + d_out) float64).
 Transient memory per rank: O(d_out·r + r²) float64 (the partials) plus the local norm's own, never a gathered W.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from .norm import (DEFAULT_CHUNK_BYTES, DEFAULT_KAPPA_MAX, _row_chunks, assemble_norm, check_norm_inputs,
-                   factored_row_norm, wa_product, weight_row_sq)
+from .norm import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_KAPPA_MAX,
+    _row_chunks,
+    assemble_norm,
+    check_norm_inputs,
+    factored_row_norm,
+    wa_product,
+    weight_row_sq,
+)
 from .scale import check_scaling
 
 LAYOUTS = ("rows", "cols")
@@ -53,10 +62,15 @@ def _sum_across(t: torch.Tensor, group, deterministic: bool) -> torch.Tensor:
 def _cols_norm(W, A, B, s, group, kappa_max, deterministic, chunk_bytes):
     d_out, r = W.shape[0], A.shape[0]
     A64 = A.to(torch.float64)
-    terms = torch.cat([weight_row_sq(W, chunk_bytes), wa_product(W, A, chunk_bytes).to(torch.float64).flatten(),
-                       (A64 @ A64.t()).flatten()])
+    terms = torch.cat(
+        [
+            weight_row_sq(W, chunk_bytes),
+            wa_product(W, A, chunk_bytes).to(torch.float64).flatten(),
+            (A64 @ A64.t()).flatten(),
+        ]
+    )
     terms = _sum_across(terms, group, deterministic)
-    wsq, U, G = terms[:d_out], terms[d_out:d_out + d_out * r].view(d_out, r), terms[d_out + d_out * r:].view(r, r)
+    wsq, U, G = terms[:d_out], terms[d_out : d_out + d_out * r].view(d_out, r), terms[d_out + d_out * r :].view(r, r)
     nu, kappa = assemble_norm(wsq, U, G, B, s)
     bad = torch.nonzero(kappa > kappa_max).flatten()  # the same rows on every rank: the terms are identical
     if bad.numel():
@@ -69,9 +83,19 @@ def _cols_norm(W, A, B, s, group, kappa_max, deterministic, chunk_bytes):
     return nu.to(torch.float32), kappa
 
 
-def sharded_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, *, layout: str,
-                     group=None, kappa_max: float = DEFAULT_KAPPA_MAX, deterministic: bool = False,
-                     chunk_bytes: int = DEFAULT_CHUNK_BYTES, return_kappa: bool = False):
+def sharded_row_norm(
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    s: float,
+    *,
+    layout: str,
+    group=None,
+    kappa_max: float = DEFAULT_KAPPA_MAX,
+    deterministic: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    return_kappa: bool = False,
+):
     """ν = ‖W + s·BA‖_row from this rank's shards (module docstring), fp32.
 
     ``layout='rows'``: W [d_out_p, d_in], B [d_out_p, r], A [r, d_in] (whole) → ν of the local rows [d_out_p];
@@ -93,8 +117,9 @@ def sharded_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float
     with torch.no_grad():
         W, A, B = W.detach(), A.detach(), B.detach()
         if layout == "rows":
-            nu, info = factored_row_norm(W, A, B, s, kappa_max=kappa_max, chunk_bytes=chunk_bytes,
-                                         return_info=True, validate=False)
+            nu, info = factored_row_norm(
+                W, A, B, s, kappa_max=kappa_max, chunk_bytes=chunk_bytes, return_info=True, validate=False
+            )
             kappa = info.kappa
         else:
             if not dist.is_initialized():
@@ -123,17 +148,16 @@ def dtensor_row_norm(W, A, B, s: float, *, kappa_max: float = DEFAULT_KAPPA_MAX,
         if not (isinstance(B, DTensor) and B.placements == W.placements):
             raise ValueError("W is row-sharded (Shard(0)): B must be a DTensor sharded the same way")
         nu = sharded_row_norm(W.to_local(), full(A), B.to_local(), s, layout="rows", **kw)
-        return DTensor.from_local(nu, mesh, (Shard(0),), run_check=False, shape=torch.Size([W.shape[0]]),
-                                  stride=(1,))
+        return DTensor.from_local(nu, mesh, (Shard(0),), run_check=False, shape=torch.Size([W.shape[0]]), stride=(1,))
     if isinstance(pl, Shard) and pl.dim == 1:
         if not (isinstance(A, DTensor) and A.placements == W.placements):
             raise ValueError("W is column-sharded (Shard(1)): A must be a DTensor sharded the same way")
-        nu = sharded_row_norm(W.to_local(), A.to_local(), full(B), s, layout="cols",
-                              group=mesh.get_group(), **kw)
+        nu = sharded_row_norm(W.to_local(), A.to_local(), full(B), s, layout="cols", group=mesh.get_group(), **kw)
         return DTensor.from_local(nu, mesh, (Replicate(),), run_check=False)
     if isinstance(pl, Replicate):
-        return DTensor.from_local(factored_row_norm(local(W), full(A), full(B), s, kappa_max=kappa_max), mesh, (Replicate(),),
-                                  run_check=False)
+        return DTensor.from_local(
+            factored_row_norm(local(W), full(A), full(B), s, kappa_max=kappa_max), mesh, (Replicate(),), run_check=False
+        )
     raise ValueError(f"unsupported placement of W: {pl}")
 
 

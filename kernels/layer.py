@@ -38,6 +38,7 @@ Forward (PEFT ``LoraConfig(use_dora=True)`` semantics):
   Non-finite parameters or inputs propagate (NaN/Inf in the output), as in PEFT: a finiteness check would cost
   a host synchronisation per call.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,17 +68,28 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
 
 def _check_kernel_dtype(name: str, dtype: torch.dtype) -> None:
     if dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{name} has dtype {dtype}; the DoRA kernels take bfloat16, float16 or float32 "
-                        "(float64 and integer tensors are not supported)")
+        raise TypeError(
+            f"{name} has dtype {dtype}; the DoRA kernels take bfloat16, float16 or float32 "
+            "(float64 and integer tensors are not supported)"
+        )
 
 
 class DoRALinear(nn.Module):
     """DoRA adapter around a frozen ``nn.Linear`` (see the module docstring for the semantics)."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: "float | None" = None, dropout: float = 0.0,
-                 use_rslora: bool = False, dropout_semantics: str = "peft",
-                 adapter_dtype: "torch.dtype | None" = None, eps: float = DEFAULT_EPS,
-                 save: str = "recompute", kappa_max: float = DEFAULT_KAPPA_MAX):
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        alpha: "float | None" = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        dropout_semantics: str = "peft",
+        adapter_dtype: "torch.dtype | None" = None,
+        eps: float = DEFAULT_EPS,
+        save: str = "recompute",
+        kappa_max: float = DEFAULT_KAPPA_MAX,
+    ):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
@@ -149,25 +161,45 @@ class DoRALinear(nn.Module):
             _check_kernel_dtype("base_layer.weight", W.dtype)
             _check_kernel_dtype("lora_A", self.lora_A.dtype)
         if x.dtype != W.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"input has dtype {x.dtype} but the weight is {W.dtype}: cast the input, or run the "
-                            "layer under torch.autocast")
+            raise TypeError(
+                f"input has dtype {x.dtype} but the weight is {W.dtype}: cast the input, or run the "
+                "layer under torch.autocast"
+            )
         xd = self.dropout(x)
         xa = F.linear(xd.to(self.lora_A.dtype), self.lora_A)
         peft_dropout = self.training and xd is not x and self.dropout_semantics == "peft"
         base = F.linear(x, W)
         if peft_dropout:  # only PEFT's dropout path composes Δ, which needs g − 1
             g, gm1 = self.scale(g_minus_1=True)
-            delta = compose(F.linear(xd, W), F.linear(xa, self.lora_B), g, self.scaling, g_minus_1=gm1,
-                            output="delta", save=self._compose_save)
+            delta = compose(
+                F.linear(xd, W),
+                F.linear(xa, self.lora_B),
+                g,
+                self.scaling,
+                g_minus_1=gm1,
+                output="delta",
+                save=self._compose_save,
+            )
             return (base + bias if bias is not None else base) + delta
-        if self.save in ("recompute", "x") and not torch.is_autocast_enabled(x.device.type) and (
-                self.lora_B.dtype != torch.float32 or not torch.compiler.is_compiling()):  # autocast: materialise
+        if (
+            self.save in ("recompute", "x")
+            and not torch.is_autocast_enabled(x.device.type)
+            and (self.lora_B.dtype != torch.float32 or not torch.compiler.is_compiling())
+        ):  # autocast: materialise
             if type(self).scale is not DoRALinear.scale:  # a subclass's own g (the toolkit's planted layers)
                 return lora_compose(base, xa, self.lora_B, self.scale(g_minus_1=False)[0], self.scaling, bias)
             keep_x = self.save == "x" and x.dtype == self.lora_B.dtype  # base formed again in the backward
-            return dora_lora_compose_unchecked(base, xa, self.lora_B, self.magnitude, self.weight_norm(),
-                                               self.scaling, bias, self.eps,
-                                               base_from=(x, W, None) if keep_x else None)  # g formed in the kernels
+            return dora_lora_compose_unchecked(
+                base,
+                xa,
+                self.lora_B,
+                self.magnitude,
+                self.weight_norm(),
+                self.scaling,
+                bias,
+                self.eps,
+                base_from=(x, W, None) if keep_x else None,
+            )  # g formed in the kernels
         g, _ = self.scale(g_minus_1=False)
         return compose(base, F.linear(xa, self.lora_B), g, self.scaling, bias, save=self._compose_save)
 
@@ -185,8 +217,13 @@ class DoRALinear(nn.Module):
 
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing this layer's eval-mode output (up to W's rounding)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None,
-                        device=self.base_layer.weight.device, dtype=self.base_layer.weight.dtype)
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.base_layer.bias is not None,
+            device=self.base_layer.weight.device,
+            dtype=self.base_layer.weight.dtype,
+        )
         with torch.no_grad():
             lin.weight.copy_(self.merged_weight())
             if self.base_layer.bias is not None:
@@ -194,8 +231,10 @@ class DoRALinear(nn.Module):
         return lin
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
-                f"s={self.scaling}, dropout_semantics={self.dropout_semantics!r}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+            f"s={self.scaling}, dropout_semantics={self.dropout_semantics!r}"
+        )
 
 
 __all__ = ["DoRALinear", "lora_scaling"]

@@ -39,6 +39,7 @@ Numerical contract (base in bf16/fp16/fp32; xa, B in bf16/fp16 on the fused tier
   ops (``no_autocast``): the eager tier's F.linear and the adapter-gradient GEMMs keep their dtypes under
   ``torch.autocast``, and the results are the same bits inside and outside autocast regions.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -46,8 +47,19 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .compose import (RED_BLOCK, SAVE_INPUTS, SAVE_NONE, _rows_cols, bwd_splits, check_bias, check_s,
-                      compose_backward_eager, compose_backward_fused, compose_forward_eager, compose_forward_fused)
+from .compose import (
+    RED_BLOCK,
+    SAVE_INPUTS,
+    SAVE_NONE,
+    _rows_cols,
+    bwd_splits,
+    check_bias,
+    check_s,
+    compose_backward_eager,
+    compose_backward_fused,
+    compose_forward_eager,
+    compose_forward_fused,
+)
 from .dispatch import HAS_TRITON, KERNEL_DTYPES, Tier, autocast_off, no_autocast, select_tier
 from .scale import DEFAULT_EPS, dora_scale
 
@@ -66,22 +78,31 @@ def lc_block_r(R: int) -> int:
     block only drops masked zero products: fp32 accumulation from +0 of the same nonzero products in the same
     order, then of exact zeros, gives the same bits — and forward and backward use the same block anyway."""
     return max(16, min(LC_BLOCK_R, 1 << max(0, int(R) - 1).bit_length()))
+
+
 _FUSED_ADAPTER_DTYPES = (torch.bfloat16, torch.float16)
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _lora_tile(xa_ptr, b_ptr, rows, cols, T, N, R, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_R: tl.constexpr):
+    def _lora_tile(
+        xa_ptr, b_ptr, rows, cols, T, N, R, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr
+    ):
         """RN_adapter(xa[rows] B[cols]ᵀ) as fp32: fp32 tensor-core accumulation over r, one rounding."""
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
-            xa = tl.load(xa_ptr + rows.to(tl.int64)[:, None] * R + rr[None, :],
-                         mask=(rows < T)[:, None] & (rr < R)[None, :], other=0.0)
-            b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * R + rr[None, :],  # B's rows as stored: coalesced
-                        mask=(cols < N)[:, None] & (rr < R)[None, :], other=0.0)
+            xa = tl.load(
+                xa_ptr + rows.to(tl.int64)[:, None] * R + rr[None, :],
+                mask=(rows < T)[:, None] & (rr < R)[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                b_ptr + cols.to(tl.int64)[:, None] * R + rr[None, :],  # B's rows as stored: coalesced
+                mask=(cols < N)[:, None] & (rr < R)[None, :],
+                other=0.0,
+            )
             acc = tl.dot(xa, tl.trans(b), acc, out_dtype=tl.float32)
         return acc.to(xa_ptr.dtype.element_ty).to(tl.float32)
 
@@ -96,10 +117,28 @@ if HAS_TRITON:
         return tl.load(g_ptr + cols, mask=cmask, other=0.0)
 
     @triton.jit
-    def _lora_compose_fwd_kernel(base_ptr, xa_ptr, b_ptr, g_ptr, mag_ptr, bias_ptr, out_ptr, lora_ptr, T, N, R, s,
-                                 eps, HAS_BIAS: tl.constexpr, WRITE_LORA: tl.constexpr, ODD: tl.constexpr,
-                                 G_FROM_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 BLOCK_R: tl.constexpr):
+    def _lora_compose_fwd_kernel(
+        base_ptr,
+        xa_ptr,
+        b_ptr,
+        g_ptr,
+        mag_ptr,
+        bias_ptr,
+        out_ptr,
+        lora_ptr,
+        T,
+        N,
+        R,
+        s,
+        eps,
+        HAS_BIAS: tl.constexpr,
+        WRITE_LORA: tl.constexpr,
+        ODD: tl.constexpr,
+        G_FROM_M: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
         n_n = tl.cdiv(N, BLOCK_N)  # one flat grid, column blocks fastest (as the compose forward)
         rows = (tl.program_id(0) // n_n) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = (tl.program_id(0) % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -115,11 +154,33 @@ if HAS_TRITON:
             tl.store(lora_ptr + offs, lo.to(lora_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _lora_compose_bwd_kernel(dy_ptr, base_ptr, xa_ptr, b_ptr, g_ptr, mag_ptr, dbase_ptr, partial_ptr, m_ptr,
-                                 db_ptr, gsb_ptr, T, N, R, s, eps, rows_per_split, WRITE_DBASE: tl.constexpr,
-                                 WRITE_DG: tl.constexpr, WRITE_DB: tl.constexpr, WRITE_GSB: tl.constexpr,
-                                 G_FROM_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 BLOCK_R: tl.constexpr):
+    def _lora_compose_bwd_kernel(
+        dy_ptr,
+        base_ptr,
+        xa_ptr,
+        b_ptr,
+        g_ptr,
+        mag_ptr,
+        dbase_ptr,
+        partial_ptr,
+        m_ptr,
+        db_ptr,
+        gsb_ptr,
+        T,
+        N,
+        R,
+        s,
+        eps,
+        rows_per_split,
+        WRITE_DBASE: tl.constexpr,
+        WRITE_DG: tl.constexpr,
+        WRITE_DB: tl.constexpr,
+        WRITE_GSB: tl.constexpr,
+        G_FROM_M: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
         """Per column block and row split: d_base = RN(g·dy), float64 partials of d_g; the first split also
         writes the adapter-gradient epilogues of its columns (the arithmetic of :func:`adapter_grads`, the same
         bits): gsB = RN(RN32(RN32(g·s)·B)) and d_B = RN_B(RN32(g·s)·M) with M = dyᵀxa (fp32)."""
@@ -167,8 +228,9 @@ def _splits(T: int, N: int) -> Tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- launchers
-def lora_compose_forward_fused(base, xa, B, g, bias, s: float, write_lora: bool = False, m=None,
-                               eps: float = DEFAULT_EPS):
+def lora_compose_forward_fused(
+    base, xa, B, g, bias, s: float, write_lora: bool = False, m=None, eps: float = DEFAULT_EPS
+):
     """Triton forward on contiguous [T, N] base, [T, r] xa, [N, r] B; returns (y, lora or None). With ``m``
     (the magnitude), ``g`` holds ν and the kernel forms g = m / max(ν, ε) itself (:func:`dora_lora_compose`)."""
     T, N = _rows_cols(base)
@@ -177,12 +239,31 @@ def lora_compose_forward_fused(base, xa, B, g, bias, s: float, write_lora: bool 
     lora = torch.empty(base.shape, dtype=xa.dtype, device=base.device) if write_lora else None  # None: host time
     if T and N:
         grid = (triton.cdiv(T, LC_BLOCK_T) * triton.cdiv(N, LC_BLOCK_N),)
-        _lora_compose_fwd_kernel[grid](base, xa, B, g, m if m is not None else g, bias if bias is not None else g,
-                                       out, lora if write_lora else out, T, N, R, s, eps, HAS_BIAS=bias is not None,
-                                       WRITE_LORA=write_lora, ODD=out.dtype != torch.float32,
-                                       G_FROM_M=m is not None, BLOCK_T=LC_BLOCK_T,
-                                       BLOCK_N=LC_BLOCK_N, BLOCK_R=lc_block_r(R), num_warps=LC_WARPS,
-                                       num_stages=LC_STAGES, enable_fp_fusion=False)
+        _lora_compose_fwd_kernel[grid](
+            base,
+            xa,
+            B,
+            g,
+            m if m is not None else g,
+            bias if bias is not None else g,
+            out,
+            lora if write_lora else out,
+            T,
+            N,
+            R,
+            s,
+            eps,
+            HAS_BIAS=bias is not None,
+            WRITE_LORA=write_lora,
+            ODD=out.dtype != torch.float32,
+            G_FROM_M=m is not None,
+            BLOCK_T=LC_BLOCK_T,
+            BLOCK_N=LC_BLOCK_N,
+            BLOCK_R=lc_block_r(R),
+            num_warps=LC_WARPS,
+            num_stages=LC_STAGES,
+            enable_fp_fusion=False,
+        )
     return out, lora
 
 
@@ -192,8 +273,20 @@ def lora_compose_backward_fused(dy, base, xa, B, g, s: float, need_base: bool, n
 
 
 @no_autocast
-def lora_compose_backward_fused_all(dy, base, xa, B, g, s: float, need_base: bool, need_g: bool, need_xa: bool,
-                                    need_B: bool, m=None, eps: float = DEFAULT_EPS):
+def lora_compose_backward_fused_all(
+    dy,
+    base,
+    xa,
+    B,
+    g,
+    s: float,
+    need_base: bool,
+    need_g: bool,
+    need_xa: bool,
+    need_B: bool,
+    m=None,
+    eps: float = DEFAULT_EPS,
+):
     """Triton backward with the adapter gradients: (d_base, d_g, d_xa, d_B), empties / None for what is not
     needed. d_xa and d_B are :func:`adapter_grads`' values bit for bit: the GEMM dyᵀxa (fp32) runs first, the
     backward kernel writes RN(g·s)-scaled B and d_B in its epilogue, then d_xa = dy·gsB — two host-side ops
@@ -215,14 +308,39 @@ def lora_compose_backward_fused_all(dy, base, xa, B, g, s: float, need_base: boo
     d_B = torch.empty((N, R), dtype=B.dtype, device=dev) if need_B else None
     gsB = torch.empty((N, R), dtype=dy.dtype, device=dev) if need_xa else None
     _lora_compose_bwd_kernel[(triton.cdiv(N, LC_BLOCK_N), splits)](
-        dy, base if need_g else dy, xa, B, g, m if m is not None else g, d_base if need_base else dy,
-        partial if need_g else g, M if need_B else g, d_B if need_B else g, gsB if need_xa else g, T, N, R, s, eps,
-        rows, WRITE_DBASE=need_base, WRITE_DG=need_g, WRITE_DB=need_B, WRITE_GSB=need_xa, G_FROM_M=m is not None,
-        BLOCK_T=LC_BLOCK_T, BLOCK_N=LC_BLOCK_N, BLOCK_R=lc_block_r(R), num_warps=LC_WARPS, num_stages=LC_STAGES,
-        enable_fp_fusion=False)
+        dy,
+        base if need_g else dy,
+        xa,
+        B,
+        g,
+        m if m is not None else g,
+        d_base if need_base else dy,
+        partial if need_g else g,
+        M if need_B else g,
+        d_B if need_B else g,
+        gsB if need_xa else g,
+        T,
+        N,
+        R,
+        s,
+        eps,
+        rows,
+        WRITE_DBASE=need_base,
+        WRITE_DG=need_g,
+        WRITE_DB=need_B,
+        WRITE_GSB=need_xa,
+        G_FROM_M=m is not None,
+        BLOCK_T=LC_BLOCK_T,
+        BLOCK_N=LC_BLOCK_N,
+        BLOCK_R=lc_block_r(R),
+        num_warps=LC_WARPS,
+        num_stages=LC_STAGES,
+        enable_fp_fusion=False,
+    )
     if need_g:
-        _sum_splits_kernel[(triton.cdiv(N, RED_BLOCK),)](partial, d_g, N, splits, g, eps, BLOCK=RED_BLOCK,
-                                                         D_M=m is not None)
+        _sum_splits_kernel[(triton.cdiv(N, RED_BLOCK),)](
+            partial, d_g, N, splits, g, eps, BLOCK=RED_BLOCK, D_M=m is not None
+        )
     d_xa = (dy @ gsB).to(xa.dtype) if need_xa else None
     return d_base, d_g, d_xa, d_B
 
@@ -239,8 +357,22 @@ def lora_compose_forward_eager(base, xa, B, g, bias, s: float, write_lora: bool 
 def lora_compose_backward_eager(dy, base, xa, B, g, s: float, need_base: bool, need_g: bool):
     """Eager tier: recomputes lora with the forward's GEMM (deterministic: the same bits), float64 d_g."""
     lora = F.linear(xa, B) if need_g else base
-    d_base, _, d_g = compose_backward_eager(dy, base, lora, dy.new_empty(0), g, None, s, False, SAVE_INPUTS,
-                                            base.dtype, lora.dtype, need_base, False, need_g)
+    d_base, _, d_g = compose_backward_eager(
+        dy,
+        base,
+        lora,
+        dy.new_empty(0),
+        g,
+        None,
+        s,
+        False,
+        SAVE_INPUTS,
+        base.dtype,
+        lora.dtype,
+        need_base,
+        False,
+        need_g,
+    )
     return d_base, d_g
 
 
@@ -259,15 +391,27 @@ def adapter_grads(dy, xa, B, g, s: float, need_xa: bool, need_B: bool):
     """(d_xa, d_B) of lora = xa Bᵀ under y = g ⊙ (… + s·lora): see the contract (module docstring)."""
     gs = g.to(torch.float32) * s  # RN32(g·s), as the compose's d_lora
     d_xa = dy @ (gs[:, None] * B.to(torch.float32)).to(dy.dtype) if need_xa else None
-    d_B = (gs[:, None] * _mm_fp32(dy.reshape(-1, dy.shape[-1]).t(), xa.reshape(-1, xa.shape[-1]).to(dy.dtype))
-           ).to(B.dtype) if need_B else None
+    d_B = (
+        (gs[:, None] * _mm_fp32(dy.reshape(-1, dy.shape[-1]).t(), xa.reshape(-1, xa.shape[-1]).to(dy.dtype))).to(
+            B.dtype
+        )
+        if need_B
+        else None
+    )
     return (d_xa.to(xa.dtype) if d_xa is not None else None), d_B
 
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
 @torch.library.custom_op("dora_verify::lora_compose_fwd", mutates_args=())
-def _lora_compose_fwd_op(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch.Tensor,
-                         bias: Optional[torch.Tensor], s: float, fused: bool) -> torch.Tensor:
+def _lora_compose_fwd_op(
+    base: torch.Tensor,
+    xa: torch.Tensor,
+    B: torch.Tensor,
+    g: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    s: float,
+    fused: bool,
+) -> torch.Tensor:
     fn = lora_compose_forward_fused if fused else lora_compose_forward_eager
     return fn(base, xa, B, g, bias, s)[0]
 
@@ -277,17 +421,28 @@ def _(base, xa, B, g, bias, s, fused):
     return torch.empty_like(base)
 
 
-def lora_compose_backward_eager_all(dy, base, xa, B, g, s: float, need_base: bool, need_g: bool, need_xa: bool,
-                                    need_B: bool):
+def lora_compose_backward_eager_all(
+    dy, base, xa, B, g, s: float, need_base: bool, need_g: bool, need_xa: bool, need_B: bool
+):
     """Eager tier of :func:`lora_compose_backward_fused_all`: (d_base, d_g, d_xa or None, d_B or None)."""
     d_base, d_g = lora_compose_backward_eager(dy, base, xa, B, g, s, need_base, need_g)
     return (d_base, d_g) + adapter_grads(dy, xa, B, g, s, need_xa, need_B)
 
 
 @torch.library.custom_op("dora_verify::lora_compose_bwd", mutates_args=())
-def _lora_compose_bwd_op(dy: torch.Tensor, base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch.Tensor,
-                         s: float, need_base: bool, need_g: bool, need_xa: bool, need_B: bool,
-                         fused: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lora_compose_bwd_op(
+    dy: torch.Tensor,
+    base: torch.Tensor,
+    xa: torch.Tensor,
+    B: torch.Tensor,
+    g: torch.Tensor,
+    s: float,
+    need_base: bool,
+    need_g: bool,
+    need_xa: bool,
+    need_B: bool,
+    fused: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fn = lora_compose_backward_fused_all if fused else lora_compose_backward_eager_all
     d_base, d_g, d_xa, d_B = fn(dy.contiguous(), base, xa, B, g, s, need_base, need_g, need_xa, need_B)
     empty = dy.new_empty(0)
@@ -297,10 +452,12 @@ def _lora_compose_bwd_op(dy: torch.Tensor, base: torch.Tensor, xa: torch.Tensor,
 @_lora_compose_bwd_op.register_fake
 def _(dy, base, xa, B, g, s, need_base, need_g, need_xa, need_B, fused):
     N = dy.shape[-1]
-    return (dy.new_empty(dy.shape if need_base else (0,), dtype=base.dtype),
-            dy.new_empty((N,) if need_g else (0,), dtype=torch.float32),
-            dy.new_empty(xa.shape if need_xa else (0,), dtype=xa.dtype if need_xa else dy.dtype),
-            dy.new_empty(B.shape if need_B else (0,), dtype=B.dtype if need_B else dy.dtype))
+    return (
+        dy.new_empty(dy.shape if need_base else (0,), dtype=base.dtype),
+        dy.new_empty((N,) if need_g else (0,), dtype=torch.float32),
+        dy.new_empty(xa.shape if need_xa else (0,), dtype=xa.dtype if need_xa else dy.dtype),
+        dy.new_empty(B.shape if need_B else (0,), dtype=B.dtype if need_B else dy.dtype),
+    )
 
 
 def _save(ctx, base, xa, B, g, bias, s, fused):
@@ -318,8 +475,15 @@ def _grads(ctx, dy, backward_all):
     base = base if base is not None else dy.new_empty(0)
     d_base, d_g, d_xa, d_B = backward_all(dy, base, xa, B, g, ctx.s, need_base, need_g, need_xa, need_B)
     d_bias = dy.to(torch.float32).reshape(-1, dy.shape[-1]).sum(dim=0).to(ctx.bias_dtype) if need_bias else None
-    return (d_base if need_base else None, d_xa if need_xa else None, d_B if need_B else None,
-            d_g if need_g else None, d_bias, None, None)
+    return (
+        d_base if need_base else None,
+        d_xa if need_xa else None,
+        d_B if need_B else None,
+        d_g if need_g else None,
+        d_bias,
+        None,
+        None,
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -370,16 +534,30 @@ class _LoRARecomputeFunction(torch.autograd.Function):
         dy = dy.contiguous()
         N, R = B.shape
         with autocast_off():
-            return _LoRARecomputeFunction._grads(ctx, dy, base, xa, B, g, N, R, need_base, need_xa, need_B, need_g,
-                                                 need_bias)
+            return _LoRARecomputeFunction._grads(
+                ctx, dy, base, xa, B, g, N, R, need_base, need_xa, need_B, need_g, need_bias
+            )
 
     @staticmethod
     def _grads(ctx, dy, base, xa, B, g, N, R, need_base, need_xa, need_B, need_g, need_bias):
         lora = F.linear(xa, B) if need_g else dy.new_empty(0)
         bwd = compose_backward_fused if ctx.fused else compose_backward_eager
-        d_base, d_lora, d_g = bwd(dy, base if base is not None else dy.new_empty(0), lora, dy.new_empty(0), g, None,
-                                  ctx.s, False, SAVE_INPUTS if need_g else SAVE_NONE, dy.dtype, xa.dtype, need_base,
-                                  need_xa or need_B, need_g)
+        d_base, d_lora, d_g = bwd(
+            dy,
+            base if base is not None else dy.new_empty(0),
+            lora,
+            dy.new_empty(0),
+            g,
+            None,
+            ctx.s,
+            False,
+            SAVE_INPUTS if need_g else SAVE_NONE,
+            dy.dtype,
+            xa.dtype,
+            need_base,
+            need_xa or need_B,
+            need_g,
+        )
         d_lora2 = d_lora.reshape(-1, N) if (need_xa or need_B) else None
         d_xa = (d_lora2 @ B).reshape(xa.shape) if need_xa else None
         d_B = d_lora2.t() @ xa.reshape(-1, R) if need_B else None
@@ -414,11 +592,23 @@ class _DoRAComposeFunction(torch.autograd.Function):
         if ctx.low_memory:
             base = _form_base(base, W, base_bias) if need_m else None
         base = base if base is not None else dy.new_empty(0)
-        d_base, d_m, d_xa, d_B = lora_compose_backward_fused_all(dy, base, xa, B, nu, ctx.s, need_base, need_m,
-                                                                 need_xa, need_B, m=m, eps=ctx.eps)
+        d_base, d_m, d_xa, d_B = lora_compose_backward_fused_all(
+            dy, base, xa, B, nu, ctx.s, need_base, need_m, need_xa, need_B, m=m, eps=ctx.eps
+        )
         d_bias = dy.to(torch.float32).reshape(-1, dy.shape[-1]).sum(dim=0).to(ctx.bias_dtype) if need_bias else None
-        return (d_base if need_base else None, d_xa if need_xa else None, d_B if need_B else None,
-                d_m if need_m else None, None, d_bias, None, None, None, None, None)
+        return (
+            d_base if need_base else None,
+            d_xa if need_xa else None,
+            d_B if need_B else None,
+            d_m if need_m else None,
+            None,
+            d_bias,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 @torch.no_grad()
@@ -441,8 +631,9 @@ def _check(base, xa, B, g, bias, s):
         raise ValueError(f"base must be [..., d_out] and B [d_out, r], got {tuple(base.shape)} and {tuple(B.shape)}")
     N, R = B.shape
     if base.shape[-1] != N or tuple(xa.shape) != tuple(base.shape[:-1]) + (R,):
-        raise ValueError(f"shape mismatch: base {tuple(base.shape)}, xa {tuple(xa.shape)} (want [..., {R}]), "
-                         f"B {tuple(B.shape)}")
+        raise ValueError(
+            f"shape mismatch: base {tuple(base.shape)}, xa {tuple(xa.shape)} (want [..., {R}]), B {tuple(B.shape)}"
+        )
     if g.dtype != torch.float32 or g.shape != (N,):
         raise TypeError(f"g must be float32 [{N}], got {g.dtype} {tuple(g.shape)}")
     check_bias(bias, N)
@@ -452,8 +643,16 @@ def _check(base, xa, B, g, bias, s):
     return check_s(s)
 
 
-def lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch.Tensor, s: float,
-                 bias: "torch.Tensor | None" = None, *, tier: "Tier | str | None" = None) -> torch.Tensor:
+def lora_compose(
+    base: torch.Tensor,
+    xa: torch.Tensor,
+    B: torch.Tensor,
+    g: torch.Tensor,
+    s: float,
+    bias: "torch.Tensor | None" = None,
+    *,
+    tier: "Tier | str | None" = None,
+) -> torch.Tensor:
     """y = g ⊙ (base + s·(xa Bᵀ)) + bias without materialising xa Bᵀ (contract: module docstring).
 
     ``base`` = x Wᵀ [..., d_out] (bias excluded), ``xa`` = dropout(x) Aᵀ [..., r], ``B`` [d_out, r], ``g``
@@ -470,8 +669,10 @@ def lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch
         fwd = compose_forward_fused if fused else compose_forward_eager
         with autocast_off():
             return fwd(b2, F.linear(x2, B), g.contiguous(), None, bias, s, False, SAVE_NONE)[0]
-    fused = (select_tier(b2, needs_grad, tier, op="lora_compose", dtype=xa.dtype) != Tier.EAGER
-             and xa.dtype in _FUSED_ADAPTER_DTYPES)
+    fused = (
+        select_tier(b2, needs_grad, tier, op="lora_compose", dtype=xa.dtype) != Tier.EAGER
+        and xa.dtype in _FUSED_ADAPTER_DTYPES
+    )
     args = (b2, x2, B.contiguous(), g.contiguous(), bias.contiguous() if bias is not None else None, s, fused)
     if torch.compiler.is_compiling():
         out = torch.ops.dora_verify.lora_compose_fwd(*args)
@@ -482,9 +683,18 @@ def lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, g: torch
     return out  # shaped like base and not a view (FSDP2 warns about views: an in-place op on one skips its hooks)
 
 
-def dora_lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, m: torch.Tensor, nu: torch.Tensor,
-                      s: float, bias: "torch.Tensor | None" = None, *, eps: float = DEFAULT_EPS,
-                      tier: "Tier | str | None" = None) -> torch.Tensor:
+def dora_lora_compose(
+    base: torch.Tensor,
+    xa: torch.Tensor,
+    B: torch.Tensor,
+    m: torch.Tensor,
+    nu: torch.Tensor,
+    s: float,
+    bias: "torch.Tensor | None" = None,
+    *,
+    eps: float = DEFAULT_EPS,
+    tier: "Tier | str | None" = None,
+) -> torch.Tensor:
     """``lora_compose(base, xa, B, dora_scale(m, nu, eps)[0], s, bias)`` — the same function and the same bits
     (y and the gradients of base, xa, B, m and bias) — with the scale g = m / max(ν, ε) formed inside the kernels.
 
@@ -500,13 +710,15 @@ def dora_lora_compose(base: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, m: 
     s = _check(base, xa, B, nu, bias, s)
     N = B.shape[0]
     if m.shape != (N,) or m.dtype not in KERNEL_DTYPES or m.device != base.device:
-        raise ValueError(f"m must be [{N}] (bf16, fp16 or fp32) on {base.device}, got {m.dtype} "
-                         f"{tuple(m.shape)} on {m.device}")
+        raise ValueError(
+            f"m must be [{N}] (bf16, fp16 or fp32) on {base.device}, got {m.dtype} {tuple(m.shape)} on {m.device}"
+        )
     return dora_lora_compose_unchecked(base, xa, B, m, nu, s, bias, float(eps), tier)
 
 
-def dora_lora_compose_unchecked(base, xa, B, m, nu, s: float, bias, eps: float, tier=None,
-                                base_from=None) -> torch.Tensor:
+def dora_lora_compose_unchecked(
+    base, xa, B, m, nu, s: float, bias, eps: float, tier=None, base_from=None
+) -> torch.Tensor:
     """:func:`dora_lora_compose` without its argument checks, for the layers (kernels/layer.py, kernels/peft.py),
     whose operands are consistent by construction: base = x Wᵀ and xa = x Aᵀ from their own GEMMs, B, m their
     parameters, ν from their norm runner (fp32 [d_out], detached), s an fp32 float, one device (checked there).
@@ -516,18 +728,40 @@ def dora_lora_compose_unchecked(base, xa, B, m, nu, s: float, bias, eps: float, 
     for b None) and the fused training path keeps x instead of base, forming base again in the backward
     (:class:`_DoRAComposeFunction`); elsewhere it changes nothing."""
     if xa.dtype in _FUSED_ADAPTER_DTYPES and not torch.compiler.is_compiling():
-        needs_grad = torch.is_grad_enabled() and (base.requires_grad or xa.requires_grad or B.requires_grad
-                                                  or m.requires_grad or (bias is not None and bias.requires_grad))
+        needs_grad = torch.is_grad_enabled() and (
+            base.requires_grad
+            or xa.requires_grad
+            or B.requires_grad
+            or m.requires_grad
+            or (bias is not None and bias.requires_grad)
+        )
         b2 = base.contiguous()
         if select_tier(b2, needs_grad, tier, op="lora_compose", dtype=xa.dtype) != Tier.EAGER:
-            args = (b2, xa.contiguous(), B.contiguous(), m.contiguous(), nu.contiguous(),
-                    bias.contiguous() if bias is not None else None, s, eps)
+            args = (
+                b2,
+                xa.contiguous(),
+                B.contiguous(),
+                m.contiguous(),
+                nu.contiguous(),
+                bias.contiguous() if bias is not None else None,
+                s,
+                eps,
+            )
             if needs_grad:
                 return _DoRAComposeFunction.apply(*args, *(base_from or ()))
             return lora_compose_forward_fused(*args[:3], args[4], args[5], s, m=args[3], eps=eps)[0]
     return lora_compose(base, xa, B, dora_scale(m, nu, eps, g_minus_1=False)[0], s, bias, tier=tier)
 
 
-__all__ = ["adapter_grads", "dora_lora_compose", "dora_lora_compose_unchecked", "lora_compose", "lora_compose_backward_eager", "lora_compose_backward_eager_all",
-           "lora_compose_backward_fused",
-           "lora_compose_backward_fused_all", "lora_compose_forward_eager", "lora_compose_forward_fused"]
+__all__ = [
+    "adapter_grads",
+    "dora_lora_compose",
+    "dora_lora_compose_unchecked",
+    "lora_compose",
+    "lora_compose_backward_eager",
+    "lora_compose_backward_eager_all",
+    "lora_compose_backward_fused",
+    "lora_compose_backward_fused_all",
+    "lora_compose_forward_eager",
+    "lora_compose_forward_fused",
+]

@@ -24,6 +24,7 @@ Numerical contract (W, A, B in bf16/fp16/fp32, ``s`` fp32-representable; result 
 * Autocast: the norm runs with autocast off (``torch.autocast(enabled=False)``), so an enclosing
   ``torch.autocast`` region never turns its fp32/float64 GEMMs into bf16/fp16 ones.
 """
+
 from __future__ import annotations
 
 import collections
@@ -41,8 +42,10 @@ from .scale import check_scaling
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
+
         HAS_TMA = True
     except ImportError:  # older Triton: pointer loads only
         HAS_TMA = False
@@ -67,8 +70,10 @@ def check_norm_inputs(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: floa
     d_out, d_in = W.shape
     r = A.shape[0]
     if A.shape[1] != d_in or tuple(B.shape) != (d_out, r):
-        raise ValueError(f"shape mismatch: W {tuple(W.shape)}, A {tuple(A.shape)} (want [r, {d_in}]), "
-                         f"B {tuple(B.shape)} (want [{d_out}, r])")
+        raise ValueError(
+            f"shape mismatch: W {tuple(W.shape)}, A {tuple(A.shape)} (want [r, {d_in}]), "
+            f"B {tuple(B.shape)} (want [{d_out}, r])"
+        )
     if d_out == 0 or d_in == 0 or r == 0:
         raise ValueError(f"empty operand: W {tuple(W.shape)}, A {tuple(A.shape)}")
     s = check_scaling(s)
@@ -95,21 +100,26 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float64)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + ks
-            w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + kk[None, :],
-                        mask=(rows < M)[:, None] & (kk < K)[None, :], other=0.0).to(tl.float64)
+            w = tl.load(
+                w_ptr + rows.to(tl.int64)[:, None] * stride_w + kk[None, :],
+                mask=(rows < M)[:, None] & (kk < K)[None, :],
+                other=0.0,
+            ).to(tl.float64)
             acc += w * w
         tl.store(out_ptr + rows, tl.sum(acc, axis=1), mask=rows < M)
 
 
-def weight_row_sq(W: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                  use_triton: "bool | None" = None) -> torch.Tensor:
+def weight_row_sq(
+    W: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES, use_triton: "bool | None" = None
+) -> torch.Tensor:
     """‖W_i‖² for every row, float64 (exact squares, float64 sums: relative error ≤ γ64_{d_in}). On CUDA one
     bandwidth-bound Triton pass over W (no float64 copy of W); elsewhere float64 torch ops chunked over rows."""
     out = torch.empty(W.shape[0], dtype=torch.float64, device=W.device)
     if (use_triton if use_triton is not None else (HAS_TRITON and W.is_cuda)) and W.numel():
         W = W if W.stride(1) == 1 else W.contiguous()
-        _row_sq_kernel[(triton.cdiv(W.shape[0], 4),)](W, out, W.shape[0], W.shape[1], W.stride(0),
-                                                      BLOCK_M=4, BLOCK_K=256, num_warps=4)
+        _row_sq_kernel[(triton.cdiv(W.shape[0], 4),)](
+            W, out, W.shape[0], W.shape[1], W.stride(0), BLOCK_M=4, BLOCK_K=256, num_warps=4
+        )
         return out
     for i0, i1 in _row_chunks(W.shape[0], W.shape[1] * 8, chunk_bytes):
         w = W[i0:i1].to(torch.float64)
@@ -164,9 +174,23 @@ if HAS_TRITON:
             tl.store(out_ptr + pid_k.to(tl.int64) * M * R + offs, acc, mask=msk)
 
     @triton.jit
-    def _wa_kernel(w_ptr, a_ptr, out_ptr, M, R, K, stride_w, stride_a, k_per_split, MODE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, FLUSH: tl.constexpr,
-                   SPLIT: tl.constexpr):
+    def _wa_kernel(
+        w_ptr,
+        a_ptr,
+        out_ptr,
+        M,
+        R,
+        K,
+        stride_w,
+        stride_a,
+        k_per_split,
+        MODE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        FLUSH: tl.constexpr,
+        SPLIT: tl.constexpr,
+    ):
         """U[m, j] = Σ_k W[m, k] A[j, k] over the d_in range of split ``program_id(1)``, in chains of
         BLOCK_K·FLUSH exact products summed in fp32 on the tensor cores and across chains in float64
         (:func:`_wa_chain_step`), so the (truncating) tensor-core accumulation never runs longer than a chain
@@ -186,18 +210,38 @@ if HAS_TRITON:
         part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for i in range(0, tl.cdiv(k_end - k_begin, BLOCK_K)):
             kk = k_begin + i * BLOCK_K + ks
-            w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + kk[None, :],
-                        mask=(rows < M)[:, None] & (kk < k_end)[None, :], other=0.0)
-            a = tl.load(a_ptr + rr.to(tl.int64)[None, :] * stride_a + kk[:, None],
-                        mask=(rr < R)[None, :] & (kk < k_end)[:, None], other=0.0)
+            w = tl.load(
+                w_ptr + rows.to(tl.int64)[:, None] * stride_w + kk[None, :],
+                mask=(rows < M)[:, None] & (kk < k_end)[None, :],
+                other=0.0,
+            )
+            a = tl.load(
+                a_ptr + rr.to(tl.int64)[None, :] * stride_a + kk[:, None],
+                mask=(rr < R)[None, :] & (kk < k_end)[:, None],
+                other=0.0,
+            )
             part, acc = _wa_chain_step(part, acc, w, a, a, a, i, MODE, FLUSH)
         acc += part.to(tl.float64)
         _wa_store(out_ptr, acc, rows, rr, M, R, pid_k, SPLIT)
 
     @triton.jit
-    def _wa_tma_kernel(w_desc, a_desc, a2_desc, a3_desc, out_ptr, M, R, K, k_per_split, MODE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, FLUSH: tl.constexpr,
-                       SPLIT: tl.constexpr):
+    def _wa_tma_kernel(
+        w_desc,
+        a_desc,
+        a2_desc,
+        a3_desc,
+        out_ptr,
+        M,
+        R,
+        K,
+        k_per_split,
+        MODE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        FLUSH: tl.constexpr,
+        SPLIT: tl.constexpr,
+    ):
         """:func:`_wa_kernel` with TMA tile loads (host tensor descriptors; reads past K are zeros); MODE 0 or 2
         (fp32 A as three bf16 matrices A₁ + A₂ + A₃ split by the caller). Splits start on BLOCK_K boundaries, so a
         split's last block never reaches into the next split. Same chains, same float64 sums: the contract of
@@ -216,8 +260,17 @@ if HAS_TRITON:
             w = w_desc.load([pid_m * BLOCK_M, k0])
             a = a_desc.load([pid_r * BLOCK_R, k0]).T
             if MODE == 2:
-                part, acc = _wa_chain_step(part, acc, w, a, a2_desc.load([pid_r * BLOCK_R, k0]).T,
-                                           a3_desc.load([pid_r * BLOCK_R, k0]).T, i, MODE, FLUSH)
+                part, acc = _wa_chain_step(
+                    part,
+                    acc,
+                    w,
+                    a,
+                    a2_desc.load([pid_r * BLOCK_R, k0]).T,
+                    a3_desc.load([pid_r * BLOCK_R, k0]).T,
+                    i,
+                    MODE,
+                    FLUSH,
+                )
             else:
                 part, acc = _wa_chain_step(part, acc, w, a, a, a, i, MODE, FLUSH)
         acc += part.to(tl.float64)
@@ -280,13 +333,21 @@ def _tma_ok(W: torch.Tensor, A: torch.Tensor, mode: int) -> bool:
     MODE 1 the contiguous bf16 thirds of A)?"""
     if not (W.is_cuda and HAS_TMA) or torch.cuda.get_device_capability(W.device)[0] < 9:
         return False
-    a_ok = (A.shape[1] * 2) % 16 == 0 if mode == 1 else \
-        A.data_ptr() % 16 == 0 and (A.stride(0) * A.element_size()) % 16 == 0
+    a_ok = (
+        (A.shape[1] * 2) % 16 == 0
+        if mode == 1
+        else A.data_ptr() % 16 == 0 and (A.stride(0) * A.element_size()) % 16 == 0
+    )
     return a_ok and W.data_ptr() % 16 == 0 and (W.stride(0) * W.element_size()) % 16 == 0
 
 
-def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-               use_triton: "bool | None" = None, use_tma: "bool | None" = None) -> torch.Tensor:
+def wa_product(
+    W: torch.Tensor,
+    A: torch.Tensor,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    use_triton: "bool | None" = None,
+    use_tma: "bool | None" = None,
+) -> torch.Tensor:
     """U = W Aᵀ in fp32 (module contract): on CUDA the Triton kernel above (fp32 sums of exact products
     within short K chains, float64 across chains and splits; TMA loads inside :func:`tma_loads` where the operands
     allow them, or as ``use_tma`` says); elsewhere fp32 GEMMs (TF32 off) over d_in chunks."""
@@ -307,18 +368,52 @@ def wa_product(W: torch.Tensor, A: torch.Tensor, chunk_bytes: int = DEFAULT_CHUN
             split = wa_splits(d_out, r, d_in, mode)
             k_per = triton.cdiv(triton.cdiv(d_in, split), bk) * bk  # whole K blocks per split
             split = -(-d_in // k_per)
-            out = torch.empty((d_out, r) if split == 1 else (split, d_out, r),
-                              dtype=torch.float32 if split == 1 else torch.float64, device=W.device)
+            out = torch.empty(
+                (d_out, r) if split == 1 else (split, d_out, r),
+                dtype=torch.float32 if split == 1 else torch.float64,
+                device=W.device,
+            )
             grid = (triton.cdiv(d_out, bm) * triton.cdiv(r, br), split)
             if tma:
                 a_parts = split_bf16x3(A.contiguous()) if mode == 1 else (A, A, A)  # MODE 0 reads only the first
                 a_descs = [TensorDescriptor.from_tensor(t, [br, bk]) for t in a_parts]
-                _wa_tma_kernel[grid](TensorDescriptor.from_tensor(W, [bm, bk]), *a_descs, out, d_out, r, d_in, k_per,
-                                     MODE=2 if mode == 1 else 0, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush,
-                                     SPLIT=split, num_warps=warps, num_stages=stages)
+                _wa_tma_kernel[grid](
+                    TensorDescriptor.from_tensor(W, [bm, bk]),
+                    *a_descs,
+                    out,
+                    d_out,
+                    r,
+                    d_in,
+                    k_per,
+                    MODE=2 if mode == 1 else 0,
+                    BLOCK_M=bm,
+                    BLOCK_R=br,
+                    BLOCK_K=bk,
+                    FLUSH=flush,
+                    SPLIT=split,
+                    num_warps=warps,
+                    num_stages=stages,
+                )
             else:
-                _wa_kernel[grid](W, A, out, d_out, r, d_in, W.stride(0), A.stride(0), k_per, MODE=mode, BLOCK_M=bm,
-                                 BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, SPLIT=split, num_warps=warps, num_stages=stages)
+                _wa_kernel[grid](
+                    W,
+                    A,
+                    out,
+                    d_out,
+                    r,
+                    d_in,
+                    W.stride(0),
+                    A.stride(0),
+                    k_per,
+                    MODE=mode,
+                    BLOCK_M=bm,
+                    BLOCK_R=br,
+                    BLOCK_K=bk,
+                    FLUSH=flush,
+                    SPLIT=split,
+                    num_warps=warps,
+                    num_stages=stages,
+                )
             return out if split == 1 else out.sum(dim=0).to(torch.float32)
     U = torch.zeros(d_out, r, dtype=torch.float32, device=W.device)
     A32 = A.to(torch.float32)
@@ -349,8 +444,9 @@ def _dense_rows(W, A, B, s, rows: torch.Tensor, chunk_bytes: int) -> torch.Tenso
 if HAS_TRITON:
 
     @triton.jit
-    def _assemble_kernel(u_ptr, b_ptr, bg_ptr, wsq_ptr, nu_ptr, kappa_ptr, M, R, s,
-                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    def _assemble_kernel(
+        u_ptr, b_ptr, bg_ptr, wsq_ptr, nu_ptr, kappa_ptr, M, R, s, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr
+    ):
         """Per row: cross = Σ B·U, |cross| = Σ|B·U|, gram = Σ (BG)·B in float64; ν² and κ; ν = RN32(√ν²)."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
@@ -374,8 +470,21 @@ if HAS_TRITON:
         tl.store(nu_ptr + rows, tl.sqrt(tl.maximum(nu2, 0.0)).to(tl.float32), mask=rmask)
 
     @triton.jit
-    def _dense_rows_kernel(w_ptr, a_ptr, b_ptr, kappa_ptr, nu_ptr, K, R, s, stride_w, stride_a, kappa_max,
-                           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    def _dense_rows_kernel(
+        w_ptr,
+        a_ptr,
+        b_ptr,
+        kappa_ptr,
+        nu_ptr,
+        K,
+        R,
+        s,
+        stride_w,
+        stride_a,
+        kappa_max,
+        BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
         """Rows with κ > kappa_max: ν = ‖W_i + s·(B_i A)‖ in float64 from exact products; other rows return
         at once (no host synchronisation to find the rows)."""
         i = tl.program_id(0)
@@ -389,8 +498,11 @@ if HAS_TRITON:
                 for j0 in range(0, R, BLOCK_R):
                     jj = j0 + tl.arange(0, BLOCK_R)
                     bj = tl.load(b_ptr + i.to(tl.int64) * R + jj, mask=jj < R, other=0.0).to(tl.float64)
-                    a = tl.load(a_ptr + jj.to(tl.int64)[:, None] * stride_a + kk[None, :],
-                                mask=(jj < R)[:, None] & kmask[None, :], other=0.0).to(tl.float64)
+                    a = tl.load(
+                        a_ptr + jj.to(tl.int64)[:, None] * stride_a + kk[None, :],
+                        mask=(jj < R)[:, None] & kmask[None, :],
+                        other=0.0,
+                    ).to(tl.float64)
                     v += tl.sum(bj[:, None] * a, axis=0)
                 w = tl.load(w_ptr + i.to(tl.int64) * stride_w + kk, mask=kmask, other=0.0).to(tl.float64)
                 v = w + s * v
@@ -410,8 +522,9 @@ def _norm_triton(W, A, B, s, wsq, kappa_max):
     _assemble_kernel[(triton.cdiv(d_out, 64),)](U, B, BG, wsq, nu, kappa, d_out, r, s, BLOCK_M=64, BLOCK_R=64)
     A = A if A.stride(1) == 1 else A.contiguous()
     W = W if W.stride(1) == 1 else W.contiguous()
-    _dense_rows_kernel[(d_out,)](W, A, B, kappa, nu, d_in, r, s, W.stride(0), A.stride(0), float(kappa_max),
-                                 BLOCK_K=128, BLOCK_R=32)
+    _dense_rows_kernel[(d_out,)](
+        W, A, B, kappa, nu, d_in, r, s, W.stride(0), A.stride(0), float(kappa_max), BLOCK_K=128, BLOCK_R=32
+    )
     return nu, kappa
 
 
@@ -428,8 +541,11 @@ def assemble_norm(wsq: torch.Tensor, U: torch.Tensor, G: torch.Tensor, B: torch.
     nu2 = (wsq + (2.0 * s) * cross) + (s * s) * gram
     mag = (wsq + (2.0 * abs(s)) * cross_abs) + (s * s) * gram.abs()
     pos = nu2 > 0
-    kappa = torch.where(pos, mag / torch.where(pos, nu2, torch.ones_like(nu2)),
-                        torch.where(mag > 0, torch.full_like(mag, math.inf), torch.ones_like(mag)))
+    kappa = torch.where(
+        pos,
+        mag / torch.where(pos, nu2, torch.ones_like(nu2)),
+        torch.where(mag > 0, torch.full_like(mag, math.inf), torch.ones_like(mag)),
+    )
     return torch.sqrt(torch.clamp(nu2, min=0.0)), kappa
 
 
@@ -451,10 +567,19 @@ def check_kappa_max(kappa_max: float) -> float:
     return k
 
 
-def factored_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, *,
-                      wsq: "torch.Tensor | None" = None, kappa_max: float = DEFAULT_KAPPA_MAX,
-                      chunk_bytes: int = DEFAULT_CHUNK_BYTES, return_info: bool = False, validate: bool = True,
-                      backend: "str | None" = None):
+def factored_row_norm(
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    s: float,
+    *,
+    wsq: "torch.Tensor | None" = None,
+    kappa_max: float = DEFAULT_KAPPA_MAX,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    return_info: bool = False,
+    validate: bool = True,
+    backend: "str | None" = None,
+):
     """ν = ‖W + s·BA‖ per row, fp32, without materialising BA (contract: module docstring).
 
     ``wsq``: precomputed float64 ‖W‖²_row of this very W (the caller vouches for it); computed if None.
@@ -592,8 +717,9 @@ class RowNormRunner:
     def __setstate__(self, state):
         self.__init__()
 
-    def get(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
-            kappa_max: float = DEFAULT_KAPPA_MAX) -> torch.Tensor:
+    def get(
+        self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, kappa_max: float = DEFAULT_KAPPA_MAX
+    ) -> torch.Tensor:
         """ν = ‖W + s·BA‖_row, fp32, detached, of the current values (the contract of :func:`factored_row_norm`;
         no input validation). Autocast is off inside."""
         s, kappa_max = float(s), float(kappa_max)
@@ -625,8 +751,10 @@ class RowNormRunner:
             return self._graph_nu.clone()
         W, A, B = W.detach(), A.detach(), B.detach()
         eager = lambda: factored_row_norm(W, A, B, s, kappa_max=kappa_max, validate=False)  # noqa: E731
-        if not (W.is_cuda and self.graph_error is None and norm_graphs_enabled()) \
-                or torch.cuda.is_current_stream_capturing():
+        if (
+            not (W.is_cuda and self.graph_error is None and norm_graphs_enabled())
+            or torch.cuda.is_current_stream_capturing()
+        ):
             return eager()
         nu = eager()  # this call's ν (and the kernels compiled before the capture)
         if gkey != self._seen_key:  # storages seen for the first time: capture only if they come back
@@ -699,6 +827,19 @@ def row_norm_op(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> 
     return torch.ops.dora_verify.row_norm(W.detach(), A.detach(), B.detach(), float(s))
 
 
-__all__ = ["DEFAULT_KAPPA_MAX", "NormInfo", "RowNormRunner", "U_CHAIN", "assemble_norm", "check_kappa_max",
-           "check_norm_inputs", "factored_row_norm", "frozen_norms", "row_norm_op", "tma_loads", "wa_product",
-           "wa_splits", "weight_row_sq"]
+__all__ = [
+    "DEFAULT_KAPPA_MAX",
+    "NormInfo",
+    "RowNormRunner",
+    "U_CHAIN",
+    "assemble_norm",
+    "check_kappa_max",
+    "check_norm_inputs",
+    "factored_row_norm",
+    "frozen_norms",
+    "row_norm_op",
+    "tma_loads",
+    "wa_product",
+    "wa_splits",
+    "weight_row_sq",
+]

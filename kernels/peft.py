@@ -40,6 +40,7 @@ differ by up to ~2⁻⁸ relative per layer; in particular PEFT stores the magni
 initialisation, so a fresh adapter gives exactly g = 1 in stock PEFT (both sides rounded alike) and
 g = RN_bf16(‖W‖)/‖W‖ = 1 ± 2⁻⁹ here — the exact value for the parameters as stored.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,8 +64,9 @@ def _variant_class():
     try:
         from peft.tuners.lora import variants
     except ImportError as e:  # PEFT missing, or older than the variants API
-        raise ImportError("dora_verify.kernels.peft needs PEFT >= 0.16 (peft.tuners.lora.variants); "
-                          f"import failed: {e}") from e
+        raise ImportError(
+            f"dora_verify.kernels.peft needs PEFT >= 0.16 (peft.tuners.lora.variants); import failed: {e}"
+        ) from e
     cls = getattr(variants, "DoraLinearVariant", None)
     if cls is None or "forward" not in cls.__dict__:
         raise ImportError("this PEFT version has no DoraLinearVariant.forward; supported: PEFT >= 0.16")
@@ -149,8 +151,14 @@ def _base_from(module, x, W, bias, B):
     """(x, W, bias) where ``save='x'`` applies — the base layer is a plain nn.Linear whose output ``result`` is
     exactly F.linear(x, W, bias) (one active adapter: with more, result also holds the earlier ones), x in the
     adapters' dtype (the tensor the base layer read) — else None (base is kept)."""
-    if _SAVE != "x" or type(module.get_base_layer()) is not nn.Linear or len(module.active_adapters) != 1 \
-            or x.dtype != B.dtype or x.dtype != W.dtype or getattr(module, "fan_in_fan_out", False):
+    if (
+        _SAVE != "x"
+        or type(module.get_base_layer()) is not nn.Linear
+        or len(module.active_adapters) != 1
+        or x.dtype != B.dtype
+        or x.dtype != W.dtype
+        or getattr(module, "fan_in_fan_out", False)
+    ):
         return None
     return x, W, bias
 
@@ -162,8 +170,13 @@ def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: to
     dora = module.lora_magnitude_vector[active_adapter]
     W = _kernel_weight(module)
     devices = {t.device for t in (x, result, lora_A.weight, lora_B.weight, dora.weight)}
-    if (W is None or getattr(lora_B, "bias", None) is not None or getattr(lora_A, "bias", None) is not None
-            or lora_A.weight.dtype not in KERNEL_DTYPES or len(devices | {W.device}) != 1):
+    if (
+        W is None
+        or getattr(lora_B, "bias", None) is not None
+        or getattr(lora_A, "bias", None) is not None
+        or lora_A.weight.dtype not in KERNEL_DTYPES
+        or len(devices | {W.device}) != 1
+    ):
         return _ORIGINAL.__func__(module, active_adapter=active_adapter, x=x, result=result, **kwargs)
     dropout = module.lora_dropout[active_adapter]
     s = round_to_fp32(module.scaling[active_adapter])
@@ -176,9 +189,11 @@ def dora_linear_forward(module, active_adapter: str, x: torch.Tensor, result: to
         xa = lora_A(x)
         b = bias.to(base.dtype) if bias is not None else None
         if not torch.is_autocast_enabled(x.device.type) and (
-                B.dtype != torch.float32 or not torch.compiler.is_compiling()):
-            return dora_lora_compose_unchecked(base, xa.to(B.dtype), B, dora.weight, nu, s, b, DEFAULT_EPS,
-                                               base_from=_base_from(module, x, W, bias, B))
+            B.dtype != torch.float32 or not torch.compiler.is_compiling()
+        ):
+            return dora_lora_compose_unchecked(
+                base, xa.to(B.dtype), B, dora.weight, nu, s, b, DEFAULT_EPS, base_from=_base_from(module, x, W, bias, B)
+            )
         return compose(base, lora_B(xa), dora_scale(dora.weight, nu, g_minus_1=False)[0], s, b)
     g, g_minus_1 = dora_scale(dora.weight, nu)  # g − 1 for the Δ of the dropout path
     xd = dropout(x)

@@ -10,6 +10,7 @@ Numerical contract: with ν̂ the fp32 norm (relative error ρ_ν) and m upcast 
   output is 0, as the exact DoRA output of a zero row with a fresh adapter is.
 Differentiable in m (ν is detached): ∂g/∂m = ∂(g−1)/∂m = 1/ν_c, carried by torch's autograd.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,6 +1,7 @@
 """Implementations for tests/test_gate.py, reached through the adapter protocol (``--impl planted_impls:NAME``):
 the real kernel as a user would wrap it, and deliberately broken ones (wrong numbers, and abuses of the
 protocol: scribbling on the inputs, exiting, raising, hanging, returning the wrong type)."""
+
 import sys
 import time
 
@@ -17,6 +18,7 @@ def _ref(base, lora, g, s, bias=None):
 
 class Good:
     """The production compose (eager tier), held to the 'faithful' contract of a user's kernel."""
+
     name = "good"
     deterministic = True
 
@@ -43,6 +45,7 @@ def off_by_one(base, lora, g, s, bias=None):
 
 class Flaky:
     """Planted: claims determinism, but flips the last bit of one random element per call."""
+
     name = "flaky"
     deterministic = True
 
@@ -51,13 +54,14 @@ class Flaky:
         if y.numel() > 1:
             i = int(torch.randint(0, y.numel(), (1,)))
             flat = y.view(-1)
-            bits = flat[i:i + 1].view(torch.int16 if y.element_size() == 2 else torch.int32)
+            bits = flat[i : i + 1].view(torch.int16 if y.element_size() == 2 else torch.int32)
             bits ^= 1
         return y
 
 
 class Fp32Only:
     """Supports fp32 only: a bf16-only gate run has nothing to run."""
+
     dtypes = ("fp32",)
 
     def compose(self, base, lora, g, s, bias=None):
@@ -68,6 +72,7 @@ class Fp32Only:
 class _ZeroInputs:
     """Planted: zeroes every input in place and returns zeros. Graded against the inputs it scribbled on, it
     would be exact; graded against the suite's own inputs, it is wrong everywhere."""
+
     name = "zero_inputs"
 
     def compose(self, base, lora, g, s, bias=None):

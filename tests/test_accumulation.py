@@ -1,5 +1,6 @@
 """accumulation: the emulated accumulators are exact (step-by-step Fraction arithmetic with one correct rounding
 per step), a true bf16 accumulator stalls at 256, and the experiment is complete and reproducible."""
+
 from fractions import Fraction
 
 import pytest
@@ -21,9 +22,11 @@ def _values(gen, n, k, fmt, lo, hi):
 
 # the double-rounding trap: a tiny first partial sum, then a term on a midpoint of the accumulator format
 # (fp16's exponent range is too narrow for one: there a plain float64 sum is always exact)
-TRAPS = {"bf16": (2.0 ** -60, [(1 + 2 ** -4) ** 2, -(1 + 2 ** -4) ** 2, 1 + 2 ** -8, -3 * (1 + 2 ** -8)]),
-         "fp32": (2.0 ** -60, [1 + 2 ** -24, -(1 + 2 ** -24), 1 + 2 ** -3 + 2 ** -24, 3 * (1 + 2 ** -24)]),
-         "fp16": (2.0 ** -24, [1 + 2 ** -11, -(1 + 2 ** -11), 1 + 2 ** -3 + 2 ** -11, 3 * (1 + 2 ** -11)])}
+TRAPS = {
+    "bf16": (2.0**-60, [(1 + 2**-4) ** 2, -((1 + 2**-4) ** 2), 1 + 2**-8, -3 * (1 + 2**-8)]),
+    "fp32": (2.0**-60, [1 + 2**-24, -(1 + 2**-24), 1 + 2**-3 + 2**-24, 3 * (1 + 2**-24)]),
+    "fp16": (2.0**-24, [1 + 2**-11, -(1 + 2**-11), 1 + 2**-3 + 2**-11, 3 * (1 + 2**-11)]),
+}
 
 
 def _terms(gen, n, k, in_fmt, acc):
@@ -62,18 +65,18 @@ def test_blocked_and_pairwise_are_exact_too(acc):
     blocked, pairwise = ACC.blocked_sum(terms, acc, 8), ACC.pairwise_sum(terms, acc)
     for j in range(terms.shape[1]):
         col = terms[:, j].tolist()
-        sums = [ACC.fraction_seq_sum(col[i:i + 8], acc) for i in range(0, len(col), 8)]
+        sums = [ACC.fraction_seq_sum(col[i : i + 8], acc) for i in range(0, len(col), 8)]
         assert blocked[j].item() == ACC.fraction_seq_sum(sums, "fp32")
         assert pairwise[j].item() == _fraction_tree(col, acc)
 
 
 def test_the_double_rounding_trap_a_plain_float64_sum_falls_into():
-    a, p = torch.tensor([2.0 ** -100], dtype=F64), torch.tensor([(1 + 2 ** -4) ** 2], dtype=F64)  # p: a bf16 midpoint
-    assert round_to(a + p, BF16).item() == 1 + 2 ** -3  # fl64(a + p) = p, then the tie goes to even: wrong
-    assert ACC.rn_add(a, p, BF16).item() == 1 + 2 ** -3 + 2 ** -7  # the correct rounding of a + p
-    assert ACC.rn_add(-a, p, BF16).item() == 1 + 2 ** -3
-    a, p = torch.tensor([2.0 ** -60], dtype=F64), torch.tensor([1 + 2 ** -24], dtype=F64)  # an fp32 midpoint
-    assert round_to(a + p, FP32).item() == 1.0 and ACC.rn_add(a, p, FP32).item() == 1 + 2 ** -23
+    a, p = torch.tensor([2.0**-100], dtype=F64), torch.tensor([(1 + 2**-4) ** 2], dtype=F64)  # p: a bf16 midpoint
+    assert round_to(a + p, BF16).item() == 1 + 2**-3  # fl64(a + p) = p, then the tie goes to even: wrong
+    assert ACC.rn_add(a, p, BF16).item() == 1 + 2**-3 + 2**-7  # the correct rounding of a + p
+    assert ACC.rn_add(-a, p, BF16).item() == 1 + 2**-3
+    a, p = torch.tensor([2.0**-60], dtype=F64), torch.tensor([1 + 2**-24], dtype=F64)  # an fp32 midpoint
+    assert round_to(a + p, FP32).item() == 1.0 and ACC.rn_add(a, p, FP32).item() == 1 + 2**-23
 
 
 def test_fp16_accumulator_overflows_to_inf_as_ieee_says():
@@ -108,8 +111,9 @@ def test_gemm_helpers_reduce_each_dot_product_in_index_order(monkeypatch):
         got = ACC.matmul_t(X, Y, meth)
         want = torch.stack([torch.stack([meth.reduce((X[i] * Y[k])[:, None])[0] for k in range(4)]) for i in range(5)])
         assert torch.equal(got, want), meth.name
-        assert torch.equal(ACC.rowdot(X, X, meth), torch.stack([meth.reduce((X[i] * X[i])[:, None])[0]
-                                                               for i in range(5)]))
+        assert torch.equal(
+            ACC.rowdot(X, X, meth), torch.stack([meth.reduce((X[i] * X[i])[:, None])[0] for i in range(5)])
+        )
 
 
 def test_experiment_is_complete_and_reproducible(monkeypatch):

@@ -2,6 +2,7 @@
 them: YAML that parses, a composite action whose run steps name their shell, every ``${{ inputs.* }}`` declared,
 workflow steps that either use an action or run a command. (actionlint itself cannot be installed without network
 access, which CI does not have: these are the checks it would make on these two files.)"""
+
 import re
 from pathlib import Path
 

@@ -1,6 +1,7 @@
 """dora_verify.bench / bench_report: no GPU, no numbers (exit 2); the targets and the crossover are computed from
 what was measured; a saved report re-renders (Markdown, plots) and the README's performance section is the one
 generated from the committed H100 report."""
+
 import copy
 import json
 from pathlib import Path
@@ -24,14 +25,38 @@ def synthetic_report() -> dict:
     """A bench report shaped like run_bench's, with made-up timings (for rendering and target logic only)."""
     compose = []
     for T, N, fused, eager_tier in ((1, 4096, 0.09, 0.05), (512, 4096, 0.1, 0.2), (8192, 8192, 0.144, 5.0)):
-        compose.append({"T": T, "d_out": N, "elements": T * N, "rotation": 1, "fused_fwd": _t(fused),
-                        "eager_fwd": _t(fused * 3), "eager_tier_fwd": _t(eager_tier), "fused_bwd": _t(fused * 2),
-                        "eager_bwd": _t(fused * 6), "eager_tier_bwd": _t(eager_tier * 2),
-                        "fused_fwd_bw_frac": 0.93 if T * N >= 8192 * 8192 else 0.1, "fused_bwd_bw_frac": 0.6,
-                        "fwd_speedup_vs_eager": 3.0, "bwd_speedup_vs_eager": 3.0})
-    norm = [{"d": 8192, "r": 384, "W_dtype": "bfloat16", "rotation": 1, "factored": _t(0.34, 24.0),
-             "factored_cold": _t(0.38, 24.0), "peft": _t(0.91, 512.0), "dense_fp32": _t(1.9, 768.0),
-             "speedup_vs_peft": 0.91 / 0.34, "memory_vs_peft": 24 / 512}]
+        compose.append(
+            {
+                "T": T,
+                "d_out": N,
+                "elements": T * N,
+                "rotation": 1,
+                "fused_fwd": _t(fused),
+                "eager_fwd": _t(fused * 3),
+                "eager_tier_fwd": _t(eager_tier),
+                "fused_bwd": _t(fused * 2),
+                "eager_bwd": _t(fused * 6),
+                "eager_tier_bwd": _t(eager_tier * 2),
+                "fused_fwd_bw_frac": 0.93 if T * N >= 8192 * 8192 else 0.1,
+                "fused_bwd_bw_frac": 0.6,
+                "fwd_speedup_vs_eager": 3.0,
+                "bwd_speedup_vs_eager": 3.0,
+            }
+        )
+    norm = [
+        {
+            "d": 8192,
+            "r": 384,
+            "W_dtype": "bfloat16",
+            "rotation": 1,
+            "factored": _t(0.34, 24.0),
+            "factored_cold": _t(0.38, 24.0),
+            "peft": _t(0.91, 512.0),
+            "dense_fp32": _t(1.9, 768.0),
+            "speedup_vs_peft": 0.91 / 0.34,
+            "memory_vs_peft": 24 / 512,
+        }
+    ]
     layer = []
     for adapters, ours_fwd in (("fp32", 2.0), ("bf16", 1.2)):
         rec = {"d": 8192, "r": 384, "tokens": 4096, "adapters": adapters, "rotation": 1}
@@ -43,13 +68,23 @@ def synthetic_report() -> dict:
         for k in ("fwd", "fwd_bwd"):
             rec[f"ours_mem_over_lora_{k}"] = 1.0
         layer.append(rec)
-    rep = {"schema_version": bench.SCHEMA_VERSION, "kind": "bench", "config": {"quick": True, "parts": list(bench.PARTS),
-           "warmup": 10, "reps": 50, "seed": 0},
-           "provenance": {"git": {"commit": "0" * 40}, "versions": {"torch": "x", "triton": "y", "peft": "z"},
-                          "device": {"name": "Test GPU", "driver": "1", "cuda": "2"}, "time_utc": "t",
-                          "argv": ["dora-verify", "bench"]},
-           "copy_bandwidth": {"bytes": 1, "ms": 1.0, "TBps": 3.0}, "compose": compose, "norm": norm, "layer": layer,
-           "timings_s": {"total": 1.0}}
+    rep = {
+        "schema_version": bench.SCHEMA_VERSION,
+        "kind": "bench",
+        "config": {"quick": True, "parts": list(bench.PARTS), "warmup": 10, "reps": 50, "seed": 0},
+        "provenance": {
+            "git": {"commit": "0" * 40},
+            "versions": {"torch": "x", "triton": "y", "peft": "z"},
+            "device": {"name": "Test GPU", "driver": "1", "cuda": "2"},
+            "time_utc": "t",
+            "argv": ["dora-verify", "bench"],
+        },
+        "copy_bandwidth": {"bytes": 1, "ms": 1.0, "TBps": 3.0},
+        "compose": compose,
+        "norm": norm,
+        "layer": layer,
+        "timings_s": {"total": 1.0},
+    }
     rep["crossover"] = bench.crossover(compose)
     rep["targets"] = bench.targets(rep)
     return rep
@@ -77,7 +112,11 @@ def test_crossover_is_the_first_size_above_every_loss():
     assert c["infer_min_elements_measured"] == 512 * 4096
     rows[0]["fused_fwd"]["ms"] = 0.01
     rows[0]["fused_bwd"]["ms"] = 0.01
-    assert bench.crossover(rows)["infer_min_elements_measured"] == 1 == bench.crossover(rows)["train_min_elements_measured"]
+    assert (
+        bench.crossover(rows)["infer_min_elements_measured"]
+        == 1
+        == bench.crossover(rows)["train_min_elements_measured"]
+    )
     rows[-1]["fused_fwd"]["ms"] = 99.0  # slower at the largest size: no crossover
     assert bench.crossover(rows)["infer_min_elements_measured"] is None
 
@@ -90,12 +129,15 @@ def test_no_gpu_no_numbers(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["bench", "--parts", "compose,bogus"], "unknown part"),
-    (["bench", "--reps", "0"], "positive integer"),
-    (["bench", "--readme", "README.md"], "--readme needs --render"),
-    (["bench", "--render", "/nonexistent/bench.json"], "cannot read bench report"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["bench", "--parts", "compose,bogus"], "unknown part"),
+        (["bench", "--reps", "0"], "positive integer"),
+        (["bench", "--readme", "README.md"], "--readme needs --render"),
+        (["bench", "--render", "/nonexistent/bench.json"], "cannot read bench report"),
+    ],
+)
 def test_bad_bench_arguments_exit_2(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -110,8 +152,13 @@ def test_render_a_saved_report_and_its_readme_section(tmp_path):
     readme.write_text(f"# x\n\n{README_BEGIN}\nOLD-SECTION-TEXT\n{README_END}\n\ntail\n")
     out = tmp_path / "out"
     assert main(["bench", "--render", str(src), "--out", str(out), "--readme", str(readme)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "bench_bandwidth.png",
-                                                     "bench_memory.png", "bench_speedup.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bench.json",
+        "bench.md",
+        "bench_bandwidth.png",
+        "bench_memory.png",
+        "bench_speedup.png",
+    ]
     md = (out / "bench.md").read_text()
     assert "Test GPU" in md and "| 8192×8192 |" in md and "**no**" in md  # the unmet layer targets show
     text = readme.read_text()
@@ -132,8 +179,9 @@ def test_readme_performance_section_is_generated_from_the_committed_report():
     rep = json.loads(COMMITTED.read_text())
     text = (ROOT / "README.md").read_text()
     block = text.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
-    assert block.strip() == readme_section(rep, "reports/h200/bench/bench.md").strip(), \
+    assert block.strip() == readme_section(rep, "reports/h200/bench/bench.md").strip(), (
         "regenerate: dora-verify bench --render reports/h200/bench/bench.json --out reports/h200/bench --readme README.md"
+    )
     assert rep["provenance"]["device"]["name"].startswith("NVIDIA") and not rep["config"]["quick"]
 
 

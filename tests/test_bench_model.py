@@ -1,6 +1,7 @@
 """dora_verify.bench_model on the CPU, as a logic check (no GPU, so no numbers worth reading): the whole model part
 runs at toy widths — every implementation, setting and row — and its targets follow the rows; compiled stock PEFT
 holds none of the project's ops and the integration's compiled graphs do."""
+
 import pytest
 import torch
 
@@ -18,8 +19,11 @@ def toy(monkeypatch):
     from torch._dynamo.backends.debugging import aot_eager
 
     monkeypatch.setattr(m, "COMPILE_INNER", aot_eager)
-    monkeypatch.setattr(m, "WIDTHS", {"llama3-8b": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                                                        num_key_value_heads=2)})
+    monkeypatch.setattr(
+        m,
+        "WIDTHS",
+        {"llama3-8b": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)},
+    )
     monkeypatch.setattr(m, "VOCAB", 64)
     monkeypatch.setattr(m, "BATCH", 2)
     monkeypatch.setattr(m, "SEQ", 8)
@@ -27,8 +31,16 @@ def toy(monkeypatch):
     monkeypatch.setattr(m, "LAYER_TOKENS", 16)
     monkeypatch.setattr(m, "LAYER_SHAPES", ((32, 32),))
     monkeypatch.setattr(m, "LAYER_SETTINGS_AT", ((32, 32), 16))
-    cfg = bench.BenchConfig(quick=True, parts=("model",), warmup=1, model_warmup=1, model_rounds=1, model_per_round=1,
-                            layer_rounds=1, layer_per_round=1)
+    cfg = bench.BenchConfig(
+        quick=True,
+        parts=("model",),
+        warmup=1,
+        model_warmup=1,
+        model_rounds=1,
+        model_per_round=1,
+        layer_rounds=1,
+        layer_per_round=1,
+    )
     return cfg
 
 
@@ -39,8 +51,12 @@ def test_the_model_part_runs_every_row_and_its_targets_follow(toy):
     assert len(ticks) == bench_model.plan_size(toy)
     steps, layers = part["steps"], part["layers_in_model"]
     assert [s["setting"] for s in steps] == list(bench_model.SETTINGS)
-    assert [(x["r"], x["setting"]) for x in layers] == [(16, "eager"), (384, "eager"), (16, "checkpointing"),
-                                                        (16, "compile")]
+    assert [(x["r"], x["setting"]) for x in layers] == [
+        (16, "eager"),
+        (384, "eager"),
+        (16, "checkpointing"),
+        (16, "compile"),
+    ]
     comp = next(s for s in steps if s["setting"] == "compile")
     assert comp["ours_compile"]["dora_ops"] > 0 and comp["peft_dora_compile"]["dora_ops"] == 0
     assert comp["lora_compile"]["dora_ops"] == 0 and comp["ours_compile"]["graph_breaks"] == 0
@@ -61,15 +77,27 @@ def test_the_model_part_runs_every_row_and_its_targets_follow(toy):
 def test_model_targets_read_the_rows():
     def step(setting, adapters, ours, stock, mem=1.0):
         t = lambda ms, mib=100.0: {"ms": ms, "peak_mib": mib}  # noqa: E731
-        return {"widths": "llama3-8b", "layers": 4, "r": 16, "adapters": adapters, "setting": setting,
-                "lora": t(1.0), "peft_dora": t(stock, 150.0), "ours": t(ours, 100.0 * mem),
-                "ours_over_lora": ours, "peft_dora_over_lora": stock, "ours_mem_over_lora": mem,
-                "speedup_vs_peft_dora": stock / ours}
+        return {
+            "widths": "llama3-8b",
+            "layers": 4,
+            "r": 16,
+            "adapters": adapters,
+            "setting": setting,
+            "lora": t(1.0),
+            "peft_dora": t(stock, 150.0),
+            "ours": t(ours, 100.0 * mem),
+            "ours_over_lora": ours,
+            "peft_dora_over_lora": stock,
+            "ours_mem_over_lora": mem,
+            "speedup_vs_peft_dora": stock / ours,
+        }
+
     steps = [step(s, a, 1.05, 1.5) for s in ("eager", "checkpointing", "compile") for a in ("bf16", "fp32")]
     steps[2]["ours_over_lora"] = 1.3  # checkpointing, bf16: over the limit
     out = {}
-    bench_model.model_targets({"model": {"steps": steps, "layers_in_model": []}},
-                              lambda name, limit, v, ok: out.__setitem__(name, (v, ok)))
+    bench_model.model_targets(
+        {"model": {"steps": steps, "layers_in_model": []}}, lambda name, limit, v, ok: out.__setitem__(name, (v, ok))
+    )
     assert out["model step / LoRA's, eager, bf16 adapters (Llama-3-8B widths, r = 16)"] == (1.05, True)
     assert out["model step / LoRA's, checkpointing, bf16 adapters (Llama-3-8B widths, r = 16)"] == (1.3, False)
     assert out["model peak memory / LoRA's, eager (worst row)"] == (1.0, True)
@@ -77,8 +105,9 @@ def test_model_targets_read_the_rows():
     assert out[key] == (None, False)  # no such rows
     steps[0].update(ours_x_mem_over_lora=1.0, ours_x_over_lora=1.2)  # eager bf16: in the mode's scope
     steps[1].update(ours_x_mem_over_lora=1.16, ours_x_over_lora=1.1)  # eager fp32: the mode does not apply there
-    bench_model.model_targets({"model": {"steps": steps, "layers_in_model": []}},
-                              lambda name, limit, v, ok: out.__setitem__(name, (v, ok)))
+    bench_model.model_targets(
+        {"model": {"steps": steps, "layers_in_model": []}}, lambda name, limit, v, ok: out.__setitem__(name, (v, ok))
+    )
     assert out[key] == (1.0, True)
     assert out["model step / LoRA's, eager, enable(save='x') (its time cost; worst bf16-adapter row)"] == (1.2, False)
     assert out["layer in a model / LoRA's, PEFT integration (4096², r = 16, 8192 tokens, fwd+bwd)"] == (None, False)

@@ -1,6 +1,7 @@
 """dora_verify.bounds: every a-priori bound holds (error/bound ≤ 1) on the case generators, is not vacuous
 (the worst ratio is within a few orders of 1), and has teeth (a form's output checked against a tighter
 form's bound fails)."""
+
 import pytest
 import torch
 
@@ -141,8 +142,9 @@ def test_kernel_norm_scale_and_dm_bounds_hold(regime):
         bg, bgm1 = bounds.scale_bounds(m, nu, tr.nu, nb + tr.bound, 1e-12)
         assert float(((g.double() - m.double() / nux).abs() / bg).max()) <= 1.0
         assert float(((gm1.double() - (m.double() - nux) / nux).abs() / bgm1).max()) <= 1.0
-        _, _, dg = compose_backward_eager(dy, base, lora, None, g, None, c.s, False, SAVE_INPUTS, base.dtype,
-                                          lora.dtype, False, False, True)
+        _, _, dg = compose_backward_eager(
+            dy, base, lora, None, g, None, c.s, False, SAVE_INPUTS, base.dtype, lora.dtype, False, False, True
+        )
         mm = m.clone().requires_grad_()
         dora_scale(mm, nu)[0].backward(dg)  # d_m as autograd forms it from d_g
         gt = compose_grad_truth(dy, base, lora, g, c.s)
@@ -171,9 +173,22 @@ def test_compose_backward_bounds_hold(dtype, save):
     for regime, shift, base, lora, g, s, _ in _cases(dtype):
         dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(11)).to(base.dtype)
         inner = (base.double() + lora.double() * s).to(base.dtype) if save == "activation" else None
-        db, dl, dg = compose_backward_eager(dy, base, lora, inner, g, None, s, False,
-                                            SAVE_INPUTS if save == "inputs" else SAVE_ACTIVATION, base.dtype,
-                                            lora.dtype, True, True, True)
+        db, dl, dg = compose_backward_eager(
+            dy,
+            base,
+            lora,
+            inner,
+            g,
+            None,
+            s,
+            False,
+            SAVE_INPUTS if save == "inputs" else SAVE_ACTIVATION,
+            base.dtype,
+            lora.dtype,
+            True,
+            True,
+            True,
+        )
         t = compose_grad_truth(dy, base, lora, g, s)
         eb, el, eg = bounds.compose_backward_bounds(dy, base, lora, g, s, save=save)
         rb = float(((db.double() - t.d_base).abs() / eb).max())

@@ -1,4 +1,5 @@
 """cases: seeded, reproducible, and each regime has the property it claims."""
+
 import pytest
 import torch
 
@@ -38,15 +39,15 @@ def test_regime_properties():
 def test_magnitude_gives_the_case_g():
     c = make_case("trained", 16, 32, 4, 2, "bf16", seed=1, s=2.0)
     nu = row_norm_truth(c.W, c.A, c.B, c.s).nu
-    assert torch.allclose(c.magnitude().double() / nu, c.g.double(), rtol=2 ** -23)
+    assert torch.allclose(c.magnitude().double() / nu, c.g.double(), rtol=2**-23)
 
 
 def test_g_offsets_cover_both_sides_and_bf16_threshold():
     offs = g_offsets()
-    assert 0.0 in offs and 2.0 ** -9 in offs and -(2.0 ** -9) in offs
+    assert 0.0 in offs and 2.0**-9 in offs and -(2.0**-9) in offs
     assert min(offs) == pytest.approx(-0.1) and max(offs) == pytest.approx(0.1)
     assert any(0 < abs(o) < 1e-5 for o in offs)
-    assert is_representable(torch.tensor([1 + 2.0 ** -7, 1 - 2.0 ** -8], dtype=torch.float64), "bf16").all()
+    assert is_representable(torch.tensor([1 + 2.0**-7, 1 - 2.0**-8], dtype=torch.float64), "bf16").all()
 
 
 def test_bad_arguments():

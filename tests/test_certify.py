@@ -1,5 +1,6 @@
 """dora_verify.certify: the committed corpus replays under its bounds, the derandomized pre-merge search
 certifies the kernels, and the search finds planted defects (so it can fail)."""
+
 import json
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ def _first_example(strategy):
     @given(strategy)
     def draw(ex):
         box.append(ex)
+
     draw()
     return box[0]
 
@@ -75,6 +77,7 @@ def _planted_compose(kind):
             out = out.clone()
             out[..., -1] = base[..., -1] if kw.get("output", "y") == "y" else 0
         return out
+
     return broken
 
 
@@ -139,26 +142,48 @@ def test_value_from_bits_folds_non_finite():
 
 def test_certify_cli(tmp_path, capsys):
     out = tmp_path / "rep"
-    assert main(["certify", "--targets", "compose.y", "--dtypes", "fp16", "--examples", "8", "--out", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(["certify", "--targets", "compose.y", "--dtypes", "fp16", "--examples", "8", "--out", str(out), "--quiet"])
+        == 0
+    )
     rep = json.loads((out / "certify.json").read_text())
     assert rep["certified"] and rep["results"][0]["examples"] == 8 and (out / "certify.md").exists()
     assert list((out / "corpus").glob("*.npz"))
-    for bad in (["certify", "--targets", "nope"], ["certify", "--dtypes", "int8"], ["certify", "--examples", "0"],
-                ["certify", "--seconds", "-1"]):
+    for bad in (
+        ["certify", "--targets", "nope"],
+        ["certify", "--dtypes", "int8"],
+        ["certify", "--examples", "0"],
+        ["certify", "--seconds", "-1"],
+    ):
         assert main(bad + ["--out", str(out)]) == 2
     assert "error" in capsys.readouterr().err
 
 
 def test_certify_cli_exit_1_on_violation(tmp_path, monkeypatch):
     monkeypatch.setattr(K, "compose", _planted_compose("gcast"))
-    assert main(["certify", "--targets", "compose.y", "--dtypes", "bf16", "--examples", "60", "--out",
-                 str(tmp_path), "--quiet"]) == 1
+    assert (
+        main(
+            [
+                "certify",
+                "--targets",
+                "compose.y",
+                "--dtypes",
+                "bf16",
+                "--examples",
+                "60",
+                "--out",
+                str(tmp_path),
+                "--quiet",
+            ]
+        )
+        == 1
+    )
 
 
 def test_a_crash_is_recorded_as_a_finding(monkeypatch, tmp_path):
     def crashing(*a, **kw):
         raise RuntimeError("kernel exploded")
+
     monkeypatch.setattr(K, "compose", crashing)
     res = certify.search("compose.y", "fp16", examples=10, device="cpu", corpus=tmp_path)
     assert res["violation"] and "kernel exploded" in res["info"]["error"]
@@ -178,8 +203,9 @@ def test_certify_an_implementation_under_the_faithful_contract(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))  # tests/planted_impls.py
     good = certify.search("good.compose", "fp16", examples=30, device="cpu", impl="planted_impls:Good")
     assert not good["violation"] and good["max_ratio"] <= 1 and good["tier"] is None
-    bad = certify.search("planted_impls_gcast.compose", "bf16", examples=80, device="cpu", corpus=tmp_path,
-                         impl="planted_impls:gcast")
+    bad = certify.search(
+        "planted_impls_gcast.compose", "bf16", examples=80, device="cpu", corpus=tmp_path, impl="planted_impls:gcast"
+    )
     assert bad["violation"] and bad["max_ratio"] > 1
     assert certify.replay(bad["corpus"][0]).ratio > 1
 
@@ -188,15 +214,22 @@ def test_certify_cli_impl_peft(tmp_path, capsys):
     """Stock PEFT's DoRA under the faithful contract: its bf16 compose (g rounded to bf16), its ν (in the
     weight dtype) and its layer (NaN on zero rows, g in bf16) all violate it; certify exits 1 and names the targets."""
     pytest.importorskip("peft")
-    assert main(["certify", "--impl", "peft", "--dtypes", "bf16", "--examples", "40", "--out", str(tmp_path),
-                 "--quiet"]) == 1
+    assert (
+        main(["certify", "--impl", "peft", "--dtypes", "bf16", "--examples", "40", "--out", str(tmp_path), "--quiet"])
+        == 1
+    )
     rep = json.loads((tmp_path / "certify.json").read_text())
-    assert rep["config"]["impl"] == "peft" and {r["target"] for r in rep["results"]} == {"peft.compose", "peft.norm",
-                                                                                      "peft.layer"}
+    assert rep["config"]["impl"] == "peft" and {r["target"] for r in rep["results"]} == {
+        "peft.compose",
+        "peft.norm",
+        "peft.layer",
+    }
     assert all(r["violation"] for r in rep["results"])
     assert "--impl peft" in (tmp_path / "certify.md").read_text()
-    for bad, msg in ((["--impl", "kernels"], "certify's own targets"), (["--impl", "peft", "--targets", "compose.y"],
-                                                                         "unknown target")):
+    for bad, msg in (
+        (["--impl", "kernels"], "certify's own targets"),
+        (["--impl", "peft", "--targets", "compose.y"], "unknown target"),
+    ):
         assert main(["certify", *bad, "--out", str(tmp_path)]) == 2
         assert msg in capsys.readouterr().err
 
@@ -205,7 +238,9 @@ def test_certify_cli_impl_peft(tmp_path, capsys):
 def test_zero_examples_is_not_certified(tmp_path, capsys):
     """A budget spent before the first example used to print 'certified: 0 examples' and exit 0."""
     out = tmp_path / "rep"
-    rc = main(["certify", "--targets", "compose.y", "--dtypes", "fp16", "--seconds", "1e-9", "--out", str(out), "--quiet"])
+    rc = main(
+        ["certify", "--targets", "compose.y", "--dtypes", "fp16", "--seconds", "1e-9", "--out", str(out), "--quiet"]
+    )
     err = capsys.readouterr()
     assert rc == 2 and "nothing certified: 0 examples ran for compose.y/fp16" in err.err and err.err.count("\n") == 1
     assert "certified:" not in err.out and not (out / "certify.json").exists()
@@ -218,8 +253,24 @@ def test_fused_tier_without_gpu_or_interpreter_is_an_environment_error(tmp_path,
     """It used to run, crash in every example, report 'VIOLATION ... ratio inf' and write a corpus entry."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "rep"
-    rc = main(["certify", "--tier", "fused", "--device", "cpu", "--targets", "compose.y", "--dtypes", "fp16",
-               "--examples", "3", "--out", str(out), "--quiet"])
+    rc = main(
+        [
+            "certify",
+            "--tier",
+            "fused",
+            "--device",
+            "cpu",
+            "--targets",
+            "compose.y",
+            "--dtypes",
+            "fp16",
+            "--examples",
+            "3",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr()
     assert rc == 2 and "--tier fused cannot run on cpu" in err.err and "TRITON_INTERPRET=1" in err.err
     assert "VIOLATION" not in err.out and not list(out.rglob("*.json")) and not list(out.rglob("*.npz"))
@@ -241,9 +292,15 @@ def test_an_impl_that_zeroes_its_inputs_is_found_and_its_case_replays(tmp_path, 
     assert certify.replay(res["corpus"][0]).ratio > 1
 
 
-@pytest.mark.parametrize("name,reason", [("exits", "SystemExit(0)"), ("raises", "RuntimeError: planted failure"),
-                                         ("returns_none", "compose returned None, want a torch.Tensor"),
-                                         ("returns_numpy", "compose returned a numpy.ndarray")])
+@pytest.mark.parametrize(
+    "name,reason",
+    [
+        ("exits", "SystemExit(0)"),
+        ("raises", "RuntimeError: planted failure"),
+        ("returns_none", "compose returned None, want a torch.Tensor"),
+        ("returns_numpy", "compose returned a numpy.ndarray"),
+    ],
+)
 def test_an_impl_that_exits_raises_or_returns_junk_is_a_crash_finding(tmp_path, name, reason):
     target = f"planted_impls_{name}.compose" if name in ("exits", "raises") else f"{name}.compose"
     res = _impl_search(name, target, "fp32", tmp_path, examples=3)
@@ -258,9 +315,27 @@ def test_a_crash_is_named_in_the_summary_and_the_markdown(tmp_path):
 
     (tmp_path / "exits_impl.py").write_text("import sys\ndef exiter(base, lora, g, s, bias=None):\n    sys.exit(0)\n")
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "dora_verify", "certify", "--impl", "exits_impl:exiter", "--dtypes", "fp32",
-                        "--examples", "3", "--out", str(tmp_path / "c"), "--quiet"], capture_output=True, text=True,
-                       env=env, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dora_verify",
+            "certify",
+            "--impl",
+            "exits_impl:exiter",
+            "--dtypes",
+            "fp32",
+            "--examples",
+            "3",
+            "--out",
+            str(tmp_path / "c"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert r.returncode == 1 and "crashed" in r.stdout and "SystemExit(0)" in r.stdout
     assert "SystemExit(0)" in (tmp_path / "c" / "certify.md").read_text()
 
@@ -278,8 +353,20 @@ def test_certify_cli_with_a_layer_factory(tmp_path, capsys):
     """A layer-only factory: its target NAME.layer is the default ('all'), the faithful one certifies."""
     sys.path.insert(0, str(Path(__file__).parent))  # tests/planted_impls.py
     assert list(certify.impl_targets("planted_impls:good_layer")) == ["planted_impls_good_layer.layer"]
-    rc = main(["certify", "--impl", "planted_impls:good_layer", "--dtypes", "fp16", "--examples", "8", "--out",
-               str(tmp_path), "--quiet"])
+    rc = main(
+        [
+            "certify",
+            "--impl",
+            "planted_impls:good_layer",
+            "--dtypes",
+            "fp16",
+            "--examples",
+            "8",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     rep = json.loads((tmp_path / "certify.json").read_text())
     assert [r["target"] for r in rep["results"]] == ["planted_impls_good_layer.layer"] and rep["certified"]
@@ -290,8 +377,14 @@ def test_certify_cli_with_a_layer_factory(tmp_path, capsys):
 def test_certify_finds_planted_layers(tmp_path, planted):
     """ν left in the graph (dA, dB off) and g rounded to bf16 (y off in fp32): found, and the case replays."""
     sys.path.insert(0, str(Path(__file__).parent))
-    res = certify.search(f"planted_impls_{planted}.layer", "fp32", examples=40, device="cpu", corpus=tmp_path,
-                         impl=f"planted_impls:{planted}")
+    res = certify.search(
+        f"planted_impls_{planted}.layer",
+        "fp32",
+        examples=40,
+        device="cpu",
+        corpus=tmp_path,
+        impl=f"planted_impls:{planted}",
+    )
     assert res["violation"] and res["max_ratio"] > 1
     assert certify.replay(res["corpus"][0]).ratio > 1
 
@@ -317,8 +410,13 @@ def test_kept_worst_cases_are_shrunk_to_the_sub_problem_that_shows_them(tmp_path
 def test_restrict_slices_each_kind_along_its_token_and_feature_axes():
     from dora_verify.strategies import Example
 
-    t = {"base": torch.ones(6, 4), "lora": torch.ones(6, 4), "dy": torch.ones(6, 4), "g": torch.ones(4),
-         "g_minus_1": torch.zeros(4)}
+    t = {
+        "base": torch.ones(6, 4),
+        "lora": torch.ones(6, 4),
+        "dy": torch.ones(6, 4),
+        "g": torch.ones(4),
+        "g_minus_1": torch.zeros(4),
+    }
     ex = certify.restrict(Example("compose", "fp32", t, {"s": 1.0}), (2, 5), (1, 3))
     assert ex.tensors["base"].shape == (3, 2) and ex.tensors["g"].shape == (2,)
     assert ex.params["restricted"] == {"rows": [2, 5], "cols": [1, 3], "of": [6, 4]}
@@ -329,8 +427,11 @@ def test_restrict_slices_each_kind_along_its_token_and_feature_axes():
 
     def evaluate(e):  # the finding lives in column 3 only
         seen.append(e)
-        return certify.Score(2.0 if e.params["restricted"]["cols"][0] <= 3 < e.params["restricted"]["cols"][1]
-                             else 0.5, 0.0)
-    small, sc, evals = certify.shrink_restriction(Example("norm", "fp32", n, {"s": 1.0}), certify.Score(2.0, 0.0),
-                                                 evaluate)
+        return certify.Score(
+            2.0 if e.params["restricted"]["cols"][0] <= 3 < e.params["restricted"]["cols"][1] else 0.5, 0.0
+        )
+
+    small, sc, evals = certify.shrink_restriction(
+        Example("norm", "fp32", n, {"s": 1.0}), certify.Score(2.0, 0.0), evaluate
+    )
     assert small.params["restricted"]["cols"] == [3, 4] and sc.ratio == 2.0 and evals == len(seen)

@@ -1,5 +1,6 @@
 """CLI: every bad input exits 2 with one line (Ctrl-C: 130, one line); a small sweep writes a complete,
 strict-JSON report; an --impl's failures are failed rows, its NaNs are visible."""
+
 import csv
 import errno
 import json
@@ -15,8 +16,20 @@ import dora_verify.sweep as S
 from dora_verify.cli import main
 from dora_verify.report import load_report
 
-SMALL = ["sweep", "--shape", "64x48", "--tokens", "32", "--grid-tokens", "8", "--rank", "4", "--ranks", "2,4",
-         "--quiet"]
+SMALL = [
+    "sweep",
+    "--shape",
+    "64x48",
+    "--tokens",
+    "32",
+    "--grid-tokens",
+    "8",
+    "--rank",
+    "4",
+    "--ranks",
+    "2,4",
+    "--quiet",
+]
 FAST = SMALL + ["--regimes", "trained", "--no-plots"]
 KERNELS = "impl:kernels[fused]" if torch.cuda.is_available() else "impl:kernels[eager]"  # the sweep's default impl
 
@@ -27,31 +40,34 @@ def one_line_error(capsys, needle):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["sweep", "--shape", "8192"], "malformed shape"),
-    (["sweep", "--shape", "0x5"], "malformed shape"),
-    (["sweep", "--shape", "axb"], "malformed shape"),
-    (["sweep", "--dtype", "fp8"], "invalid choice"),
-    (["sweep", "--rank", "0"], "positive integer"),
-    (["sweep", "--tokens", "-3"], "positive integer"),
-    (["sweep", "--ranks", "4,x"], "comma-separated"),
-    (["sweep", "--alpha", "inf"], "finite"),
-    (["sweep", "--regimes", "bogus"], "unknown regime"),
-    (["sweep", "--device", "tpu"], "invalid choice"),
-    (["sweep", "--impl", "forms"], "every form is in the sweep"),
-    (["sweep", "--experiments", "bogus"], "unknown experiment(s) 'bogus'"),
-    (["sweep", "--experiments", "accumulation,nope"], "choose from accumulation, scaling"),
-    (["sweep", "--impl", "no_such_module:fn"], "cannot import"),
-    (["nosuchcommand"], "invalid choice"),
-    (["gate", "--seed", "-1"], "2**32"),
-    (["certify", "--seed", str(2**63)], "2**32"),
-    (["bench", "--seed", "x"], "integer seed"),
-    (["bench", "--out", ""], "expected a path"),
-    (["certify", "--corpus", " "], "expected a path"),
-    (["gate", "--baseline", ""], "expected a path"),
-    (["gate", "--case-timeout", "-1"], "number >= 0"),
-    (["exhaustive", "--out", ""], "expected a path"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["sweep", "--shape", "8192"], "malformed shape"),
+        (["sweep", "--shape", "0x5"], "malformed shape"),
+        (["sweep", "--shape", "axb"], "malformed shape"),
+        (["sweep", "--dtype", "fp8"], "invalid choice"),
+        (["sweep", "--rank", "0"], "positive integer"),
+        (["sweep", "--tokens", "-3"], "positive integer"),
+        (["sweep", "--ranks", "4,x"], "comma-separated"),
+        (["sweep", "--alpha", "inf"], "finite"),
+        (["sweep", "--regimes", "bogus"], "unknown regime"),
+        (["sweep", "--device", "tpu"], "invalid choice"),
+        (["sweep", "--impl", "forms"], "every form is in the sweep"),
+        (["sweep", "--experiments", "bogus"], "unknown experiment(s) 'bogus'"),
+        (["sweep", "--experiments", "accumulation,nope"], "choose from accumulation, scaling"),
+        (["sweep", "--impl", "no_such_module:fn"], "cannot import"),
+        (["nosuchcommand"], "invalid choice"),
+        (["gate", "--seed", "-1"], "2**32"),
+        (["certify", "--seed", str(2**63)], "2**32"),
+        (["bench", "--seed", "x"], "integer seed"),
+        (["bench", "--out", ""], "expected a path"),
+        (["certify", "--corpus", " "], "expected a path"),
+        (["gate", "--baseline", ""], "expected a path"),
+        (["gate", "--case-timeout", "-1"], "number >= 0"),
+        (["exhaustive", "--out", ""], "expected a path"),
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -88,7 +104,13 @@ def test_small_sweep_writes_complete_report(tmp_path, capsys):
     rep = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
     assert rep["schema_version"] == S.SCHEMA_VERSION and rep["config"]["seed"] == 3 and rep["config"]["d_out"] == 64
     assert {"git", "versions", "device", "time_utc"} <= set(rep["provenance"])
-    assert set(rep["experiments"]) == {"paper_figure1", "compose_g_sweep", "compose_regimes", "norm_regimes", "norm_rank"}
+    assert set(rep["experiments"]) == {
+        "paper_figure1",
+        "compose_g_sweep",
+        "compose_regimes",
+        "norm_regimes",
+        "norm_rank",
+    }
     forms = {r["form"] for r in rep["experiments"]["compose_g_sweep"]}  # the kernels are in by default (CPU: eager)
     assert forms == {"naive", "stable_gcast", "naive_fp32", "stable_fp32", "single_rounding", KERNELS}
     assert rep["headline"]["paper_figure1"]["ratio_naive_over_stable_paper_protocol"] > 1
@@ -168,17 +190,20 @@ def test_sweep_measures_implementations_beside_the_forms(tmp_path):
     assert "impl:peft" in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--alpha", "0"], "positive number"),  # s = 0: no adapter (a ZeroDivisionError before)
-    (["--alpha", "-2"], "positive number"),  # s < 0 only negates B
-    (["--alpha", "nan"], "finite"),
-    (["--alpha", "1e-300"], "LoRA scaling s"),  # s underflows to 0 in fp32
-    (["--alpha", "1e300"], "LoRA scaling s"),  # s overflows fp32 (numpy's warning must not add a line)
-    (["--seed", "-1"], "2**32"),
-    (["--seed", str(2**32)], "2**32"),
-    (["--seed", str(2**63)], "2**32"),
-    (["--out", ""], "expected a path"),  # wrote report.json into the working directory before
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--alpha", "0"], "positive number"),  # s = 0: no adapter (a ZeroDivisionError before)
+        (["--alpha", "-2"], "positive number"),  # s < 0 only negates B
+        (["--alpha", "nan"], "finite"),
+        (["--alpha", "1e-300"], "LoRA scaling s"),  # s underflows to 0 in fp32
+        (["--alpha", "1e300"], "LoRA scaling s"),  # s overflows fp32 (numpy's warning must not add a line)
+        (["--seed", "-1"], "2**32"),
+        (["--seed", str(2**32)], "2**32"),
+        (["--seed", str(2**63)], "2**32"),
+        (["--out", ""], "expected a path"),  # wrote report.json into the working directory before
+    ],
+)
 def test_bad_sweep_values_exit_2_before_any_work(extra, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(FAST + ["--out", str(tmp_path / "rep")] + extra) == 2
@@ -221,15 +246,18 @@ def test_full_disk_while_writing_the_report_exits_2_and_keeps_the_old_one(tmp_pa
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and os.listdir(tmp_path) == ["rep"]
 
 
-@pytest.mark.parametrize("content,needle", [
-    (None, "cannot read bench report"),  # no such file
-    ("DIR", "cannot read bench report"),
-    ("not json {", "cannot read bench report"),
-    ("[1, 2]", "is not a dora-verify bench report"),
-    ('{"kind": "sweep"}', "is not a dora-verify bench report"),
-    ('{"kind": "bench"}', "is not a complete bench report: KeyError"),
-    ('{"kind": "bench", "provenance": {"device": 3}, "config": {}}', "is not a complete bench report"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (None, "cannot read bench report"),  # no such file
+        ("DIR", "cannot read bench report"),
+        ("not json {", "cannot read bench report"),
+        ("[1, 2]", "is not a dora-verify bench report"),
+        ('{"kind": "sweep"}', "is not a dora-verify bench report"),
+        ('{"kind": "bench"}', "is not a complete bench report: KeyError"),
+        ('{"kind": "bench", "provenance": {"device": 3}, "config": {}}', "is not a complete bench report"),
+    ],
+)
 def test_bench_render_of_anything_but_a_bench_report_exits_2(content, needle, tmp_path, capsys):
     src = tmp_path / "bench.json"
     if content == "DIR":
@@ -282,8 +310,20 @@ def test_gate_case_timeout_is_passed_through(monkeypatch, tmp_path, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(G, "run_gate", fake_run_gate)
-    rc = main(["gate", "--impl", "form:naive", "--device", "cpu", "--case-timeout", "12.5", "--quiet",
-               "--out", str(tmp_path / "g")])
+    rc = main(
+        [
+            "gate",
+            "--impl",
+            "form:naive",
+            "--device",
+            "cpu",
+            "--case-timeout",
+            "12.5",
+            "--quiet",
+            "--out",
+            str(tmp_path / "g"),
+        ]
+    )
     if "case_timeout" in {f.name for f in dataclasses.fields(G.GateConfig)}:
         assert rc == 130 and seen["case_timeout"] == 12.5
     else:
@@ -383,11 +423,14 @@ def impls(tmp_path, monkeypatch):
     return lambda *names: sum((["--impl", f"dv_cli_impls:{n}"] for n in names), [])
 
 
-@pytest.mark.parametrize("spec,needle", [
-    ("dv_cli_impls:BrokenAttribute", "lazy init failed"),
-    ("dv_cli_broken:fn", "broken at import"),
-    ("dv_cli_impls:nothing", "has no attribute"),
-])
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        ("dv_cli_impls:BrokenAttribute", "lazy init failed"),
+        ("dv_cli_broken:fn", "broken at import"),
+        ("dv_cli_impls:nothing", "has no attribute"),
+    ],
+)
 def test_impl_that_cannot_be_loaded_exits_2(spec, needle, impls, tmp_path, capsys):
     assert main(FAST + ["--impl", spec, "--out", str(tmp_path / "rep")]) == 2
     one_line_error(capsys, needle)
@@ -396,8 +439,14 @@ def test_impl_that_cannot_be_loaded_exits_2(spec, needle, impls, tmp_path, capsy
 
 def test_impl_failures_at_run_time_are_failed_rows(impls, tmp_path, capsys):
     out = tmp_path / "rep"
-    assert main(FAST + impls("returns_none", "returns_ndarray", "returns_tuple", "raises", "wrong_dtype", "BadNorm")
-                + ["--out", str(out)]) == 1
+    assert (
+        main(
+            FAST
+            + impls("returns_none", "returns_ndarray", "returns_tuple", "raises", "wrong_dtype", "BadNorm")
+            + ["--out", str(out)]
+        )
+        == 1
+    )
     cap = capsys.readouterr()
     assert "Traceback" not in cap.err and "implementation call(s) FAILED" in cap.out
     rep = json.loads((out / "report.json").read_text())
@@ -405,11 +454,13 @@ def test_impl_failures_at_run_time_are_failed_rows(impls, tmp_path, capsys):
     for exp in ("compose_g_sweep", "compose_regimes", "norm_regimes", "norm_rank"):
         for r in rep["experiments"][exp]:
             rows.setdefault((exp, r["form"]), set()).add(r.get("failed"))
-    want = {"returns_none": "compose returned builtins.NoneType, want a torch.Tensor",
-            "returns_ndarray": "compose returned numpy.ndarray, want a torch.Tensor",
-            "returns_tuple": "compose returned a tuple of 3, want y or (y, delta)",
-            "raises": "compose raised RuntimeError: kernel exploded on a second line",
-            "wrong_dtype": "compose returned float32 (8, 64), want bfloat16 (8, 64)"}
+    want = {
+        "returns_none": "compose returned builtins.NoneType, want a torch.Tensor",
+        "returns_ndarray": "compose returned numpy.ndarray, want a torch.Tensor",
+        "returns_tuple": "compose returned a tuple of 3, want y or (y, delta)",
+        "raises": "compose raised RuntimeError: kernel exploded on a second line",
+        "wrong_dtype": "compose returned float32 (8, 64), want bfloat16 (8, 64)",
+    }
     for name, msg in want.items():
         assert rows[("compose_regimes", f"impl:dv_cli_impls:{name}")] == {msg}
         assert rows[("compose_g_sweep", f"impl:dv_cli_impls:{name}")] == {msg}
@@ -426,11 +477,14 @@ def test_nonfinite_results_are_visible_not_exact(impls, tmp_path):
 
     def refuse(token):
         raise AssertionError(f"non-standard JSON token {token}")
+
     raw = json.loads(text, parse_constant=refuse)  # strict JSON: no NaN/Infinity tokens
+
     def strings(o):
         if isinstance(o, dict):
             return [x for v in o.values() for x in strings(v)]
         return [x for v in o for x in strings(v)] if isinstance(o, list) else [o] if isinstance(o, str) else []
+
     nonfinite = raw.pop("nonfinite")
     assert nonfinite and not {"inf", "-inf", "nan"} & set(strings(raw))  # no strings standing in for numbers
     i = next(i for i, r in enumerate(raw["experiments"]["compose_regimes"]) if r["form"] == "impl:dv_cli_impls:all_nan")
@@ -438,14 +492,22 @@ def test_nonfinite_results_are_visible_not_exact(impls, tmp_path):
     assert nonfinite[f"/experiments/compose_regimes/{i}/y/max_ulp"] == "inf"
     rep = load_report(out / "report.json")
     y = rep["experiments"]["compose_regimes"][i]["y"]
-    assert y["max_ulp"] == math.inf and y["max_abs"] == math.inf and y["nan"] == 8 * 64 and y["frac_correctly_rounded"] == 0
+    assert (
+        y["max_ulp"] == math.inf
+        and y["max_abs"] == math.inf
+        and y["nan"] == 8 * 64
+        and y["frac_correctly_rounded"] == 0
+    )
     assert rep["headline"]["below_resolution"]["by_form"]["impl:dv_cli_impls:all_nan"]["y_max_ulp_max"] == math.inf
     nu = next(r for r in rep["experiments"]["norm_regimes"] if r["form"] == "impl:dv_cli_impls:NanNorm")
     assert nu["max_rel"] == math.inf and nu["nan"] == 64
     with open(out / "report.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    cell = next(r for r in rows if r["section"] == "experiments.compose_regimes" and r["record"] == str(i)
-                and r["field"] == "y.max_ulp")
+    cell = next(
+        r
+        for r in rows
+        if r["section"] == "experiments.compose_regimes" and r["record"] == str(i) and r["field"] == "y.max_ulp"
+    )
     assert float(cell["value"]) == math.inf
     assert any(r["field"] == "form" and r["text"] == "impl:dv_cli_impls:all_nan" for r in rows)
     numeric = [float(r["value"]) for r in rows if r["value"]]  # every value column entry parses as a float
@@ -466,7 +528,9 @@ def _parquet_round_trip(out, i):
     frames["regimes"] = pd.json_normalize(load_report(out / "report.json")["experiments"]["compose_regimes"])
     assert frames["regimes"].loc[i, "y.max_ulp"] == math.inf
     for name, df in frames.items():
-        for c in [c for c in df.columns if df[c].dtype == "object"]:  # missing entries of list/str columns: None (Parquet's null)
+        for c in [
+            c for c in df.columns if df[c].dtype == "object"
+        ]:  # missing entries of list/str columns: None (Parquet's null)
             df[c] = df[c].astype(object).where(df[c].notna(), None)
         path = out / f"{name}.parquet"
         df.to_parquet(path)
@@ -479,11 +543,17 @@ def test_impl_gets_its_own_copies_of_the_inputs(impls, tmp_path):
     assert main(FAST + impls("vandal") + ["--out", str(tmp_path / "b")]) == 0
     a, b = (json.loads((tmp_path / d / "report.json").read_text())["experiments"] for d in ("a", "b"))
     for exp in a:
-        mine = [r for r in b[exp] if not str(r.get("form", "")).startswith("impl:")] if isinstance(b[exp], list) else b[exp]
+        mine = (
+            [r for r in b[exp] if not str(r.get("form", "")).startswith("impl:")]
+            if isinstance(b[exp], list)
+            else b[exp]
+        )
         assert mine == a[exp], exp
     rows = b["compose_g_sweep"]
+
     def values(form):  # the errors (not the bound ratio: the form's derived bound vs the --impl's faithful 1 ulp)
         return [{k: v for k, v in r["y"].items() if k != "bound_ratio"} for r in rows if r["form"] == form]
+
     vandal = values("impl:dv_cli_impls:vandal")
     assert len(vandal) > 1 and vandal == values("single_rounding")  # it computes that
 
@@ -492,11 +562,32 @@ def test_no_plots_leaves_no_empty_heading_and_layer_impls_are_named(tmp_path, mo
     """--no-plots: no empty '## Plots' heading; a layer-only --impl is listed as what it is, not '(norm only)'."""
     (tmp_path / "onlylayer.py").write_text(
         "from dora_verify.kernels import DoRALinear\n"
-        "def factory(linear, r, alpha):\n    return DoRALinear(linear, r, alpha)\n")
+        "def factory(linear, r, alpha):\n    return DoRALinear(linear, r, alpha)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "s"
-    assert main(["sweep", "--shape", "64x32", "--tokens", "16", "--grid-tokens", "16", "--ranks", "4",
-                 "--impl", "onlylayer:factory", "--no-plots", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--shape",
+                "64x32",
+                "--tokens",
+                "16",
+                "--grid-tokens",
+                "16",
+                "--ranks",
+                "4",
+                "--impl",
+                "onlylayer:factory",
+                "--no-plots",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     md = (out / "report.md").read_text()
     assert "## Plots" not in md and "`--impl onlylayer:factory` (layer)" in md
 
@@ -510,7 +601,7 @@ def test_report_text_is_true_for_its_dtype(tmp_path, dtype, thr, points):
     assert main(SMALL + ["--regimes", "trained", "--dtype", dtype, "--out", str(out)]) == 0
     rep = load_report(out / "report.json")
     b = rep["headline"]["below_resolution"]
-    assert b["dtype"] == dtype and b["threshold"] == {"fp16": 2.0 ** -12, "fp32": 2.0 ** -25}[dtype]
+    assert b["dtype"] == dtype and b["threshold"] == {"fp16": 2.0**-12, "fp32": 2.0**-25}[dtype]
     assert bool(b["points"]) == points
     md = (out / "report.md").read_text()
     assert f"< {thr}**" in md and f"g rounds to exactly 1 in {dtype}" in md and "2⁻⁹" not in md
@@ -540,7 +631,9 @@ def test_an_impl_returning_y_and_delta_gets_delta_metrics(impls, tmp_path):
     rows = {r["form"]: r for r in load_report(out / "report.json")["experiments"]["compose_regimes"]}
     pair, form = rows["impl:dv_cli_impls:returns_pair"], rows["stable_gcast"]
     same = lambda m: {k: v for k, v in m.items() if k != "bound_ratio"}  # noqa: E731 - the bounds differ (below)
-    assert pair["delta"] is not None and same(pair["delta"]) == same(form["delta"]) and same(pair["y"]) == same(form["y"])
+    assert (
+        pair["delta"] is not None and same(pair["delta"]) == same(form["delta"]) and same(pair["y"]) == same(form["y"])
+    )
     assert rows["impl:dv_cli_impls:good"]["delta"] is None
     # the form is held to its derived bound, the --impl (no compose_bound) to the faithful 1 ulp; no Δ bound for it
     assert form["y"]["bound_ratio"] <= 1 and form["delta"]["bound_ratio"] <= 1
@@ -552,7 +645,9 @@ def test_the_sweep_holds_every_row_to_its_bound(impls, tmp_path):
     two ulps off fails the faithful 1 ulp, the same values pass the implementation's own looser ``compose_bound``,
     and a compose_bound of the wrong shape fails its row in one line."""
     out = tmp_path / "rep"
-    assert main(FAST + impls("off_by_2e6", "loose", "bad_bound") + ["--impl", "kernels", "--out", str(out)]) == 1  # bad_bound
+    assert (
+        main(FAST + impls("off_by_2e6", "loose", "bad_bound") + ["--impl", "kernels", "--out", str(out)]) == 1
+    )  # bad_bound
     rep = load_report(out / "report.json")
     summary = rep["headline"]["bound_ratio"]
     for form in ("naive", "stable_gcast", "naive_fp32", "stable_fp32", "single_rounding", KERNELS):
@@ -561,8 +656,11 @@ def test_the_sweep_holds_every_row_to_its_bound(impls, tmp_path):
     assert off["rows_over"] == off["rows"] > 0 and off["y_max"] > 1.5
     assert loose["rows_over"] == 0 and 0 < loose["y_max"] <= 1
     bad = [r for r in rep["experiments"]["compose_regimes"] if r["form"] == "impl:dv_cli_impls:bad_bound"]
-    assert bad and all("compose_bound failed: ValueError: compose_bound's y bound must be a tensor of shape (" in r["failed"]
-                       and "got float64 (1, " in r["failed"] for r in bad)
+    assert bad and all(
+        "compose_bound failed: ValueError: compose_bound's y bound must be a tensor of shape (" in r["failed"]
+        and "got float64 (1, " in r["failed"]
+        for r in bad
+    )
     md = (out / "report.md").read_text()
     assert "against the bound it is held to" in md and "y bound ratio" in md
 

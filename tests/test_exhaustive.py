@@ -1,6 +1,7 @@
 """dora_verify.exhaustive: every finite 16-bit value of one compose operand against a grid of the other,
 of g and of s (CPU), under the kernel bound; and the all-pairs GPU checker, logic-checked on a slice under
 the interpreter against the torch scoring of the same pairs."""
+
 import pytest
 import torch
 
@@ -34,8 +35,15 @@ def test_eager_epilogue_every_value(dtype, sweep):
 
 def test_fused_epilogue_every_fp16_value():
     """The Triton epilogue itself (interpreter: fp16, whose fp32 → fp16 conversion rounds to nearest there)."""
-    r = epilogue_slice("fp16", "base", grid=(0.0, -1.5, 2.0**-24), g_values=(1.0, 1.0015, 3.7), s_values=(2.0,),
-                       tier="fused", device=DEVICE)
+    r = epilogue_slice(
+        "fp16",
+        "base",
+        grid=(0.0, -1.5, 2.0**-24),
+        g_values=(1.0, 1.0015, 3.7),
+        s_values=(2.0,),
+        tier="fused",
+        device=DEVICE,
+    )
     assert r["violations"] == 0 and r["not_faithful"] == 0 and r["max_ratio"] <= 1.0, r
     assert r["not_cr_off_tie"] == 0, r
 
@@ -55,9 +63,15 @@ def _torch_score(dtype, g, s, start, count):
     return exhaustive._score(y, base, lora, gg, exhaustive.f32(s), fmt), int((~keep).sum())
 
 
-@pytest.mark.parametrize("g,s,start", [(1.0015, 2.0, 0x3C00 << 16), (3.7, 0.25, 0x0400 << 16),
-                                       (1.0, 1.0, 0x7B00 << 16),
-                                       (1.0, 16 / 384**0.5, (0x7BFF << 16) + 0x4000)])  # base 65504: overflow edge
+@pytest.mark.parametrize(
+    "g,s,start",
+    [
+        (1.0015, 2.0, 0x3C00 << 16),
+        (3.7, 0.25, 0x0400 << 16),
+        (1.0, 1.0, 0x7B00 << 16),
+        (1.0, 16 / 384**0.5, (0x7BFF << 16) + 0x4000),
+    ],
+)  # base 65504: overflow edge
 def test_all_pairs_checker_agrees_with_torch_scoring(g, s, start):
     """The in-kernel exact value, bound, ulp and counts match the library's oracle on the same pairs."""
     count = PAIRS_BLOCK * 4

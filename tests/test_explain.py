@@ -1,6 +1,7 @@
 """dora_verify.explain: a committed corpus case's worst element, exactly — the exact result recomputed here from
 the stored inputs with rationals, the error and the ratio to the bound consistent with certify's stored score;
 exact rounding of rationals (ties, subnormals, overflow); unsupported targets refused in one line."""
+
 import json
 from fractions import Fraction
 from pathlib import Path
@@ -34,12 +35,16 @@ def test_compose_y_worst_element_is_exact_and_matches_the_stored_score():
             v = (np.array([v]).astype(np.int64) & 0xFFFF).astype(np.uint32) << 16
             v = v.view(np.float32)[0]
         return Fraction(float(v))
+
     s = Fraction(doc["scalars"]["s"])
     exact = val("g", i) * (val("base", t, i) + s * val("lora", t, i))
     if "bias" in doc["tensors"]:
         exact += val("bias", i)
-    n, d = (int(x) for x in el["exact"]["rational"].split(" / ")) if " / " in el["exact"]["rational"] \
+    n, d = (
+        (int(x) for x in el["exact"]["rational"].split(" / "))
+        if " / " in el["exact"]["rational"]
         else (int(el["exact"]["rational"]), 1)
+    )
     assert Fraction(n, d) == exact
     err = Fraction(el["got"]["value"]) - exact
     assert el["error"]["value"] == pytest.approx(float(err), rel=1e-12)
@@ -47,8 +52,9 @@ def test_compose_y_worst_element_is_exact_and_matches_the_stored_score():
     assert el["ratio"] == pytest.approx(doc["score"]["ratio"], rel=1e-3)
 
 
-@pytest.mark.parametrize("prefix", ["compose.delta-fp16", "form.naive-bf16", "lora_compose-fp16", "norm-fp32",
-                                    "compose.backward-fp16"])
+@pytest.mark.parametrize(
+    "prefix", ["compose.delta-fp16", "form.naive-bf16", "lora_compose-fp16", "norm-fp32", "compose.backward-fp16"]
+)
 def test_every_supported_target_explains_within_its_bound(prefix):
     rep = explain_case(case(prefix))
     assert rep["elements"] and all(el["ratio"] is not None and el["ratio"] <= 1 for el in rep["elements"])
@@ -60,7 +66,7 @@ def test_round_exact_ties_subnormals_and_overflow():
     assert round_exact(Fraction(8224), bf16) == 8192.0  # the tie between 8192 and 8256: to even
     assert round_exact(Fraction(8224) + Fraction(1, 10**6), bf16) == 8256.0  # above the tie (float64 → bf16 via
     # fp32 rounds this to 8192: the double rounding this function avoids)
-    assert round_exact(Fraction(-3, 2**26), fp16) == -(2.0 ** -24)  # fp16 subnormal grid 2⁻²⁴: 0.75 → 1 step
+    assert round_exact(Fraction(-3, 2**26), fp16) == -(2.0**-24)  # fp16 subnormal grid 2⁻²⁴: 0.75 → 1 step
     assert round_exact(Fraction(1, 2**26), fp16) == 0.0  # a quarter step: to zero
     assert round_exact(Fraction(70000), fp16) == float("inf") and round_exact(Fraction(0), bf16) == 0.0
 
@@ -79,6 +85,7 @@ def test_backward_elements_are_exact_per_output_and_save_mode():
         if doc["tensors"][name] == "bfloat16":
             a = ((a.astype(np.int64) & 0xFFFF).astype(np.uint32) << 16).view(np.float32)
         return a.astype(np.float64)
+
     dy, base, lora, g = col("dy"), col("base"), col("lora"), col("g")
     s = Fraction(doc["scalars"]["s"])
     for el in rep["elements"]:

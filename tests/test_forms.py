@@ -1,4 +1,5 @@
 """forms: the eager formulas compute what their docstrings say, op by op, and fail where theory says."""
+
 import pytest
 import torch
 
@@ -15,10 +16,10 @@ def _bf16(*vals):
 
 def test_naive_cancels_at_g_1_where_stable_is_exact():
     # base = 1 + 2^-7 and s·lora = 2^-9: in bf16, base + s·lora rounds (half-ulp lost), stable keeps it.
-    base, lora, g = _bf16(1 + 2 ** -7), _bf16(2 ** -9), torch.ones(1)
+    base, lora, g = _bf16(1 + 2**-7), _bf16(2**-9), torch.ones(1)
     _, d_naive = COMPOSE_FORMS["naive"].fn(base, lora, g, 1.0)
     _, d_stable = COMPOSE_FORMS["stable_gcast"].fn(base, lora, g, 1.0)
-    assert d_stable.item() == 2 ** -9
+    assert d_stable.item() == 2**-9
     assert d_naive.item() == 0.0  # the whole update cancelled away
 
 
@@ -27,7 +28,7 @@ def test_gcast_drops_g_below_bf16_resolution():
     g = torch.tensor([1 + 1e-3])
     assert COMPOSE_FORMS["stable_gcast"].fn(base, lora, g, 1.0)[1].item() == 0.0
     d32 = COMPOSE_FORMS["stable_fp32"].fn(base, lora, g, 1.0)[1]
-    assert abs(d32.item() - 1e-3) < 1e-3 * 2 ** -8
+    assert abs(d32.item() - 1e-3) < 1e-3 * 2**-8
 
 
 def test_forms_are_algebraically_equal():
@@ -40,7 +41,8 @@ def test_forms_are_algebraically_equal():
         assert torch.allclose(d, truth.delta, rtol=1e-9, atol=1e-12), name
     for name in ("naive_fp32", "stable_fp32", "single_rounding"):  # fp32 registers: within fp32 + one rounding
         y, _ = COMPOSE_FORMS[name].fn(base.float(), lora.float(), c.g, c.s)
-        assert torch.allclose(y.double(), truth.y, rtol=2 ** -20, atol=2 ** -20), name
+        assert torch.allclose(y.double(), truth.y, rtol=2**-20, atol=2**-20), name
+
 
 @pytest.mark.parametrize("regime", ["trained", "large_activations", "heavy_tailed", "all_positive"])
 def test_single_rounding_within_its_derived_bound(regime):
@@ -50,7 +52,7 @@ def test_single_rounding_within_its_derived_bound(regime):
     base, lora = c.compose_inputs()
     truth = compose_truth(base, lora, c.g, c.s)
     y, _ = COMPOSE_FORMS["single_rounding"].fn(base, lora, c.g, c.s)
-    u32 = 2.0 ** -24
+    u32 = 2.0**-24
     E = 3 * u32 / (1 - 3 * u32) * c.g.double().abs() * (base.double().abs() + c.s * lora.double().abs())
     bound = ulp(truth.y.abs() + E, BF16) / 2 + E
     err = (y.double() - truth.y).abs()
@@ -64,7 +66,7 @@ def test_norm_forms_match_oracle_on_well_conditioned_rows():
     for name in ("dense_fp32", "factored_fp32"):
         nu = NORM_FORMS[name].fn(c.W, c.A, c.B, c.s)
         assert nu.dtype == torch.float32
-        assert float(((nu.double() - truth) / truth).abs().max()) < 64 * 2 ** -24, name
+        assert float(((nu.double() - truth) / truth).abs().max()) < 64 * 2**-24, name
     bf = make_case("trained", 32, 64, 4, 1, "bf16", seed=2, s=2.0)
     assert NORM_FORMS["peft_dense"].fn(bf.W, bf.A, bf.B, bf.s).dtype == torch.bfloat16
     assert NORM_FORMS["factored_fp32_castout"].fn(bf.W, bf.A, bf.B, bf.s).dtype == torch.bfloat16

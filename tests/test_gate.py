@@ -1,5 +1,6 @@
 """dora_verify.gate: the pre-merge gate passes the real kernels, fails planted defects (through the adapter
 protocol), ratchets against a baseline, refuses foreign baselines, never passes on nothing, writes JUnit."""
+
 import json
 import math
 import sys
@@ -47,8 +48,11 @@ def _ci_environment() -> bool:
     import triton
 
     env = json.loads(BASELINE.read_text())["environment"]
-    return (not gate.torch.cuda.is_available() and gate._minor(gate.torch.__version__) == env["torch"]
-            and gate._minor(triton.__version__) == env["triton"])
+    return (
+        not gate.torch.cuda.is_available()
+        and gate._minor(gate.torch.__version__) == env["torch"]
+        and gate._minor(triton.__version__) == env["triton"]
+    )
 
 
 @pytest.mark.skipif(not _ci_environment(), reason="the committed baseline is for CI's CPU environment")
@@ -99,7 +103,9 @@ def test_stock_peft_is_gated_and_its_bf16_numerics_fail(tmp_path):
     assert "peft|compose.y|bf16" in " ".join(hard) and "error/bound ratio" in text
     assert any(k.startswith("peft|norm") for k in hard)  # ν in bf16 misses 1e-6
     g = doc["groups"]["peft|layer.y|bf16|cpu|ragged"]
-    assert g["nonfinite"]["nonfinite_where_finite"] > 0 and {"layer-bf16-02", "layer-bf16-03"} <= set(g["failing_cases"])
+    assert g["nonfinite"]["nonfinite_where_finite"] > 0 and {"layer-bf16-02", "layer-bf16-03"} <= set(
+        g["failing_cases"]
+    )
     assert doc["groups"]["peft|layer.y|bf16|cpu|aligned"]["max_ratio"] <= 1  # its bf16 g alone fits the contract
     assert not any(k.startswith("peft|layer") and "fp32-adapters" in k and "aligned" in k for k in hard)
 
@@ -108,7 +114,9 @@ def test_stock_peft_layer_in_fp32_loses_dA_on_near_cancelling_rows(tmp_path):
     """In fp32 stock PEFT's ν (dense W + s·BA in fp32) is off by O(1) relative on a row with W ≈ −s·BA: y hardly moves
     (h is small there too) but dA and dB, which g multiplies, miss the faithful layer contract by orders of magnitude."""
     pytest.importorskip("peft")
-    rc, doc, _ = _run(tmp_path, "--impl", "peft", "--dtypes", "fp32", "--case", "layer-fp32-02", "--case", "layer-fp32-00")
+    rc, doc, _ = _run(
+        tmp_path, "--impl", "peft", "--dtypes", "fp32", "--case", "layer-fp32-02", "--case", "layer-fp32-00"
+    )
     assert rc == 1
     groups = doc["groups"]
     assert groups["peft|layer.y|fp32|cpu|ragged"]["max_ratio"] < 1
@@ -145,8 +153,15 @@ def test_nu_not_detached_moves_dA_by_tens_of_percent():
     t = ex.tensors
     grads = []
     for factory in (planted_impls.good_layer, planted_impls.nu_not_detached):
-        module, p = build_layer(factory, t["W"], t["bias"], 16, 32.0, torch.float32,
-                                {"lora_A": t["A"], "lora_B": t["B"], "magnitude": t["m"]})
+        module, p = build_layer(
+            factory,
+            t["W"],
+            t["bias"],
+            16,
+            32.0,
+            torch.float32,
+            {"lora_A": t["A"], "lora_B": t["B"], "magnitude": t["m"]},
+        )
         y = module(t["x"])
         y.backward(y.detach())
         grads.append(p["lora_A"].grad.double())
@@ -175,13 +190,18 @@ def test_kernels_layer_is_held_to_its_derived_bound(tmp_path):
     assert all(g["contract"] == "kernel" and g["max_ratio"] <= 1 for g in doc["groups"].values())
 
 
-@pytest.mark.parametrize("planted,reason", [("layer_returns_none", "the layer factory returned None, want a torch.nn.Module"),
-                                            ("layer_detached", "x.grad is None after y.backward(dy)")])
+@pytest.mark.parametrize(
+    "planted,reason",
+    [
+        ("layer_returns_none", "the layer factory returned None, want a torch.nn.Module"),
+        ("layer_detached", "x.grad is None after y.backward(dy)"),
+    ],
+)
 def test_a_layer_that_breaks_the_protocol_fails_its_case_in_one_line(tmp_path, planted, reason):
     rc, doc, _ = _run(tmp_path, "--impl", f"planted_impls:{planted}", "--case", "layer-fp32-00")
     assert rc == 1
-    g, = doc["groups"].values()
-    msg, = g["crash_messages"]
+    (g,) = doc["groups"].values()
+    (msg,) = g["crash_messages"]
     assert reason in msg and "\n" not in msg and g["output"] == "layer.all"
 
 
@@ -208,6 +228,7 @@ def test_layer_factory_detection():
 
         def layer(self, linear, r, alpha):
             return None
+
     im = from_object(WithLayer, "w")
     assert im.compose is not None and im.layer is not None
     assert load_impl("kernels")[0].layer is not None
@@ -224,8 +245,9 @@ def test_the_good_wrapper_passes_and_a_reproduce_case_runs(tmp_path):
 
 def test_ratchet_regression_and_improvement_both_fail(tmp_path):
     base = tmp_path / "baseline.json"
-    rc, _, _ = _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp16", "--baseline", str(base),
-                    "--update-baseline")
+    rc, _, _ = _run(
+        tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp16", "--baseline", str(base), "--update-baseline"
+    )
     assert rc == 0 and base.exists()
     rc, doc, _ = _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp16", "--baseline", str(base))
     assert rc == 0 and doc["verdict"]["baseline"] == []
@@ -264,11 +286,32 @@ def test_baseline_from_another_environment_is_refused(tmp_path, capsys):
     skipped = [t.find("skipped") for t in root.iter("testcase") if t.get("name").endswith(".baseline")]
     assert skipped and all(x is not None and "another environment" in x.get("message") for x in skipped)
     capsys.readouterr()  # a subset may not rewrite its part of a baseline from elsewhere (it would drop the rest)
-    assert main(["gate", "--device", "cpu", "--quiet", "--out", str(tmp_path / "g2"), "--impl", "planted_impls:Good",
-                 "--dtypes", "fp32", "--ops", "compose", "--baseline", str(base), "--update-baseline"]) == 2
+    assert (
+        main(
+            [
+                "gate",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                str(tmp_path / "g2"),
+                "--impl",
+                "planted_impls:Good",
+                "--dtypes",
+                "fp32",
+                "--ops",
+                "compose",
+                "--baseline",
+                str(base),
+                "--update-baseline",
+            ]
+        )
+        == 2
+    )
     assert "from another" in capsys.readouterr().err
-    rc, doc, _ = _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp32", "--baseline", str(base),
-                      "--allow-env-mismatch")
+    rc, doc, _ = _run(
+        tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp32", "--baseline", str(base), "--allow-env-mismatch"
+    )
     assert rc == 0 and doc["verdict"]["environment"]
     # only the named keys may differ: a routine torch bump allowed, not another device class
     d["environment"]["device_class"] = json.loads(json.dumps(doc["environment"]))["device_class"]
@@ -303,15 +346,20 @@ def test_gpu_required_without_a_gpu_exits_2(tmp_path, capsys):
     assert main(["gate", "--device", "cuda", "--quiet", "--out", str(tmp_path / "g")]) == 2
 
 
-@pytest.mark.parametrize("args,msg", [(["--impl", "nope"], "expected kernels"),
-                                      (["--impl", "no_such_module_xyz:f"], "cannot import"),
-                                      (["--impl", "planted_impls:missing"], "no attribute"),
-                                      (["--dtypes", "bf8"], "bad --dtypes"),
-                                      (["--fa-limit", "0"], "--fa-limit"),
-                                      (["--update-baseline"], "needs --baseline"),
-                                      (["--baseline", "/nonexistent/b.json"], "does not exist"),
-                                      (["--case", "compose-bf16-99"], "unknown case"),
-                                      (["--dtypes", "bf16", "--case", "compose-fp32-02"], "outside this run's")])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--impl", "nope"], "expected kernels"),
+        (["--impl", "no_such_module_xyz:f"], "cannot import"),
+        (["--impl", "planted_impls:missing"], "no attribute"),
+        (["--dtypes", "bf8"], "bad --dtypes"),
+        (["--fa-limit", "0"], "--fa-limit"),
+        (["--update-baseline"], "needs --baseline"),
+        (["--baseline", "/nonexistent/b.json"], "does not exist"),
+        (["--case", "compose-bf16-99"], "unknown case"),
+        (["--dtypes", "bf16", "--case", "compose-fp32-02"], "outside this run's"),
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, args, msg):
     rc = main(["gate", "--device", "cpu", "--quiet", "--out", str(tmp_path / "g"), *args])
     err = capsys.readouterr().err
@@ -329,6 +377,7 @@ def test_adapter_protocol():
 
         def compose(self, *a):
             return None
+
     with pytest.raises(ImplError, match="contract"):
         from_object(BadContract, "x")
     assert [i.name for i in load_impl("forms")][0].startswith("form:")
@@ -338,6 +387,7 @@ def test_adapter_protocol():
 
         def compose(self, *a):
             return None
+
     with pytest.raises(ImplError, match="dtypes must name some of bf16, fp16, fp32"):
         from_object(Misspelt, "x")
     Misspelt.dtypes = "fp32"  # a single name is taken as one dtype
@@ -362,16 +412,30 @@ def test_an_implementation_that_zeroes_its_inputs_fails(tmp_path):
     assert "error/bound ratio" in _hard_text(doc)
 
 
-@pytest.mark.parametrize("planted,reason", [("exits", "SystemExit(0): the implementation tried to exit"),
-                                            ("raises", "RuntimeError: planted failure"),
-                                            ("interrupts", "KeyboardInterrupt raised by the implementation")])
+@pytest.mark.parametrize(
+    "planted,reason",
+    [
+        ("exits", "SystemExit(0): the implementation tried to exit"),
+        ("raises", "RuntimeError: planted failure"),
+        ("interrupts", "KeyboardInterrupt raised by the implementation"),
+    ],
+)
 def test_whatever_the_implementation_raises_is_a_one_line_crash(tmp_path, planted, reason):
     """sys.exit(0) used to end the gate with exit 0 and no report; KeyboardInterrupt raised by the code itself
     (no SIGINT) is a crash of that case too; messages are one line."""
-    rc, doc, out = _run(tmp_path, "--impl", f"planted_impls:{planted}", "--dtypes", "fp32", "--case", "compose-fp32-01",
-                        "--case", "compose-fp32-03")
+    rc, doc, out = _run(
+        tmp_path,
+        "--impl",
+        f"planted_impls:{planted}",
+        "--dtypes",
+        "fp32",
+        "--case",
+        "compose-fp32-01",
+        "--case",
+        "compose-fp32-03",
+    )
     assert rc == 1 and not doc["verdict"]["passed"]
-    g, = doc["groups"].values()
+    (g,) = doc["groups"].values()
     assert g["crashes"] == 2 and all(reason in m and "\n" not in m for m in g["crash_messages"])
     md = (out / "gate.md").read_text()
     assert reason in md and "Traceback" not in md
@@ -383,9 +447,14 @@ def test_a_real_ctrl_c_still_stops_the_run():
     import signal
     import threading
 
-    cfg = gate.GateConfig(impls=load_impl("planted_impls:hangs"), dtypes=("fp32",), device="cpu",
-                          case_ids=("compose-fp32-01",), case_timeout=20,
-                          sizes={"n_compose": 4, "n_norm": 0, "n_backward": 0})
+    cfg = gate.GateConfig(
+        impls=load_impl("planted_impls:hangs"),
+        dtypes=("fp32",),
+        device="cpu",
+        case_ids=("compose-fp32-01",),
+        case_timeout=20,
+        sizes={"n_compose": 4, "n_norm": 0, "n_backward": 0},
+    )
     before = signal.getsignal(signal.SIGINT)
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt):
@@ -397,33 +466,49 @@ def test_a_hanging_implementation_fails_at_the_case_time_limit():
     import signal
     import time
 
-    cfg = gate.GateConfig(impls=load_impl("planted_impls:hangs"), dtypes=("fp32",), device="cpu",
-                          case_ids=("compose-fp32-01", "compose-fp32-03"), case_timeout=0.5,
-                          sizes={"n_compose": 4, "n_norm": 0, "n_backward": 0})
+    cfg = gate.GateConfig(
+        impls=load_impl("planted_impls:hangs"),
+        dtypes=("fp32",),
+        device="cpu",
+        case_ids=("compose-fp32-01", "compose-fp32-03"),
+        case_timeout=0.5,
+        sizes={"n_compose": 4, "n_norm": 0, "n_backward": 0},
+    )
     t0 = time.monotonic()
     rep = gate.verdict(gate.run_gate(cfg), None)
     assert time.monotonic() - t0 < 8
-    g, = rep["groups"].values()
+    (g,) = rep["groups"].values()
     assert g["crashes"] == 2 and all("case time limit of 0.5 s" in m for m in g["crash_messages"])
     assert not rep["verdict"]["passed"] and rep["config"]["case_timeout_enforced"]
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
     assert gate.GateConfig(impls=[]).case_timeout == gate.DEFAULT_CASE_TIMEOUT == 300
 
 
-@pytest.mark.parametrize("kind,got", [("none", "returned None"), ("numpy", "returned a numpy.ndarray"),
-                                      ("tuple", "returned a tuple"), ("shape", "returned a torch.Tensor of float32")])
+@pytest.mark.parametrize(
+    "kind,got",
+    [
+        ("none", "returned None"),
+        ("numpy", "returned a numpy.ndarray"),
+        ("tuple", "returned a tuple"),
+        ("shape", "returned a torch.Tensor of float32"),
+    ],
+)
 def test_a_malformed_output_is_a_one_line_failure_of_its_case(tmp_path, kind, got):
     rc, doc, _ = _run(tmp_path, "--impl", f"planted_impls:returns_{kind}", *SMALL)
     assert rc == 1
     for output, what in (("compose.y", "compose"), ("norm.nu", "norm")):
-        g, = (g for g in doc["groups"].values() if g["output"] == output)
-        msg, = g["crash_messages"]
+        (g,) = (g for g in doc["groups"].values() if g["output"] == output)
+        (msg,) = g["crash_messages"]
         assert f"{what} {got}" in msg and "want a torch.Tensor" in msg and "\n" not in msg, msg
 
 
-@pytest.mark.parametrize("source,msg", [("raise RuntimeError('broken at import\\nline two')",
-                                         "RuntimeError: broken at import"),
-                                        ("import sys\nsys.exit(0)", "SystemExit(0)")])
+@pytest.mark.parametrize(
+    "source,msg",
+    [
+        ("raise RuntimeError('broken at import\\nline two')", "RuntimeError: broken at import"),
+        ("import sys\nsys.exit(0)", "SystemExit(0)"),
+    ],
+)
 def test_an_impl_that_fails_at_import_is_a_usage_error(tmp_path, monkeypatch, capsys, source, msg):
     name = f"planted_import_{abs(hash(source))}"
     (tmp_path / f"{name}.py").write_text(source + "\n")
@@ -433,20 +518,34 @@ def test_an_impl_that_fails_at_import_is_a_usage_error(tmp_path, monkeypatch, ca
     assert rc == 2 and "cannot import" in err and msg in err and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("factory,msg", [("BadFactory", "RuntimeError: no device found"),
-                                         ("ExitingFactory", "SystemExit(3)")])
+@pytest.mark.parametrize(
+    "factory,msg", [("BadFactory", "RuntimeError: no device found"), ("ExitingFactory", "SystemExit(3)")]
+)
 def test_an_impl_whose_factory_fails_is_a_usage_error(tmp_path, capsys, factory, msg):
-    rc = main(["gate", "--device", "cpu", "--quiet", "--out", str(tmp_path / "g"), "--impl", f"planted_impls:{factory}"])
+    rc = main(
+        ["gate", "--device", "cpu", "--quiet", "--out", str(tmp_path / "g"), "--impl", f"planted_impls:{factory}"]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "cannot instantiate" in err and msg in err and err.count("\n") == 1, err
 
 
 def _valid_baseline() -> dict:
-    env = {"device_class": "cpu", "torch": "2.13", "triton": "3.9", "suite": "0123456789abcdef", "suite_version": 1,
-           "impls": ["good"], "mode": "cpu-logic-only"}
+    env = {
+        "device_class": "cpu",
+        "torch": "2.13",
+        "triton": "3.9",
+        "suite": "0123456789abcdef",
+        "suite_version": 1,
+        "impls": ["good"],
+        "mode": "cpu-logic-only",
+    }
     grp = {"max_ulp": 0.5, "p99_ratio": 0.1, "max_ratio": 0.4, "frac_correctly_rounded": 1.0}
-    return {"format": gate.BASELINE_FORMAT, "environment": env, "slack": {k: list(v) for k, v in gate.DEFAULT_SLACK.items()},
-            "groups": {"good|compose.y|fp32|cpu|ragged": grp, "good|norm.nu|fp32|cpu|ragged": {**grp, "max_ratio": None}}}
+    return {
+        "format": gate.BASELINE_FORMAT,
+        "environment": env,
+        "slack": {k: list(v) for k, v in gate.DEFAULT_SLACK.items()},
+        "groups": {"good|compose.y|fp32|cpu|ragged": grp, "good|norm.nu|fp32|cpu|ragged": {**grp, "max_ratio": None}},
+    }
 
 
 def _break(d, how):
@@ -469,29 +568,58 @@ def _break(d, how):
     return d
 
 
-@pytest.mark.parametrize("how,msg", [("wrong_type", "['max_ratio'] must be a finite number or null, got '0.4'"),
-                                     ("bool", "['max_ulp'] must be a finite number"),
-                                     ("missing_metric", "lacks 'p99_ratio'"), ("missing_groups", "lacks the key 'groups'"),
-                                     ("missing_env_key", "environment lacks 'suite'"), ("slack", "slack['max_ulp']"),
-                                     ("version", "this dora-verify reads"), ("not_object", "not a JSON object")])
+@pytest.mark.parametrize(
+    "how,msg",
+    [
+        ("wrong_type", "['max_ratio'] must be a finite number or null, got '0.4'"),
+        ("bool", "['max_ulp'] must be a finite number"),
+        ("missing_metric", "lacks 'p99_ratio'"),
+        ("missing_groups", "lacks the key 'groups'"),
+        ("missing_env_key", "environment lacks 'suite'"),
+        ("slack", "slack['max_ulp']"),
+        ("version", "this dora-verify reads"),
+        ("not_object", "not a JSON object"),
+    ],
+)
 def test_a_malformed_baseline_is_refused_before_the_suite_runs(tmp_path, monkeypatch, capsys, how, msg):
     path = tmp_path / "baseline.json"
     path.write_text(json.dumps(_valid_baseline()))
     assert gate.load_baseline(path)["format"] == gate.BASELINE_FORMAT
     path.write_text(json.dumps(_break(_valid_baseline(), how)))
     monkeypatch.setattr(gate, "run_gate", lambda *a, **k: pytest.fail("the suite ran before the baseline was checked"))
-    rc = main(["gate", "--device", "cpu", "--quiet", "--out", str(tmp_path / "g"), "--impl", "planted_impls:Good",
-               "--baseline", str(path)])
+    rc = main(
+        [
+            "gate",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            str(tmp_path / "g"),
+            "--impl",
+            "planted_impls:Good",
+            "--baseline",
+            str(path),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and f"baseline {path}" in err and msg in err and err.count("\n") == 1, err
 
 
 def test_nonfinite_mismatches_are_reported_by_kind(tmp_path):
     """NaN/Inf where the oracle is finite, and finite where it is NaN/Inf, counted per output and shown."""
-    rc, doc, out = _run(tmp_path, "--impl", "planted_impls:nonfinite_swap", "--dtypes", "fp32", "--case",
-                        "nonfinite-fp32-00", "--case", "compose-fp32-01")
+    rc, doc, out = _run(
+        tmp_path,
+        "--impl",
+        "planted_impls:nonfinite_swap",
+        "--dtypes",
+        "fp32",
+        "--case",
+        "nonfinite-fp32-00",
+        "--case",
+        "compose-fp32-01",
+    )
     assert rc == 1
-    g, = doc["groups"].values()
+    (g,) = doc["groups"].values()
     nf = g["nonfinite"]
     assert nf["nonfinite_where_finite"] == 2  # the planted +Inf, in each case
     assert nf["finite_where_nonfinite"] >= 4  # NaN, ±Inf and overflow flushed to finite numbers
@@ -510,13 +638,21 @@ def test_an_implementation_no_case_applies_to_fails_even_beside_one_that_ran():
 
     impls = [from_object(planted_impls.Good, "good"), from_object(planted_impls.Fp32Only, "fp32only")]
     tiny = {"n_compose": 2, "n_norm": 2, "n_backward": 0}
-    rep = gate.verdict(gate.run_gate(gate.GateConfig(impls=impls, dtypes=("bf16",), device="cpu", sizes=tiny,
-                                                     case_ids=("compose-bf16-01",))), None)
+    rep = gate.verdict(
+        gate.run_gate(
+            gate.GateConfig(impls=impls, dtypes=("bf16",), device="cpu", sizes=tiny, case_ids=("compose-bf16-01",))
+        ),
+        None,
+    )
     assert rep["evaluations"] == 1 and rep["idle_impls"] == ["fp32only"]
     assert not rep["verdict"]["passed"] and rep["verdict"]["nothing_ran"] and not rep["verdict"]["hard"]
     assert "**Nothing ran** for `fp32only`" in gate.gate_markdown(rep)
-    rep = gate.verdict(gate.run_gate(gate.GateConfig(impls=impls[:1], dtypes=("bf16",), device="cpu", sizes=tiny,
-                                                     case_ids=("norm-bf16-01",))), None)
+    rep = gate.verdict(
+        gate.run_gate(
+            gate.GateConfig(impls=impls[:1], dtypes=("bf16",), device="cpu", sizes=tiny, case_ids=("norm-bf16-01",))
+        ),
+        None,
+    )
     assert rep["evaluations"] == 0 and not rep["groups"] and not rep["verdict"]["passed"]
 
 
@@ -528,8 +664,7 @@ def test_a_group_where_every_case_crashed_reports_no_metrics(tmp_path):
     rep = run_gate(GateConfig(impls=tuple(load_impl("planted_impls:exits")), dtypes=("fp32",), device="cpu"))
     verdict(rep, None)
     groups = list(rep["groups"].values())
-    assert groups and all(g["crashes"] == g["cases"] and g["max_ulp"] is None and g["fa_ratio"] is None
-                          for g in groups)
+    assert groups and all(g["crashes"] == g["cases"] and g["max_ulp"] is None and g["fa_ratio"] is None for g in groups)
     assert all(g["hard_failures"] for g in groups) and "| 0 |" not in gate_markdown(rep).split("## Groups")[-1]
 
 
@@ -553,7 +688,9 @@ def test_junit_errors_failures_skips_and_times(tmp_path):
         assert int(root.get("skipped")) == len(skipped) and float(root.get("time")) > 0
         assert int(root.get("tests")) == sum(int(s.get("tests")) for s in suites)
     crashed, numerics = roots["raises"], roots["naive"]
-    assert crashed.find(".//error") is not None and crashed.find(".//failure") is None and int(crashed.get("errors")) >= 1
+    assert (
+        crashed.find(".//error") is not None and crashed.find(".//failure") is None and int(crashed.get("errors")) >= 1
+    )
     assert numerics.find(".//failure") is not None and numerics.get("errors") == "0"
     _read_with_junitparser(tmp_path / "naive" / "gate" / "junit.xml", tmp_path / "raises" / "gate" / "junit.xml")
 
@@ -567,23 +704,40 @@ def _read_with_junitparser(numerics_xml, crashed_xml):
         for suite in xml:
             results = [r for case in suite for r in case.result]
             declared = (suite.tests, suite.failures, suite.errors, suite.skipped)
-            assert declared == (len(list(suite)), sum(isinstance(r, junitparser.Failure) for r in results),
-                                sum(isinstance(r, junitparser.Error) for r in results),
-                                sum(isinstance(r, junitparser.Skipped) for r in results)), (path, suite.name)
+            assert declared == (
+                len(list(suite)),
+                sum(isinstance(r, junitparser.Failure) for r in results),
+                sum(isinstance(r, junitparser.Error) for r in results),
+                sum(isinstance(r, junitparser.Skipped) for r in results),
+            ), (path, suite.name)
             assert suite.timestamp and suite.time >= 0
-    failures = [r for suite in junitparser.JUnitXml.fromfile(str(numerics_xml)) for case in suite for r in case.result
-                if isinstance(r, junitparser.Failure)]
-    assert failures and all(r.message and "reproduce (worst first): python -m dora_verify gate" in r.text for r in failures)
-    errors = [r for suite in junitparser.JUnitXml.fromfile(str(crashed_xml)) for case in suite for r in case.result
-              if isinstance(r, junitparser.Error)]
+    failures = [
+        r
+        for suite in junitparser.JUnitXml.fromfile(str(numerics_xml))
+        for case in suite
+        for r in case.result
+        if isinstance(r, junitparser.Failure)
+    ]
+    assert failures and all(
+        r.message and "reproduce (worst first): python -m dora_verify gate" in r.text for r in failures
+    )
+    errors = [
+        r
+        for suite in junitparser.JUnitXml.fromfile(str(crashed_xml))
+        for case in suite
+        for r in case.result
+        if isinstance(r, junitparser.Error)
+    ]
     assert errors and all(r.message for r in errors)
 
 
 def test_baseline_finding_messages_read_as_sentences():
     new_group = {"group": "k", "metric": "-", "old": None, "new": None, "kind": "new"}
     assert gate.finding_message(new_group) == "group not in the baseline (new): accept it with --update-baseline"
-    assert gate.finding_message({"group": "k", "metric": "max_ulp", "old": 0.5, "new": 2.0, "kind": "regression"}) \
+    assert (
+        gate.finding_message({"group": "k", "metric": "max_ulp", "old": 0.5, "new": 2.0, "kind": "regression"})
         == "max_ulp: baseline 0.5, now 2.0 (regression)"
+    )
 
 
 def test_baseline_regeneration_is_stable(tmp_path, monkeypatch):
@@ -609,6 +763,7 @@ def test_triton_is_in_the_environment_key_only_where_it_runs():
 
     def comp(base, lora, g, s, bias=None):
         return base
+
     plain = from_object(comp, "plain")
     tagged = from_object(type("Tagged", (), {"compose": staticmethod(comp), "uses_triton": True})(), "tagged")
     assert not plain.uses_triton and tagged.uses_triton and load_impl("kernels")[0].uses_triton
@@ -631,14 +786,22 @@ def test_a_subset_compares_with_a_full_baseline_and_updates_only_its_part(tmp_pa
     edited = json.loads(json.dumps(full))
     edited["groups"][key32]["max_ratio"] += 0.5  # outside the fp16 subset: kept as it is by a subset update
     base.write_text(json.dumps(edited))
-    assert _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp16", "--baseline", str(base),
-                "--update-baseline")[0] == 0
+    assert (
+        _run(
+            tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp16", "--baseline", str(base), "--update-baseline"
+        )[0]
+        == 0
+    )
     merged = json.loads(base.read_text())
     assert merged["groups"][key32] == edited["groups"][key32] and set(merged["groups"]) == set(full["groups"])
     assert merged["scope"]["dtypes"] == ["bf16", "fp16", "fp32"]
     part = tmp_path / "part.json"
-    assert _run(tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp16", "--baseline", str(part),
-                "--update-baseline")[0] == 0
+    assert (
+        _run(
+            tmp_path, "--impl", "planted_impls:Good", "--dtypes", "fp16", "--baseline", str(part), "--update-baseline"
+        )[0]
+        == 0
+    )
     assert json.loads(part.read_text())["scope"]["dtypes"] == ["fp16"]
     rc, doc, _ = _run(tmp_path, "--impl", "planted_impls:Good", "--baseline", str(part))
     assert rc == 1 and {b["kind"] for b in doc["verdict"]["baseline"]} == {"new"}
@@ -654,9 +817,13 @@ def test_baseline_slack_is_set_kept_and_shown(tmp_path, capsys):
     rc, doc, out = _run(tmp_path, *args)
     assert rc == 0 and "max_ulp |new − old| ≤ 0.5 + 0·|old|" in (out / "gate.md").read_text()
     capsys.readouterr()
-    for bad in (["--slack", "max_ulp=0.5,0"], ["--update-baseline", "--slack", "ulps=1,0"],
-                ["--update-baseline", "--slack", "max_ulp=-1,0"], ["--update-baseline", "--slack", "max_ulp=1"],
-                ["--ops", "compose,everything"]):
+    for bad in (
+        ["--slack", "max_ulp=0.5,0"],
+        ["--update-baseline", "--slack", "ulps=1,0"],
+        ["--update-baseline", "--slack", "max_ulp=-1,0"],
+        ["--update-baseline", "--slack", "max_ulp=1"],
+        ["--ops", "compose,everything"],
+    ):
         assert main(["gate", "--device", "cpu", "--quiet", "--out", str(tmp_path / "g"), *args, *bad]) == 2, bad
     err = capsys.readouterr().err
     assert err.count("\n") == 5 and "Traceback" not in err

@@ -1,6 +1,7 @@
 """The adoption story of docs/gate.md, run as written: a team's own kernel, a baseline recorded and checked, a planted
 bug (exit 1, the worst case and element named in gate.md and junit.xml), an environment mismatch (exit 2, the reports
 still written). Each command of the walkthrough's block runs in a fresh directory with the exit code it states."""
+
 import os
 import re
 import subprocess
@@ -29,19 +30,29 @@ def walkthrough() -> list:
             i += 1
             line = "\n".join([line] + body + ["EOF"])
         m = re.search(r"\s+#\s*exit (\d+)\s*$", line)
-        cmds.append((line[:m.start()] if m else line, int(m.group(1)) if m else 0))
+        cmds.append((line[: m.start()] if m else line, int(m.group(1)) if m else 0))
     return cmds
 
 
 def test_the_walkthrough_runs_as_written(tmp_path):
     cmds = walkthrough()
     assert [c for c, _ in cmds if "gate --impl" in c] and {e for _, e in cmds} == {0, 1, 2}
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+    }
     (tmp_path / "ci").mkdir()
     outputs = []
     for cmd, want in cmds:
-        r = subprocess.run(["bash", "-c", cmd.replace("python -m", f"{sys.executable} -m", 1)], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            ["bash", "-c", cmd.replace("python -m", f"{sys.executable} -m", 1)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         outputs.append((cmd, r))
         assert r.returncode == want, (cmd, r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     planted = next(r for c, r in outputs if "--out gate-report" in c and r.returncode == 1)
@@ -55,5 +66,8 @@ def test_the_walkthrough_runs_as_written(tmp_path):
     assert replayed.stdout.strip() == "True"  # the dumped worst case fails again when the team replays it
     dump = next(r.stdout.split() for c, r in outputs if c.startswith("ls gate-report/cases/"))
     assert dump and all(f.startswith("compose-fp32-") for f in dump)
-    assert next(r.stdout.split() for c, r in outputs if c.startswith("ls gate-report/ ")) == ["gate.json", "gate.md",
-                                                                                              "junit.xml"]
+    assert next(r.stdout.split() for c, r in outputs if c.startswith("ls gate-report/ ")) == [
+        "gate.json",
+        "gate.md",
+        "junit.xml",
+    ]

@@ -7,6 +7,7 @@ receives, without a C compiler; inductor where CUDA is present). After the first
 checkpointing must all run the graph compiled once. The graph must hold the project's ops (else the test would
 pass on a fallback to stock PEFT), and the compiled loss must match eager's.
 """
+
 from __future__ import annotations
 
 import copy
@@ -70,14 +71,24 @@ def peft_llama(adapter_dtype, use_dora=True):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   use_cache=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        use_cache=False,
+    )
     base = transformers.LlamaForCausalLM(cfg)
     if adapter_dtype == "bf16":
         base = base.to(torch.bfloat16)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, use_dora=use_dora, target_modules=TARGETS),
-                           autocast_adapter_dtype=adapter_dtype != "bf16")
+    model = get_peft_model(
+        base,
+        LoraConfig(r=8, lora_alpha=16, use_dora=use_dora, target_modules=TARGETS),
+        autocast_adapter_dtype=adapter_dtype != "bf16",
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -128,9 +139,10 @@ def test_peft_integration_compiles_once_without_graph_breaks(adapter_dtype, chec
     if not checkpointing:
         assert not breaks and graphs == 1
     ops = graph_ops(compiled)
-    assert "dora_verify.row_norm" in ops and "dora_verify" in ops.replace("dora_verify.row_norm", ""), \
+    assert "dora_verify.row_norm" in ops and "dora_verify" in ops.replace("dora_verify.row_norm", ""), (
         "the compiled graph does not run the project's norm and compose ops"
-    tol = 1e-5 if adapter_dtype == "fp32" else 2.0 ** -7
+    )
+    tol = 1e-5 if adapter_dtype == "fp32" else 2.0**-7
     assert float(((losses - eager).abs() / eager.abs()).max()) <= tol, (losses.tolist(), eager.tolist())
 
 
@@ -147,8 +159,11 @@ def layer_loss(layer, x):
     return layer(x).float().square().mean()
 
 
-@pytest.mark.parametrize("dtype,dropout", [(torch.float32, 0.0), (torch.float32, 0.1), (torch.bfloat16, 0.0)],
-                         ids=["fp32", "fp32-dropout", "bf16"])
+@pytest.mark.parametrize(
+    "dtype,dropout",
+    [(torch.float32, 0.0), (torch.float32, 0.1), (torch.bfloat16, 0.0)],
+    ids=["fp32", "fp32-dropout", "bf16"],
+)
 def test_dora_linear_compiles_once_in_fullgraph(dtype, dropout):
     layer = dora_linear(dtype, dropout)
     g = torch.Generator().manual_seed(3)
@@ -168,4 +183,4 @@ def test_dora_linear_compiles_once_in_fullgraph(dtype, dropout):
         x = xs[0].detach()
         with torch.no_grad():
             y_c, y_e = fn(x), layer(x)
-        assert float((y_c - y_e).abs().max()) <= (0.0 if backend() == "aot_eager" else 2.0 ** -7 * float(y_e.abs().max()))
+        assert float((y_c - y_e).abs().max()) <= (0.0 if backend() == "aot_eager" else 2.0**-7 * float(y_e.abs().max()))

@@ -1,6 +1,7 @@
 """kernels.compose against the oracles: eager tier everywhere, fused tier under the Triton interpreter
 (logic checks only: the interpreter truncates fp32→bf16 instead of rounding, so bf16 outputs are held
 to the faithful bound, which truncation of a value within 2⁻²³ of y also meets)."""
+
 import math
 import os
 
@@ -28,7 +29,9 @@ def _inputs(regime, dtype, T=24, N=67, seed=0):
 
 @pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("regime", ["fresh", "trained", "large_activations", "all_positive", "heavy_tailed", "zero_rows"])
+@pytest.mark.parametrize(
+    "regime", ["fresh", "trained", "large_activations", "all_positive", "heavy_tailed", "zero_rows"]
+)
 def test_y_faithful(tier, dtype, regime):
     c, base, lora = _inputs(regime, dtype)
     if not (torch.isfinite(base).all() and torch.isfinite(lora).all()):
@@ -82,8 +85,22 @@ def test_no_double_rounding(tier):
 
 
 def test_round_from_f64_single_rounding():
-    v = torch.tensor([1 + 2.0**-8 + 2.0**-30, -(1 + 2.0**-8 + 2.0**-30), 1 + 2.0**-8 - 2.0**-30, 1 + 2.0**-8, 3.0,
-                      0.0, -0.0, math.inf, -math.inf, 1e300, 2.0**-133 * 1.5], dtype=torch.float64)
+    v = torch.tensor(
+        [
+            1 + 2.0**-8 + 2.0**-30,
+            -(1 + 2.0**-8 + 2.0**-30),
+            1 + 2.0**-8 - 2.0**-30,
+            1 + 2.0**-8,
+            3.0,
+            0.0,
+            -0.0,
+            math.inf,
+            -math.inf,
+            1e300,
+            2.0**-133 * 1.5,
+        ],
+        dtype=torch.float64,
+    )
     r = round_from_f64(v, torch.bfloat16).double()
     want = [1 + 2.0**-7, -(1 + 2.0**-7), 1.0, 1.0, 3.0, 0.0, -0.0, math.inf, -math.inf, math.inf, 2.0**-132]
     assert r.tolist() == want and math.copysign(1, float(r[6])) == -1
@@ -110,8 +127,9 @@ def test_delta_faithful_and_exact_zero(tier, dtype):
     # fresh adapter: g = 1, lora = 0 -> Δ is exactly 0 and y is exactly base
     z = torch.zeros_like(lora)
     one = torch.ones_like(g)
-    assert torch.equal(compose(base, z, one, c.s, g_minus_1=torch.zeros_like(g), output="delta", tier=tier),
-                       torch.zeros_like(base))
+    assert torch.equal(
+        compose(base, z, one, c.s, g_minus_1=torch.zeros_like(g), output="delta", tier=tier), torch.zeros_like(base)
+    )
     assert torch.equal(compose(base, z, one, c.s, tier=tier), base)
 
 
@@ -263,6 +281,7 @@ def test_torch_compile_fullgraph():
 
     def f(b, l, g):
         return compose(b, l, g, c.s)
+
     cf = torch.compile(f, backend="aot_eager", fullgraph=True)
     y = cf(base, lora, g)
     assert torch.equal(y, f(base, lora, g))
@@ -270,7 +289,9 @@ def test_torch_compile_fullgraph():
     assert g.grad is not None and torch.isfinite(g.grad).all()
 
 
-@pytest.mark.parametrize("tier", ["eager"] + (["fused"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else []))
+@pytest.mark.parametrize(
+    "tier", ["eager"] + (["fused"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else [])
+)
 def test_nd_output_is_not_a_view_and_backward_keeps_the_shape(tier):
     """compose and lora_compose on [2, 3, N]: outputs are tensors of their own (not views) with the input's shape,
     and the gradients have the inputs' shapes and the 2-D call's values."""
@@ -284,8 +305,10 @@ def test_nd_output_is_not_a_view_and_backward_keeps_the_shape(tier):
     B = torch.randn(40, 8, generator=gen).to(torch.float16).to(dev)
     g = (1 + 0.01 * torch.randn(40, generator=gen)).to(dev)
     dy = torch.randn(2, 3, 40, generator=gen).to(torch.float16).to(dev)
-    for fn, first in ((lambda b, l, gg: compose(b, l, gg, 2.0, tier=tier), lora),
-                      (lambda b, l, gg: lora_compose(b, l, B, gg, 2.0, tier=tier), xa)):
+    for fn, first in (
+        (lambda b, l, gg: compose(b, l, gg, 2.0, tier=tier), lora),
+        (lambda b, l, gg: lora_compose(b, l, B, gg, 2.0, tier=tier), xa),
+    ):
         grads = []
         for shape in ((2, 3), (6,)):
             b_ = base.reshape(*shape, 40).clone().requires_grad_()

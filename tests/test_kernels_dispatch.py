@@ -1,5 +1,6 @@
 """kernels.dispatch: the tier choice refuses what is known to be wrong (the Triton interpreter's bf16 tl.dot),
 and autocast stays out of the ops' torch math."""
+
 import os
 import types
 
@@ -7,12 +8,22 @@ import pytest
 import torch
 
 from dora_verify.kernels import lora_compose
-from dora_verify.kernels.dispatch import (DOT_OPS, HAS_TRITON, OPS, Tier, autocast_off, fused_supported, no_autocast,
-                                          select_tier)
+from dora_verify.kernels.dispatch import (
+    DOT_OPS,
+    HAS_TRITON,
+    OPS,
+    Tier,
+    autocast_off,
+    fused_supported,
+    no_autocast,
+    select_tier,
+)
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
-interp = pytest.mark.skipif(not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
-                            reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
+interp = pytest.mark.skipif(
+    not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs the Triton interpreter (TRITON_INTERPRET=1)",
+)
 
 
 def _lora_inputs(dtype, T=4, N=8, r=4, base_dtype=None):

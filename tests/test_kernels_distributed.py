@@ -2,6 +2,7 @@
 against the single-process oracle within the production bound, row- and column-sharded, even and uneven shards,
 near-cancelling rows; DoRALinear and the PEFT integration under FSDP2 (fully_shard), with gradient checkpointing,
 against the unsharded model."""
+
 import copy
 import datetime
 import os
@@ -45,8 +46,13 @@ def _norm_worker(rank, world, port, out):
             for dtype in ("bf16", "fp32"):
                 c = make_case(regime, 61, 203, 8, 1, dtype=dtype, seed=3, device="cpu")  # uneven shards
                 for det in (False, True):
-                    res.append(dict(check_sharded_norm(c.W, c.A, c.B, c.s, layout, deterministic=det),
-                                    regime=regime, dtype=dtype))
+                    res.append(
+                        dict(
+                            check_sharded_norm(c.W, c.A, c.B, c.s, layout, deterministic=det),
+                            regime=regime,
+                            dtype=dtype,
+                        )
+                    )
         # fewer rows / columns than ranks: with 3 ranks one holds an empty shard and must still take part
         g = torch.Generator().manual_seed(5)  # the same full matrices on every rank
         W, A, B = torch.randn(2, 2, generator=g), torch.randn(3, 2, generator=g), torch.randn(2, 3, generator=g)
@@ -106,8 +112,9 @@ def _dora_model(seed):
     from dora_verify.kernels import DoRALinear
 
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(DoRALinear(torch.nn.Linear(24, 21), 4, 8), torch.nn.Tanh(),
-                                DoRALinear(torch.nn.Linear(21, 16), 4, 8))
+    model = torch.nn.Sequential(
+        DoRALinear(torch.nn.Linear(24, 21), 4, 8), torch.nn.Tanh(), DoRALinear(torch.nn.Linear(21, 16), 4, 8)
+    )
     with torch.no_grad():
         for layer in (model[0], model[2]):
             layer.lora_B.normal_(0, 0.3)  # B ≠ 0 and g ≠ 1: a fresh adapter tests nothing
@@ -118,8 +125,11 @@ def _dora_model(seed):
 def _full_grads(model):
     from torch.distributed.tensor import DTensor
 
-    return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
-            for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def _run_steps(model, x, checkpoint, steps=2):
@@ -185,8 +195,9 @@ def test_dora_linear_under_fully_shard_matches_the_unsharded_model(tmp_path, che
         assert res["placements"] == "(Shard(dim=0),)" and res["view_warnings"] == 0
         for (l_ref, g_ref), (l_f, g_f) in zip(res["ref"], res["fsdp"]):
             assert abs(l_ref - l_f) <= 1e-5 * abs(l_ref)
-            assert set(g_ref) == set(g_f) and all(_close(g_f[n], g_ref[n]) for n in g_ref), \
-                {n: float((g_f[n] - g_ref[n]).abs().max()) for n in g_ref}
+            assert set(g_ref) == set(g_f) and all(_close(g_f[n], g_ref[n]) for n in g_ref), {
+                n: float((g_f[n] - g_ref[n]).abs().max()) for n in g_ref
+            }
         assert res["ref"][0][0] != res["ref"][1][0]  # the step changed the loss
         assert _close(res["dtensor_nu"], res["ref_nu"], 1e-6)
 

@@ -1,5 +1,6 @@
 """DoRALinear: PEFT semantics (float64 reference of the DoRA formulas), ν freshness under every writer, autocast,
 compile, checkpointing, validation."""
+
 import pytest
 import torch
 from torch import nn
@@ -96,8 +97,9 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("opt_kw", [dict(foreach=False), dict(foreach=True), dict(fused=True)],
-                         ids=["for-loop", "foreach", "fused"])
+@pytest.mark.parametrize(
+    "opt_kw", [dict(foreach=False), dict(foreach=True), dict(fused=True)], ids=["for-loop", "foreach", "fused"]
+)
 def test_weight_norm_is_fresh_after_adamw_steps(opt_kw, device):
     """The issue's repro: 5 AdamW steps (the fused kernel writes A and B without bumping ``_version``), then ν
     within 1e-6 of float64 ‖W + s·BA‖ of the current parameters — the norm's contract (was 9.1e-2 with
@@ -128,8 +130,9 @@ _LAYER_WRITERS = {
     "load_state_dict": lambda l: _set_b(l, 3.0 * l.lora_B.detach()),
     "parameter swapped": lambda l: setattr(l, "lora_B", nn.Parameter(3.0 * l.lora_B.detach())),
     ".to() round trip": lambda l: l.to(torch.bfloat16).to(torch.float32),  # values rounded, new storages
-    "W swapped": lambda l: setattr(l.base_layer, "weight", nn.Parameter(3.0 * l.base_layer.weight.detach(),
-                                                                        requires_grad=False)),
+    "W swapped": lambda l: setattr(
+        l.base_layer, "weight", nn.Parameter(3.0 * l.base_layer.weight.detach(), requires_grad=False)
+    ),
 }
 
 
@@ -237,7 +240,9 @@ def test_checkpoint_gives_bitwise_the_gradients_of_no_checkpoint(reentrant, adap
             loss = y.float().pow(2).sum()
             loss.backward()
             assert layer.row_norm.computes == computes + 1 and layer.row_norm.recompute_reuses == ckpt * (step + 1)
-            out.append([loss.detach(), x.grad] + [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.magnitude)])
+            out.append(
+                [loss.detach(), x.grad] + [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
+            )
             opt.step()
             opt.zero_grad()
         runs.append(out)
@@ -265,8 +270,15 @@ def test_merged_linear_matches_eval_output():
     assert float((layer.merged_linear()(x) - layer(x)).abs().max()) <= 1e-5
 
 
-@pytest.mark.parametrize("dtype,save", [(torch.float32, "recompute"), (torch.float16, "recompute"),
-                                        (torch.float16, "inputs"), (torch.float16, "activation")])
+@pytest.mark.parametrize(
+    "dtype,save",
+    [
+        (torch.float32, "recompute"),
+        (torch.float16, "recompute"),
+        (torch.float16, "inputs"),
+        (torch.float16, "activation"),
+    ],
+)
 def test_compile_and_checkpoint(dtype, save):  # fp16 + 'recompute': the fused up-projection route
     layer = _layer().to(dtype)
     layer.save = save
@@ -306,8 +318,23 @@ def test_half_adapters_match_float64_formulas(save):
         assert float((p.grad.double() - q.grad).abs().max() / q.grad.abs().max()) <= 16 * 2.0**-11
 
 
-@pytest.mark.parametrize("bad", ["kappa_max nan", "alpha nan", "alpha inf", "eps 0", "eps -1", "eps nan",
-                                 "fp64 weight", "fp64 adapters", "int bias", "bool bias", "r 2.5", "r True"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "kappa_max nan",
+        "alpha nan",
+        "alpha inf",
+        "eps 0",
+        "eps -1",
+        "eps nan",
+        "fp64 weight",
+        "fp64 adapters",
+        "int bias",
+        "bool bias",
+        "r 2.5",
+        "r True",
+    ],
+)
 def test_construction_refuses_silent_garbage(bad):
     """Each of these used to be accepted: κ_max = NaN turned the recompute of cancelling rows off, fp64 weights
     ran the norm's GEMM in fp32 silently, an integer bias broke the compose late."""

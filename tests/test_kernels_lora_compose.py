@@ -1,6 +1,7 @@
 """kernels.lora_compose (compose with the LoRA up-projection fused) against the oracles: eager tier
 everywhere, fused tier under the Triton interpreter with fp16 adapters (the interpreter's bf16 tl.dot is
 unreliable; bf16 is checked on the GPU, bench/kernels_gpu.py)."""
+
 import importlib
 import os
 
@@ -135,7 +136,9 @@ def test_leading_dims_noncontiguous_and_empty():
     y = lora_compose(base.view(4, 6, 40), xa.view(4, 6, -1), c.B, c.g, c.s, tier="eager")
     assert torch.equal(y.reshape(24, 40), lora_compose(base, xa, c.B, c.g, c.s, tier="eager"))
     bt = base.t().contiguous().t()  # non-contiguous view of the same values
-    assert torch.equal(lora_compose(bt, xa, c.B, c.g, c.s, tier="eager"), lora_compose(base, xa, c.B, c.g, c.s, tier="eager"))
+    assert torch.equal(
+        lora_compose(bt, xa, c.B, c.g, c.s, tier="eager"), lora_compose(base, xa, c.B, c.g, c.s, tier="eager")
+    )
     e = lora_compose(base[:0], xa[:0], c.B, c.g, c.s, tier=TIERS[-1])
     assert e.shape == (0, 40)
 
@@ -161,6 +164,7 @@ def test_torch_compile_fullgraph():
 
     def f(b, x, B, g):
         return lora_compose(b, x, B, g, c.s, tier=TIERS[-1])
+
     g = c.g.clone().requires_grad_()
     B_ = c.B.clone().requires_grad_()
     y = f(base, xa, B_, g)
@@ -271,8 +275,12 @@ def test_fp32_adapters_recompute_lora_and_match_compose_bit_for_bit(base_dtype, 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(21)
     T, N, R = 70, 131, 8
-    leaves = [torch.randn(T, N, generator=gen).to(base_dtype), torch.randn(T, R, generator=gen),
-              torch.randn(N, R, generator=gen) * 0.1, 1 + 0.01 * torch.randn(N, generator=gen)]
+    leaves = [
+        torch.randn(T, N, generator=gen).to(base_dtype),
+        torch.randn(T, R, generator=gen),
+        torch.randn(N, R, generator=gen) * 0.1,
+        1 + 0.01 * torch.randn(N, generator=gen),
+    ]
     leaves += [torch.randn(N, generator=gen).to(base_dtype)] if bias else [None]
     dy = torch.randn(T, N, generator=gen).to(base_dtype).to(dev)
 
@@ -285,8 +293,7 @@ def test_fp32_adapters_recompute_lora_and_match_compose_bit_for_bit(base_dtype, 
         return y, grads, saved
 
     y1, g1, saved = run(lambda b, xa, B, g, bias: lora_compose(b, xa, B, g, 2.0, bias, tier="fused"))
-    y2, g2, _ = run(lambda b, xa, B, g, bias: compose(b, torch.nn.functional.linear(xa, B), g, 2.0, bias,
-                                                      tier="fused"))
+    y2, g2, _ = run(lambda b, xa, B, g, bias: compose(b, torch.nn.functional.linear(xa, B), g, 2.0, bias, tier="fused"))
     assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
     big = [(t.dtype, tuple(t.shape)) for t in saved if t.shape == (T, N)]
     assert big == [(base_dtype, (T, N))], big  # base only: lora is formed again in the backward
@@ -312,8 +319,12 @@ def test_dora_lora_compose_is_scale_then_lora_compose_bit_for_bit(adapter, m_dty
     m = (nu * (1 + 0.01 * torch.randn(N, generator=gen))).to(m_dtype)
     if special != "none":
         nu[5], m[5], nu[9], m[17] = 0.0, 0.0, float("nan"), float("nan")  # a zero row (m = ν = 0: g = 0)
-    leaves = [torch.randn(T, N, generator=gen).to(adapter), torch.randn(T, R, generator=gen).to(adapter),
-              (torch.randn(N, R, generator=gen) * 0.1).to(adapter), m]
+    leaves = [
+        torch.randn(T, N, generator=gen).to(adapter),
+        torch.randn(T, R, generator=gen).to(adapter),
+        (torch.randn(N, R, generator=gen) * 0.1).to(adapter),
+        m,
+    ]
     leaves += [torch.randn(N, generator=gen).to(adapter)] if bias else [None]
     dy = torch.randn(T, N, generator=gen).to(adapter).to(dev)
     nu = nu.to(dev)
@@ -324,11 +335,17 @@ def test_dora_lora_compose_is_scale_then_lora_compose_bit_for_bit(adapter, m_dty
         return y, torch.autograd.grad(y, [t for t in ts if t is not None], dy)
 
     y1, g1 = run(lambda b, xa, B, m, bias: lc.dora_lora_compose(b, xa, B, m, nu, 2.0, bias, tier="fused"))
-    y2, g2 = run(lambda b, xa, B, m, bias: lora_compose(b, xa, B, dora_scale(m, nu, g_minus_1=False)[0], 2.0,
-                                                        bias, tier="fused"))
+    y2, g2 = run(
+        lambda b, xa, B, m, bias: lora_compose(b, xa, B, dora_scale(m, nu, g_minus_1=False)[0], 2.0, bias, tier="fused")
+    )
+
     def eq(a, b):  # the same bits, NaN where NaN
-        return a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and torch.equal(torch.nan_to_num(a),
-                                                                                       torch.nan_to_num(b))
+        return (
+            a.dtype == b.dtype
+            and torch.equal(a.isnan(), b.isnan())
+            and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+        )
+
     assert eq(y1, y2)
     assert all(eq(a, b) for a, b in zip(g1, g2))
     if special != "none":
@@ -346,11 +363,13 @@ def test_dora_lora_compose_eager_tier_and_bad_inputs():
     m = nu * 1.01
     y = lc.dora_lora_compose(base, xa, c.B, m, nu, c.s, tier="eager")
     assert torch.equal(y, lora_compose(base, xa, c.B, dora_scale(m, nu, g_minus_1=False)[0], c.s, tier="eager"))
-    for exc, msg, kw in [(ValueError, "detached", dict(nu=nu.clone().requires_grad_())),
-                         (TypeError, "nu must be float32", dict(nu=nu.half())),
-                         (TypeError, "nu must be float32", dict(nu=nu[:39])),
-                         (ValueError, "m must be", dict(m=m[:39])),
-                         (ValueError, "m must be", dict(m=m.double()))]:
+    for exc, msg, kw in [
+        (ValueError, "detached", dict(nu=nu.clone().requires_grad_())),
+        (TypeError, "nu must be float32", dict(nu=nu.half())),
+        (TypeError, "nu must be float32", dict(nu=nu[:39])),
+        (ValueError, "m must be", dict(m=m[:39])),
+        (ValueError, "m must be", dict(m=m.double())),
+    ]:
         args = dict(base=base, xa=xa, B=c.B, m=m, nu=nu, s=c.s) | kw
         with pytest.raises(exc, match=msg) as e:
             lc.dora_lora_compose(**args, tier="fused" if "fused" in TIERS else None)

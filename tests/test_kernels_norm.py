@@ -1,4 +1,5 @@
 """kernels.norm / kernels.scale against the row-norm oracle (float64 + exact rationals)."""
+
 import os
 
 import pytest
@@ -249,15 +250,18 @@ def test_wa_product_tma_kernel_is_the_pointer_kernel(shape):
     if dev == "cuda":  # bf16 W with fp32 A: split in registers (pointer kernel) or beforehand (TMA), same chains
         Wb = W.to(torch.bfloat16)
         A32 = A.float() * 1.0009765625
-        assert torch.equal(wa_product(Wb, A32, use_triton=True, use_tma=True),
-                           wa_product(Wb, A32, use_triton=True, use_tma=False))
+        assert torch.equal(
+            wa_product(Wb, A32, use_triton=True, use_tma=True), wa_product(Wb, A32, use_triton=True, use_tma=False)
+        )
     W64, A64 = W.double().cpu(), A.double().cpu()
     exact = W64 @ A64.t()
     bound = (gamma(U_CHAIN, 2 * U32) + gamma(d_in, U64)) * (W64.abs() @ A64.abs().t()) + U32 * exact.abs()
     assert bool(((tma.double().cpu() - exact).abs() <= bound).all())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton norm on the GPU (CPU: the interpreter test above)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the Triton norm on the GPU (CPU: the interpreter test above)"
+)
 @pytest.mark.parametrize("d_in", [1024, 1009])  # TMA-addressable rows, and a prime d_in (pointer loads)
 @pytest.mark.parametrize("adapters", ["bf16", "fp32"])
 @pytest.mark.parametrize("regime", ["trained", "near_cancel", "zero_rows", "all_positive", "heavy_tailed", "fresh"])

@@ -5,6 +5,7 @@ B ≠ 0 and g ≠ 1 (a fresh adapter would test nothing). fp32: logits and the g
 with stock PEFT to 1e-5 relative (per tensor, max |ours − stock| / max |stock|). bf16: the output of a
 layer stays within :func:`dora_verify.bounds.dora_layer_bound` of the exact DoRA of the rounded inputs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,15 @@ def _stock_after_each_test():
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -81,8 +89,7 @@ def loss_and_grads(model, ids, train=False):
 
 def routed(model) -> int:
     """How many DoRA layers ran through the kernels (their ν cache exists)."""
-    return sum("_dora_verify_norm" in m.__dict__ for m in model.modules()
-               if type(m).__name__ == "DoraLinearLayer")
+    return sum("_dora_verify_norm" in m.__dict__ for m in model.modules() if type(m).__name__ == "DoraLinearLayer")
 
 
 @pytest.mark.parametrize("make,targets", [(tiny_llama, LLAMA_TARGETS), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
@@ -166,7 +173,7 @@ def test_training_loop_loss_curves_agree():
         model = dora_model(tiny_llama, ["q_proj", "v_proj", "up_proj"])
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses = []
-        with (dv_peft.enabled() if use else contextlib.nullcontext()):
+        with dv_peft.enabled() if use else contextlib.nullcontext():
             model.train()
             for _ in range(30):
                 opt.zero_grad()
@@ -187,8 +194,11 @@ def test_bf16_layer_within_derived_bound():
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 80, bias=True).to(torch.bfloat16)
-    model = get_peft_model(torch.nn.Sequential(lin), LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["0"]),
-                           autocast_adapter_dtype=False)
+    model = get_peft_model(
+        torch.nn.Sequential(lin),
+        LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["0"]),
+        autocast_adapter_dtype=False,
+    )
     perturb(model, scale=0.1)
     layer = model.base_model.model[0]
     x = torch.randn(32, 96).to(torch.bfloat16)
@@ -232,8 +242,10 @@ def test_enable_disable_idempotent_and_context_restores():
 def test_quantized_base_falls_back_to_peft_bitwise():
     """A base weight the kernels cannot take (bitsandbytes marks its 4-bit weights with ``quant_state``)
     runs PEFT's own forward: bitwise the stock output, nothing routed."""
-    model = get_peft_model(copy.deepcopy(torch.nn.Sequential(torch.nn.Linear(24, 16))),
-                           LoraConfig(r=4, use_dora=True, target_modules=["0"]))
+    model = get_peft_model(
+        copy.deepcopy(torch.nn.Sequential(torch.nn.Linear(24, 16))),
+        LoraConfig(r=4, use_dora=True, target_modules=["0"]),
+    )
     perturb(model)
     model.base_model.model[0].base_layer.weight.quant_state = object()
     x = torch.randn(5, 24)
@@ -275,8 +287,11 @@ def _load_adapter_state(model):
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-@pytest.mark.parametrize("writer", [_fused_adamw, _edit_data, _merge_unmerge, _load_adapter_state],
-                         ids=["fused AdamW", ".data edit", "merge+unmerge", "set_peft_model_state_dict"])
+@pytest.mark.parametrize(
+    "writer",
+    [_fused_adamw, _edit_data, _merge_unmerge, _load_adapter_state],
+    ids=["fused AdamW", ".data edit", "merge+unmerge", "set_peft_model_state_dict"],
+)
 def test_integration_reads_the_values_every_writer_left(writer, device):
     """After a forward through the integration, any writer of W, A, B: the next forward's logits equal stock
     PEFT's on the same parameters (fp32, 1e-5 as above). With ν cached on ``_version`` fused AdamW and ``.data``
@@ -364,8 +379,11 @@ def test_save_x_keeps_no_base_and_gives_the_same_bits(bias, monkeypatch):
     T, d_in, d_out = 37, 48, 80
     torch.manual_seed(3)
     lin = torch.nn.Linear(d_in, d_out, bias=bias).half()
-    model = get_peft_model(torch.nn.Sequential(lin), LoraConfig(r=8, lora_alpha=16, use_dora=True,
-                                                                target_modules=["0"]), autocast_adapter_dtype=False)
+    model = get_peft_model(
+        torch.nn.Sequential(lin),
+        LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["0"]),
+        autocast_adapter_dtype=False,
+    )
     perturb(model)
     x0 = torch.randn(T, d_in).half()
     dy = torch.randn(T, d_out).half()
@@ -416,7 +434,6 @@ def test_save_x_applies_only_where_base_is_the_base_layers_gemm():
     llama.base_model.set_adapter(["default", "second"])
     llama.half()  # both adapters fp16: only the count rules the layer out
     assert all(d is None for d in decisions(llama, torch.float16))
-    assert all(d is None for d in decisions(dora_model(tiny_gpt2, ["c_attn", "c_proj", "c_fc"]).half(),
-                                            torch.float16))
+    assert all(d is None for d in decisions(dora_model(tiny_gpt2, ["c_attn", "c_proj", "c_fc"]).half(), torch.float16))
     dv_peft.enable()
     assert all(d is None for d in decisions(dora_model(tiny_llama, LLAMA_TARGETS).half(), torch.float16))

@@ -1,5 +1,6 @@
 """dora_verify.layer_experiment: the whole layer of DoRALinear, PEFT and --impl layer factories against the layer
 oracle, on a tiny grid."""
+
 import sys
 from pathlib import Path
 
@@ -11,8 +12,15 @@ from dora_verify.sweep import EXPERIMENTS, SweepConfig, experiment_module
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/planted_impls.py, as --impl planted_impls:NAME
 
-TINY = le.grid(d_out=16, d_in=32, rank=4, tokens=4, alpha=8.0, mixes=["bf16 W + fp32 adapters", "fp32"],
-               regimes=["trained", "zero_rows"])
+TINY = le.grid(
+    d_out=16,
+    d_in=32,
+    rank=4,
+    tokens=4,
+    alpha=8.0,
+    mixes=["bf16 W + fp32 adapters", "fp32"],
+    regimes=["trained", "zero_rows"],
+)
 
 
 def _run(impls=(), seed=0, gr=TINY):
@@ -63,8 +71,13 @@ def test_failed_layer_rows_count_as_failed_calls():
     from dora_verify.report import _failures_section
     from dora_verify.sweep import failed_rows
 
-    rep = {"experiments": {"layer": {"rows": [{"impl": "impl:x:f", "failed": "RuntimeError: boom"},
-                                              {"impl": "kernels", "outputs": {}}]},
-                           "compose_regimes": [{"form": "stable", "y": {}}]}}
+    rep = {
+        "experiments": {
+            "layer": {
+                "rows": [{"impl": "impl:x:f", "failed": "RuntimeError: boom"}, {"impl": "kernels", "outputs": {}}]
+            },
+            "compose_regimes": [{"form": "stable", "y": {}}],
+        }
+    }
     assert [(e, r["impl"]) for e, r in failed_rows(rep)] == [("layer", "impl:x:f")]
     assert any("impl:x:f" in line for line in _failures_section(rep))

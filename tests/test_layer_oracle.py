@@ -1,5 +1,6 @@
 """dora_verify.layer_oracle: the exact whole DoRA layer (tier 1, tier 2, an mpmath cross-check), the bound of
 DoRALinear's stated steps across regimes and dtype mixes, the faithful layer contract, and the error decomposition."""
+
 import decimal
 import itertools
 from fractions import Fraction
@@ -11,9 +12,21 @@ from torch import nn
 
 from dora_verify.exact import round_fraction
 from dora_verify.kernels import DoRALinear, factored_row_norm
-from dora_verify.layer_oracle import (GRADS, LAYER_REGIMES, STEPS, ExactLayer, crosscheck_mpmath,
-                                      doralinear_parts, error_decomposition, faithful_layer_bounds, kernel_layer_steps,
-                                      layer_bound_decomposition, layer_example, layer_step_bounds, layer_truth)
+from dora_verify.layer_oracle import (
+    GRADS,
+    LAYER_REGIMES,
+    STEPS,
+    ExactLayer,
+    crosscheck_mpmath,
+    doralinear_parts,
+    error_decomposition,
+    faithful_layer_bounds,
+    kernel_layer_steps,
+    layer_bound_decomposition,
+    layer_example,
+    layer_step_bounds,
+    layer_truth,
+)
 
 MIXES = [("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")]
 
@@ -40,14 +53,17 @@ def _independent(x, W, A, B, m, s, bias, dy, eps=1e-12, digits=60):
         nu = Fraction(ctx.sqrt(ctx.divide(decimal.Decimal(nu2.numerator), decimal.Decimal(nu2.denominator))))
         inv.append(1 / max(nu, eps))
     xa = [[sum(X[t][k] * Af[q][k] for k in range(K)) for q in range(r)] for t in range(T)]
-    h = [[sum(X[t][k] * Wf[j][k] for k in range(K)) + s * sum(xa[t][q] * Bf[j][q] for q in range(r)) for j in range(N)]
-         for t in range(T)]
+    h = [
+        [sum(X[t][k] * Wf[j][k] for k in range(K)) + s * sum(xa[t][q] * Bf[j][q] for q in range(r)) for j in range(N)]
+        for t in range(T)
+    ]
     g = [M[j] * inv[j] for j in range(N)]
     y = [[g[j] * h[t][j] + beta[j] for j in range(N)] for t in range(T)]
     dh = [[g[j] * DY[t][j] for j in range(N)] for t in range(T)]
     dx = [[sum(dh[t][j] * V[j][k] for j in range(N)) for k in range(K)] for t in range(T)]
-    dA = [[s * sum(Bf[j][q] * dh[t][j] * X[t][k] for j in range(N) for t in range(T)) for k in range(K)]
-          for q in range(r)]
+    dA = [
+        [s * sum(Bf[j][q] * dh[t][j] * X[t][k] for j in range(N) for t in range(T)) for k in range(K)] for q in range(r)
+    ]
     dB = [[s * sum(dh[t][j] * xa[t][q] for t in range(T)) for q in range(r)] for j in range(N)]
     dm = [sum(DY[t][j] * h[t][j] for t in range(T)) * inv[j] for j in range(N)]
     return {"y": y, "dx": dx, "dA": dA, "dB": dB, "dm": dm}
@@ -74,7 +90,11 @@ def test_oracle_matches_an_independent_exact_computation(act, adapter, regime):
             e = exact
             for i in idx:
                 e = e[i]
-            v = Fraction(float(tr.y_hi[idx])) + Fraction(float(tr.y_lo[idx])) if name == "y" else Fraction(float(val[idx]))
+            v = (
+                Fraction(float(tr.y_hi[idx])) + Fraction(float(tr.y_lo[idx]))
+                if name == "y"
+                else Fraction(float(val[idx]))
+            )
             assert abs(v - e) <= Fraction(float(bound[idx])) + slack * (1 + abs(e)), (name, idx, float(v), float(e))
             if name == "y":
                 assert round_fraction(e, act)[2] == float(tr.y_round.nearest[idx]), (idx, float(e))

@@ -1,12 +1,23 @@
 """metrics: each metric on hand-computed cases."""
+
 import math
 
 import pytest
 import torch
 
 from dora_verify.formats import BF16, FP32
-from dora_verify.metrics import (Reference, bits_lost, bound_ratio, compare, cosine, effective_scale_error, flash_ratio, quantile,
-                                 ratio, ulp_error)
+from dora_verify.metrics import (
+    Reference,
+    bits_lost,
+    bound_ratio,
+    compare,
+    cosine,
+    effective_scale_error,
+    flash_ratio,
+    quantile,
+    ratio,
+    ulp_error,
+)
 from dora_verify.oracles import certified_round
 
 
@@ -18,31 +29,31 @@ def _ref(x, fmt=BF16):
 
 def test_ulp_error_across_a_power_of_two():
     exact = torch.tensor([1.0, 1.0], dtype=torch.float64)
-    approx = torch.tensor([1 - 2 ** -8, 1 + 2 ** -7], dtype=torch.bfloat16)
+    approx = torch.tensor([1 - 2**-8, 1 + 2**-7], dtype=torch.bfloat16)
     # Goldberg ulp at the exact value 1.0 is 2^-7: one step down is half an ulp, one step up is one ulp
     assert ulp_error(approx, exact, BF16).tolist() == [0.5, 1.0]
 
 
 def test_compare_hand_case():
     x = [1.0, 2.0, -4.0, 0.5]
-    a = torch.tensor([1.0, 2.0 + 2 ** -6, -4.0, 0.5 - 2 ** -9], dtype=torch.bfloat16)
+    a = torch.tensor([1.0, 2.0 + 2**-6, -4.0, 0.5 - 2**-9], dtype=torch.bfloat16)
     m = compare(a, _ref(x))
-    assert m["max_abs"] == 2 ** -6
+    assert m["max_abs"] == 2**-6
     assert m["max_ulp"] == 1.0  # 2^-6 at 2.0 (ulp 2^-6)
     # x = 2.0 and 0.5 are representable: only x itself is faithful there
     assert m["frac_correctly_rounded"] == 0.5 and m["frac_faithful"] == 0.5
     assert m["bits_lost"] == 1.0
-    assert m["rmse"] == pytest.approx(math.sqrt((2 ** -12 + 2 ** -18) / 4))
-    assert m["normwise_rel"] == pytest.approx(math.sqrt(2 ** -12 + 2 ** -18) / math.sqrt(1 + 4 + 16 + 0.25))
+    assert m["rmse"] == pytest.approx(math.sqrt((2**-12 + 2**-18) / 4))
+    assert m["normwise_rel"] == pytest.approx(math.sqrt(2**-12 + 2**-18) / math.sqrt(1 + 4 + 16 + 0.25))
     assert m["floor_max_abs"] == 0.0 and m["floor_ratio"] == float("inf")
     assert m["worst_index"] == [1]
-    assert m["mean_signed_ulp"] == pytest.approx((1.0 - 2 ** -9 / 2 ** -8) / 4)
+    assert m["mean_signed_ulp"] == pytest.approx((1.0 - 2**-9 / 2**-8) / 4)
 
 
 def test_floor_ratio_and_bound_ratio():
-    x = torch.tensor([1 + 2 ** -9], dtype=torch.float64)  # floor: RN = 1.0, floor error 2^-9
-    a = torch.tensor([1 + 2 ** -7], dtype=torch.bfloat16)  # error 3·2^-9
-    m = compare(a, _ref(x), bound=torch.tensor([2 ** -7], dtype=torch.float64))
+    x = torch.tensor([1 + 2**-9], dtype=torch.float64)  # floor: RN = 1.0, floor error 2^-9
+    a = torch.tensor([1 + 2**-7], dtype=torch.bfloat16)  # error 3·2^-9
+    m = compare(a, _ref(x), bound=torch.tensor([2**-7], dtype=torch.float64))
     assert m["floor_ratio"] == 3.0
     assert m["bound_ratio_max"] == 0.75
     assert m["frac_correctly_rounded"] == 0.0 and m["frac_faithful"] == 1.0
@@ -99,7 +110,7 @@ def test_ulp_relative_to_the_terms_does_not_blow_up_where_the_result_cancels():
     fmt = parse_format("bf16")
     x = torch.tensor([1e-6, 0.5, 0.75], dtype=torch.float64)
     terms = torch.tensor([2.0, 0.5, 0.75], dtype=torch.float64)  # |a| + |b| of the first element
-    approx = torch.tensor([1e-6 + 2.0 ** -7, 0.5, 0.75]).to(torch.bfloat16)  # off by one ulp of the terms (2 → 2⁻⁶)
+    approx = torch.tensor([1e-6 + 2.0**-7, 0.5, 0.75]).to(torch.bfloat16)  # off by one ulp of the terms (2 → 2⁻⁶)
     ref = Reference(x, torch.zeros_like(x), torch.zeros_like(x), fmt)
     m = compare(approx, ref, terms=terms, histograms=True)
     assert m["max_ulp"] > 1e3 and m["max_ulp_terms"] <= 1.0

@@ -1,5 +1,6 @@
 """Oracles: tier 1 (float64 double-double + bounds) agrees with tier 2 (exact rationals) within its bound,
 including g = 1 exactly, g = 1 + δ below bf16 resolution, fp32 inputs and ill-conditioned rows."""
+
 from fractions import Fraction
 
 import numpy as np
@@ -38,9 +39,13 @@ def test_compose_tier1_within_bound_of_exact(dtype, gname, with_bias):
     tr = compose_truth(base, lora, g, s, bias)
     for t in range(0, base.shape[0], 3):
         for c in range(0, base.shape[1], 3):
-            y, d = compose_exact(base[t, c].item(), lora[t, c].item(), g[c].item(), s,
-                                 bias[c].item() if bias is not None else 0.0)
-            for hi, lo, b, rnd, exact in ((tr.y_hi, tr.y_lo, tr.y_bound, tr.y_round, y), (tr.d_hi, tr.d_lo, tr.d_bound, tr.d_round, d)):
+            y, d = compose_exact(
+                base[t, c].item(), lora[t, c].item(), g[c].item(), s, bias[c].item() if bias is not None else 0.0
+            )
+            for hi, lo, b, rnd, exact in (
+                (tr.y_hi, tr.y_lo, tr.y_bound, tr.y_round, y),
+                (tr.d_hi, tr.d_lo, tr.d_bound, tr.d_round, d),
+            ):
                 assert abs(Fraction(hi[t, c].item()) + Fraction(lo[t, c].item()) - exact) <= Fraction(b[t, c].item())
                 dn, up, near = round_fraction(exact, tr.fmt)
                 assert (rnd.down[t, c].item(), rnd.up[t, c].item(), rnd.nearest[t, c].item()) == (dn, up, near)
@@ -56,16 +61,16 @@ def test_bf16_inputs_give_exact_tier1_at_g_1():
 
 def test_certified_round_escalates_ambiguous_elements():
     # x = hi + lo with hi exactly a bf16 midpoint and lo tiny but uncertain: tier 1 must not decide.
-    hi = torch.tensor([1 + 2 ** -8, 1 + 2 ** -8, 1.5], dtype=torch.float64)
-    lo = torch.tensor([2 ** -70, 2 ** -60, 0.0], dtype=torch.float64)
-    b = torch.tensor([2 ** -60, 2 ** -70, 2 ** -80], dtype=torch.float64)
+    hi = torch.tensor([1 + 2**-8, 1 + 2**-8, 1.5], dtype=torch.float64)
+    lo = torch.tensor([2**-70, 2**-60, 0.0], dtype=torch.float64)
+    b = torch.tensor([2**-60, 2**-70, 2**-80], dtype=torch.float64)
     r = certified_round(hi, lo, b, "bf16")
     assert r.certain.tolist() == [False, True, False]
-    assert r.nearest[1].item() == 1 + 2 ** -7  # just above the midpoint
+    assert r.nearest[1].item() == 1 + 2**-7  # just above the midpoint
 
 
 def test_exact_tie_is_decided_by_tier1_to_even():
-    base = torch.tensor([[1 + 2 ** -8]], dtype=torch.float32)  # a bf16 midpoint, represented exactly
+    base = torch.tensor([[1 + 2**-8]], dtype=torch.float32)  # a bf16 midpoint, represented exactly
     tr = compose_truth(base, torch.zeros(1, 1), torch.ones(1), 1.0, out_fmt="bf16")
     assert tr.y_round.nearest.item() == 1.0 and tr.tier2_elements == 0
 
@@ -89,7 +94,11 @@ def test_undecided_elements_escalate_to_exact_rationals(monkeypatch):
         for c in range(6):
             y, d = compose_exact(base[t, c].item(), lora[t, c].item(), g[c].item(), 0.75)
             assert tr.y_hi[t, c].item() == float(y) and tr.d_hi[t, c].item() == float(d)
-            assert (tr.y_round.down[t, c].item(), tr.y_round.up[t, c].item(), tr.y_round.nearest[t, c].item()) == round_fraction(y, "bf16")
+            assert (
+                tr.y_round.down[t, c].item(),
+                tr.y_round.up[t, c].item(),
+                tr.y_round.nearest[t, c].item(),
+            ) == round_fraction(y, "bf16")
     limited = O.compose_truth(base, lora, g, 0.75, out_fmt="bf16", tier2_limit=5)
     assert limited.tier2_elements == 5 and limited.uncertified == 19
 
@@ -117,7 +126,7 @@ def test_norm_tier1_within_bound_of_exact(regime, dtype):
     ex = ExactRowNorm(case.A.double().numpy(), case.s)
     for i in list(range(0, 48, 5)) + case.special_rows:
         v, _ = ex.row(case.W[i].double().numpy(), case.B[i].double().numpy())
-        assert abs(tr.nu[i].item() - v) <= tr.bound[i].item() + abs(v) * 2 ** -52, (i, tr.nu[i].item(), v)
+        assert abs(tr.nu[i].item() - v) <= tr.bound[i].item() + abs(v) * 2**-52, (i, tr.nu[i].item(), v)
 
 
 def test_norm_escalates_ill_conditioned_rows_to_exact():
@@ -128,7 +137,7 @@ def test_norm_escalates_ill_conditioned_rows_to_exact():
     for i in tr.tier2_rows:
         v, _ = ex.row(case.W[i].double().numpy(), case.B[i].double().numpy())
         assert tr.nu[i].item() == v
-    assert float(tr.rel_bound.max()) <= 2.0 ** -40
+    assert float(tr.rel_bound.max()) <= 2.0**-40
 
 
 def test_exact_row_norm_hand_case():

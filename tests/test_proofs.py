@@ -1,4 +1,5 @@
 """Machine checks of proofs/compose_forms.md."""
+
 import random
 from fractions import Fraction
 
@@ -27,7 +28,7 @@ def test_factored_norm_identity():
     lhs = (V * V.T)[0]
     U = W * A.T
     G = A * A.T
-    rhs = (W * W.T)[0] + 2 * s * (B * U.T)[0] + s ** 2 * (B * G * B.T)[0]
+    rhs = (W * W.T)[0] + 2 * s * (B * U.T)[0] + s**2 * (B * G * B.T)[0]
     assert sp.expand(lhs - rhs) == 0
 
 
@@ -51,7 +52,7 @@ def test_sharded_norm_identity():
 def test_eft_exact():
     rng = random.Random(0)
     vals = [rng.uniform(-1, 1) * 2.0 ** rng.randint(-60, 60) for _ in range(4000)]
-    vals += [1.0, 2.0 ** -53, -(2.0 ** 52), 3.0, 1 + 2.0 ** -52, 0.0]
+    vals += [1.0, 2.0**-53, -(2.0**52), 3.0, 1 + 2.0**-52, 0.0]
     a = torch.tensor(vals, dtype=torch.float64)
     b = torch.tensor(vals[::-1], dtype=torch.float64)
     s, e = two_sum(a, b)
@@ -90,5 +91,7 @@ def test_stable_bound_derivation_terms():
     first = sum(sp.diff(v, di).subs({dj: 0 for dj in d}) * di for di in d)
     assert sp.simplify(v.subs({dj: 0 for dj in d}) - exact) == 0
     # δ1, δ2, δ5 multiply (g−1)b; δ3, δ4, δ5 multiply g·s·l: three per term, coefficient 1 each
-    assert all(sp.simplify(sp.diff(first, di) - ((g - 1) * b * cb + g * s * l * cl)) == 0
-               for di, cb, cl in zip(d, [1, 1, 0, 0, 1], [0, 0, 1, 1, 1]))
+    assert all(
+        sp.simplify(sp.diff(first, di) - ((g - 1) * b * cb + g * s * l * cl)) == 0
+        for di, cb, cl in zip(d, [1, 1, 0, 0, 1], [0, 0, 1, 1, 1])
+    )

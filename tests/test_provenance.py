@@ -1,6 +1,7 @@
 """dora_verify.provenance: what a report records about where its numbers came from — the commit and whether the
 tree differs from it (untracked files included), the CPU model and ISA flags, the source hash of an --impl
 module, and the PNG text chunks that tie a plot to its report."""
+
 import hashlib
 import json
 import subprocess
@@ -68,9 +69,16 @@ def test_plots_carry_run_id_commit_and_seed(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rep = {"kind": "sweep", "config": {"seed": 7},
-           "provenance": {"run_id": "abc123def456", "git": {"commit": "f" * 40, "dirty": False},
-                          "time_utc": "t", "argv": ["dora-verify", "sweep"]}}
+    rep = {
+        "kind": "sweep",
+        "config": {"seed": 7},
+        "provenance": {
+            "run_id": "abc123def456",
+            "git": {"commit": "f" * 40, "dirty": False},
+            "time_utc": "t",
+            "argv": ["dora-verify", "sweep"],
+        },
+    }
 
     def plots(stage):
         fig, ax = plt.subplots()

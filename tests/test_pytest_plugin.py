@@ -1,4 +1,5 @@
 """dora_verify.pytest_plugin: a team gates its DoRA kernel from its own test suite with the ``dora_gate`` fixture."""
+
 import sys
 from pathlib import Path
 
@@ -28,14 +29,16 @@ def test_gate_check_passes_a_good_kernel_and_explains_a_bad_one(tmp_path):
 def test_the_fixture_fails_the_users_test_with_the_findings(pytester):
     """The plugin is registered by the package (pytest11 entry point): a user's test file only asks for dora_gate."""
     pytester.syspathinsert(str(TESTS))
-    pytester.makepyfile(test_numerics="""
+    pytester.makepyfile(
+        test_numerics="""
         def test_good(dora_gate):
             rep = dora_gate("planted_impls:Good", dtypes="fp32", ops="compose", device="cpu")
             assert rep["verdict"]["passed"]
 
         def test_bad(dora_gate):
             dora_gate("planted_impls:gcast", dtypes="fp32", ops="compose", device="cpu")
-    """)
+    """
+    )
     res = pytester.runpytest_inprocess("-q")
     res.assert_outcomes(passed=1, failed=1)
     res.stdout.fnmatch_lines(["*dora-verify gate FAILED*", "*worst case compose-fp32-*"])

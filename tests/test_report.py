@@ -1,4 +1,5 @@
 """A report set is replaced as a whole: a kill at any step of a write leaves the old set or the new one."""
+
 import errno
 import json
 import os
@@ -19,6 +20,7 @@ def _plots(names_text):
             (Path(stage) / name).write_text(text)
             out.append(Path(stage) / name)
         return out
+
     return extra
 
 
@@ -66,6 +68,7 @@ def _killed_write(out: Path, k: int, after: bool, fallback: bool) -> bool:
                     finally:
                         if i == k and after:
                             os._exit(0)
+
                 setattr(mod, name, wrapped)
             if fallback:
                 R._exchange = lambda a, b: False  # a file system without an atomic exchange: two renames

@@ -1,5 +1,6 @@
 """scaling: the growth fit recovers known exponents; the grid has powers of two and ragged sizes; a small run
 measures every form and the kernels, inside the bounds it overlays, reproducibly."""
+
 import math
 
 import pytest
@@ -15,9 +16,9 @@ def test_fit_recovers_a_known_exponent(k):
     gen = torch.Generator().manual_seed(0)
     ns = SC.sizes(16, 4096)
     noise = torch.exp(0.05 * torch.randn(len(ns), generator=gen, dtype=torch.float64)).tolist()
-    f = SC.fit_exponent(ns, [3e-7 * n ** k * z for n, z in zip(ns, noise)])
+    f = SC.fit_exponent(ns, [3e-7 * n**k * z for n, z in zip(ns, noise)])
     assert abs(f["exponent"] - k) < 0.03 and f["stderr"] < 0.03 and f["points"] == len(ns)
-    exact = SC.fit_exponent(ns, [2.0 * n ** k for n in ns])
+    exact = SC.fit_exponent(ns, [2.0 * n**k for n in ns])
     assert abs(exact["exponent"] - k) < 1e-9 and (k == 0 or exact["r2"] > 1 - 1e-9)
 
 
@@ -51,7 +52,7 @@ def test_small_run_measures_every_form_within_the_bound_and_is_reproducible(tmp_
     for p in a["points"]:
         if "norm" in p:  # the worst-case bound of factored_fp32 holds at every point
             assert p["norm"]["forms"]["factored_fp32"]["max"] <= p["norm"]["bounds"]["worst"]
-        assert p["compose"]["forms"]["single_rounding"]["max"] <= 0.5 + 2 ** -20  # one rounding: correctly rounded
+        assert p["compose"]["forms"]["single_rounding"]["max"] <= 0.5 + 2**-20  # one rounding: correctly rounded
     files = [p.name for p in SC.plots(a, tmp_path)]
     assert files == ["scaling_norm.png", "scaling_compose.png"] and all((tmp_path / f).stat().st_size for f in files)
     md = SC.markdown(a, files)

@@ -1,4 +1,5 @@
 """dora_verify.sweep's own shortcuts, each against the general oracle it replaces."""
+
 import importlib
 
 import torch
@@ -19,6 +20,7 @@ def test_paper_point_reference_is_compose_truth_at_g_1(monkeypatch):
     def spy(hi, lo, bound, fmt, rounded=None):
         seen["ref"] = (hi, lo, bound, rounded)
         return real(hi, lo, bound, fmt, rounded)
+
     monkeypatch.setattr(S, "Reference", spy)
     cfg = S.SweepConfig(d_out=96, d_in=32, tokens=80, dtype="bf16")
     S.paper_figure1(cfg, "cpu")
@@ -39,6 +41,8 @@ def test_paper_metrics_are_compares():
     zero = torch.zeros_like(hi)
     fmt = parse_format("bf16")
     ref = S.Reference(hi, zero, zero, fmt, certified_round(hi, zero, zero, fmt))
-    approx = (lora.double() * 0.5 * (1 + torch.randn(64, 96, generator=gen, dtype=torch.float64) * 1e-2)).to(torch.bfloat16)
+    approx = (lora.double() * 0.5 * (1 + torch.randn(64, 96, generator=gen, dtype=torch.float64) * 1e-2)).to(
+        torch.bfloat16
+    )
     want, got = compare(approx, ref), S.paper_metrics(approx, ref)
     assert got == {k: want[k] for k in got} and 0 < got["frac_correctly_rounded"] < 1

@@ -65,6 +65,7 @@ generation costs > 60 s per model on 2 cores and changes only the rounding order
 Runtime: ~50 s on 2 shared CPU cores, ~35 s of it the compile configuration (marked slow, still run by CI).
 See docs/training.md.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -89,8 +90,15 @@ from dora_verify.kernels import DoRALinear  # noqa: E402
 from dora_verify.kernels import peft as dv_peft  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=128, max_position_embeddings=64)
+LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
 N_DORA = 7 * LLAMA["num_hidden_layers"]
 STEPS, BATCH, SEQ = 5, 2, 16
 SEED_MODEL, SEED_B, SEED_DATA, SEED_EVAL = 0, 1, 2, 3
@@ -98,8 +106,8 @@ B_STD = 0.02
 LR = {"sgd": 0.1, "adamw": 1e-2, "data_sgd": 0.1}
 COMPILE_BACKEND = os.environ.get("DORA_VERIFY_COMPILE_BACKEND", "aot_eager")
 
-U32, UBF16 = 2.0 ** -24, 2.0 ** -8
-F_VEC = 2.0   # D_θ, D_z: norms of many components concentrate (module docstring)
+U32, UBF16 = 2.0**-24, 2.0**-8
+F_VEC = 2.0  # D_θ, D_z: norms of many components concentrate (module docstring)
 F_LOSS = 8.0  # D_L: max of 5 scalar draws, P(ratio > 8) ≈ 2.6e-4 for equal σ
 C_LOSS = math.ceil(math.log2(BATCH * (SEQ - 1))) + 1  # 6: roundings of the loss's own reduction
 NU_REL = 1e-6  # DoRALinear ν contract
@@ -131,8 +139,9 @@ def build_model(base: str) -> torch.nn.Module:
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
     if base == "bf16":
         model = model.to(torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=TARGETS,
-                                             lora_dropout=0.0))
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=TARGETS, lora_dropout=0.0)
+    )
     g = torch.Generator().manual_seed(SEED_B)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -222,8 +231,8 @@ def implementation(impl: str, counter: "_Counter | None" = None):
 @dataclass(frozen=True)
 class Cfg:
     opt: str
-    base: str = "fp32"         # 'fp32' or 'bf16' base weights (adapters fp32 either way)
-    autocast: bool = False     # torch.autocast('cpu', bfloat16) around the forward
+    base: str = "fp32"  # 'fp32' or 'bf16' base weights (adapters fp32 either way)
+    autocast: bool = False  # torch.autocast('cpu', bfloat16) around the forward
     compile: bool = False
     ckpt: "bool | None" = None  # gradient checkpointing: None off, else use_reentrant
 
@@ -240,11 +249,11 @@ class Cfg:
 @dataclass
 class Run:
     losses: torch.Tensor  # float64 [K]
-    grads: list           # per step {name: grad}
-    params: dict          # final {name: tensor}
+    grads: list  # per step {name: grad}
+    params: dict  # final {name: tensor}
     model: torch.nn.Module
     calls: int = 0
-    forwards: int = 0     # forward calls of one DoRA layer (checkpointing recomputes)
+    forwards: int = 0  # forward calls of one DoRA layer (checkpointing recomputes)
 
 
 def autocast_ctx(on: bool):
@@ -287,8 +296,14 @@ def train(model, cfg: Cfg, impl: str, opt_name: "str | None" = None) -> Run:
                 losses.append(loss.detach())
     finally:
         hook.remove()
-    return Run(torch.stack(losses).double(), grads, {n: p.detach().clone() for n, p in trainable(model)}, model,
-               counter.calls, fwd_count[0])
+    return Run(
+        torch.stack(losses).double(),
+        grads,
+        {n: p.detach().clone() for n, p in trainable(model)},
+        model,
+        counter.calls,
+        fwd_count[0],
+    )
 
 
 def logits_at(model, impl: str, autocast: bool) -> torch.Tensor:
@@ -365,12 +380,21 @@ def lab():
 
 
 # ----------------------------------------------------------------------------- the PEFT-level comparisons
-CFGS = [Cfg("sgd"), Cfg("adamw_loop"), Cfg("adamw_foreach"), Cfg("adamw_fused"), Cfg("data_sgd"),
-        Cfg("sgd", autocast=True), Cfg("adamw_foreach", autocast=True), Cfg("adamw_fused", autocast=True),
-        Cfg("adamw_foreach", base="bf16"), Cfg("adamw_fused", base="bf16")]
+CFGS = [
+    Cfg("sgd"),
+    Cfg("adamw_loop"),
+    Cfg("adamw_foreach"),
+    Cfg("adamw_fused"),
+    Cfg("data_sgd"),
+    Cfg("sgd", autocast=True),
+    Cfg("adamw_foreach", autocast=True),
+    Cfg("adamw_fused", autocast=True),
+    Cfg("adamw_foreach", base="bf16"),
+    Cfg("adamw_fused", base="bf16"),
+]
 PARAMS = [pytest.param(c, id=c.id) for c in CFGS] + [
-    pytest.param(Cfg("adamw_foreach", compile=True), id=Cfg("adamw_foreach", compile=True).id,
-                 marks=pytest.mark.slow)]
+    pytest.param(Cfg("adamw_foreach", compile=True), id=Cfg("adamw_foreach", compile=True).id, marks=pytest.mark.slow)
+]
 
 
 def _ran_integration(run: Run, cfg: Cfg):
@@ -413,8 +437,10 @@ def test_criteria_reject_a_stale_nu(lab):
     tol_l = F_LOSS * lab.loss_dev(cfg, "stock") + C_LOSS * U32
     tol_t = F_VEC * lab.param_dev(cfg, "stock") + lab.param_floor(cfg)
     tol_z = F_VEC * z_stock + floor
-    print(f"stale nu: D_L {d_l:.3g} (tol {tol_l:.3g}), D_theta {d_t:.3g} (tol {tol_t:.3g}), "
-          f"D_z {d_z:.3g} (tol {tol_z:.3g})")
+    print(
+        f"stale nu: D_L {d_l:.3g} (tol {tol_l:.3g}), D_theta {d_t:.3g} (tol {tol_t:.3g}), "
+        f"D_z {d_z:.3g} (tol {tol_z:.3g})"
+    )
     assert d_l > tol_l and d_t > tol_t and d_z > tol_z
 
 
@@ -427,8 +453,14 @@ def test_bf16_base_keeps_fp32_adapters(lab):
     assert set(adapters.values()) == {torch.float32}, adapters
 
 
-CKPT = [Cfg("adamw_foreach", ckpt=False), Cfg("adamw_foreach", ckpt=True), Cfg("adamw_fused", ckpt=False),
-        Cfg("adamw_fused", ckpt=True), Cfg("sgd", autocast=True, ckpt=False), Cfg("sgd", autocast=True, ckpt=True)]
+CKPT = [
+    Cfg("adamw_foreach", ckpt=False),
+    Cfg("adamw_foreach", ckpt=True),
+    Cfg("adamw_fused", ckpt=False),
+    Cfg("adamw_fused", ckpt=True),
+    Cfg("sgd", autocast=True, ckpt=False),
+    Cfg("sgd", autocast=True, ckpt=True),
+]
 
 
 @pytest.mark.parametrize("cfg", [pytest.param(c, id=c.id) for c in CKPT])
@@ -485,8 +517,9 @@ def layer_loop(layer, opt_name, autocast=False, ckpt=None):
     return grads
 
 
-@pytest.mark.parametrize("opt_name,autocast", [("sgd", False), ("adamw_foreach", False), ("adamw_fused", False),
-                                               ("adamw_fused", True)])
+@pytest.mark.parametrize(
+    "opt_name,autocast", [("sgd", False), ("adamw_foreach", False), ("adamw_fused", False), ("adamw_fused", True)]
+)
 def test_dora_linear_nu_tracks_parameters(opt_name, autocast):
     layer = dora_linear()
     layer_loop(layer, opt_name, autocast)

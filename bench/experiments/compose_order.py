@@ -7,6 +7,7 @@ rows (addresses one row stride apart). The variant flattens the grid columns-fas
 read contiguous memory. Same tiles and arithmetic (`_y_value`): the same bits (checked). Times by CUDA events,
 50 calls after warm-up, median (p10, p90), order A/B/A/B, as `dora-verify bench` times the compose.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -16,8 +17,18 @@ from dora_verify.kernels.compose import FWD_BLOCK_N, FWD_BLOCK_T, FWD_WARPS, _y_
 
 
 @triton.jit
-def _fwd_ordered(base_ptr, lora_ptr, g_ptr, out_ptr, T, N, s, COLS_FASTEST: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+def _fwd_ordered(
+    base_ptr,
+    lora_ptr,
+    g_ptr,
+    out_ptr,
+    T,
+    N,
+    s,
+    COLS_FASTEST: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     if COLS_FASTEST:
         n_n = tl.cdiv(N, BLOCK_N)
         pid = tl.program_id(0)
@@ -42,8 +53,20 @@ def run(base, lora, g, out, cols_fastest):
     T, N = base.shape
     nt, nn = triton.cdiv(T, FWD_BLOCK_T), triton.cdiv(N, FWD_BLOCK_N)
     grid = (nt * nn,) if cols_fastest else (nt, nn)
-    _fwd_ordered[grid](base, lora, g, out, T, N, 2.0, COLS_FASTEST=cols_fastest, BLOCK_T=FWD_BLOCK_T,
-                       BLOCK_N=FWD_BLOCK_N, num_warps=FWD_WARPS, enable_fp_fusion=False)
+    _fwd_ordered[grid](
+        base,
+        lora,
+        g,
+        out,
+        T,
+        N,
+        2.0,
+        COLS_FASTEST=cols_fastest,
+        BLOCK_T=FWD_BLOCK_T,
+        BLOCK_N=FWD_BLOCK_N,
+        num_warps=FWD_WARPS,
+        enable_fp_fusion=False,
+    )
     return out
 
 
@@ -59,8 +82,9 @@ def main():
         line = []
         for cf in (False, True, False, True):
             t = time_ms(lambda i: run(base, lora, g, out, cf), 1, 10, 50)
-            line.append(f"{'cols' if cf else 'rows'} {t['ms']:.4f} ({t['p10']:.4f}, {t['p90']:.4f}) "
-                        f"{gb / t['ms']:.2f} TB/s")
+            line.append(
+                f"{'cols' if cf else 'rows'} {t['ms']:.4f} ({t['p10']:.4f}, {t['p90']:.4f}) {gb / t['ms']:.2f} TB/s"
+            )
         print(f"{T}x{N} same bits {same}: " + " | ".join(line), flush=True)
         torch.cuda.empty_cache()
 
@@ -89,8 +113,11 @@ def fresh_outputs(T=4096, N=28672, calls=40):
     for ms, ptr in rows:
         by_ptr.setdefault(ptr, []).append(ms)
     for ptr, ts in by_ptr.items():
-        print(f"output at {ptr}: {len(ts)} calls, ms min {min(ts):.4f} median {sorted(ts)[len(ts) // 2]:.4f} "
-              f"max {max(ts):.4f}", flush=True)
+        print(
+            f"output at {ptr}: {len(ts)} calls, ms min {min(ts):.4f} median {sorted(ts)[len(ts) // 2]:.4f} "
+            f"max {max(ts):.4f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ call = host time per call). Prints µs per call; the numbers attribute the eager
 
     python3 bench/experiments/launch_overhead.py
 """
+
 import time
 
 import torch
@@ -41,9 +42,12 @@ def main():
         "torch.add (one aten op)": lambda: base + base,
         "F.linear bf16 (one GEMM)": lambda: F.linear(xa, B),
         "bare Triton launch (_sum_splits_kernel)": lambda: _sum_splits_kernel[(triton.cdiv(N, RED_BLOCK),)](
-            partial, out, N, 4, BLOCK=RED_BLOCK),
+            partial, out, N, 4, BLOCK=RED_BLOCK
+        ),
         "lora_compose_forward_fused (launcher)": lambda: lora_compose_forward_fused(base, xa, B, g, None, 2.0),
-        "lora_compose_backward_fused (launcher)": lambda: lora_compose_backward_fused(dy, base, xa, B, g, 2.0, False, True),
+        "lora_compose_backward_fused (launcher)": lambda: lora_compose_backward_fused(
+            dy, base, xa, B, g, 2.0, False, True
+        ),
         "adapter_grads (the eager tier's adapter gradients)": lambda: adapter_grads(dy, xa, B, g, 2.0, True, True),
         "lora_compose (public, no grad)": lambda: lora_compose(base, xa, B, g, 2.0),
         "compose (public, no grad)": lambda: compose(base, lora, g, 2.0),
@@ -58,16 +62,20 @@ def main():
     def norm_tma():
         with tma_loads():
             return factored_row_norm(Wn, An, Bn, 2.0, wsq=wsq, validate=False)
-    rows["factored_row_norm (eager, pointer loads)"] = lambda: factored_row_norm(Wn, An, Bn, 2.0, wsq=wsq,
-                                                                                  validate=False)
+
+    rows["factored_row_norm (eager, pointer loads)"] = lambda: factored_row_norm(
+        Wn, An, Bn, 2.0, wsq=wsq, validate=False
+    )
     rows["factored_row_norm (eager, TMA loads: descriptors encoded per launch)"] = norm_tma
     for name, fn in rows.items():
         print(f"{host_us(fn):9.1f} µs  {name}")
     b_, x_, B_ = base.clone().requires_grad_(), xa.clone().requires_grad_(), B.clone().requires_grad_()
     gg = g.clone().requires_grad_()
     y = lora_compose(b_, x_, B_, gg, 2.0)
-    print(f"{host_us(lambda: torch.autograd.grad(y, (x_, B_, gg), dy, retain_graph=True)):9.1f} µs  "
-          "lora_compose backward through autograd (d_xa, d_B, d_g)")
+    print(
+        f"{host_us(lambda: torch.autograd.grad(y, (x_, B_, gg), dy, retain_graph=True)):9.1f} µs  "
+        "lora_compose backward through autograd (d_xa, d_B, d_g)"
+    )
 
 
 def attribute_backward():
@@ -90,13 +98,16 @@ def attribute_backward():
             out = fn(*a, **k)
             spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
             return out
+
         return wrapper
+
     y = lora_compose(base, x_, B_, gg, 2.0)
     for _ in range(3):  # compile the kernels before anything is timed
         torch.autograd.grad(y, (x_, B_, gg), dy, retain_graph=True)
     lc._grads = timed("_grads (all of backward's Python)", lc._grads)
-    lc.lora_compose_backward_fused_all = timed("lora_compose_backward_fused_all (kernel, epilogues, d_xa GEMM)",
-                                               lc.lora_compose_backward_fused_all)
+    lc.lora_compose_backward_fused_all = timed(
+        "lora_compose_backward_fused_all (kernel, epilogues, d_xa GEMM)", lc.lora_compose_backward_fused_all
+    )
     n = 300
     total = host_us(lambda: torch.autograd.grad(y, (x_, B_, gg), dy, retain_graph=True), n)
     k = n + 20

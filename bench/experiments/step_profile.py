@@ -6,6 +6,7 @@ For DoRALinear and PEFT LoRA with bf16 and fp32 adapters, forward (training) and
 time per step (median of 30 after warm-up) next to the sum of kernel times per step, and each kernel's share.
 A step whose event time exceeds its kernel sum by much is waiting on the host. Writes DIR/step_profile.json.
 """
+
 import argparse
 import collections
 import json
@@ -27,8 +28,9 @@ def kernel_table(fn, steps=10):
     per = collections.Counter()
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name[:90]] += ev.device_time_total / steps if hasattr(ev, "device_time_total") \
-                else ev.cuda_time_total / steps
+            per[ev.name[:90]] += (
+                ev.device_time_total / steps if hasattr(ev, "device_time_total") else ev.cuda_time_total / steps
+            )
     return dict(per.most_common()), sum(per.values())
 
 
@@ -54,6 +56,7 @@ def main():
             def fwd_bwd():
                 step()
                 return torch.autograd.grad(layer(x), params, dy)
+
             for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
                 ms = time_ms(lambda i: fn(), 1, 10, 30)["ms"]
                 table, total = kernel_table(fn)

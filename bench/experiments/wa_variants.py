@@ -10,6 +10,7 @@
    piece of the backward, to see whether the layer is bound by the GPU or by the host.
 Writes DIR/wa_variants.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,23 @@ def _flush(acc, comp, part, ACC64: tl.constexpr):
 
 
 @triton.jit
-def _wa_variant(w_ptr, a_ptr, out_ptr, M, R, K, stride_w, stride_a, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_K: tl.constexpr, FLUSH: tl.constexpr, NESTED: tl.constexpr, FLAT: tl.constexpr,
-                ACC64: tl.constexpr):
+def _wa_variant(
+    w_ptr,
+    a_ptr,
+    out_ptr,
+    M,
+    R,
+    K,
+    stride_w,
+    stride_a,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    FLUSH: tl.constexpr,
+    NESTED: tl.constexpr,
+    FLAT: tl.constexpr,
+    ACC64: tl.constexpr,
+):
     # ACC64: 1 float64 accumulator across chains, 0 plain fp32, 2 fp32 with Kahan compensation (comp)
     n_r = tl.cdiv(R, BLOCK_R)
     pid = tl.program_id(0)
@@ -87,8 +102,19 @@ def _wa_variant(w_ptr, a_ptr, out_ptr, M, R, K, stride_w, stride_a, BLOCK_M: tl.
 
 
 @triton.jit
-def _wa_tma(w_desc, a_desc, out_ptr, M, R, K, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-            FLUSH: tl.constexpr, ACC64: tl.constexpr):
+def _wa_tma(
+    w_desc,
+    a_desc,
+    out_ptr,
+    M,
+    R,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    FLUSH: tl.constexpr,
+    ACC64: tl.constexpr,
+):
     """_wa_variant's flattened loop with TMA loads (host tensor descriptors; out-of-range reads are zeros)."""
     n_r = tl.cdiv(R, BLOCK_R)
     pid = tl.program_id(0)
@@ -109,16 +135,27 @@ def _wa_tma(w_desc, a_desc, out_ptr, M, R, K, BLOCK_M: tl.constexpr, BLOCK_R: tl
     acc += part.to(acc.dtype)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * R + rr[None, :], acc.to(tl.float32),
-             mask=(rows < M)[:, None] & (rr < R)[None, :])
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * R + rr[None, :],
+        acc.to(tl.float32),
+        mask=(rows < M)[:, None] & (rr < R)[None, :],
+    )
 
 
-TMA_CANDIDATES = [(bm, br, bk, flush, warps, stages, acc)
-                  for (bm, br, bk, flush, warps, stages) in ((64, 128, 128, 2, 4, 3), (64, 128, 64, 4, 4, 4),
-                                                             (64, 128, 64, 4, 4, 5), (128, 64, 128, 2, 4, 3),
-                                                             (128, 64, 64, 4, 4, 4), (128, 128, 64, 4, 8, 4),
-                                                             (64, 128, 128, 64, 4, 3), (128, 64, 64, 128, 4, 4))
-                  for acc in (0, 1)]
+TMA_CANDIDATES = [
+    (bm, br, bk, flush, warps, stages, acc)
+    for (bm, br, bk, flush, warps, stages) in (
+        (64, 128, 128, 2, 4, 3),
+        (64, 128, 64, 4, 4, 4),
+        (64, 128, 64, 4, 4, 5),
+        (128, 64, 128, 2, 4, 3),
+        (128, 64, 64, 4, 4, 4),
+        (128, 128, 64, 4, 8, 4),
+        (64, 128, 128, 64, 4, 3),
+        (128, 64, 64, 128, 4, 4),
+    )
+    for acc in (0, 1)
+]
 
 
 def _u_problem(d=8192, r=384):
@@ -153,11 +190,37 @@ def wa_tma_variants(log):
         grid = (triton.cdiv(d, bm) * triton.cdiv(r, br),)
 
         def run():
-            _wa_tma[grid](wd, ad, out, d, r, d, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, ACC64=acc,
-                          num_warps=warps, num_stages=stages)
+            _wa_tma[grid](
+                wd,
+                ad,
+                out,
+                d,
+                r,
+                d,
+                BLOCK_M=bm,
+                BLOCK_R=br,
+                BLOCK_K=bk,
+                FLUSH=flush,
+                ACC64=acc,
+                num_warps=warps,
+                num_stages=stages,
+            )
             return out
-        rows.append(_measure(run, {"variant": dict(tma=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, warps=warps,
-                                                   stages=stages, acc64=acc), "chain": bk * flush}, out, ref, log))
+
+        rows.append(
+            _measure(
+                run,
+                {
+                    "variant": dict(
+                        tma=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, warps=warps, stages=stages, acc64=acc
+                    ),
+                    "chain": bk * flush,
+                },
+                out,
+                ref,
+                log,
+            )
+        )
     return rows
 
 
@@ -167,35 +230,95 @@ def bench_ms(fn, rep=100):
 
 NEW_CANDIDATES = [  # session 8: the plain GEMM (no flush) as the Triton ceiling, Kahan fp32 across chains, one-dot chains
     (bm, br, bk, flush, warps, stages, nested, 0, acc)
-    for (bm, br, bk, flush, warps, stages) in ((64, 128, 128, 64, 4, 3), (128, 128, 64, 128, 8, 4), (128, 128, 128, 64, 8, 3),
-                                               (64, 128, 128, 2, 4, 3), (64, 128, 256, 1, 4, 2), (128, 128, 256, 1, 8, 2),
-                                               (128, 128, 128, 2, 8, 3), (64, 128, 64, 4, 4, 4), (128, 64, 256, 1, 4, 3))
-    for nested in (0, 1) for acc in (0, 1, 2)]
+    for (bm, br, bk, flush, warps, stages) in (
+        (64, 128, 128, 64, 4, 3),
+        (128, 128, 64, 128, 8, 4),
+        (128, 128, 128, 64, 8, 3),
+        (64, 128, 128, 2, 4, 3),
+        (64, 128, 256, 1, 4, 2),
+        (128, 128, 256, 1, 8, 2),
+        (128, 128, 128, 2, 8, 3),
+        (64, 128, 64, 4, 4, 4),
+        (128, 64, 256, 1, 4, 3),
+    )
+    for nested in (0, 1)
+    for acc in (0, 1, 2)
+]
 
 
 def wa_variants(log, cands=None):
     d, r, W, A, ref, out = _u_problem()
-    rows = [{"variant": "cublas mm out_dtype=fp32", "ms": bench_ms(lambda: torch.mm(W, A.t(), out_dtype=torch.float32)),
-             "max_rel": float(((torch.mm(W, A.t(), out_dtype=torch.float32).double() - ref).abs() / ref).max())}]
+    rows = [
+        {
+            "variant": "cublas mm out_dtype=fp32",
+            "ms": bench_ms(lambda: torch.mm(W, A.t(), out_dtype=torch.float32)),
+            "max_rel": float(((torch.mm(W, A.t(), out_dtype=torch.float32).double() - ref).abs() / ref).max()),
+        }
+    ]
     log(rows[-1])
     if cands is None:  # the session-6 set
-        cands = [(bm, br, bk, flush, warps, stages, nested, flat, acc64)
-                 for bm, br, bk, flush, warps, stages in ((64, 128, 128, 2, 4, 3), (128, 128, 128, 2, 8, 3),
-                                                          (128, 128, 64, 4, 8, 4), (128, 64, 128, 2, 4, 3),
-                                                          (64, 128, 64, 4, 4, 4), (128, 128, 128, 4, 8, 3))
-                 for nested, flat in ((0, 0), (1, 0), (1, 1)) for acc64 in (1, 0)]
+        cands = [
+            (bm, br, bk, flush, warps, stages, nested, flat, acc64)
+            for bm, br, bk, flush, warps, stages in (
+                (64, 128, 128, 2, 4, 3),
+                (128, 128, 128, 2, 8, 3),
+                (128, 128, 64, 4, 8, 4),
+                (128, 64, 128, 2, 4, 3),
+                (64, 128, 64, 4, 4, 4),
+                (128, 128, 128, 4, 8, 3),
+            )
+            for nested, flat in ((0, 0), (1, 0), (1, 1))
+            for acc64 in (1, 0)
+        ]
     for bm, br, bk, flush, warps, stages, nested, flat, acc64 in cands:
         if br & (br - 1):
             continue
         grid = (triton.cdiv(d, bm) * triton.cdiv(r, br),)
 
         def run():
-            _wa_variant[grid](W, A, out, d, r, d, W.stride(0), A.stride(0), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
-                              FLUSH=flush, NESTED=nested, FLAT=flat, ACC64=acc64, num_warps=warps, num_stages=stages)
+            _wa_variant[grid](
+                W,
+                A,
+                out,
+                d,
+                r,
+                d,
+                W.stride(0),
+                A.stride(0),
+                BLOCK_M=bm,
+                BLOCK_R=br,
+                BLOCK_K=bk,
+                FLUSH=flush,
+                NESTED=nested,
+                FLAT=flat,
+                ACC64=acc64,
+                num_warps=warps,
+                num_stages=stages,
+            )
             return out
-        rows.append(_measure(run, {"variant": dict(BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, warps=warps,
-                                                   stages=stages, nested=nested, flatten=flat, acc64=acc64),
-                                   "chain": bk * flush}, out, ref, log))
+
+        rows.append(
+            _measure(
+                run,
+                {
+                    "variant": dict(
+                        BLOCK_M=bm,
+                        BLOCK_R=br,
+                        BLOCK_K=bk,
+                        FLUSH=flush,
+                        warps=warps,
+                        stages=stages,
+                        nested=nested,
+                        flatten=flat,
+                        acc64=acc64,
+                    ),
+                    "chain": bk * flush,
+                },
+                out,
+                ref,
+                log,
+            )
+        )
     return rows
 
 
@@ -250,17 +373,23 @@ def layer_step(log):
 
     def fwd_bwd():
         return torch.autograd.grad(layer(x), params, dy)
+
     res = {}
     lora = _peft_lora(d, r)
     lparams = [p for p in lora.parameters() if p.requires_grad]
-    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd), ("lora_fwd", lambda: lora(x)),
-                     ("lora_fwd_bwd", lambda: torch.autograd.grad(lora(x), lparams, dy))):
+    for name, fn in (
+        ("fwd", fwd),
+        ("fwd_bwd", fwd_bwd),
+        ("lora_fwd", lambda: lora(x)),
+        ("lora_fwd_bwd", lambda: torch.autograd.grad(lora(x), lparams, dy)),
+    ):
         gpu = bench_ms(fn, rep=50)
         res[name] = {"gpu_ms": gpu, "host_enqueue_ms": host_ms(fn)}
         log(name, res[name])
     import cProfile
     import io
     import pstats
+
     for name, fn in (("fwd_bwd", fwd_bwd),):
         torch.cuda.synchronize()
         torch.cuda._sleep(2_000_000_000)
@@ -275,7 +404,7 @@ def layer_step(log):
         res["cprofile_" + name] = buf.getvalue()
         log(buf.getvalue())
     # pieces of the backward, each alone
-    base = (x @ lin.weight.t())
+    base = x @ lin.weight.t()
     xa = x @ layer.lora_A.t()
     B = layer.lora_B.detach()
     g = torch.rand(d, device="cuda") + 0.5
@@ -318,7 +447,6 @@ def main():
         json.dump(res, f, indent=1)
 
 
-
 def host_pieces(log):
     """Host time of each piece of the DoRALinear step (GPU kept busy, so nothing waits on the device)."""
     import importlib
@@ -326,6 +454,7 @@ def host_pieces(log):
     import torch.nn.functional as F
 
     from dora_verify.kernels import DoRALinear, dora_scale, factored_row_norm
+
     lc = importlib.import_module("dora_verify.kernels.lora_compose")
     nm = importlib.import_module("dora_verify.kernels.norm")
     d, r, T = 8192, 384, 4096
@@ -344,11 +473,28 @@ def host_pieces(log):
     @triton.jit
     def _noop(p):
         pass
+
     pieces = {
         "triton_noop_launch": lambda: _noop[(1,)](U),
-        "wa_kernel_launch": lambda: nm._wa_kernel[(384, 1)](W, A, U, d, r, d, W.stride(0), A.stride(0), d, MODE=0,
-                                                             BLOCK_M=64, BLOCK_R=128, BLOCK_K=128, FLUSH=2, SPLIT=1,
-                                                             num_warps=4, num_stages=3),
+        "wa_kernel_launch": lambda: nm._wa_kernel[(384, 1)](
+            W,
+            A,
+            U,
+            d,
+            r,
+            d,
+            W.stride(0),
+            A.stride(0),
+            d,
+            MODE=0,
+            BLOCK_M=64,
+            BLOCK_R=128,
+            BLOCK_K=128,
+            FLUSH=2,
+            SPLIT=1,
+            num_warps=4,
+            num_stages=3,
+        ),
         "F.linear": lambda: F.linear(x, W),
         "torch.mul_small": lambda: g * 2.0,
         "wa_product_U": lambda: nm.wa_product(W, A),
@@ -364,7 +510,6 @@ def host_pieces(log):
         res[name] = host_ms(fn, n=20)
         log(f"host {name}: {res[name]:.4f} ms")
     return res
-
 
 
 def compiled_step(log):
@@ -388,6 +533,7 @@ def compiled_step(log):
                 y = cl(x)
                 y.backward(dy)
                 return y
+
             try:
                 t0 = time.perf_counter()
                 for _ in range(3):
