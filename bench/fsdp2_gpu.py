@@ -215,7 +215,8 @@ def markdown(rep):
         )
     L += [
         "",
-        f"Column layout, 3 repeats at {'×'.join(map(str, rep['repeat_bits']['shape']))}: bit-identical with all_reduce: "
+        f"Column layout, 3 repeats at {'×'.join(map(str, rep['repeat_bits']['shape']))}: "
+        "bit-identical with all_reduce: "
         f"{rep['repeat_bits']['False']}; with deterministic (all_gather, rank order): {rep['repeat_bits']['True']}.",
         "",
     ]
@@ -230,7 +231,8 @@ def markdown(rep):
             f"{m['batch_per_rank']} per rank, DoRA r = {m['r']} on every projection, bf16 model, {adapters} adapters; "
             "AdamW. Errors against the same model in fp32 (stock PEFT, same rounded weights), first step.",
             "",
-            "| | loss rel err | grad A rel err | grad B rel err | grad m rel err | step ms (median) | peak MiB per rank "
+            "| | loss rel err | grad A rel err | grad B rel err | grad m rel err "
+            "| step ms (median) | peak MiB per rank "
             "| layers routed |",
             "|---|---|---|---|---|---|---|---|",
         ]

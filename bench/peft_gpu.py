@@ -155,7 +155,8 @@ def markdown(res):
         f"Model: random Llama-style ({res['model']}), DoRA r = 64 on all seven projections, B ~ N(0, 1e-3), "
         "m perturbed by 1%. Errors against the same model in float64 (stock PEFT), max-abs normalised.\n",
         "## Parity (bf16 base model)\n",
-        "| adapters | logits err: stock / ours | grad A err: stock / ours | grad B: stock / ours | grad m: stock / ours | ours vs stock logits |",
+        "| adapters | logits err: stock / ours | grad A err: stock / ours | grad B: stock / ours "
+        "| grad m: stock / ours | ours vs stock logits |",
         "|---|---|---|---|---|---|",
     ]
     for r in res["parity"]:
@@ -163,7 +164,8 @@ def markdown(res):
             f"| {r['adapters']} | {r['stock_logits_rel_err']:.3g} / {r['ours_logits_rel_err']:.3g} | "
             f"{r['stock_grad_lora_A_rel_err_max']:.3g} / {r['ours_grad_lora_A_rel_err_max']:.3g} | "
             f"{r['stock_grad_lora_B_rel_err_max']:.3g} / {r['ours_grad_lora_B_rel_err_max']:.3g} | "
-            f"{r['stock_grad_lora_magnitude_vector_rel_err_max']:.3g} / {r['ours_grad_lora_magnitude_vector_rel_err_max']:.3g} | "
+            f"{r['stock_grad_lora_magnitude_vector_rel_err_max']:.3g} / "
+            f"{r['ours_grad_lora_magnitude_vector_rel_err_max']:.3g} | "
             f"{r['ours_vs_stock_logits_rel']:.3g} |"
         )
     lines += [

@@ -63,12 +63,14 @@ def main(path):
     ba = [x for x in r["backward_accuracy"] if "d_m_max_rel" in x]
     ex = [x for x in ba if x["save"] == "inputs"]
     out.append(
-        f"| d_base, d_lora (faithful) | all | {max(max(x['d_base_max_ulp'], x['d_lora_max_ulp']) for x in ba):.4f} ulp | ≤ 1 ulp |"
+        f"| d_base, d_lora (faithful) | all | "
+        f"{max(max(x['d_base_max_ulp'], x['d_lora_max_ulp']) for x in ba):.4f} ulp | ≤ 1 ulp |"
     )
     out.append(f"| d_m relative error, save='inputs' | all | {max(x['d_m_max_rel'] for x in ex):.3g} | ≤ 1e-5 |")
     act = [x for x in ba if x["save"] == "activation" and x["dtype"] == "bf16"]
     out.append(
-        f"| d_m relative error, save='activation' (bf16 inner) | bf16 | median {max(x['d_m_median_rel'] for x in act):.3g}, "
+        "| d_m relative error, save='activation' (bf16 inner) | bf16 | "
+        f"median {max(x['d_m_median_rel'] for x in act):.3g}, "
         f"max {max(x['d_m_max_rel'] for x in act):.3g} | (documented lean mode) |"
     )
     out.append(
@@ -82,7 +84,8 @@ def main(path):
             f"{max(x['lora_over_gemm_bound'] for x in la):.3f} | ≤ 1 |"
         )
         out.append(
-            f"| lora_compose: y vs exact compose of that lora | bf16, fp16 | {max(x['y_max_ulp'] for x in la):.4f} ulp | ≤ 1 ulp |"
+            "| lora_compose: y vs exact compose of that lora | bf16, fp16 | "
+            f"{max(x['y_max_ulp'] for x in la):.4f} ulp | ≤ 1 ulp |"
         )
         out.append(
             f"| lora_compose: d_m relative error (lora recomputed in backward) | bf16, fp16 | "
@@ -98,10 +101,12 @@ def main(path):
         )
     tp = r["tier_parity_fp32"]
     out.append(
-        f"| fused vs eager tier (fp32) | fp32 | {max(x['max_rel'] for x in tp if x['pair'] == 'fused vs eager'):.3g} | ≤ 1e-5 |"
+        "| fused vs eager tier (fp32) | fp32 | "
+        f"{max(x['max_rel'] for x in tp if x['pair'] == 'fused vs eager'):.3g} | ≤ 1e-5 |"
     )
     out.append(
-        f"| fused vs PEFT's formula (fp32) | fp32 | {max(x['max_rel'] for x in tp if x['pair'] == 'fused vs peft'):.3g} | ≤ 1e-5 |"
+        "| fused vs PEFT's formula (fp32) | fp32 | "
+        f"{max(x['max_rel'] for x in tp if x['pair'] == 'fused vs peft'):.3g} | ≤ 1e-5 |"
     )
     over = [x for x in ca if x["max_ulp"] > 1]
     if over:
@@ -121,7 +126,8 @@ def main(path):
         "",
         f"## Speed (bf16; medians of CUDA-event timings; device copy bandwidth {bw:.3f} TB/s)",
         "",
-        "| compose T×d_out | fwd ms | % copy bw | fwd+save ms | bwd ms (incl. d_g) | eager autograd bwd ms | bwd speed-up |",
+        "| compose T×d_out | fwd ms | % copy bw | fwd+save ms | bwd ms (incl. d_g) "
+        "| eager autograd bwd ms | bwd speed-up |",
         "|---|---|---|---|---|---|---|",
     ]
     for x in r["compose_perf"]:
@@ -132,18 +138,22 @@ def main(path):
         )
     out += [
         "",
-        "| norm d×d, r, W dtype | ours (‖W‖² cached) ms / MiB | ours cold ms | PEFT dense ms / MiB | speed-up | memory ratio |",
+        "| norm d×d, r, W dtype | ours (‖W‖² cached) ms / MiB | ours cold ms | PEFT dense ms / MiB "
+        "| speed-up | memory ratio |",
         "|---|---|---|---|---|---|",
     ]
     for x in r["norm_perf"]:
         out.append(
-            f"| {x['d']}², {x['r']}, {x['W_dtype']} | {x['factored_cached_ms']:.3f} / {x['factored_cached_peak_mib']:.0f} | "
+            f"| {x['d']}², {x['r']}, {x['W_dtype']} | "
+            f"{x['factored_cached_ms']:.3f} / {x['factored_cached_peak_mib']:.0f} | "
             f"{x['factored_cold_ms']:.3f} | {x['peft_dense_ms']:.3f} / {x['peft_dense_peak_mib']:.0f} | "
             f"{x['speedup_vs_peft']:.2f}× | {x['memory_ratio_vs_peft']:.3f} |"
         )
     out += [
         "",
-        "| layer 8192→8192, r=384, 4096 tokens (ours: save='recompute', the default) | LoRA fwd | DoRA fwd | ours fwd | ours/LoRA fwd | LoRA fwd+bwd | ours fwd+bwd | ours/LoRA fwd+bwd | ours/LoRA inference (ν cached) | peak ours/LoRA fwd, fwd+bwd |",
+        "| layer 8192→8192, r=384, 4096 tokens (ours: save='recompute', the default) "
+        "| LoRA fwd | DoRA fwd | ours fwd | ours/LoRA fwd | LoRA fwd+bwd | ours fwd+bwd | ours/LoRA fwd+bwd "
+        "| ours/LoRA inference (ν cached) | peak ours/LoRA fwd, fwd+bwd |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for x in r["layer_perf"]:

@@ -507,7 +507,8 @@ def markdown(section: dict, plots=()) -> str:
         "c.r.: fraction correctly rounded. ulp: of the exact value, in fp32 (ν, g) or "
         f"{st['dtype']} (base, lora, y); p99 for the GEMMs and y, whose maxima sit on near-cancelling elements "
         "(report.json has every maximum). lora and y include the rounding of x Aᵀ to "
-        f"{st['dtype']} before the second GEMM, as a layer stores it: the `sum2_fp64` row is that floor. corr. lost: least-squares β ≈ bias − lost·(g − 1) of the per-feature "
+        f"{st['dtype']} before the second GEMM, as a layer stores it: the `sum2_fp64` row is that floor. "
+        "corr. lost: least-squares β ≈ bias − lost·(g − 1) of the per-feature "
         "relative scale error β beyond the correctly rounded value's (1 = the whole magnitude update lost, "
         "< 0 over-applied); scale bias: the fit's common scale error. ‖ĝ−g‖/‖g−1‖ > 1: g's error exceeds the "
         "update itself.",

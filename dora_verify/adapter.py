@@ -45,8 +45,8 @@ a pure-torch implementation's baseline does not go stale on a triton upgrade), `
 ``compose_bound(base, lora, g, s)`` returning the implementation's own a-priori bound on |ŷ − y| per element — a
 float64 tensor shaped like base — or a pair (bound on |Δ̂ − Δ| or None, that y bound; Δ first, in the order of
 ``dora_verify.bounds.compose_form_bounds``, not of the (y, Δ) output): the sweep reports the error
-against it as ``bound_ratio``, where without one a 'faithful' implementation is held to 1 ulp of the exact y). Inputs arrive on the device under test (contiguous, finite
-unless a NaN/Inf case says otherwise); outputs may be on any device.
+against it as ``bound_ratio``, where without one a 'faithful' implementation is held to 1 ulp of the exact y). Inputs
+arrive on the device under test (contiguous, finite unless a NaN/Inf case says otherwise); outputs may be on any device.
 
 What the toolkit guarantees an implementation, and what it holds it to (:func:`check_output`,
 :class:`CaseGuard`): every call gets its own copies of the inputs (it may overwrite them; the oracle never

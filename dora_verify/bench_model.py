@@ -272,7 +272,8 @@ def model_rows(widths, layers, r, adapters, settings, cfg, tick) -> list:
         rec["speedup_vs_peft_dora"] = rec["peft_dora"]["ms"] / rec["ours"]["ms"]
         rows.append(rec)
         low = (
-            f", save='x' {rec[LOW_MEMORY_IMPL + '_over_lora']:.3f} (memory {rec[LOW_MEMORY_IMPL + '_mem_over_lora']:.3f})"
+            f", save='x' {rec[LOW_MEMORY_IMPL + '_over_lora']:.3f} "
+            f"(memory {rec[LOW_MEMORY_IMPL + '_mem_over_lora']:.3f})"
             if LOW_MEMORY_IMPL in units
             else ""
         )

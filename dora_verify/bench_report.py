@@ -311,7 +311,8 @@ def bench_markdown(rep: dict, plots=()) -> str:
             "## Whole layer (bf16 Linear d → d, no bias)",
             "",
             "Ours: `DoRALinear` (ν recomputed every training call, as A and B change every step; cached in inference). "
-            "PEFT: `LoraConfig(use_dora=...)` with PEFT's default fp32 adapters (`autocast_adapter_dtype=True`) and with "
+            "PEFT: `LoraConfig(use_dora=...)` with PEFT's default fp32 adapters (`autocast_adapter_dtype=True`) "
+            "and with "
             "bf16 adapters. Gradients of A, B (and m) only; the base weight is frozen.",
             "",
         ]

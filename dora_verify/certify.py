@@ -9,9 +9,10 @@ downstream of it) and the compose forms under study (``form.<name>``). For each 
   > 1 is a violation: hypothesis shrinks it to a minimal case, and the search goes on to its budget in new
   rounds (seeds ``seed + 1``, …), so that ``max_ratio`` and the corpus cover the whole budget and every distinct
   violation found (``violations`` counts them). Shrinking is outside the budget: its evaluations
-  (``shrink_evaluations``) enter neither the example count, the ratios nor the top cases; before the corpus is written every kept case (a worst
-  case too) is restricted to the smallest block of its rows and columns that keeps its ratio (:func:`shrink_restriction`). A non-finite output where the truth
-  is finite, or two runs of a kernel that claims determinism differing in one bit, score ``inf``;
+  (``shrink_evaluations``) enter neither the example count, the ratios nor the top cases; before the corpus is written
+  every kept case (a worst case too) is restricted to the smallest block of its rows and columns that keeps its ratio
+  (:func:`shrink_restriction`). A non-finite output where the truth is finite, or two runs of a kernel that claims
+  determinism differing in one bit, score ``inf``;
 * ``ulp`` — the largest ULP error of the main output (reported; the bound is the criterion).
 
 ``hypothesis.target`` climbs on both. The worst distinct cases found (and every violation) are written to a corpus as
@@ -522,9 +523,15 @@ def certify_markdown(rep: dict) -> str:
     lines = [
         "# dora-verify certify",
         "",
-        f"Device: {p.get('device', {}).get('name', p.get('device', {}).get('cpu', '?'))}; commit {p.get('git', {}).get('commit', '?')}; "
+        f"Device: {p.get('device', {}).get('name', p.get('device', {}).get('cpu', '?'))}; "
+        f"commit {p.get('git', {}).get('commit', '?')}; "
         f"torch {p.get('versions', {}).get('torch', '?')}, triton {p.get('versions', {}).get('triton', '?')}; "
-        f"{'derandomized (pre-merge)' if rep['config']['derandomize'] else 'seeded rounds from ' + str(rep['config']['seed'])}.",
+        + (
+            'derandomized (pre-merge)'
+            if rep['config']['derandomize']
+            else 'seeded rounds from ' + str(rep['config']['seed'])
+        )
+        + ".",
         *(
             [
                 "",

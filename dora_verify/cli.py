@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument(
         "--impl",
         default="kernels",
-        help="kernels (default), forms, form:NAME, peft (stock PEFT DoRA), or module:callable (docs/gate.md, dora_verify.adapter)",
+        help="kernels (default), forms, form:NAME, peft (stock PEFT DoRA), or module:callable "
+        "(docs/gate.md, dora_verify.adapter)",
     )
     ga.add_argument(
         "--device",

@@ -1,9 +1,9 @@
 """``dora-verify explain CASE``: a corpus case's (or a gate case's) worst element, exactly.
 
 For a case that ``certify`` kept (``CASE.json`` with its ``.npz``) — or a case of the gate's suite named by its id
-(``compose-bf16-03``: the kernels' y on its inputs; ``norm-fp16-03``: their ν) — the implementation is run again on the case's
-inputs and the element with the largest error-to-bound ratio is shown with everything needed to check it by hand:
-the element's inputs as stored (and as exact rationals m / 2^k), the exact result of those rounded inputs as a
+(``compose-bf16-03``: the kernels' y on its inputs; ``norm-fp16-03``: their ν) — the implementation is run again on the
+case's inputs and the element with the largest error-to-bound ratio is shown with everything needed to check it by
+hand: the element's inputs as stored (and as exact rationals m / 2^k), the exact result of those rounded inputs as a
 rational (compose y and Δ: g·(base + s·lora) + bias and (g − 1)·base + g·s·lora, every input a binary float, so the
 result is a finite sum of products of dyadic rationals — exact; the row norm: ν² exact, ν = √ν² to 40 digits by
 mpmath), the value the implementation returned, its error exactly and in ulps of the exact value, the a-priori
@@ -441,7 +441,8 @@ def explain_text(rep: dict) -> str:
             L.append("  error      = non-finite output")
         else:
             L.append(
-                f"  error      = {e['value']:.6g} = {e['ulp']:.4g} ulp of the exact value (ulp {el['ulp_of_exact']:.6g})"
+                f"  error      = {e['value']:.6g} = {e['ulp']:.4g} ulp of the exact value "
+                f"(ulp {el['ulp_of_exact']:.6g})"
             )
         L.append(f"  bound      = {el['bound']:.6g} (dora_verify.bounds, a priori at this element)")
         L.append(

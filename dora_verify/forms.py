@@ -105,7 +105,8 @@ COMPOSE_FORMS = {
         Form(
             "stable_gcast",
             stable_gcast,
-            "(g−1)·base+g·s·lora in the activation dtype, g rounded to it (PEFT bf16, torchtune, axolotl, paper's fused)",
+            "(g−1)·base+g·s·lora in the activation dtype, g rounded to it "
+            "(PEFT bf16, torchtune, axolotl, paper's fused)",
         ),
         Form("naive_fp32", naive_fp32, "naive Δ in fp32 registers, rounded once"),
         Form("stable_fp32", stable_fp32, "stable Δ in fp32 registers with fp32 g, rounded once; y = base + Δ"),

@@ -110,7 +110,10 @@ def baseline_problem(doc) -> "str | None":
         and isinstance(scope["ops"], list)
         and set(scope["ops"]) <= set(OPS)
     ):
-        return f"scope must be {{'dtypes': [...], 'ops': [...]}} of {', '.join(DTYPES)} and {', '.join(OPS)}; got {_short(scope)}"
+        return (
+            f"scope must be {{'dtypes': [...], 'ops': [...]}} of {', '.join(DTYPES)} and {', '.join(OPS)}; "
+            f"got {_short(scope)}"
+        )
     for key, g in doc["groups"].items():
         if not isinstance(g, dict):
             return f"groups[{key!r}] must be an object, got {_short(g)}"

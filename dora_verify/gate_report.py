@@ -201,7 +201,8 @@ def gate_markdown(rep: dict) -> str:
     lines += ["", f"Time limit per case: {limit_text}; every call gets its own copies of the inputs."]
     lines += [
         "",
-        "Criteria: docs/gate.md (`dora-verify gate --docs` prints it). Ratio = (|error| − oracle bound) / a-priori bound of the implementation's "
+        "Criteria: docs/gate.md (`dora-verify gate --docs` prints it). "
+        "Ratio = (|error| − oracle bound) / a-priori bound of the implementation's "
         "contract; FA ratio = max error / max(plain low-precision baseline's max error, correctly rounded "
         f"result's) with limit {rep['config']['fa_limit']:g}.",
     ]

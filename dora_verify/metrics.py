@@ -19,8 +19,8 @@ the approximation is stored in):
 * ``max_ulp_terms`` (given the magnitude of the summands, ``terms``): |a − x| / ulp_fmt(max(|x|,
   terms)) — the error in ulps of the largest quantity the computation handles. Where x is near 0 by cancellation the
   plain ulp error grows without bound (and with the number of elements sampled) while this one stays put.
-* ``ulp_hist`` (with ``histograms``): counts of the ulp error in the bins ≤ 0.5, (0.5, 1], (1, 2], ... of :data:`ULP_BIN_EDGES`, the last
-  bin open; ``ulp_terms_hist`` the same of the terms-relative ulp error.
+* ``ulp_hist`` (with ``histograms``): counts of the ulp error in the bins ≤ 0.5, (0.5, 1], (1, 2], ... of
+  :data:`ULP_BIN_EDGES`, the last bin open; ``ulp_terms_hist`` the same of the terms-relative ulp error.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def gate_check(
         verdict(rep, load_baseline(baseline) if baseline else None, allow_env_mismatch)
     except GateEnvironmentError as e:
         why.append(
-            f"environment mismatch: {str(e).replace('--allow-env-mismatch', 'allow_env_mismatch=True (or a set of keys)')}"
+            "environment mismatch: "
+            f"{str(e).replace('--allow-env-mismatch', 'allow_env_mismatch=True (or a set of keys)')}"
         )
     if out is not None:
         write_gate_report(rep, out)

@@ -326,7 +326,8 @@ def sweep_markdown(rep: dict, plots: list) -> str:
         "",
         "## Row norm ν by regime",
         "",
-        f"Relative error of ν per row vs the oracle (rank {cfg['rank']}). `special rows` are the regime's adversarial rows "
+        f"Relative error of ν per row vs the oracle (rank {cfg['rank']}). "
+        "`special rows` are the regime's adversarial rows "
         "(near-cancelling or zero); `max κ` is the largest row condition number ‖|W_i| + s|B_i||A|‖/ν_i.",
         "",
     ]
@@ -399,7 +400,8 @@ def sweep_markdown(rep: dict, plots: list) -> str:
         f"Oracle: compose elements settled by exact rationals: "
         f"{sum(r['oracle_tier2_elements'] for r in ex['compose_g_sweep'] + ex['compose_regimes']) // n_compose}; "
         f"uncertified: {sum(r['oracle_uncertified'] for r in ex['compose_g_sweep'] + ex['compose_regimes'])}. "
-        f"Norm rows settled exactly: {sum(r['oracle_tier2_rows'] for r in ex['norm_regimes']) // max(1, len(rep['forms']['norm']))}.",
+        "Norm rows settled exactly: "
+        f"{sum(r['oracle_tier2_rows'] for r in ex['norm_regimes']) // max(1, len(rep['forms']['norm']))}.",
         "",
         "Reproduce: `" + " ".join(["dora-verify"] + prov["argv"][1:]) + "`",
         "",

@@ -378,7 +378,8 @@ def correction_lost(beta: torch.Tensor, gm1: torch.Tensor):
 
 def paper_metrics(approx: torch.Tensor, ref: Reference) -> dict:
     """max_abs, max_ulp and frac_correctly_rounded of :func:`metrics.compare` (the same definitions), without its
-    other metrics — the paper point's 2048×8192 comparisons were a sixth of the CPU sweep. Non-finite values: compare."""
+    other metrics — the paper point's 2048×8192 comparisons were a sixth of the CPU sweep. Non-finite values:
+    compare."""
     a = approx.to(torch.float64)
     if not bool(torch.isfinite(a).all()):
         return compare(approx, ref)

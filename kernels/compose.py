@@ -262,7 +262,8 @@ def bwd_splits(T: int, N: int) -> Tuple[int, int]:
 
 # ----------------------------------------------------------------------------- launchers
 def _rows_cols(t: torch.Tensor):
-    """(T, N) of a contiguous [..., N] tensor read as T rows of N: the kernels index it so, whatever its leading dims."""
+    """(T, N) of a contiguous [..., N] tensor read as T rows of N: the kernels index it so, whatever its leading
+    dims."""
     N = t.shape[-1]
     return (t.numel() // N if N else 0), N
 

@@ -279,8 +279,9 @@ if HAS_TRITON:
         _wa_store(out_ptr, acc, rows, rr, M, R, pid_k, SPLIT)
 
 
-# (BLOCK_M, BLOCK_R, BLOCK_K, FLUSH, num_warps, num_stages) per mode, tuned on an H100 (bench/experiments/wa_variants.py):
-# chains of 256 products (MODE 0) and 3·64 (MODE 1) measured 4.1e-7 max relative error of U on all-positive data.
+# (BLOCK_M, BLOCK_R, BLOCK_K, FLUSH, num_warps, num_stages) per mode, tuned on an H100
+# (bench/experiments/wa_variants.py): chains of 256 products (MODE 0) and 3·64 (MODE 1) measured 4.1e-7 max relative
+# error of U on all-positive data.
 # TMA loads (inside tma_loads(): CUDA-graph captures) where the operands allow them (16-byte aligned rows): U at
 # 8192², r = 384 in 0.123 ms vs 0.161 ms; fp32 adapters 0.445 ms vs 0.58 ms (bench/kernels_gpu.py --parts profile).
 WA_CONFIG = {0: (64, 128, 128, 2, 4, 3), 1: (128, 128, 64, 1, 8, 2)}

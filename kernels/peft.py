@@ -20,9 +20,10 @@ Semantics (PEFT's ``DoraLinearLayer.forward``, reproduced):
   the adapters before this one, as in PEFT). Without active dropout, base = result − bias (PEFT removes
   the bias before the compose) and the layer returns y = g ⊙ (base + s·lora) + bias in one rounding —
   algebraically PEFT's ``result + (g−1)·base + g·s·lora``. bf16/fp16 adapters take the fused
-  :func:`dora_lora_compose` (lora = xa Bᵀ never materialised, g = m/max(ν, ε) formed in the kernels); fp32 adapters (PEFT's default autocast) take it too
-  in eager mode (lora formed by the same GEMM as PEFT's ``lora_B(xa)``, composed and freed, formed again in the
-  backward: no fp32 activation kept), and :func:`compose` on PEFT's fp32 lora in compiled graphs.
+  :func:`dora_lora_compose` (lora = xa Bᵀ never materialised, g = m/max(ν, ε) formed in the kernels); fp32 adapters
+  (PEFT's default autocast) take it too in eager mode (lora formed by the same GEMM as PEFT's ``lora_B(xa)``, composed
+  and freed, formed again in the backward: no fp32 activation kept), and :func:`compose` on PEFT's fp32 lora in
+  compiled graphs.
 * With dropout active (training, p > 0), PEFT recomputes the base on the dropped-out input:
   Δ = (g−1) ⊙ (x_d Wᵀ) + g ⊙ s·lora(x_d) is returned as result + Δ (``compose(output='delta')``).
 * ν = ‖W + s·BA‖_row is detached (DoRA §4.3), from :func:`factored_row_norm`, computed from the current W, A, B

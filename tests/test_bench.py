@@ -180,7 +180,8 @@ def test_readme_performance_section_is_generated_from_the_committed_report():
     text = (ROOT / "README.md").read_text()
     block = text.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
     assert block.strip() == readme_section(rep, "reports/h200/bench/bench.md").strip(), (
-        "regenerate: dora-verify bench --render reports/h200/bench/bench.json --out reports/h200/bench --readme README.md"
+        "regenerate: dora-verify bench --render reports/h200/bench/bench.json --out reports/h200/bench "
+        "--readme README.md"
     )
     assert rep["provenance"]["device"]["name"].startswith("NVIDIA") and not rep["config"]["quick"]
 

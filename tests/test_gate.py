@@ -112,7 +112,8 @@ def test_stock_peft_is_gated_and_its_bf16_numerics_fail(tmp_path):
 
 def test_stock_peft_layer_in_fp32_loses_dA_on_near_cancelling_rows(tmp_path):
     """In fp32 stock PEFT's ν (dense W + s·BA in fp32) is off by O(1) relative on a row with W ≈ −s·BA: y hardly moves
-    (h is small there too) but dA and dB, which g multiplies, miss the faithful layer contract by orders of magnitude."""
+    (h is small there too) but dA and dB, which g multiplies, miss the faithful layer contract by orders of
+    magnitude."""
     pytest.importorskip("peft")
     rc, doc, _ = _run(
         tmp_path, "--impl", "peft", "--dtypes", "fp32", "--case", "layer-fp32-02", "--case", "layer-fp32-00"

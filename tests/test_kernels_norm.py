@@ -267,7 +267,8 @@ def test_wa_product_tma_kernel_is_the_pointer_kernel(shape):
 @pytest.mark.parametrize("regime", ["trained", "near_cancel", "zero_rows", "all_positive", "heavy_tailed", "fresh"])
 def test_triton_norm_on_gpu_within_bound_and_contract(d_in, adapters, regime):
     """The production (Triton) norm on the GPU: ν within ``kernel_norm_bound`` of the exact ν and ≤ 1e-6 relative —
-    through TMA loads (inside ``tma_loads()``, as RowNormRunner's graphs run it) where d_in allows, pointer loads else."""
+    through TMA loads (inside ``tma_loads()``, as RowNormRunner's graphs run it) where d_in allows, pointer loads
+    else."""
     from dora_verify.bounds import kernel_norm_bound
     from dora_verify.kernels.norm import tma_loads
 

@@ -228,7 +228,8 @@ def bench_ms(fn, rep=100):
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
 
 
-NEW_CANDIDATES = [  # session 8: the plain GEMM (no flush) as the Triton ceiling, Kahan fp32 across chains, one-dot chains
+NEW_CANDIDATES = [  # session 8: the plain GEMM (no flush) as the Triton ceiling, Kahan fp32 across chains,
+    # one-dot chains
     (bm, br, bk, flush, warps, stages, nested, 0, acc)
     for (bm, br, bk, flush, warps, stages) in (
         (64, 128, 128, 64, 4, 3),
