@@ -428,18 +428,19 @@ def test_output_of_3d_inputs_is_not_a_view(adapter_dtype, grad):
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_save_x_forms_base_again_and_keeps_no_activation(bias, monkeypatch):
-    """save='x' (fp16: the fused tier, under the interpreter on a CPU): y and the gradients of x, A, B, m are
-    save='recompute''s bits, and nothing [T, d_out] is kept for backward."""
+    """save='x' (fp16: the fused tier — on the GPU, else under the interpreter on a CPU): y and the gradients of x,
+    A, B, m are save='recompute''s bits, and nothing [T, d_out] is kept for backward."""
     monkeypatch.setenv("DORA_VERIFY_TIER", "fused")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # where the fused tier runs here
     T, d_in, d_out = 29, 40, 72
     torch.manual_seed(5)
     lin = nn.Linear(d_in, d_out, bias=bias).half()
-    layer = DoRALinear(lin, r=6, alpha=12)
+    layer = DoRALinear(lin, r=6, alpha=12).to(dev)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.05)
         layer.magnitude.mul_(1.01)
-    x0 = torch.randn(T, d_in).half()
-    dy = torch.randn(T, d_out).half()
+    x0 = torch.randn(T, d_in).half().to(dev)
+    dy = torch.randn(T, d_out).half().to(dev)
     params = [layer.lora_A, layer.lora_B, layer.magnitude]
 
     def run(save):

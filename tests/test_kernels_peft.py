@@ -372,10 +372,11 @@ def _seen_saved_shapes(fn):
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_save_x_keeps_no_base_and_gives_the_same_bits(bias, monkeypatch):
-    """enable(save='x') on fp16 layers (the fused tier, under the interpreter on a CPU): the output and every
-    gradient are the default mode's bits, and no [T, d_out] tensor is kept for backward (x is kept, as LoRA's
-    own down-projection keeps it; base is formed again in the backward)."""
+    """enable(save='x') on fp16 layers (the fused tier — on the GPU, else under the interpreter on a CPU): the
+    output and every gradient are the default mode's bits, and no [T, d_out] tensor is kept for backward (x is kept,
+    as LoRA's own down-projection keeps it; base is formed again in the backward)."""
     monkeypatch.setenv("DORA_VERIFY_TIER", "fused")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # where the fused tier runs here
     T, d_in, d_out = 37, 48, 80
     torch.manual_seed(3)
     lin = torch.nn.Linear(d_in, d_out, bias=bias).half()
@@ -385,8 +386,9 @@ def test_save_x_keeps_no_base_and_gives_the_same_bits(bias, monkeypatch):
         autocast_adapter_dtype=False,
     )
     perturb(model)
-    x0 = torch.randn(T, d_in).half()
-    dy = torch.randn(T, d_out).half()
+    model.to(dev)
+    x0 = torch.randn(T, d_in).half().to(dev)
+    dy = torch.randn(T, d_out).half().to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def run(save):
