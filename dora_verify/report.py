@@ -790,8 +790,9 @@ CSV_COLUMNS = ("section", "record", "field", "value", "text")
 
 
 def long_rows(rep: dict) -> list:
-    """The report's data in long format: one row per leaf — (section, record, field, value, text). A list of records
-    (a table) becomes a section of its own, each record numbered; ``field`` is the dotted path inside the record;
+    """The report's data in long format: one row per leaf — (section, record, field, value, text). Sections:
+    ``headline`` and ``experiments.<name>`` per experiment; a list of records (a table) below them becomes a section
+    of its own, each record numbered; ``field`` is the dotted path inside the record;
     numbers go to ``value`` (non-finite ones as inf/-inf/nan), everything else to ``text``."""
     rows = []
 
@@ -811,8 +812,9 @@ def long_rows(rep: dict) -> list:
         else:
             rows.append((section, record, field, None, "" if o is None else str(o)))
 
-    for name in ("headline", "experiments"):
-        walk(rep.get(name) or {}, name, "", "")
+    walk(rep.get("headline") or {}, "headline", "", "")
+    for name, block in (rep.get("experiments") or {}).items():  # one section per experiment, table or not
+        walk(block, f"experiments.{name}", "", "")
     return rows
 
 

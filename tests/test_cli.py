@@ -510,6 +510,9 @@ def test_nonfinite_results_are_visible_not_exact(impls, tmp_path):
     )
     assert float(cell["value"]) == math.inf
     assert any(r["field"] == "form" and r["text"] == "impl:dv_cli_impls:all_nan" for r in rows)
+    sections = {r["section"] for r in rows}  # one section per experiment, whether a table or a record
+    assert {"headline", "experiments.paper_figure1", "experiments.compose_g_sweep"} <= sections, sections
+    assert "experiments" not in sections
     numeric = [float(r["value"]) for r in rows if r["value"]]  # every value column entry parses as a float
     assert len(numeric) > 100 and "report.csv" in (out / "report.md").read_text()
     md = (out / "report.md").read_text()
