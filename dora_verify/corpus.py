@@ -35,9 +35,16 @@ def _case_name(target: str, ex: Example) -> str:
 
 def save_case(target: str, ex: Example, score: Score, corpus: "str | Path", meta: "dict | None" = None) -> Path:
     """Write ``<target>-<dtype>-<hash>.npz`` (the input tensors, bit-exact) and ``.json`` into ``corpus``."""
-    folder = Path(corpus)
-    folder.mkdir(parents=True, exist_ok=True)
-    name = _case_name(target, ex)
+    score_doc = {"ratio": score.ratio, "ulp": score.ulp, "parts": score.parts, "info": score.info}
+    return write_case(Path(corpus) / _case_name(target, ex), target, ex, score_doc, meta)
+
+
+def write_case(stem: "str | Path", target: str, ex: Example, score: dict, meta: "dict | None" = None) -> Path:
+    """Write one case as ``stem.npz`` (the input tensors, bit-exact) and ``stem.json`` (target, kind, dtype,
+    scalars, params, tensor dtypes, ``score``, then ``meta``), each atomically: the format :func:`load_case` reads
+    (certify's corpus and the gate's dumped worst cases). Returns the ``.json`` path."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
     arrays = {k: _tensor_to_np(v) for k, v in ex.tensors.items()}
     doc = {
         "target": target,
@@ -46,14 +53,13 @@ def save_case(target: str, ex: Example, score: Score, corpus: "str | Path", meta
         "scalars": ex.scalars,
         "params": ex.params,
         "tensors": {k: str(v.dtype).removeprefix("torch.") for k, v in ex.tensors.items()},
-        "score": {"ratio": score.ratio, "ulp": score.ulp, "parts": score.parts, "info": score.info},
+        "score": score,
         **(meta or {}),
     }
-    atomic_write(folder / f"{name}.npz", lambda fh: np.savez(fh, **arrays))
-    atomic_write(
-        folder / f"{name}.json", lambda fh: fh.write(json.dumps(_finite_json(doc), indent=1, allow_nan=False).encode())
-    )
-    return folder / f"{name}.json"
+    npz, js = stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".json")
+    atomic_write(npz, lambda fh: np.savez(fh, **arrays))
+    atomic_write(js, lambda fh: fh.write(json.dumps(_finite_json(doc), indent=1, allow_nan=False).encode()))
+    return js
 
 
 def _finite_json(obj):

@@ -337,24 +337,14 @@ def explain_example(
     elif target == "compose.backward":
         outs = _compose_backward_outputs(ex, k, tier)
     elif target == "norm":
-        el = _norm_element(ex, k, tier)
-        return {
-            "case": label,
-            "target": target,
-            "dtype": ex.dtype,
-            "params": ex.params,
-            "tier": tier,
-            "device": str(dev),
-            "stored_score": stored_score,
-            "elements": [el],
-        }
+        outs = None
     else:
         raise ExplainError(
             f"explain supports {', '.join(SUPPORTED)}; {target!r} has no single-element story yet "
             "(replay it: dora_verify.certify.replay)"
         )
-    elements = []
-    for name, got, exact64, bound, exact_fn, inputs_fn, *own_fmt in outs:
+    elements = [_norm_element(ex, k, tier)] if outs is None else []
+    for name, got, exact64, bound, exact_fn, inputs_fn, *own_fmt in outs or ():
         where, ratio = _worst(got, exact64, bound)
         el = _element(
             name,

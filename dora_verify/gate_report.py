@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from .gate import DTYPES, _op, build_suite
 
@@ -329,9 +328,7 @@ def dump_worst_cases(rep: dict, folder) -> list:
     """Write the worst failing case of each failing group as ``cases/<id>.npz`` (its inputs, bit-exact) and
     ``.json`` (certify's corpus format: ``dora_verify.certify.load_case`` reads it, ``certify.replay`` re-runs the
     implementation on it): what a team debugs from. The suite is rebuilt from the report's seed and sizes."""
-    import json
-
-    from .corpus import _finite_json, _tensor_to_np
+    from .corpus import write_case
 
     worst = {}
     for key, g in rep["groups"].items():
@@ -349,23 +346,10 @@ def dump_worst_cases(rep: dict, folder) -> list:
     for cid, (key, g, w) in worst.items():
         case = by_id[cid]
         target, spec = _case_target(g["impl"], case.check, rep.get("impl_spec"))
-        ex = case.example
-        doc = {
-            "target": target,
-            "kind": ex.kind,
-            "dtype": ex.dtype,
-            "scalars": ex.scalars,
-            "params": ex.params,
-            "tensors": {k: str(v.dtype).removeprefix("torch.") for k, v in ex.tensors.items()},
-            "score": {"ratio": w["severity"], "kind": w.get("severity_kind"), "element": w.get("element")},
-            "found_by": "gate",
-            "gate_case": cid,
-            "group": key,
-            "what": w["what"],
-            **({"impl": spec} if spec else {}),
-        }
-        np.savez(folder / f"{cid}.npz", **{k: _tensor_to_np(v) for k, v in ex.tensors.items()})
-        (folder / f"{cid}.json").write_text(json.dumps(_finite_json(doc), indent=1, allow_nan=False))
+        score = {"ratio": w["severity"], "kind": w.get("severity_kind"), "element": w.get("element")}
+        meta = {"found_by": "gate", "gate_case": cid, "group": key, "what": w["what"]}
+        meta.update({"impl": spec} if spec else {})
+        write_case(folder / cid, target, case.example, score, meta)
         written += [folder / f"{cid}.json", folder / f"{cid}.npz"]
     return written
 

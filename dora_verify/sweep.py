@@ -292,6 +292,22 @@ def call_impl(kind: str, fn, tensors, s: float, shape: tuple, dtype=None, pair: 
         return None, f"{kind} raised {_one_line(e)}"
 
 
+def _failed_compose_row(extra: dict, name: str, reason: str, oracle: dict) -> dict:
+    """A compose row whose implementation call (or its compose_bound) failed: the reason, no metrics."""
+    return dict(
+        extra,
+        form=name,
+        failed=reason,
+        y=None,
+        delta=None,
+        g_eff_bias=None,
+        g_eff_rms=None,
+        g_correction_lost=None,
+        g_correction_lost_floor=None,
+        **oracle,
+    )
+
+
 def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
     truth = compose_truth(base, lora, g, s)
     y_ref = Reference(truth.y_hi, truth.y_lo, truth.y_bound, truth.fmt, truth.y_round)
@@ -312,20 +328,7 @@ def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
             out, failed = call_impl("compose", fn, (base, lora, g), s, base.shape, base.dtype, pair=True)
             y, d = out if out is not None else (None, None)
             if failed:
-                recs.append(
-                    dict(
-                        extra,
-                        form=name,
-                        failed=failed,
-                        y=None,
-                        delta=None,
-                        g_eff_bias=None,
-                        g_eff_rms=None,
-                        g_correction_lost=None,
-                        g_correction_lost_floor=None,
-                        **oracle,
-                    )
-                )
+                recs.append(_failed_compose_row(extra, name, failed, oracle))
                 continue
         else:
             y, d = fn(base, lora, g, s)
@@ -336,20 +339,7 @@ def _compose_records(base, lora, g, s, extra: dict, impls=()) -> list:
         try:
             d_bound, y_bound = compose_row_bounds(name, impl, base, lora, g, s, y_ref.value, y_ref.fmt, form_bounds)
         except Exception as e:  # noqa: BLE001 - a user's compose_bound failing is that row's result
-            recs.append(
-                dict(
-                    extra,
-                    form=name,
-                    failed=f"compose_bound failed: {_one_line(e)}",
-                    y=None,
-                    delta=None,
-                    g_eff_bias=None,
-                    g_eff_rms=None,
-                    g_correction_lost=None,
-                    g_correction_lost_floor=None,
-                    **oracle,
-                )
-            )
+            recs.append(_failed_compose_row(extra, name, f"compose_bound failed: {_one_line(e)}", oracle))
             continue
         beta = effective_scale_error(y, y_ref, inner)
         hist = "regime" in extra  # the regime grid's records carry the ulp histograms (ulp_histogram.png)
