@@ -250,7 +250,8 @@ def ratio_summary(ratios: list) -> dict:
 
 
 def _evaluate_guarded(tg, ex: Example, device, tier) -> Score:
-    """``tg.evaluate`` for the shrinker: a crash scores inf (as in the search), a rejected input raises."""
+    """``tg.evaluate`` for the search and the shrinker: a crash (``SystemExit`` included) scores inf, a rejected
+    input raises :class:`Reject`, a real Ctrl-C of the run stops it."""
     guard = CaseGuard()
     try:
         with guard:
@@ -307,17 +308,11 @@ def search(
         if not all(bool(torch.isfinite(v).all()) for v in ex.tensors.values()):
             tr.rejected += 1
             reject()  # the oracles are defined on finite inputs; non-finite propagation is tested elsewhere
-        guard = CaseGuard()
-        try:
-            with guard:
-                score = tg.evaluate(ex, device, tier)
+        try:  # a crash on a valid input (sys.exit too) scores inf: a finding, shrunk and kept
+            score = _evaluate_guarded(tg, ex, device, tier)
         except Reject:
             tr.rejected += 1
             reject()
-        except BaseException as e:  # noqa: BLE001 - a crash on a valid input (sys.exit too) is a finding: shrink, keep it
-            if guard.interrupted:  # a real Ctrl-C of the run stops it
-                raise
-            score = Score(math.inf, math.inf, {"error": math.inf}, {"error": crash_reason(e)})
         if tr.round_violation is not None:  # hypothesis is shrinking this round's violation: not the search's
             tr.shrink_evaluations += 1  # budget, ratios or top cases (its variants are one case)
             if score.ratio > 1:
