@@ -139,6 +139,8 @@ def draw(kind: str, shape, gen: torch.Generator) -> torch.Tensor:
     chunks of ``DRAW_CHUNK`` elements, each from its own generator seeded from ``gen`` (one seed per chunk, drawn
     in order), on a thread pool — one generator's stream is sequential, and the sweep's 8192×2048 cases spent most
     of a GPU run drawing numbers on one core."""
+    if kind not in ("normal", "uniform"):
+        raise ValueError(f"kind must be 'normal' or 'uniform', got {kind!r}")
     shape = tuple(shape)
     n = math.prod(shape)
     if n < PARALLEL_DRAW_MIN:

@@ -58,3 +58,26 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         scaling(16, 0)
     assert scaling(16, 4) == 4.0 and scaling(16, 4, rslora=True) == 8.0
+
+
+def test_draw_is_the_same_numbers_on_any_thread_count(monkeypatch):
+    """cases.draw: a chunked (parallel) draw is a function of the generator's seed alone — the same bits with one
+    worker thread or several — normal draws look standard normal, uniform ones lie in [0, 1); a bad kind raises."""
+    import dora_verify.cases as C
+
+    monkeypatch.setattr(C, "PARALLEL_DRAW_MIN", 1000)
+    monkeypatch.setattr(C, "DRAW_CHUNK", 256)  # 5000 elements: 20 chunks
+    outs = []
+    for cpus in (1, 4):
+        monkeypatch.setattr(C.os, "cpu_count", lambda cpus=cpus: cpus)
+        outs.append(C.draw("normal", (50, 100), torch.Generator().manual_seed(7)))
+    assert torch.equal(outs[0], outs[1]) and outs[0].dtype == torch.float64 and outs[0].shape == (50, 100)
+    assert abs(float(outs[0].mean())) < 0.1 and abs(float(outs[0].std()) - 1) < 0.1
+    u = C.draw("uniform", (5000,), torch.Generator().manual_seed(7))
+    assert (
+        float(u.min()) >= 0
+        and float(u.max()) < 1
+        and not torch.equal(u, C.draw("uniform", (5000,), torch.Generator().manual_seed(8)))
+    )
+    with pytest.raises(ValueError, match="kind must be"):
+        C.draw("gaussian", (3,), torch.Generator())
