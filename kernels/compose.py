@@ -56,6 +56,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .launch import fast_launch
 from .dispatch import HAS_TRITON, Tier, no_autocast, select_tier
 from .scale import check_scaling
 
@@ -115,6 +116,7 @@ if HAS_TRITON:
             v = _sum_odd(q, tail, ODD)
         return tl.where((plain - plain) == 0.0, v, plain)
 
+    @fast_launch
     @triton.jit
     def _compose_fwd_kernel(
         base_ptr,
@@ -165,6 +167,7 @@ if HAS_TRITON:
             hh, ee = _two_sum(b, p)
             tl.store(inner_ptr + offs, _sum_odd(hh, ee + ep, ODD_INNER).to(inner_ptr.dtype.element_ty), mask=mask)
 
+    @fast_launch
     @triton.jit
     def _compose_bwd_kernel(
         dy_ptr,
@@ -221,6 +224,7 @@ if HAS_TRITON:
         if WRITE_DG:
             tl.store(partial_ptr + pid_s.to(tl.int64) * N + cols, acc, mask=cmask)
 
+    @fast_launch
     @triton.jit
     def _sum_splits_kernel(
         partial_ptr, out_ptr, N, n_splits, nu_ptr=None, eps=0.0, BLOCK: tl.constexpr = 512, D_M: tl.constexpr = False

@@ -60,6 +60,7 @@ from .compose import (
     compose_forward_eager,
     compose_forward_fused,
 )
+from .launch import fast_launch
 from .dispatch import HAS_TRITON, KERNEL_DTYPES, Tier, autocast_off, no_autocast, select_tier
 from .scale import DEFAULT_EPS, dora_scale
 
@@ -116,6 +117,7 @@ if HAS_TRITON:
             return tl.math.div_rn(m, tl.maximum(nu, eps, propagate_nan=tl.PropagateNan.ALL))
         return tl.load(g_ptr + cols, mask=cmask, other=0.0)
 
+    @fast_launch
     @triton.jit
     def _lora_compose_fwd_kernel(
         base_ptr,
@@ -153,6 +155,7 @@ if HAS_TRITON:
         if WRITE_LORA:  # for tests: the lora the forward used
             tl.store(lora_ptr + offs, lo.to(lora_ptr.dtype.element_ty), mask=mask)
 
+    @fast_launch
     @triton.jit
     def _lora_compose_bwd_kernel(
         dy_ptr,
