@@ -224,23 +224,21 @@ if HAS_TRITON:
         if WRITE_DG:
             tl.store(partial_ptr + pid_s.to(tl.int64) * N + cols, acc, mask=cmask)
 
-    @fast_launch
     @triton.jit
-    def _sum_splits_kernel(
-        partial_ptr, out_ptr, N, n_splits, nu_ptr=None, eps=0.0, BLOCK: tl.constexpr = 512, D_M: tl.constexpr = False
-    ):
-        """d_g = RN32(Σ_k partial[k]) (float64 sum over the splits in order); with D_M, d_m = RN_m(RN32(d_g /
-        max(ν, ε))) instead — autograd's DivBackward (IEEE division) then ToCopyBackward of g = m₃₂ / max(ν, ε)."""
-        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        cmask = cols < N
+    def _d_g_of_splits(partial_ptr, cols, cmask, N, n_splits, BLOCK: tl.constexpr):
+        """d_g = RN32(Σ_k partial[k]) of columns ``cols``: a float64 sum over the splits in order."""
         acc = tl.zeros([BLOCK], dtype=tl.float64)
         for k in range(0, n_splits):
             acc += tl.load(partial_ptr + k * N + cols, mask=cmask, other=0.0)
-        d = acc.to(tl.float32)
-        if D_M:
-            nu = tl.load(nu_ptr + cols, mask=cmask, other=1.0)
-            d = tl.math.div_rn(d, tl.maximum(nu, eps, propagate_nan=tl.PropagateNan.ALL))
-        tl.store(out_ptr + cols, d.to(out_ptr.dtype.element_ty), mask=cmask)
+        return acc.to(tl.float32)
+
+    @fast_launch
+    @triton.jit
+    def _sum_splits_kernel(partial_ptr, out_ptr, N, n_splits, BLOCK: tl.constexpr):
+        """d_g of the backward's float64 partials (:func:`_d_g_of_splits`)."""
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        cmask = cols < N
+        tl.store(out_ptr + cols, _d_g_of_splits(partial_ptr, cols, cmask, N, n_splits, BLOCK), mask=cmask)
 
 
 def inner_dtype(act: torch.dtype) -> torch.dtype:

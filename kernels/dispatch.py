@@ -43,8 +43,27 @@ class Tier(enum.IntEnum):
     EAGER = 3
 
 
+_ENV_DATA = getattr(os.environ, "_data", None)  # os.environ's own dictionary, updated by every write through it
+_ENV_KEYS: dict = {}
+
+
+def getenv(name: str, default: "str | None" = None) -> "str | None":
+    """``os.environ.get(name, default)`` at the cost of one dictionary lookup: the layers read their switches
+    (DORA_VERIFY_TIER, TRITON_INTERPRET, …) on every call, and ``os.environ.get`` encodes the key and decodes the value
+    each time (µs a read, ten reads a layer step). Reads ``os.environ``'s own mapping, which ``os.environ[k] = v``,
+    ``del``, ``monkeypatch.setenv`` and ``mock.patch.dict`` all update; falls back to ``os.environ.get`` where that
+    mapping is not there."""
+    if not isinstance(_ENV_DATA, dict):  # pragma: no cover - another os implementation
+        return os.environ.get(name, default)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.environ.encodekey(name)
+    value = _ENV_DATA.get(key)
+    return default if value is None else os.environ.decodevalue(value)
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return getenv("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # Ops whose fused kernels multiply with tl.dot (kernels/lora_compose.py: the lora tile; kernels/norm.py: U = W Aᵀ,
@@ -101,7 +120,7 @@ def select_tier(
     :func:`fused_supported` refuses the case, the automatic choice is the eager tier and a forced fused tier raises
     ValueError with the reason: known-wrong results are never returned. The choice is a function of the arguments'
     kinds and the environment, and is memoised on exactly those (it runs on every layer call)."""
-    force = force if force is not None else os.environ.get("DORA_VERIFY_TIER") or None
+    force = force if force is not None else getenv("DORA_VERIFY_TIER") or None
     if force is not None and not isinstance(force, (str, Tier)):
         raise ValueError(f"tier must be 'fused', 'eager' or a Tier, got {force!r}")
     n = base.numel()
@@ -114,7 +133,7 @@ def select_tier(
         force,
         op,
         dtype if isinstance(dtype, (torch.dtype, type(None))) else tuple(dtype),
-        os.environ.get("TRITON_INTERPRET", "0"),
+        getenv("TRITON_INTERPRET", "0"),
         HAS_TRITON,
     )
 
@@ -189,6 +208,7 @@ __all__ = [
     "Tier",
     "autocast_off",
     "fused_supported",
+    "getenv",
     "interpreting",
     "no_autocast",
     "select_tier",

@@ -22,11 +22,10 @@ first launch.
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 
-from .dispatch import HAS_TRITON, interpreting
+from .dispatch import HAS_TRITON, getenv, interpreting
 
 try:  # the knobs hold the launch hooks (Triton >= 3.4); without them the fast path stays off
     from triton import knobs as _knobs
@@ -67,9 +66,7 @@ def _hooked() -> bool:
 
 def fast_launch_enabled() -> bool:
     """Whether :class:`FastLaunch` may skip Triton's own launch (``DORA_VERIFY_FAST_LAUNCH``, default on)."""
-    return (
-        HAS_TRITON and _RUNTIME is not None and broken is None and os.environ.get("DORA_VERIFY_FAST_LAUNCH", "1") != "0"
-    )
+    return HAS_TRITON and _RUNTIME is not None and broken is None and getenv("DORA_VERIFY_FAST_LAUNCH", "1") != "0"
 
 
 class FastLaunch:

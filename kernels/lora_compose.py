@@ -19,9 +19,13 @@ Numerical contract (base in bf16/fp16/fp32; xa, B in bf16/fp16 on the fused tier
 * d_g = Σ_T dy ⊙ (base + s·lora): float64 products and sums in a fixed two-stage order (per column block
   and row split, then over splits) — bitwise reproducible, error γ64_T·Σ|dy·inner| plus one fp32 rounding.
   d_base = RN(RN32(g·dy)) (faithful), only when base requires grad.
-* Adapter gradients are GEMMs with fp32 accumulation: d_B = RN(RN32(g·s) ⊙ (dyᵀ xa)) with dyᵀxa in fp32,
-  and d_xa = dy (RN_adapter(g·s ⊙ B)): the one extra rounding sits on the [d_out, r] operand where PEFT's
-  autograd puts it on d_lora = RN(g·s·dy) — the same 2⁻⁹ (bf16) relative perturbation of one GEMM operand.
+* Adapter gradients are GEMMs with fp32 accumulation: d_B = RN(RN32(g·s) ⊙ M), M = dyᵀ xa in fp32 (error
+  ≤ γ_T·Σ|dy||xa|, as any fp32-accumulated GEMM), and d_xa = dy (RN_adapter(g·s ⊙ B)): the one extra rounding sits
+  on the [d_out, r] operand where PEFT's autograd puts it on d_lora = RN(g·s·dy) — the same 2⁻⁹ (bf16) relative
+  perturbation of one GEMM operand. On the fused tier with r ≤ 64 and bf16/fp16 dy, M comes from the backward
+  kernel's own tile dots (exact products, fp32 sums over each row split's tiles, then over the splits in order:
+  deterministic, one launch fewer); otherwise, and on the eager tier, from cuBLAS (:func:`adapter_grads`). The two
+  orders may differ in the last bits of d_B, each within the bound.
 * fp32 adapters (PEFT's default autocast): a Triton fp32 dot would run in TF32, so lora = F.linear(xa, B) is formed
   by torch's GEMM for kernels/compose.py's compose (either tier) and freed; the backward forms it again (the same GEMM
   on the same operands: the same bits) — y and every gradient are compose's on that lora, and what is kept is base,
@@ -48,7 +52,6 @@ import torch
 import torch.nn.functional as F
 
 from .compose import (
-    RED_BLOCK,
     SAVE_INPUTS,
     SAVE_NONE,
     _rows_cols,
@@ -68,7 +71,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .compose import _sum_splits_kernel, _y_value
+    from .compose import _d_g_of_splits, _y_value
 
 # One tile shape for forward and backward: the lora tiles must come out of the same tensor-core code.
 LC_BLOCK_T, LC_BLOCK_N, LC_BLOCK_R, LC_WARPS, LC_STAGES = 64, 128, 64, 4, 3
@@ -82,6 +85,13 @@ def lc_block_r(R: int) -> int:
 
 
 _FUSED_ADAPTER_DTYPES = (torch.bfloat16, torch.float16)
+LC_SUM_BLOCK_N = 64  # columns per program of the backward's second stage (× the r-block for d_B)
+
+
+def dot_m_applies(R: int, dy_dtype) -> bool:
+    """Whether the backward kernel forms M = dyᵀxa from its own tile dots (r ≤ LC_BLOCK_R: one r-block; bf16/fp16
+    dy: tensor-core operands) — else M is cuBLAS's fp32-output GEMM, one more launch."""
+    return R <= LC_BLOCK_R and dy_dtype in _FUSED_ADAPTER_DTYPES
 
 
 if HAS_TRITON:
@@ -166,6 +176,7 @@ if HAS_TRITON:
         mag_ptr,
         dbase_ptr,
         partial_ptr,
+        partial_m_ptr,
         m_ptr,
         db_ptr,
         gsb_ptr,
@@ -178,15 +189,17 @@ if HAS_TRITON:
         WRITE_DBASE: tl.constexpr,
         WRITE_DG: tl.constexpr,
         WRITE_DB: tl.constexpr,
+        DOT_M: tl.constexpr,
         WRITE_GSB: tl.constexpr,
         G_FROM_M: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):
-        """Per column block and row split: d_base = RN(g·dy), float64 partials of d_g; the first split also
-        writes the adapter-gradient epilogues of its columns (the arithmetic of :func:`adapter_grads`, the same
-        bits): gsB = RN(RN32(RN32(g·s)·B)) and d_B = RN_B(RN32(g·s)·M) with M = dyᵀxa (fp32)."""
+        """Per column block and row split: d_base = RN(g·dy), float64 partials of d_g and (DOT_M, r ≤ BLOCK_R)
+        fp32 partials of M = dyᵀxa from the tiles' own dots; the first split also writes the adapter-gradient
+        epilogues of its columns (the arithmetic of :func:`adapter_grads`): gsB = RN(RN32(RN32(g·s)·B)) and
+        (WRITE_DB) d_B = RN_B(RN32(g·s)·M) with M = dyᵀxa (fp32) from cuBLAS."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -206,13 +219,24 @@ if HAS_TRITON:
                         tl.store(db_ptr + o2, (gs[:, None] * mm).to(db_ptr.dtype.element_ty), mask=m2)
         g = _g_cols(g_ptr, mag_ptr, cols, cmask, eps, G_FROM_M)[None, :]
         acc = tl.zeros([BLOCK_N], dtype=tl.float64)
+        rr = tl.arange(0, BLOCK_R)
+        if DOT_M:
+            acc_m = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
         t0 = pid_s * rows_per_split  # a multiple of BLOCK_T: the forward's row tiles exactly
         t_end = tl.minimum(t0 + rows_per_split, T)
         for start in range(t0, t_end, BLOCK_T):
             rows = start + tl.arange(0, BLOCK_T)
             mask = (rows < t_end)[:, None] & cmask[None, :]
             offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dy_raw = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+            dy = dy_raw.to(tl.float32)
+            if DOT_M:  # M += dy_tileᵀ xa_tile: exact products, fp32 accumulation (as cuBLAS's GEMM, in tile order)
+                xa_t = tl.load(
+                    xa_ptr + rows.to(tl.int64)[:, None] * R + rr[None, :],
+                    mask=(rows < t_end)[:, None] & (rr < R)[None, :],
+                    other=0.0,
+                ).to(dy_raw.dtype)
+                acc_m = tl.dot(tl.trans(dy_raw), xa_t, acc_m, out_dtype=tl.float32)
             if WRITE_DBASE:
                 tl.store(dbase_ptr + offs, (g * dy).to(dbase_ptr.dtype.element_ty), mask=mask)
             if WRITE_DG:
@@ -221,6 +245,53 @@ if HAS_TRITON:
                 acc += tl.sum(dy.to(tl.float64) * inner, axis=0)
         if WRITE_DG:
             tl.store(partial_ptr + pid_s.to(tl.int64) * N + cols, acc, mask=cmask)
+        if DOT_M:
+            o2 = pid_s.to(tl.int64) * N * R + cols.to(tl.int64)[:, None] * R + rr[None, :]
+            tl.store(partial_m_ptr + o2, acc_m, mask=cmask[:, None] & (rr < R)[None, :])
+
+    @fast_launch
+    @triton.jit
+    def _lora_sum_kernel(
+        partial_ptr,
+        partial_m_ptr,
+        dg_ptr,
+        db_ptr,
+        g_ptr,
+        mag_ptr,
+        N,
+        R,
+        n_splits,
+        s,
+        eps,
+        HAS_DG: tl.constexpr,
+        HAS_DB: tl.constexpr,
+        G_FROM_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        """The backward's second stage, per column block: d_g = RN32(Σ_k partial[k]) (float64, splits in order) —
+        with G_FROM_M d_m = RN_m(RN32(d_g / max(ν, ε))) instead, autograd's DivBackward (IEEE division) then
+        ToCopyBackward of g = m₃₂ / max(ν, ε) —; with HAS_DB, M = Σ_k partial_m[k] (fp32, splits in order) and
+        d_B = RN_B(RN32(g·s)·M)."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        if HAS_DG:
+            d = _d_g_of_splits(partial_ptr, cols, cmask, N, n_splits, BLOCK_N)
+            if G_FROM_M:
+                nu = tl.load(g_ptr + cols, mask=cmask, other=1.0)
+                d = tl.math.div_rn(d, tl.maximum(nu, eps, propagate_nan=tl.PropagateNan.ALL))
+            tl.store(dg_ptr + cols, d.to(dg_ptr.dtype.element_ty), mask=cmask)
+        if HAS_DB:
+            rr = tl.arange(0, BLOCK_R)
+            m2 = cmask[:, None] & (rr < R)[None, :]
+            o2 = cols.to(tl.int64)[:, None] * R + rr[None, :]
+            acc = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+            ptrs = partial_m_ptr + o2
+            for _ in range(0, n_splits):
+                acc += tl.load(ptrs, mask=m2, other=0.0)
+                ptrs += N * R  # one split: B's size, far below 2³¹
+            gs = _g_cols(g_ptr, mag_ptr, cols, cmask, eps, G_FROM_M) * s
+            tl.store(db_ptr + o2, (gs[:, None] * acc).to(db_ptr.dtype.element_ty), mask=m2)
 
 
 def _splits(T: int, N: int) -> Tuple[int, int]:
@@ -291,9 +362,10 @@ def lora_compose_backward_fused_all(
     eps: float = DEFAULT_EPS,
 ):
     """Triton backward with the adapter gradients: (d_base, d_g, d_xa, d_B), empties / None for what is not
-    needed. d_xa and d_B are :func:`adapter_grads`' values bit for bit: the GEMM dyᵀxa (fp32) runs first, the
-    backward kernel writes RN(g·s)-scaled B and d_B in its epilogue, then d_xa = dy·gsB — two host-side ops
-    instead of nine (the eager step is host-bound: reports/h100/kernels/host_bound.md). With ``m``, ``g`` holds ν
+    needed. The backward kernel writes d_base, d_g's partials, RN(g·s)-scaled B and M = dyᵀxa's partials
+    (:func:`dot_m_applies`; else M is cuBLAS's GEMM, run first, and d_B its epilogue); the second stage sums the
+    partials into d_g and d_B; then d_xa = dy·gsB (:func:`adapter_grads`' bits). Three launches where autograd's
+    composition takes nine: the eager step is host-bound (reports/h200/bench). With ``m``, ``g`` holds ν
     (g = m / max(ν, ε) formed in the kernels) and the second result is d_m (m's dtype) in place of d_g."""
     T, N = _rows_cols(dy)
     R = xa.shape[-1]
@@ -306,8 +378,10 @@ def lora_compose_backward_fused_all(
     if not (need_base or need_g or need_xa or need_B):
         return d_base, d_g, None, None
     rows, splits = _splits(T, N)
+    dot_m = need_B and dot_m_applies(R, dy.dtype)
     partial = torch.empty((splits, N) if need_g else (0,), dtype=torch.float64, device=dev)
-    M = _mm_fp32(dy.reshape(T, N).t(), xa.reshape(T, R).to(dy.dtype)) if need_B else None
+    partial_m = torch.empty((splits, N, R) if dot_m else (0,), dtype=torch.float32, device=dev)
+    M = _mm_fp32(dy.reshape(T, N).t(), xa.reshape(T, R).to(dy.dtype)) if need_B and not dot_m else None
     d_B = torch.empty((N, R), dtype=B.dtype, device=dev) if need_B else None
     gsB = torch.empty((N, R), dtype=dy.dtype, device=dev) if need_xa else None
     _lora_compose_bwd_kernel[(triton.cdiv(N, LC_BLOCK_N), splits)](
@@ -319,7 +393,8 @@ def lora_compose_backward_fused_all(
         m if m is not None else g,
         d_base if need_base else dy,
         partial if need_g else g,
-        M if need_B else g,
+        partial_m if dot_m else g,
+        M if M is not None else g,
         d_B if need_B else g,
         gsB if need_xa else g,
         T,
@@ -330,7 +405,8 @@ def lora_compose_backward_fused_all(
         rows,
         WRITE_DBASE=need_base,
         WRITE_DG=need_g,
-        WRITE_DB=need_B,
+        WRITE_DB=M is not None,
+        DOT_M=dot_m,
         WRITE_GSB=need_xa,
         G_FROM_M=m is not None,
         BLOCK_T=LC_BLOCK_T,
@@ -340,9 +416,25 @@ def lora_compose_backward_fused_all(
         num_stages=LC_STAGES,
         enable_fp_fusion=False,
     )
-    if need_g:
-        _sum_splits_kernel[(triton.cdiv(N, RED_BLOCK),)](
-            partial, d_g, N, splits, g, eps, BLOCK=RED_BLOCK, D_M=m is not None
+    if need_g or dot_m:
+        _lora_sum_kernel[(triton.cdiv(N, LC_SUM_BLOCK_N),)](
+            partial if need_g else g,
+            partial_m if dot_m else g,
+            d_g if need_g else g,
+            d_B if dot_m else g,
+            g,
+            m if m is not None else g,
+            N,
+            R,
+            splits,
+            s,
+            eps,
+            HAS_DG=need_g,
+            HAS_DB=dot_m,
+            G_FROM_M=m is not None,
+            BLOCK_N=LC_SUM_BLOCK_N,
+            BLOCK_R=lc_block_r(R),
+            enable_fp_fusion=False,
         )
     d_xa = (dy @ gsB).to(xa.dtype) if need_xa else None
     return d_base, d_g, d_xa, d_B

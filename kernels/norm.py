@@ -31,12 +31,11 @@ import collections
 import contextlib
 import contextvars
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 
-from .dispatch import HAS_TRITON, KERNEL_DTYPES, autocast_off, fused_supported, interpreting
+from .dispatch import HAS_TRITON, KERNEL_DTYPES, autocast_off, fused_supported, getenv, interpreting
 from .scale import check_scaling
 
 if HAS_TRITON:
@@ -639,7 +638,7 @@ def _graph_pool_and_stream(device: torch.device):
 
 def norm_graphs_enabled() -> bool:
     """CUDA-graph replay of the norm (:class:`RowNormRunner`); ``DORA_VERIFY_NORM_GRAPHS=0`` turns it off."""
-    return HAS_TRITON and not interpreting() and os.environ.get("DORA_VERIFY_NORM_GRAPHS", "1") != "0"
+    return HAS_TRITON and not interpreting() and getenv("DORA_VERIFY_NORM_GRAPHS", "1") != "0"
 
 
 _FROZEN_SCOPE = contextvars.ContextVar("dora_verify_frozen_norms", default=None)

@@ -155,3 +155,25 @@ def test_no_autocast():
             assert not torch.is_autocast_enabled("cpu")
         assert torch.is_autocast_enabled("cpu")
     assert torch.equal(mm(a, a), a @ a)
+
+
+def test_getenv_follows_every_write_to_the_environment(monkeypatch):
+    """dispatch.getenv reads os.environ's own mapping: it sees what setenv, delenv, item writes and patch.dict do,
+    exactly as os.environ.get does."""
+    import os
+    import unittest.mock
+
+    from dora_verify.kernels.dispatch import getenv
+
+    name = "DORA_VERIFY_TEST_GETENV"
+    monkeypatch.delenv(name, raising=False)
+    assert getenv(name) is None and getenv(name, "d") == "d"
+    monkeypatch.setenv(name, "1")
+    assert getenv(name) == os.environ.get(name) == "1"
+    os.environ[name] = "é2"
+    assert getenv(name) == "é2"
+    with unittest.mock.patch.dict(os.environ, {name: "3"}):
+        assert getenv(name) == "3"
+    assert getenv(name) == "é2"
+    del os.environ[name]
+    assert getenv(name, "gone") == "gone"

@@ -181,24 +181,47 @@ def test_torch_compile_fullgraph():
 @pytest.mark.skipif(not (torch.cuda.is_available() or "fused" in TIERS), reason="needs the fused tier")
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
-def test_fused_adapter_epilogue_is_adapter_grads_bit_for_bit(dtype, need):
-    """The backward kernel's epilogues (RN(g·s)·B, d_B from dyᵀxa) give adapter_grads' bits: the layer's
-    gradients do not depend on which path computed them. bf16 only on the GPU (the interpreter's bf16 casts)."""
+@pytest.mark.parametrize("r", [20, 80])
+def test_fused_adapter_gradients(dtype, need, r):
+    """The backward kernel's adapter gradients: d_xa is adapter_grads' bits; d_B is within the fp32-GEMM bound of
+    the exact RN32(g·s)·dyᵀxa — from the kernel's own dots at r ≤ 64 (dot_m_applies), adapter_grads' bits (cuBLAS's
+    M) above. bf16 only on the GPU (the interpreter's bf16 casts)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "bf16" and dev == "cpu":
         pytest.skip("bf16 conversions under the interpreter: checked on the GPU")
-    c, base, xa = _inputs("heavy_tailed", dtype, T=75, N=131, r=20)
+    c, base, xa = _inputs("heavy_tailed", dtype, T=200, N=131, r=r)
     base, xa, B, g = (t.to(dev) for t in (base, xa, c.B, c.g))
     dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(5)).to(base.dtype).to(dev)
     need_xa, need_B = need
+    assert lc.dot_m_applies(r, dy.dtype) == (r <= 64)
     _, d_g, d_xa, d_B = lc.lora_compose_backward_fused_all(dy, base, xa, B, g, c.s, False, True, need_xa, need_B)
     ref_xa, ref_B = lc.adapter_grads(dy, xa, B, g, c.s, need_xa, need_B)
     assert (d_xa is None) == (not need_xa) and (d_B is None) == (not need_B)
     if need_xa:
         assert torch.equal(d_xa, ref_xa)
     if need_B:
-        assert torch.equal(d_B, ref_B)
+        fmt = parse_format(dtype)
+        gs = (g.to(torch.float32) * c.s).double()  # RN32(g·s), exact in float64
+        dy64, xa64 = dy.double(), xa.to(dy.dtype).double()
+        exact = gs[:, None] * (dy64.t() @ xa64)
+        mag = gs.abs()[:, None] * (dy64.abs().t() @ xa64.abs())
+        tol = fmt.u * exact.abs() + (dy.shape[0] + 2) * U32 * mag  # RN_B, then γ_T·Σ|dy||xa| and RN32 of g·s·M
+        assert bool(((d_B.double() - exact).abs() <= tol * (1 + 1e-6)).all())
+        if r > 64:
+            assert torch.equal(d_B, ref_B)
     assert torch.equal(d_g, lc.lora_compose_backward_fused(dy, base, xa, B, g, c.s, False, True)[1])
+
+
+def test_the_kernels_m_fails_the_bound_when_wrong():
+    """The d_B bound above rejects an M off by one bf16 rounding of dy (the check can fail)."""
+    c, base, xa = _inputs("heavy_tailed", "fp16", T=200, N=131, r=20)
+    dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(5)).to(base.dtype)
+    gs = (c.g.to(torch.float32) * c.s).double()
+    exact = gs[:, None] * (dy.double().t() @ xa.double())
+    mag = gs.abs()[:, None] * (dy.double().abs().t() @ xa.double().abs())
+    tol = parse_format("fp16").u * exact.abs() + (dy.shape[0] + 2) * U32 * mag
+    wrong = gs[:, None] * (dy.to(torch.bfloat16).double().t() @ xa.double())
+    assert not bool(((wrong.to(torch.float16).double() - exact).abs() <= tol).all())
 
 
 # ----------------------------------------------------------------------------- validation at call
