@@ -22,7 +22,7 @@ Numerical contract (base in bf16/fp16/fp32; xa, B in bf16/fp16 on the fused tier
 * Adapter gradients are GEMMs with fp32 accumulation: d_B = RN(RN32(g·s) ⊙ M), M = dyᵀ xa in fp32 (error
   ≤ γ_T·Σ|dy||xa|, as any fp32-accumulated GEMM), and d_xa = dy (RN_adapter(g·s ⊙ B)): the one extra rounding sits
   on the [d_out, r] operand where PEFT's autograd puts it on d_lora = RN(g·s·dy) — the same 2⁻⁹ (bf16) relative
-  perturbation of one GEMM operand. On the fused tier with r ≤ 64 and bf16/fp16 dy, M comes from the backward
+  perturbation of one GEMM operand. On the fused tier with r ≤ 32 and bf16/fp16 dy, M comes from the backward
   kernel's own tile dots (exact products, fp32 sums over each row split's tiles, then over the splits in order:
   deterministic, one launch fewer); otherwise, and on the eager tier, from cuBLAS (:func:`adapter_grads`). The two
   orders may differ in the last bits of d_B, each within the bound.
@@ -86,12 +86,16 @@ def lc_block_r(R: int) -> int:
 
 _FUSED_ADAPTER_DTYPES = (torch.bfloat16, torch.float16)
 LC_SUM_BLOCK_N = 64  # columns per program of the backward's second stage (× the r-block for d_B)
+# Largest r whose M = dyᵀxa the backward kernel accumulates itself: its [BLOCK_N, r] fp32 accumulator costs registers.
+# Measured on an H200 (reports/h200/bench/probes/dot_m_vs_cublas.txt): the kernel's M is faster than cuBLAS's GEMM
+# plus its launch at r 16 and 32 (8–9% and 2%), slower at r 64 (17–21%).
+DOT_M_MAX_R = 32
 
 
 def dot_m_applies(R: int, dy_dtype) -> bool:
-    """Whether the backward kernel forms M = dyᵀxa from its own tile dots (r ≤ LC_BLOCK_R: one r-block; bf16/fp16
-    dy: tensor-core operands) — else M is cuBLAS's fp32-output GEMM, one more launch."""
-    return R <= LC_BLOCK_R and dy_dtype in _FUSED_ADAPTER_DTYPES
+    """Whether the backward kernel forms M = dyᵀxa from its own tile dots (r ≤ DOT_M_MAX_R; bf16/fp16 dy:
+    tensor-core operands) — else M is cuBLAS's fp32-output GEMM, one more launch."""
+    return R <= DOT_M_MAX_R and dy_dtype in _FUSED_ADAPTER_DTYPES
 
 
 if HAS_TRITON:
@@ -196,7 +200,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):
-        """Per column block and row split: d_base = RN(g·dy), float64 partials of d_g and (DOT_M, r ≤ BLOCK_R)
+        """Per column block and row split: d_base = RN(g·dy), float64 partials of d_g and (DOT_M: r ≤ BLOCK_R)
         fp32 partials of M = dyᵀxa from the tiles' own dots; the first split also writes the adapter-gradient
         epilogues of its columns (the arithmetic of :func:`adapter_grads`): gsB = RN(RN32(RN32(g·s)·B)) and
         (WRITE_DB) d_B = RN_B(RN32(g·s)·M) with M = dyᵀxa (fp32) from cuBLAS."""

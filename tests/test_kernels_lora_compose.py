@@ -181,11 +181,11 @@ def test_torch_compile_fullgraph():
 @pytest.mark.skipif(not (torch.cuda.is_available() or "fused" in TIERS), reason="needs the fused tier")
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
-@pytest.mark.parametrize("r", [20, 80])
+@pytest.mark.parametrize("r", [20, 48, 80])
 def test_fused_adapter_gradients(dtype, need, r):
     """The backward kernel's adapter gradients: d_xa is adapter_grads' bits; d_B is within the fp32-GEMM bound of
-    the exact RN32(g·s)·dyᵀxa — from the kernel's own dots at r ≤ 64 (dot_m_applies), adapter_grads' bits (cuBLAS's
-    M) above. bf16 only on the GPU (the interpreter's bf16 casts)."""
+    the exact RN32(g·s)·dyᵀxa — from the kernel's own dots at r ≤ DOT_M_MAX_R (dot_m_applies), adapter_grads' bits
+    (cuBLAS's M) above. bf16 only on the GPU (the interpreter's bf16 casts)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "bf16" and dev == "cpu":
         pytest.skip("bf16 conversions under the interpreter: checked on the GPU")
@@ -193,7 +193,7 @@ def test_fused_adapter_gradients(dtype, need, r):
     base, xa, B, g = (t.to(dev) for t in (base, xa, c.B, c.g))
     dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(5)).to(base.dtype).to(dev)
     need_xa, need_B = need
-    assert lc.dot_m_applies(r, dy.dtype) == (r <= 64)
+    assert lc.dot_m_applies(r, dy.dtype) == (r <= lc.DOT_M_MAX_R)
     _, d_g, d_xa, d_B = lc.lora_compose_backward_fused_all(dy, base, xa, B, g, c.s, False, True, need_xa, need_B)
     ref_xa, ref_B = lc.adapter_grads(dy, xa, B, g, c.s, need_xa, need_B)
     assert (d_xa is None) == (not need_xa) and (d_B is None) == (not need_B)
@@ -207,7 +207,7 @@ def test_fused_adapter_gradients(dtype, need, r):
         mag = gs.abs()[:, None] * (dy64.abs().t() @ xa64.abs())
         tol = fmt.u * exact.abs() + (dy.shape[0] + 2) * U32 * mag  # RN_B, then γ_T·Σ|dy||xa| and RN32 of g·s·M
         assert bool(((d_B.double() - exact).abs() <= tol * (1 + 1e-6)).all())
-        if r > 64:
+        if r > lc.DOT_M_MAX_R:
             assert torch.equal(d_B, ref_B)
     assert torch.equal(d_g, lc.lora_compose_backward_fused(dy, base, xa, B, g, c.s, False, True)[1])
 
