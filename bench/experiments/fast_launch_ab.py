@@ -1,26 +1,24 @@
 """Does the fast launch (kernels/launch.py) shorten the model step? One process: PEFT LoRA and the integration's
 model, the integration stepped with DORA_VERIFY_FAST_LAUNCH=0 and =1 in turn (the switch is read at each launch),
 interleaved in rounds by ``bench_model.interleaved_ms``; Llama-3-8B widths, 4 layers, r 16. Run on a GPU from
-outside the repository root: python3 fast_launch_ab.py"""
+outside the repository root: python3 fast_launch_ab.py [ADAPTERS:SETTING ...] (default: the four rows below)"""
 
 import importlib
 import os
+import sys
 import time
 
 import torch
 
 bm = importlib.import_module("dora_verify.bench_model")
+ROWS = [("bf16", "eager"), ("bf16", "checkpointing"), ("fp32", "checkpointing"), ("bf16", "compile")]
 
 
 def main():
     base = bm.llama_base("llama3-8b", 4, 0)
     ids = torch.randint(0, bm.VOCAB, (bm.BATCH, bm.SEQ), device="cuda")
-    for adapters, setting in (
-        ("bf16", "eager"),
-        ("bf16", "checkpointing"),
-        ("fp32", "checkpointing"),
-        ("bf16", "compile"),
-    ):
+    rows = [tuple(a.split(":")) for a in sys.argv[1:]] or ROWS
+    for adapters, setting in rows:
         torch._dynamo.reset()
         t0 = time.time()
         lora = bm.ModelUnderTest(base, "lora", 16, adapters, setting, ids, 0)
