@@ -11,9 +11,10 @@ Contract: the kernel launched and its arguments are the ones Triton's own launch
 same bits. The key is at least as fine as Triton's specialisation: the current device; per tensor its dtype and
 whether its address is a multiple of 16; per int whether it is 1, whether it is a multiple of 16 and its integer
 width (i32, i64, u64); per bool and None its value; floats by type only (Triton does not specialise them); the
-keywords (constexprs and launch options) by value. Through Triton's own launch go: a call whose key is new; an
-argument of another type (a TMA descriptor, a tuple); a set launch hook (``triton.knobs.runtime.launch_enter_hook``
-or ``launch_exit_hook``: profilers); the Triton interpreter; ``DORA_VERIFY_FAST_LAUNCH=0``. What it skips: Triton's
+keywords (constexprs and launch options) by type and value. Through Triton's own launch go: a call whose key is
+new; an argument of another type (a TMA descriptor, a tuple); a constexpr passed positionally; a set launch hook
+(``triton.knobs.runtime.launch_enter_hook`` or ``launch_exit_hook``: profilers), pipeline-inspection hook or
+``pre_run_hooks`` entry; the Triton interpreter; a ROCm build; ``DORA_VERIFY_FAST_LAUNCH=0``. What it skips: Triton's
 check that global variables a kernel reads have not changed since it compiled (these kernels read constexpr
 globals only), and re-reading ``triton.knobs`` (debug, instrumentation) on every launch: set those before the
 first launch.
@@ -34,6 +35,7 @@ try:  # the knobs hold the launch hooks (Triton >= 3.4); without them the fast p
 except Exception:  # pragma: no cover - depends on the Triton version
     _RUNTIME = None
 
+_CUDA_BUILD = torch.version.hip is None
 broken: "str | None" = None  # why the fast path turned itself off for good (a launcher it could not call), if it did
 _UNCACHED = object()  # an argument the key cannot describe: Triton's own launch
 _I32, _I64 = 2**31, 2**63
@@ -56,8 +58,11 @@ def _arg_key(a):
 
 
 def _hooked() -> bool:
-    """Whether a launch hook is set (a profiler's): Triton's own launch then builds the metadata hooks read. Triton
-    3.4–3.6 keep a hook or None; later versions a chain of hooks, empty when none is set."""
+    """Whether a launch hook is set (a profiler's: Triton's own launch then builds the metadata hooks read; Triton
+    3.4–3.6 keep a hook or None, later versions a chain of hooks, empty when none is set) or a pipeline-inspection
+    hook (which adds to Triton's cache key)."""
+    if getattr(_RUNTIME, "add_stages_inspection_hook", None) is not None:
+        return True
     return any(
         h is not None and (not hasattr(h, "calls") or bool(h.calls))
         for h in (_RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook)
@@ -65,8 +70,15 @@ def _hooked() -> bool:
 
 
 def fast_launch_enabled() -> bool:
-    """Whether :class:`FastLaunch` may skip Triton's own launch (``DORA_VERIFY_FAST_LAUNCH``, default on)."""
-    return HAS_TRITON and _RUNTIME is not None and broken is None and getenv("DORA_VERIFY_FAST_LAUNCH", "1") != "0"
+    """Whether :class:`FastLaunch` may skip Triton's own launch (``DORA_VERIFY_FAST_LAUNCH``, default on; NVIDIA
+    builds only: AMD's backend specialises tensors on more than the key holds)."""
+    return (
+        HAS_TRITON
+        and _RUNTIME is not None
+        and broken is None
+        and _CUDA_BUILD
+        and getenv("DORA_VERIFY_FAST_LAUNCH", "1") != "0"
+    )
 
 
 class FastLaunch:
@@ -76,12 +88,11 @@ class FastLaunch:
 
     def __init__(self, fn):
         self.fn = fn
-        self._names = tuple(inspect.signature(fn.fn).parameters)
-        self._defaults = {
-            n: p.default
-            for n, p in inspect.signature(fn.fn).parameters.items()
-            if p.default is not inspect.Parameter.empty
-        }
+        params = inspect.signature(fn.fn).parameters
+        self._names = tuple(params)
+        self._defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+        constexpr = [i for i, p in enumerate(params.values()) if "constexpr" in str(p.annotation)]
+        self._positional_max = constexpr[0] if constexpr else len(self._names)  # constexprs must come as keywords
         self._cache = {}
         self.fast_launches = 0
 
@@ -93,17 +104,27 @@ class FastLaunch:
         return tuple(kwargs[n] if n in kwargs else self._defaults[n] for n in self._names[n_args:])
 
     def launch(self, grid, args: tuple, kwargs: dict):
-        """Launch on ``grid`` (a tuple of up to three ints) with ``args`` and the keywords ``kwargs``."""
-        if not fast_launch_enabled() or interpreting() or _hooked():
+        """Launch on ``grid`` (a tuple of up to three ints) with ``args`` and the keywords ``kwargs``: the runtime
+        arguments positionally, the constexprs and launch options as keywords (a constexpr passed positionally
+        would be keyed by its type, not its value: such a call takes Triton's own launch)."""
+        if (
+            not fast_launch_enabled()
+            or interpreting()
+            or _hooked()
+            or len(args) > self._positional_max
+            or getattr(self.fn, "pre_run_hooks", None)
+        ):
             return self.fn[grid](*args, **kwargs)
         device = torch.cuda.current_device()
-        key = (device, tuple(map(_arg_key, args)), tuple(kwargs.items()))
+        key = (device, tuple(map(_arg_key, args)), tuple((k, type(v), v) for k, v in kwargs.items()))
         if _UNCACHED in key[1]:
             return self.fn[grid](*args, **kwargs)
         hit = self._cache.get(key)
         if hit is None:
             kernel = self.fn[grid](*args, **kwargs)  # Triton's own launch (compiling on first use)
-            run = kernel.run  # loads the binary where it is not loaded yet
+            run = getattr(kernel, "run", None)  # the compiled kernel's launcher (loading its binary where not yet)
+            if run is None:  # not a compiled kernel (an interpreted launch)
+                return kernel
             self._cache[key] = (run, kernel.function, kernel.packed_metadata, self._tail(len(args), kwargs))
             return kernel
         run, function, packed, tail = hit

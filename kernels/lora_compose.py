@@ -64,7 +64,7 @@ from .compose import (
     compose_forward_fused,
 )
 from .launch import fast_launch
-from .dispatch import HAS_TRITON, KERNEL_DTYPES, Tier, autocast_off, no_autocast, select_tier
+from .dispatch import HAS_TRITON, KERNEL_DTYPES, Tier, autocast_off, interpreting, no_autocast, select_tier
 from .scale import DEFAULT_EPS, dora_scale
 
 if HAS_TRITON:
@@ -92,10 +92,16 @@ LC_SUM_BLOCK_N = 64  # columns per program of the backward's second stage (× th
 DOT_M_MAX_R = 32
 
 
+assert DOT_M_MAX_R <= LC_BLOCK_R  # the kernel's M accumulator holds one r-block
+
+
 def dot_m_applies(R: int, dy_dtype) -> bool:
     """Whether the backward kernel forms M = dyᵀxa from its own tile dots (r ≤ DOT_M_MAX_R; bf16/fp16 dy:
-    tensor-core operands) — else M is cuBLAS's fp32-output GEMM, one more launch."""
-    return R <= DOT_M_MAX_R and dy_dtype in _FUSED_ADAPTER_DTYPES
+    tensor-core operands; not bf16 under the Triton interpreter, whose bf16 tl.dot is garbage: the adapters may be
+    fp16 with a bf16 base) — else M is cuBLAS's fp32-output GEMM, one more launch."""
+    return (
+        R <= DOT_M_MAX_R and dy_dtype in _FUSED_ADAPTER_DTYPES and not (dy_dtype == torch.bfloat16 and interpreting())
+    )
 
 
 if HAS_TRITON:

@@ -67,8 +67,23 @@ def test_the_kernels_are_wrapped():
         compose_mod._sum_splits_kernel,
         lc._lora_compose_fwd_kernel,
         lc._lora_compose_bwd_kernel,
+        lc._lora_sum_kernel,
     ):
         assert isinstance(k, launch.FastLaunch)
+
+
+def test_constexprs_must_come_as_keywords():
+    """A constexpr passed positionally would be keyed by its type (two block sizes, one key): such a call takes
+    Triton's own launch. Every kernel's runtime parameters come first."""
+    k = compose_mod._sum_splits_kernel
+    assert k._positional_max == 4 and k._names[4] == "BLOCK"
+    assert lc._lora_sum_kernel._names[lc._lora_sum_kernel._positional_max] == "HAS_DG"
+
+
+def test_keyword_values_are_keyed_by_type():
+    """1, 1.0 and True are equal as dictionary keys but compile three kernels in Triton."""
+    keys = {tuple((k, type(v), v) for k, v in {"X": v}.items()) for v in (1, 1.0, True)}
+    assert len(keys) == 3
 
 
 def test_off_switch(monkeypatch):

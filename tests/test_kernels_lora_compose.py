@@ -212,6 +212,28 @@ def test_fused_adapter_gradients(dtype, need, r):
     assert torch.equal(d_g, lc.lora_compose_backward_fused(dy, base, xa, B, g, c.s, False, True)[1])
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() or "fused" in TIERS), reason="needs the fused tier")
+def test_bf16_base_with_fp16_adapters():
+    """A bf16 base (so bf16 dy) with fp16 adapters: d_B is adapter_grads' bits where the kernel's M does not apply
+    (the interpreter: its bf16 tl.dot is garbage), else within the fp32-GEMM bound — finite either way."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    c, base, xa = _inputs("heavy_tailed", "fp16", T=70, N=131, r=8)
+    base, xa, B, g = base.to(torch.bfloat16).to(dev), xa.to(dev), c.B.to(dev), c.g.to(dev)
+    dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16).to(dev)
+    d_B = lc.lora_compose_backward_fused_all(dy, base, xa, B, g, c.s, False, False, False, True)[3]
+    ref_B = lc.adapter_grads(dy, xa, B, g, c.s, False, True)[1]
+    assert bool(torch.isfinite(d_B).all())
+    if not lc.dot_m_applies(8, dy.dtype):
+        assert torch.equal(d_B, ref_B)
+    gs = (g.to(torch.float32) * c.s).double()
+    dy64, xa64 = dy.double(), xa.to(dy.dtype).double()
+    exact = gs[:, None] * (dy64.t() @ xa64)
+    tol = parse_format("fp16").u * exact.abs() + (dy.shape[0] + 2) * U32 * gs.abs()[:, None] * (
+        dy64.abs().t() @ xa64.abs()
+    )
+    assert bool(((d_B.double() - exact).abs() <= tol * (1 + 1e-6)).all())
+
+
 def test_the_kernels_m_fails_the_bound_when_wrong():
     """The d_B bound above rejects an M off by one bf16 rounding of dy (the check can fail)."""
     c, base, xa = _inputs("heavy_tailed", "fp16", T=200, N=131, r=20)
