@@ -34,7 +34,14 @@ steps the integration's deviation must be of the order of stock's: E‖δ_int‖
 
 * Vectors (D_θ, D_z; N = 17 408 and 4 096 components): a norm of many small contributions concentrates, the
   ratio of two realisations is 1 ± O(1/√N_eff). F = 2 allows per-op errors up to twice stock's as well as
-  that fluctuation (measured ratios on this setup: 0.6 – 1.1).
+  that fluctuation where N_eff is large (D_z: measured ratios 0.6 – 1.1). D_θ's N_eff is measured, not assumed:
+  the participation ratio (Σδ²)²/Σδ⁴ of stock's deviation vector — ~1 600 under SGD, 140–190 under bf16 AdamW, but
+  ~2 under fp32 AdamW, where m̂/(√v̂ + ε) amplifies rounding on the few coordinates whose gradients nearly cancel
+  over the steps (two coordinates carry 86% of the norm; the ratio integration / stock read 0.59 on torch 2.13's
+  CPU build and 2.72 on torch 2.11's, reports/h200/tests/README.md). Two norms of N_eff Gaussian degrees of freedom
+  each have a ratio whose square is F(N_eff, N_eff)-distributed, so D_θ's tolerance is F · q · D(stock) + floor with
+  q = √(the F(N_eff, N_eff) distribution's 1 − P quantile), P = 2.6e-4 as for D_L: q ≈ 1.1 under SGD, 1.3 under
+  bf16 AdamW, ~48 under fp32 AdamW — there D_θ cannot tell a 2× error from chance, and D_L, D_z carry the check.
 * Scalars (D_L): the max of 5 single draws does not concentrate. Modelling each step's deviation as an
   independent N(0, σ²) draw for both sides, P(max₅|Z'| / max₅|Z| > F) is 9 % for F = 2, 0.6 % for F = 4 and
   2.6e-4 for F = 8: F_L = 8.
@@ -107,7 +114,8 @@ LR = {"sgd": 0.1, "adamw": 1e-2, "data_sgd": 0.1}
 COMPILE_BACKEND = os.environ.get("DORA_VERIFY_COMPILE_BACKEND", "aot_eager")
 
 U32, UBF16 = 2.0**-24, 2.0**-8
-F_VEC = 2.0  # D_θ, D_z: norms of many components concentrate (module docstring)
+F_VEC = 2.0  # D_θ, D_z: per-op errors up to twice stock's (module docstring)
+P_VEC = 2.6e-4  # D_θ: the probability that chance alone exceeds its fluctuation factor (as F_LOSS's)
 F_LOSS = 8.0  # D_L: max of 5 scalar draws, P(ratio > 8) ≈ 2.6e-4 for equal σ
 C_LOSS = math.ceil(math.log2(BATCH * (SEQ - 1))) + 1  # 6: roundings of the loss's own reduction
 NU_REL = 1e-6  # DoRALinear ν contract
@@ -355,6 +363,16 @@ class Lab:
         ref, t0 = self.reference(cfg.base, cfg.opt).params, self.theta0(cfg.base)
         return math.sqrt(sum(float(((ref[n] - t0[n]) ** 2).sum()) for n in ref))
 
+    def param_fluctuation(self, cfg):
+        """q = √(F(N_eff, N_eff) quantile at 1 − P_VEC), N_eff the participation ratio of stock's deviation."""
+        from scipy.stats import f
+
+        ref, got = self.reference(cfg.base, cfg.opt).params, self.run(cfg, "stock").params
+        d = torch.cat([(got[n].double() - ref[n]).flatten() for n in ref])
+        n_eff = float((d**2).sum()) ** 2 / max(float((d**4).sum()), 1e-300)
+        n_eff = max(1.0, n_eff)
+        return math.sqrt(f.ppf(1 - P_VEC, n_eff, n_eff)), n_eff
+
     def param_floor(self, cfg):
         ref = self.reference(cfg.base, cfg.opt).params
         return STEPS * U32 * math.sqrt(sum(float((ref[n] ** 2).sum()) for n in ref)) / self.update_norm(cfg)
@@ -414,8 +432,9 @@ def test_loss_curve_within_derived_tolerance(lab, cfg):
 @pytest.mark.parametrize("cfg", PARAMS)
 def test_final_parameters_within_derived_tolerance(lab, cfg):
     ours, stock = lab.param_dev(cfg, "integration"), lab.param_dev(cfg, "stock")
-    tol = F_VEC * stock + lab.param_floor(cfg)
-    print(f"{cfg.id}: D_theta integration {ours:.3g}, stock {stock:.3g}, tol {tol:.3g}")
+    q, n_eff = lab.param_fluctuation(cfg)
+    tol = F_VEC * q * stock + lab.param_floor(cfg)
+    print(f"{cfg.id}: D_theta integration {ours:.3g}, stock {stock:.3g} (N_eff {n_eff:.1f}, q {q:.2f}), tol {tol:.3g}")
     assert ours <= tol, f"{cfg.id}: final-parameter deviation {ours:.3g} > {tol:.3g} (stock {stock:.3g})"
 
 
@@ -429,13 +448,21 @@ def test_outputs_at_trained_parameters_use_current_nu(lab, cfg):
     assert ours <= tol, f"{cfg.id}: logits at the trained parameters off by {ours:.3g} > {tol:.3g} (stock {stock:.3g})"
 
 
+def test_fluctuation_factor_is_the_f_quantile():
+    """q for N_eff = 2 in closed form (F(2, 2) has CDF x/(1 + x)), and q → 1 as N_eff grows (the F = 2 regime)."""
+    from scipy.stats import f
+
+    assert math.isclose(math.sqrt(f.ppf(1 - P_VEC, 2, 2)), math.sqrt((1 - P_VEC) / P_VEC), rel_tol=1e-9)
+    assert 1 < math.sqrt(f.ppf(1 - P_VEC, 1e5, 1e5)) < 1.05
+
+
 def test_criteria_reject_a_stale_nu(lab):
     """The three criteria above, applied to stock PEFT with a planted stale ν (frozen at step 0): all reject it."""
     cfg = Cfg("sgd")
     d_l, d_t = lab.loss_dev(cfg, "stale"), lab.param_dev(cfg, "stale")
     d_z, z_stock, floor = lab.output_devs(cfg, "stale")
     tol_l = F_LOSS * lab.loss_dev(cfg, "stock") + C_LOSS * U32
-    tol_t = F_VEC * lab.param_dev(cfg, "stock") + lab.param_floor(cfg)
+    tol_t = F_VEC * lab.param_fluctuation(cfg)[0] * lab.param_dev(cfg, "stock") + lab.param_floor(cfg)
     tol_z = F_VEC * z_stock + floor
     print(
         f"stale nu: D_L {d_l:.3g} (tol {tol_l:.3g}), D_theta {d_t:.3g} (tol {tol_t:.3g}), "
