@@ -99,6 +99,12 @@ class FastLaunch:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
+    @staticmethod
+    def key(device: int, args: tuple, kwargs: dict):
+        """The cache key of a launch (module docstring); its second part holds _UNCACHED for an argument it cannot
+        describe."""
+        return (device, tuple(map(_arg_key, args)), tuple((k, type(v), v) for k, v in kwargs.items()))
+
     def _tail(self, n_args: int, kwargs: dict):
         """The values of the parameters after the positional ones, in signature order (as Triton binds them)."""
         return tuple(kwargs[n] if n in kwargs else self._defaults[n] for n in self._names[n_args:])
@@ -116,7 +122,7 @@ class FastLaunch:
         ):
             return self.fn[grid](*args, **kwargs)
         device = torch.cuda.current_device()
-        key = (device, tuple(map(_arg_key, args)), tuple((k, type(v), v) for k, v in kwargs.items()))
+        key = self.key(device, args, kwargs)
         if _UNCACHED in key[1]:
             return self.fn[grid](*args, **kwargs)
         hit = self._cache.get(key)

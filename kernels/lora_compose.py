@@ -64,7 +64,7 @@ from .compose import (
     compose_forward_fused,
 )
 from .launch import fast_launch
-from .dispatch import HAS_TRITON, KERNEL_DTYPES, Tier, autocast_off, interpreting, no_autocast, select_tier
+from .dispatch import HAS_TRITON, KERNEL_DTYPES, Tier, autocast_off, fused_supported, no_autocast, select_tier
 from .scale import DEFAULT_EPS, dora_scale
 
 if HAS_TRITON:
@@ -95,12 +95,12 @@ DOT_M_MAX_R = 32
 assert DOT_M_MAX_R <= LC_BLOCK_R  # the kernel's M accumulator holds one r-block
 
 
-def dot_m_applies(R: int, dy_dtype) -> bool:
-    """Whether the backward kernel forms M = dyᵀxa from its own tile dots (r ≤ DOT_M_MAX_R; bf16/fp16 dy:
-    tensor-core operands; not bf16 under the Triton interpreter, whose bf16 tl.dot is garbage: the adapters may be
-    fp16 with a bf16 base) — else M is cuBLAS's fp32-output GEMM, one more launch."""
+def dot_m_applies(R: int, dy_dtype, device="cuda") -> bool:
+    """Whether the backward kernel forms M = dyᵀxa from its own tile dots: r ≤ DOT_M_MAX_R, bf16/fp16 dy (tensor-core
+    operands) and a tl.dot on dy's dtype that :func:`~dispatch.fused_supported` accepts (not bf16 under the Triton
+    interpreter: the adapters may be fp16 with a bf16 base) — else M is cuBLAS's fp32-output GEMM, one more launch."""
     return (
-        R <= DOT_M_MAX_R and dy_dtype in _FUSED_ADAPTER_DTYPES and not (dy_dtype == torch.bfloat16 and interpreting())
+        R <= DOT_M_MAX_R and dy_dtype in _FUSED_ADAPTER_DTYPES and fused_supported("lora_compose", dy_dtype, device)[0]
     )
 
 
@@ -388,7 +388,7 @@ def lora_compose_backward_fused_all(
     if not (need_base or need_g or need_xa or need_B):
         return d_base, d_g, None, None
     rows, splits = _splits(T, N)
-    dot_m = need_B and dot_m_applies(R, dy.dtype)
+    dot_m = need_B and dot_m_applies(R, dy.dtype, dev)
     partial = torch.empty((splits, N) if need_g else (0,), dtype=torch.float64, device=dev)
     partial_m = torch.empty((splits, N, R) if dot_m else (0,), dtype=torch.float32, device=dev)
     M = _mm_fp32(dy.reshape(T, N).t(), xa.reshape(T, R).to(dy.dtype)) if need_B and not dot_m else None

@@ -81,9 +81,14 @@ def test_constexprs_must_come_as_keywords():
 
 
 def test_keyword_values_are_keyed_by_type():
-    """1, 1.0 and True are equal as dictionary keys but compile three kernels in Triton."""
-    keys = {tuple((k, type(v), v) for k, v in {"X": v}.items()) for v in (1, 1.0, True)}
+    """1, 1.0 and True are equal as dictionary keys but compile three kernels in Triton; keyword order and
+    positional values are part of the key as well."""
+    x = torch.zeros(4)
+    keys = {launch.FastLaunch.key(0, (x, 7), {"X": v}) for v in (1, 1.0, True)}
     assert len(keys) == 3
+    assert launch.FastLaunch.key(0, (x, 7), {"X": 1}) == launch.FastLaunch.key(0, (x, 9), {"X": 1})  # both i32, odd
+    assert launch.FastLaunch.key(0, (x, 7), {"X": 1}) != launch.FastLaunch.key(0, (x, 16), {"X": 1})
+    assert launch.FastLaunch.key(0, (x,), {}) != launch.FastLaunch.key(1, (x,), {})  # the device
 
 
 def test_off_switch(monkeypatch):

@@ -178,6 +178,16 @@ def test_torch_compile_fullgraph():
     assert torch.equal(g.grad, g2.grad) and torch.equal(B_.grad, B2.grad)
 
 
+def _d_B_exact_and_bound(dy, xa, g, s, fmt):
+    """(exact d_B, its bound) for d_B = RN_B(RN32(RN32(g·s)·M)), M = dyᵀ·RN_dy(xa) accumulated in fp32: RN_B, then
+    γ_T·Σ|dy||xa| for the accumulation and the RN32 of g·s·M — with gs = RN32(g·s) exact in float64."""
+    gs = (g.to(torch.float32) * s).double()
+    dy64, xa64 = dy.double(), xa.to(dy.dtype).double()
+    exact = gs[:, None] * (dy64.t() @ xa64)
+    mag = gs.abs()[:, None] * (dy64.abs().t() @ xa64.abs())
+    return exact, fmt.u * exact.abs() + (dy.shape[0] + 2) * U32 * mag
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() or "fused" in TIERS), reason="needs the fused tier")
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
@@ -200,12 +210,7 @@ def test_fused_adapter_gradients(dtype, need, r):
     if need_xa:
         assert torch.equal(d_xa, ref_xa)
     if need_B:
-        fmt = parse_format(dtype)
-        gs = (g.to(torch.float32) * c.s).double()  # RN32(g·s), exact in float64
-        dy64, xa64 = dy.double(), xa.to(dy.dtype).double()
-        exact = gs[:, None] * (dy64.t() @ xa64)
-        mag = gs.abs()[:, None] * (dy64.abs().t() @ xa64.abs())
-        tol = fmt.u * exact.abs() + (dy.shape[0] + 2) * U32 * mag  # RN_B, then γ_T·Σ|dy||xa| and RN32 of g·s·M
+        exact, tol = _d_B_exact_and_bound(dy, xa, g, c.s, parse_format(dtype))
         assert bool(((d_B.double() - exact).abs() <= tol * (1 + 1e-6)).all())
         if r > lc.DOT_M_MAX_R:
             assert torch.equal(d_B, ref_B)
@@ -225,12 +230,7 @@ def test_bf16_base_with_fp16_adapters():
     assert bool(torch.isfinite(d_B).all())
     if not lc.dot_m_applies(8, dy.dtype):
         assert torch.equal(d_B, ref_B)
-    gs = (g.to(torch.float32) * c.s).double()
-    dy64, xa64 = dy.double(), xa.to(dy.dtype).double()
-    exact = gs[:, None] * (dy64.t() @ xa64)
-    tol = parse_format("fp16").u * exact.abs() + (dy.shape[0] + 2) * U32 * gs.abs()[:, None] * (
-        dy64.abs().t() @ xa64.abs()
-    )
+    exact, tol = _d_B_exact_and_bound(dy, xa, g, c.s, parse_format("fp16"))
     assert bool(((d_B.double() - exact).abs() <= tol * (1 + 1e-6)).all())
 
 
@@ -238,10 +238,8 @@ def test_the_kernels_m_fails_the_bound_when_wrong():
     """The d_B bound above rejects an M off by one bf16 rounding of dy (the check can fail)."""
     c, base, xa = _inputs("heavy_tailed", "fp16", T=200, N=131, r=20)
     dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(5)).to(base.dtype)
+    exact, tol = _d_B_exact_and_bound(dy, xa, c.g, c.s, parse_format("fp16"))
     gs = (c.g.to(torch.float32) * c.s).double()
-    exact = gs[:, None] * (dy.double().t() @ xa.double())
-    mag = gs.abs()[:, None] * (dy.double().abs().t() @ xa.double().abs())
-    tol = parse_format("fp16").u * exact.abs() + (dy.shape[0] + 2) * U32 * mag
     wrong = gs[:, None] * (dy.to(torch.bfloat16).double().t() @ xa.double())
     assert not bool(((wrong.to(torch.float16).double() - exact).abs() <= tol).all())
 

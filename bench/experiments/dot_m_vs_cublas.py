@@ -27,7 +27,7 @@ def main():
             nu = torch.rand(N, **kw) + 1
 
             def run(dot):
-                lc.dot_m_applies = lambda r, dtype: dot  # R ≤ 64 here: one r-block, as the kernel requires
+                lc.dot_m_applies = lambda r, dtype, device=None: dot  # R ≤ 64 here: one r-block, as the kernel requires
                 return lc.lora_compose_backward_fused_all(dy, base, xa, B, nu, 0.5, True, True, True, True, m=m)
 
             a, b = run(True), run(False)
