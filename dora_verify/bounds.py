@@ -342,19 +342,46 @@ def dm_bound(dg_hat, dg_err, nu_hat, nu, nu_err, eps: float, m_dtype=torch.float
 
 # ----------------------------------------------------------------------------- fused LoRA up-projection
 def lora_compose_bounds(base, xa, B, g, s: float, lora_hat, bias=None, chain: "int | None" = None):
-    """Bound on |ŷ − y| for ``kernels.lora_compose``, y = g·(base + s·xa Bᵀ) + bias exact. The kernel
-    rounds lora to the adapter dtype after a tensor-core fp32 accumulation over r (γ_r(2u₃₂) of Σ|xa||B|,
-    the truncation model of :func:`kernel_norm_bound`), then composes ``lora_hat`` with the compose
-    epilogue: |ŷ − y| ≤ compose bound at lora_hat + |g s|·|lora_hat − lora|."""
-    uA, _, etaA = _fmt_params(xa.dtype)
+    """Bound on |ŷ − y| for ``kernels.lora_compose``, y = g·(base + s·xa Bᵀ) + bias exact. The kernel forms
+    lora = xa Bᵀ with a tensor-core fp32 accumulation over r (γ_r(2u₃₂) of Σ|xa||B|, the truncation model of
+    :func:`kernel_norm_bound`), rounded to ``lora_hat``'s dtype (fp32: no further rounding; a materialised
+    F.linear: the adapter dtype), then composes ``lora_hat`` with the compose epilogue:
+    |ŷ − y| ≤ compose bound at lora_hat + |g s|·|lora_hat − lora|."""
+    uL, _, etaL = _fmt_params(lora_hat.dtype)
     r = xa.shape[1]
     xa64, B64 = _t(xa, B)
     lora = xa64 @ B64.t()
     mag = xa64.abs() @ B64.abs().t()
-    e_lora = (gamma(r, 2 * U32) * mag + gamma(r + 2, U64) * mag) * (1 + uA) + uA * lora.abs() + etaA
+    e_lora = (gamma(r, 2 * U32) * mag + gamma(r + 2, U64) * mag) * (1 + uL) + uL * lora.abs() + etaL
     _, ey = compose_kernel_bounds(base, lora_hat, g, s, bias, dtype=base.dtype)
     g64 = _t(g)[0].reshape(1, -1)
     return (ey + (g64 * s).abs() * e_lora) * SAFETY
+
+
+def lora_compose_dg_bound(dy, base, xa, B, s: float, chain: "int | None" = None):
+    """Bound on |d̂_g − d_g| for ``kernels.lora_compose``'s backward, d_g = Σ_T dy ⊙ (base + s·xa Bᵀ) exact in the
+    rounded dy, base, xa, B. d̂_g = RN₃₂(Σ_T dy·base + s·Σ_r B ⊙ M̂), both sums in float64, with M̂ = dyᵀ·RN_dy(xa)
+    accumulated in fp32 in chains of at most ``chain`` rows whose sums are added in float64 (the fused backward's
+    row splits), or in one chain of T (None: cuBLAS's GEMM):
+
+        γ64_{T+1}·Σ_T|dy·base| + |s|·Σ_r |B|·(u_dy·[xa's dtype ≠ dy's] + γ_c(2u₃₂) + γ64_{T/c+1})·(|dy|ᵀ|xa|)
+        + γ64_{r+2}·|s|·Σ_r|B||M| + u₃₂|d̂_g| + η₃₂
+
+    (proofs/bounds.md, "lora_compose's d_g"). No lora is rounded on the way: the forward's lora is the fp32 sum, so
+    this is also within γ_r(2u₃₂)·|s|·Σ|dy||xa||B| of the gradient of the function the forward evaluated.
+    Returns (d_g exact, the bound), float64 [d_out]."""
+    T, N = dy.reshape(-1, dy.shape[-1]).shape
+    r = xa.shape[-1]
+    dy64, b64, xa64, B64 = _t(dy.reshape(T, N), base.reshape(T, N), xa.reshape(T, r), B)
+    c = T if chain is None else max(1, min(int(chain), T))
+    u_dy = parse_format(dy.dtype).u if xa.dtype != dy.dtype else 0.0
+    dg = (dy64 * b64).sum(0) + s * (B64 * (dy64.t() @ xa64)).sum(1)
+    P = dy64.abs().t() @ xa64.abs()  # [N, r]
+    e_m = (u_dy + gamma(c, 2 * U32) + gamma(-(-T // c) + 1, U64)) * P * (1 + u_dy)
+    e = gamma(T + 1, U64) * (dy64 * b64).abs().sum(0) + abs(s) * (B64.abs() * e_m).sum(1)
+    e = e + gamma(r + 2, U64) * abs(s) * (B64.abs() * (P + e_m)).sum(1)
+    e = e + U32 * (dg.abs() + e) + ETA32
+    return dg, e * SAFETY
 
 
 def dora_layer_bound(x, W, bias, A, B, g, s: float, g_rel: float):
@@ -407,5 +434,6 @@ __all__ = [
     "gamma_prob",
     "kernel_norm_bound",
     "lora_compose_bounds",
+    "lora_compose_dg_bound",
     "scale_bounds",
 ]

@@ -712,8 +712,8 @@ class LayerSteps:
 
 def kernel_layer_steps(act, adapter, norm_backend: str = "torch", dense_rows=()) -> LayerSteps:
     """DoRALinear's steps (kernels/layer.py, default ``save='recompute'``, autocast off): base = F.linear(x, W) and
-    xa = F.linear(x.to(adapter), A) with fp32 accumulation, rounded once to their dtypes; lora = xa Bᵀ rounded to the
-    adapter dtype (materialised for fp32 adapters, a fused tile of lora_compose otherwise: the same rounding);
+    xa = F.linear(x.to(adapter), A) with fp32 accumulation, rounded once to their dtypes; lora = xa Bᵀ accumulated in
+    fp32 and not rounded further (a fused tile of lora_compose; materialised in fp32 for fp32 adapters);
     ν = factored_row_norm; g = RN₃₂(m/max(ν̂, ε)) (:func:`kernels.dora_scale`); the single-rounding compose; m in
     fp32. The GEMM accumulation model (2u₃₂ per addition, any order) covers CPU BLAS and GPU tensor cores alike —
     given fp32 accumulation: on CUDA torch's allow_{bf16,fp16}_reduced_precision_reduction must be off."""
@@ -725,7 +725,7 @@ def kernel_layer_steps(act, adapter, norm_backend: str = "torch", dense_rows=())
         "fp32",
         Gemm(act),
         Gemm(adapter),
-        Gemm(adapter),
+        Gemm("fp32"),
         "kernel",
         norm_backend=norm_backend,
         dense_rows=tuple(dense_rows),
@@ -793,6 +793,14 @@ def _mul(a: _EV, b: _EV) -> _EV:
 def _add(a: _EV, b: _EV) -> _EV:
     v = a.v + b.v
     return _EV(v, a.dv + b.dv + U64 * v.abs(), a.e + b.e)
+
+
+def _sum0(a: _EV, n: int, on: bool) -> _EV:
+    """Σ over the first axis (n terms) in float64 (``on``: with its γ64_{n+1} of Σ|·| and n η)."""
+    v = a.v.sum(0)
+    dv = a.dv.sum(0) + _gam(n + 1, U64) * a.v.abs().sum(0)
+    e = a.e.sum(0) + (_gam(n + 1, U64) * a.cmag.sum(0) + n * ETA32 if on else 0)
+    return _EV(v, dv, e)
 
 
 def _gemm(a: _EV, b: _EV, step: Gemm, on: bool) -> _EV:
@@ -930,16 +938,23 @@ def _backward_bounds(steps: LayerSteps, X, xc, Wv, Av, Bv, dy, b, xa, l, g, inv,
     dxW = _gemm(db, Wv.T, Gemm(D), on)  # [T, K]
     dx = _add(dxW, dxA)
     dx = _round(dx, D, on) if D == f32 else _cast(_round(dx, f32, on), f32, D, on)  # the two uses of x summed
-    # d_g = Σ_T dy ⊙ (b̂ + s·l̂) in float64, then RN₃₂; d_m = RN₃₂(d_g / ν̂_c) (+ RN_m)
-    sl = muls(l, s)
-    hh = _add(b, sl)
     T = dy.v.shape[0]
-    dg_v = (dy.v * hh.v).sum(0)
-    dg_dv = (dy.v.abs() * hh.dv).sum(0) + _gam(T + 1, U64) * (dy.v.abs() * hh.v.abs()).sum(0)
-    dg_e = (dy.v.abs() * hh.e).sum(0)
-    if on:
-        dg_e = dg_e + _gam(T + 3, U64) * (dy.v.abs() * (b.cmag + sl.cmag)).sum(0) + T * ETA32
-    dg = _round(_EV(dg_v, dg_dv, dg_e), f32, on)
+    if steps.backward == "lora_compose":
+        # d_g = Σ_T dy·b̂ + s·Σ_r B ⊙ M̂ in float64 (M̂ = dyᵀxâ the fp32 GEMM above), then RN₃₂
+        dgb = _sum0(_mul(dy, b), T, on)
+        lt = _sum0(_mul(Bv, dB_acc).T, Bv.v.shape[1], on)
+        dg = _add(dgb, muls(lt, s))
+    else:
+        # d_g = Σ_T dy ⊙ (b̂ + s·l̂) in float64 on the materialised lora, then RN₃₂
+        sl = muls(l, s)
+        hh = _add(b, sl)
+        dg_v = (dy.v * hh.v).sum(0)
+        dg_dv = (dy.v.abs() * hh.dv).sum(0) + _gam(T + 1, U64) * (dy.v.abs() * hh.v.abs()).sum(0)
+        dg_e = (dy.v.abs() * hh.e).sum(0)
+        if on:
+            dg_e = dg_e + _gam(T + 3, U64) * (dy.v.abs() * (b.cmag + sl.cmag)).sum(0) + T * ETA32
+        dg = _EV(dg_v, dg_dv, dg_e)
+    dg = _round(dg, f32, on)  # d_m = RN₃₂(d_g / ν̂_c) (+ RN_m)
     dm = _cast(_round(_mul(dg, inv), f32, on), f32, Md, on)
     return {"dx": dx.e * SAFETY, "dA": dA.e * SAFETY, "dB": dB.e * SAFETY, "dm": dm.e * SAFETY}
 

@@ -66,7 +66,9 @@ if HAS_TRITON:
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SAVE_NONE, SAVE_INPUTS, SAVE_ACTIVATION = 0, 1, 2
-FWD_BLOCK_T, FWD_BLOCK_N, FWD_WARPS = 16, 256, 8
+# 4 warps: 0.94 of copy bandwidth at 8192² bf16 on an H200 where 8 gave 0.87
+# (reports/h200/bench/probes/lora_compose_limits.txt)
+FWD_BLOCK_T, FWD_BLOCK_N, FWD_WARPS = 16, 256, 4
 BWD_BLOCK_T, BWD_BLOCK_N, BWD_WARPS = 32, 128, 8
 BWD_TARGET_PROGRAMS = 1024  # fixed (shape-only) split rule: bitwise reproducible on any device
 RED_BLOCK = 512
@@ -225,12 +227,17 @@ if HAS_TRITON:
             tl.store(partial_ptr + pid_s.to(tl.int64) * N + cols, acc, mask=cmask)
 
     @triton.jit
-    def _d_g_of_splits(partial_ptr, cols, cmask, N, n_splits, BLOCK: tl.constexpr):
-        """d_g = RN32(Σ_k partial[k]) of columns ``cols``: a float64 sum over the splits in order."""
+    def _sum_of_splits(partial_ptr, cols, cmask, N, n_splits, BLOCK: tl.constexpr):
+        """Σ_k partial[k] of columns ``cols`` (float64 partials): a float64 sum over the splits in order."""
         acc = tl.zeros([BLOCK], dtype=tl.float64)
         for k in range(0, n_splits):
             acc += tl.load(partial_ptr + k * N + cols, mask=cmask, other=0.0)
-        return acc.to(tl.float32)
+        return acc
+
+    @triton.jit
+    def _d_g_of_splits(partial_ptr, cols, cmask, N, n_splits, BLOCK: tl.constexpr):
+        """d_g = RN32(Σ_k partial[k]) of columns ``cols``: a float64 sum over the splits in order."""
+        return _sum_of_splits(partial_ptr, cols, cmask, N, n_splits, BLOCK).to(tl.float32)
 
     @fast_launch
     @triton.jit

@@ -1,31 +1,35 @@
-"""DoRA compose with the LoRA up-projection fused in: y = g ⊙ (base + s·RN(xa Bᵀ)) + bias, and its backward.
+"""DoRA compose with the LoRA up-projection fused in: y = g ⊙ (base + s·xa Bᵀ) + bias, and its backward.
 
 ``xa`` = dropout(x) Aᵀ is the LoRA down-projection [T, r]; the up-projection lora = xa Bᵀ [T, d_out] is
-never written to memory. The forward computes each lora tile on tensor cores (fp32 accumulation over r),
-rounds it to the adapter dtype — exactly what a materialised ``F.linear(xa, B)`` holds — and composes it
-with ``base`` in the same registers; the backward recomputes the same tiles with the same code and tile
-shapes (bitwise the same lora) to form d_g. What the layer keeps for backward is ``base`` and ``xa``
-(one activation-sized tensor and a [T, r] one) instead of ``base`` and ``lora``, and one pass over lora
-(its write and read) disappears from both directions. Kernels, launchers, eager fallback, custom ops
-and autograd glue of the op live here together (layout of kernels/compose.py).
+never written to memory. The forward computes each lora tile on tensor cores (exact products, fp32 accumulation
+over r) and composes it with ``base`` in the same registers, without rounding it to the adapter dtype first. The
+backward never forms lora again: d_g's lora term Σ_T dy ⊙ lora is Σ_r B ⊙ M with M = dyᵀxa, the product d_B needs
+anyway, so it is one pass over dy and base. What the layer keeps for backward is ``base`` and ``xa`` (one
+activation-sized tensor and a [T, r] one) instead of ``base`` and ``lora``, and one pass over lora (its write and
+read) disappears from both directions. Kernels, launchers, eager fallback, custom ops and autograd glue of the op
+live here together (layout of kernels/compose.py).
 
 Numerical contract (base in bf16/fp16/fp32; xa, B in bf16/fp16 on the fused tier; g fp32):
 
-* lora = RN_adapter(Σ_r xa·B) with fp32 tensor-core accumulation over r (error ≤ γ_r·Σ|xa||B| before the
-  rounding, as a cuBLAS GEMM's); the same value in forward and backward (the backward's d_g is the
-  gradient of the function the forward evaluated).
+* lora = Σ_r xa·B with fp32 accumulation (error ≤ γ_r(2u₃₂)·Σ|xa||B|, the tensor-core model of a cuBLAS GEMM), kept
+  in fp32: the compose reads it unrounded (a materialised ``F.linear(xa, B)`` would round it to the adapter dtype,
+  2⁻⁹ relative for bf16).
 * y: the compose's single-rounding epilogue (kernels/compose.py): ≤ 1 ulp from the exact
   g·(base + s·lora) + bias of the rounded base and lora.
-* d_g = Σ_T dy ⊙ (base + s·lora): float64 products and sums in a fixed two-stage order (per column block
-  and row split, then over splits) — bitwise reproducible, error γ64_T·Σ|dy·inner| plus one fp32 rounding.
-  d_base = RN(RN32(g·dy)) (faithful), only when base requires grad.
-* Adapter gradients are GEMMs with fp32 accumulation: d_B = RN(RN32(g·s) ⊙ M), M = dyᵀ xa in fp32 (error
-  ≤ γ_T·Σ|dy||xa|, as any fp32-accumulated GEMM), and d_xa = dy (RN_adapter(g·s ⊙ B)): the one extra rounding sits
-  on the [d_out, r] operand where PEFT's autograd puts it on d_lora = RN(g·s·dy) — the same 2⁻⁹ (bf16) relative
-  perturbation of one GEMM operand. On the fused tier with r ≤ 32 and bf16/fp16 dy, M comes from the backward
-  kernel's own tile dots (exact products, fp32 sums over each row split's tiles, then over the splits in order:
-  deterministic, one launch fewer); otherwise, and on the eager tier, from cuBLAS (:func:`adapter_grads`). The two
-  orders may differ in the last bits of d_B, each within the bound.
+* d_g = Σ_T dy ⊙ (base + s·lora) = Σ_T dy·base + s·Σ_r B ⊙ M, M = dyᵀxa accumulated in fp32 (exact products): the
+  first term in float64 per column block and row split, then over the splits in order; M from the backward kernel's
+  tile dots (r ≤ DOT_M_MAX_R, bf16/fp16 dy: fp32 chains of one row split, the splits summed in float64) or from
+  cuBLAS's fp32-output GEMM (one chain of T; also the eager tier's); the sum with s·Σ_r B ⊙ M in float64, one fp32
+  rounding. Bitwise reproducible; error within ``bounds.lora_compose_dg_bound`` — γ64 of Σ|dy·base|, γ_c(2u₃₂) of
+  |s|·Σ_r|B|·(|dy|ᵀ|xa|) for M, u₃₂|d_g| — of the exact d_g, and so within γ_r(2u₃₂)·|s|·Σ|dy||xa||B| more of the
+  gradient of the function the forward evaluated (its lora is the fp32 sum). Under cancellation (base ≈ −s·lora)
+  this is M's fp32 accuracy relative to the lora term, not float64's relative to |base + s·lora|: the price of a
+  backward that never recomputes lora (reports/h200/bench/probes/lora_compose_limits.txt). d_base = RN(RN32(g·dy))
+  (faithful), only when base requires grad.
+* Adapter gradients are GEMMs with fp32 accumulation: d_B = RN(RN32(g·s) ⊙ RN32(M)) (error ≤ γ_T·Σ|dy||xa|, as any
+  fp32-accumulated GEMM), and d_xa = dy (RN_adapter(g·s ⊙ B)): the one extra rounding sits on the [d_out, r]
+  operand where PEFT's autograd puts it on d_lora = RN(g·s·dy) — the same 2⁻⁹ (bf16) relative perturbation of one
+  GEMM operand. The kernel's M and cuBLAS's may differ in the last bits of d_B, each within the bound.
 * fp32 adapters (PEFT's default autocast): a Triton fp32 dot would run in TF32, so lora = F.linear(xa, B) is formed
   by torch's GEMM for kernels/compose.py's compose (either tier) and freed; the backward forms it again (the same GEMM
   on the same operands: the same bits) — y and every gradient are compose's on that lora, and what is kept is base,
@@ -71,7 +75,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .compose import _d_g_of_splits, _y_value
+    from .compose import _sum_of_splits, _y_value
 
 # One tile shape for forward and backward: the lora tiles must come out of the same tensor-core code.
 LC_BLOCK_T, LC_BLOCK_N, LC_BLOCK_R, LC_WARPS, LC_STAGES = 64, 128, 64, 4, 3
@@ -110,7 +114,7 @@ if HAS_TRITON:
     def _lora_tile(
         xa_ptr, b_ptr, rows, cols, T, N, R, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr
     ):
-        """RN_adapter(xa[rows] B[cols]ᵀ) as fp32: fp32 tensor-core accumulation over r, one rounding."""
+        """xa[rows] B[cols]ᵀ in fp32: exact products, fp32 tensor-core accumulation over r, not rounded further."""
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
@@ -125,7 +129,7 @@ if HAS_TRITON:
                 other=0.0,
             )
             acc = tl.dot(xa, tl.trans(b), acc, out_dtype=tl.float32)
-        return acc.to(xa_ptr.dtype.element_ty).to(tl.float32)
+        return acc
 
     @triton.jit
     def _g_cols(g_ptr, m_ptr, cols, cmask, eps, FROM_M: tl.constexpr):
@@ -187,8 +191,6 @@ if HAS_TRITON:
         dbase_ptr,
         partial_ptr,
         partial_m_ptr,
-        m_ptr,
-        db_ptr,
         gsb_ptr,
         T,
         N,
@@ -198,7 +200,6 @@ if HAS_TRITON:
         rows_per_split,
         WRITE_DBASE: tl.constexpr,
         WRITE_DG: tl.constexpr,
-        WRITE_DB: tl.constexpr,
         DOT_M: tl.constexpr,
         WRITE_GSB: tl.constexpr,
         G_FROM_M: tl.constexpr,
@@ -206,40 +207,35 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):
-        """Per column block and row split: d_base = RN(g·dy), float64 partials of d_g and (DOT_M: r ≤ BLOCK_R)
-        fp32 partials of M = dyᵀxa from the tiles' own dots; the first split also writes the adapter-gradient
-        epilogues of its columns (the arithmetic of :func:`adapter_grads`): gsB = RN(RN32(RN32(g·s)·B)) and
-        (WRITE_DB) d_B = RN_B(RN32(g·s)·M) with M = dyᵀxa (fp32) from cuBLAS."""
+        """Per column block and row split, one pass over dy (and base): d_base = RN(g·dy); float64 partials of
+        Σ_T dy·base (d_g's base term); (DOT_M: r ≤ BLOCK_R) fp32 partials of M = dyᵀxa from tile dots (exact
+        products); the first split also writes gsB = RN(RN32(RN32(g·s)·B)) (:func:`adapter_grads`' operand). No
+        lora tile: d_g's lora term is s·Σ_r B ⊙ M, formed by the second stage."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        if WRITE_DB or WRITE_GSB:
+        if WRITE_GSB:
             if pid_s == 0:
                 gs = _g_cols(g_ptr, mag_ptr, cols, cmask, eps, G_FROM_M) * s
                 for r0 in range(0, R, BLOCK_R):
                     rr = r0 + tl.arange(0, BLOCK_R)
                     m2 = cmask[:, None] & (rr < R)[None, :]
                     o2 = cols.to(tl.int64)[:, None] * R + rr[None, :]
-                    if WRITE_GSB:
-                        bb = tl.load(b_ptr + o2, mask=m2, other=0.0).to(tl.float32)
-                        tl.store(gsb_ptr + o2, (gs[:, None] * bb).to(gsb_ptr.dtype.element_ty), mask=m2)
-                    if WRITE_DB:
-                        mm = tl.load(m_ptr + o2, mask=m2, other=0.0)
-                        tl.store(db_ptr + o2, (gs[:, None] * mm).to(db_ptr.dtype.element_ty), mask=m2)
+                    bb = tl.load(b_ptr + o2, mask=m2, other=0.0).to(tl.float32)
+                    tl.store(gsb_ptr + o2, (gs[:, None] * bb).to(gsb_ptr.dtype.element_ty), mask=m2)
         g = _g_cols(g_ptr, mag_ptr, cols, cmask, eps, G_FROM_M)[None, :]
         acc = tl.zeros([BLOCK_N], dtype=tl.float64)
         rr = tl.arange(0, BLOCK_R)
         if DOT_M:
             acc_m = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
-        t0 = pid_s * rows_per_split  # a multiple of BLOCK_T: the forward's row tiles exactly
+        t0 = pid_s * rows_per_split
         t_end = tl.minimum(t0 + rows_per_split, T)
         for start in range(t0, t_end, BLOCK_T):
             rows = start + tl.arange(0, BLOCK_T)
             mask = (rows < t_end)[:, None] & cmask[None, :]
             offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
             dy_raw = tl.load(dy_ptr + offs, mask=mask, other=0.0)
-            dy = dy_raw.to(tl.float32)
             if DOT_M:  # M += dy_tileᵀ xa_tile: exact products, fp32 accumulation (as cuBLAS's GEMM, in tile order)
                 xa_t = tl.load(
                     xa_ptr + rows.to(tl.int64)[:, None] * R + rr[None, :],
@@ -248,11 +244,10 @@ if HAS_TRITON:
                 ).to(dy_raw.dtype)
                 acc_m = tl.dot(tl.trans(dy_raw), xa_t, acc_m, out_dtype=tl.float32)
             if WRITE_DBASE:
-                tl.store(dbase_ptr + offs, (g * dy).to(dbase_ptr.dtype.element_ty), mask=mask)
+                tl.store(dbase_ptr + offs, (g * dy_raw.to(tl.float32)).to(dbase_ptr.dtype.element_ty), mask=mask)
             if WRITE_DG:
-                lo = _lora_tile(xa_ptr, b_ptr, rows, cols, T, N, R, BLOCK_T, BLOCK_N, BLOCK_R)
-                inner = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float64) + lo.to(tl.float64) * s
-                acc += tl.sum(dy.to(tl.float64) * inner, axis=0)
+                base = tl.load(base_ptr + offs, mask=mask, other=0.0)
+                acc += tl.sum(dy_raw.to(tl.float64) * base.to(tl.float64), axis=0)
         if WRITE_DG:
             tl.store(partial_ptr + pid_s.to(tl.int64) * N + cols, acc, mask=cmask)
         if DOT_M:
@@ -264,6 +259,8 @@ if HAS_TRITON:
     def _lora_sum_kernel(
         partial_ptr,
         partial_m_ptr,
+        m_ptr,
+        b_ptr,
         dg_ptr,
         db_ptr,
         g_ptr,
@@ -275,33 +272,43 @@ if HAS_TRITON:
         eps,
         HAS_DG: tl.constexpr,
         HAS_DB: tl.constexpr,
+        M_SPLITS: tl.constexpr,
         G_FROM_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):
-        """The backward's second stage, per column block: d_g = RN32(Σ_k partial[k]) (float64, splits in order) —
-        with G_FROM_M d_m = RN_m(RN32(d_g / max(ν, ε))) instead, autograd's DivBackward (IEEE division) then
-        ToCopyBackward of g = m₃₂ / max(ν, ε) —; with HAS_DB, M = Σ_k partial_m[k] (fp32, splits in order) and
-        d_B = RN_B(RN32(g·s)·M)."""
+        """The backward's second stage, per column block. M = dyᵀxa: the float64 sum of the first stage's fp32 split
+        partials in split order (M_SPLITS; r ≤ BLOCK_R), or cuBLAS's fp32 M at m_ptr. d_B = RN_B(RN32(g·s)·RN32(M));
+        d_g = RN32(Σ_k partial[k] + s·Σ_r B ⊙ M), all in float64 (B·M products exact) — with G_FROM_M
+        d_m = RN_m(RN32(d_g / max(ν, ε))) instead, autograd's DivBackward (IEEE division) then ToCopyBackward of
+        g = m₃₂ / max(ν, ε)."""
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
+        if HAS_DB:
+            gs = _g_cols(g_ptr, mag_ptr, cols, cmask, eps, G_FROM_M) * s
+        lora_term = tl.zeros([BLOCK_N], dtype=tl.float64)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            m2 = cmask[:, None] & (rr < R)[None, :]
+            o2 = cols.to(tl.int64)[:, None] * R + rr[None, :]
+            if M_SPLITS:
+                mm = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float64)
+                ptrs = partial_m_ptr + o2
+                for _ in range(0, n_splits):
+                    mm += tl.load(ptrs, mask=m2, other=0.0).to(tl.float64)
+                    ptrs += N * R  # one split: B's size, far below 2³¹
+            else:
+                mm = tl.load(m_ptr + o2, mask=m2, other=0.0).to(tl.float64)
+            if HAS_DB:
+                tl.store(db_ptr + o2, (gs[:, None] * mm.to(tl.float32)).to(db_ptr.dtype.element_ty), mask=m2)
+            if HAS_DG:
+                lora_term += tl.sum(tl.load(b_ptr + o2, mask=m2, other=0.0).to(tl.float64) * mm, axis=1)
         if HAS_DG:
-            d = _d_g_of_splits(partial_ptr, cols, cmask, N, n_splits, BLOCK_N)
+            d = (_sum_of_splits(partial_ptr, cols, cmask, N, n_splits, BLOCK_N) + lora_term * s).to(tl.float32)
             if G_FROM_M:
                 nu = tl.load(g_ptr + cols, mask=cmask, other=1.0)
                 d = tl.math.div_rn(d, tl.maximum(nu, eps, propagate_nan=tl.PropagateNan.ALL))
             tl.store(dg_ptr + cols, d.to(dg_ptr.dtype.element_ty), mask=cmask)
-        if HAS_DB:
-            rr = tl.arange(0, BLOCK_R)
-            m2 = cmask[:, None] & (rr < R)[None, :]
-            o2 = cols.to(tl.int64)[:, None] * R + rr[None, :]
-            acc = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
-            ptrs = partial_m_ptr + o2
-            for _ in range(0, n_splits):
-                acc += tl.load(ptrs, mask=m2, other=0.0)
-                ptrs += N * R  # one split: B's size, far below 2³¹
-            gs = _g_cols(g_ptr, mag_ptr, cols, cmask, eps, G_FROM_M) * s
-            tl.store(db_ptr + o2, (gs[:, None] * acc).to(db_ptr.dtype.element_ty), mask=m2)
 
 
 def _splits(T: int, N: int) -> Tuple[int, int]:
@@ -309,6 +316,12 @@ def _splits(T: int, N: int) -> Tuple[int, int]:
     rows, _ = bwd_splits(T, N)
     rows = -(-rows // LC_BLOCK_T) * LC_BLOCK_T
     return rows, -(-T // rows)
+
+
+def m_chain(T: int, N: int, R: int, dy_dtype, device="cuda") -> Optional[int]:
+    """The longest fp32 accumulation chain of the backward's M = dyᵀxa: the rows of one split where the kernel forms
+    M (:func:`dot_m_applies`; the splits are then summed in float64), None where cuBLAS's GEMM does (one chain of T)."""
+    return _splits(T, N)[0] if dot_m_applies(R, dy_dtype, device) else None
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -320,7 +333,7 @@ def lora_compose_forward_fused(
     T, N = _rows_cols(base)
     R = xa.shape[-1]
     out = torch.empty_like(base)
-    lora = torch.empty(base.shape, dtype=xa.dtype, device=base.device) if write_lora else None  # None: host time
+    lora = torch.empty(base.shape, dtype=torch.float32, device=base.device) if write_lora else None  # None: host time
     if T and N:
         grid = (triton.cdiv(T, LC_BLOCK_T) * triton.cdiv(N, LC_BLOCK_N),)
         _lora_compose_fwd_kernel[grid](
@@ -372,11 +385,11 @@ def lora_compose_backward_fused_all(
     eps: float = DEFAULT_EPS,
 ):
     """Triton backward with the adapter gradients: (d_base, d_g, d_xa, d_B), empties / None for what is not
-    needed. The backward kernel writes d_base, d_g's partials, RN(g·s)-scaled B and M = dyᵀxa's partials
-    (:func:`dot_m_applies`; else M is cuBLAS's GEMM, run first, and d_B its epilogue); the second stage sums the
-    partials into d_g and d_B; then d_xa = dy·gsB (:func:`adapter_grads`' bits). Three launches where autograd's
-    composition takes nine: the eager step is host-bound (reports/h200/bench). With ``m``, ``g`` holds ν
-    (g = m / max(ν, ε) formed in the kernels) and the second result is d_m (m's dtype) in place of d_g."""
+    needed. The first stage reads dy (and base for d_g) once: d_base, d_g's base-term partials, RN(g·s)-scaled B and
+    (:func:`dot_m_applies`) M = dyᵀxa's partials from its tile dots — else M is cuBLAS's GEMM, run first; the second
+    stage forms d_B = RN(g·s)·M and d_g = Σ dy·base + s·Σ_r B ⊙ M; then d_xa = dy·gsB (:func:`adapter_grads`' bits).
+    Three launches where autograd's composition takes nine. With ``m``, ``g`` holds ν (g = m / max(ν, ε) formed in
+    the kernels) and the second result is d_m (m's dtype) in place of d_g."""
     T, N = _rows_cols(dy)
     R = xa.shape[-1]
     dev = dy.device
@@ -388,50 +401,51 @@ def lora_compose_backward_fused_all(
     if not (need_base or need_g or need_xa or need_B):
         return d_base, d_g, None, None
     rows, splits = _splits(T, N)
-    dot_m = need_B and dot_m_applies(R, dy.dtype, dev)
+    need_m = need_B or need_g
+    dot_m = need_m and dot_m_applies(R, dy.dtype, dev)
     partial = torch.empty((splits, N) if need_g else (0,), dtype=torch.float64, device=dev)
     partial_m = torch.empty((splits, N, R) if dot_m else (0,), dtype=torch.float32, device=dev)
-    M = _mm_fp32(dy.reshape(T, N).t(), xa.reshape(T, R).to(dy.dtype)) if need_B and not dot_m else None
+    M = _mm_fp32(dy.reshape(T, N).t(), xa.reshape(T, R).to(dy.dtype)) if need_m and not dot_m else None
     d_B = torch.empty((N, R), dtype=B.dtype, device=dev) if need_B else None
     gsB = torch.empty((N, R), dtype=dy.dtype, device=dev) if need_xa else None
-    _lora_compose_bwd_kernel[(triton.cdiv(N, LC_BLOCK_N), splits)](
-        dy,
-        base if need_g else dy,
-        xa,
-        B,
-        g,
-        m if m is not None else g,
-        d_base if need_base else dy,
-        partial if need_g else g,
-        partial_m if dot_m else g,
-        M if M is not None else g,
-        d_B if need_B else g,
-        gsB if need_xa else g,
-        T,
-        N,
-        R,
-        s,
-        eps,
-        rows,
-        WRITE_DBASE=need_base,
-        WRITE_DG=need_g,
-        WRITE_DB=M is not None,
-        DOT_M=dot_m,
-        WRITE_GSB=need_xa,
-        G_FROM_M=m is not None,
-        BLOCK_T=LC_BLOCK_T,
-        BLOCK_N=LC_BLOCK_N,
-        BLOCK_R=lc_block_r(R),
-        num_warps=LC_WARPS,
-        num_stages=LC_STAGES,
-        enable_fp_fusion=False,
-    )
-    if need_g or dot_m:
+    if need_base or need_g or need_xa or dot_m:
+        _lora_compose_bwd_kernel[(triton.cdiv(N, LC_BLOCK_N), splits)](
+            dy,
+            base if need_g else dy,
+            xa,
+            B,
+            g,
+            m if m is not None else g,
+            d_base if need_base else dy,
+            partial if need_g else g,
+            partial_m if dot_m else g,
+            gsB if need_xa else g,
+            T,
+            N,
+            R,
+            s,
+            eps,
+            rows,
+            WRITE_DBASE=need_base,
+            WRITE_DG=need_g,
+            DOT_M=dot_m,
+            WRITE_GSB=need_xa,
+            G_FROM_M=m is not None,
+            BLOCK_T=LC_BLOCK_T,
+            BLOCK_N=LC_BLOCK_N,
+            BLOCK_R=lc_block_r(R),
+            num_warps=LC_WARPS,
+            num_stages=LC_STAGES,
+            enable_fp_fusion=False,
+        )
+    if need_m:
         _lora_sum_kernel[(triton.cdiv(N, LC_SUM_BLOCK_N),)](
             partial if need_g else g,
             partial_m if dot_m else g,
+            M if M is not None else g,
+            B,
             d_g if need_g else g,
-            d_B if dot_m else g,
+            d_B if need_B else g,
             g,
             m if m is not None else g,
             N,
@@ -440,7 +454,8 @@ def lora_compose_backward_fused_all(
             s,
             eps,
             HAS_DG=need_g,
-            HAS_DB=dot_m,
+            HAS_DB=need_B,
+            M_SPLITS=dot_m,
             G_FROM_M=m is not None,
             BLOCK_N=LC_SUM_BLOCK_N,
             BLOCK_R=lc_block_r(R),
@@ -452,33 +467,30 @@ def lora_compose_backward_fused_all(
 
 @no_autocast
 def lora_compose_forward_eager(base, xa, B, g, bias, s: float, write_lora: bool = False):
-    """Eager tier: lora = F.linear(xa, B) (torch GEMM, rounded to the adapter dtype), float64 compose."""
-    lora = F.linear(xa, B)
+    """Eager tier: lora = xa Bᵀ from torch's GEMM with an fp32 result (not rounded to the adapter dtype, as the
+    fused tile), then the float64 compose of kernels/compose.py."""
+    lora = _lora_fp32(xa, B)
     y, _ = compose_forward_eager(base, lora, g, None, bias, s, False, SAVE_NONE)
-    return y, (lora if write_lora else base.new_empty(0, dtype=xa.dtype))
+    return y, (lora if write_lora else base.new_empty(0, dtype=torch.float32))
+
+
+def _lora_fp32(xa, B):
+    """xa Bᵀ [..., N] in fp32 (fp32 accumulation, no rounding to the adapter dtype)."""
+    return _mm_fp32(xa.reshape(-1, xa.shape[-1]), B.t()).reshape(*xa.shape[:-1], B.shape[0])
 
 
 @no_autocast
 def lora_compose_backward_eager(dy, base, xa, B, g, s: float, need_base: bool, need_g: bool):
-    """Eager tier: recomputes lora with the forward's GEMM (deterministic: the same bits), float64 d_g."""
-    lora = F.linear(xa, B) if need_g else base
-    d_base, _, d_g = compose_backward_eager(
-        dy,
-        base,
-        lora,
-        dy.new_empty(0),
-        g,
-        None,
-        s,
-        False,
-        SAVE_INPUTS,
-        base.dtype,
-        lora.dtype,
-        need_base,
-        False,
-        need_g,
-    )
-    return d_base, d_g
+    """Eager tier: d_base = RN(RN32(g·dy)) (kernels/compose.py's); d_g = RN32(Σ_T dy·base + s·Σ_r B ⊙ M) in float64
+    with M = dyᵀxa from torch's fp32-output GEMM — the fused tier's formula (module contract)."""
+    d_base = (g * dy.to(torch.float32)).to(base.dtype) if need_base else dy.new_empty(0, dtype=base.dtype)
+    if not need_g:
+        return d_base, dy.new_empty(0, dtype=torch.float32)
+    N, R = B.shape
+    dy2, xa2 = dy.reshape(-1, N), xa.reshape(-1, R)
+    M = _mm_fp32(dy2.t(), xa2.to(dy.dtype)).double()
+    d_g = (dy2.double() * base.reshape(-1, N).double()).sum(0) + s * (B.double() * M).sum(1)
+    return d_base, d_g.to(torch.float32)
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from dora_verify.bounds import lora_compose_dg_bound
 from dora_verify.cases import make_case
 from dora_verify.formats import parse_format, ulp
 from dora_verify.metrics import ulp_error
@@ -48,12 +49,12 @@ def test_y_faithful_and_lora_is_the_gemm(tier, dtype, regime):
     for g in (c.g, torch.ones_like(c.g), torch.full_like(c.g, 1 + 2**-12)):
         for b in (None, bias):
             y, lora = _forward_with_lora(tier, base, xa, c.B, g, c.s, b)
-            # the lora the kernel used is xa Bᵀ with fp32 accumulation over r and one rounding:
-            # |lora − xa Bᵀ| ≤ u_act|xa Bᵀ| + γ_r^{fp32}·(|xa| |B|ᵀ)
+            # the lora the kernel used is xa Bᵀ with fp32 accumulation over r, not rounded to the adapter dtype:
+            # |lora − xa Bᵀ| ≤ γ_r(2u₃₂)·(|xa| |B|ᵀ) (the tensor-core model), and no coarser
             exact = xa.double() @ c.B.double().t()
             mag = xa.double().abs() @ c.B.double().abs().t()
-            tol = fmt.u * exact.abs() + (c.B.shape[1] + 1) * U32 * mag * (1 + fmt.u)
-            assert bool(((lora.double() - exact).abs() <= tol).all())
+            assert lora.dtype == torch.float32
+            assert bool(((lora.double() - exact).abs() <= 2 * (c.B.shape[1] + 1) * U32 * mag).all())
             # contract: y ≤ 1 ulp from the exact g·(base + s·lora) + bias of that lora
             truth = compose_truth(base, lora, g, c.s, b)
             assert float(ulp_error(y.double(), truth.y, fmt).max()) <= 1.0
@@ -82,12 +83,17 @@ def test_backward_against_oracle(tier):
     g64, dy64, s = g.detach().double(), dy.double(), c.s
     # d_base = RN(RN32(g·dy)): faithful
     assert float(ulp_error(b_.grad.double(), g64 * dy64, fmt).max()) <= 1.0
-    # d_g from the forward's own lora (the backward recomputes it bit for bit): float64 sums, one fp32 rounding
-    inner = base.double() + s * lora.double()
-    dg = (dy64 * inner).sum(0)
+    # d_g = Σ dy·base + s·Σ_r B ⊙ M̂ in float64 (M̂ = dyᵀxa, fp32 chains): within lora_compose_dg_bound of the exact
+    # Σ dy ⊙ (base + s·xa Bᵀ); then d_m = RN32(d_g / ν) (m fp32 here: one more u₃₂ of |d_m|)
+    chain = lc.m_chain(*dy.shape, xa.shape[1], dy.dtype, dy.device) if tier == "fused" else None
+    dg, bound_dg = lora_compose_dg_bound(dy, base, xa, c.B, s, chain)
     dm = dg / nu.double()
-    bound_dg = U32 * dg.abs() + 2 * dy.shape[0] * 2.0**-53 * (dy64 * inner).abs().sum(0)
-    assert bool(((m.grad.double() * nu.double() - dg).abs() <= 2 * bound_dg + 2 * U32 * dm.abs() * nu.double()).all())
+    assert bool(((m.grad.double() * nu.double() - dg).abs() <= bound_dg + 2 * U32 * dm.abs() * nu.double()).all())
+    # and that lora is the forward's: the gradient of the function evaluated, within γ_r(2u₃₂) of its products
+    dg_fwd = (dy64 * (base.double() + s * lora.double())).sum(0)
+    mag = dy64.abs().t() @ xa.double().abs()
+    tol_fwd = 2 * (xa.shape[1] + 1) * U32 * abs(s) * (c.B.double().abs() * mag).sum(1)
+    assert bool(((dg - dg_fwd).abs() <= tol_fwd + bound_dg).all())
     # d_B = RN(RN32(g s) ⊙ (dyᵀ xa)): fp32 GEMM over T, then two roundings
     gs = (g.detach() * s).double()
     dB = gs[:, None] * (dy64.t() @ xa.double())
@@ -115,19 +121,20 @@ def test_backward_bitwise_reproducible(tier):
         assert all(torch.equal(a, b) for a, b in zip(o, outs[0]))
 
 
-def test_matches_compose_on_materialised_lora():
-    """The layer's two routes (fused up-projection vs compose on F.linear(xa, B)) agree within the
-    bound: both are faithful to g·(base + s·lora), and their loras may differ by one rounding."""
+def test_matches_compose_on_an_fp32_lora():
+    """The fused up-projection and compose on an fp32 lora = xa Bᵀ (fp32 adapters' route) agree within the bound:
+    both are faithful to g·(base + s·lora), and their fp32 loras differ only by accumulation order."""
     from dora_verify.kernels import compose
 
     c, base, xa = _inputs("trained", "fp16")
     tier = TIERS[-1]
     y1 = lora_compose(base, xa, c.B, c.g, c.s, tier=tier)
-    lora = torch.nn.functional.linear(xa, c.B)
+    lora = xa.float() @ c.B.float().t()
     y2 = compose(base, lora, c.g, c.s, tier=tier)
     fmt = parse_format("fp16")
-    # each y within 1 ulp of its exact value; the exact values differ by ≤ |g·s|·ulp(lora) ≤ |g·s|·2u|lora|
-    tol = 2 * ulp(y2.double(), fmt) + 2 * fmt.u * (c.g.double() * abs(c.s)).abs() * lora.double().abs()
+    # each y within 1 ulp of its exact value; the exact values differ by ≤ |g·s|·2γ_r(2u₃₂)·|xa||B|ᵀ
+    mag = xa.double().abs() @ c.B.double().abs().t()
+    tol = 2 * ulp(y2.double(), fmt) + 4 * (c.B.shape[1] + 1) * U32 * (c.g.double() * abs(c.s)).abs() * mag
     assert bool(((y1.double() - y2.double()).abs() <= tol * (1 + 1e-9)).all())
 
 
@@ -417,3 +424,16 @@ def test_dora_lora_compose_eager_tier_and_bad_inputs():
         with pytest.raises(exc, match=msg) as e:
             lc.dora_lora_compose(**args, tier="fused" if "fused" in TIERS else None)
         assert "\n" not in str(e.value)
+
+
+def test_the_dg_bound_fails_a_lora_rounded_to_the_adapter():
+    """lora_compose_dg_bound rejects the d_g of a forward that rounded lora to bf16 (the check can fail): the
+    backward's Σ_r B ⊙ M is only the gradient of a forward whose lora is the fp32 sum."""
+    c, base, xa = _inputs("trained", "bf16", T=256, N=64, r=16)
+    dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(8)).to(base.dtype)
+    dg, bound = lora_compose_dg_bound(dy, base, xa, c.B, c.s)
+    rounded = torch.nn.functional.linear(xa, c.B).double()  # RN_bf16(xa Bᵀ)
+    wrong = (dy.double() * (base.double() + c.s * rounded)).sum(0).float().double()
+    assert not bool(((wrong - dg).abs() <= bound).all())
+    eager = lc.lora_compose_backward_eager(dy, base, xa, c.B, c.g, c.s, False, True)[1]
+    assert bool(((eager.double() - dg).abs() <= bound).all())
