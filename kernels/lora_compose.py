@@ -18,8 +18,8 @@ Numerical contract (base in bf16/fp16/fp32; xa, B in bf16/fp16 on the fused tier
   g·(base + s·lora) + bias of the rounded base and lora.
 * d_g = Σ_T dy ⊙ (base + s·lora) = Σ_T dy·base + s·Σ_r B ⊙ M, M = dyᵀxa accumulated in fp32 (exact products): the
   first term in float64 per column block and row split, then over the splits in order; M from the backward kernel's
-  tile dots (r ≤ DOT_M_MAX_R, bf16/fp16 dy: fp32 chains of one row split, the splits summed in float64) or from
-  cuBLAS's fp32-output GEMM (one chain of T; also the eager tier's); the sum with s·Σ_r B ⊙ M in float64, one fp32
+  tile dots (:func:`dot_m_applies`: fp32 chains of one row split, the splits summed in float64) or from cuBLAS's
+  fp32-output GEMM (one chain of T; also the eager tier's); the sum with s·Σ_r B ⊙ M in float64, one fp32
   rounding. Bitwise reproducible; error within ``bounds.lora_compose_dg_bound`` — γ64 of Σ|dy·base|, γ_c(2u₃₂) of
   |s|·Σ_r|B|·(|dy|ᵀ|xa|) for M, u₃₂|d_g| — of the exact d_g, and so within γ_r(2u₃₂)·|s|·Σ|dy||xa||B| more of the
   gradient of the function the forward evaluated (its lora is the fp32 sum). Under cancellation (base ≈ −s·lora)
@@ -90,21 +90,27 @@ def lc_block_r(R: int) -> int:
 
 _FUSED_ADAPTER_DTYPES = (torch.bfloat16, torch.float16)
 LC_SUM_BLOCK_N = 64  # columns per program of the backward's second stage (× the r-block for d_B)
-# Largest r whose M = dyᵀxa the backward kernel accumulates itself: its [BLOCK_N, r] fp32 accumulator costs registers.
-# Measured on an H200 (reports/h200/bench/probes/dot_m_vs_cublas.txt): the kernel's M is faster than cuBLAS's GEMM
-# plus its launch at r 16 and 32 (8–9% and 2%), slower at r 64 (17–21%).
-DOT_M_MAX_R = 32
+# Where the backward kernel forms M = dyᵀxa from its own tile dots (its [BLOCK_N, r] fp32 accumulator costs registers;
+# its split partials a second-stage pass): r ≤ DOT_M_MAX_R and d_out ≥ DOT_M_MIN_N. Measured on an H200 against
+# cuBLAS's GEMM plus its launch (reports/h200/bench/probes/lora_compose_ab.txt, T 4096, bf16): 0.92–0.93× the time at
+# r 16 with d_out 8192 and 14336; 1.12×, 1.35× and 1.64× at d_out 4096 with r 16, 32 and 64; 1.49× at d_out 1024.
+DOT_M_MAX_R = 16
+DOT_M_MIN_N = 8192
 
 
 assert DOT_M_MAX_R <= LC_BLOCK_R  # the kernel's M accumulator holds one r-block
 
 
-def dot_m_applies(R: int, dy_dtype, device="cuda") -> bool:
-    """Whether the backward kernel forms M = dyᵀxa from its own tile dots: r ≤ DOT_M_MAX_R, bf16/fp16 dy (tensor-core
-    operands) and a tl.dot on dy's dtype that :func:`~dispatch.fused_supported` accepts (not bf16 under the Triton
-    interpreter: the adapters may be fp16 with a bf16 base) — else M is cuBLAS's fp32-output GEMM, one more launch."""
+def dot_m_applies(R: int, N: int, dy_dtype, device="cuda") -> bool:
+    """Whether the backward kernel forms M = dyᵀxa from its own tile dots: r ≤ DOT_M_MAX_R, d_out ≥ DOT_M_MIN_N,
+    bf16/fp16 dy (tensor-core operands) and a tl.dot on dy's dtype that :func:`~dispatch.fused_supported` accepts (not
+    bf16 under the Triton interpreter: the adapters may be fp16 with a bf16 base) — else M is cuBLAS's fp32-output
+    GEMM, one more launch."""
     return (
-        R <= DOT_M_MAX_R and dy_dtype in _FUSED_ADAPTER_DTYPES and fused_supported("lora_compose", dy_dtype, device)[0]
+        R <= DOT_M_MAX_R
+        and N >= DOT_M_MIN_N
+        and dy_dtype in _FUSED_ADAPTER_DTYPES
+        and fused_supported("lora_compose", dy_dtype, device)[0]
     )
 
 
@@ -321,7 +327,7 @@ def _splits(T: int, N: int) -> Tuple[int, int]:
 def m_chain(T: int, N: int, R: int, dy_dtype, device="cuda") -> Optional[int]:
     """The longest fp32 accumulation chain of the backward's M = dyᵀxa: the rows of one split where the kernel forms
     M (:func:`dot_m_applies`; the splits are then summed in float64), None where cuBLAS's GEMM does (one chain of T)."""
-    return _splits(T, N)[0] if dot_m_applies(R, dy_dtype, device) else None
+    return _splits(T, N)[0] if dot_m_applies(R, N, dy_dtype, device) else None
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -402,7 +408,7 @@ def lora_compose_backward_fused_all(
         return d_base, d_g, None, None
     rows, splits = _splits(T, N)
     need_m = need_B or need_g
-    dot_m = need_m and dot_m_applies(R, dy.dtype, dev)
+    dot_m = need_m and dot_m_applies(R, N, dy.dtype, dev)
     partial = torch.empty((splits, N) if need_g else (0,), dtype=torch.float64, device=dev)
     partial_m = torch.empty((splits, N, R) if dot_m else (0,), dtype=torch.float32, device=dev)
     M = _mm_fp32(dy.reshape(T, N).t(), xa.reshape(T, R).to(dy.dtype)) if need_m and not dot_m else None

@@ -68,9 +68,20 @@ def test_fresh_adapter_returns_base_exactly(tier):
     assert torch.equal(lora_compose(base, xa, torch.zeros_like(c.B), torch.ones_like(c.g), c.s, tier=tier), base)
 
 
+@pytest.fixture(params=["kernel-M", "cublas-M"])
+def m_source(request, monkeypatch):
+    """Where the fused backward's M = dyᵀxa comes from: the kernel's dots (any d_out) or cuBLAS (any r)."""
+    if request.param == "kernel-M":
+        monkeypatch.setattr(lc, "DOT_M_MIN_N", 1)
+    else:
+        monkeypatch.setattr(lc, "DOT_M_MAX_R", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("tier", TIERS)
-def test_backward_against_oracle(tier):
+def test_backward_against_oracle(tier, m_source):
     c, base, xa = _inputs("trained", "fp16", T=90, N=67)
+    assert lc.dot_m_applies(8, 67, torch.float16, "cpu") == (m_source == "kernel-M" and "fused" in TIERS)
     m = c.magnitude().clone().requires_grad_()
     nu = c.magnitude() / c.g
     g, _ = dora_scale(m, nu)
@@ -198,11 +209,12 @@ def _d_B_exact_and_bound(dy, xa, g, s, fmt):
 @pytest.mark.skipif(not (torch.cuda.is_available() or "fused" in TIERS), reason="needs the fused tier")
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
-@pytest.mark.parametrize("r", [20, 48, 80])
-def test_fused_adapter_gradients(dtype, need, r):
+@pytest.mark.parametrize("r", [12, 16, 20, 80])
+def test_fused_adapter_gradients(dtype, need, r, monkeypatch):
     """The backward kernel's adapter gradients: d_xa is adapter_grads' bits; d_B is within the fp32-GEMM bound of
-    the exact RN32(g·s)·dyᵀxa — from the kernel's own dots at r ≤ DOT_M_MAX_R (dot_m_applies), adapter_grads' bits
-    (cuBLAS's M) above. bf16 only on the GPU (the interpreter's bf16 casts)."""
+    the exact RN32(g·s)·dyᵀxa — from the kernel's own dots at r ≤ DOT_M_MAX_R (dot_m_applies; here at any d_out),
+    adapter_grads' bits (cuBLAS's M) above. bf16 only on the GPU (the interpreter's bf16 casts)."""
+    monkeypatch.setattr(lc, "DOT_M_MIN_N", 1)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "bf16" and dev == "cpu":
         pytest.skip("bf16 conversions under the interpreter: checked on the GPU")
@@ -210,7 +222,7 @@ def test_fused_adapter_gradients(dtype, need, r):
     base, xa, B, g = (t.to(dev) for t in (base, xa, c.B, c.g))
     dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(5)).to(base.dtype).to(dev)
     need_xa, need_B = need
-    assert lc.dot_m_applies(r, dy.dtype) == (r <= lc.DOT_M_MAX_R)
+    assert lc.dot_m_applies(r, 131, dy.dtype, dev) == (r <= lc.DOT_M_MAX_R)
     _, d_g, d_xa, d_B = lc.lora_compose_backward_fused_all(dy, base, xa, B, g, c.s, False, True, need_xa, need_B)
     ref_xa, ref_B = lc.adapter_grads(dy, xa, B, g, c.s, need_xa, need_B)
     assert (d_xa is None) == (not need_xa) and (d_B is None) == (not need_B)
@@ -225,9 +237,10 @@ def test_fused_adapter_gradients(dtype, need, r):
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or "fused" in TIERS), reason="needs the fused tier")
-def test_bf16_base_with_fp16_adapters():
+def test_bf16_base_with_fp16_adapters(monkeypatch):
     """A bf16 base (so bf16 dy) with fp16 adapters: d_B is adapter_grads' bits where the kernel's M does not apply
     (the interpreter: its bf16 tl.dot is garbage), else within the fp32-GEMM bound — finite either way."""
+    monkeypatch.setattr(lc, "DOT_M_MIN_N", 1)  # the kernel's M wherever it applies, at this small d_out
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     c, base, xa = _inputs("heavy_tailed", "fp16", T=70, N=131, r=8)
     base, xa, B, g = base.to(torch.bfloat16).to(dev), xa.to(dev), c.B.to(dev), c.g.to(dev)
@@ -235,7 +248,7 @@ def test_bf16_base_with_fp16_adapters():
     d_B = lc.lora_compose_backward_fused_all(dy, base, xa, B, g, c.s, False, False, False, True)[3]
     ref_B = lc.adapter_grads(dy, xa, B, g, c.s, False, True)[1]
     assert bool(torch.isfinite(d_B).all())
-    if not lc.dot_m_applies(8, dy.dtype):
+    if not lc.dot_m_applies(8, 131, dy.dtype, dev):
         assert torch.equal(d_B, ref_B)
     exact, tol = _d_B_exact_and_bound(dy, xa, g, c.s, parse_format("fp16"))
     assert bool(((d_B.double() - exact).abs() <= tol * (1 + 1e-6)).all())
