@@ -200,7 +200,8 @@ def acc_lora_compose(quick):
     """kernels.lora_compose on the GPU: the lora it used vs the exact xa Bᵀ (GEMM bound), y ≤ 1 ulp of the
     exact compose of that lora, d_m vs the oracle, d_B / d_xa against their bounds, 20-run determinism."""
     from dora_verify.kernels import lora_compose
-    from dora_verify.kernels.lora_compose import lora_compose_forward_fused
+    from dora_verify.bounds import lora_compose_dg_bound
+    from dora_verify.kernels.lora_compose import lora_compose_forward_fused, m_chain
 
     rows = []
     T, d_out, d_in, r = (512, 1024, 512, 16) if quick else (4096, 4096, 1024, 384)
@@ -219,8 +220,8 @@ def acc_lora_compose(quick):
             y, lora = lora_compose_forward_fused(base, xa, c.B, c.g, bias, c.s, write_lora=True)
             exact = xa.double() @ c.B.double().t()
             mag = xa.double().abs() @ c.B.double().abs().t()
-            lora_ratio = float(
-                ((lora.double() - exact).abs() / (fmt.u * exact.abs() + (r + 1) * u32 * mag).clamp_min(1e-300)).max()
+            lora_ratio = float(  # the fp32 tensor-core sum, not rounded to the adapter dtype: γ_r(2u₃₂) of Σ|xa||B|
+                ((lora.double() - exact).abs() / (2 * (r + 1) * u32 * mag).clamp_min(1e-300)).max()
             )
             y_ulp = float(ulp_error(y.double(), compose_truth(base, lora, c.g, c.s, bias).y, fmt).max())
             m = c.magnitude().clone().requires_grad_()
@@ -236,7 +237,12 @@ def acc_lora_compose(quick):
             same = all(torch.equal(a, b) for rr in res[1:] for a, b in zip(rr, res[0]))
             d_xa, d_B, d_m = res[0]
             gk = c.magnitude() / nu
-            dg = (dy.double() * (base.double() + c.s * lora.double())).sum(0)
+            dg, dg_bound = lora_compose_dg_bound(dy, base, xa, c.B, c.s, m_chain(T, d_out, r, dy.dtype, xa.dtype))
+            dg_ratio = float(  # d_m = RN32(d_g / ν) with the layer's ν: d_g within its bound, plus d_m's rounding
+                (
+                    (d_m.double() * nu.double() - dg).abs() / (dg_bound + 2 * u32 * (d_m.double() * nu.double()).abs())
+                ).max()
+            )
             dm_t = dg / row_norm_truth(c.W, c.A, c.B, c.s).nu
             rel_dm = float(((d_m.double() - dm_t).abs() / dm_t.abs().clamp_min(1e-300)).max())
             gs = (gk * c.s).double()
@@ -263,6 +269,7 @@ def acc_lora_compose(quick):
                     "lora_over_gemm_bound": lora_ratio,
                     "y_max_ulp": y_ulp,
                     "d_m_max_rel": rel_dm,
+                    "d_g_over_bound": dg_ratio,
                     "d_B_over_bound": ratio_B,
                     "d_xa_over_bound": ratio_x,
                     "bitwise_identical_20_runs": bool(same),

@@ -360,11 +360,11 @@ def lora_compose_bounds(base, xa, B, g, s: float, lora_hat, bias=None, chain: "i
 
 def lora_compose_dg_bound(dy, base, xa, B, s: float, chain: "int | None" = None):
     """Bound on |d̂_g − d_g| for ``kernels.lora_compose``'s backward, d_g = Σ_T dy ⊙ (base + s·xa Bᵀ) exact in the
-    rounded dy, base, xa, B. d̂_g = RN₃₂(Σ_T dy·base + s·Σ_r B ⊙ M̂), both sums in float64, with M̂ = dyᵀ·RN_dy(xa)
-    accumulated in fp32 in chains of at most ``chain`` rows whose sums are added in float64 (the fused backward's
-    row splits), or in one chain of T (None: cuBLAS's GEMM):
+    rounded dy, base, xa, B. d̂_g = RN₃₂(Σ_T dy·base + s·Σ_r B ⊙ M̂), both sums in float64, with M̂ = dyᵀxa (exact
+    products: xa is never rounded to dy's dtype) accumulated in fp32 in chains of at most ``chain`` rows whose sums
+    are added in float64 (the fused backward's row splits), or in one chain of T (None: one GEMM):
 
-        γ64_{T+1}·Σ_T|dy·base| + |s|·Σ_r |B|·(u_dy·[xa's dtype ≠ dy's] + γ_c(2u₃₂) + γ64_{T/c+1})·(|dy|ᵀ|xa|)
+        γ64_{T+1}·Σ_T|dy·base| + |s|·Σ_r |B|·(γ_c(2u₃₂) + γ64_{T/c+1})·(|dy|ᵀ|xa|)
         + γ64_{r+2}·|s|·Σ_r|B||M| + u₃₂|d̂_g| + η₃₂
 
     (proofs/bounds.md, "lora_compose's d_g"). No lora is rounded on the way: the forward's lora is the fp32 sum, so
@@ -374,10 +374,9 @@ def lora_compose_dg_bound(dy, base, xa, B, s: float, chain: "int | None" = None)
     r = xa.shape[-1]
     dy64, b64, xa64, B64 = _t(dy.reshape(T, N), base.reshape(T, N), xa.reshape(T, r), B)
     c = T if chain is None else max(1, min(int(chain), T))
-    u_dy = parse_format(dy.dtype).u if xa.dtype != dy.dtype else 0.0
     dg = (dy64 * b64).sum(0) + s * (B64 * (dy64.t() @ xa64)).sum(1)
     P = dy64.abs().t() @ xa64.abs()  # [N, r]
-    e_m = (u_dy + gamma(c, 2 * U32) + gamma(-(-T // c) + 1, U64)) * P * (1 + u_dy)
+    e_m = (gamma(c, 2 * U32) + gamma(-(-T // c) + 1, U64)) * P
     e = gamma(T + 1, U64) * (dy64 * b64).abs().sum(0) + abs(s) * (B64.abs() * e_m).sum(1)
     e = e + gamma(r + 2, U64) * abs(s) * (B64.abs() * (P + e_m)).sum(1)
     e = e + U32 * (dg.abs() + e) + ETA32
@@ -393,7 +392,8 @@ def dora_layer_bound(x, W, bias, A, B, g, s: float, g_rel: float):
       (the truncating-accumulator model of :func:`kernel_norm_bound`) plus one rounding u_act —, then
       base = RN_act(result − bias): a second u_act;
     * xa = RN_ad(x Aᵀ), lora = RN_ad(xa Bᵀ): each a GEMM with fp32 accumulation and one rounding to the
-      adapter dtype; the error of xa propagates through |B|;
+      adapter dtype (kernels.lora_compose keeps lora in fp32: the rounding charged here only widens the bound);
+      the error of xa propagates through |B|;
     * ĝ with relative error ≤ ``g_rel`` (ν's bound plus the fp32 division);
     * the compose's final rounding (u_act of |y|, one more u_act of the propagated error).
     Returns a float64 tensor of the output's shape."""

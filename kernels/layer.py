@@ -15,8 +15,8 @@ Forward (PEFT ``LoraConfig(use_dora=True)`` semantics):
 * g and g − 1 stay fp32 (:func:`dora_scale`); the compose rounds once. ``save`` picks what the
   training forward keeps for backward (all give d_m from float64 sums except 'activation'):
   'recompute' (default) fuses the LoRA up-projection into the compose (:func:`lora_compose`): lora = xa Bᵀ
-  is never written, backward keeps base and xa and recomputes the same lora tiles
-  (H100, 8192², r = 384, 4096 tokens: 0.82× PEFT LoRA's peak; fwd+bwd 1.28× LoRA's time, reports/h100/bench);
+  is never written (nor rounded to the adapter dtype), backward keeps base and xa and takes d_g's lora term from
+  M = dyᵀxa, d_B's product (H100, 8192², r = 384, 4096 tokens: 0.82× PEFT LoRA's peak, reports/h100/bench);
   'x' (the fused tier — CUDA — with bf16/fp16 adapters in the input's dtype; otherwise as 'recompute') keeps only
   x and xa — what LoRA's own
   down-projection keeps — and forms base = x Wᵀ again in the backward: the same bits, one more GEMM, no

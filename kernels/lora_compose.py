@@ -50,11 +50,13 @@ Numerical contract (base in bf16/fp16/fp32; xa, B in bf16/fp16 on the fused tier
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .norm import _NoTF32
 from .compose import (
     SAVE_INPUTS,
     SAVE_NONE,
@@ -77,14 +79,14 @@ if HAS_TRITON:
 
     from .compose import _sum_of_splits, _y_value
 
-# One tile shape for forward and backward: the lora tiles must come out of the same tensor-core code.
+# The forward's lora tile and the backward's column blocks (the backward's row splits are whole forward row tiles).
 LC_BLOCK_T, LC_BLOCK_N, LC_BLOCK_R, LC_WARPS, LC_STAGES = 64, 128, 64, 4, 3
 
 
 def lc_block_r(R: int) -> int:
-    """The r-block of the lora tile: the next power of two ≥ r between 16 (the MMA's k) and LC_BLOCK_R. A smaller
-    block only drops masked zero products: fp32 accumulation from +0 of the same nonzero products in the same
-    order, then of exact zeros, gives the same bits — and forward and backward use the same block anyway."""
+    """The r-block of the lora tile and of M's: the next power of two ≥ r between 16 (the MMA's k) and LC_BLOCK_R. A
+    smaller block only drops masked zero products: fp32 accumulation from +0 of the same nonzero products in the
+    same order, then of exact zeros, gives the same bits."""
     return max(16, min(LC_BLOCK_R, 1 << max(0, int(R) - 1).bit_length()))
 
 
@@ -101,14 +103,16 @@ DOT_M_MIN_N = 8192
 assert DOT_M_MAX_R <= LC_BLOCK_R  # the kernel's M accumulator holds one r-block
 
 
-def dot_m_applies(R: int, N: int, dy_dtype, device="cuda") -> bool:
+def dot_m_applies(R: int, N: int, dy_dtype, xa_dtype, device="cuda") -> bool:
     """Whether the backward kernel forms M = dyᵀxa from its own tile dots: r ≤ DOT_M_MAX_R, d_out ≥ DOT_M_MIN_N,
-    bf16/fp16 dy (tensor-core operands) and a tl.dot on dy's dtype that :func:`~dispatch.fused_supported` accepts (not
-    bf16 under the Triton interpreter: the adapters may be fp16 with a bf16 base) — else M is cuBLAS's fp32-output
-    GEMM, one more launch."""
+    dy and xa of one bf16/fp16 dtype (tensor-core operands, exact products; a bf16 base with fp16 adapters, or the
+    reverse, takes :func:`_mm_fp32`'s fp32 GEMM instead of rounding xa to dy's dtype) and a tl.dot on it that
+    :func:`~dispatch.fused_supported` accepts (not bf16 under the Triton interpreter) — else M is a torch GEMM with an
+    fp32 result, one more launch."""
     return (
         R <= DOT_M_MAX_R
         and N >= DOT_M_MIN_N
+        and dy_dtype == xa_dtype
         and dy_dtype in _FUSED_ADAPTER_DTYPES
         and fused_supported("lora_compose", dy_dtype, device)[0]
     )
@@ -324,10 +328,10 @@ def _splits(T: int, N: int) -> Tuple[int, int]:
     return rows, -(-T // rows)
 
 
-def m_chain(T: int, N: int, R: int, dy_dtype, device="cuda") -> Optional[int]:
+def m_chain(T: int, N: int, R: int, dy_dtype, xa_dtype, device="cuda") -> Optional[int]:
     """The longest fp32 accumulation chain of the backward's M = dyᵀxa: the rows of one split where the kernel forms
     M (:func:`dot_m_applies`; the splits are then summed in float64), None where cuBLAS's GEMM does (one chain of T)."""
-    return _splits(T, N)[0] if dot_m_applies(R, N, dy_dtype, device) else None
+    return _splits(T, N)[0] if dot_m_applies(R, N, dy_dtype, xa_dtype, device) else None
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -402,16 +406,17 @@ def lora_compose_backward_fused_all(
     d_base = torch.empty(dy.shape if need_base else (0,), dtype=base.dtype, device=dev)
     d_g = torch.empty(N if need_g else 0, dtype=torch.float32 if m is None else m.dtype, device=dev)
     if T == 0 or N == 0:
-        d_xa, d_B = adapter_grads(dy, xa, B, g, s, need_xa, need_B)
+        g_of = dora_scale(m, g, eps, g_minus_1=False)[0] if m is not None else g  # g holds ν when m is given
+        d_xa, d_B = adapter_grads(dy, xa, B, g_of, s, need_xa, need_B)
         return d_base, d_g.zero_(), d_xa, d_B
     if not (need_base or need_g or need_xa or need_B):
         return d_base, d_g, None, None
     rows, splits = _splits(T, N)
     need_m = need_B or need_g
-    dot_m = need_m and dot_m_applies(R, N, dy.dtype, dev)
+    dot_m = need_m and dot_m_applies(R, N, dy.dtype, xa.dtype, dev)
     partial = torch.empty((splits, N) if need_g else (0,), dtype=torch.float64, device=dev)
     partial_m = torch.empty((splits, N, R) if dot_m else (0,), dtype=torch.float32, device=dev)
-    M = _mm_fp32(dy.reshape(T, N).t(), xa.reshape(T, R).to(dy.dtype)) if need_m and not dot_m else None
+    M = _mm_fp32(dy.reshape(T, N).t(), xa.reshape(T, R)) if need_m and not dot_m else None
     d_B = torch.empty((N, R), dtype=B.dtype, device=dev) if need_B else None
     gsB = torch.empty((N, R), dtype=dy.dtype, device=dev) if need_xa else None
     if need_base or need_g or need_xa or dot_m:
@@ -482,7 +487,7 @@ def lora_compose_forward_eager(base, xa, B, g, bias, s: float, write_lora: bool 
 
 def _lora_fp32(xa, B):
     """xa Bᵀ [..., N] in fp32 (fp32 accumulation, no rounding to the adapter dtype)."""
-    return _mm_fp32(xa.reshape(-1, xa.shape[-1]), B.t()).reshape(*xa.shape[:-1], B.shape[0])
+    return _mm_fp32(_2d(xa), B.t()).reshape(*xa.shape[:-1], B.shape[0])
 
 
 @no_autocast
@@ -493,20 +498,27 @@ def lora_compose_backward_eager(dy, base, xa, B, g, s: float, need_base: bool, n
     if not need_g:
         return d_base, dy.new_empty(0, dtype=torch.float32)
     N, R = B.shape
-    dy2, xa2 = dy.reshape(-1, N), xa.reshape(-1, R)
-    M = _mm_fp32(dy2.t(), xa2.to(dy.dtype)).double()
-    d_g = (dy2.double() * base.reshape(-1, N).double()).sum(0) + s * (B.double() * M).sum(1)
+    dy2 = _2d(dy)
+    M = _mm_fp32(dy2.t(), _2d(xa)).double()
+    d_g = (dy2.double() * _2d(base).double()).sum(0) + s * (B.double() * M).sum(1)
     return d_base, d_g.to(torch.float32)
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result (fp32 accumulation; one rounding to fp32)."""
-    if a.is_cuda and a.dtype in _FUSED_ADAPTER_DTYPES:
+    """a @ b with an fp32 result from exact products and fp32 accumulation: two bf16/fp16 operands of one dtype
+    through torch's fp32-output GEMM; any other pair upcast to fp32 (exactly) and multiplied in IEEE fp32 (TF32 off)."""
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in _FUSED_ADAPTER_DTYPES:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError):
             pass
-    return a.to(torch.float32) @ b.to(torch.float32)
+    with _NoTF32():
+        return a.to(torch.float32) @ b.to(torch.float32)
+
+
+def _2d(t: torch.Tensor) -> torch.Tensor:
+    """[..., n] as [rows, n] (rows the product of the leading dims; no -1, so empty tensors reshape too)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 @no_autocast
@@ -514,13 +526,7 @@ def adapter_grads(dy, xa, B, g, s: float, need_xa: bool, need_B: bool):
     """(d_xa, d_B) of lora = xa Bᵀ under y = g ⊙ (… + s·lora): see the contract (module docstring)."""
     gs = g.to(torch.float32) * s  # RN32(g·s), as the compose's d_lora
     d_xa = dy @ (gs[:, None] * B.to(torch.float32)).to(dy.dtype) if need_xa else None
-    d_B = (
-        (gs[:, None] * _mm_fp32(dy.reshape(-1, dy.shape[-1]).t(), xa.reshape(-1, xa.shape[-1]).to(dy.dtype))).to(
-            B.dtype
-        )
-        if need_B
-        else None
-    )
+    d_B = (gs[:, None] * _mm_fp32(_2d(dy).t(), _2d(xa))).to(B.dtype) if need_B else None
     return (d_xa.to(xa.dtype) if d_xa is not None else None), d_B
 
 

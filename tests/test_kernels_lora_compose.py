@@ -81,7 +81,7 @@ def m_source(request, monkeypatch):
 @pytest.mark.parametrize("tier", TIERS)
 def test_backward_against_oracle(tier, m_source):
     c, base, xa = _inputs("trained", "fp16", T=90, N=67)
-    assert lc.dot_m_applies(8, 67, torch.float16, "cpu") == (m_source == "kernel-M" and "fused" in TIERS)
+    assert lc.dot_m_applies(8, 67, torch.float16, torch.float16, "cpu") == (m_source == "kernel-M" and "fused" in TIERS)
     m = c.magnitude().clone().requires_grad_()
     nu = c.magnitude() / c.g
     g, _ = dora_scale(m, nu)
@@ -96,7 +96,7 @@ def test_backward_against_oracle(tier, m_source):
     assert float(ulp_error(b_.grad.double(), g64 * dy64, fmt).max()) <= 1.0
     # d_g = Σ dy·base + s·Σ_r B ⊙ M̂ in float64 (M̂ = dyᵀxa, fp32 chains): within lora_compose_dg_bound of the exact
     # Σ dy ⊙ (base + s·xa Bᵀ); then d_m = RN32(d_g / ν) (m fp32 here: one more u₃₂ of |d_m|)
-    chain = lc.m_chain(*dy.shape, xa.shape[1], dy.dtype, dy.device) if tier == "fused" else None
+    chain = lc.m_chain(*dy.shape, xa.shape[1], dy.dtype, xa.dtype, dy.device) if tier == "fused" else None
     dg, bound_dg = lora_compose_dg_bound(dy, base, xa, c.B, s, chain)
     dm = dg / nu.double()
     assert bool(((m.grad.double() * nu.double() - dg).abs() <= bound_dg + 2 * U32 * dm.abs() * nu.double()).all())
@@ -197,13 +197,13 @@ def test_torch_compile_fullgraph():
 
 
 def _d_B_exact_and_bound(dy, xa, g, s, fmt):
-    """(exact d_B, its bound) for d_B = RN_B(RN32(RN32(g·s)·M)), M = dyᵀ·RN_dy(xa) accumulated in fp32: RN_B, then
-    γ_T·Σ|dy||xa| for the accumulation and the RN32 of g·s·M — with gs = RN32(g·s) exact in float64."""
+    """(exact d_B, its bound) for d_B = RN_B(RN32(RN32(g·s)·M)), M = dyᵀxa from exact products accumulated in fp32:
+    RN_B, then γ_T·Σ|dy||xa| for the accumulation and the RN32 of g·s·M — with gs = RN32(g·s) exact in float64."""
     gs = (g.to(torch.float32) * s).double()
-    dy64, xa64 = dy.double(), xa.to(dy.dtype).double()
+    dy64, xa64 = dy.double(), xa.double()
     exact = gs[:, None] * (dy64.t() @ xa64)
     mag = gs.abs()[:, None] * (dy64.abs().t() @ xa64.abs())
-    return exact, fmt.u * exact.abs() + (dy.shape[0] + 2) * U32 * mag
+    return exact, fmt.u * exact.abs() + (dy.shape[0] + 2) * U32 * mag + fmt.min_normal * fmt.u  # η: subnormal d_B
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or "fused" in TIERS), reason="needs the fused tier")
@@ -222,7 +222,7 @@ def test_fused_adapter_gradients(dtype, need, r, monkeypatch):
     base, xa, B, g = (t.to(dev) for t in (base, xa, c.B, c.g))
     dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(5)).to(base.dtype).to(dev)
     need_xa, need_B = need
-    assert lc.dot_m_applies(r, 131, dy.dtype, dev) == (r <= lc.DOT_M_MAX_R)
+    assert lc.dot_m_applies(r, 131, dy.dtype, xa.dtype, dev) == (r <= lc.DOT_M_MAX_R)
     _, d_g, d_xa, d_B = lc.lora_compose_backward_fused_all(dy, base, xa, B, g, c.s, False, True, need_xa, need_B)
     ref_xa, ref_B = lc.adapter_grads(dy, xa, B, g, c.s, need_xa, need_B)
     assert (d_xa is None) == (not need_xa) and (d_B is None) == (not need_B)
@@ -234,24 +234,39 @@ def test_fused_adapter_gradients(dtype, need, r, monkeypatch):
         if r > lc.DOT_M_MAX_R:
             assert torch.equal(d_B, ref_B)
     assert torch.equal(d_g, lc.lora_compose_backward_fused(dy, base, xa, B, g, c.s, False, True)[1])
+    dg, bound = lora_compose_dg_bound(dy, base, xa, B, c.s, lc.m_chain(200, 131, r, dy.dtype, xa.dtype, dev))
+    assert bool(((d_g.double() - dg).abs() <= bound).all())  # r 80: M from cuBLAS, d_g's sum over two r-blocks
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() or "fused" in TIERS), reason="needs the fused tier")
-def test_bf16_base_with_fp16_adapters(monkeypatch):
-    """A bf16 base (so bf16 dy) with fp16 adapters: d_B is adapter_grads' bits where the kernel's M does not apply
-    (the interpreter: its bf16 tl.dot is garbage), else within the fp32-GEMM bound — finite either way."""
-    monkeypatch.setattr(lc, "DOT_M_MIN_N", 1)  # the kernel's M wherever it applies, at this small d_out
+@pytest.mark.parametrize("mix", ["bf16-base-fp16-adapters", "fp16-base-bf16-adapters"])
+@pytest.mark.parametrize("xa_scale", [1.0, 1e-6, 1e5])
+def test_mixed_base_and_adapter_dtypes(mix, xa_scale, monkeypatch):
+    """A base of one 16-bit format with adapters of the other: M = dyᵀxa from exact products (xa is not rounded to
+    dy's format: an fp16 rounding of bf16 xa would underflow at 1e-6 and overflow at 1e5), so d_B and d_g are within
+    their fp32-GEMM bounds and finite — on the eager tier, and on the fused one where it runs (fp16 adapters under
+    the interpreter; both on a GPU)."""
+    monkeypatch.setattr(lc, "DOT_M_MIN_N", 1)  # the kernel's M wherever it applies
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    c, base, xa = _inputs("heavy_tailed", "fp16", T=70, N=131, r=8)
-    base, xa, B, g = base.to(torch.bfloat16).to(dev), xa.to(dev), c.B.to(dev), c.g.to(dev)
-    dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16).to(dev)
-    d_B = lc.lora_compose_backward_fused_all(dy, base, xa, B, g, c.s, False, False, False, True)[3]
-    ref_B = lc.adapter_grads(dy, xa, B, g, c.s, False, True)[1]
-    assert bool(torch.isfinite(d_B).all())
-    if not lc.dot_m_applies(8, 131, dy.dtype, dev):
-        assert torch.equal(d_B, ref_B)
-    exact, tol = _d_B_exact_and_bound(dy, xa, g, c.s, parse_format("fp16"))
-    assert bool(((d_B.double() - exact).abs() <= tol * (1 + 1e-6)).all())
+    base_dt, ad_dt = (torch.bfloat16, torch.float16) if mix.startswith("bf16") else (torch.float16, torch.bfloat16)
+    c, base, xa = _inputs("heavy_tailed", "fp32", T=70, N=131, r=8)
+    gen = torch.Generator().manual_seed(6)
+    if ad_dt == torch.float16 and xa_scale > 1:
+        pytest.skip("fp16 adapters hold no xa that large (nor d_B = gs·dyᵀxa from it)")
+    base, xa, B, g = base.to(base_dt).to(dev), (xa * xa_scale).to(ad_dt).to(dev), c.B.to(ad_dt).to(dev), c.g.to(dev)
+    assert bool(torch.isfinite(xa).all())
+    if xa_scale > 1:
+        B = B * 1e-4
+    dy = torch.randn(base.shape, generator=gen).to(base_dt).to(dev)
+    fused = dev == "cuda" or ("fused" in TIERS and ad_dt == torch.float16)
+    fns = [lc.lora_compose_backward_eager_all] + ([lc.lora_compose_backward_fused_all] if fused else [])
+    for fn in fns:
+        _, d_g, _, d_B = fn(dy, base, xa, B, g, c.s, False, True, False, True)
+        assert bool(torch.isfinite(d_B).all() and torch.isfinite(d_g).all())
+        exact, tol = _d_B_exact_and_bound(dy, xa, g, c.s, parse_format(ad_dt))
+        assert bool(((d_B.double() - exact).abs() <= tol * (1 + 1e-6)).all())
+        chain = lc.m_chain(70, 131, 8, dy.dtype, xa.dtype, dev) if fn is lc.lora_compose_backward_fused_all else None
+        dg, bound = lora_compose_dg_bound(dy, base, xa, B, c.s, chain)
+        assert bool(((d_g.double() - dg).abs() <= bound).all())
 
 
 def test_the_kernels_m_fails_the_bound_when_wrong():
@@ -368,7 +383,7 @@ def test_fp32_adapters_recompute_lora_and_match_compose_bit_for_bit(base_dtype, 
 @pytest.mark.parametrize("m_dtype", [torch.float32, "adapter"], ids=["fp32-m", "adapter-m"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("special", ["none", "zero-and-nan-rows"])
-def test_dora_lora_compose_is_scale_then_lora_compose_bit_for_bit(adapter, m_dtype, bias, special):
+def test_dora_lora_compose_is_scale_then_lora_compose_bit_for_bit(adapter, m_dtype, bias, special, m_source):
     """y and the gradients of base, xa, B, m and bias: dora_lora_compose (g = m / max(ν, ε) inside the kernels,
     d_m from the reduction kernel) gives exactly lora_compose(…, dora_scale(m, ν)[0], …) with autograd through
     dora_scale — including ν = 0 (g = m/ε), ν = NaN and m = NaN columns. bf16 only on the GPU (the interpreter)."""
@@ -447,6 +462,20 @@ def test_the_dg_bound_fails_a_lora_rounded_to_the_adapter():
     dg, bound = lora_compose_dg_bound(dy, base, xa, c.B, c.s)
     rounded = torch.nn.functional.linear(xa, c.B).double()  # RN_bf16(xa Bᵀ)
     wrong = (dy.double() * (base.double() + c.s * rounded)).sum(0).float().double()
+    assert not bool(((wrong - dg).abs() <= bound).all())
+    eager = lc.lora_compose_backward_eager(dy, base, xa, c.B, c.g, c.s, False, True)[1]
+    assert bool(((eager.double() - dg).abs() <= bound).all())
+
+
+def test_the_dg_bound_fails_an_m_rounded_to_fp16():
+    """Where the lora term carries d_g (base = 0), lora_compose_dg_bound rejects an M rounded to fp16 before the sum
+    over r: the bound is tight enough to tell fp32 accumulation from a 16-bit intermediate."""
+    c, _, xa = _inputs("trained", "fp16", T=90, N=67)
+    base = torch.zeros(90, 67, dtype=torch.float16)
+    dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(9)).to(base.dtype)
+    dg, bound = lora_compose_dg_bound(dy, base, xa, c.B, c.s)
+    M16 = (dy.double().t() @ xa.double()).to(torch.float16).double()
+    wrong = (c.s * (c.B.double() * M16).sum(1)).float().double()
     assert not bool(((wrong - dg).abs() <= bound).all())
     eager = lc.lora_compose_backward_eager(dy, base, xa, c.B, c.g, c.s, False, True)[1]
     assert bool(((eager.double() - dg).abs() <= bound).all())
