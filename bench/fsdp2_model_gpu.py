@@ -1,0 +1,265 @@
+"""FSDP2 at model scale: a Llama-3-8B-width decoder (8 layers by default, random bf16 weights, adapters r = 16 on all
+seven projections, bf16 adapters) under ``fully_shard`` on two GPUs of one host (NCCL), in eager mode, with Hugging
+Face gradient checkpointing and under ``torch.compile``: PEFT LoRA, stock PEFT DoRA and the PEFT integration side by
+side, every decoder layer and the root sharded, fused AdamW (the Trainer's default).
+
+    DORA_VERIFY_COMMIT=<hash> torchrun --nproc_per_node 2 bench/fsdp2_model_gpu.py --out DIR \\
+        [--layers 8] [--steps 6] [--settings eager,checkpointing,compile]
+    torchrun --nproc_per_node 2 bench/fsdp2_model_gpu.py --cpu --out DIR    # gloo, a tiny model: the logic only
+
+Per setting and implementation: the first step's loss and the gradients of A, B and m against the same model in fp32
+(stock PEFT DoRA, sharded, the same rounded weights; relative errors max-abs normalised) and the FlashAttention-style
+criterion of the toolkit (ours' error ≤ 2× stock PEFT DoRA's); the loss of every step (ν is computed from the
+re-gathered parameters each step: a stale ν would move ours off stock's trajectory, which the CPU test
+``tests/test_kernels_distributed.py::test_peft_llama_under_fully_shard_matches_one_process`` pins exactly); the
+median step time after two lead-in steps (host clock around a synchronised step); each rank's peak memory over the
+steps; the layers that took the kernels (eager settings: compiled graphs call the ops without a norm runner).
+Rank 0 writes DIR/fsdp2_model.json and DIR/fsdp2_model.md."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import dora_verify.kernels.peft as dv_peft
+from dora_verify import provenance
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IMPLS = ("lora", "stock", "ours")
+DEV = "cuda"
+
+
+def log(*a):
+    if dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def llama(layers: int, cpu: bool):
+    """The random base model in bf16 (Llama-3-8B widths; a tiny one with ``cpu``), made on the device."""
+    import transformers
+
+    widths = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    if not cpu:
+        widths = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      vocab_size=32000)  # fmt: skip
+    cfg = transformers.LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, **widths)
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def with_adapters(base, impl: str, dtype):
+    """PEFT LoRA or DoRA (r 16, α 32) on a copy of the bf16 ``base``, made in bf16 from one seed — A as PEFT draws it,
+    B ≠ 0 and m off the norm (a fresh adapter tests nothing) — then cast to ``dtype``: every implementation and the
+    fp32 reference hold the same rounded values."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)  # PEFT draws A from the global generator
+    model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=16, lora_alpha=32, use_dora=impl != "lora", target_modules=TARGETS),
+        autocast_adapter_dtype=False,
+    )
+    g = torch.Generator(device=DEV).manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, device=DEV, generator=g) * 1e-3)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 1e-2 * torch.randn(p.shape, device=DEV, generator=g))
+    return model.to(dtype)
+
+
+def shard(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def full_grads(model) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    return {
+        n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).float().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.grad is not None
+    }
+
+
+def rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def grad_errors(grads: dict, ref: dict) -> dict:
+    common = sorted(set(grads) & set(ref))
+    return {k: max(rel(grads[n], ref[n]) for n in common if k in n) for k in ("lora_A", "lora_B", "magnitude")}
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(base, impl, setting, ids, steps) -> dict:
+    """``steps`` training steps of one implementation in one setting: losses, first-step gradients, times, peaks."""
+    model = shard(with_adapters(base, impl, torch.bfloat16))
+    if setting == "checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fn = torch.compile(model) if setting == "compile" else model
+    (dv_peft.enable if impl == "ours" else dv_peft.disable)()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=DEV == "cuda")
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if DEV == "cuda" else 0
+    losses, times, grads = [], [], None
+    for i in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = fn(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if i == 0:
+            grads = full_grads(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+        losses.append(float(loss))
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if DEV == "cuda" else 0.0
+    peaks = [torch.zeros(1, device=DEV) for _ in range(dist.get_world_size())]
+    dist.all_gather(peaks, torch.tensor([peak], device=DEV))
+    dv_peft.disable()
+    lead = min(2, steps - 1)
+    out = {
+        "losses": losses,
+        "step_ms_median": sorted(times[lead:])[len(times[lead:]) // 2],
+        "peak_mib_per_rank": [float(p) for p in peaks],
+        "routed_layers": sum("_dora_verify_norm" in m.__dict__ for m in model.modules()),
+        "_grads": grads,
+    }
+    del model, fn, opt
+    return out
+
+
+def main():
+    global DEV
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--settings", default="eager,checkpointing,compile")
+    ap.add_argument("--cpu", action="store_true", help="gloo on the CPU, a tiny model: checks this script's logic only")
+    a = ap.parse_args()
+    DEV = "cpu" if a.cpu else "cuda"
+    dist.init_process_group("gloo" if a.cpu else "nccl")
+    if not a.cpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    t_start = time.time()
+    seq, batch = (16, 2) if a.cpu else (1024, 2)
+    base = llama(a.layers, a.cpu)
+    vocab = base.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(7 + dist.get_rank())).to(DEV)
+    rep = {
+        "world": dist.get_world_size(),
+        "provenance": provenance.provenance(torch.device(DEV)),
+        "model": {"layers": a.layers, "hidden": base.config.hidden_size, "intermediate": base.config.intermediate_size,
+                  "seq": seq, "batch_per_rank": batch, "r": 16, "adapters": "bf16", "model_dtype": "bf16"},
+        "settings": {},
+    }  # fmt: skip
+    ref_model = shard(with_adapters(base, "stock", torch.float32))  # the same rounded weights, in fp32
+    dv_peft.disable()
+    loss = ref_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    rep["fp32_loss"], ref = float(loss), full_grads(ref_model)
+    del ref_model
+    for setting in a.settings.split(","):
+        res = {}
+        for impl in IMPLS:
+            try:
+                res[impl] = run(base, impl, setting, ids, a.steps)
+            except Exception as e:  # noqa: BLE001 - record, go on with the others
+                res[impl] = {"error": f"{type(e).__name__}: {e}"[:400]}
+                dv_peft.disable()
+            log(setting, impl, {k: v for k, v in res[impl].items() if k != "_grads"})
+        for impl in ("stock", "ours"):
+            if "_grads" in res[impl]:
+                res[impl]["loss_err_vs_fp32"] = abs(res[impl]["losses"][0] - rep["fp32_loss"]) / abs(rep["fp32_loss"])
+                res[impl]["grad_err_vs_fp32"] = grad_errors(res[impl]["_grads"], ref)
+        if all("grad_err_vs_fp32" in res[i] for i in ("stock", "ours")):
+            e_o, e_s = res["ours"]["grad_err_vs_fp32"], res["stock"]["grad_err_vs_fp32"]
+            res["fa_criterion"] = {k: e_o[k] <= 2 * e_s[k] for k in e_o}
+            for impl in IMPLS:
+                res[f"{impl}_ms_over_lora"] = res[impl]["step_ms_median"] / res["lora"]["step_ms_median"]
+                res[f"{impl}_peak_over_lora"] = max(res[impl]["peak_mib_per_rank"]) / max(
+                    max(res["lora"]["peak_mib_per_rank"]), 1e-9
+                )
+        for impl in IMPLS:
+            res[impl].pop("_grads", None)
+        rep["settings"][setting] = res
+    rep["seconds"] = time.time() - t_start
+    if dist.get_rank() == 0:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "fsdp2_model.json"), "w") as f:
+            json.dump(rep, f, indent=1, default=str)
+        with open(os.path.join(a.out, "fsdp2_model.md"), "w") as f:
+            f.write(markdown(rep))
+        print(markdown(rep))
+    dist.destroy_process_group()
+
+
+def _cell(d: dict, key: str, fmt: str) -> str:
+    return format(d[key], fmt) if key in d else "–"
+
+
+def markdown(rep) -> str:
+    p, m = rep["provenance"], rep["model"]
+    L = [
+        "# FSDP2 at model scale: LoRA, stock PEFT DoRA and the integration under fully_shard",
+        "",
+        f"{p['device'].get('name')} × {rep['world']}, commit `{(p['git'].get('commit') or '?')[:12]}`, torch "
+        f"{p['versions'].get('torch')}, peft {p['versions'].get('peft')}, transformers "
+        f"{p['versions'].get('transformers')}; {p['time_utc']}. Produced by `bench/fsdp2_model_gpu.py` ("
+        f"{rep['seconds']:.0f} s). Model: {m['layers']} Llama layers, hidden {m['hidden']}, intermediate "
+        f"{m['intermediate']}, {m['seq']} tokens × {m['batch_per_rank']} per rank, r {m['r']} on all seven "
+        "projections, bf16 model and adapters, fused AdamW; errors against the same model in fp32 (stock PEFT DoRA, "
+        "first step).",
+        "",
+        "| setting | impl | step ms | / LoRA | peak MiB per rank | / LoRA | loss rel err | grad A | grad B | grad m "
+        "| layers routed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setting, res in rep["settings"].items():
+        for impl in IMPLS:
+            x = res[impl]
+            if "error" in x:
+                L.append(f"| {setting} | {impl} | failed: `{x['error'][:120]}` | | | | | | | | |")
+                continue
+            e = x.get("grad_err_vs_fp32", {})
+            peaks = ", ".join(f"{v:.0f}" for v in x["peak_mib_per_rank"])
+            cells = [
+                _cell(res, f"{impl}_ms_over_lora", ".3f"),
+                peaks,
+                _cell(res, f"{impl}_peak_over_lora", ".3f"),
+                _cell(x, "loss_err_vs_fp32", ".3g"),
+                *(_cell(e, k, ".3g") for k in ("lora_A", "lora_B", "magnitude")),
+            ]
+            L.append(f"| {setting} | {impl} | {x['step_ms_median']:.1f} | {' | '.join(cells)} | {x['routed_layers']} |")
+        if "fa_criterion" in res:
+            L += ["", f"{setting}: FlashAttention-style criterion (ours' gradient error ≤ 2× stock's): "
+                  f"{res['fa_criterion']}; losses stock {', '.join(f'{v:.5f}' for v in res['stock']['losses'])}, "
+                  f"ours {', '.join(f'{v:.5f}' for v in res['ours']['losses'])}.", ""]  # fmt: skip
+    return "\n".join(L) + "\n"
+
+
+if __name__ == "__main__":
+    main()
