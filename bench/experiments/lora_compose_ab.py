@@ -8,41 +8,16 @@ repository root with the old copy on the path: PYTHONPATH=out/gpu python3 lora_c
 
 import importlib
 import json
-import statistics
 import sys
 
 import torch
+from lora_compose_limits import timed  # the same CUDA-graph timing (this folder is on sys.path when run as a script)
 
 new = importlib.import_module("dora_verify.kernels.lora_compose")
 old = importlib.import_module("old_kernels.lora_compose")
 OLD_COMMIT = "fae7364"
 SHAPES = ((4096, 4096, 16), (4096, 14336, 16), (4096, 1024, 16), (4096, 4096, 32), (4096, 4096, 64),
           (4096, 14336, 64), (8192, 8192, 16), (4096, 8192, 384))  # fmt: skip
-
-
-def graph_of(fn, n):
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n):
-            fn()
-    return graph
-
-
-def timed(calls: dict, n=20, rounds=9) -> dict:
-    graphs = {k: graph_of(f, n) for k, f in calls.items()}
-    times = {k: [] for k in calls}
-    for _ in range(rounds):
-        for k, graph in graphs.items():
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times[k].append(start.elapsed_time(end) / n * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main():
