@@ -13,7 +13,9 @@ criterion of the toolkit (ours' error ≤ 2× stock PEFT DoRA's); the loss of ev
 re-gathered parameters each step: a stale ν would move ours off stock's trajectory, which the CPU test
 ``tests/test_kernels_distributed.py::test_peft_llama_under_fully_shard_matches_one_process`` pins exactly); the
 median step time after two lead-in steps (host clock around a synchronised step); each rank's peak memory over the
-steps; the layers that took the kernels (eager settings: compiled graphs call the ops without a norm runner).
+steps (transient: above what was allocated before the run, the unsharded bf16 base included); the layers that took
+the kernels (eager: those with a norm runner; compiled: the project's ops counted in inductor's graphs). A failure
+ends the job (run settings one call each with ``--settings``).
 Rank 0 writes DIR/fsdp2_model.json and DIR/fsdp2_model.md."""
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch.distributed as dist
 
 import dora_verify.kernels.peft as dv_peft
 from dora_verify import provenance
+from dora_verify.bench_model import GraphRecorder
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IMPLS = ("lora", "stock", "ours")
@@ -114,7 +117,11 @@ def run(base, impl, setting, ids, steps) -> dict:
     model = shard(with_adapters(base, impl, torch.bfloat16))
     if setting == "checkpointing":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fn = torch.compile(model) if setting == "compile" else model
+    aot = torch._dynamo.lookup_backend("aot_eager") if DEV == "cpu" else None  # --cpu: no C compiler needed
+    recorder = GraphRecorder(aot) if setting == "compile" else None  # inductor, counting the project's ops
+    if recorder is not None:
+        torch._dynamo.reset()  # each implementation compiles its own graphs (no shared cache, no recompile limit)
+    fn = torch.compile(model, backend=recorder) if recorder is not None else model
     (dv_peft.enable if impl == "ours" else dv_peft.disable)()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=DEV == "cuda")
     if DEV == "cuda":
@@ -145,9 +152,12 @@ def run(base, impl, setting, ids, steps) -> dict:
         "step_ms_median": sorted(times[lead:])[len(times[lead:]) // 2],
         "peak_mib_per_rank": [float(p) for p in peaks],
         "routed_layers": sum("_dora_verify_norm" in m.__dict__ for m in model.modules()),
+        "compiled_dora_ops": recorder.dora_ops if recorder is not None else None,
         "_grads": grads,
     }
     del model, fn, opt
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -161,9 +171,12 @@ def main():
     ap.add_argument("--cpu", action="store_true", help="gloo on the CPU, a tiny model: checks this script's logic only")
     a = ap.parse_args()
     DEV = "cpu" if a.cpu else "cuda"
-    dist.init_process_group("gloo" if a.cpu else "nccl")
-    if not a.cpu:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if a.cpu:
+        dist.init_process_group("gloo")
+    else:
+        local = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=local)
     t_start = time.time()
     seq, batch = (16, 2) if a.cpu else (1024, 2)
     base = llama(a.layers, a.cpu)
@@ -184,25 +197,19 @@ def main():
     del ref_model
     for setting in a.settings.split(","):
         res = {}
-        for impl in IMPLS:
-            try:
-                res[impl] = run(base, impl, setting, ids, a.steps)
-            except Exception as e:  # noqa: BLE001 - record, go on with the others
-                res[impl] = {"error": f"{type(e).__name__}: {e}"[:400]}
-                dv_peft.disable()
+        for impl in IMPLS:  # no try: a failure on one rank would leave the other in a collective (torchrun ends both)
+            res[impl] = run(base, impl, setting, ids, a.steps)
             log(setting, impl, {k: v for k, v in res[impl].items() if k != "_grads"})
         for impl in ("stock", "ours"):
-            if "_grads" in res[impl]:
-                res[impl]["loss_err_vs_fp32"] = abs(res[impl]["losses"][0] - rep["fp32_loss"]) / abs(rep["fp32_loss"])
-                res[impl]["grad_err_vs_fp32"] = grad_errors(res[impl]["_grads"], ref)
-        if all("grad_err_vs_fp32" in res[i] for i in ("stock", "ours")):
-            e_o, e_s = res["ours"]["grad_err_vs_fp32"], res["stock"]["grad_err_vs_fp32"]
-            res["fa_criterion"] = {k: e_o[k] <= 2 * e_s[k] for k in e_o}
-            for impl in IMPLS:
-                res[f"{impl}_ms_over_lora"] = res[impl]["step_ms_median"] / res["lora"]["step_ms_median"]
-                res[f"{impl}_peak_over_lora"] = max(res[impl]["peak_mib_per_rank"]) / max(
-                    max(res["lora"]["peak_mib_per_rank"]), 1e-9
-                )
+            res[impl]["loss_err_vs_fp32"] = abs(res[impl]["losses"][0] - rep["fp32_loss"]) / abs(rep["fp32_loss"])
+            res[impl]["grad_err_vs_fp32"] = grad_errors(res[impl]["_grads"], ref)
+        e_o, e_s = res["ours"]["grad_err_vs_fp32"], res["stock"]["grad_err_vs_fp32"]
+        res["fa_criterion"] = {k: e_o[k] <= 2 * e_s[k] for k in e_o}
+        for impl in IMPLS:
+            res[f"{impl}_ms_over_lora"] = res[impl]["step_ms_median"] / res["lora"]["step_ms_median"]
+            res[f"{impl}_peak_over_lora"] = max(res[impl]["peak_mib_per_rank"]) / max(
+                max(res["lora"]["peak_mib_per_rank"]), 1e-9
+            )
         for impl in IMPLS:
             res[impl].pop("_grads", None)
         rep["settings"][setting] = res
@@ -234,16 +241,13 @@ def markdown(rep) -> str:
         "projections, bf16 model and adapters, fused AdamW; errors against the same model in fp32 (stock PEFT DoRA, "
         "first step).",
         "",
-        "| setting | impl | step ms | / LoRA | peak MiB per rank | / LoRA | loss rel err | grad A | grad B | grad m "
-        "| layers routed |",
+        "| setting | impl | step ms | / LoRA | transient peak MiB per rank | / LoRA | loss rel err | grad A | grad B "
+        "| grad m | layers routed (compiled: ops) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting, res in rep["settings"].items():
         for impl in IMPLS:
             x = res[impl]
-            if "error" in x:
-                L.append(f"| {setting} | {impl} | failed: `{x['error'][:120]}` | | | | | | | | |")
-                continue
             e = x.get("grad_err_vs_fp32", {})
             peaks = ", ".join(f"{v:.0f}" for v in x["peak_mib_per_rank"])
             cells = [
@@ -253,11 +257,11 @@ def markdown(rep) -> str:
                 _cell(x, "loss_err_vs_fp32", ".3g"),
                 *(_cell(e, k, ".3g") for k in ("lora_A", "lora_B", "magnitude")),
             ]
-            L.append(f"| {setting} | {impl} | {x['step_ms_median']:.1f} | {' | '.join(cells)} | {x['routed_layers']} |")
-        if "fa_criterion" in res:
-            L += ["", f"{setting}: FlashAttention-style criterion (ours' gradient error ≤ 2× stock's): "
-                  f"{res['fa_criterion']}; losses stock {', '.join(f'{v:.5f}' for v in res['stock']['losses'])}, "
-                  f"ours {', '.join(f'{v:.5f}' for v in res['ours']['losses'])}.", ""]  # fmt: skip
+            routed = x["routed_layers"] if x["compiled_dora_ops"] is None else f"({x['compiled_dora_ops']} ops)"
+            L.append(f"| {setting} | {impl} | {x['step_ms_median']:.1f} | {' | '.join(cells)} | {routed} |")
+        L += ["", f"{setting}: FlashAttention-style criterion (ours' gradient error ≤ 2× stock's): "
+              f"{res['fa_criterion']}; losses stock {', '.join(f'{v:.5f}' for v in res['stock']['losses'])}, "
+              f"ours {', '.join(f'{v:.5f}' for v in res['ours']['losses'])}.", ""]  # fmt: skip
     return "\n".join(L) + "\n"
 
 

@@ -360,8 +360,9 @@ def lora_compose_bounds(base, xa, B, g, s: float, lora_hat, bias=None, chain: "i
 
 def lora_compose_dg_bound(dy, base, xa, B, s: float, chain: "int | None" = None):
     """Bound on |d̂_g − d_g| for ``kernels.lora_compose``'s backward, d_g = Σ_T dy ⊙ (base + s·xa Bᵀ) exact in the
-    rounded dy, base, xa, B. d̂_g = RN₃₂(Σ_T dy·base + s·Σ_r B ⊙ M̂), both sums in float64, with M̂ = dyᵀxa (exact
-    products: xa is never rounded to dy's dtype) accumulated in fp32 in chains of at most ``chain`` rows whose sums
+    rounded dy, base, xa, B. d̂_g = RN₃₂(Σ_T dy·base + s·Σ_r B ⊙ M̂), both sums in float64, with M̂ = dyᵀxa (xa never
+    rounded to dy's dtype; products exact for 16-bit operands, rounded once for fp32 ones: inside γ_c(2u₃₂))
+    accumulated in fp32 in chains of at most ``chain`` rows whose sums
     are added in float64 (the fused backward's row splits), or in one chain of T (None: one GEMM):
 
         γ64_{T+1}·Σ_T|dy·base| + |s|·Σ_r |B|·(γ_c(2u₃₂) + γ64_{T/c+1})·(|dy|ᵀ|xa|)

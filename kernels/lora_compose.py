@@ -16,7 +16,7 @@ Numerical contract (base in bf16/fp16/fp32; xa, B in bf16/fp16 on the fused tier
   2⁻⁹ relative for bf16).
 * y: the compose's single-rounding epilogue (kernels/compose.py): ≤ 1 ulp from the exact
   g·(base + s·lora) + bias of the rounded base and lora.
-* d_g = Σ_T dy ⊙ (base + s·lora) = Σ_T dy·base + s·Σ_r B ⊙ M, M = dyᵀxa accumulated in fp32 (exact products): the
+* d_g = Σ_T dy ⊙ (base + s·lora) = Σ_T dy·base + s·Σ_r B ⊙ M, M = dyᵀxa accumulated in fp32 (16-bit products exact): the
   first term in float64 per column block and row split, then over the splits in order; M from the backward kernel's
   tile dots (:func:`dot_m_applies`: fp32 chains of one row split, the splits summed in float64) or from cuBLAS's
   fp32-output GEMM (one chain of T; also the eager tier's); the sum with s·Σ_r B ⊙ M in float64, one fp32
@@ -505,8 +505,9 @@ def lora_compose_backward_eager(dy, base, xa, B, g, s: float, need_base: bool, n
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result from exact products and fp32 accumulation: two bf16/fp16 operands of one dtype
-    through torch's fp32-output GEMM; any other pair upcast to fp32 (exactly) and multiplied in IEEE fp32 (TF32 off)."""
+    """a @ b with an fp32 result and fp32 accumulation, products exact for bf16/fp16 operands (rounded once for fp32
+    ones): two 16-bit operands of one dtype through torch's fp32-output GEMM; any other pair upcast to fp32 (exactly)
+    and multiplied in IEEE fp32 (TF32 off). Within the 2u₃₂-per-addition model either way."""
     if a.is_cuda and a.dtype == b.dtype and a.dtype in _FUSED_ADAPTER_DTYPES:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)

@@ -90,9 +90,10 @@ def enable(save: str = "recompute") -> None:
     ``save``: what a training forward keeps for backward. 'recompute' (default): base = x Wᵀ (activation-sized) and
     xa; lora = xa Bᵀ is never formed (d_g's lora term comes from dyᵀxa, :func:`lora_compose`). 'x': the least
     memory — only x (which LoRA's own down-projection keeps anyway) and xa; the backward forms base again with the
-    base layer's GEMM (one more GEMM per layer and step). It applies on the fused training path — CUDA, bf16/fp16 adapters in the input's dtype —
-    to plain ``nn.Linear`` base layers with one active adapter; everywhere else (the CPU's eager tier, fp32 adapters,
-    compiled graphs, autocast) the layer runs as under 'recompute'. The same bits either way."""
+    base layer's GEMM (one more GEMM per layer and step). It applies on the fused training path — CUDA, bf16/fp16
+    adapters in the input's dtype — to plain ``nn.Linear`` base layers with one active adapter; everywhere else (the
+    CPU's eager tier, fp32 adapters, compiled graphs, autocast) the layer runs as under 'recompute'. The same bits
+    either way."""
     global _ORIGINAL, _SAVE
     if save not in SAVE_MODES:
         raise ValueError(f"save must be one of {SAVE_MODES}, got {save!r}")

@@ -235,7 +235,7 @@ def test_fused_adapter_gradients(dtype, need, r, monkeypatch):
             assert torch.equal(d_B, ref_B)
     assert torch.equal(d_g, lc.lora_compose_backward_fused(dy, base, xa, B, g, c.s, False, True)[1])
     dg, bound = lora_compose_dg_bound(dy, base, xa, B, c.s, lc.m_chain(200, 131, r, dy.dtype, xa.dtype, dev))
-    assert bool(((d_g.double() - dg).abs() <= bound).all())  # r 80: M from cuBLAS, d_g's sum over two r-blocks
+    assert bool(((d_g.double() - dg).abs() <= bound).all())  # at r 80 the second stage sums d_g over two r-blocks
 
 
 @pytest.mark.parametrize("mix", ["bf16-base-fp16-adapters", "fp16-base-bf16-adapters"])
@@ -479,3 +479,21 @@ def test_the_dg_bound_fails_an_m_rounded_to_fp16():
     assert not bool(((wrong - dg).abs() <= bound).all())
     eager = lc.lora_compose_backward_eager(dy, base, xa, c.B, c.g, c.s, False, True)[1]
     assert bool(((eager.double() - dg).abs() <= bound).all())
+
+
+def test_no_tokens_with_the_scale_inside():
+    """T = 0 with m and ν (dora_lora_compose's backward): d_B, d_xa are adapter_grads' of g = m / max(ν, ε) — zeros,
+    NaN only where g is — and d_m is zero; ν = ∞ gives g = 0, not the NaN of ν used as g."""
+    N, R = 5, 3
+    nu = torch.tensor([1.0, float("inf"), 0.0, 2.0, float("nan")])
+    m = torch.ones(N)
+    dy, base, xa = torch.zeros(0, N, dtype=torch.float16), torch.zeros(0, N, dtype=torch.float16), torch.zeros(0, R)
+    B = torch.ones(N, R, dtype=torch.float16)
+    d_base, d_m, d_xa, d_B = lc.lora_compose_backward_fused_all(
+        dy, base, xa.half(), B, nu, 0.5, True, True, True, True, m=m
+    )
+    g = dora_scale(m, nu, g_minus_1=False)[0]
+    ref_xa, ref_B = lc.adapter_grads(dy, xa.half(), B, g, 0.5, True, True)
+    assert torch.equal(d_B.isnan(), ref_B.isnan()) and torch.equal(torch.nan_to_num(d_B), torch.nan_to_num(ref_B))
+    assert d_B.isnan().tolist() == [[False] * R, [False] * R, [False] * R, [False] * R, [True] * R]
+    assert d_xa.shape == (0, R) and torch.equal(d_m, torch.zeros(N)) and d_base.shape == (0, N)
