@@ -13,7 +13,8 @@ Forward (PEFT ``LoraConfig(use_dora=True)`` semantics):
   autocast off); the layer's GEMMs (x Wᵀ, x Aᵀ, xa Bᵀ) run in the autocast dtype, as PEFT's do, and the compose
   then reads a materialised lora in that dtype.
 * g and g − 1 stay fp32 (:func:`dora_scale`); the compose rounds once. ``save`` picks what the
-  training forward keeps for backward (all give d_m from float64 sums except 'activation'):
+  training forward keeps for backward (d_m from float64 sums — its lora term from the fp32 GEMM dyᵀxa under
+  'recompute' and 'x' — except 'activation'):
   'recompute' (default) fuses the LoRA up-projection into the compose (:func:`lora_compose`): lora = xa Bᵀ
   is never written (nor rounded to the adapter dtype), backward keeps base and xa and takes d_g's lora term from
   M = dyᵀxa, d_B's product (H100, 8192², r = 384, 4096 tokens: 0.82× PEFT LoRA's peak, reports/h100/bench);
