@@ -32,15 +32,11 @@ import torch.distributed as dist
 import dora_verify.kernels.peft as dv_peft
 from dora_verify import provenance
 from dora_verify.bench_model import GraphRecorder
+from fsdp2_gpu import full_grads, log, rel, shard_model  # bench/ is the script's folder: on sys.path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IMPLS = ("lora", "stock", "ours")
 DEV = "cuda"
-
-
-def log(*a):
-    if dist.get_rank() == 0:
-        print(*a, flush=True)
 
 
 def llama(layers: int, cpu: bool):
@@ -79,29 +75,6 @@ def with_adapters(base, impl: str, dtype):
     return model.to(dtype)
 
 
-def shard(model):
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    return model
-
-
-def full_grads(model) -> dict:
-    from torch.distributed.tensor import DTensor
-
-    return {
-        n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).float().clone()
-        for n, p in model.named_parameters()
-        if p.requires_grad and p.grad is not None
-    }
-
-
-def rel(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 def grad_errors(grads: dict, ref: dict) -> dict:
     common = sorted(set(grads) & set(ref))
     return {k: max(rel(grads[n], ref[n]) for n in common if k in n) for k in ("lora_A", "lora_B", "magnitude")}
@@ -114,7 +87,7 @@ def sync():
 
 def run(base, impl, setting, ids, steps) -> dict:
     """``steps`` training steps of one implementation in one setting: losses, first-step gradients, times, peaks."""
-    model = shard(with_adapters(base, impl, torch.bfloat16))
+    model = shard_model(with_adapters(base, impl, torch.bfloat16))
     if setting == "checkpointing":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     aot = torch._dynamo.lookup_backend("aot_eager") if DEV == "cpu" else None  # --cpu: no C compiler needed
@@ -189,7 +162,7 @@ def main():
                   "seq": seq, "batch_per_rank": batch, "r": 16, "adapters": "bf16", "model_dtype": "bf16"},
         "settings": {},
     }  # fmt: skip
-    ref_model = shard(with_adapters(base, "stock", torch.float32))  # the same rounded weights, in fp32
+    ref_model = shard_model(with_adapters(base, "stock", torch.float32))  # the same rounded weights, in fp32
     dv_peft.disable()
     loss = ref_model(input_ids=ids, labels=ids).loss
     loss.backward()

@@ -289,7 +289,7 @@ if HAS_TRITON:
     ):
         """The backward's second stage, per column block. M = dyᵀxa: the float64 sum of the first stage's fp32 split
         partials in split order (M_SPLITS; r ≤ BLOCK_R), or cuBLAS's fp32 M at m_ptr. d_B = RN_B(RN32(g·s)·RN32(M));
-        d_g = RN32(Σ_k partial[k] + s·Σ_r B ⊙ M), all in float64 (B·M products exact) — with G_FROM_M
+        d_g = RN32(Σ_k partial[k] + s·Σ_r B ⊙ M), all in float64 (B·M within one float64 rounding) — with G_FROM_M
         d_m = RN_m(RN32(d_g / max(ν, ε))) instead, autograd's DivBackward (IEEE division) then ToCopyBackward of
         g = m₃₂ / max(ν, ε)."""
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
