@@ -36,6 +36,7 @@ from fsdp2_gpu import full_grads, log, rel, shard_model  # bench/ is the script'
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IMPLS = ("lora", "stock", "ours")
+SETTINGS = ("eager", "checkpointing", "compile")
 DEV = "cuda"
 
 
@@ -140,9 +141,14 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--settings", default="eager,checkpointing,compile")
+    ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--cpu", action="store_true", help="gloo on the CPU, a tiny model: checks this script's logic only")
     a = ap.parse_args()
+    settings = a.settings.split(",")
+    if bad := [x for x in settings if x not in SETTINGS]:
+        ap.error(f"--settings: unknown {', '.join(bad)} (choose from {', '.join(SETTINGS)})")
+    if a.layers < 1 or a.steps < 1:
+        ap.error(f"--layers and --steps must be ≥ 1, got {a.layers} and {a.steps}")
     DEV = "cpu" if a.cpu else "cuda"
     if a.cpu:
         dist.init_process_group("gloo")
@@ -168,7 +174,7 @@ def main():
     loss.backward()
     rep["fp32_loss"], ref = float(loss), full_grads(ref_model)
     del ref_model
-    for setting in a.settings.split(","):
+    for setting in settings:
         res = {}
         for impl in IMPLS:  # no try: a failure on one rank would leave the other in a collective (torchrun ends both)
             res[impl] = run(base, impl, setting, ids, a.steps)

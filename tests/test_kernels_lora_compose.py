@@ -497,3 +497,17 @@ def test_no_tokens_with_the_scale_inside():
     assert torch.equal(d_B.isnan(), ref_B.isnan()) and torch.equal(torch.nan_to_num(d_B), torch.nan_to_num(ref_B))
     assert d_B.isnan().tolist() == [[False] * R, [False] * R, [False] * R, [False] * R, [True] * R]
     assert d_xa.shape == (0, R) and torch.equal(d_m, torch.zeros(N)) and d_base.shape == (0, N)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_backward_dg_where_the_lora_term_carries_it(tier, m_source):
+    """base = 0: d_g is all lora term, so the kernels' M must be fp32-accurate to stay within lora_compose_dg_bound —
+    an M rounded to fp16 fails this bound (test_the_dg_bound_fails_an_m_rounded_to_fp16), here on the kernels."""
+    c, _, xa = _inputs("trained", "fp16", T=90, N=67)
+    base = torch.zeros(90, 67, dtype=torch.float16)
+    dy = torch.randn(base.shape, generator=torch.Generator().manual_seed(9)).to(base.dtype)
+    fn = lc.lora_compose_backward_fused_all if tier == "fused" else lc.lora_compose_backward_eager_all
+    d_g = fn(dy, base, xa, c.B, c.g, c.s, False, True, False, False)[1]
+    chain = lc.m_chain(90, 67, xa.shape[1], dy.dtype, xa.dtype, "cpu") if tier == "fused" else None
+    dg, bound = lora_compose_dg_bound(dy, base, xa, c.B, c.s, chain)
+    assert bool(((d_g.double() - dg).abs() <= bound).all())
