@@ -39,7 +39,6 @@ from .norm import (
     check_norm_inputs,
     factored_row_norm,
     wa_product,
-    weight_row_sq,
 )
 from .scale import check_scaling
 
@@ -62,13 +61,8 @@ def _sum_across(t: torch.Tensor, group, deterministic: bool) -> torch.Tensor:
 def _cols_norm(W, A, B, s, group, kappa_max, deterministic, chunk_bytes):
     d_out, r = W.shape[0], A.shape[0]
     A64 = A.to(torch.float64)
-    terms = torch.cat(
-        [
-            weight_row_sq(W, chunk_bytes),
-            wa_product(W, A, chunk_bytes).to(torch.float64).flatten(),
-            (A64 @ A64.t()).flatten(),
-        ]
-    )
+    U, wsq = wa_product(W, A, chunk_bytes, row_sq=True)  # ‖W‖² from U's pass over W where the kernel runs
+    terms = torch.cat([wsq, U.to(torch.float64).flatten(), (A64 @ A64.t()).flatten()])
     terms = _sum_across(terms, group, deterministic)
     wsq, U, G = terms[:d_out], terms[d_out : d_out + d_out * r].view(d_out, r), terms[d_out + d_out * r :].view(r, r)
     nu, kappa = assemble_norm(wsq, U, G, B, s)

@@ -5,8 +5,9 @@
 Numerical contract (W, A, B in bf16/fp16/fp32, ``s`` fp32-representable; result **fp32**):
 
 * ``‖W‖²_row`` is accumulated in float64 from exactly squared inputs (relative error ≤ γ64_{d_in}, i.e.
-  ~1e-12 at d_in = 8192), on every call: no value of ν or of its terms outlives the forward that computed it
-  and that forward's own backward (:class:`RowNormRunner`), so no writer of W, A or B can leave a stale one behind.
+  ~1e-12 at d_in = 8192), on every call — on CUDA by the U kernel below, from the W tiles it reads anyway: no value
+  of ν or of its terms outlives the forward that computed it and that forward's own backward (:class:`RowNormRunner`),
+  so no writer of W, A or B can leave a stale one behind.
 * ``U = W Aᵀ``: on CUDA a Triton GEMM whose tensor-core products are summed in fp32 only within chains
   of ≤ 256 products along d_in and across chains in float64 (a long tensor-core accumulation truncates: it measured
   3.1e-5 relative error in U on all-positive 8192×8192 data with cuBLAS, 4.1e-7 here). bf16/fp16 products are exact in
@@ -173,6 +174,19 @@ if HAS_TRITON:
             tl.store(out_ptr + pid_k.to(tl.int64) * M * R + offs, acc, mask=msk)
 
     @triton.jit
+    def _wsq_step(sq, w, pid_r):
+        """sq += Σ_k w² per row of the W tile, in float64 (each square exact), by the first r-block's programs only."""
+        if pid_r == 0:
+            wf = w.to(tl.float64)
+            sq += tl.sum(wf * wf, axis=1)
+        return sq
+
+    @triton.jit
+    def _wsq_store(wsq_ptr, sq, rows, M, pid_r, pid_k):
+        if pid_r == 0:
+            tl.store(wsq_ptr + pid_k.to(tl.int64) * M + rows, sq, mask=rows < M)
+
+    @triton.jit
     def _wa_kernel(
         w_ptr,
         a_ptr,
@@ -183,18 +197,22 @@ if HAS_TRITON:
         stride_w,
         stride_a,
         k_per_split,
+        wsq_ptr,
         MODE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
         FLUSH: tl.constexpr,
         SPLIT: tl.constexpr,
+        WSQ: tl.constexpr,
     ):
         """U[m, j] = Σ_k W[m, k] A[j, k] over the d_in range of split ``program_id(1)``, in chains of
         BLOCK_K·FLUSH exact products summed in fp32 on the tensor cores and across chains in float64
         (:func:`_wa_chain_step`), so the (truncating) tensor-core accumulation never runs longer than a chain
         and the error does not grow with K as a long tensor-core accumulation's does. SPLIT = 1 stores fp32 U;
-        SPLIT > 1 stores float64 partials [SPLIT, M, R] (summed by the caller in a fixed order)."""
+        SPLIT > 1 stores float64 partials [SPLIT, M, R] (summed by the caller in a fixed order). WSQ: the programs of
+        the first r-block also sum the squares of the W tiles they read, in float64 (exact squares), into
+        ``wsq_ptr[split, M]`` (:func:`_wsq_store`): ‖W‖² from the same pass over W."""
         n_r = tl.cdiv(R, BLOCK_R)
         pid = tl.program_id(0)
         pid_m = pid // n_r  # the r-blocks of one row block run together and share W through L2
@@ -207,6 +225,7 @@ if HAS_TRITON:
         k_end = tl.minimum(K, k_begin + k_per_split)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float64)
         part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_M], dtype=tl.float64)
         for i in range(0, tl.cdiv(k_end - k_begin, BLOCK_K)):
             kk = k_begin + i * BLOCK_K + ks
             w = tl.load(
@@ -220,8 +239,12 @@ if HAS_TRITON:
                 other=0.0,
             )
             part, acc = _wa_chain_step(part, acc, w, a, a, a, i, MODE, FLUSH)
+            if WSQ:
+                sq = _wsq_step(sq, w, pid_r)
         acc += part.to(tl.float64)
         _wa_store(out_ptr, acc, rows, rr, M, R, pid_k, SPLIT)
+        if WSQ:
+            _wsq_store(wsq_ptr, sq, rows, M, pid_r, pid_k)
 
     @triton.jit
     def _wa_tma_kernel(
@@ -234,12 +257,14 @@ if HAS_TRITON:
         R,
         K,
         k_per_split,
+        wsq_ptr,
         MODE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
         FLUSH: tl.constexpr,
         SPLIT: tl.constexpr,
+        WSQ: tl.constexpr,
     ):
         """:func:`_wa_kernel` with TMA tile loads (host tensor descriptors; reads past K are zeros); MODE 0 or 2
         (fp32 A as three bf16 matrices A₁ + A₂ + A₃ split by the caller). Splits start on BLOCK_K boundaries, so a
@@ -254,6 +279,7 @@ if HAS_TRITON:
         k_end = tl.minimum(K, k_begin + k_per_split)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float64)
         part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_M], dtype=tl.float64)
         for i in range(0, tl.cdiv(k_end - k_begin, BLOCK_K)):
             k0 = k_begin + i * BLOCK_K
             w = w_desc.load([pid_m * BLOCK_M, k0])
@@ -272,32 +298,63 @@ if HAS_TRITON:
                 )
             else:
                 part, acc = _wa_chain_step(part, acc, w, a, a, a, i, MODE, FLUSH)
+            if WSQ:
+                sq = _wsq_step(sq, w, pid_r)
         acc += part.to(tl.float64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         _wa_store(out_ptr, acc, rows, rr, M, R, pid_k, SPLIT)
+        if WSQ:
+            _wsq_store(wsq_ptr, sq, rows, M, pid_r, pid_k)
 
 
-# (BLOCK_M, BLOCK_R, BLOCK_K, FLUSH, num_warps, num_stages) per mode, tuned on an H100
-# (bench/experiments/wa_variants.py): chains of 256 products (MODE 0) and 3·64 (MODE 1) measured 4.1e-7 max relative
-# error of U on all-positive data.
+# Tiles (BLOCK_M, BLOCK_R, BLOCK_K, FLUSH, num_warps, num_stages) of the U kernel. r > 64: per mode, tuned on an H100 at
+# r = 384 (bench/experiments/wa_variants.py): chains of 256 products (MODE 0) and 3·64 (MODE 1) measured 4.1e-7 max
+# relative error of U on all-positive data.
 # TMA loads (inside tma_loads(): CUDA-graph captures) where the operands allow them (16-byte aligned rows): U at
 # 8192², r = 384 in 0.123 ms vs 0.161 ms; fp32 adapters 0.445 ms vs 0.58 ms (bench/kernels_gpu.py --parts profile).
 WA_CONFIG = {0: (64, 128, 128, 2, 4, 3), 1: (128, 128, 64, 1, 8, 2)}
 WA_TMA_CONFIG = {0: (64, 128, 128, 2, 4, 4), 1: (128, 128, 64, 1, 8, 3)}
-# The TMA kernel differs only in its pipeline depth: same tiles, warps and chains, hence the same bits.
+# r ≤ 64 (the ranks people train with): BLOCK_R = r rounded up to a power of two (≥ 16), so the tensor cores do no
+# zero work, with the other tiles per (mode, BLOCK_R): (BLOCK_M, BLOCK_K, FLUSH, num_warps, pointer stages, TMA stages),
+# measured on an H200 (bench/experiments/wa_small_r.py).
+WA_SMALL_R_CONFIG = {
+    (0, 16): (128, 128, 2, 4, 3, 4),
+    (0, 32): (128, 128, 2, 4, 3, 4),
+    (0, 64): (128, 128, 2, 4, 3, 4),
+    (1, 16): (128, 64, 1, 4, 3, 4),
+    (1, 32): (128, 64, 1, 4, 3, 4),
+    (1, 64): (128, 64, 1, 8, 3, 4),
+}
+WA_SMALL_R_MAX = 64
+
+
+def wa_tiles(mode: int, R: int, tma: bool = False):
+    """(BLOCK_M, BLOCK_R, BLOCK_K, FLUSH, num_warps, num_stages) of the U kernel for ``mode`` and rank ``R``. The TMA
+    and pointer kernels differ only in their pipeline depth: same tiles, warps and chains, hence the same bits."""
+    if R <= WA_SMALL_R_MAX:
+        br = max(16, 1 << (max(R, 1) - 1).bit_length())
+        bm, bk, flush, warps, stages, tma_stages = WA_SMALL_R_CONFIG[(mode, br)]
+        return bm, br, bk, flush, warps, tma_stages if tma else stages
+    return (WA_TMA_CONFIG if tma else WA_CONFIG)[mode]
+
+
 assert all(WA_TMA_CONFIG[m][:5] == WA_CONFIG[m][:5] for m in WA_CONFIG)
 # The longest chain of products one fp32 tensor-core accumulator sums before it is flushed to float64
 # (MODE 1 issues three dots per K block): what dora_verify.bounds.kernel_norm_bound charges γ_chain for.
-U_CHAIN = max(cfg[2] * cfg[3] * (1 if mode == 0 else 3) for mode, cfg in WA_CONFIG.items())
+U_CHAIN = max(
+    [cfg[2] * cfg[3] * (1 if mode == 0 else 3) for mode, cfg in WA_CONFIG.items()]
+    + [cfg[1] * cfg[2] * (1 if mode == 0 else 3) for (mode, _), cfg in WA_SMALL_R_CONFIG.items()]
+)
+assert U_CHAIN <= 256
 WA_MIN_PROGRAMS = 256  # below this many output tiles (e.g. G = A Aᵀ, r×r) d_in is split across programs
 WA_MIN_SPLIT_K = 1024  # ... but each split keeps at least this much of d_in
 
 
 def wa_splits(M: int, R: int, K: int, mode: int) -> int:
     """Number of d_in splits of the U kernel: a function of the shape only (results are reproducible, and the
-    same chains whether the pointer or the TMA kernel runs: both take their tiles from WA_CONFIG here)."""
-    bm, br = WA_CONFIG[mode][:2]
+    same chains whether the pointer or the TMA kernel runs: both take their tiles from :func:`wa_tiles`)."""
+    bm, br = wa_tiles(mode, R)[:2]
     tiles = -(-M // bm) * -(-R // br)
     return max(1, min(-(-WA_MIN_PROGRAMS // tiles), K // WA_MIN_SPLIT_K))
 
@@ -341,86 +398,106 @@ def _tma_ok(W: torch.Tensor, A: torch.Tensor, mode: int) -> bool:
     return a_ok and W.data_ptr() % 16 == 0 and (W.stride(0) * W.element_size()) % 16 == 0
 
 
+def _wa_mode(W: torch.Tensor, A: torch.Tensor) -> "int | None":
+    """The U kernel's MODE for these operands: 0 (W, A one 16-bit dtype), 1 (bf16 W, fp32 A), None (no kernel: fp32
+    W, or fp16 W with fp32 A — an IEEE fp32 GEMM)."""
+    if W.dtype == A.dtype and W.dtype != torch.float32:
+        return 0
+    if W.dtype == torch.bfloat16 and A.dtype == torch.float32:
+        return 1
+    return None
+
+
+def _wa_launch(W: torch.Tensor, A: torch.Tensor, mode: int, use_tma: "bool | None", row_sq: bool):
+    """Run the U kernel on contiguous-row W, A: (U, wsq) as the kernel leaves them — U fp32 [M, R] with one split,
+    else float64 partials [split, M, R]; wsq (``row_sq``) float64 partials [split, M], else None. The caller sums
+    the partials in index order (:func:`_sum_splits` or the assembly kernel)."""
+    d_out, d_in = W.shape
+    r = A.shape[0]
+    tma = use_tma if use_tma is not None else (_TMA_LOADS.get() and _tma_ok(W, A, mode))
+    bm, br, bk, flush, warps, stages = wa_tiles(mode, r, tma)
+    split = wa_splits(d_out, r, d_in, mode)
+    k_per = triton.cdiv(triton.cdiv(d_in, split), bk) * bk  # whole K blocks per split
+    split = -(-d_in // k_per)
+    out = torch.empty(
+        (d_out, r) if split == 1 else (split, d_out, r),
+        dtype=torch.float32 if split == 1 else torch.float64,
+        device=W.device,
+    )
+    wsq = torch.empty((split, d_out), dtype=torch.float64, device=W.device) if row_sq else out
+    grid = (triton.cdiv(d_out, bm) * triton.cdiv(r, br), split)
+    meta = dict(BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, FLUSH=flush, SPLIT=split, WSQ=row_sq)
+    if tma:
+        a_parts = split_bf16x3(A.contiguous()) if mode == 1 else (A, A, A)  # MODE 0 reads only the first
+        a_descs = [TensorDescriptor.from_tensor(t, [br, bk]) for t in a_parts]
+        _wa_tma_kernel[grid](
+            TensorDescriptor.from_tensor(W, [bm, bk]),
+            *a_descs,
+            out,
+            d_out,
+            r,
+            d_in,
+            k_per,
+            wsq,
+            MODE=2 if mode == 1 else 0,
+            num_warps=warps,
+            num_stages=stages,
+            **meta,
+        )
+    else:
+        _wa_kernel[grid](
+            W,
+            A,
+            out,
+            d_out,
+            r,
+            d_in,
+            W.stride(0),
+            A.stride(0),
+            k_per,
+            wsq,
+            MODE=mode,
+            num_warps=warps,
+            num_stages=stages,
+            **meta,
+        )
+    return out, (wsq if row_sq else None)
+
+
+def _sum_splits(parts: torch.Tensor) -> torch.Tensor:
+    """float64 partials [split, ...] summed over the splits (fixed order: reproducible)."""
+    return parts.sum(dim=0)
+
+
 def wa_product(
     W: torch.Tensor,
     A: torch.Tensor,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     use_triton: "bool | None" = None,
     use_tma: "bool | None" = None,
-) -> torch.Tensor:
+    row_sq: bool = False,
+):
     """U = W Aᵀ in fp32 (module contract): on CUDA the Triton kernel above (fp32 sums of exact products
     within short K chains, float64 across chains and splits; TMA loads inside :func:`tma_loads` where the operands
-    allow them, or as ``use_tma`` says); elsewhere fp32 GEMMs (TF32 off) over d_in chunks."""
+    allow them, or as ``use_tma`` says); elsewhere fp32 GEMMs (TF32 off) over d_in chunks. ``row_sq``: returns
+    (U, ‖W‖²_row float64) — on the kernel's path from the same pass over W (exact squares, float64 sums: the
+    contract of :func:`weight_row_sq`), else :func:`weight_row_sq`."""
     d_out, d_in = W.shape
     r = A.shape[0]
     if use_triton if use_triton is not None else (HAS_TRITON and W.is_cuda):
         W = W if W.stride(1) == 1 else W.contiguous()
         A = A if A.stride(1) == 1 else A.contiguous()
-        if W.dtype == A.dtype and W.dtype != torch.float32:
-            mode = 0
-        elif W.dtype == torch.bfloat16 and A.dtype == torch.float32:
-            mode = 1
-        else:
-            mode = None  # fp32 (or fp16 with fp32): IEEE fp32 GEMM below (FMA accumulation rounds to nearest)
+        mode = _wa_mode(W, A)
         if mode is not None:
-            tma = use_tma if use_tma is not None else (_TMA_LOADS.get() and _tma_ok(W, A, mode))
-            bm, br, bk, flush, warps, stages = (WA_TMA_CONFIG if tma else WA_CONFIG)[mode]
-            split = wa_splits(d_out, r, d_in, mode)
-            k_per = triton.cdiv(triton.cdiv(d_in, split), bk) * bk  # whole K blocks per split
-            split = -(-d_in // k_per)
-            out = torch.empty(
-                (d_out, r) if split == 1 else (split, d_out, r),
-                dtype=torch.float32 if split == 1 else torch.float64,
-                device=W.device,
-            )
-            grid = (triton.cdiv(d_out, bm) * triton.cdiv(r, br), split)
-            if tma:
-                a_parts = split_bf16x3(A.contiguous()) if mode == 1 else (A, A, A)  # MODE 0 reads only the first
-                a_descs = [TensorDescriptor.from_tensor(t, [br, bk]) for t in a_parts]
-                _wa_tma_kernel[grid](
-                    TensorDescriptor.from_tensor(W, [bm, bk]),
-                    *a_descs,
-                    out,
-                    d_out,
-                    r,
-                    d_in,
-                    k_per,
-                    MODE=2 if mode == 1 else 0,
-                    BLOCK_M=bm,
-                    BLOCK_R=br,
-                    BLOCK_K=bk,
-                    FLUSH=flush,
-                    SPLIT=split,
-                    num_warps=warps,
-                    num_stages=stages,
-                )
-            else:
-                _wa_kernel[grid](
-                    W,
-                    A,
-                    out,
-                    d_out,
-                    r,
-                    d_in,
-                    W.stride(0),
-                    A.stride(0),
-                    k_per,
-                    MODE=mode,
-                    BLOCK_M=bm,
-                    BLOCK_R=br,
-                    BLOCK_K=bk,
-                    FLUSH=flush,
-                    SPLIT=split,
-                    num_warps=warps,
-                    num_stages=stages,
-                )
-            return out if split == 1 else out.sum(dim=0).to(torch.float32)
+            out, wsq = _wa_launch(W, A, mode, use_tma, row_sq)
+            U = out if out.dim() == 2 else _sum_splits(out).to(torch.float32)
+            return (U, _sum_splits(wsq)) if row_sq else U
     U = torch.zeros(d_out, r, dtype=torch.float32, device=W.device)
     A32 = A.to(torch.float32)
     with _NoTF32():
         for k0, k1 in _row_chunks(d_in, d_out * 4, chunk_bytes):
             U += W[:, k0:k1].to(torch.float32) @ A32[:, k0:k1].t()
-    return U
+    return (U, weight_row_sq(W, chunk_bytes)) if row_sq else U
 
 
 @dataclass
@@ -444,10 +521,36 @@ def _dense_rows(W, A, B, s, rows: torch.Tensor, chunk_bytes: int) -> torch.Tenso
 if HAS_TRITON:
 
     @triton.jit
+    def _load_sum(ptr, offs, mask, n, stride):
+        """Σ_p ptr[p·stride + offs] over p = 0 … n−1 in float64, in index order (a split kernel's partials)."""
+        acc = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        for _ in range(1, n):
+            ptr += stride
+            acc += tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        return acc
+
+    @triton.jit
     def _assemble_kernel(
-        u_ptr, b_ptr, bg_ptr, wsq_ptr, nu_ptr, kappa_ptr, M, R, s, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr
+        u_ptr,
+        u_splits,
+        b_ptr,
+        g_ptr,
+        g_splits,
+        bg_ptr,
+        wsq_ptr,
+        wsq_splits,
+        nu_ptr,
+        kappa_ptr,
+        M,
+        R,
+        s,
+        GRAM_FROM_G: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_R: tl.constexpr,
     ):
-        """Per row: cross = Σ B·U, |cross| = Σ|B·U|, gram = Σ (BG)·B in float64; ν² and κ; ν = RN32(√ν²)."""
+        """Per row: U = RN32(Σ of its split partials), ‖W‖² (partials summed in float64); cross = Σ B·U,
+        |cross| = Σ|B·U| and gram = Σ (BG)·B in float64 — with GRAM_FROM_G (R ≤ BLOCK_R) BG = B·G is formed here in
+        float64 from G = RN32(Σ of G's partials), else read from ``bg_ptr``; ν² and κ; ν = RN32(√ν²)."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
         cross = tl.zeros([BLOCK_M], dtype=tl.float64)
@@ -458,11 +561,18 @@ if HAS_TRITON:
             m2 = rmask[:, None] & (jj < R)[None, :]
             offs = rows.to(tl.int64)[:, None] * R + jj[None, :]
             b = tl.load(b_ptr + offs, mask=m2, other=0.0).to(tl.float64)
-            bu = b * tl.load(u_ptr + offs, mask=m2, other=0.0).to(tl.float64)
+            u = _load_sum(u_ptr, offs, m2, u_splits, M * R).to(tl.float32).to(tl.float64)
+            bu = b * u
             cross += tl.sum(bu, axis=1)
             cabs += tl.sum(tl.abs(bu), axis=1)
-            gram += tl.sum(b * tl.load(bg_ptr + offs, mask=m2, other=0.0).to(tl.float64), axis=1)
-        wsq = tl.load(wsq_ptr + rows, mask=rmask, other=0.0)
+            if GRAM_FROM_G:  # one r-block: b holds the rows of B whole
+                for j in range(0, R):
+                    g_j = _load_sum(g_ptr, j * R + jj, jj < R, g_splits, R * R).to(tl.float32).to(tl.float64)
+                    b_j = tl.load(b_ptr + rows.to(tl.int64) * R + j, mask=rmask, other=0.0).to(tl.float64)
+                    gram += b_j * tl.sum(b * g_j[None, :], axis=1)
+            else:
+                gram += tl.sum(b * tl.load(bg_ptr + offs, mask=m2, other=0.0).to(tl.float64), axis=1)
+        wsq = _load_sum(wsq_ptr, rows, rmask, wsq_splits, M)
         nu2 = (wsq + (2.0 * s) * cross) + (s * s) * gram
         mag = (wsq + (2.0 * tl.abs(s)) * cabs) + (s * s) * tl.abs(gram)
         kappa = tl.where(nu2 > 0, mag / tl.where(nu2 > 0, nu2, 1.0), tl.where(mag > 0, float("inf"), 1.0))
@@ -510,18 +620,50 @@ if HAS_TRITON:
             tl.store(nu_ptr + i, tl.sqrt(tl.sum(acc, axis=0)).to(tl.float32))
 
 
+GRAM_IN_ASSEMBLY_MAX_R = 64  # up to this rank the assembly kernel forms B·G itself (float64 FMAs: d_out·r² of them)
+
+
 def _norm_triton(W, A, B, s, wsq, kappa_max):
+    """ν and κ from four launches where the U kernel applies (r ≤ 64; five above): U with ‖W‖² (one pass over W;
+    ``wsq`` if given), G = A Aᵀ, [BG = B·G,] the assembly (split partials summed there), the dense recompute."""
     d_out, d_in = W.shape
     r = A.shape[0]
-    U = wa_product(W, A, use_triton=True)
-    G = wa_product(A, A, use_triton=True)  # r×r, fp32 from exact products
-    BG = wa_product(B, G, use_triton=True)  # G is symmetric: B Gᵀ = B G
+    W = W if W.stride(1) == 1 else W.contiguous()
+    A = A if A.stride(1) == 1 else A.contiguous()
     B = B if B.is_contiguous() else B.contiguous()
+    mode = _wa_mode(W, A)
+    if mode is not None:
+        U, wsq_parts = _wa_launch(W, A, mode, None, row_sq=wsq is None)
+    else:
+        U, wsq_parts = wa_product(W, A, use_triton=True), (weight_row_sq(W) if wsq is None else None)
+    wsq_parts = wsq if wsq is not None else wsq_parts
+    gram_here = r <= GRAM_IN_ASSEMBLY_MAX_R
+    g_mode = _wa_mode(A, A)
+    if gram_here and g_mode is not None:
+        G, _ = _wa_launch(A, A, g_mode, None, row_sq=False)
+    else:
+        G = wa_product(A, A, use_triton=True)  # r×r, fp32 from exact products
+    BG = None if gram_here else wa_product(B, G, use_triton=True)  # G is symmetric: B Gᵀ = B G
     nu = torch.empty(d_out, dtype=torch.float32, device=W.device)
     kappa = torch.empty(d_out, dtype=torch.float64, device=W.device)
-    _assemble_kernel[(triton.cdiv(d_out, 64),)](U, B, BG, wsq, nu, kappa, d_out, r, s, BLOCK_M=64, BLOCK_R=64)
-    A = A if A.stride(1) == 1 else A.contiguous()
-    W = W if W.stride(1) == 1 else W.contiguous()
+    _assemble_kernel[(triton.cdiv(d_out, 64),)](
+        U,
+        U.shape[0] if U.dim() == 3 else 1,
+        B,
+        G,
+        G.shape[0] if G.dim() == 3 else 1,
+        BG if BG is not None else G,
+        wsq_parts,
+        wsq_parts.shape[0] if wsq_parts.dim() == 2 else 1,
+        nu,
+        kappa,
+        d_out,
+        r,
+        s,
+        GRAM_FROM_G=gram_here,
+        BLOCK_M=64,
+        BLOCK_R=64,
+    )
     _dense_rows_kernel[(d_out,)](
         W, A, B, kappa, nu, d_in, r, s, W.stride(0), A.stride(0), float(kappa_max), BLOCK_K=128, BLOCK_R=32
     )
@@ -583,8 +725,9 @@ def factored_row_norm(
     """ν = ‖W + s·BA‖ per row, fp32, without materialising BA (contract: module docstring).
 
     ``wsq``: precomputed float64 ‖W‖²_row of this very W (the caller vouches for it); computed if None.
-    ``backend``: 'triton' (default on CUDA: three small GEMM kernels, one assembly kernel and one
-    dense-recompute kernel, no host synchronisation) or 'torch' (default elsewhere; float64 torch ops).
+    ``backend``: 'triton' (default on CUDA: the U kernel with ‖W‖², G = A Aᵀ, for r > 64 B·G, one assembly
+    kernel and one dense-recompute kernel, no host synchronisation) or 'torch' (default elsewhere; float64 torch
+    ops).
     Autocast is off inside. Returns ν, or (ν, :class:`NormInfo`) with ``return_info``. Never differentiable
     (DoRA detaches ν)."""
     s = check_norm_inputs(W, A, B, s) if validate else float(s)
@@ -600,13 +743,12 @@ def factored_row_norm(
         raise ValueError(f"backend='triton' refused: {why}")
     with torch.no_grad(), autocast_off():
         W, A, B = W.detach(), A.detach(), B.detach()
-        if wsq is None:
-            wsq = weight_row_sq(W, chunk_bytes)
-        elif wsq.shape != (W.shape[0],) or wsq.dtype != torch.float64:
+        if wsq is not None and (wsq.shape != (W.shape[0],) or wsq.dtype != torch.float64):
             raise ValueError(f"wsq must be float64 [{W.shape[0]}], got {wsq.dtype} {tuple(wsq.shape)}")
-        if backend == "triton":
+        if backend == "triton":  # ‖W‖² from the U kernel's pass over W where it runs
             nu, kappa = _norm_triton(W, A, B, s, wsq, kappa_max)
         else:
+            wsq = weight_row_sq(W, chunk_bytes) if wsq is None else wsq
             nu, kappa = _norm_torch(W, A, B, s, wsq, kappa_max, chunk_bytes)
     if return_info:
         return nu, NormInfo(kappa, torch.nonzero(kappa > kappa_max).flatten().cpu().tolist())
@@ -671,25 +813,25 @@ class RowNormRunner:
 
     Nothing is cached between steps, so no writer can leave ν stale: autograd-visible in-place ops, for-loop,
     foreach and fused optimisers (the fused ones write without bumping ``_version``), ``.data`` edits,
-    ``load_state_dict``, swapped or re-gathered parameters, ``.to()`` moves. ‖W‖² is recomputed too (one
-    bandwidth pass over W per call). The exceptions: checkpointing's recomputation (below) and the opt-in
+    ``load_state_dict``, swapped or re-gathered parameters, ``.to()`` moves. ‖W‖² is recomputed too (in U's pass
+    over W). The exceptions: checkpointing's recomputation (below) and the opt-in
     :func:`frozen_norms` (inference, grad off).
 
     What it does keep is *how* to compute: on CUDA the computation is a CUDA graph of :func:`factored_row_norm`'s
-    launches (the Triton backend: six kernels and a few small torch ops, no host synchronisation), replayed
-    whenever W, A and B are the tensors at the same addresses with the same shapes, strides and dtypes as at the
-    capture. A replay reads whatever those addresses hold now — the current values — and runs the same chains
-    on them as an eager call: the same bits (the graph's U kernel takes TMA loads, whose descriptors it encodes
-    once; an eager call pointer loads). An eager call costs ~0.3 ms of Python and launch time per layer on an
-    H100 host, a replay one graph launch. The graph is captured the second time in a row a set of storages comes
-    back (an optimiser updates W, A, B in place, so a training run captures once per layer, on its second call;
-    parameters re-gathered into fresh buffers every step never pay for a capture); a new storage, shape, dtype,
-    s or ``kappa_max`` captures again. Every layer's graph allocates its temporaries (‖W‖², U, BG, κ: O(d_out·r))
-    from one shared pool per device, which is safe while replays run one at a time in one stream's order — the
-    layers of a model do; layers run concurrently on several streams would share those temporaries: set
-    ``DORA_VERIFY_NORM_GRAPHS=0`` there. Each graph keeps only its ν (d_out fp32), copied out on every replay.
-    Inside another capture, on the CPU, under the Triton interpreter or with ``DORA_VERIFY_NORM_GRAPHS=0`` the
-    norm runs eagerly; a failed capture falls back to eager for good (``graph_error`` says why).
+    launches (the Triton backend: four or five kernels, a few small torch ops with fp32 adapters; no host
+    synchronisation), replayed whenever W, A and B are the tensors at the same addresses with the same shapes, strides
+    and dtypes as at the capture. A replay reads whatever those addresses hold now — the current values — and runs the
+    same chains on them as an eager call: the same bits (the graph's U kernel takes TMA loads, whose descriptors it
+    encodes once; an eager call pointer loads). An eager call costs ~0.3 ms of Python and launch time per layer on an
+    H100 host, a replay one graph launch. The graph is captured the second time in a row a set of storages comes back
+    (an optimiser updates W, A, B in place, so a training run captures once per layer, on its second call; parameters
+    re-gathered into fresh buffers every step never pay for a capture); a new storage, shape, dtype, s or ``kappa_max``
+    captures again. Every layer's graph allocates its temporaries (‖W‖², U, G, κ: O(d_out·r)) from one shared pool per
+    device, which is safe while replays run one at a time in one stream's order — the layers of a model do; layers run
+    concurrently on several streams would share those temporaries: set ``DORA_VERIFY_NORM_GRAPHS=0`` there. Each graph
+    keeps only its ν (d_out fp32), copied out on every replay. Inside another capture, on the CPU, under the Triton
+    interpreter or with ``DORA_VERIFY_NORM_GRAPHS=0`` the norm runs eagerly; a failed capture falls back to eager for
+    good (``graph_error`` says why).
 
     Gradient checkpointing (``torch.utils.checkpoint``, reentrant or not; Hugging Face's
     ``gradient_checkpointing_enable``) reruns the forward inside the backward. That recomputation reads the ν of

@@ -259,20 +259,50 @@ def test_wa_product_tma_kernel_is_the_pointer_kernel(shape):
     assert bool(((tma.double().cpu() - exact).abs() <= bound).all())
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (interpreter on CPU)")
+@pytest.mark.parametrize("shape", [(67, 1000, 5), (130, 2056, 19), (67, 1100, 70)])
+@pytest.mark.parametrize("regime", ["trained", "near_cancel", "zero_rows", "all_positive"])
+def test_triton_norm_pipeline_within_bound(shape, regime):
+    """The Triton pipeline as it runs on CUDA — ‖W‖² from the U kernel's own pass over W, split partials (d_in 2056:
+    two splits) summed in the assembly kernel, B·G formed there (r ≤ 64) or by the U kernel (r 70) — within
+    ``kernel_norm_bound`` of the exact ν, cancelling rows recomputed; the fused ‖W‖² within γ64_{d_in} of the exact
+    sum of squares, and U unchanged by fusing it. fp16 (the interpreter's bf16 dot is unreliable; bf16 on the GPU)."""
+    import math
+
+    from dora_verify.bounds import U64, gamma, kernel_norm_bound
+    from dora_verify.kernels.norm import wa_product
+
+    d_out, d_in, r = shape
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    c = make_case(regime, d_out, d_in, r, 2, dtype="fp16", seed=3, device=dev)
+    nu, info = factored_row_norm(c.W, c.A, c.B, c.s, return_info=True, backend="triton")
+    truth = row_norm_truth(c.W, c.A, c.B, c.s)
+    err = ((nu.double() - truth.nu).abs() - truth.bound).clamp_min(0)
+    nb = kernel_norm_bound(c.W, c.A, c.B, c.s, truth.nu, "triton", info.recomputed_rows)
+    assert float((err / nb).max()) <= 1.0
+    if regime == "near_cancel":
+        assert set(c.special_rows) <= set(info.recomputed_rows)
+    U, wsq = wa_product(c.W, c.A, use_triton=True, row_sq=True)
+    assert torch.equal(U, wa_product(c.W, c.A, use_triton=True))
+    exact = torch.tensor([math.fsum(v * v for v in row) for row in c.W.double().cpu().tolist()], dtype=torch.float64)
+    assert bool(((wsq.cpu() - exact).abs() <= gamma(d_in, U64) * exact).all())
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the Triton norm on the GPU (CPU: the interpreter test above)"
 )
 @pytest.mark.parametrize("d_in", [1024, 1009])  # TMA-addressable rows, and a prime d_in (pointer loads)
+@pytest.mark.parametrize("r", [24, 70])  # B·G in the assembly kernel, or by the U kernel
 @pytest.mark.parametrize("adapters", ["bf16", "fp32"])
 @pytest.mark.parametrize("regime", ["trained", "near_cancel", "zero_rows", "all_positive", "heavy_tailed", "fresh"])
-def test_triton_norm_on_gpu_within_bound_and_contract(d_in, adapters, regime):
+def test_triton_norm_on_gpu_within_bound_and_contract(d_in, r, adapters, regime):
     """The production (Triton) norm on the GPU: ν within ``kernel_norm_bound`` of the exact ν and ≤ 1e-6 relative —
     through TMA loads (inside ``tma_loads()``, as RowNormRunner's graphs run it) where d_in allows, pointer loads
     else."""
     from dora_verify.bounds import kernel_norm_bound
     from dora_verify.kernels.norm import tma_loads
 
-    c = make_case(regime, 257, d_in, 24, 4, dtype="bf16", seed=8, device="cuda")
+    c = make_case(regime, 257, d_in, r, 4, dtype="bf16", seed=8, device="cuda")
     A, B = (c.A, c.B) if adapters == "bf16" else (c.A.float() * 1.0009765625, c.B.float())
     with tma_loads():
         nu, info = factored_row_norm(c.W, A, B, c.s, return_info=True)
