@@ -319,14 +319,15 @@ WA_TMA_CONFIG = {0: (64, 128, 128, 2, 4, 4), 1: (128, 128, 64, 1, 8, 3)}
 # zero work, with the other tiles per (mode, BLOCK_R): (BLOCK_M, BLOCK_K, FLUSH, num_warps, pointer stages, TMA stages),
 # measured on an H200 (bench/experiments/wa_small_r.py).
 WA_SMALL_R_CONFIG = {
-    (0, 16): (128, 128, 2, 4, 3, 4),
-    (0, 32): (128, 128, 2, 4, 3, 4),
-    (0, 64): (128, 128, 2, 4, 3, 4),
-    (1, 16): (128, 64, 1, 4, 3, 4),
-    (1, 32): (128, 64, 1, 4, 3, 4),
-    (1, 64): (128, 64, 1, 8, 3, 4),
+    (0, 16): (64, 128, 2, 4, 3, 3),
+    (0, 32): (64, 256, 1, 4, 3, 3),
+    (0, 64): (64, 128, 2, 8, 3, 3),
+    (1, 16): (64, 64, 1, 4, 3, 3),
+    (1, 32): (64, 64, 1, 4, 3, 3),
+    (1, 64): (64, 64, 1, 8, 3, 3),
 }
 WA_SMALL_R_MAX = 64
+WA_SMALL_R_SPLIT = (264, 512)  # (WA_MIN_PROGRAMS, WA_MIN_SPLIT_K) below: two programs per H200 SM, splits ≥ 512
 
 
 def wa_tiles(mode: int, R: int, tma: bool = False):
@@ -356,7 +357,8 @@ def wa_splits(M: int, R: int, K: int, mode: int) -> int:
     same chains whether the pointer or the TMA kernel runs: both take their tiles from :func:`wa_tiles`)."""
     bm, br = wa_tiles(mode, R)[:2]
     tiles = -(-M // bm) * -(-R // br)
-    return max(1, min(-(-WA_MIN_PROGRAMS // tiles), K // WA_MIN_SPLIT_K))
+    programs, min_k = WA_SMALL_R_SPLIT if R <= WA_SMALL_R_MAX else (WA_MIN_PROGRAMS, WA_MIN_SPLIT_K)
+    return max(1, min(-(-programs // tiles), K // min_k))
 
 
 def split_bf16x3(A: torch.Tensor):
@@ -565,11 +567,13 @@ if HAS_TRITON:
             bu = b * u
             cross += tl.sum(bu, axis=1)
             cabs += tl.sum(tl.abs(bu), axis=1)
-            if GRAM_FROM_G:  # one r-block: b holds the rows of B whole
+            if GRAM_FROM_G:  # one r-block: b holds the rows of B whole; BG = Σ_j B[:, j] ⊗ G[j, :]
+                bg = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float64)
                 for j in range(0, R):
                     g_j = _load_sum(g_ptr, j * R + jj, jj < R, g_splits, R * R).to(tl.float32).to(tl.float64)
                     b_j = tl.load(b_ptr + rows.to(tl.int64) * R + j, mask=rmask, other=0.0).to(tl.float64)
-                    gram += b_j * tl.sum(b * g_j[None, :], axis=1)
+                    bg += b_j[:, None] * g_j[None, :]
+                gram += tl.sum(b * bg, axis=1)
             else:
                 gram += tl.sum(b * tl.load(bg_ptr + offs, mask=m2, other=0.0).to(tl.float64), axis=1)
         wsq = _load_sum(wsq_ptr, rows, rmask, wsq_splits, M)
@@ -632,11 +636,12 @@ def _norm_triton(W, A, B, s, wsq, kappa_max):
     A = A if A.stride(1) == 1 else A.contiguous()
     B = B if B.is_contiguous() else B.contiguous()
     mode = _wa_mode(W, A)
+    fuse_sq = wsq is None and r <= WA_SMALL_R_MAX  # one r-block: no program reads W twice (r > 64: a pass of its own)
     if mode is not None:
-        U, wsq_parts = _wa_launch(W, A, mode, None, row_sq=wsq is None)
+        U, wsq_parts = _wa_launch(W, A, mode, None, row_sq=fuse_sq)
     else:
-        U, wsq_parts = wa_product(W, A, use_triton=True), (weight_row_sq(W) if wsq is None else None)
-    wsq_parts = wsq if wsq is not None else wsq_parts
+        U, wsq_parts = wa_product(W, A, use_triton=True), None
+    wsq_parts = wsq if wsq is not None else (wsq_parts if wsq_parts is not None else weight_row_sq(W))
     gram_here = r <= GRAM_IN_ASSEMBLY_MAX_R
     g_mode = _wa_mode(A, A)
     if gram_here and g_mode is not None:
@@ -646,7 +651,8 @@ def _norm_triton(W, A, B, s, wsq, kappa_max):
     BG = None if gram_here else wa_product(B, G, use_triton=True)  # G is symmetric: B Gᵀ = B G
     nu = torch.empty(d_out, dtype=torch.float32, device=W.device)
     kappa = torch.empty(d_out, dtype=torch.float64, device=W.device)
-    _assemble_kernel[(triton.cdiv(d_out, 64),)](
+    bm, br = (32, max(16, 1 << (r - 1).bit_length())) if gram_here else (64, 64)
+    _assemble_kernel[(triton.cdiv(d_out, bm),)](
         U,
         U.shape[0] if U.dim() == 3 else 1,
         B,
@@ -661,8 +667,8 @@ def _norm_triton(W, A, B, s, wsq, kappa_max):
         r,
         s,
         GRAM_FROM_G=gram_here,
-        BLOCK_M=64,
-        BLOCK_R=64,
+        BLOCK_M=bm,
+        BLOCK_R=br,
     )
     _dense_rows_kernel[(d_out,)](
         W, A, B, kappa, nu, d_in, r, s, W.stride(0), A.stride(0), float(kappa_max), BLOCK_K=128, BLOCK_R=32

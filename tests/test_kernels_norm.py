@@ -232,7 +232,7 @@ def test_row_norm_runner_captures_after_earlier_graphs_died():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (interpreter on CPU)")
-@pytest.mark.parametrize("shape", [(67, 1000, 5), (130, 2056, 19)])
+@pytest.mark.parametrize("shape", [(67, 1000, 5), (130, 2056, 19), (96, 1040, 50)])
 def test_wa_product_tma_kernel_is_the_pointer_kernel(shape):
     """U = W Aᵀ through TMA loads (zero fill past d_in, rows and r) against the pointer-load kernel (same chains:
     the same bits) and against float64 under the chain bound |Û − U| ≤ (γ_chain(2u₃₂) + γ64)·|W||A|ᵀ + u₃₂|U|.

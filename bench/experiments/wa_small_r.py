@@ -6,11 +6,11 @@ pass over W and the four-launch norm pipeline save? One process on one GPU:
    against the previous tree's U kernel plus its separate ‖W‖² pass and a device copy of W; every candidate's U and
    ‖W‖² checked against float64 on all-positive data;
 2. the whole norm (``factored_row_norm`` as RowNormRunner's graphs run it, inside ``tma_loads()``) of the previous
-   tree against this tree's, with ν's error against float64 for both.
+   tree against this tree's, with ν's error against float64 for both, and its kernels' GPU time one by one.
 
 CUDA-graph replays of 20 calls, interleaved rounds, medians (``lora_compose_limits.timed``). The previous tree is a
 copy of ``kernels/`` at OLD_COMMIT with its custom ops renamed (``git archive OLD_COMMIT kernels`` unpacked into
-out/gpu/old_kernels, ``dora_verify::`` renamed). Run: PYTHONPATH=out/gpu python3 wa_small_r.py [OUT_DIR]
+out/gpu/old_kernels, ``dora_verify::`` renamed). Run: PYTHONPATH=out/gpu python3 wa_small_r.py [OUT_DIR [PARTS]]
 (from bench/experiments). Kernels are compiled first in a pool of processes (Triton's disk cache)."""
 
 import concurrent.futures as cf
@@ -26,14 +26,20 @@ import torch
 new = importlib.import_module("dora_verify.kernels.norm")
 OLD_COMMIT = "8d371c7"
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))  # q/o, k/v, gate/up, down of Llama-3-8B
-RANKS = {0: (16, 32, 64), 1: (16, 64)}  # MODE 0: bf16 W and A; MODE 1: bf16 W, fp32 A
-SPLIT_RULES = ((256, 1024), (132, 1024), (264, 512), (528, 512), (1, 1 << 30))  # (WA_MIN_PROGRAMS, WA_MIN_SPLIT_K)
+# Round 1 (r 16 and 32 of MODE 0; it ran out of time at r 64): BLOCK_M 64/128/256, stages 3/5, five split rules.
+# Round 2 (the default): what round 1 left in the running, r 64 and MODE 1.
+ROUNDS = {
+    1: dict(ranks={0: (16, 32, 64), 1: (16, 64)}, bms=(64, 128, 256), stages=(3, 5),
+            rules=((256, 1024), (132, 1024), (264, 512), (528, 512), (1, 1 << 30))),
+    2: dict(ranks={0: (64,), 1: (16, 64)}, bms=(32, 64), stages=(2, 3), rules=((264, 512), (528, 512), (256, 1024))),
+}  # fmt: skip
+RANKS, BMS, STAGES, SPLIT_RULES = (ROUNDS[2][k] for k in ("ranks", "bms", "stages", "rules"))  # (MIN_PROGRAMS, SPLIT_K)
 
 
 def candidates(mode):
     """(BLOCK_M, BLOCK_K, FLUSH, warps, pointer stages, TMA stages): chains of 256 products (MODE 0) or 3·64."""
     kf = ((128, 2), (256, 1)) if mode == 0 else ((64, 1),)
-    return [(bm, bk, f, w, 3, st) for bm, (bk, f), w, st in itertools.product((64, 128, 256), kf, (4, 8), (3, 5))]
+    return [(bm, bk, f, w, 3, st) for bm, (bk, f), w, st in itertools.product(BMS, kf, (4, 8), STAGES)]
 
 
 def _operands(d_out, d_in, r, mode, seed=0):
@@ -47,7 +53,7 @@ def _with_config(mode, r, cfg, rule=None):
     br = max(16, 1 << (r - 1).bit_length())
     new.WA_SMALL_R_CONFIG[(mode, br)] = cfg
     if rule is not None:
-        new.WA_MIN_PROGRAMS, new.WA_MIN_SPLIT_K = rule
+        new.WA_SMALL_R_SPLIT = rule
 
 
 def _compile(jobs):
@@ -73,7 +79,7 @@ def warm_cache(workers=12):
 
 def sweep(old, timed, log):
     rows = []
-    keep = (dict(new.WA_SMALL_R_CONFIG), new.WA_MIN_PROGRAMS, new.WA_MIN_SPLIT_K)
+    keep = (dict(new.WA_SMALL_R_CONFIG), new.WA_SMALL_R_SPLIT)
     for mode, rs in RANKS.items():
         for r in rs:
             per_shape = {}
@@ -87,7 +93,7 @@ def sweep(old, timed, log):
                     "copy W": lambda: dst.copy_(src),
                     "old U + ‖W‖²": lambda: (old.wa_product(W, A, use_tma=True), old.weight_row_sq(W)),
                 }
-                errs = {}
+                errs, cfg_of = {}, {}
                 for cfg, rule in itertools.product(candidates(mode), SPLIT_RULES):
                     name = f"{cfg} split{rule}"
 
@@ -100,18 +106,20 @@ def sweep(old, timed, log):
                     except Exception as e:  # noqa: BLE001 - a config that does not build or launch
                         log(f"  {name}: {repr(e)[:160]}")
                         continue
-                    _with_config(mode, r, cfg, rule)
-                    U, sq = new.wa_product(W, A, use_tma=True, row_sq=True)
-                    errs[name] = (
-                        float(((U.double() - exact_u).abs() / mag).max()),
-                        float(((sq - exact_sq).abs() / exact_sq).max()),
-                    )
-                    calls[name] = call
+                    if rule == SPLIT_RULES[0]:  # the chains do not depend on the split rule's programs
+                        _with_config(mode, r, cfg, rule)
+                        U, sq = new.wa_product(W, A, use_tma=True, row_sq=True)
+                        errs[cfg] = (
+                            float(((U.double() - exact_u).abs() / mag).max()),
+                            float(((sq - exact_sq).abs() / exact_sq).max()),
+                        )
+                    calls[name], cfg_of[name] = call, cfg
                 us = timed(calls)
                 copy_bw = 2 * W.numel() * W.element_size() / us["copy W"] * 1e-3  # GB/s: read + write
                 for name, t in us.items():
                     frac = W.numel() * W.element_size() / t * 1e-3 / copy_bw
-                    per_shape.setdefault(name, {})[f"{d_out}x{d_in}"] = (round(t, 2), round(frac, 3), errs.get(name))
+                    err = errs.get(cfg_of.get(name))
+                    per_shape.setdefault(name, {})[f"{d_out}x{d_in}"] = (round(t, 2), round(frac, 3), err)
                 log(f"mode {mode} r {r} {d_out}x{d_in}: copy {us['copy W']:.1f} µs, old {us['old U + ‖W‖²']:.1f} µs, "
                     f"best {min((v, k) for k, v in us.items() if k.startswith('('))}")  # fmt: skip
             ranked = sorted(
@@ -126,7 +134,7 @@ def sweep(old, timed, log):
             rows.append({"mode": mode, "r": r, "per_shape": per_shape, "ranked": ranked[:20], "old_geomean": old_gm})
     new.WA_SMALL_R_CONFIG.clear()
     new.WA_SMALL_R_CONFIG.update(keep[0])
-    new.WA_MIN_PROGRAMS, new.WA_MIN_SPLIT_K = keep[1], keep[2]
+    new.WA_SMALL_R_SPLIT = keep[1]
     return rows
 
 
@@ -159,6 +167,41 @@ def whole_norm(old, timed, log):
     return rows
 
 
+PROFILE_CASES = (((4096, 4096), 16, torch.bfloat16), ((1024, 4096), 64, torch.bfloat16),
+                 ((4096, 4096), 64, torch.bfloat16), ((14336, 4096), 384, torch.bfloat16),
+                 ((4096, 4096), 16, torch.float32))  # fmt: skip
+
+
+def profile(old, log, calls=20):
+    """GPU time per norm call, kernel by kernel (torch.profiler), of the previous tree's norm and this one's."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    rows = []
+    for (d_out, d_in), r, a_dtype in PROFILE_CASES:
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        W = (torch.randn(d_out, d_in, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+        A = (torch.randn(r, d_in, device="cuda", generator=gen) * 0.02).to(a_dtype)
+        B = (torch.randn(d_out, r, device="cuda", generator=gen) * 0.02).to(a_dtype)
+        for name, mod in (("old", old), ("new", new)):
+            with mod.tma_loads():
+                mod.factored_row_norm(W, A, B, 2.0, validate=False)
+                torch.cuda.synchronize()
+                with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(calls):
+                        mod.factored_row_norm(W, A, B, 2.0, validate=False)
+                    torch.cuda.synchronize()
+            kernels = sorted(
+                ((e.device_time_total / calls, e.count // calls, e.key[:60]) for e in prof.key_averages()
+                 if e.device_time_total > 0), reverse=True)  # fmt: skip
+            total = sum(k[0] for k in kernels)
+            log(f"profile {d_out}x{d_in} r {r} {a_dtype} {name}: {total:.1f} µs of kernels per call")
+            for us, n, key in kernels:
+                log(f"      {us:7.2f} µs x{n}  {key}")
+            rows.append({"shape": [d_out, d_in], "r": r, "adapters": str(a_dtype), "tree": name, "kernels": kernels})
+    return rows
+
+
 def main():
     from lora_compose_limits import timed  # this folder is on sys.path when run as a script
 
@@ -170,10 +213,15 @@ def main():
         print(msg, flush=True)
         lines.append(msg)
 
-    log(f"compiled {warm_cache()} configurations in worker processes")
+    parts = sys.argv[2].split(",") if len(sys.argv) > 2 else ["whole", "profile", "sweep"]
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "old": OLD_COMMIT}
-    results["whole_norm"] = whole_norm(old, timed, log)
-    results["sweep"] = sweep(old, timed, log)
+    if "whole" in parts:
+        results["whole_norm"] = whole_norm(old, timed, log)
+    if "profile" in parts:
+        results["profile"] = profile(old, log)
+    if "sweep" in parts:
+        log(f"compiled {warm_cache()} configurations in worker processes")
+        results["sweep"] = sweep(old, timed, log)
     if out_dir:
         with open(f"{out_dir}/wa_small_r.json", "w") as f:
             json.dump(results, f, indent=1, default=str)
