@@ -43,6 +43,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .compose import sum_of_parts
+
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -321,13 +323,15 @@ WA_TMA_CONFIG = {0: (64, 128, 128, 2, 4, 4), 1: (128, 128, 64, 1, 8, 3)}
 WA_SMALL_R_CONFIG = {
     (0, 16): (64, 128, 2, 4, 3, 3),
     (0, 32): (64, 256, 1, 4, 3, 3),
-    (0, 64): (64, 128, 2, 8, 3, 3),
-    (1, 16): (64, 64, 1, 4, 3, 3),
-    (1, 32): (64, 64, 1, 4, 3, 3),
-    (1, 64): (64, 64, 1, 8, 3, 3),
+    (0, 64): (32, 128, 2, 4, 3, 3),
+    (1, 16): (64, 64, 1, 4, 3, 2),
+    (1, 32): (64, 64, 1, 4, 3, 2),
+    (1, 64): (64, 64, 1, 4, 3, 2),
 }
 WA_SMALL_R_MAX = 64
-WA_SMALL_R_SPLIT = (264, 512)  # (WA_MIN_PROGRAMS, WA_MIN_SPLIT_K) below: two programs per H200 SM, splits ≥ 512
+# (WA_MIN_PROGRAMS, WA_MIN_SPLIT_K) below, per mode, at r ≤ 64: two (MODE 1: four) programs per H200 SM, splits ≥ 512
+WA_SMALL_R_SPLIT = {0: (264, 512), 1: (528, 512)}
+G_SPLIT = (4, 512)  # G = A Aᵀ (one r×r tile): four splits, so that the assembly kernel reads few partials
 
 
 def wa_tiles(mode: int, R: int, tma: bool = False):
@@ -352,12 +356,15 @@ WA_MIN_PROGRAMS = 256  # below this many output tiles (e.g. G = A Aᵀ, r×r) d_
 WA_MIN_SPLIT_K = 1024  # ... but each split keeps at least this much of d_in
 
 
-def wa_splits(M: int, R: int, K: int, mode: int) -> int:
+def wa_splits(M: int, R: int, K: int, mode: int, rule: "tuple | None" = None) -> int:
     """Number of d_in splits of the U kernel: a function of the shape only (results are reproducible, and the
-    same chains whether the pointer or the TMA kernel runs: both take their tiles from :func:`wa_tiles`)."""
+    same chains whether the pointer or the TMA kernel runs: both take their tiles from :func:`wa_tiles`). ``rule``:
+    (fewest programs, least d_in per split) in place of the rank's default."""
     bm, br = wa_tiles(mode, R)[:2]
     tiles = -(-M // bm) * -(-R // br)
-    programs, min_k = WA_SMALL_R_SPLIT if R <= WA_SMALL_R_MAX else (WA_MIN_PROGRAMS, WA_MIN_SPLIT_K)
+    if rule is None:
+        rule = WA_SMALL_R_SPLIT[mode] if R <= WA_SMALL_R_MAX else (WA_MIN_PROGRAMS, WA_MIN_SPLIT_K)
+    programs, min_k = rule
     return max(1, min(-(-programs // tiles), K // min_k))
 
 
@@ -410,15 +417,15 @@ def _wa_mode(W: torch.Tensor, A: torch.Tensor) -> "int | None":
     return None
 
 
-def _wa_launch(W: torch.Tensor, A: torch.Tensor, mode: int, use_tma: "bool | None", row_sq: bool):
+def _wa_launch(W: torch.Tensor, A: torch.Tensor, mode: int, use_tma: "bool | None", row_sq: bool, rule=None):
     """Run the U kernel on contiguous-row W, A: (U, wsq) as the kernel leaves them — U fp32 [M, R] with one split,
     else float64 partials [split, M, R]; wsq (``row_sq``) float64 partials [split, M], else None. The caller sums
-    the partials in index order (:func:`_sum_splits` or the assembly kernel)."""
+    the partials in index order (:func:`_sum_splits` or the assembly kernel). ``rule``: as in :func:`wa_splits`."""
     d_out, d_in = W.shape
     r = A.shape[0]
     tma = use_tma if use_tma is not None else (_TMA_LOADS.get() and _tma_ok(W, A, mode))
     bm, br, bk, flush, warps, stages = wa_tiles(mode, r, tma)
-    split = wa_splits(d_out, r, d_in, mode)
+    split = wa_splits(d_out, r, d_in, mode, rule)
     k_per = triton.cdiv(triton.cdiv(d_in, split), bk) * bk  # whole K blocks per split
     split = -(-d_in // k_per)
     out = torch.empty(
@@ -523,15 +530,6 @@ def _dense_rows(W, A, B, s, rows: torch.Tensor, chunk_bytes: int) -> torch.Tenso
 if HAS_TRITON:
 
     @triton.jit
-    def _load_sum(ptr, offs, mask, n, stride):
-        """Σ_p ptr[p·stride + offs] over p = 0 … n−1 in float64, in index order (a split kernel's partials)."""
-        acc = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        for _ in range(1, n):
-            ptr += stride
-            acc += tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        return acc
-
-    @triton.jit
     def _assemble_kernel(
         u_ptr,
         u_splits,
@@ -563,20 +561,17 @@ if HAS_TRITON:
             m2 = rmask[:, None] & (jj < R)[None, :]
             offs = rows.to(tl.int64)[:, None] * R + jj[None, :]
             b = tl.load(b_ptr + offs, mask=m2, other=0.0).to(tl.float64)
-            u = _load_sum(u_ptr, offs, m2, u_splits, M * R).to(tl.float32).to(tl.float64)
+            u = sum_of_parts(u_ptr, offs, m2, u_splits, M * R).to(tl.float32).to(tl.float64)
             bu = b * u
             cross += tl.sum(bu, axis=1)
             cabs += tl.sum(tl.abs(bu), axis=1)
-            if GRAM_FROM_G:  # one r-block: b holds the rows of B whole; BG = Σ_j B[:, j] ⊗ G[j, :]
-                bg = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float64)
-                for j in range(0, R):
-                    g_j = _load_sum(g_ptr, j * R + jj, jj < R, g_splits, R * R).to(tl.float32).to(tl.float64)
-                    b_j = tl.load(b_ptr + rows.to(tl.int64) * R + j, mask=rmask, other=0.0).to(tl.float64)
-                    bg += b_j[:, None] * g_j[None, :]
-                gram += tl.sum(b * bg, axis=1)
+            if GRAM_FROM_G:  # one r-block: b holds the rows of B whole, G fits one tile
+                gmask = (jj < R)[:, None] & (jj < R)[None, :]
+                G = sum_of_parts(g_ptr, jj[:, None] * R + jj[None, :], gmask, g_splits, R * R).to(tl.float32)
+                gram += tl.sum(b * tl.dot(b, G.to(tl.float64)), axis=1)  # float64 products and sums
             else:
                 gram += tl.sum(b * tl.load(bg_ptr + offs, mask=m2, other=0.0).to(tl.float64), axis=1)
-        wsq = _load_sum(wsq_ptr, rows, rmask, wsq_splits, M)
+        wsq = sum_of_parts(wsq_ptr, rows, rmask, wsq_splits, M)
         nu2 = (wsq + (2.0 * s) * cross) + (s * s) * gram
         mag = (wsq + (2.0 * tl.abs(s)) * cabs) + (s * s) * tl.abs(gram)
         kappa = tl.where(nu2 > 0, mag / tl.where(nu2 > 0, nu2, 1.0), tl.where(mag > 0, float("inf"), 1.0))
@@ -645,13 +640,13 @@ def _norm_triton(W, A, B, s, wsq, kappa_max):
     gram_here = r <= GRAM_IN_ASSEMBLY_MAX_R
     g_mode = _wa_mode(A, A)
     if gram_here and g_mode is not None:
-        G, _ = _wa_launch(A, A, g_mode, None, row_sq=False)
+        G, _ = _wa_launch(A, A, g_mode, None, row_sq=False, rule=G_SPLIT)
     else:
         G = wa_product(A, A, use_triton=True)  # r×r, fp32 from exact products
     BG = None if gram_here else wa_product(B, G, use_triton=True)  # G is symmetric: B Gᵀ = B G
     nu = torch.empty(d_out, dtype=torch.float32, device=W.device)
     kappa = torch.empty(d_out, dtype=torch.float64, device=W.device)
-    bm, br = (32, max(16, 1 << (r - 1).bit_length())) if gram_here else (64, 64)
+    bm, br = (32, max(16, 1 << (r - 1).bit_length())) if gram_here else (64, 64)  # gram here: B·G by tl.dot
     _assemble_kernel[(triton.cdiv(d_out, bm),)](
         U,
         U.shape[0] if U.dim() == 3 else 1,

@@ -53,7 +53,7 @@ def _with_config(mode, r, cfg, rule=None):
     br = max(16, 1 << (r - 1).bit_length())
     new.WA_SMALL_R_CONFIG[(mode, br)] = cfg
     if rule is not None:
-        new.WA_SMALL_R_SPLIT = rule
+        new.WA_SMALL_R_SPLIT = {**new.WA_SMALL_R_SPLIT, mode: rule}
 
 
 def _compile(jobs):
@@ -79,7 +79,7 @@ def warm_cache(workers=12):
 
 def sweep(old, timed, log):
     rows = []
-    keep = (dict(new.WA_SMALL_R_CONFIG), new.WA_SMALL_R_SPLIT)
+    keep = (dict(new.WA_SMALL_R_CONFIG), dict(new.WA_SMALL_R_SPLIT))
     for mode, rs in RANKS.items():
         for r in rs:
             per_shape = {}
