@@ -221,7 +221,8 @@ def kernel_norm_bound(W, A, B, s: float, nu, backend: str = "triton", dense_rows
     backend='triton' (CUDA, bf16/fp16 W): U = W Aᵀ, G = A Aᵀ and BG = B·G come from tensor-core chains of at
     most ``chain`` exact products (default ``kernels.norm.U_CHAIN``) accumulated in fp32 — modelled with
     relative error 2u₃₂ per addition (the accumulator may truncate: Fasi et al. 2021), γ_chain(2u₃₂) of the
-    magnitudes —, summed across chains in float64, and stored in fp32 (u₃₂ of the value). fp32 operand pairs
+    magnitudes —, summed across chains in float64, and stored in fp32 (u₃₂ of the value); at r ≤ 64 BG comes from
+    IEEE fp32 FMAs over the r terms (γ_r(u₃₂), inside the same model). fp32 operand pairs
     take a cuBLAS fp32 GEMM instead (γ_n(2u₃₂), no chain). backend='torch': U is an fp32 GEMM over all of
     d_in (γ_n(u₃₂)), G and BG are float64. ‖W‖², cross and gram sums and the assembly are float64
     (γ64 of the magnitudes). Rows listed in ``dense_rows`` (``NormInfo.recomputed_rows``: κ̂ > κ_max)

@@ -549,8 +549,9 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
     ):
         """Per row: U = RN32(Σ of its split partials), ‖W‖² (partials summed in float64); cross = Σ B·U,
-        |cross| = Σ|B·U| and gram = Σ (BG)·B in float64 — with GRAM_FROM_G (R ≤ BLOCK_R) BG = B·G is formed here in
-        float64 from G = RN32(Σ of G's partials), else read from ``bg_ptr``; ν² and κ; ν = RN32(√ν²)."""
+        |cross| = Σ|B·U| and gram = Σ (BG)·B in float64 — with GRAM_FROM_G (R ≤ BLOCK_R) BG = B·G is formed here by
+        IEEE fp32 FMAs (an r-term fp32 sum, as the U kernel's chains) from G = RN32(Σ of G's partials), else read from
+        ``bg_ptr``; ν² and κ; ν = RN32(√ν²)."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
         cross = tl.zeros([BLOCK_M], dtype=tl.float64)
@@ -568,7 +569,8 @@ if HAS_TRITON:
             if GRAM_FROM_G:  # one r-block: b holds the rows of B whole, G fits one tile
                 gmask = (jj < R)[:, None] & (jj < R)[None, :]
                 G = sum_of_parts(g_ptr, jj[:, None] * R + jj[None, :], gmask, g_splits, R * R).to(tl.float32)
-                gram += tl.sum(b * tl.dot(b, G.to(tl.float64)), axis=1)  # float64 products and sums
+                bg = tl.dot(b.to(tl.float32), G, input_precision="ieee")  # IEEE fp32 FMAs (no tensor cores)
+                gram += tl.sum(b * bg.to(tl.float64), axis=1)
             else:
                 gram += tl.sum(b * tl.load(bg_ptr + offs, mask=m2, other=0.0).to(tl.float64), axis=1)
         wsq = sum_of_parts(wsq_ptr, rows, rmask, wsq_splits, M)
