@@ -227,27 +227,12 @@ if HAS_TRITON:
             tl.store(partial_ptr + pid_s.to(tl.int64) * N + cols, acc, mask=cmask)
 
     @triton.jit
-    def sum_of_parts(ptr, offs, mask, n, stride):
-        """Σ_{p < n} ptr[p·stride + offs] in float64, added in index order p = 0, 1, … from 0 (the bits of a plain
-        loop) with four loads in flight at a time: a split kernel's partials, whose sum is load-latency-bound."""
-        acc = tl.zeros_like(offs).to(tl.float64)
-        ptr += offs
-        for _ in range(0, n // 4):
-            p0 = tl.load(ptr, mask=mask, other=0.0).to(tl.float64)
-            p1 = tl.load(ptr + stride, mask=mask, other=0.0).to(tl.float64)
-            p2 = tl.load(ptr + 2 * stride, mask=mask, other=0.0).to(tl.float64)
-            p3 = tl.load(ptr + 3 * stride, mask=mask, other=0.0).to(tl.float64)
-            acc = (((acc + p0) + p1) + p2) + p3
-            ptr += 4 * stride
-        for _ in range(0, n % 4):
-            acc += tl.load(ptr, mask=mask, other=0.0).to(tl.float64)
-            ptr += stride
-        return acc
-
-    @triton.jit
     def _sum_of_splits(partial_ptr, cols, cmask, N, n_splits, BLOCK: tl.constexpr):
         """Σ_k partial[k] of columns ``cols`` (float64 partials): a float64 sum over the splits in order."""
-        return sum_of_parts(partial_ptr, cols, cmask, n_splits, N)
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+        for k in range(0, n_splits):
+            acc += tl.load(partial_ptr + k * N + cols, mask=cmask, other=0.0)
+        return acc
 
     @triton.jit
     def _d_g_of_splits(partial_ptr, cols, cmask, N, n_splits, BLOCK: tl.constexpr):

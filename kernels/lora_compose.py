@@ -77,7 +77,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .compose import _sum_of_splits, _y_value, sum_of_parts
+    from .compose import _sum_of_splits, _y_value
 
 # The forward's lora tile and the backward's column blocks (the backward's row splits are whole forward row tiles).
 LC_BLOCK_T, LC_BLOCK_N, LC_BLOCK_R, LC_WARPS, LC_STAGES = 64, 128, 64, 4, 3
@@ -302,7 +302,11 @@ if HAS_TRITON:
             m2 = cmask[:, None] & (rr < R)[None, :]
             o2 = cols.to(tl.int64)[:, None] * R + rr[None, :]
             if M_SPLITS:
-                mm = sum_of_parts(partial_m_ptr, o2, m2, n_splits, N * R)  # one split: B's size, far below 2³¹
+                mm = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float64)
+                ptrs = partial_m_ptr + o2
+                for _ in range(0, n_splits):
+                    mm += tl.load(ptrs, mask=m2, other=0.0).to(tl.float64)
+                    ptrs += N * R  # one split: B's size, far below 2³¹
             else:
                 mm = tl.load(m_ptr + o2, mask=m2, other=0.0).to(tl.float64)
             if HAS_DB:

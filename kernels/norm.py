@@ -43,8 +43,6 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .compose import sum_of_parts
-
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -530,6 +528,24 @@ def _dense_rows(W, A, B, s, rows: torch.Tensor, chunk_bytes: int) -> torch.Tenso
 if HAS_TRITON:
 
     @triton.jit
+    def _sum_of_parts(ptr, offs, mask, n, stride):
+        """Σ_{p < n} ptr[p·stride + offs] in float64, added in index order p = 0, 1, … from 0 (the bits of a plain
+        loop) with four loads in flight at a time: a split kernel's partials, whose sum is load-latency-bound."""
+        acc = tl.zeros_like(offs).to(tl.float64)
+        ptr += offs
+        for _ in range(0, n // 4):
+            p0 = tl.load(ptr, mask=mask, other=0.0).to(tl.float64)
+            p1 = tl.load(ptr + stride, mask=mask, other=0.0).to(tl.float64)
+            p2 = tl.load(ptr + 2 * stride, mask=mask, other=0.0).to(tl.float64)
+            p3 = tl.load(ptr + 3 * stride, mask=mask, other=0.0).to(tl.float64)
+            acc = (((acc + p0) + p1) + p2) + p3
+            ptr += 4 * stride
+        for _ in range(0, n % 4):
+            acc += tl.load(ptr, mask=mask, other=0.0).to(tl.float64)
+            ptr += stride
+        return acc
+
+    @triton.jit
     def _assemble_kernel(
         u_ptr,
         u_splits,
@@ -562,18 +578,18 @@ if HAS_TRITON:
             m2 = rmask[:, None] & (jj < R)[None, :]
             offs = rows.to(tl.int64)[:, None] * R + jj[None, :]
             b = tl.load(b_ptr + offs, mask=m2, other=0.0).to(tl.float64)
-            u = sum_of_parts(u_ptr, offs, m2, u_splits, M * R).to(tl.float32).to(tl.float64)
+            u = _sum_of_parts(u_ptr, offs, m2, u_splits, M * R).to(tl.float32).to(tl.float64)
             bu = b * u
             cross += tl.sum(bu, axis=1)
             cabs += tl.sum(tl.abs(bu), axis=1)
             if GRAM_FROM_G:  # one r-block: b holds the rows of B whole, G fits one tile
                 gmask = (jj < R)[:, None] & (jj < R)[None, :]
-                G = sum_of_parts(g_ptr, jj[:, None] * R + jj[None, :], gmask, g_splits, R * R).to(tl.float32)
+                G = _sum_of_parts(g_ptr, jj[:, None] * R + jj[None, :], gmask, g_splits, R * R).to(tl.float32)
                 bg = tl.dot(b.to(tl.float32), G, input_precision="ieee")  # IEEE fp32 FMAs (no tensor cores)
                 gram += tl.sum(b * bg.to(tl.float64), axis=1)
             else:
                 gram += tl.sum(b * tl.load(bg_ptr + offs, mask=m2, other=0.0).to(tl.float64), axis=1)
-        wsq = sum_of_parts(wsq_ptr, rows, rmask, wsq_splits, M)
+        wsq = _sum_of_parts(wsq_ptr, rows, rmask, wsq_splits, M)
         nu2 = (wsq + (2.0 * s) * cross) + (s * s) * gram
         mag = (wsq + (2.0 * tl.abs(s)) * cabs) + (s * s) * tl.abs(gram)
         kappa = tl.where(nu2 > 0, mag / tl.where(nu2 > 0, nu2, 1.0), tl.where(mag > 0, float("inf"), 1.0))
@@ -625,18 +641,19 @@ GRAM_IN_ASSEMBLY_MAX_R = 64  # up to this rank the assembly kernel forms B·G it
 
 
 def _norm_triton(W, A, B, s, wsq, kappa_max):
-    """ν and κ from four launches where the U kernel applies (r ≤ 64; five above): U with ‖W‖² (one pass over W;
-    ``wsq`` if given), G = A Aᵀ, [BG = B·G,] the assembly (split partials summed there), the dense recompute."""
+    """ν and κ. r ≤ 64 with the U kernel: four launches — U with ‖W‖² (one pass over W; ``wsq`` if given), G = A Aᵀ,
+    the assembly (split partials summed and B·G formed there), the dense recompute. r > 64: ‖W‖², U, G and B·G each
+    their own pass (splits summed by torch), then the assembly and the dense recompute."""
     d_out, d_in = W.shape
     r = A.shape[0]
     W = W if W.stride(1) == 1 else W.contiguous()
     A = A if A.stride(1) == 1 else A.contiguous()
     B = B if B.is_contiguous() else B.contiguous()
     mode = _wa_mode(W, A)
-    fuse_sq = wsq is None and r <= WA_SMALL_R_MAX  # one r-block: no program reads W twice (r > 64: a pass of its own)
-    if mode is not None:
-        U, wsq_parts = _wa_launch(W, A, mode, None, row_sq=fuse_sq)
-    else:
+    small_r = r <= WA_SMALL_R_MAX  # one r-block: ‖W‖² in U's pass, U's partials summed in the assembly
+    if mode is not None and small_r:
+        U, wsq_parts = _wa_launch(W, A, mode, None, row_sq=wsq is None)
+    else:  # r > 64: several r-blocks read each W tile, and U's float64 partials would not fit the assembly's registers
         U, wsq_parts = wa_product(W, A, use_triton=True), None
     wsq_parts = wsq if wsq is not None else (wsq_parts if wsq_parts is not None else weight_row_sq(W))
     gram_here = r <= GRAM_IN_ASSEMBLY_MAX_R
