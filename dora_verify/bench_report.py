@@ -299,9 +299,9 @@ def bench_markdown(rep: dict, plots=()) -> str:
             "## Row norm ν = ‖W + s·BA‖ (s = 2)",
             "",
             "Factored: this project's norm (U = W·Aᵀ on tensor cores with fp32 chains, G = A·Aᵀ, fp32 result, "
-            "ill-conditioned rows recomputed; ‖W‖² cached as a layer caches it; *cold* computes it too). PEFT: BA "
-            "through an identity matrix and the two adapter layers, W + s·BA and the norm in W's dtype. Dense fp32: "
-            "W + s·(B@A) in fp32.",
+            "ill-conditioned rows recomputed; ‖W‖² given, `wsq=`; *cold* computes it, as a layer does every call). "
+            "PEFT: BA through an identity matrix and the two adapter layers, W + s·BA and the norm in W's dtype. "
+            "Dense fp32: W + s·(B@A) in fp32.",
             "",
             norm_table(rep["norm"]),
             "",

@@ -21,7 +21,8 @@ Numerical contract (W, A, B in bf16/fp16/fp32, ``s`` fp32-representable; result 
   than half the sum of the magnitudes of its parts, i.e. W_i ≈ −s(BA)_i) are recomputed densely in
   float64, ‖W_i + s(B_i A)‖ with B_i A formed from exact products: relative error ≤ γ64_{r+d_in+2}·cond_i,
   negligible until the row's condition number passes ~1e9. Zero rows give ν = 0 exactly.
-* Transient memory: O(d_out·r + r² + chunk) — U (fp32), BG (float64), one W chunk where needed.
+* Transient memory: O(splits·d_out·r + r² + chunk) — U (fp32, or float64 split partials), B·G, one W chunk where
+  needed.
 * Autocast: the norm runs with autocast off (``torch.autocast(enabled=False)``), so an enclosing
   ``torch.autocast`` region never turns its fp32/float64 GEMMs into bf16/fp16 ones.
 """
