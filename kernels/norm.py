@@ -5,24 +5,26 @@
 Numerical contract (W, A, B in bf16/fp16/fp32, ``s`` fp32-representable; result **fp32**):
 
 * ``‖W‖²_row`` is accumulated in float64 from exactly squared inputs (relative error ≤ γ64_{d_in}, i.e.
-  ~1e-12 at d_in = 8192), on every call — on CUDA by the U kernel below, from the W tiles it reads anyway: no value
-  of ν or of its terms outlives the forward that computed it and that forward's own backward (:class:`RowNormRunner`),
-  so no writer of W, A or B can leave a stale one behind.
+  ~1e-12 at d_in = 8192), on every call — on CUDA at r ≤ 64 by the U kernel below, from the W tiles it reads anyway
+  (elsewhere a pass of its own): no value of ν or of its terms outlives the forward that computed it and that
+  forward's own backward (:class:`RowNormRunner`), so no writer of W, A or B can leave a stale one behind.
 * ``U = W Aᵀ``: on CUDA a Triton GEMM whose tensor-core products are summed in fp32 only within chains
   of ≤ 256 products along d_in and across chains in float64 (a long tensor-core accumulation truncates: it measured
   3.1e-5 relative error in U on all-positive 8192×8192 data with cuBLAS, 4.1e-7 here). bf16/fp16 products are exact in
   fp32; fp32 adapters on a bf16 W are split exactly into three bf16 terms (A = A₁ + A₂ + A₃) so the
   products stay exact on tensor cores. fp32 weights, and everything off CUDA: IEEE fp32 GEMMs (TF32
   forced off; FMA accumulation rounds to nearest) over d_in chunks of ``chunk_bytes``.
-* G, BG, the row sums and the assembly of ν² are float64; ν = RN_fp32(√ν²).
+* G = A Aᵀ and BG = B·G: on CUDA fp32 — G from the U kernel's chains (or an IEEE fp32 GEMM for fp32 A), rounded to
+  fp32; BG by IEEE fp32 FMAs over the r terms in the assembly kernel (r ≤ 64) or the U kernel / an fp32 GEMM (r > 64);
+  off CUDA both float64. The row sums and the assembly of ν² are float64; ν = RN_fp32(√ν²).
 * Conditioning: ``κ_i = (‖W_i‖² + 2|s|·Σ_j|B_ij U_ij| + s²·gram_i) / ν̂_i²``. Every term is computed to a
-  relative accuracy ρ (ρ ≈ 1e-7 for the fp32 GEMM on realistic data, ≤ 1e-12 for the float64 terms), so
+  relative accuracy ρ (ρ ≈ 1e-7 for the fp32 GEMMs on realistic data, ≤ 1e-12 for the float64 terms), so
   the relative error of ν̂ is about ½·κ_i·ρ + 2⁻²⁴. Rows with κ_i > ``kappa_max`` (default 2: ν² is less
   than half the sum of the magnitudes of its parts, i.e. W_i ≈ −s(BA)_i) are recomputed densely in
   float64, ‖W_i + s(B_i A)‖ with B_i A formed from exact products: relative error ≤ γ64_{r+d_in+2}·cond_i,
   negligible until the row's condition number passes ~1e9. Zero rows give ν = 0 exactly.
-* Transient memory: O(splits·d_out·r + r² + chunk) — U (fp32, or float64 split partials), B·G, one W chunk where
-  needed.
+* Transient memory: O(splits·(d_out·r + d_out + r²) + chunk) — U (fp32, or float64 split partials), the ‖W‖² and
+  G partials, B·G at r > 64, one W chunk where needed.
 * Autocast: the norm runs with autocast off (``torch.autocast(enabled=False)``), so an enclosing
   ``torch.autocast`` region never turns its fp32/float64 GEMMs into bf16/fp16 ones.
 """
@@ -419,7 +421,8 @@ def _wa_mode(W: torch.Tensor, A: torch.Tensor) -> "int | None":
 def _wa_launch(W: torch.Tensor, A: torch.Tensor, mode: int, use_tma: "bool | None", row_sq: bool, rule=None):
     """Run the U kernel on contiguous-row W, A: (U, wsq) as the kernel leaves them — U fp32 [M, R] with one split,
     else float64 partials [split, M, R]; wsq (``row_sq``) float64 partials [split, M], else None. The caller sums
-    the partials in index order (:func:`_sum_splits` or the assembly kernel). ``rule``: as in :func:`wa_splits`."""
+    the partials (:func:`_sum_splits` or the assembly kernel, each in a fixed order). ``rule``: see
+    :func:`wa_splits`."""
     d_out, d_in = W.shape
     r = A.shape[0]
     tma = use_tma if use_tma is not None else (_TMA_LOADS.get() and _tma_ok(W, A, mode))
@@ -473,7 +476,7 @@ def _wa_launch(W: torch.Tensor, A: torch.Tensor, mode: int, use_tma: "bool | Non
 
 
 def _sum_splits(parts: torch.Tensor) -> torch.Tensor:
-    """float64 partials [split, ...] summed over the splits (fixed order: reproducible)."""
+    """float64 partials [split, ...] summed over the splits (torch's reduction: a fixed order, reproducible)."""
     return parts.sum(dim=0)
 
 
@@ -638,7 +641,7 @@ if HAS_TRITON:
             tl.store(nu_ptr + i, tl.sqrt(tl.sum(acc, axis=0)).to(tl.float32))
 
 
-GRAM_IN_ASSEMBLY_MAX_R = 64  # up to this rank the assembly kernel forms B·G itself (float64 FMAs: d_out·r² of them)
+GRAM_IN_ASSEMBLY_MAX_R = 64  # up to this rank the assembly kernel forms B·G itself (IEEE fp32 FMAs, d_out·r² of them)
 
 
 def _norm_triton(W, A, B, s, wsq, kappa_max):
@@ -656,7 +659,7 @@ def _norm_triton(W, A, B, s, wsq, kappa_max):
         U, wsq_parts = _wa_launch(W, A, mode, None, row_sq=wsq is None)
     else:  # r > 64: several r-blocks read each W tile, and U's float64 partials would not fit the assembly's registers
         U, wsq_parts = wa_product(W, A, use_triton=True), None
-    wsq_parts = wsq if wsq is not None else (wsq_parts if wsq_parts is not None else weight_row_sq(W))
+    wsq_parts = wsq.contiguous() if wsq is not None else (wsq_parts if wsq_parts is not None else weight_row_sq(W))
     gram_here = r <= GRAM_IN_ASSEMBLY_MAX_R
     g_mode = _wa_mode(A, A)
     if gram_here and g_mode is not None:
@@ -746,11 +749,10 @@ def factored_row_norm(
     """ν = ‖W + s·BA‖ per row, fp32, without materialising BA (contract: module docstring).
 
     ``wsq``: precomputed float64 ‖W‖²_row of this very W (the caller vouches for it); computed if None.
-    ``backend``: 'triton' (default on CUDA: the U kernel with ‖W‖², G = A Aᵀ, for r > 64 B·G, one assembly
-    kernel and one dense-recompute kernel, no host synchronisation) or 'torch' (default elsewhere; float64 torch
-    ops).
-    Autocast is off inside. Returns ν, or (ν, :class:`NormInfo`) with ``return_info``. Never differentiable
-    (DoRA detaches ν)."""
+    ``backend``: 'triton' (default on CUDA: the U kernel — with ‖W‖² at r ≤ 64, a pass of its own above —, G = A Aᵀ, for
+    r > 64 B·G, one assembly kernel and one dense-recompute kernel, no host synchronisation) or 'torch' (default
+    elsewhere; float64 torch ops). Autocast is off inside. Returns ν, or (ν, :class:`NormInfo`) with ``return_info``.
+    Never differentiable (DoRA detaches ν)."""
     s = check_norm_inputs(W, A, B, s) if validate else float(s)
     kappa_max = check_kappa_max(kappa_max) if validate else float(kappa_max)
     ok, why = fused_supported("row_norm", (W.dtype, A.dtype, B.dtype), W.device) if HAS_TRITON else (False, "")
@@ -832,27 +834,26 @@ class RowNormRunner:
     """ν of one layer's (W, A, B, s), computed from the values it reads on every forward (a checkpointed forward's
     recomputation inside the backward reuses its forward's ν; nothing else outlives a call).
 
-    Nothing is cached between steps, so no writer can leave ν stale: autograd-visible in-place ops, for-loop,
-    foreach and fused optimisers (the fused ones write without bumping ``_version``), ``.data`` edits,
-    ``load_state_dict``, swapped or re-gathered parameters, ``.to()`` moves. ‖W‖² is recomputed too (in U's pass
-    over W). The exceptions: checkpointing's recomputation (below) and the opt-in
-    :func:`frozen_norms` (inference, grad off).
+    Nothing is cached between steps, so no writer can leave ν stale: autograd-visible in-place ops, for-loop, foreach
+    and fused optimisers (the fused ones write without bumping ``_version``), ``.data`` edits, ``load_state_dict``,
+    swapped or re-gathered parameters, ``.to()`` moves. ‖W‖² is recomputed too (at r ≤ 64 in U's pass over W). The
+    exceptions: checkpointing's recomputation (below) and the opt-in :func:`frozen_norms` (inference, grad off).
 
     What it does keep is *how* to compute: on CUDA the computation is a CUDA graph of :func:`factored_row_norm`'s
-    launches (the Triton backend: four or five kernels, a few small torch ops with fp32 adapters; no host
-    synchronisation), replayed whenever W, A and B are the tensors at the same addresses with the same shapes, strides
-    and dtypes as at the capture. A replay reads whatever those addresses hold now — the current values — and runs the
-    same chains on them as an eager call: the same bits (the graph's U kernel takes TMA loads, whose descriptors it
-    encodes once; an eager call pointer loads). An eager call costs ~0.3 ms of Python and launch time per layer on an
-    H100 host, a replay one graph launch. The graph is captured the second time in a row a set of storages comes back
-    (an optimiser updates W, A, B in place, so a training run captures once per layer, on its second call; parameters
-    re-gathered into fresh buffers every step never pay for a capture); a new storage, shape, dtype, s or ``kappa_max``
-    captures again. Every layer's graph allocates its temporaries (‖W‖², U, G, κ: O(d_out·r)) from one shared pool per
-    device, which is safe while replays run one at a time in one stream's order — the layers of a model do; layers run
-    concurrently on several streams would share those temporaries: set ``DORA_VERIFY_NORM_GRAPHS=0`` there. Each graph
-    keeps only its ν (d_out fp32), copied out on every replay. Inside another capture, on the CPU, under the Triton
-    interpreter or with ``DORA_VERIFY_NORM_GRAPHS=0`` the norm runs eagerly; a failed capture falls back to eager for
-    good (``graph_error`` says why).
+    launches (the Triton backend: four kernels at r ≤ 64, six and torch's split sums above, a few small torch ops with
+    fp32 adapters; no host synchronisation), replayed whenever W, A and B are the tensors at the same addresses with the
+    same shapes, strides and dtypes as at the capture. A replay reads whatever those addresses hold now — the current
+    values — and runs the same chains on them as an eager call: the same bits (the graph's U kernel takes TMA loads,
+    whose descriptors it encodes once; an eager call pointer loads). An eager call costs ~0.3 ms of Python and launch
+    time per layer on an H100 host, a replay one graph launch. The graph is captured the second time in a row a set of
+    storages comes back (an optimiser updates W, A, B in place, so a training run captures once per layer, on its second
+    call; parameters re-gathered into fresh buffers every step never pay for a capture); a new storage, shape, dtype, s
+    or ``kappa_max`` captures again. Every layer's graph allocates its temporaries (‖W‖², U, G, κ: O(d_out·r)) from one
+    shared pool per device, which is safe while replays run one at a time in one stream's order — the layers of a model
+    do; layers run concurrently on several streams would share those temporaries: set ``DORA_VERIFY_NORM_GRAPHS=0``
+    there. Each graph keeps only its ν (d_out fp32), copied out on every replay. Inside another capture, on the CPU,
+    under the Triton interpreter or with ``DORA_VERIFY_NORM_GRAPHS=0`` the norm runs eagerly; a failed capture falls
+    back to eager for good (``graph_error`` says why).
 
     Gradient checkpointing (``torch.utils.checkpoint``, reentrant or not; Hugging Face's
     ``gradient_checkpointing_enable``) reruns the forward inside the backward. That recomputation reads the ν of

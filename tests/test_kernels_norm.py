@@ -247,6 +247,8 @@ def test_wa_product_tma_kernel_is_the_pointer_kernel(shape):
     A = (torch.rand(r, d_in, generator=g) - 0.25).to(torch.float16).to(dev)
     tma = wa_product(W, A, use_triton=True, use_tma=True)
     assert torch.equal(tma, wa_product(W, A, use_triton=True, use_tma=False))
+    (tu, tsq), (pu, psq) = (wa_product(W, A, use_triton=True, use_tma=t, row_sq=True) for t in (True, False))
+    assert torch.equal(tu, tma) and torch.equal(pu, tma) and torch.equal(tsq, psq)  # ‖W‖² fused: the same bits too
     if dev == "cuda":  # bf16 W with fp32 A: split in registers (pointer kernel) or beforehand (TMA), same chains
         Wb = W.to(torch.bfloat16)
         A32 = A.float() * 1.0009765625
@@ -260,17 +262,18 @@ def test_wa_product_tma_kernel_is_the_pointer_kernel(shape):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (interpreter on CPU)")
-@pytest.mark.parametrize("shape", [(67, 1000, 5), (130, 2056, 19), (67, 1100, 70)])
+@pytest.mark.parametrize("shape", [(67, 1000, 5), (130, 2056, 19), (20, 2600, 16), (96, 1040, 50), (67, 1100, 70)])
 @pytest.mark.parametrize("regime", ["trained", "near_cancel", "zero_rows", "all_positive"])
 def test_triton_norm_pipeline_within_bound(shape, regime):
-    """The Triton pipeline as it runs on CUDA — ‖W‖² from the U kernel's own pass over W, split partials (d_in 2056:
-    two splits) summed in the assembly kernel, B·G formed there (r ≤ 64) or by the U kernel (r 70) — within
-    ``kernel_norm_bound`` of the exact ν, cancelling rows recomputed; the fused ‖W‖² within γ64_{d_in} of the exact
-    sum of squares, and U unchanged by fusing it. fp16 (the interpreter's bf16 dot is unreliable; bf16 on the GPU)."""
+    """The Triton pipeline as it runs on CUDA — at r ≤ 64 ‖W‖² from the U kernel's own pass over W, the split
+    partials of U, G and ‖W‖² summed in the assembly kernel (d_in 2056: 4 U splits; 2600: 5, and G 4) and B·G formed
+    there (BLOCK_R 16, 32, 64); at r 70 the separate passes — within ``kernel_norm_bound`` of the exact ν, cancelling
+    rows recomputed; with ‖W‖² given (``wsq=``, strided too) as well. The fused ‖W‖² within γ64_{d_in} of the exact sum
+    of squares, and U unchanged by fusing it. fp16 (the interpreter's bf16 dot is unreliable; bf16 on the GPU)."""
     import math
 
     from dora_verify.bounds import U64, gamma, kernel_norm_bound
-    from dora_verify.kernels.norm import wa_product
+    from dora_verify.kernels.norm import wa_product, weight_row_sq
 
     d_out, d_in, r = shape
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -282,6 +285,11 @@ def test_triton_norm_pipeline_within_bound(shape, regime):
     assert float((err / nb).max()) <= 1.0
     if regime == "near_cancel":
         assert set(c.special_rows) <= set(info.recomputed_rows)
+    given = weight_row_sq(c.W)
+    strided = torch.stack([given, torch.full_like(given, 1e9)], 1)[:, 0]
+    nu_given = factored_row_norm(c.W, c.A, c.B, c.s, wsq=given, backend="triton")
+    assert torch.equal(nu_given, factored_row_norm(c.W, c.A, c.B, c.s, wsq=strided, backend="triton"))
+    assert float((((nu_given.double() - truth.nu).abs() - truth.bound).clamp_min(0) / nb).max()) <= 1.0
     U, wsq = wa_product(c.W, c.A, use_triton=True, row_sq=True)
     assert torch.equal(U, wa_product(c.W, c.A, use_triton=True))
     exact = torch.tensor([math.fsum(v * v for v in row) for row in c.W.double().cpu().tolist()], dtype=torch.float64)
