@@ -225,6 +225,24 @@ class ModelUnderTest:
         return {"transient_mib": transient / 2**20, "peak_mib": (self.resident_bytes() + transient) / 2**20}
 
 
+def norm_runner_stats(model) -> dict:
+    """What the integration's ν runners did in this model (kernels/norm.py ``RowNormRunner``): how many there are and
+    their computes, CUDA-graph captures and replays, checkpointing reuses, and the distinct capture errors — a graph
+    that failed to capture leaves the norm eager (host-bound) on every call. Eager layers keep their runner on PEFT's
+    magnitude layer; compiled graphs take the op's runners, matched by the storage of each layer's A."""
+    from .kernels import norm
+
+    runners, a_ptrs = [], set()
+    for mod in model.modules():
+        for name, dora in getattr(mod, "lora_magnitude_vector", {}).items():
+            if dora.__dict__.get("_dora_verify_norm") is not None:
+                runners.append(dora.__dict__["_dora_verify_norm"])
+            a_ptrs.add(mod.lora_A[name].weight.data_ptr())
+    runners += [run for key, run in norm._OP_RUNNERS.items() if key[1][0] in a_ptrs]
+    out = {k: sum(getattr(run, k) for run in runners) for k in ("computes", "captures", "replays", "recompute_reuses")}
+    return dict(out, runners=len(runners), graph_errors=sorted({run.graph_error for run in runners if run.graph_error}))
+
+
 def model_rows(widths, layers, r, adapters, settings, cfg, tick) -> list:
     base = llama_base(widths, layers, cfg.seed)
     gen = torch.Generator(device=DEVICE).manual_seed(cfg.seed + 2)
@@ -264,6 +282,8 @@ def model_rows(widths, layers, r, adapters, settings, cfg, tick) -> list:
             )
         for impl, u in units.items():
             rec[impl] = dict(times[impl], **u.peak_mib())
+            if impl in ("ours", LOW_MEMORY_IMPL):
+                rec[impl]["norm_runners"] = norm_runner_stats(u.model)
             if u.recorder:
                 rec[f"{impl}_compile"]["recompiles_after_first_step"] = u.recorder.graphs - warm_graphs[impl]
         for impl in impls[1:]:
@@ -277,9 +297,12 @@ def model_rows(widths, layers, r, adapters, settings, cfg, tick) -> list:
             if LOW_MEMORY_IMPL in units
             else ""
         )
+        nr = rec["ours"]["norm_runners"]
         tick(
             f"model {widths}×{layers} r={r} {adapters} {setting}: ours/LoRA {rec['ours_over_lora']:.3f}, "
-            f"stock/LoRA {rec['peft_dora_over_lora']:.3f}, memory ours/LoRA {rec['ours_mem_over_lora']:.3f}{low}"
+            f"stock/LoRA {rec['peft_dora_over_lora']:.3f}, memory ours/LoRA {rec['ours_mem_over_lora']:.3f}{low}; "
+            f"ν: {nr['computes']} computes, {nr['replays']} replays, {nr['recompute_reuses']} reuses"
+            + (f", graph errors {nr['graph_errors']}" if nr["graph_errors"] else "")
         )
         del units
         _empty_cache()

@@ -63,6 +63,10 @@ def test_the_model_part_runs_every_row_and_its_targets_follow(toy):
     assert all(s[i]["ms"] > 0 for s in steps for i in bench_model.MODEL_IMPLS)
     low = bench_model.LOW_MEMORY_IMPL  # enable(save="x") is timed in the eager rows only
     assert [s["setting"] for s in steps if low in s] == ["eager"] and steps[0][low]["ms"] > 0
+    for s in steps:  # the ν runners' counters (CPU: no graphs; HF checkpointing's recompute reuses the forward's ν)
+        nr = s["ours"]["norm_runners"]
+        assert nr["runners"] == 7 and nr["computes"] > 0 and nr["graph_errors"] == [] and nr["captures"] == 0
+        assert (nr["recompute_reuses"] > 0) == (s["setting"] == "checkpointing"), (s["setting"], nr)
     rep = {"model": part}
     out = []
     bench_model.model_targets(rep, lambda name, limit, v, ok: out.append((name, v, ok)))
