@@ -23,7 +23,8 @@ medians over the rounds.
 Memory of a model step: the allocator's peak during one step minus what was allocated before it (gradients freed
 first), plus the model's own parameters, buffers and optimiser state — the peak that model alone would reach.
 Compiled rows record the graphs compiled, the graph breaks, recompiles after warm-up, and whether the compiled
-graphs hold the project's ops (for stock PEFT they must not).
+graphs hold the project's ops (for stock PEFT they must not). Rows of ours record what the ν runners did
+(:func:`norm_runner_stats`: CUDA-graph captures, replays, checkpointing reuses, capture errors).
 """
 
 from __future__ import annotations
