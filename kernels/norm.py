@@ -320,7 +320,8 @@ WA_CONFIG = {0: (64, 128, 128, 2, 4, 3), 1: (128, 128, 64, 1, 8, 2)}
 WA_TMA_CONFIG = {0: (64, 128, 128, 2, 4, 4), 1: (128, 128, 64, 1, 8, 3)}
 # r ≤ 64 (the ranks people train with): BLOCK_R = r rounded up to a power of two (≥ 16), so the tensor cores do no
 # zero work, with the other tiles per (mode, BLOCK_R): (BLOCK_M, BLOCK_K, FLUSH, num_warps, pointer stages, TMA stages),
-# measured on an H200 (bench/experiments/wa_small_r.py).
+# the TMA kernel's measured on an H200 (bench/experiments/wa_small_r.py; MODE 1 at r 16 and 64, BLOCK_R 32 taking
+# their common tiles). The pointer kernel (eager calls: a layer's first, FSDP2's re-gathered parameters) is untimed.
 WA_SMALL_R_CONFIG = {
     (0, 16): (64, 128, 2, 4, 3, 3),
     (0, 32): (64, 256, 1, 4, 3, 3),
