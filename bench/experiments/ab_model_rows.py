@@ -24,6 +24,8 @@ for adapters, setting in (("fp32", "checkpointing"), ("bf16", "eager"), ("fp32",
             "stock": r["peft_dora"]["ms"],
             "ours": r["ours"]["ms"],
             "ours_over_lora": r["ours_over_lora"],
+            "ours_p10_p90": (r["ours"].get("p10"), r["ours"].get("p90")),
+            "norm_runners": r["ours"].get("norm_runners"),  # trees from 9980716 on: ν graph captures, replays, errors
             "s": round(time.time() - t, 1),
         }
     )
