@@ -296,6 +296,21 @@ def test_triton_norm_pipeline_within_bound(shape, regime):
     assert bool(((wsq.cpu() - exact).abs() <= gamma(d_in, U64) * exact).all())
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (interpreter on CPU)")
+@pytest.mark.parametrize("r", [16, 50])
+def test_triton_norm_rows_carried_by_the_gram_term(r):
+    """Rows of W that are zero: ν = |s|·‖B_i A‖ comes from the assembly's B·G alone, so its fp32 accuracy shows — ≤ 1e-6
+    relative (a TF32 B·G, ~2⁻¹¹, would fail this on the GPU; the interpreter computes the dot in fp32 anyway)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    c = make_case("trained", 96, 1040, r, 2, dtype="fp16", seed=4, device=dev)
+    W = c.W.clone()
+    W[:24] = 0
+    nu = factored_row_norm(W, c.A, c.B, c.s, backend="triton")
+    truth = row_norm_truth(W, c.A, c.B, c.s)
+    rel = ((nu.double() - truth.nu).abs() - truth.bound).clamp_min(0) / truth.nu
+    assert float(truth.nu[:24].min()) > 0 and float(rel.max()) <= 1e-6
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the Triton norm on the GPU (CPU: the interpreter test above)"
 )
