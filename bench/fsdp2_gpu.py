@@ -285,14 +285,19 @@ def main():
             dv_peft.disable()
             _empty_cache()
     rep["seconds"] = time.time() - t0
-    if dist.get_rank() == 0:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "fsdp2_gpu.json"), "w") as f:
-            json.dump(rep, f, indent=1, default=str)
-        with open(os.path.join(a.out, "fsdp2_gpu.md"), "w") as f:
-            f.write(markdown(rep))
-        print(markdown(rep))
+    write_report(rep, a.out, "fsdp2_gpu", markdown)
     dist.destroy_process_group()
+
+
+def write_report(rep: dict, out: str, name: str, render) -> None:
+    """Rank 0 writes ``out/name.json`` and ``out/name.md`` (``render(rep)``) and prints the markdown."""
+    if dist.get_rank() == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"{name}.json"), "w") as f:
+            json.dump(rep, f, indent=1, default=str)
+        with open(os.path.join(out, f"{name}.md"), "w") as f:
+            f.write(render(rep))
+        print(render(rep))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import time
 
@@ -32,7 +31,7 @@ import torch.distributed as dist
 import dora_verify.kernels.peft as dv_peft
 from dora_verify import provenance
 from dora_verify.bench_model import GraphRecorder
-from fsdp2_gpu import full_grads, log, rel, shard_model  # bench/ is the script's folder: on sys.path
+from fsdp2_gpu import full_grads, log, rel, shard_model, write_report  # bench/ is the script's folder: on sys.path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IMPLS = ("lora", "stock", "ours")
@@ -193,13 +192,7 @@ def main():
             res[impl].pop("_grads", None)
         rep["settings"][setting] = res
     rep["seconds"] = time.time() - t_start
-    if dist.get_rank() == 0:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "fsdp2_model.json"), "w") as f:
-            json.dump(rep, f, indent=1, default=str)
-        with open(os.path.join(a.out, "fsdp2_model.md"), "w") as f:
-            f.write(markdown(rep))
-        print(markdown(rep))
+    write_report(rep, a.out, "fsdp2_model", markdown)
     dist.destroy_process_group()
 
 

@@ -336,11 +336,16 @@ WA_SMALL_R_SPLIT = {0: (264, 512), 1: (528, 512)}
 G_SPLIT = (4, 512)  # G = A Aᵀ (one r×r tile): four splits, so that the assembly kernel reads few partials
 
 
+def rank_block(R: int) -> int:
+    """BLOCK_R for rank R ≤ WA_SMALL_R_MAX: R rounded up to a power of two, at least 16 (the MMA's k)."""
+    return max(16, 1 << (max(R, 1) - 1).bit_length())
+
+
 def wa_tiles(mode: int, R: int, tma: bool = False):
     """(BLOCK_M, BLOCK_R, BLOCK_K, FLUSH, num_warps, num_stages) of the U kernel for ``mode`` and rank ``R``. The TMA
     and pointer kernels differ only in their pipeline depth: same tiles, warps and chains, hence the same bits."""
     if R <= WA_SMALL_R_MAX:
-        br = max(16, 1 << (max(R, 1) - 1).bit_length())
+        br = rank_block(R)
         bm, bk, flush, warps, stages, tma_stages = WA_SMALL_R_CONFIG[(mode, br)]
         return bm, br, bk, flush, warps, tma_stages if tma else stages
     return (WA_TMA_CONFIG if tma else WA_CONFIG)[mode]
@@ -670,7 +675,7 @@ def _norm_triton(W, A, B, s, wsq, kappa_max):
     BG = None if gram_here else wa_product(B, G, use_triton=True)  # G is symmetric: B Gᵀ = B G
     nu = torch.empty(d_out, dtype=torch.float32, device=W.device)
     kappa = torch.empty(d_out, dtype=torch.float64, device=W.device)
-    bm, br = (32, max(16, 1 << (r - 1).bit_length())) if gram_here else (64, 64)  # gram here: B·G by tl.dot
+    bm, br = (32, rank_block(r)) if gram_here else (64, 64)  # gram here: B·G by tl.dot
     _assemble_kernel[(triton.cdiv(d_out, bm),)](
         U,
         U.shape[0] if U.dim() == 3 else 1,

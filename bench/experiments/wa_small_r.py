@@ -50,8 +50,7 @@ def _operands(d_out, d_in, r, mode, seed=0):
 
 
 def _with_config(mode, r, cfg, rule=None):
-    br = max(16, 1 << (r - 1).bit_length())
-    new.WA_SMALL_R_CONFIG[(mode, br)] = cfg
+    new.WA_SMALL_R_CONFIG[(mode, new.rank_block(r))] = cfg
     if rule is not None:
         new.WA_SMALL_R_SPLIT = {**new.WA_SMALL_R_SPLIT, mode: rule}
 
